@@ -1,0 +1,83 @@
+"""A typed async client for the RunComfy FLUX.2 [dev] edit queue API (no Dagster inside).
+
+Example::
+
+    from flux2_pipeline.runcomfy import AsyncRunComfyClient, EditRequest
+
+    async with AsyncRunComfyClient(token, base_url=url) as client:
+        result = await client.run(EditRequest(prompt="add snow", image_urls=[image_url]))
+"""
+
+from flux2_pipeline.runcomfy.client import (
+    DEFAULT_BASE_URL,
+    AsyncRunComfyClient,
+    BatchItem,
+    ClientStats,
+)
+from flux2_pipeline.runcomfy.errors import (
+    APIError,
+    AuthenticationError,
+    BadRequestError,
+    FieldIssue,
+    InsufficientCreditError,
+    InvalidEditRequest,
+    JobDeadlineExceeded,
+    MalformedResponseError,
+    NotFoundError,
+    RateLimitError,
+    RequestRejectedError,
+    RunComfyError,
+    ServerError,
+    SubmissionOutcomeUnknown,
+    TransportError,
+    UnknownJobStateError,
+)
+from flux2_pipeline.runcomfy.models import (
+    IMAGE_SIZE_PIXELS,
+    MODEL_PATH,
+    PARAMETER_DEFAULTS,
+    PARAMETER_NAMES,
+    CancelOutcome,
+    EditRequest,
+    EditResult,
+    JobHandle,
+    JobState,
+    JobStatus,
+)
+from flux2_pipeline.runcomfy.polling import PollSchedule
+from flux2_pipeline.runcomfy.retry import RetryPolicy
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "IMAGE_SIZE_PIXELS",
+    "MODEL_PATH",
+    "PARAMETER_DEFAULTS",
+    "PARAMETER_NAMES",
+    "APIError",
+    "AsyncRunComfyClient",
+    "AuthenticationError",
+    "BadRequestError",
+    "BatchItem",
+    "CancelOutcome",
+    "ClientStats",
+    "EditRequest",
+    "EditResult",
+    "FieldIssue",
+    "InsufficientCreditError",
+    "InvalidEditRequest",
+    "JobDeadlineExceeded",
+    "JobHandle",
+    "JobState",
+    "JobStatus",
+    "MalformedResponseError",
+    "NotFoundError",
+    "PollSchedule",
+    "RateLimitError",
+    "RequestRejectedError",
+    "RetryPolicy",
+    "RunComfyError",
+    "ServerError",
+    "SubmissionOutcomeUnknown",
+    "TransportError",
+    "UnknownJobStateError",
+]

@@ -1,0 +1,402 @@
+"""The async RunComfy client: submit, status, result, cancel, run, run_many.
+
+Example::
+
+    async with AsyncRunComfyClient(token, base_url="http://127.0.0.1:8188") as client:
+        result = await client.run(EditRequest(prompt="make it snow", image_urls=[url]))
+        print(result.state, result.output_urls)
+
+        async for item in client.run_many(requests, concurrency=32):
+            print(item.index, item.result or item.error)
+
+The token lives only in the Authorization header of the underlying
+`httpx.AsyncClient`; it is never part of a repr, a log line or an exception.
+Pass `transport=` (for example `httpx.MockTransport`) to test without a network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import quote
+
+import httpx
+
+from flux2_pipeline.runcomfy.errors import (
+    APIError,
+    JobDeadlineExceeded,
+    MalformedResponseError,
+    RunComfyError,
+    ServerError,
+    SubmissionOutcomeUnknown,
+    TransportError,
+    UnknownJobStateError,
+    error_for_response,
+)
+from flux2_pipeline.runcomfy.models import (
+    MODEL_PATH,
+    CancelOutcome,
+    EditRequest,
+    EditResult,
+    JobHandle,
+    JobStatus,
+    parse_cancel,
+    parse_result,
+    parse_status,
+    parse_submit,
+)
+from flux2_pipeline.runcomfy.polling import PollSchedule
+from flux2_pipeline.runcomfy.retry import RetryPolicy, is_retryable, parse_retry_after
+
+DEFAULT_BASE_URL = "https://model-api.runcomfy.net"
+DEFAULT_JOB_DEADLINE = 30 * 60.0
+"""Seconds a job may take from submit to a terminal state before it is cancelled."""
+DEFAULT_UNKNOWN_STATE_GRACE = 60.0
+"""Seconds a job may keep reporting a state this client does not know before it gives up."""
+CANCEL_BUDGET = 10.0
+"""Seconds a best-effort cancel may take while the caller is giving up on a job."""
+
+logger = logging.getLogger(__name__)
+
+# Errors raised before any byte of the request left this process.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+
+
+@dataclass(slots=True)
+class ClientStats:
+    """Counters across the client's life, for benchmarks and logs."""
+
+    submits: int = 0
+    status_calls: int = 0
+    result_calls: int = 0
+    cancel_calls: int = 0
+    retries: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    """One finished entry of `run_many`: exactly one of `result` and `error` is set."""
+
+    index: int
+    request: EditRequest
+    result: EditResult | None = None
+    error: RunComfyError | None = field(default=None)
+
+
+class AsyncRunComfyClient:
+    """Async client for the RunComfy FLUX.2 [dev] edit queue API.
+
+    Args:
+        token: the API token; None only for an emulator started without one.
+        base_url: API root; the model path is appended for submits.
+        timeout: per-HTTP-call timeout in seconds (or an `httpx.Timeout`).
+        job_deadline: seconds from submit to a terminal state before `wait` cancels the job.
+        max_concurrency: default number of jobs `run_many` keeps in flight.
+        retry: the retry policy for each HTTP call.
+        poll: the adaptive poll schedule.
+        transport: an `httpx.AsyncBaseTransport` to use instead of the network.
+    """
+
+    def __init__(
+        self,
+        token: str | None = None,
+        base_url: str = DEFAULT_BASE_URL,
+        *,
+        model_path: str = MODEL_PATH,
+        timeout: float | httpx.Timeout = 30.0,
+        job_deadline: float = DEFAULT_JOB_DEADLINE,
+        unknown_state_grace: float = DEFAULT_UNKNOWN_STATE_GRACE,
+        max_concurrency: int = 8,
+        retry: RetryPolicy | None = None,
+        poll: PollSchedule | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        self.base_url = base_url.rstrip("/")
+        self.model_path = "/" + model_path.strip("/")
+        self.job_deadline = job_deadline
+        self.unknown_state_grace = unknown_state_grace
+        self.max_concurrency = max_concurrency
+        self.retry = retry or RetryPolicy()
+        self.poll = poll or PollSchedule()
+        self.stats = ClientStats()
+        headers = {"Accept": "application/json", "User-Agent": "flux2-pipeline"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        connections = max(16, max_concurrency * 2)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+            transport=transport,
+        )
+
+    def __repr__(self) -> str:
+        return f"AsyncRunComfyClient(base_url={self.base_url!r})"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    # -- the four API calls ------------------------------------------------------------
+
+    async def submit(self, request: EditRequest) -> JobHandle:
+        """Queue one edit job (a paid call) and return its handle.
+
+        Raises `SubmissionOutcomeUnknown` when the request was sent but its answer
+        was lost: the job may exist, and this method never resubmits on its own.
+        """
+        self.stats.submits += 1
+        body = await self._call("POST", self.model_path, json=request.payload(), submit=True)
+        return parse_submit(body)
+
+    async def status(self, request_id: str) -> JobStatus:
+        """The job's current state (and queue position while queued)."""
+        self.stats.status_calls += 1
+        body = await self._call("GET", _job_path(request_id, "status"), request_id=request_id)
+        return parse_status(body, request_id)
+
+    async def result(self, request_id: str) -> EditResult:
+        """The job's result: state, image URLs, error, timestamps and cost."""
+        self.stats.result_calls += 1
+        body = await self._call(
+            "GET",
+            _job_path(request_id, "result"),
+            params={"include_cost": "true"},
+            request_id=request_id,
+        )
+        return parse_result(body, request_id)
+
+    async def cancel(self, request_id: str) -> CancelOutcome:
+        """Ask the API to cancel a job; only queued jobs can be cancelled."""
+        self.stats.cancel_calls += 1
+        body = await self._call("POST", _job_path(request_id, "cancel"), request_id=request_id)
+        return parse_cancel(body, request_id)
+
+    # -- whole jobs --------------------------------------------------------------------
+
+    async def wait(
+        self,
+        request_id: str,
+        *,
+        deadline: float | None = None,
+        submitted_at: datetime | None = None,
+    ) -> EditResult:
+        """Poll a job to a terminal state and return its result.
+
+        On deadline (default `job_deadline`) or when the caller cancels this
+        coroutine, a cancel is sent for the job before the error propagates.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        budget = self.job_deadline if deadline is None else deadline
+        calls = 0
+        unknown_since: float | None = None
+        try:
+            while True:
+                elapsed = loop.time() - started
+                remaining = budget - elapsed
+                if remaining <= 0:
+                    await self._cancel_quietly(request_id)
+                    raise JobDeadlineExceeded(
+                        f"job did not finish within {budget:g} s; cancel requested",
+                        request_id=request_id,
+                    )
+                await asyncio.sleep(min(self.poll.interval(elapsed), remaining))
+                calls += 1
+                try:
+                    status = await self.status(request_id)
+                except UnknownJobStateError:
+                    now = loop.time()
+                    unknown_since = unknown_since if unknown_since is not None else now
+                    if now - unknown_since >= self.unknown_state_grace:
+                        raise
+                    continue
+                unknown_since = None
+                if not status.state.is_terminal:
+                    continue
+                result = await self.result(request_id)
+                if result.state.is_terminal:
+                    return replace(result, status_calls=calls, submitted_at=submitted_at)
+        except asyncio.CancelledError:
+            await self._cancel_quietly(request_id)
+            raise
+
+    async def run(self, request: EditRequest, *, deadline: float | None = None) -> EditResult:
+        """Submit one job and wait for its result."""
+        handle = await self.submit(request)
+        return await self.wait(handle.request_id, deadline=deadline, submitted_at=datetime.now(UTC))
+
+    async def run_many(
+        self,
+        requests: Iterable[EditRequest] | AsyncIterable[EditRequest],
+        *,
+        concurrency: int | None = None,
+    ) -> AsyncIterator[BatchItem]:
+        """Run many jobs, yielding each as it finishes, with at most `concurrency` in flight.
+
+        Requests are pulled from `requests` lazily, so a generator of a million
+        requests is fine. Errors are yielded per item, never raised mid-stream.
+        Closing the iterator early cancels (and remotely cancels) what is in flight.
+        """
+        limit = concurrency or self.max_concurrency
+        source = _aiter(requests)
+        in_flight: dict[asyncio.Task[EditResult], tuple[int, EditRequest]] = {}
+        index = 0
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(in_flight) < limit:
+                    try:
+                        request = await anext(source)
+                    except StopAsyncIteration:
+                        exhausted = True
+                        break
+                    in_flight[asyncio.ensure_future(self.run(request))] = (index, request)
+                    index += 1
+                if not in_flight:
+                    return
+                done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    position, request = in_flight.pop(task)
+                    yield _batch_item(position, request, task)
+        finally:
+            for task in in_flight:
+                task.cancel()
+            if in_flight:
+                await asyncio.gather(*in_flight, return_exceptions=True)
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    async def _cancel_quietly(self, request_id: str) -> None:
+        try:
+            async with asyncio.timeout(CANCEL_BUDGET):
+                outcome = await self.cancel(request_id)
+            logger.info("cancel %s: cancelled=%s", request_id, outcome.cancelled)
+        except (RunComfyError, TimeoutError) as exc:
+            logger.warning("cancel %s failed: %s", request_id, exc)
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, str] | None = None,
+        submit: bool = False,
+        request_id: str | None = None,
+    ) -> Any:
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                return await self._call_once(method, path, json, params, submit, request_id)
+            except RunComfyError as error:
+                retry_after = error.retry_after if isinstance(error, APIError) else None
+                if not is_retryable(error, submit=submit) or not self.retry.allows_another(
+                    attempts
+                ):
+                    raise
+                self.stats.retries += 1
+                wait = self.retry.delay(attempts - 1, retry_after)
+                logger.debug("retrying %s %s in %.2fs after: %s", method, path, wait, error)
+                await asyncio.sleep(wait)
+
+    async def _call_once(
+        self,
+        method: str,
+        path: str,
+        json: Any,
+        params: dict[str, str] | None,
+        submit: bool,
+        request_id: str | None,
+    ) -> Any:
+        try:
+            response = await self._http.request(method, path, json=json, params=params)
+        except _NOT_SENT as exc:
+            raise TransportError(
+                f"{method} {path}: could not connect ({type(exc).__name__})",
+                request_id=request_id,
+                sent=False,
+            ) from exc
+        except httpx.TransportError as exc:
+            what = f"{method} {path}: no answer ({type(exc).__name__})"
+            if submit:
+                raise SubmissionOutcomeUnknown(
+                    what + "; the API may have created a job", request_id=request_id
+                ) from exc
+            raise TransportError(what, request_id=request_id) from exc
+        body = _decode_body(response)
+        has_error_code = isinstance(body, dict) and body.get("error_code")
+        if response.status_code < 400 and not has_error_code:
+            if not isinstance(body, dict):
+                raise MalformedResponseError(
+                    f"{method} {path}: expected a JSON object, got HTTP {response.status_code}",
+                    request_id=request_id,
+                )
+            return body
+        error = error_for_response(
+            response.status_code,
+            body,
+            request_id=request_id,
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+        )
+        if submit and isinstance(error, ServerError) and not error.error_code:
+            # A gateway error without the API's own error body says nothing about
+            # whether the job was created upstream.
+            raise SubmissionOutcomeUnknown(
+                f"{method} {path}: HTTP {response.status_code} without an API error body; "
+                "the API may have created a job",
+                request_id=request_id,
+            ) from error
+        raise error
+
+
+def _job_path(request_id: str, action: str) -> str:
+    # Ids come from the API or a ledger; escaping keeps a strange one inside its own path.
+    return f"/v1/requests/{quote(request_id, safe='')}/{action}"
+
+
+def _decode_body(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
+
+
+def _batch_item(index: int, request: EditRequest, task: asyncio.Task[EditResult]) -> BatchItem:
+    error = task.exception()
+    if error is None:
+        return BatchItem(index, request, result=task.result())
+    if isinstance(error, RunComfyError):
+        return BatchItem(index, request, error=error)
+    raise error
+
+
+async def _aiter(
+    items: Iterable[EditRequest] | AsyncIterable[EditRequest],
+) -> AsyncIterator[EditRequest]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item

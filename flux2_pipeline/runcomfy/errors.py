@@ -1,0 +1,219 @@
+"""One exception tree for everything the RunComfy client can raise.
+
+    RunComfyError
+    ├── InvalidEditRequest          the request breaks the schema; never sent (lists FieldIssues)
+    ├── MalformedResponseError      the API answered something we cannot read
+    ├── UnknownJobStateError        the API reported a job state this client does not know
+    ├── JobDeadlineExceeded         polling gave up; the client asked the API to cancel the job
+    ├── TransportError              no usable HTTP answer (refused, timed out, dropped)
+    │   └── SubmissionOutcomeUnknown  a submit was sent but its answer was lost: a job may exist
+    └── APIError                    the API answered with an error (status, error code, request id)
+        ├── BadRequestError         400
+        ├── AuthenticationError     401 / 403: the token is missing, wrong or not allowed
+        ├── InsufficientCreditError 402
+        ├── NotFoundError           404: unknown request id or route
+        ├── RequestRejectedError    422: the API's own schema validation (see `detail`)
+        ├── RateLimitError          429 (may carry `retry_after`)
+        └── ServerError             408 and 5xx
+
+Every `APIError` carries `status_code`, `error_code`, `message` and `request_id`;
+none of them ever contains the API token (the client never puts it anywhere but the
+Authorization header). `error_for_response` is the one place an HTTP answer
+becomes an exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+class RunComfyError(Exception):
+    """Base of every error this package's client raises."""
+
+    def __init__(self, message: str, *, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.request_id = request_id
+
+    def __str__(self) -> str:
+        suffix = f" (request_id={self.request_id})" if self.request_id else ""
+        return f"{self.message}{suffix}"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldIssue:
+    """One schema violation: the field and the rule it breaks, e.g. `num_images: must be <= 4`."""
+
+    field: str
+    rule: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.rule}"
+
+
+class InvalidEditRequest(RunComfyError, ValueError):
+    """The request breaks the schema; it is never sent.
+
+    Example::
+
+        >>> str(InvalidEditRequest([FieldIssue("prompt", "must not be blank")]))
+        'invalid edit request: prompt: must not be blank'
+    """
+
+    def __init__(self, issues: Sequence[FieldIssue]) -> None:
+        self.issues = tuple(issues)
+        super().__init__("invalid edit request: " + "; ".join(str(i) for i in self.issues))
+
+
+class MalformedResponseError(RunComfyError):
+    """The API answered with a body this client cannot interpret."""
+
+
+class UnknownJobStateError(RunComfyError):
+    """The API reported a state outside in_queue/in_progress/completed/cancelled/failed."""
+
+    def __init__(self, state: str, *, request_id: str | None = None) -> None:
+        self.state = state
+        super().__init__(f"unknown job state {state[:40]!r}", request_id=request_id)
+
+
+class JobDeadlineExceeded(RunComfyError):
+    """The job did not finish within its deadline; a cancel was sent for it."""
+
+
+class TransportError(RunComfyError):
+    """No usable HTTP answer: connection refused or dropped, or a timeout."""
+
+    def __init__(self, message: str, *, request_id: str | None = None, sent: bool = True) -> None:
+        super().__init__(message, request_id=request_id)
+        self.sent = sent
+
+
+class SubmissionOutcomeUnknown(TransportError):
+    """A submit reached the network but its answer was lost.
+
+    The API may have created (and will bill) a job. The client does not resubmit;
+    the caller decides, and should record the possible duplicate.
+    """
+
+
+class APIError(RunComfyError):
+    """The API answered with an error."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int,
+        error_code: str | None = None,
+        request_id: str | None = None,
+        detail: Any = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, request_id=request_id)
+        self.status_code = status_code
+        self.error_code = error_code
+        self.detail = detail
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        code = f" {self.error_code}" if self.error_code else ""
+        base = f"HTTP {self.status_code}{code}: {self.message}"
+        return f"{base} (request_id={self.request_id})" if self.request_id else base
+
+
+class BadRequestError(APIError):
+    """400: the API refused the request as malformed."""
+
+
+class AuthenticationError(APIError):
+    """401/403: the API token is missing, wrong, or not allowed to do this."""
+
+
+class InsufficientCreditError(APIError):
+    """402: the account has no credit left for this job."""
+
+
+class NotFoundError(APIError):
+    """404: the request id (or route) is unknown to the API."""
+
+
+class RequestRejectedError(APIError):
+    """422: the API's schema validation refused the request; `detail` says why."""
+
+
+class RateLimitError(APIError):
+    """429: too many requests; `retry_after` holds the server's wish, if it gave one."""
+
+
+class ServerError(APIError):
+    """408 or 5xx: the API failed or timed out on its side."""
+
+
+_BY_STATUS: dict[int, type[APIError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    402: InsufficientCreditError,
+    403: AuthenticationError,
+    404: NotFoundError,
+    408: ServerError,
+    422: RequestRejectedError,
+    429: RateLimitError,
+}
+
+_BY_ERROR_CODE: dict[str, type[APIError]] = {
+    "unauthorized": AuthenticationError,
+    "invalid_token": AuthenticationError,
+    "forbidden": AuthenticationError,
+    "insufficient_credit": InsufficientCreditError,
+    "insufficient_credits": InsufficientCreditError,
+    "insufficient_balance": InsufficientCreditError,
+    "not_found": NotFoundError,
+    "request_not_found": NotFoundError,
+    "validation_error": RequestRejectedError,
+    "rate_limited": RateLimitError,
+    "too_many_requests": RateLimitError,
+}
+
+
+def error_for_response(
+    status_code: int,
+    body: Any,
+    *,
+    request_id: str | None = None,
+    retry_after: float | None = None,
+) -> APIError:
+    """Map an HTTP error answer (or a 200 whose body holds `error_code`) to an `APIError`.
+
+    Example::
+
+        >>> body = {"error_code": "INSUFFICIENT_CREDIT", "error_message": "top up"}
+        >>> type(error_for_response(402, body)).__name__
+        'InsufficientCreditError'
+    """
+    data: Mapping[str, Any] = body if isinstance(body, Mapping) else {}
+    error_code = data.get("error_code")
+    code_text = str(error_code) if error_code is not None else None
+    message = data.get("error_message") or data.get("message")
+    if not message:
+        message = body.strip()[:200] if isinstance(body, str) and body.strip() else "no message"
+    detail = data.get("detail")
+    rid = request_id or (str(data["request_id"]) if data.get("request_id") else None)
+
+    cls: type[APIError] | None = _BY_STATUS.get(status_code)
+    if cls is None and status_code >= 500:
+        cls = ServerError
+    if cls is None and code_text:
+        cls = _BY_ERROR_CODE.get(code_text.lower())
+    if cls is None:
+        cls = ServerError if status_code >= 500 else BadRequestError
+    return cls(
+        str(message),
+        status_code=status_code,
+        error_code=code_text,
+        request_id=rid,
+        detail=detail,
+        retry_after=retry_after,
+    )

@@ -1,0 +1,123 @@
+"""The retry policy as pure functions: what is retryable, how long to wait.
+
+A paid POST (submit) is retried only when the API surely created no job: the
+connection was refused before anything was sent, or the API answered 429, or 503
+with its own error body. Everything else that loses a submit's answer becomes
+`SubmissionOutcomeUnknown` upstream, never a blind resubmit.
+
+Example::
+
+    >>> policy = RetryPolicy(max_attempts=4, base_delay=0.5, max_delay=4.0)
+    >>> 0.0 <= policy.delay(attempt=2, retry_after=None) <= 2.0
+    True
+    >>> policy.delay(attempt=0, retry_after=3.0) >= 3.0
+    True
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+from flux2_pipeline.runcomfy.errors import (
+    RateLimitError,
+    RunComfyError,
+    ServerError,
+    SubmissionOutcomeUnknown,
+    TransportError,
+)
+
+RETRYABLE_STATUS_CODES = frozenset({408, 429, 500, 502, 503, 504})
+"""HTTP answers worth another try for reads and cancels (status, result, cancel)."""
+
+SUBMIT_RETRYABLE_STATUS_CODES = frozenset({429, 503})
+"""HTTP answers to a submit that mean "no job was created": 429, and 503 with an error body."""
+
+RETRY_AFTER_JITTER = 0.1
+"""Fraction of Retry-After added at random so throttled clients do not return in lockstep."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often and how long to retry one HTTP call.
+
+    `max_attempts` counts every try, the first included. Delays use exponential
+    backoff with full jitter (uniform in [0, min(max_delay, base_delay * 2**attempt)]),
+    unless the server sent Retry-After, which wins (capped at `max_retry_after`).
+    """
+
+    max_attempts: int = 6
+    base_delay: float = 0.2
+    max_delay: float = 8.0
+    max_retry_after: float = 60.0
+
+    def delay(
+        self,
+        attempt: int,
+        retry_after: float | None,
+        rng: Callable[[], float] = random.random,
+    ) -> float:
+        """Seconds to sleep before try number `attempt + 1` (attempt 0 is the first retry)."""
+        if retry_after is not None and retry_after >= 0:
+            wait = min(retry_after, self.max_retry_after)
+            return wait + wait * RETRY_AFTER_JITTER * rng()
+        return backoff_ceiling(attempt, self.base_delay, self.max_delay) * rng()
+
+    def allows_another(self, attempts_made: int) -> bool:
+        """True while fewer than `max_attempts` tries have been made."""
+        return attempts_made < self.max_attempts
+
+
+def backoff_ceiling(attempt: int, base_delay: float, max_delay: float) -> float:
+    """The upper bound of the jittered wait before retry `attempt` (0-based)."""
+    return min(max_delay, base_delay * 2.0 ** max(0, attempt))
+
+
+def is_retryable(error: RunComfyError, *, submit: bool) -> bool:
+    """Whether `error` may be retried; `submit=True` for the paid POST.
+
+    >>> is_retryable(TransportError("refused", sent=False), submit=True)
+    True
+    >>> is_retryable(SubmissionOutcomeUnknown("read timeout"), submit=True)
+    False
+    """
+    if isinstance(error, SubmissionOutcomeUnknown):
+        return False
+    if isinstance(error, TransportError):
+        return not error.sent or not submit
+    if isinstance(error, RateLimitError):
+        return True
+    if isinstance(error, ServerError):
+        if submit:
+            return error.status_code in SUBMIT_RETRYABLE_STATUS_CODES and bool(error.error_code)
+        return error.status_code in RETRYABLE_STATUS_CODES
+    return False
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds (fractions allowed) or an HTTP date.
+
+    >>> parse_retry_after("2"), parse_retry_after("0.05"), parse_retry_after("soon")
+    (2.0, 0.05, None)
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        return None
+    return max(0.0, seconds)
