@@ -1,0 +1,348 @@
+"""The RunComfy-compatible Starlette app: routes, the job queue, faults and counters.
+
+`create_app(config)` builds the ASGI app; its `EmulatorState` (queue, `Faults`,
+`Counters`) is reachable as `app.state.emulator`::
+
+    >>> app = create_app(EmulatorConfig(latency=0.5, max_concurrent=2))
+    >>> app.state.emulator.faults.update(fault_429=0.1)
+
+Routes (`{id}` is a job's request id)
+
+- `POST /v1/models/blackforestlabs/flux-2/dev/edit`: submit a job
+- `GET /v1/requests/{id}/status`, `GET /v1/requests/{id}/result[?include_cost=true]`,
+  `POST /v1/requests/{id}/cancel`
+- `GET /v1/outputs/{id}/{index}.{ext}`: an output image, rendered on first fetch (no auth)
+- `GET /samples/{name}.png`: a deterministic 512x512 reference picture (no auth)
+- `GET /_emulator/stats`, `POST /_emulator/faults`, `POST /_emulator/reset` (no auth)
+
+Faults apply to the four authenticated API routes only, after the token check:
+`fault_429` answers 429 with `Retry-After`; `fault_5xx` answers 503 for submit and
+cancel, and 500, 502 or 503 (drawn at random) for status and result. A rejected
+submit never creates a job. Every `*_calls` / `submits_total` counter counts requests
+received, rejected ones included; `body_submissions` counts jobs created per body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from pydantic import Field, ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from flux2_pipeline.emulator.render import CONTENT_TYPES
+from flux2_pipeline.emulator.state import EmulatorConfig, EmulatorState, Job
+from flux2_pipeline.runcomfy.models import MAX_IMAGE_URLS, MODEL_PATH, PARAMETER_NAMES, EditRequest
+from flux2_pipeline.runcomfy.models import JobState as State
+
+__all__ = ["COST_PER_IMAGE_USD", "create_app"]
+
+COST_PER_IMAGE_USD = 0.025
+_ALLOWED_FIELDS = frozenset({"prompt", "image_urls", *PARAMETER_NAMES})
+_OUTPUT_NAME = re.compile(r"(\d{1,2})\.(png|jpeg|jpg|webp)")
+_SAMPLE_NAME = re.compile(r"([a-z0-9_-]{1,64})\.png")
+_5XX_CODES = {500: "INTERNAL_ERROR", 502: "BAD_GATEWAY", 503: "SERVICE_UNAVAILABLE"}
+
+
+class _ApiEditRequest(EditRequest):
+    # The API refuses a fourth URL; the client-side model cuts it instead.
+    image_urls: tuple[str, ...] = Field(min_length=1, max_length=MAX_IMAGE_URLS)
+
+
+class _ConnectionDropped(Exception):
+    """Raised after a partial response so the server closes the connection."""
+
+
+class _DroppedResponse(Response):
+    # Sends the status line, headers and half the body, then aborts: the client
+    # sees an incomplete response, as when a proxy drops a connection.
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        await send(
+            {
+                "type": "http.response.body",
+                "body": self.body[: len(self.body) // 2],
+                "more_body": True,
+            }
+        )
+        raise _ConnectionDropped("emulated connection drop")
+
+
+class _HideDroppedConnections(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], _ConnectionDropped))
+
+
+def _install_log_filter() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _HideDroppedConnections) for f in logger.filters):
+        logger.addFilter(_HideDroppedConnections())
+
+
+def create_app(config: EmulatorConfig | None = None) -> Starlette:
+    """Build the emulator's ASGI app; its state is `app.state.emulator`.
+
+    Example::
+
+        >>> app = create_app(EmulatorConfig(token="secret"))
+        >>> uvicorn.run(app, port=8188)  # or use EmulatorServer
+    """
+    state = EmulatorState(config or EmulatorConfig())
+    _install_log_filter()
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await state.aclose()
+
+    def api(
+        counter: str, handler: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            state.counters.bump(counter)
+            denied = _gate(state, request, submit=counter == "submits_total")
+            return denied if denied is not None else await handler(request)
+
+        return endpoint
+
+    async def submit(request: Request) -> Response:
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            return _invalid(state, [([], "body is not valid JSON", "json_invalid")])
+        if not isinstance(body, dict):
+            return _invalid(state, [([], "body must be a JSON object", "dict_type")])
+        parsed = _validate(body)
+        if not isinstance(parsed, EditRequest):
+            return _invalid(state, parsed)
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        state.note_host(request.url.netloc)
+        job = state.submit(parsed, hashlib.sha256(canonical.encode()).hexdigest())
+        base = _base_url(request)
+        payload = {
+            "request_id": job.request_id,
+            "status_url": f"{base}/v1/requests/{job.request_id}/status",
+            "result_url": f"{base}/v1/requests/{job.request_id}/result",
+            "cancel_url": f"{base}/v1/requests/{job.request_id}/cancel",
+        }
+        if state.faults.submit_delay > 0:
+            await asyncio.sleep(state.faults.submit_delay)
+        if state.faults.take_drop():
+            state.counters.bump("dropped_submits")
+            return _DroppedResponse(json.dumps(payload).encode(), media_type="application/json")
+        return JSONResponse(payload)
+
+    async def status(request: Request) -> Response:
+        job = state.jobs.get(request.path_params["request_id"])
+        if job is None:
+            return _not_found(request)
+        body: dict[str, Any] = {"request_id": job.request_id, "status": job.state.value}
+        position = state.queue_position(job)
+        if position is not None:
+            body["queue_position"] = position
+        return JSONResponse(body)
+
+    async def result(request: Request) -> Response:
+        job = state.jobs.get(request.path_params["request_id"])
+        if job is None:
+            return _not_found(request)
+        completed = job.state is State.COMPLETED
+        body: dict[str, Any] = {
+            "request_id": job.request_id,
+            "status": job.state.value,
+            "output": {"images": _output_urls(request, job)} if completed else None,
+            "error": job.error,
+            "created_at": _iso(job.created_at),
+            "finished_at": _iso(job.finished_at),
+        }
+        if completed and request.query_params.get("include_cost", "").lower() in ("true", "1"):
+            body["cost_usd"] = round(COST_PER_IMAGE_USD * job.request.num_images, 6)
+        return JSONResponse(body)
+
+    async def cancel(request: Request) -> Response:
+        job = state.jobs.get(request.path_params["request_id"])
+        if job is None:
+            return _not_found(request)
+        outcome = "cancelled" if state.cancel(job) else "not_cancellable"
+        return JSONResponse(
+            {"request_id": job.request_id, "status": job.state.value, "outcome": outcome}
+        )
+
+    async def output(request: Request) -> Response:
+        job = state.jobs.get(request.path_params["request_id"])
+        match = _OUTPUT_NAME.fullmatch(request.path_params["name"])
+        if job is None or match is None or job.state is not State.COMPLETED:
+            return _not_found(request)
+        index, ext = int(match.group(1)), match.group(2).replace("jpg", "jpeg")
+        if index >= job.request.num_images or ext != job.request.output_format:
+            return _not_found(request)
+        data = await state.output_image(job, index)
+        return Response(data, media_type=CONTENT_TYPES[ext], headers=_IMMUTABLE)
+
+    async def sample(request: Request) -> Response:
+        match = _SAMPLE_NAME.fullmatch(request.path_params["name"])
+        if match is None:
+            return _not_found(request)
+        data = await state.sample(match.group(1))
+        return Response(data, media_type="image/png", headers=_IMMUTABLE)
+
+    async def stats(_request: Request) -> Response:
+        return JSONResponse(state.stats())
+
+    async def faults(request: Request) -> Response:
+        try:
+            changes = json.loads(await request.body() or b"{}")
+            if not isinstance(changes, dict):
+                raise ValueError("body must be a JSON object")
+            state.update_settings(changes)
+        except (ValueError, TypeError) as exc:
+            return JSONResponse(
+                {"error_code": "VALIDATION_ERROR", "error_message": str(exc)}, status_code=422
+            )
+        return JSONResponse(state.settings())
+
+    async def reset(_request: Request) -> Response:
+        state.reset_counters()
+        return JSONResponse(state.stats())
+
+    routes = [
+        Route(MODEL_PATH, api("submits_total", submit), methods=["POST"]),
+        Route("/v1/requests/{request_id}/status", api("status_calls", status), methods=["GET"]),
+        Route("/v1/requests/{request_id}/result", api("result_calls", result), methods=["GET"]),
+        Route("/v1/requests/{request_id}/cancel", api("cancel_calls", cancel), methods=["POST"]),
+        Route("/v1/outputs/{request_id}/{name}", output, methods=["GET"]),
+        Route("/samples/{name}", sample, methods=["GET"]),
+        Route("/_emulator/stats", stats, methods=["GET"]),
+        Route("/_emulator/faults", faults, methods=["POST"]),
+        Route("/_emulator/reset", reset, methods=["POST"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error},
+    )
+    app.state.emulator = state
+    return app
+
+
+_IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable"}
+
+
+def _gate(state: EmulatorState, request: Request, *, submit: bool) -> Response | None:
+    token = state.config.token
+    if token is not None:
+        presented = request.headers.get("authorization", "")
+        scheme, _, value = presented.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            value.strip().encode(), token.encode()
+        ):
+            state.counters.bump("rejected_401")
+            return JSONResponse(
+                {"error_code": "UNAUTHORIZED", "error_message": "missing or invalid API token"},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+    faults = state.faults
+    if faults.roll(faults.fault_429):
+        state.counters.bump("rejected_429")
+        return JSONResponse(
+            {
+                "error_code": "RATE_LIMITED",
+                "error_message": "too many requests (emulated); "
+                f"retry after {faults.retry_after} s",
+            },
+            status_code=429,
+            headers={"Retry-After": faults.retry_after},
+        )
+    if faults.roll(faults.fault_5xx):
+        state.counters.bump("rejected_5xx")
+        code = 503 if submit or request.method == "POST" else faults.choice((500, 502, 503))
+        return JSONResponse(
+            {"error_code": _5XX_CODES[code], "error_message": "the service failed (emulated)"},
+            status_code=code,
+        )
+    return None
+
+
+Issue = tuple[list[str | int], str, str]
+
+
+def _validate(body: Mapping[str, Any]) -> EditRequest | list[Issue]:
+    issues: list[Issue] = [
+        ([name], "is not a parameter of this model", "extra_forbidden")
+        for name in body
+        if name not in _ALLOWED_FIELDS
+    ]
+    known = {name: value for name, value in body.items() if name in _ALLOWED_FIELDS}
+    try:
+        parsed = _ApiEditRequest.model_validate(known)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False, include_input=False):
+            message = str(error["msg"]).removeprefix("Value error, ")
+            if error["type"] == "too_long" and error["loc"] == ("image_urls",):
+                given = len(body["image_urls"])
+                message = f"at most {MAX_IMAGE_URLS} image URLs are allowed, got {given}"
+            issues.append((list(error["loc"]), message, str(error["type"])))
+        return issues
+    return issues if issues else parsed
+
+
+def _invalid(state: EmulatorState, issues: list[Issue]) -> JSONResponse:
+    state.counters.bump("rejected_422")
+    detail = [{"loc": ["body", *loc], "msg": msg, "type": kind} for loc, msg, kind in issues]
+    summary = "; ".join(
+        f"{'.'.join(str(part) for part in loc) or 'body'}: {msg}" for loc, msg, _ in issues
+    )
+    return JSONResponse(
+        {"error_code": "VALIDATION_ERROR", "error_message": summary, "detail": detail},
+        status_code=422,
+    )
+
+
+def _not_found(request: Request) -> JSONResponse:
+    rid = request.path_params.get("request_id")
+    message = f"no job with request_id {rid!r}" if rid else f"no such resource {request.url.path}"
+    return JSONResponse({"error_code": "NOT_FOUND", "error_message": message}, status_code=404)
+
+
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    # Unknown paths and wrong methods answer in the API's JSON error shape too.
+    assert isinstance(exc, HTTPException)
+    code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "HTTP_ERROR")
+    return JSONResponse(
+        {"error_code": code, "error_message": str(exc.detail)},
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+
+
+def _base_url(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+def _output_urls(request: Request, job: Job) -> list[str]:
+    base = f"{_base_url(request)}/v1/outputs/{job.request_id}"
+    ext = job.request.output_format
+    return [f"{base}/{index}.{ext}" for index in range(job.request.num_images)]
+
+
+def _iso(moment: Any) -> str | None:
+    if moment is None:
+        return None
+    return str(moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"))

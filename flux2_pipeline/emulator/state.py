@@ -1,0 +1,454 @@
+"""The emulator's model of the service: configuration, faults, counters and the job queue.
+
+`EmulatorState` owns every job. At most `max_concurrent` jobs are `in_progress`; the
+rest wait FIFO. Each started job is one asyncio task that fetches its reference
+images (cached by URL) and sleeps out the rest of `latency`; nothing is rendered
+until an output URL is fetched::
+
+    >>> state = EmulatorState(EmulatorConfig(max_concurrent=2, seed=1))
+    >>> state.faults.update(fail_rate=0.5)
+    >>> state.counters.snapshot()["jobs_created"]
+    0
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import random
+import re
+import uuid
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from flux2_pipeline.emulator.fetch import (
+    AsyncMemo,
+    ReferenceFetchError,
+    download_reference,
+    new_http_client,
+)
+from flux2_pipeline.emulator.render import render_edit, render_sample
+from flux2_pipeline.runcomfy.models import EditRequest, JobState
+
+MAX_RETAINED_JOBS = 100_000
+"""Beyond this many jobs the oldest finished ones are forgotten (their ids then 404)."""
+
+MODEL_ERROR = {
+    "error_code": "MODEL_ERROR",
+    "error_message": "the model failed on this input (emulated)",
+}
+
+_SAMPLE_PATH = re.compile(r"/samples/([a-z0-9_-]{1,64})\.png")
+_OUTPUT_PATH = re.compile(r"/v1/outputs/([0-9a-f-]{36})/(\d{1,2})\.(?:png|jpeg|jpg|webp)")
+
+
+@dataclass
+class EmulatorConfig:
+    """How an emulator starts; faults can be changed later through `Faults.update`.
+
+    Example::
+
+        >>> EmulatorConfig(port=0, latency=0.2, fault_429=0.1, retry_after="0.05", seed=7)
+        EmulatorConfig(host='127.0.0.1', port=0, latency=0.2, ...)
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8188
+    latency: float = 0.0
+    max_concurrent: int = 8
+    fault_429: float = 0.0
+    fault_5xx: float = 0.0
+    fail_rate: float = 0.0
+    token: str | None = field(default=None, repr=False)
+    retry_after: str = "1"
+    submit_delay: float = 0.0
+    seed: int | None = None
+    drop_submits: int = 0
+
+
+@dataclass
+class Faults:
+    """Fault settings, changeable at runtime; `seed` makes the random draws repeatable.
+
+    Example::
+
+        >>> faults = Faults(seed=3)
+        >>> faults.update(fault_5xx=0.2, drop_submits=2, retry_after=0.05)
+        >>> faults.retry_after
+        '0.05'
+    """
+
+    fault_429: float = 0.0
+    fault_5xx: float = 0.0
+    fail_rate: float = 0.0
+    retry_after: str = "1"
+    submit_delay: float = 0.0
+    drop_submits: int = 0
+    seed: int | None = None
+    _rng: random.Random = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.update(**{f.name: getattr(self, f.name) for f in fields(self) if f.init})
+
+    def update(self, **changes: Any) -> None:
+        """Validate and apply changes; a `seed` change restarts the random sequence."""
+        clean: dict[str, Any] = {}
+        for name, value in changes.items():
+            if name in ("fault_429", "fault_5xx", "fail_rate"):
+                clean[name] = _number(name, value, 0.0, 1.0)
+            elif name == "submit_delay":
+                clean[name] = _number(name, value, 0.0, 3600.0)
+            elif name == "retry_after":
+                _number(name, value, 0.0, 86400.0)
+                clean[name] = str(value)
+            elif name == "drop_submits":
+                clean[name] = int(_number(name, value, 0, 1_000_000, integer=True))
+            elif name == "seed":
+                clean[name] = (
+                    None if value is None else int(_number(name, value, 0, 2**63, integer=True))
+                )
+            else:
+                raise ValueError(f"unknown fault setting {name!r}")
+        for name, value in clean.items():
+            setattr(self, name, value)
+        if "seed" in clean or not hasattr(self, "_rng"):
+            self._rng = random.Random(self.seed)
+
+    def roll(self, probability: float) -> bool:
+        """True with `probability`; draws nothing when it is 0, so unrelated faults stay put."""
+        return probability > 0 and self._rng.random() < probability
+
+    def choice(self, options: Sequence[int]) -> int:
+        """One of `options`, drawn from the fault RNG."""
+        return options[self._rng.randrange(len(options))]
+
+    def take_drop(self) -> bool:
+        """Consume one pending `drop_submits`; True if this submit must be dropped."""
+        if self.drop_submits <= 0:
+            return False
+        self.drop_submits -= 1
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-ready values."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+
+def _number(name: str, value: Any, low: float, high: float, integer: bool = False) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(number) or not low <= number <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value!r}")
+    if integer and number != int(number):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return number
+
+
+@dataclass
+class Counters:
+    """What the emulator has seen; read in-process or at `GET /_emulator/stats`.
+
+    Example::
+
+        >>> counters = Counters()
+        >>> counters.body_submissions.update({"ab12": 2, "cd34": 1})
+        >>> counters.duplicate_bodies
+        1
+    """
+
+    submits_total: int = 0
+    jobs_created: int = 0
+    status_calls: int = 0
+    result_calls: int = 0
+    cancel_calls: int = 0
+    cancelled_jobs: int = 0
+    failed_jobs: int = 0
+    completed_jobs: int = 0
+    rejected_429: int = 0
+    rejected_5xx: int = 0
+    rejected_401: int = 0
+    rejected_422: int = 0
+    dropped_submits: int = 0
+    in_progress_now: int = 0
+    max_in_progress: int = 0
+    max_queue_length: int = 0
+    body_submissions: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def duplicate_bodies(self) -> int:
+        """How many distinct request bodies created more than one job."""
+        return sum(1 for count in self.body_submissions.values() if count > 1)
+
+    def bump(self, name: str) -> None:
+        """Add one to the counter `name`."""
+        setattr(self, name, getattr(self, name) + 1)
+
+    def reset(self, queued: int = 0) -> None:
+        """Zero every counter but the live `in_progress_now`; peaks restart from now."""
+        for f in fields(self):
+            if f.name not in ("body_submissions", "in_progress_now"):
+                setattr(self, f.name, 0)
+        self.body_submissions = {}
+        self.max_in_progress = self.in_progress_now
+        self.max_queue_length = queued
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-ready copy, including `duplicate_bodies`."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["body_submissions"] = dict(self.body_submissions)
+        data["duplicate_bodies"] = self.duplicate_bodies
+        return data
+
+
+@dataclass(eq=False)
+class Job:
+    """One emulated job; `references` holds the fetched reference bytes once started."""
+
+    request_id: str
+    request: EditRequest
+    state: JobState
+    created_at: datetime
+    finished_at: datetime | None = None
+    error: dict[str, str] | None = None
+    references: tuple[bytes, ...] = ()
+
+
+class EmulatorState:
+    """Jobs, queue, faults and counters of one emulator; `app.state.emulator`.
+
+    Example::
+
+        >>> state = server.state
+        >>> state.faults.update(drop_submits=1)
+        >>> state.counters.jobs_created, state.queue_length
+        (3, 0)
+    """
+
+    def __init__(self, config: EmulatorConfig) -> None:
+        if config.max_concurrent < 1:
+            raise ValueError("max_concurrent must be at least 1")
+        if not (math.isfinite(config.latency) and config.latency >= 0):
+            raise ValueError("latency must be a non-negative number of seconds")
+        self.config = config
+        self.latency = float(config.latency)
+        self.max_concurrent = int(config.max_concurrent)
+        self.faults = Faults(
+            fault_429=config.fault_429,
+            fault_5xx=config.fault_5xx,
+            fail_rate=config.fail_rate,
+            retry_after=config.retry_after,
+            submit_delay=config.submit_delay,
+            drop_submits=config.drop_submits,
+            seed=config.seed,
+        )
+        self.counters = Counters()
+        self.jobs: dict[str, Job] = {}
+        self._queue: deque[Job] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._own_hosts: set[str] = set()
+        self._client: httpx.AsyncClient | None = None
+        self._references: AsyncMemo[str] = AsyncMemo(256 * 1024 * 1024, 4096)
+        self._renders: AsyncMemo[tuple[str, int]] = AsyncMemo(128 * 1024 * 1024, 512)
+        self._samples: AsyncMemo[str] = AsyncMemo(32 * 1024 * 1024, 1024)
+
+    @property
+    def in_progress(self) -> int:
+        """Jobs running right now."""
+        return self.counters.in_progress_now
+
+    @property
+    def queue_length(self) -> int:
+        """Jobs waiting for a slot."""
+        return len(self._queue)
+
+    def note_host(self, netloc: str) -> None:
+        """Remember a host:port clients use for us, so our own sample URLs skip HTTP."""
+        if len(self._own_hosts) < 64:
+            self._own_hosts.add(netloc.lower())
+
+    def submit(self, request: EditRequest, body_hash: str) -> Job:
+        """Create a queued job and start it if a slot is free."""
+        job = Job(str(uuid.uuid4()), request, JobState.IN_QUEUE, datetime.now(UTC))
+        self.jobs[job.request_id] = job
+        counters = self.counters
+        counters.jobs_created += 1
+        counters.body_submissions[body_hash] = counters.body_submissions.get(body_hash, 0) + 1
+        self._queue.append(job)
+        self.pump()
+        if len(self.jobs) > MAX_RETAINED_JOBS:
+            self._forget_finished_jobs()
+        counters.max_queue_length = max(counters.max_queue_length, len(self._queue))
+        return job
+
+    def queue_position(self, job: Job) -> int | None:
+        """0-based place in the queue of a waiting job, else None."""
+        if job.state is not JobState.IN_QUEUE:
+            return None
+        return self._queue.index(job)
+
+    def cancel(self, job: Job) -> bool:
+        """Cancel a queued job; True if the job is (now) cancelled."""
+        if job.state is JobState.IN_QUEUE:
+            self._queue.remove(job)
+            self._finish(job, JobState.CANCELLED, None)
+            self.counters.cancelled_jobs += 1
+        return job.state is JobState.CANCELLED
+
+    def pump(self) -> None:
+        """Start queued jobs while slots are free."""
+        counters = self.counters
+        while self._queue and counters.in_progress_now < self.max_concurrent:
+            job = self._queue.popleft()
+            job.state = JobState.IN_PROGRESS
+            counters.in_progress_now += 1
+            counters.max_in_progress = max(counters.max_in_progress, counters.in_progress_now)
+            task = asyncio.get_running_loop().create_task(self._run(job))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def reset_counters(self) -> None:
+        """Zero the counters (`POST /_emulator/reset`); live gauges keep their values."""
+        self.counters.reset(queued=len(self._queue))
+
+    def update_settings(self, changes: Mapping[str, Any]) -> None:
+        """Apply fault settings plus `latency` and `max_concurrent` (runtime endpoint)."""
+        changes = dict(changes)
+        latency = changes.pop("latency", None)
+        concurrency = changes.pop("max_concurrent", None)
+        if latency is not None and not (
+            isinstance(latency, int | float) and math.isfinite(latency) and latency >= 0
+        ):
+            raise ValueError(f"latency must be a non-negative number, got {latency!r}")
+        if concurrency is not None and not (isinstance(concurrency, int) and concurrency >= 1):
+            raise ValueError(f"max_concurrent must be an integer >= 1, got {concurrency!r}")
+        self.faults.update(**changes)
+        if latency is not None:
+            self.latency = float(latency)
+        if concurrency is not None:
+            self.max_concurrent = concurrency
+            self.pump()
+
+    def settings(self) -> dict[str, Any]:
+        """Faults plus `latency` and `max_concurrent`, JSON-ready."""
+        return {
+            **self.faults.to_dict(),
+            "latency": self.latency,
+            "max_concurrent": self.max_concurrent,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """Counters plus live gauges and the current settings, JSON-ready."""
+        return {
+            **self.counters.snapshot(),
+            "queue_length_now": len(self._queue),
+            "jobs_total": len(self.jobs),
+            "settings": self.settings(),
+        }
+
+    async def sample(self, name: str) -> bytes:
+        """The PNG served at `/samples/{name}.png`, rendered once and cached."""
+        return await self._samples.get(name, lambda: asyncio.to_thread(render_sample, name))
+
+    async def output_image(self, job: Job, index: int) -> bytes:
+        """Output image `index` of a completed job, rendered on first request."""
+        params = job.request
+
+        def render() -> bytes:
+            return render_edit(
+                job.references,
+                params.prompt,
+                seed=params.seed,
+                image_size=params.image_size,
+                output_format=params.output_format,
+                index=index,
+                guidance_scale=params.guidance_scale,
+                num_inference_steps=params.num_inference_steps,
+                enable_prompt_expansion=params.enable_prompt_expansion,
+            )
+
+        return await self._renders.get((job.request_id, index), lambda: asyncio.to_thread(render))
+
+    async def aclose(self) -> None:
+        """Stop running jobs and close the HTTP client (app shutdown)."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def _run(self, job: Job) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.latency
+        try:
+            error: dict[str, str] | None = None
+            try:
+                job.references = await self._fetch_all(job.request.image_urls)
+            except ReferenceFetchError as exc:
+                error = {"error_code": "IMAGE_FETCH_FAILED", "error_message": str(exc)}
+            remaining = deadline - loop.time()
+            if remaining > 0:
+                await asyncio.sleep(remaining)
+            if error is None and self.faults.roll(self.faults.fail_rate):
+                error = dict(MODEL_ERROR)
+        except Exception as exc:  # a bug here must fail the job, never strand it
+            error = {"error_code": "INTERNAL_ERROR", "error_message": f"emulator error: {exc!r}"}
+        finally:
+            self.counters.in_progress_now -= 1
+        if error is None:
+            self._finish(job, JobState.COMPLETED, None)
+            self.counters.completed_jobs += 1
+        else:
+            self._finish(job, JobState.FAILED, error)
+            self.counters.failed_jobs += 1
+        self.pump()
+
+    def _forget_finished_jobs(self) -> None:
+        # Drop a tenth at a time so the scan is amortised over many submits.
+        oldest = list(itertools.islice(self.jobs, MAX_RETAINED_JOBS // 10))
+        for request_id in oldest:
+            if self.jobs[request_id].state.is_terminal:
+                del self.jobs[request_id]
+
+    def _finish(self, job: Job, state: JobState, error: dict[str, str] | None) -> None:
+        job.state = state
+        job.error = error
+        job.finished_at = datetime.now(UTC)
+
+    async def _fetch_all(self, urls: Sequence[str]) -> tuple[bytes, ...]:
+        results = await asyncio.gather(
+            *(self._reference(url) for url in urls), return_exceptions=True
+        )
+        for outcome in results:  # the first failing URL in order, for a stable message
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return tuple(r for r in results if isinstance(r, bytes))
+
+    async def _reference(self, url: str) -> bytes:
+        parts = urlsplit(url)
+        if parts.netloc.lower() in self._own_hosts:
+            sample = _SAMPLE_PATH.fullmatch(parts.path)
+            if sample:
+                return await self.sample(sample.group(1))
+            output = _OUTPUT_PATH.fullmatch(parts.path)
+            job = self.jobs.get(output.group(1)) if output else None
+            if output and job and job.state is JobState.COMPLETED:
+                index = int(output.group(2))
+                if index < job.request.num_images:
+                    return await self.output_image(job, index)
+        return await self._references.get(url, lambda: download_reference(self._http(), url))
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = new_http_client()
+        return self._client
