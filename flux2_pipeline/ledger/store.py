@@ -1,0 +1,485 @@
+"""`Ledger`: the durable record of paid submissions, on SQLite or PostgreSQL.
+
+Every write is one short transaction, committed before the method returns: the intent
+before the HTTP submit is sent, the request id the moment the response arrives. The
+happy path of each write is a single statement (``INSERT ... RETURNING`` or
+``UPDATE ... RETURNING``), so on SQLite it takes the write lock up front and waits on
+``busy_timeout`` instead of failing with "database is locked".
+
+SQLite runs in WAL mode with ``synchronous=NORMAL``: a commit appends to the WAL file
+with ``write()`` before returning, so it lives in the OS page cache and survives the
+process being killed (even with SIGKILL); only an OS crash or power loss can drop the
+last commits, which is when ``FULL`` (an fsync per commit, milliseconds each on real
+disks) would help. A run spanning machines should use PostgreSQL anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import URL, Connection
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.schema import CreateIndex, CreateSchema, CreateTable
+
+from flux2_pipeline.ledger.errors import (
+    LedgerConfigError,
+    LedgerError,
+    LedgerStateError,
+    LedgerUnavailableError,
+)
+from flux2_pipeline.ledger.records import RowHistory, Submission, submission_from_row
+from flux2_pipeline.ledger.schema import (
+    FINISHED_STATES,
+    SubmissionState,
+    submissions,
+)
+from flux2_pipeline.ledger.url import parse_ledger_url, redact_url
+
+LOOKUP_CHUNK_SIZE = 500
+"""Row keys per ``IN (...)`` query in `Ledger.lookup` (well under SQLite's variable limit)."""
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+"""How long a SQLite writer waits for another process's write lock before failing."""
+
+INTENT_RETRIES = 32
+"""`record_intent` retries when a concurrent writer took the same attempt number."""
+
+PG_CONNECT_TIMEOUT_S = 10
+# Serializes table creation across processes: concurrent CREATE TABLE IF NOT EXISTS on
+# PostgreSQL can still fail on the catalog's unique index.
+_PG_DDL_LOCK_KEY = 0x464C5832_4C454447  # "FLX2LEDG"
+
+_t = submissions
+_NO_REQUEST_ID = _t.c.request_id.is_(None)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None, name: str) -> datetime:
+    if value is None:
+        return _now()
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be a timezone-aware datetime")
+    return value.astimezone(UTC)
+
+
+def _states(*states: SubmissionState) -> ColumnElement[bool]:
+    return _t.c.state.in_([s.value for s in states])
+
+
+def _finished_state(state: SubmissionState | str) -> SubmissionState:
+    try:
+        parsed = SubmissionState(state)
+    except ValueError:
+        parsed = None
+    if parsed not in FINISHED_STATES:
+        allowed = ", ".join(sorted(s.value for s in FINISHED_STATES))
+        raise ValueError(f"finished state must be one of {allowed}, got {state!r}")
+    assert parsed is not None
+    return parsed
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        # busy_timeout first: switching to WAL needs a lock another opener may hold.
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+    finally:
+        cursor.close()
+
+
+class Ledger:
+    """The durable record of paid API submissions: one row per submission attempt.
+
+    Open with `Ledger.open`; the object is safe to share between threads (each call
+    checks a connection out of the engine's pool and commits before returning).
+
+    Example::
+
+        with Ledger.open("data/output/ledger.db") as ledger:
+            key = make_row_key(partition, row_id, request_sha256)
+            history = ledger.lookup([key]).get(key)
+            intent = ledger.record_intent(key, partition, row_id, request_sha256)
+            ledger.record_submitted(intent.id, request_id)        # right after the POST
+            ledger.record_finished(intent.id, "completed", cost_usd=0.025,
+                                   output_urls=["https://..."])
+    """
+
+    def __init__(self, engine: Engine, url: URL, *, schema: str | None = None) -> None:
+        """Wrap an engine whose tables exist; use `Ledger.open` instead."""
+        self._engine = engine
+        self._url = url
+        self._schema = schema
+        self._closed = False
+        self._lock = threading.Lock()
+
+    # -- opening and closing -------------------------------------------------------
+
+    @classmethod
+    def open(cls, url: str | Path, *, schema: str | None = None) -> Ledger:
+        """Open (and create if missing) the ledger at `url`.
+
+        `url` is a plain file path or ``sqlite:///abs/path.db`` (parent directories are
+        created), or ``postgresql://...`` / ``postgresql+psycopg2://...``. `schema`
+        (PostgreSQL only) puts the table in that schema, creating it if missing.
+
+        Raises `LedgerConfigError` for a malformed URL and `LedgerUnavailableError` when
+        the database cannot be reached.
+        """
+        parsed = parse_ledger_url(url)
+        shown = redact_url(parsed)
+        if parsed.get_backend_name() == "sqlite":
+            if schema is not None:
+                raise LedgerConfigError("ledger schema is only supported on PostgreSQL")
+            assert parsed.database is not None
+            try:
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise LedgerUnavailableError(
+                    f"cannot create the ledger directory for {shown}: {exc.strerror}"
+                ) from exc
+            engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+            event.listen(engine, "connect", _sqlite_pragmas)
+        else:
+            options: dict[str, Any] = {}
+            if schema is not None:
+                options["schema_translate_map"] = {None: schema}
+            engine = create_engine(
+                parsed,
+                pool_pre_ping=True,
+                execution_options=options,
+                connect_args={
+                    "connect_timeout": PG_CONNECT_TIMEOUT_S,
+                    "application_name": "flux2-pipeline-ledger",
+                },
+            )
+        ledger = cls(engine, parsed, schema=schema)
+        try:
+            ledger._create_tables()
+        except BaseException:
+            engine.dispose()
+            raise
+        return ledger
+
+    def _create_tables(self) -> None:
+        with self._begin(f"cannot open the ledger at {redact_url(self._url)}") as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_DDL_LOCK_KEY})
+                if self._schema is not None:
+                    conn.execute(CreateSchema(self._schema, if_not_exists=True))
+            conn.execute(CreateTable(_t, if_not_exists=True))
+            for index in sorted(_t.indexes, key=lambda i: str(i.name)):
+                conn.execute(CreateIndex(index, if_not_exists=True))
+
+    def close(self) -> None:
+        """Close every pooled connection; later calls raise `LedgerError`."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._engine.dispose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = " closed" if self._closed else ""
+        schema = f" schema={self._schema!r}" if self._schema else ""
+        return f"<Ledger {redact_url(self._url)}{schema}{state}>"
+
+    @property
+    def url(self) -> str:
+        """The ledger URL with any password hidden."""
+        return redact_url(self._url)
+
+    @property
+    def backend(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self._url.get_backend_name()
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine (for diagnostics; write only through the methods)."""
+        return self._engine
+
+    # -- plumbing -------------------------------------------------------------------
+
+    @contextmanager
+    def _begin(self, failure: str = "ledger operation failed") -> Iterator[Connection]:
+        if self._closed:
+            raise LedgerError("the ledger is closed")
+        try:
+            with self._engine.begin() as conn:
+                yield conn
+        except IntegrityError:
+            raise
+        except SQLAlchemyError as exc:
+            raise LedgerUnavailableError(f"{failure}: {self._describe(exc)}") from exc
+
+    def _describe(self, exc: SQLAlchemyError) -> str:
+        orig = getattr(exc, "orig", None)
+        lines = str(orig if orig is not None else exc).strip().splitlines()
+        message = f"{type(orig or exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+        password = self._url.password
+        if password:
+            message = message.replace(str(password), "***")
+        return message
+
+    def _update(
+        self,
+        where: ColumnElement[bool],
+        guard: ColumnElement[bool],
+        values: Mapping[str, Any],
+        action: str,
+        subject: str,
+    ) -> Submission:
+        stmt = update(_t).where(where, guard).values(**values, updated_at=_now()).returning(*_t.c)
+        current: Any = None
+        try:
+            with self._begin(f"cannot {action} {subject}") as conn:
+                row = conn.execute(stmt).mappings().one_or_none()
+                if row is None:
+                    current = conn.execute(
+                        select(_t.c.id, _t.c.state, _t.c.request_id).where(where)
+                    ).first()
+        except IntegrityError as exc:
+            raise LedgerStateError(
+                f"cannot {action} {subject}: request id {values.get('request_id')!r} is "
+                "already recorded for another submission"
+            ) from exc
+        if row is not None:
+            return submission_from_row(row)
+        if current is None:
+            raise LedgerStateError(f"cannot {action} {subject}: no such submission")
+        has_id = f"request id {current.request_id!r}" if current.request_id else "no request id"
+        raise LedgerStateError(
+            f"cannot {action} {subject}: it is in state {current.state!r} with {has_id}"
+        )
+
+    # -- writes -------------------------------------------------------------------
+
+    def record_intent(
+        self, row_key: str, partition: str, row_id: str, request_hash: str
+    ) -> Submission:
+        """Record a new attempt for `row_key` in state ``intent``; call before sending.
+
+        The attempt number is the previous maximum + 1, assigned in the same statement
+        as the insert; concurrent writers for one key retry on the unique
+        ``(row_key, attempt)`` constraint. Committed before returning.
+        """
+        for name, value in (("row_key", row_key), ("partition", partition), ("row_id", row_id)):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty string")
+        now = _now()
+        next_attempt = (
+            select(func.coalesce(func.max(_t.c.attempt), 0) + 1)
+            .where(_t.c.row_key == row_key)
+            .scalar_subquery()
+        )
+        stmt = (
+            insert(_t)
+            .values(
+                row_key=row_key,
+                partition=partition,
+                row_id=row_id,
+                request_hash=request_hash,
+                attempt=next_attempt,
+                state=SubmissionState.INTENT.value,
+                intent_at=now,
+                output_urls="[]",
+                updated_at=now,
+            )
+            .returning(*_t.c)
+        )
+        for _ in range(INTENT_RETRIES):
+            try:
+                with self._begin(f"cannot record the intent for row {row_id!r}") as conn:
+                    row = conn.execute(stmt).mappings().one()
+            except IntegrityError:
+                continue  # another writer took this attempt number; read the new max
+            return submission_from_row(row)
+        raise LedgerStateError(
+            f"cannot record the intent for row {row_id!r}: {INTENT_RETRIES} concurrent "
+            "writers kept taking the next attempt number"
+        )
+
+    def record_submitted(
+        self, submission_id: int, request_id: str, submitted_at: datetime | None = None
+    ) -> Submission:
+        """Record the API's request id for an ``intent`` (or ``unknown``) attempt.
+
+        Call the moment the submit's response arrives: once this returns, the request
+        id is committed. Recording the same request id again is a no-op update.
+        """
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id must be a non-empty string")
+        at = _aware(submitted_at, "submitted_at")
+        guard = (_states(SubmissionState.INTENT, SubmissionState.UNKNOWN) & _NO_REQUEST_ID) | (
+            (_t.c.state == SubmissionState.SUBMITTED.value) & (_t.c.request_id == request_id)
+        )
+        return self._update(
+            _t.c.id == submission_id,
+            guard,
+            {
+                "state": SubmissionState.SUBMITTED.value,
+                "request_id": request_id,
+                "submitted_at": at,
+            },
+            "record the request id of",
+            f"submission {submission_id}",
+        )
+
+    def record_rejected(self, submission_id: int, error: str) -> Submission:
+        """The API refused the submit (or it was never sent): no job exists, not paid."""
+        return self._update(
+            _t.c.id == submission_id,
+            _states(SubmissionState.INTENT, SubmissionState.UNKNOWN, SubmissionState.REJECTED)
+            & _NO_REQUEST_ID,
+            {"state": SubmissionState.REJECTED.value, "error": error, "finished_at": _now()},
+            "mark rejected",
+            f"submission {submission_id}",
+        )
+
+    def record_unknown(self, submission_id: int, error: str) -> Submission:
+        """The submit's answer was lost: a job may exist (counts as paid), id unknown."""
+        return self._update(
+            _t.c.id == submission_id,
+            _states(SubmissionState.INTENT, SubmissionState.UNKNOWN) & _NO_REQUEST_ID,
+            {"state": SubmissionState.UNKNOWN.value, "error": error},
+            "mark unknown",
+            f"submission {submission_id}",
+        )
+
+    def _finish(
+        self,
+        where: ColumnElement[bool],
+        subject: str,
+        state: SubmissionState | str,
+        finished_at: datetime | None,
+        error: str | None,
+        cost_usd: float | None,
+        output_urls: Iterable[str],
+    ) -> Submission:
+        parsed = _finished_state(state)
+        urls = [str(u) for u in output_urls]
+        # A finished job may be re-polled and re-recorded; only a job with an id can end.
+        guard = ~_NO_REQUEST_ID & _states(SubmissionState.SUBMITTED, *FINISHED_STATES)
+        values = {
+            "state": parsed.value,
+            "finished_at": _aware(finished_at, "finished_at"),
+            "error": error,
+            "cost_usd": None if cost_usd is None else float(cost_usd),
+            "output_urls": json.dumps(urls),
+        }
+        return self._update(where, guard, values, f"mark {parsed.value}", subject)
+
+    def record_finished(
+        self,
+        submission_id: int,
+        state: SubmissionState | str,
+        finished_at: datetime | None = None,
+        error: str | None = None,
+        cost_usd: float | None = None,
+        output_urls: Iterable[str] = (),
+    ) -> Submission:
+        """Record the job's end: `state` is ``completed``, ``failed`` or ``cancelled``."""
+        return self._finish(
+            _t.c.id == submission_id,
+            f"submission {submission_id}",
+            state,
+            finished_at,
+            error,
+            cost_usd,
+            output_urls,
+        )
+
+    def record_finished_by_request_id(
+        self,
+        request_id: str,
+        state: SubmissionState | str,
+        finished_at: datetime | None = None,
+        error: str | None = None,
+        cost_usd: float | None = None,
+        output_urls: Iterable[str] = (),
+    ) -> Submission:
+        """`record_finished` for the attempt that holds `request_id`."""
+        return self._finish(
+            _t.c.request_id == request_id,
+            f"request {request_id!r}",
+            state,
+            finished_at,
+            error,
+            cost_usd,
+            output_urls,
+        )
+
+    # -- reads ---------------------------------------------------------------------
+
+    def lookup(self, row_keys: Iterable[str]) -> dict[str, RowHistory]:
+        """Every attempt of each key that has any, in ``len(keys) / 500`` queries.
+
+        Keys never attempted are absent from the result.
+        """
+        keys = list(dict.fromkeys(row_keys))
+        grouped: dict[str, list[Submission]] = {}
+        if not keys:
+            return {}
+        with self._begin("cannot read the ledger") as conn:
+            for start in range(0, len(keys), LOOKUP_CHUNK_SIZE):
+                chunk = keys[start : start + LOOKUP_CHUNK_SIZE]
+                stmt = (
+                    select(*_t.c)
+                    .where(_t.c.row_key.in_(chunk))
+                    .order_by(_t.c.row_key, _t.c.attempt)
+                )
+                for row in conn.execute(stmt).mappings():
+                    grouped.setdefault(row["row_key"], []).append(submission_from_row(row))
+        return {key: RowHistory(tuple(attempts)) for key, attempts in grouped.items()}
+
+    def submissions(self, partition: str | None = None) -> list[Submission]:
+        """Every attempt (of one partition, if given), oldest first."""
+        stmt = select(*_t.c).order_by(_t.c.id)
+        if partition is not None:
+            stmt = stmt.where(_t.c.partition == partition)
+        with self._begin("cannot read the ledger") as conn:
+            return [submission_from_row(row) for row in conn.execute(stmt).mappings()]
+
+    def stats(self, partition: str | None = None) -> dict[str, int]:
+        """Attempt counts by state (every state present, zero if none)."""
+        stmt = select(_t.c.state, func.count()).group_by(_t.c.state)
+        if partition is not None:
+            stmt = stmt.where(_t.c.partition == partition)
+        counts = {state.value: 0 for state in SubmissionState}
+        with self._begin("cannot read the ledger") as conn:
+            for state, count in conn.execute(stmt):
+                counts[str(state)] = int(count)
+        return counts

@@ -1,0 +1,183 @@
+"""The ledger against the real PostgreSQL server; each test gets its own fresh schema."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import make_url
+
+from flux2_pipeline.ledger import (
+    LOOKUP_CHUNK_SIZE,
+    Ledger,
+    LedgerStateError,
+    SubmissionState,
+    make_row_key,
+    parse_ledger_url,
+)
+from flux2_pipeline.ledger.schema import submissions
+
+pytestmark = pytest.mark.postgres
+
+PG_URL = os.environ.get("FLUX2_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> str:
+    # SQLAlchemy 2.1 maps postgresql:// to psycopg 3; the ledger pins psycopg2.
+    engine = create_engine(parse_ledger_url(PG_URL), connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:
+        if os.environ.get("CI") == "true":
+            raise RuntimeError(f"PostgreSQL at {make_url(PG_URL)!r} is required in CI") from exc
+        pytest.skip(f"PostgreSQL unreachable at {make_url(PG_URL)!r}: {type(exc).__name__}")
+    finally:
+        engine.dispose()
+    return PG_URL
+
+
+@pytest.fixture
+def schema(pg_url: str) -> Iterator[str]:
+    name = f"ledger_test_{uuid.uuid4().hex[:12]}"
+    yield name
+    engine = create_engine(parse_ledger_url(pg_url))
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def ledger(pg_url: str, schema: str) -> Iterator[Ledger]:
+    with Ledger.open(pg_url, schema=schema) as opened:
+        yield opened
+
+
+def test_lifecycle(ledger: Ledger) -> None:
+    assert ledger.backend == "postgresql"
+    key = make_row_key("p", "r1", "h")
+    first = ledger.record_intent(key, "p", "r1", "h")
+    ledger.record_rejected(first.id, "422")
+    second = ledger.record_intent(key, "p", "r1", "h")
+    assert (first.attempt, second.attempt) == (1, 2)
+    assert second.intent_at.tzinfo is UTC
+
+    history = ledger.lookup([key])[key]
+    assert history.dangling_intent == second and history.paid_attempts == 1
+
+    submitted = ledger.record_submitted(second.id, "req-pg-1", T0)
+    assert submitted.submitted_at == T0
+    assert ledger.lookup([key])[key].live == submitted
+
+    done = ledger.record_finished(
+        second.id,
+        "completed",
+        T0 + timedelta(seconds=5),
+        cost_usd=0.02,
+        output_urls=["https://cdn/a.png"],
+    )
+    assert done.finished_at == T0 + timedelta(seconds=5) and done.finished_at.tzinfo is UTC
+    history = ledger.lookup([key])[key]
+    assert history.completed == done and history.live == done
+    assert [a.state for a in history.attempts] == ["rejected", "completed"]
+    assert history.paid_attempts == 1
+    stats = ledger.stats("p")
+    assert (stats["rejected"], stats["completed"], stats["intent"]) == (1, 1, 0)
+    assert [s.id for s in ledger.submissions()] == [first.id, second.id]
+
+    other = ledger.record_intent(make_row_key("p", "r2", "h"), "p", "r2", "h")
+    with pytest.raises(LedgerStateError, match="already recorded"):
+        ledger.record_submitted(other.id, "req-pg-1")
+    with pytest.raises(LedgerStateError, match="no request id"):
+        ledger.record_finished(other.id, SubmissionState.FAILED)
+
+
+def test_lookup_5000_keys_in_chunks(ledger: Ledger) -> None:
+    keys = [make_row_key("p", str(i), "h") for i in range(5000)]
+    rows = [
+        {
+            "row_key": key,
+            "partition": "p",
+            "row_id": str(i),
+            "request_hash": "h",
+            "attempt": 1,
+            "state": "submitted",
+            "request_id": f"req-{i}",
+            "intent_at": T0,
+            "output_urls": "[]",
+            "updated_at": T0,
+        }
+        for i, key in enumerate(keys)
+    ]
+    with ledger.engine.begin() as conn:
+        conn.execute(submissions.insert(), rows)
+
+    selects: list[str] = []
+
+    def count(*args: Any) -> None:
+        if args[2].lstrip().upper().startswith("SELECT"):
+            selects.append(args[2])
+
+    event.listen(ledger.engine, "before_cursor_execute", count)
+    try:
+        found = ledger.lookup([*keys, "never-seen"])
+    finally:
+        event.remove(ledger.engine, "before_cursor_execute", count)
+    assert len(selects) == -(-5001 // LOOKUP_CHUNK_SIZE)
+    assert len(found) == 5000
+    live = found[keys[4999]].live
+    assert live is not None and live.request_id == "req-4999"
+
+
+def test_concurrent_intents_for_one_key_get_distinct_attempts(ledger: Ledger) -> None:
+    key = make_row_key("p", "hot", "h")
+    barrier = threading.Barrier(8)
+
+    def work(_: int) -> list[int]:
+        barrier.wait()
+        return [ledger.record_intent(key, "p", "hot", "h").attempt for _ in range(5)]
+
+    with ThreadPoolExecutor(8) as pool:
+        attempts = sorted(a for batch in pool.map(work, range(8)) for a in batch)
+    assert attempts == list(range(1, 41))
+
+
+def test_concurrent_first_open_of_a_fresh_schema(pg_url: str, schema: str) -> None:
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def opener() -> None:
+        barrier.wait()
+        try:
+            Ledger.open(pg_url, schema=schema).close()
+        except BaseException as exc:  # collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=opener) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+def test_repr_and_errors_hide_a_real_password(pg_url: str, schema: str) -> None:
+    # The test server trusts local connections, so any password is accepted.
+    with_password = make_url(pg_url).set(password="s3cret-pg").render_as_string(False)
+    with Ledger.open(with_password, schema=schema) as ledger:
+        assert "s3cret-pg" not in repr(ledger) and "s3cret-pg" not in ledger.url
+        assert ":***@" in repr(ledger)
+        with pytest.raises(LedgerStateError) as info:
+            ledger.record_finished(12345, "failed")
+        assert "s3cret-pg" not in str(info.value)
