@@ -167,8 +167,13 @@ def _issues_from(exc: ValidationError) -> list[FieldIssue]:
         name = str(location[0]) if location else "request"
         message = str(error.get("msg", "is invalid"))
         message = message.removeprefix("Value error, ")
-        if error.get("type") == "extra_forbidden":
+        kind = error.get("type")
+        if kind == "extra_forbidden":
             message = "is not a parameter of this model"
+        elif kind == "string_too_short":
+            message = "must not be empty"
+        elif kind == "too_short" and name == "image_urls":
+            message = f"must hold 1 to {MAX_IMAGE_URLS} URLs, got none"
         issues.append(FieldIssue(name, message[:1].lower() + message[1:]))
     return issues
 

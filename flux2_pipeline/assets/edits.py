@@ -1,0 +1,269 @@
+"""`flux2_edits`: one partition's prompt table in, its results dataset out.
+
+The step streams the input file, runs every valid row through the API with the
+ledger in the loop (see `flux2_pipeline.batch.runner`), writes
+`$FLUX2_OUTPUT_DIR/flux2_edits/<key>.parquet` atomically, and then fails if any
+valid row did not complete, naming the counts and the first rows. Its
+`RetryPolicy` runs it again; the ledger makes sure only failed rows are paid again.
+"""
+
+import time
+from array import array
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dagster import (
+    AssetExecutionContext,
+    Backoff,
+    Failure,
+    Jitter,
+    MaterializeResult,
+    MetadataValue,
+    RetryPolicy,
+    TableColumn,
+    TableColumnDep,
+    TableColumnLineage,
+    TableSchema,
+    asset,
+)
+
+from flux2_pipeline.assets.prompts import PROMPT_TABLES_KEY, prompt_table_partitions
+from flux2_pipeline.batch import (
+    RESULT_COLUMN_DESCRIPTIONS,
+    RESULTS_SCHEMA,
+    EditRunner,
+    FatalApiError,
+    InputTableError,
+    ResultsWriter,
+    RowOutcome,
+    count_rows,
+    file_sha256,
+    read_input_rows,
+)
+from flux2_pipeline.resources import Flux2Storage, LedgerResource, RunComfyResource
+from flux2_pipeline.runcomfy import PARAMETER_NAMES
+
+CODE_VERSION = "1"
+PREVIEW_ROWS = 8
+FAILED_ROWS_NAMED = 5
+PROGRESS_SECONDS = 10.0
+
+EDITS_RETRY_POLICY = RetryPolicy(
+    max_retries=3, delay=10, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS
+)
+"""Re-runs a failed partition step; the ledger keeps completed rows from being paid again."""
+
+
+def results_table_schema() -> TableSchema:
+    """The results dataset's columns as a Dagster `TableSchema`."""
+    return TableSchema(
+        columns=[
+            TableColumn(
+                name=column.name,
+                type=str(column.type),
+                description=RESULT_COLUMN_DESCRIPTIONS.get(column.name),
+            )
+            for column in RESULTS_SCHEMA
+        ]
+    )
+
+
+def results_column_lineage() -> TableColumnLineage:
+    """Which input columns each output column comes from."""
+
+    def dep(*names: str) -> list[TableColumnDep]:
+        return [TableColumnDep(asset_key=PROMPT_TABLES_KEY, column_name=name) for name in names]
+
+    lineage = {
+        "row_id": dep("id", "prompt", "image_urls", *PARAMETER_NAMES),
+        "prompt": dep("prompt"),
+        "image_urls": dep("image_urls"),
+        "warning": dep("image_urls"),
+    }
+    lineage.update({name: dep(name) for name in PARAMETER_NAMES})
+    for produced in ("request_id", "status", "output_urls", "error", "cost_usd"):
+        lineage[produced] = dep("prompt", "image_urls", *PARAMETER_NAMES)
+    return TableColumnLineage(deps_by_column=lineage)
+
+
+@dataclass
+class _Tally:
+    """Running figures of one partition run, kept small whatever the row count."""
+
+    total: int
+    started: float = field(default_factory=time.monotonic)
+    done: int = 0
+    cost_usd: float = 0.0
+    latencies: "array[float]" = field(default_factory=lambda: array("d"))
+    preview: list[dict[str, Any]] = field(default_factory=list)
+    failed_examples: list[str] = field(default_factory=list)
+
+    def add(self, outcome: RowOutcome) -> None:
+        self.done += 1
+        if outcome.cost_usd is not None and outcome.status == "completed":
+            self.cost_usd += outcome.cost_usd
+        if outcome.submitted_at and outcome.finished_at and outcome.status == "completed":
+            self.latencies.append((outcome.finished_at - outcome.submitted_at).total_seconds())
+        if len(self.preview) < PREVIEW_ROWS:
+            self.preview.append(_preview_row(outcome))
+        if outcome.status in ("failed", "cancelled") and len(self.failed_examples) < (
+            FAILED_ROWS_NAMED
+        ):
+            self.failed_examples.append(f"{outcome.row.row_id}: {outcome.error}")
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def progress_line(self) -> str:
+        rate = self.done / self.seconds if self.seconds > 0 else 0.0
+        share = 100.0 * self.done / self.total if self.total else 100.0
+        return f"{self.done}/{self.total} rows done ({share:.0f}%), {rate:.1f} rows/s"
+
+    def latency_figures(self) -> tuple[float | None, float | None]:
+        if not self.latencies:
+            return None, None
+        ordered = sorted(self.latencies)
+        p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+        return sum(ordered) / len(ordered), p95
+
+
+def _preview_row(outcome: RowOutcome) -> dict[str, Any]:
+    prompt = (outcome.row.prompt or "")[:60]
+    first_url = outcome.output_urls[0] if outcome.output_urls else ""
+    return {
+        "row_id": outcome.row.row_id,
+        "status": outcome.status,
+        "prompt": prompt,
+        "output": first_url,
+        "error": (outcome.error or "")[:80],
+    }
+
+
+def _markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "_no rows_"
+    headers = list(rows[0])
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        cells = [str(row[name]).replace("|", "\\|").replace("\n", " ") for name in headers]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+async def _run_partition(
+    runner: EditRunner, rows: Iterable[list[Any]], writer: ResultsWriter, tally: _Tally
+) -> None:
+    async for outcome in runner.run(rows):
+        tally.add(outcome)
+        writer.write([outcome])
+
+
+@asset(
+    name="flux2_edits",
+    partitions_def=prompt_table_partitions,
+    deps=[PROMPT_TABLES_KEY],
+    group_name="flux2",
+    code_version=CODE_VERSION,
+    retry_policy=EDITS_RETRY_POLICY,
+    kinds={"parquet"},
+    metadata={"dagster/column_schema": results_table_schema()},
+    description="FLUX.2 [dev] edits of one prompt table: one row per input row with the "
+    "request id, status, result image URLs and effective parameters.",
+)
+def flux2_edits(
+    context: AssetExecutionContext,
+    runcomfy: RunComfyResource,
+    ledger: LedgerResource,
+    storage: Flux2Storage,
+) -> MaterializeResult[None]:
+    """Run one partition's edit jobs and write its results dataset."""
+    key = context.partition_key
+    in_path, out_path = storage.input_path(key), storage.results_path(key)
+    try:
+        total = count_rows(in_path)
+        input_sha = file_sha256(in_path)
+    except (InputTableError, OSError) as exc:
+        raise Failure(description=f"partition {key}: {exc}", allow_retries=False) from None
+    context.log.info(f"partition {key}: {total} rows from {in_path} (sha256 {input_sha[:12]})")
+
+    runner = EditRunner(
+        runcomfy.client,
+        ledger.ledger,
+        partition=key,
+        max_concurrency=runcomfy.max_concurrency,
+        attempts_per_run=runcomfy.attempts_per_run,
+        max_attempts=runcomfy.max_attempts,
+    )
+    tally = _Tally(total=total)
+    rows = read_input_rows(in_path, defaults=runcomfy.parameter_defaults())
+    writer = ResultsWriter(out_path)
+    try:
+        runcomfy.run(
+            _run_partition(runner, rows, writer, tally),
+            on_tick=lambda: context.log.info(f"partition {key}: {tally.progress_line()}"),
+            tick_seconds=PROGRESS_SECONDS,
+        )
+    except InputTableError as exc:
+        writer.abort()
+        raise Failure(description=f"partition {key}: {exc}", allow_retries=False) from None
+    except FatalApiError as exc:
+        writer.abort()
+        raise Failure(
+            description=f"partition {key}: the API refused every job: {exc}", allow_retries=False
+        ) from None
+    except BaseException:
+        writer.abort()
+        raise
+    writer.commit()
+    context.log.info(f"partition {key}: {tally.progress_line()}; results in {out_path}")
+
+    counts = runner.counters.by_status
+    metadata = _metadata(key, in_path, input_sha, out_path, tally, runner)
+    unfinished = counts["failed"] + counts["cancelled"]
+    if unfinished:
+        raise Failure(
+            description=(
+                f"partition {key}: {unfinished} of {total} rows did not complete "
+                f"({counts['failed']} failed, {counts['cancelled']} cancelled, "
+                f"{counts['completed']} completed, {counts['invalid']} invalid); results "
+                f"written to {out_path}. First: " + " | ".join(tally.failed_examples)
+            ),
+            metadata=metadata,
+        )
+    return MaterializeResult(metadata=metadata)
+
+
+def _metadata(
+    key: str, in_path: Path, input_sha: str, out_path: Path, tally: _Tally, runner: EditRunner
+) -> dict[str, Any]:
+    counts = runner.counters.by_status
+    mean, p95 = tally.latency_figures()
+    seconds = tally.seconds
+    metadata: dict[str, Any] = {
+        "dagster/row_count": tally.done,
+        "dagster/column_schema": results_table_schema(),
+        "dagster/column_lineage": results_column_lineage(),
+        "flux2/completed": counts["completed"],
+        "flux2/failed": counts["failed"],
+        "flux2/invalid": counts["invalid"],
+        "flux2/cancelled": counts["cancelled"],
+        "flux2/cost_usd": round(tally.cost_usd, 6),
+        "flux2/latency_mean_s": MetadataValue.float(mean) if mean is not None else None,
+        "flux2/latency_p95_s": MetadataValue.float(p95) if p95 is not None else None,
+        "flux2/submitted": runner.counters.submitted,
+        "flux2/reused_completed": runner.counters.reused_completed,
+        "flux2/polled_known": runner.counters.polled_known,
+        "flux2/unknown_resubmitted": runner.counters.unknown_resubmitted,
+        "flux2/outcome_unknown": runner.counters.outcome_unknown,
+        "flux2/seconds": round(seconds, 3),
+        "flux2/rows_per_second": round(tally.done / seconds, 2) if seconds > 0 else 0.0,
+        "flux2/input_path": MetadataValue.path(str(in_path)),
+        "flux2/input_sha256": input_sha,
+        "flux2/results_path": MetadataValue.path(str(out_path)),
+        "flux2/preview": MetadataValue.md(_markdown_table(tally.preview)),
+        "flux2/partition": key,
+    }
+    return {name: value for name, value in metadata.items() if value is not None}

@@ -1,0 +1,38 @@
+"""The Dagster-free core of a partition run: read and validate rows, run them, write results.
+
+Example::
+
+    runner = EditRunner(client, ledger, partition="cats", max_concurrency=8)
+    with ResultsWriter(out_path) as writer:
+        async for outcome in runner.run(read_input_rows(in_path)):
+            writer.write([outcome])
+"""
+
+from flux2_pipeline.batch.runner import STATUSES, EditRunner, FatalApiError, RunCounters
+from flux2_pipeline.batch.tables import (
+    RESULT_COLUMN_DESCRIPTIONS,
+    RESULTS_SCHEMA,
+    InputRow,
+    InputTableError,
+    ResultsWriter,
+    RowOutcome,
+    count_rows,
+    file_sha256,
+    read_input_rows,
+)
+
+__all__ = [
+    "RESULTS_SCHEMA",
+    "RESULT_COLUMN_DESCRIPTIONS",
+    "STATUSES",
+    "EditRunner",
+    "FatalApiError",
+    "InputRow",
+    "InputTableError",
+    "ResultsWriter",
+    "RowOutcome",
+    "RunCounters",
+    "count_rows",
+    "file_sha256",
+    "read_input_rows",
+]

@@ -1,0 +1,334 @@
+"""Input prompt tables in, results tables out: streamed, validated, written atomically.
+
+`read_input_rows` streams a Parquet file in record batches and turns every row into
+an `InputRow`: either a valid `EditRequest` or the reason it is invalid, naming the
+column and the rule. Memory depends on the batch size, not the file size.
+
+`ResultsWriter` streams `RowOutcome`s into `<key>.parquet` through a temporary file
+that is renamed into place on success, so a crash never leaves a half file.
+
+Example::
+
+    for batch in read_input_rows(Path("data/prompts/cats.parquet")):
+        for row in batch:
+            print(row.row_id, row.request or row.invalid_reason)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flux2_pipeline.runcomfy import PARAMETER_NAMES, EditRequest, InvalidEditRequest
+
+READ_BATCH_ROWS = 1024
+REQUIRED_COLUMNS = ("prompt", "image_urls")
+KNOWN_COLUMNS = frozenset({"id", *REQUIRED_COLUMNS, *PARAMETER_NAMES})
+
+
+class InputTableError(ValueError):
+    """The whole table is unusable (unreadable, not Parquet, a required column missing)."""
+
+
+@dataclass(frozen=True, slots=True)
+class InputRow:
+    """One input row: a valid request, or the reason it is invalid (never both)."""
+
+    position: int
+    row_id: str
+    prompt: str | None
+    image_urls: tuple[str, ...]
+    request: EditRequest | None = None
+    invalid_reason: str | None = None
+    warning: str | None = None
+
+
+RESULTS_SCHEMA = pa.schema(
+    [
+        pa.field("row_id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string()),
+        pa.field("image_urls", pa.list_(pa.string())),
+        pa.field("guidance_scale", pa.float64()),
+        pa.field("seed", pa.int64()),
+        pa.field("num_inference_steps", pa.int64()),
+        pa.field("image_size", pa.string()),
+        pa.field("num_images", pa.int64()),
+        pa.field("enable_prompt_expansion", pa.bool_()),
+        pa.field("output_format", pa.string()),
+        pa.field("request_id", pa.string()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("output_urls", pa.list_(pa.string()), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("attempts", pa.int64(), nullable=False),
+        pa.field("submitted_at", pa.timestamp("us", tz="UTC")),
+        pa.field("finished_at", pa.timestamp("us", tz="UTC")),
+        pa.field("cost_usd", pa.float64()),
+        pa.field("warning", pa.string()),
+    ]
+)
+"""The results dataset's schema (see CONTRACT.md); `cost_usd` and `warning` are extras."""
+
+RESULT_COLUMN_DESCRIPTIONS: dict[str, str] = {
+    "row_id": "the input id, or one derived from the row's content",
+    "prompt": "the edit instruction as sent",
+    "image_urls": "reference image URLs as sent (at most 3)",
+    "guidance_scale": "effective guidance scale",
+    "seed": "effective seed",
+    "num_inference_steps": "effective number of inference steps",
+    "image_size": "effective image size preset",
+    "num_images": "effective number of images",
+    "enable_prompt_expansion": "effective prompt expansion flag",
+    "output_format": "effective output format",
+    "request_id": "the API's id of the job that produced this row",
+    "status": "completed, failed, invalid or cancelled",
+    "output_urls": "result image URLs, empty unless completed",
+    "error": "why the row is not completed",
+    "attempts": "paid submissions made for this row",
+    "submitted_at": "when the job that produced this row was submitted (UTC)",
+    "finished_at": "when that job reached a terminal state (UTC)",
+    "cost_usd": "what the API reported the job cost",
+    "warning": "a note about the input, e.g. image_urls cut to 3",
+}
+
+
+def read_input_rows(
+    path: Path,
+    batch_rows: int = READ_BATCH_ROWS,
+    defaults: Mapping[str, Any] | None = None,
+) -> Iterator[list[InputRow]]:
+    """Stream a prompt table as batches of validated `InputRow`s.
+
+    `defaults` fills parameters a row leaves null (the API schema's defaults apply
+    after that).
+    Raises `InputTableError` (one clear line) when the file is not readable Parquet
+    or lacks a required column. Duplicate ids make the later rows invalid.
+    """
+    parquet = open_parquet(path)
+    columns = set(parquet.schema_arrow.names)
+    missing = [name for name in REQUIRED_COLUMNS if name not in columns]
+    if missing:
+        raise InputTableError(
+            f"{path.name}: missing required column(s) {', '.join(missing)} "
+            f"(found: {', '.join(sorted(columns)) or 'none'})"
+        )
+    wanted = [name for name in parquet.schema_arrow.names if name in KNOWN_COLUMNS]
+    ids = _IdRegistry()
+    position = 0
+    try:
+        for record_batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted):
+            rows = []
+            for record in record_batch.to_pylist():
+                rows.append(_input_row(position, record, ids, defaults or {}))
+                position += 1
+            yield rows
+    except (pa.ArrowException, OSError) as exc:
+        raise InputTableError(f"{path.name}: unreadable after row {position}: {exc}") from exc
+
+
+def open_parquet(path: Path) -> pq.ParquetFile:
+    """Open a Parquet file, turning every way it can be broken into `InputTableError`."""
+    try:
+        if path.stat().st_size == 0:
+            raise InputTableError(f"{path.name}: the file is empty (0 bytes), not a Parquet table")
+        return pq.ParquetFile(path)
+    except FileNotFoundError as exc:
+        raise InputTableError(f"{path.name}: no such input file") from exc
+    except (pa.ArrowException, OSError) as exc:
+        raise InputTableError(f"{path.name}: not a readable Parquet file ({exc})") from exc
+
+
+def count_rows(path: Path) -> int:
+    """Rows in a Parquet file, from its footer (no data read)."""
+    return int(open_parquet(path).metadata.num_rows)
+
+
+def _input_row(
+    position: int, record: dict[str, Any], ids: _IdRegistry, defaults: Mapping[str, Any]
+) -> InputRow:
+    prompt = record.get("prompt")
+    urls = record.get("image_urls")
+    shown_urls = _as_url_tuple(urls)
+    shown_prompt = prompt if isinstance(prompt, str) else None
+    row_id, id_problem = ids.assign(record)
+    if id_problem:
+        return InputRow(position, row_id, shown_prompt, shown_urls, invalid_reason=id_problem)
+    data = {"prompt": prompt, "image_urls": urls}
+    for name in PARAMETER_NAMES:
+        value = record.get(name)
+        data[name] = defaults.get(name) if value is None else value
+    try:
+        request = EditRequest.parse(data)
+    except InvalidEditRequest as exc:
+        reason = "; ".join(str(issue) for issue in exc.issues)
+        return InputRow(position, row_id, shown_prompt, shown_urls, invalid_reason=reason)
+    warning = "; ".join(request.warnings) or None
+    return InputRow(
+        position, row_id, request.prompt, request.image_urls, request=request, warning=warning
+    )
+
+
+def _as_url_tuple(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list | tuple):
+        return tuple(str(item) for item in value if item is not None)
+    return ()
+
+
+class _IdRegistry:
+    """Assigns row ids: the `id` column, or a content hash; tracks 64-bit digests only."""
+
+    def __init__(self) -> None:
+        self._given: set[int] = set()
+        self._derived: dict[int, int] = {}
+
+    def assign(self, record: dict[str, Any]) -> tuple[str, str | None]:
+        raw = record.get("id")
+        if raw is not None and not (isinstance(raw, float) and math.isnan(raw)):
+            if isinstance(raw, bool) or not isinstance(raw, str | int):
+                return _derived_id(record, 0), f"id: must be a string or an integer, got {raw!r}"
+            row_id = str(raw).strip()
+            if not row_id:
+                return _derived_id(record, 0), "id: must not be blank"
+            digest = _digest64(row_id)
+            if digest in self._given:
+                return row_id, f"id: duplicate of an earlier row's id {row_id!r}"
+            self._given.add(digest)
+            return row_id, None
+        digest = _digest64(_content_key(record))
+        occurrence = self._derived.get(digest, 0)
+        self._derived[digest] = occurrence + 1
+        return _derived_id(record, occurrence), None
+
+
+def _content_key(record: dict[str, Any]) -> str:
+    content = {key: record.get(key) for key in sorted(KNOWN_COLUMNS - {"id"})}
+    return json.dumps(content, sort_keys=True, default=str, separators=(",", ":"))
+
+
+def _derived_id(record: dict[str, Any], occurrence: int) -> str:
+    # Content, not position: inserting a row must not change (and re-bill) the others.
+    digest = hashlib.sha256(_content_key(record).encode()).hexdigest()[:16]
+    return f"h-{digest}" if occurrence == 0 else f"h-{digest}-{occurrence + 1}"
+
+
+def _digest64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+@dataclass(frozen=True, slots=True)
+class RowOutcome:
+    """One results-table row (see `RESULTS_SCHEMA`)."""
+
+    row: InputRow
+    status: str
+    request_id: str | None = None
+    output_urls: tuple[str, ...] = ()
+    error: str | None = None
+    attempts: int = 0
+    submitted_at: datetime | None = None
+    finished_at: datetime | None = None
+    cost_usd: float | None = None
+    unknown_resubmitted: bool = False
+
+    def record(self) -> dict[str, Any]:
+        """The row as a dict keyed by `RESULTS_SCHEMA` names."""
+        request = self.row.request
+        params: dict[str, Any] = (
+            {name: getattr(request, name) for name in PARAMETER_NAMES}
+            if request is not None
+            else dict.fromkeys(PARAMETER_NAMES)
+        )
+        return {
+            "row_id": self.row.row_id,
+            "prompt": self.row.prompt,
+            "image_urls": list(self.row.image_urls),
+            **params,
+            "request_id": self.request_id,
+            "status": self.status,
+            "output_urls": list(self.output_urls),
+            "error": self.error,
+            "attempts": self.attempts,
+            "submitted_at": self.submitted_at,
+            "finished_at": self.finished_at,
+            "cost_usd": self.cost_usd,
+            "warning": self.row.warning,
+        }
+
+
+class ResultsWriter:
+    """Streams results into a Parquet file that appears only when complete.
+
+    Example::
+
+        with ResultsWriter(Path("out/flux2_edits/cats.parquet")) as writer:
+            writer.write(outcomes)
+        # out/flux2_edits/cats.parquet now exists; on an exception it does not change.
+    """
+
+    def __init__(self, path: Path, flush_rows: int = READ_BATCH_ROWS) -> None:
+        self.path = path
+        self.rows_written = 0
+        self._flush_rows = flush_rows
+        self._pending: list[dict[str, Any]] = []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self._writer = pq.ParquetWriter(self._tmp, RESULTS_SCHEMA, compression="zstd")
+
+    def write(self, outcomes: Sequence[RowOutcome]) -> None:
+        """Buffer outcomes; flush a row group every `flush_rows` rows."""
+        self._pending.extend(outcome.record() for outcome in outcomes)
+        if len(self._pending) >= self._flush_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            table = pa.Table.from_pylist(self._pending, schema=RESULTS_SCHEMA)
+            self._writer.write_table(table)
+            self.rows_written += len(self._pending)
+            self._pending = []
+
+    def commit(self) -> None:
+        """Finish the file and rename it into place."""
+        self._flush()
+        self._writer.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop the temporary file; the previous results (if any) stay as they were."""
+        self._writer.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """The sha256 hex digest of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

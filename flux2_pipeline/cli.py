@@ -1,0 +1,159 @@
+"""`flux2-pipeline demo | emulator | materialize` (see CONTRACT.md).
+
+Exit codes: 0 success, 1 a partition failed, 2 a usage or configuration error.
+User mistakes are one line on stderr, never a traceback.
+
+Example::
+
+    $ flux2-pipeline materialize --partition cats --retry-failed
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+
+from flux2_pipeline.ledger import LedgerConfigError
+from flux2_pipeline.settings import Settings, SettingsError
+
+USAGE_ERROR = 2
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a probability from 0 to 1, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for all three commands."""
+    parser = argparse.ArgumentParser(
+        prog="flux2-pipeline",
+        description="FLUX.2 [dev] image edits at scale from Dagster.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser(
+        "demo", help="run the whole pipeline on sample data against the embedded emulator"
+    )
+    demo.add_argument("--workdir", default="flux2-demo", help="where the demo writes (wiped)")
+
+    emulator = commands.add_parser("emulator", help="serve the RunComfy-compatible emulator")
+    emulator.add_argument("--host", default="127.0.0.1")
+    emulator.add_argument("--port", type=_port, default=8188)
+    emulator.add_argument("--latency", type=_non_negative, default=0.0, metavar="SECONDS")
+    emulator.add_argument("--max-concurrent", type=_positive_int, default=8, metavar="N")
+    emulator.add_argument("--fault-429", type=_probability, default=0.0, metavar="P")
+    emulator.add_argument("--fault-5xx", type=_probability, default=0.0, metavar="P")
+    emulator.add_argument("--fail-rate", type=_probability, default=0.0, metavar="P")
+    emulator.add_argument("--token", default=None, metavar="T", help="require this Bearer token")
+
+    materialize = commands.add_parser(
+        "materialize", help="materialize partitions of the input folder through Dagster"
+    )
+    materialize.add_argument("--partition", action="append", default=[], metavar="KEY")
+    materialize.add_argument("--select", action="append", default=[], metavar="ASSET")
+    materialize.add_argument(
+        "--retry-failed", action="store_true", help="only partitions whose last run failed"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the `flux2-pipeline` console script."""
+    args = build_parser().parse_args(argv)
+    # Beta/preview notices about Dagster APIs are for this project's developers, not its users.
+    warnings.filterwarnings("ignore", category=Warning, module=r"dagster\..*")
+    warnings.filterwarnings("ignore", message=r".*(is currently in (beta|preview)|superseded).*")
+    try:
+        code = _dispatch(args)
+    except (SettingsError, LedgerConfigError) as exc:
+        print(f"flux2-pipeline: error: {exc}", file=sys.stderr)
+        code = USAGE_ERROR
+    except KeyboardInterrupt:
+        print("flux2-pipeline: interrupted", file=sys.stderr)
+        code = 130
+    raise SystemExit(code)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "emulator":
+        return _emulator(args)
+    if args.command == "demo":
+        from flux2_pipeline.demo import run_demo
+
+        return run_demo(args.workdir)
+    return _materialize(args)
+
+
+def _emulator(args: argparse.Namespace) -> int:
+    from flux2_pipeline.emulator import EmulatorConfig, run_emulator
+
+    config = EmulatorConfig(
+        host=args.host,
+        port=args.port,
+        latency=args.latency,
+        max_concurrent=args.max_concurrent,
+        fault_429=args.fault_429,
+        fault_5xx=args.fault_5xx,
+        fail_rate=args.fail_rate,
+        token=args.token,
+    )
+    try:
+        run_emulator(config)
+    except OSError as exc:
+        raise SettingsError(f"--port: {exc}") from None
+    return 0
+
+
+def _materialize(args: argparse.Namespace) -> int:
+    from flux2_pipeline.materialize import format_summary, materialize_partitions
+
+    settings = Settings.from_env()
+    summaries = materialize_partitions(
+        settings,
+        partitions=args.partition,
+        select=args.select,
+        retry_failed=args.retry_failed,
+    )
+    if not summaries:
+        print("nothing to materialize" + (" (no failed partitions)" if args.retry_failed else ""))
+        return 0
+    print(format_summary(summaries))
+    return 0 if all(s.succeeded for s in summaries) else 1

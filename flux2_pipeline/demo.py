@@ -1,0 +1,211 @@
+"""`flux2-pipeline demo`: the whole pipeline on sample data, offline.
+
+It starts the embedded emulator on a free loopback port, writes three sample
+prompt tables whose reference images the emulator serves, materializes every
+partition through Dagster, saves a preview image per partition, and prints a
+summary and where everything is.
+
+Example::
+
+    $ flux2-pipeline demo --workdir /tmp/flux2-demo
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
+from flux2_pipeline.materialize import PartitionSummary, format_summary, materialize_partitions
+from flux2_pipeline.settings import Settings, SettingsError
+
+MARKER = ".flux2-demo"
+
+
+def sample_tables(base_url: str) -> dict[str, list[dict[str, Any]]]:
+    """Three small prompt tables; reference images come from the emulator's /samples route."""
+
+    def image(name: str) -> str:
+        return f"{base_url}/samples/{name}.png"
+
+    return {
+        "city-at-night": [
+            {
+                "id": "city-1",
+                "prompt": "turn the street into a rainy night scene",
+                "image_urls": [image("street")],
+                "seed": 1,
+            },
+            {
+                "id": "city-2",
+                "prompt": "add neon signs to every shop front",
+                "image_urls": [image("street"), image("neon")],
+                "seed": 2,
+            },
+            {
+                "id": "city-3",
+                "prompt": "make it a snowy winter evening",
+                "image_urls": [image("plaza")],
+                "seed": 3,
+                "image_size": "landscape_16_9",
+            },
+            {
+                "id": "city-4",
+                "prompt": "light the windows warm orange",
+                "image_urls": [image("towers")],
+                "seed": 4,
+                "output_format": "jpeg",
+            },
+        ],
+        "product-shots": [
+            {
+                "id": "prod-1",
+                "prompt": "put the sneaker on a marble pedestal",
+                "image_urls": [image("sneaker")],
+                "num_images": 2,
+                "image_size": "square",
+            },
+            {
+                "id": "prod-2",
+                "prompt": "place the bottle on a sunny beach",
+                "image_urls": [image("bottle")],
+                "guidance_scale": 4.0,
+                "output_format": "webp",
+            },
+            {
+                "id": "prod-3",
+                "prompt": "studio lighting, white backdrop",
+                "image_urls": [image("lamp")],
+                "num_inference_steps": 20,
+            },
+        ],
+        "style-transfer": [
+            {
+                "id": "style-1",
+                "prompt": "repaint in the style of the second image",
+                "image_urls": [image("portrait"), image("brushwork")],
+                "seed": 11,
+            },
+            {
+                "id": "style-2",
+                "prompt": "combine the three references into one poster",
+                "image_urls": [image("a"), image("b"), image("c"), image("d")],
+                "seed": 12,
+            },
+            {"id": "style-3", "prompt": "", "image_urls": [image("portrait")]},
+            {
+                "id": "style-4",
+                "prompt": "make it a pencil sketch",
+                "image_urls": ["ftp://example.invalid/portrait.png"],
+            },
+        ],
+    }
+
+
+def write_tables(folder: Path, tables: Mapping[str, list[dict[str, Any]]]) -> None:
+    """Write each table as `<name>.parquet` in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in tables.items():
+        pq.write_table(pa.Table.from_pylist(rows), folder / f"{name}.parquet")
+
+
+def _prepare(workdir: Path) -> None:
+    if workdir.exists():
+        if not (workdir / MARKER).exists() and any(workdir.iterdir()):
+            raise SettingsError(
+                f"--workdir {workdir} exists and was not made by the demo; choose another"
+            )
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    (workdir / MARKER).write_text("made by flux2-pipeline demo; deleted by the next demo run\n")
+
+
+@contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def save_previews(summaries: list[PartitionSummary], folder: Path) -> list[Path]:
+    """Download the first edited image of each partition into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = []
+    with httpx.Client(timeout=30) as http:
+        for summary in summaries:
+            if summary.results_path is None:
+                continue
+            table = pq.read_table(summary.results_path, columns=["row_id", "output_urls"])
+            for row_id, urls in zip(
+                table["row_id"].to_pylist(), table["output_urls"].to_pylist(), strict=True
+            ):
+                if urls:
+                    url = urls[0]
+                    target = folder / f"{summary.partition}--{row_id}.{url.rsplit('.', 1)[-1]}"
+                    response = http.get(url)
+                    response.raise_for_status()
+                    target.write_bytes(response.content)
+                    saved.append(target)
+                    break
+    return saved
+
+
+def run_demo(workdir: str | Path = "flux2-demo") -> int:
+    """Run the demo; returns the process exit code."""
+    root = Path(workdir).absolute()
+    _prepare(root)
+    token = secrets.token_urlsafe(24)
+    config = EmulatorConfig(
+        port=0,
+        latency=0.5,
+        max_concurrent=8,
+        token=token,
+        fault_429=0.05,
+        fault_5xx=0.05,
+        retry_after="0.2",
+        seed=7,
+    )
+    print(f"flux2-pipeline demo in {root}")
+    with EmulatorServer(config) as emulator:
+        print(f"  emulator: {emulator.base_url} (latency 0.5 s, 5% injected 429s and 5xx)")
+        inputs, outputs, home = root / "prompts", root / "output", root / "dagster_home"
+        write_tables(inputs, sample_tables(emulator.base_url))
+        home.mkdir()
+        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        env = {
+            "RUNCOMFY_BASE_URL": emulator.base_url,
+            "RUNCOMFY_API_TOKEN": token,
+            "FLUX2_INPUT_DIR": str(inputs),
+            "FLUX2_OUTPUT_DIR": str(outputs),
+            "DAGSTER_HOME": str(home),
+        }
+        with _environment(env):
+            settings = Settings.from_env()
+            print(f"  inputs: {', '.join(sorted(p.name for p in inputs.glob('*.parquet')))}")
+            summaries = materialize_partitions(settings, log_level="WARNING")
+            previews = save_previews(summaries, root / "previews")
+    print()
+    print(format_summary(summaries))
+    print()
+    print(f"results:   {outputs / 'flux2_edits'}")
+    print(f"ledger:    {outputs / 'ledger.sqlite'}")
+    print(f"previews:  {root / 'previews'} ({len(previews)} edited images)")
+    print(f"dagster:   DAGSTER_HOME={home} dagster dev -w workspace.yaml")
+    print("           (the demo's emulator has stopped, so its image URLs no longer resolve)")
+    return 0 if all(s.succeeded for s in summaries) and previews else 1

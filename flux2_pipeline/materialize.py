@@ -1,0 +1,209 @@
+"""Materialize partitions through the project's `Definitions`, one run per partition.
+
+This is what `flux2-pipeline materialize` and the demo call. Every input file is
+registered as a partition first; the selected partitions then run in turn on the
+Dagster instance (DAGSTER_HOME, or one kept under the output directory).
+
+Example::
+
+    summaries = materialize_partitions(Settings.from_env(), partitions=["cats"])
+    print(format_summary(summaries))
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from dagster import (
+    AssetKey,
+    DagsterInstance,
+    DagsterRunStatus,
+    ExecuteInProcessResult,
+    RunsFilter,
+)
+
+from flux2_pipeline.assets import PARTITIONS_NAME
+from flux2_pipeline.definitions import build_definitions
+from flux2_pipeline.resources import Flux2Storage
+from flux2_pipeline.settings import Settings, SettingsError
+
+ASSET_NAMES = ("flux2_edits",)
+RUN_TAG = "flux2/launched_by"
+
+
+@dataclass(frozen=True)
+class PartitionSummary:
+    """How one partition's run went."""
+
+    partition: str
+    succeeded: bool
+    seconds: float
+    rows: int = 0
+    completed: int = 0
+    failed: int = 0
+    invalid: int = 0
+    cancelled: int = 0
+    error: str | None = None
+    results_path: Path | None = None
+
+
+def open_instance(settings: Settings) -> DagsterInstance:
+    """DAGSTER_HOME's instance, or a persistent one under the output directory."""
+    if os.environ.get("DAGSTER_HOME"):
+        return DagsterInstance.get()
+    home = settings.output_dir / ".dagster"
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text("telemetry:\n  enabled: false\n")
+    return DagsterInstance.from_config(str(home))
+
+
+def register_partitions(
+    instance: DagsterInstance, storage: Flux2Storage
+) -> tuple[list[str], dict[str, str]]:
+    """Add a partition for every input file; return all keys and the rejected file names."""
+    found, rejected = storage.scan_inputs()
+    known = set(instance.get_dynamic_partitions(PARTITIONS_NAME))
+    new = [key for key in found if key not in known]
+    if new:
+        instance.add_dynamic_partitions(PARTITIONS_NAME, new)
+    return list(found), rejected
+
+
+def failed_partitions(instance: DagsterInstance, keys: Sequence[str]) -> list[str]:
+    """The partitions whose latest run of flux2_edits ended in failure."""
+    failed = []
+    for key in keys:
+        records = instance.get_run_records(RunsFilter(tags={"dagster/partition": key}), limit=1)
+        if records and records[0].dagster_run.status == DagsterRunStatus.FAILURE:
+            failed.append(key)
+    return failed
+
+
+def materialize_partitions(
+    settings: Settings,
+    *,
+    partitions: Sequence[str] = (),
+    select: Sequence[str] = (),
+    retry_failed: bool = False,
+    instance: DagsterInstance | None = None,
+    log_level: str = "INFO",
+) -> list[PartitionSummary]:
+    """Run the selected assets for the selected partitions; one summary per partition.
+
+    Raises `SettingsError` for an unknown partition or asset name.
+    """
+    settings.require_token()
+    defs = build_definitions(settings)
+    storage = Flux2Storage(input_dir=str(settings.input_dir), output_dir=str(settings.output_dir))
+    unknown_assets = [name for name in select if name not in ASSET_NAMES]
+    if unknown_assets:
+        raise SettingsError(
+            f"--select: unknown asset {unknown_assets[0]!r} (choose from {', '.join(ASSET_NAMES)})"
+        )
+    instance = instance or open_instance(settings)
+    keys, _ = register_partitions(instance, storage)
+    missing = [key for key in partitions if key not in keys]
+    if missing:
+        raise SettingsError(
+            f"--partition: no input file {missing[0]}.parquet in {settings.input_dir}"
+        )
+    chosen = list(partitions) or keys
+    if retry_failed:
+        chosen = failed_partitions(instance, chosen)
+    job = defs.resolve_implicit_global_asset_job_def()
+    asset_selection = [AssetKey(name) for name in (select or ASSET_NAMES)]
+    run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    summaries = []
+    for key in chosen:
+        started = time.monotonic()
+        result = job.execute_in_process(
+            instance=instance,
+            partition_key=key,
+            asset_selection=asset_selection,
+            raise_on_error=False,
+            run_config=run_config,
+            tags={RUN_TAG: "flux2-pipeline materialize"},
+        )
+        summaries.append(
+            _summarize(key, result.success, time.monotonic() - started, storage, _error(result))
+        )
+    return summaries
+
+
+def _error(result: ExecuteInProcessResult) -> str | None:
+    for event in result.get_step_failure_events():
+        data = event.step_failure_data
+        if data is None:
+            continue
+        if data.user_failure_data is not None and data.user_failure_data.description:
+            return str(data.user_failure_data.description)
+        if data.error is not None:
+            return str(data.error.message).strip().splitlines()[0]
+    return None
+
+
+def _summarize(
+    key: str, succeeded: bool, seconds: float, storage: Flux2Storage, error: str | None
+) -> PartitionSummary:
+    path = storage.results_path(key)
+    if not path.exists():
+        return PartitionSummary(key, succeeded, seconds, error=error)
+    status = pq.read_table(path, columns=["status"])["status"]
+    counts = {row["values"]: row["counts"] for row in pc.value_counts(status).to_pylist()}
+    return PartitionSummary(
+        key,
+        succeeded,
+        seconds,
+        rows=len(status),
+        completed=counts.get("completed", 0),
+        failed=counts.get("failed", 0),
+        invalid=counts.get("invalid", 0),
+        cancelled=counts.get("cancelled", 0),
+        error=error,
+        results_path=path,
+    )
+
+
+def format_summary(summaries: Sequence[PartitionSummary]) -> str:
+    """A plain-text table of the partition summaries."""
+    header = (
+        "partition",
+        "rows",
+        "completed",
+        "failed",
+        "invalid",
+        "cancelled",
+        "seconds",
+        "result",
+    )
+    rows = [header]
+    for s in summaries:
+        rows.append(
+            (
+                s.partition,
+                str(s.rows),
+                str(s.completed),
+                str(s.failed),
+                str(s.invalid),
+                str(s.cancelled),
+                f"{s.seconds:.1f}",
+                "ok" if s.succeeded else "FAILED",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        for row in rows
+    ]
+    for s in summaries:
+        if not s.succeeded and s.error:
+            lines.append(f"{s.partition}: {s.error}")
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""`LedgerResource`: the request ledger as a Dagster resource.
+
+Example::
+
+    resources = {"ledger": LedgerResource(url=EnvVar("FLUX2_LEDGER_URL"))}
+    # or, by default, a SQLite file under the output directory:
+    resources = {"ledger": LedgerResource(output_dir="data/output")}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dagster import ConfigurableResource, InitResourceContext
+from pydantic import Field, PrivateAttr
+
+from flux2_pipeline.ledger import Ledger, redact_url
+
+
+class LedgerResource(ConfigurableResource):  # type: ignore[type-arg]
+    """The durable record of paid submissions (SQLite by default, PostgreSQL for many hosts)."""
+
+    url: str | None = Field(
+        default=None,
+        description="FLUX2_LEDGER_URL: sqlite:///path or postgresql://...; default is "
+        "ledger.sqlite under output_dir.",
+    )
+    output_dir: str = Field(default="data/output", description="Where the default SQLite lives.")
+
+    _ledger: Ledger | None = PrivateAttr(default=None)
+
+    def __repr__(self) -> str:
+        return f"LedgerResource(url={redact_url(self.effective_url)!r})"
+
+    __str__ = __repr__
+
+    @property
+    def effective_url(self) -> str:
+        """The configured URL, or the default SQLite file."""
+        return self.url or f"sqlite:///{(Path(self.output_dir) / 'ledger.sqlite').resolve()}"
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        self._ledger = Ledger.open(self.effective_url)
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
+
+    @property
+    def ledger(self) -> Ledger:
+        """The open ledger; available inside a Dagster step."""
+        if self._ledger is None:
+            raise RuntimeError("LedgerResource is not set up (use it inside a Dagster step)")
+        return self._ledger

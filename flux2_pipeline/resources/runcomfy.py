@@ -1,0 +1,202 @@
+"""`RunComfyResource`: the API client as a Dagster resource.
+
+The live `AsyncRunComfyClient` runs on an event loop in a thread of its own, made
+in `setup_for_execution` and closed in `teardown_after_execution`. Assets hand it
+coroutines through `run`; when Dagster interrupts the step (a run stopped from the
+UI), `run` cancels the coroutine, which cancels queued jobs through the API,
+before the interrupt propagates.
+
+Example::
+
+    defs = Definitions(
+        assets=[flux2_edits],
+        resources={"runcomfy": RunComfyResource(api_token=EnvVar("RUNCOMFY_API_TOKEN"))},
+    )
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from dagster import ConfigurableResource, InitResourceContext
+from pydantic import Field, PrivateAttr
+
+from flux2_pipeline.runcomfy import (
+    DEFAULT_BASE_URL,
+    MODEL_PATH,
+    AsyncRunComfyClient,
+    PollSchedule,
+    RetryPolicy,
+)
+from flux2_pipeline.settings import SettingsError, is_loopback
+
+T = TypeVar("T")
+
+CLEANUP_SECONDS = 30.0
+"""How long a stopped run waits for in-flight jobs to be cancelled and recorded."""
+
+
+class RunComfyResource(ConfigurableResource):  # type: ignore[type-arg]
+    """The RunComfy FLUX.2 [dev] edit API, with retries, polling and cancellation."""
+
+    api_token: str | None = Field(
+        default=None,
+        description="Bearer token (from EnvVar('RUNCOMFY_API_TOKEN')); optional only for a "
+        "loopback emulator.",
+    )
+    base_url: str = Field(default=DEFAULT_BASE_URL, description="API root URL.")
+    model_path: str = Field(default=MODEL_PATH, description="Path of the edit model endpoint.")
+    max_concurrency: int = Field(default=8, ge=1, description="Most jobs in flight per step.")
+    request_timeout: float = Field(default=30.0, gt=0, description="Seconds per HTTP call.")
+    job_deadline: float = Field(
+        default=1800.0,
+        gt=0,
+        description="Seconds from submit to a terminal state before the job is cancelled.",
+    )
+    poll_min_interval: float = Field(default=0.1, gt=0, description="Shortest poll wait (s).")
+    poll_max_interval: float = Field(default=5.0, gt=0, description="Longest poll wait (s).")
+    poll_fraction: float = Field(
+        default=0.15, ge=0, description="Poll wait as a fraction of the job's age."
+    )
+    http_attempts: int = Field(
+        default=6, ge=1, description="Tries per HTTP call for retryable failures."
+    )
+    attempts_per_run: int = Field(
+        default=3, ge=1, description="Paid submissions per row within one run."
+    )
+    max_attempts: int = Field(
+        default=9, ge=1, description="Paid submissions per row across all runs."
+    )
+    guidance_scale: float | None = Field(
+        default=None, description="Default guidance_scale for rows that leave it null."
+    )
+    seed: int | None = Field(default=None, description="Default seed for rows that leave it null.")
+    num_inference_steps: int | None = Field(
+        default=None, description="Default num_inference_steps for rows that leave it null."
+    )
+    image_size: str | None = Field(
+        default=None, description="Default image_size preset for rows that leave it null."
+    )
+    num_images: int | None = Field(
+        default=None, description="Default num_images for rows that leave it null."
+    )
+    enable_prompt_expansion: bool | None = Field(
+        default=None, description="Default enable_prompt_expansion for rows that leave it null."
+    )
+    output_format: str | None = Field(
+        default=None, description="Default output_format for rows that leave it null."
+    )
+
+    _loop: asyncio.AbstractEventLoop | None = PrivateAttr(default=None)
+    _thread: threading.Thread | None = PrivateAttr(default=None)
+    _client: AsyncRunComfyClient | None = PrivateAttr(default=None)
+
+    def __repr__(self) -> str:
+        return f"RunComfyResource(base_url={self.base_url!r})"
+
+    __str__ = __repr__
+
+    def parameter_defaults(self) -> dict[str, Any]:
+        """The configured per-parameter defaults (only those set)."""
+        names = (
+            "guidance_scale",
+            "seed",
+            "num_inference_steps",
+            "image_size",
+            "num_images",
+            "enable_prompt_expansion",
+            "output_format",
+        )
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def check_token(self) -> None:
+        """A remote API without a token is a configuration error, never an emulator fallback."""
+        if not self.api_token and not is_loopback(self.base_url):
+            raise SettingsError(
+                f"RUNCOMFY_API_TOKEN is required for {self.base_url} "
+                "(set it, or point RUNCOMFY_BASE_URL at a local emulator)"
+            )
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        self.check_token()
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="runcomfy-client", daemon=True)
+        thread.start()
+        self._loop, self._thread = loop, thread
+        self._client = self._submit(self._make_client()).result()
+
+    async def _make_client(self) -> AsyncRunComfyClient:
+        return AsyncRunComfyClient(
+            self.api_token,
+            self.base_url,
+            model_path=self.model_path,
+            timeout=self.request_timeout,
+            job_deadline=self.job_deadline,
+            max_concurrency=self.max_concurrency,
+            retry=RetryPolicy(max_attempts=self.http_attempts),
+            poll=PollSchedule(self.poll_min_interval, self.poll_max_interval, self.poll_fraction),
+        )
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        loop, thread, client = self._loop, self._thread, self._client
+        if loop is None or thread is None:
+            return
+        if client is not None:
+            self._submit(client.aclose()).result(timeout=CLEANUP_SECONDS)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=CLEANUP_SECONDS)
+        loop.close()
+        self._loop = self._thread = self._client = None
+
+    @property
+    def client(self) -> AsyncRunComfyClient:
+        """The live client; use it only inside coroutines passed to `run`."""
+        if self._client is None:
+            raise RuntimeError("RunComfyResource is not set up (use it inside a Dagster step)")
+        return self._client
+
+    def run(
+        self,
+        coroutine: Coroutine[Any, Any, T],
+        *,
+        on_tick: Callable[[], None] | None = None,
+        tick_seconds: float = 10.0,
+    ) -> T:
+        """Run `coroutine` on the client's loop and wait for it.
+
+        `on_tick` is called every `tick_seconds` on the calling thread (the step's),
+        which is where Dagster logging belongs. If the waiting thread is interrupted
+        (Dagster stopping the run), the coroutine is cancelled and given
+        `CLEANUP_SECONDS` to cancel its jobs.
+        """
+        finished = threading.Event()
+
+        async def guarded() -> T:
+            try:
+                return await coroutine
+            finally:
+                finished.set()
+
+        future = self._submit(guarded())
+        try:
+            while not finished.wait(tick_seconds):
+                if on_tick is not None:
+                    on_tick()
+            return future.result()
+        except BaseException:
+            if not future.done():
+                # Cancelling the future cancels the task on the loop; wait for its cleanup
+                # (remote cancels, ledger writes), since the future itself returns at once.
+                future.cancel()
+                finished.wait(CLEANUP_SECONDS)
+            raise
+
+    def _submit(self, coroutine: Coroutine[Any, Any, T]) -> Future[T]:
+        if self._loop is None:
+            coroutine.close()
+            raise RuntimeError("RunComfyResource is not set up (use it inside a Dagster step)")
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)

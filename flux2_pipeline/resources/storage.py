@@ -1,0 +1,49 @@
+"""`Flux2Storage`: where input tables are read and datasets are written.
+
+Example::
+
+    storage = Flux2Storage(input_dir="data/prompts", output_dir="data/output")
+    storage.input_path("cats")      # data/prompts/cats.parquet
+    storage.results_path("cats")    # data/output/flux2_edits/cats.parquet
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dagster import ConfigurableResource
+from pydantic import Field
+
+from flux2_pipeline.assets_naming import partition_key_problem
+
+
+class Flux2Storage(ConfigurableResource):  # type: ignore[type-arg]
+    """The input folder (one Parquet file per partition) and the output root."""
+
+    input_dir: str = Field(default="data/prompts", description="FLUX2_INPUT_DIR.")
+    output_dir: str = Field(default="data/output", description="FLUX2_OUTPUT_DIR.")
+
+    def input_path(self, key: str) -> Path:
+        """The input table of partition `key`."""
+        return Path(self.input_dir) / f"{key}.parquet"
+
+    def results_path(self, key: str) -> Path:
+        """The results dataset file of partition `key`."""
+        return Path(self.output_dir) / "flux2_edits" / f"{key}.parquet"
+
+    def scan_inputs(self) -> tuple[dict[str, Path], dict[str, str]]:
+        """Input files by partition key, and rejected file names with the reason."""
+        folder = Path(self.input_dir)
+        found: dict[str, Path] = {}
+        rejected: dict[str, str] = {}
+        if not folder.is_dir():
+            return found, rejected
+        for path in sorted(folder.glob("*.parquet")):
+            if not path.is_file() or path.name.startswith("."):
+                continue
+            problem = partition_key_problem(path.stem)
+            if problem:
+                rejected[path.name] = problem
+            else:
+                found[path.stem] = path
+        return found, rejected
