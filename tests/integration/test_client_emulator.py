@@ -1,0 +1,265 @@
+"""The async client against the emulator over real loopback sockets, no mocks.
+
+Each test starts its own emulator (port 0) so fault settings and counters never
+leak between tests. The emulator runs in a background thread with its own event
+loop; its counters are read here once the client has finished the calls in question.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer, Job
+from flux2_pipeline.runcomfy import (
+    AsyncRunComfyClient,
+    AuthenticationError,
+    EditRequest,
+    JobDeadlineExceeded,
+    JobState,
+    PollSchedule,
+    RetryPolicy,
+    SubmissionOutcomeUnknown,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+TOKEN = "emu-token-9d41c7e2b0aa"
+FAST_POLL = PollSchedule(min_interval=0.02, max_interval=0.1, fraction=0.1)
+# With p ~= 0.19 of a faulted call, 12 attempts fail with p ~= 2e-9 per call.
+PATIENT_RETRY = RetryPolicy(max_attempts=12, base_delay=0.01, max_delay=0.1)
+SAMPLES = ("cat", "dog", "sun", "beach_01")
+
+
+class _Emulators:
+    """Starts emulators on demand and stops all of them at teardown."""
+
+    def __init__(self) -> None:
+        self.servers: list[EmulatorServer] = []
+
+    def __call__(self, **settings: Any) -> EmulatorServer:
+        server = EmulatorServer(EmulatorConfig(port=0, seed=5, **settings))
+        server.start()
+        self.servers.append(server)
+        return server
+
+    def stop_all(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+@pytest.fixture
+def make_emulator() -> Iterator[_Emulators]:
+    emulators = _Emulators()
+    try:
+        yield emulators
+    finally:
+        emulators.stop_all()
+
+
+def request(base_url: str, seed: int, **params: Any) -> EditRequest:
+    urls = [f"{base_url}/samples/{SAMPLES[seed % len(SAMPLES)]}.png"]
+    return EditRequest.parse(
+        {"prompt": f"make it snow #{seed}", "image_urls": urls, "seed": seed, **params}
+    )
+
+
+def client_for(server: EmulatorServer, **options: Any) -> AsyncRunComfyClient:
+    settings: dict[str, Any] = {
+        "token": TOKEN,
+        "timeout": 10.0,
+        "retry": PATIENT_RETRY,
+        "poll": FAST_POLL,
+        **options,
+    }
+    return AsyncRunComfyClient(base_url=server.base_url, **settings)
+
+
+def jobs_by_seed(server: EmulatorServer, seed: int) -> list[Job]:
+    return [job for job in list(server.state.jobs.values()) if job.request.seed == seed]
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+async def test_run_many_survives_429_and_5xx_without_duplicates(
+    make_emulator: _Emulators,
+) -> None:
+    server = make_emulator(
+        token=TOKEN,
+        latency=0.05,
+        max_concurrent=32,
+        fault_429=0.1,
+        fault_5xx=0.1,
+        retry_after="0.05",
+    )
+    requests = [request(server.base_url, seed, image_size="square") for seed in range(200)]
+    async with client_for(server) as client:
+        items = [item async for item in client.run_many(requests, concurrency=16)]
+        stats = client.stats
+
+        assert len(items) == 200
+        assert sorted(item.index for item in items) == list(range(200))
+        errors = [(item.index, item.error) for item in items if item.error is not None]
+        assert errors == []
+        results = [item.result for item in items if item.result is not None]
+        assert all(result.ok and len(result.output_urls) == 1 for result in results)
+        assert len({result.request_id for result in results}) == 200
+        for item in items:
+            assert item.result is not None and item.request is requests[item.index]
+
+        some = sorted(results, key=lambda result: result.request_id)[:4]
+        async with httpx.AsyncClient(timeout=10) as plain:
+            for result in some:
+                response = await plain.get(result.output_urls[0])
+                assert response.status_code == 200
+                image = Image.open(io.BytesIO(response.content))
+                image.load()
+                assert image.format == "PNG" and image.size == (512, 512)
+
+    counters = server.state.counters
+    assert counters.jobs_created == 200 and counters.completed_jobs == 200
+    assert counters.duplicate_bodies == 0
+    assert len(counters.body_submissions) == 200
+    assert 1 < counters.max_in_progress <= 16
+    assert counters.rejected_429 > 0 and counters.rejected_5xx > 0
+    assert counters.rejected_401 == 0
+    # Every injected fault cost the client exactly one retry, and nothing else did.
+    assert stats.retries == counters.rejected_429 + counters.rejected_5xx > 0
+    assert stats.submits == 200 and stats.result_calls >= 200
+
+
+async def test_deadline_cancels_the_queued_job(make_emulator: _Emulators) -> None:
+    server = make_emulator(token=TOKEN, latency=5.0, max_concurrent=1)
+    async with client_for(server) as client:
+        blocker = await client.submit(request(server.base_url, 1))
+        assert server.state.jobs[blocker.request_id].state is JobState.IN_PROGRESS
+
+        started = time.monotonic()
+        with pytest.raises(JobDeadlineExceeded) as caught:
+            await client.run(request(server.base_url, 2), deadline=0.3)
+        assert time.monotonic() - started < 2.0
+
+        rid = caught.value.request_id
+        assert rid is not None and rid != blocker.request_id
+        assert (await client.status(rid)).state is JobState.CANCELLED
+        assert (await client.status(blocker.request_id)).state is JobState.IN_PROGRESS
+        assert client.stats.cancel_calls == 1
+
+    counters = server.state.counters
+    assert server.state.jobs[rid].state is JobState.CANCELLED
+    assert counters.cancelled_jobs == 1 and counters.cancel_calls >= 1
+    assert counters.jobs_created == 2 and counters.completed_jobs == 0
+
+
+async def test_bad_token_is_a_typed_error_that_never_shows_the_token(
+    make_emulator: _Emulators, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    server = make_emulator(token=TOKEN)
+    wrong = "wrong-token-5b1e0c77f3"
+    async with client_for(server, token=wrong) as client:
+        with pytest.raises(AuthenticationError) as caught:
+            await client.submit(request(server.base_url, 1))
+        with pytest.raises(AuthenticationError) as on_status:
+            await client.status("some-id")
+        assert client.stats.retries == 0
+        assert wrong not in repr(client) and TOKEN not in repr(client)
+
+    error = caught.value
+    assert error.status_code == 401 and error.error_code == "UNAUTHORIZED"
+    assert on_status.value.status_code == 401
+    for text in (str(error), repr(error), str(on_status.value), repr(on_status.value)):
+        assert wrong not in text and TOKEN not in text
+    assert caplog.records, "the client and httpx log at DEBUG; the check must see something"
+    assert wrong not in caplog.text and TOKEN not in caplog.text
+    counters = server.state.counters
+    assert counters.rejected_401 == 2 and counters.submits_total == 1
+    assert counters.jobs_created == 0
+
+
+async def test_dropped_submit_is_outcome_unknown_and_never_resubmitted(
+    make_emulator: _Emulators,
+) -> None:
+    server = make_emulator(token=TOKEN)
+    server.state.faults.update(drop_submits=1)
+    req = request(server.base_url, 7)
+    async with client_for(server) as client:
+        with pytest.raises(SubmissionOutcomeUnknown):
+            await client.submit(req)
+        assert client.stats.submits == 1 and client.stats.retries == 0
+
+    counters = server.state.counters
+    assert counters.dropped_submits == 1
+    assert counters.submits_total == 1
+    assert counters.jobs_created == 1 and counters.duplicate_bodies == 0
+    assert len(jobs_by_seed(server, 7)) == 1
+
+
+async def test_slow_submit_is_outcome_unknown_and_never_resubmitted(
+    make_emulator: _Emulators,
+) -> None:
+    server = make_emulator(token=TOKEN, submit_delay=1.0)
+    req = request(server.base_url, 8)
+    async with client_for(server, timeout=0.2) as client:
+        started = time.monotonic()
+        with pytest.raises(SubmissionOutcomeUnknown):
+            await client.submit(req)
+        assert time.monotonic() - started < 0.9, "the client timeout, not the server, ended it"
+        assert client.stats.submits == 1 and client.stats.retries == 0
+
+    counters = server.state.counters
+    assert counters.submits_total == 1
+    assert counters.jobs_created == 1 and counters.duplicate_bodies == 0
+    assert len(jobs_by_seed(server, 8)) == 1
+
+
+async def test_model_failure_is_a_failed_result_not_an_exception(
+    make_emulator: _Emulators,
+) -> None:
+    server = make_emulator(token=TOKEN, fail_rate=1.0)
+    async with client_for(server) as client:
+        result = await client.run(request(server.base_url, 3))
+
+    assert result.state is JobState.FAILED
+    assert not result.ok and result.output_urls == ()
+    assert result.error is not None
+    assert "MODEL_ERROR" in result.error and "model failed" in result.error
+    assert result.status_calls >= 1 and result.submitted_at is not None
+    assert server.state.counters.failed_jobs == 1
+
+
+async def test_caller_cancellation_cancels_the_queued_job(make_emulator: _Emulators) -> None:
+    server = make_emulator(token=TOKEN, latency=5.0, max_concurrent=1)
+    counters = server.state.counters
+    async with client_for(server) as client:
+        blocker = await client.submit(request(server.base_url, 1))
+        task = asyncio.create_task(client.run(request(server.base_url, 2)))
+        # Cancel only once the job exists and the client is polling it.
+        await eventually(lambda: counters.jobs_created == 2 and counters.status_calls >= 1)
+        (queued,) = jobs_by_seed(server, 2)
+        assert queued.state is JobState.IN_QUEUE
+
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert client.stats.cancel_calls == 1
+        assert (await client.status(queued.request_id)).state is JobState.CANCELLED
+        assert (await client.status(blocker.request_id)).state is JobState.IN_PROGRESS
+
+    assert server.state.jobs[queued.request_id].state is JobState.CANCELLED
+    assert counters.cancelled_jobs == 1 and counters.cancel_calls == 1
+    assert counters.jobs_created == 2
