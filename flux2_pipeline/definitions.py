@@ -14,10 +14,11 @@ from dagster import AssetSelection, Definitions, EnvVar, define_asset_job
 
 from flux2_pipeline.assets import (
     EDITS_CHECKS,
+    build_edits_asset,
+    edits_retry_policy,
     flux2_edits,
     flux2_prompt_files_sensor,
     flux2_prompt_tables,
-    prompt_table_partitions,
 )
 from flux2_pipeline.resources import Flux2Storage, LedgerResource, RunComfyResource
 from flux2_pipeline.settings import Settings
@@ -27,7 +28,6 @@ EDITS_JOB_NAME = "flux2_edits_job"
 flux2_edits_job = define_asset_job(
     EDITS_JOB_NAME,
     selection=AssetSelection.assets(flux2_edits),
-    partitions_def=prompt_table_partitions,
     description="Materialize flux2_edits (and its checks) for one prompt-table partition.",
 )
 
@@ -51,8 +51,9 @@ def build_resources(settings: Settings) -> dict[str, object]:
 def build_definitions(settings: Settings | None = None) -> Definitions:
     """All of flux2-pipeline as Dagster `Definitions`, configured from the environment."""
     settings = settings or Settings.from_env()
+    edits = build_edits_asset(edits_retry_policy(settings.step_retries, settings.step_retry_delay))
     return Definitions(
-        assets=[flux2_prompt_tables, flux2_edits],
+        assets=[flux2_prompt_tables, edits],
         asset_checks=EDITS_CHECKS,
         sensors=[flux2_prompt_files_sensor],
         jobs=[flux2_edits_job],

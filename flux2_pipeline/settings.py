@@ -37,6 +37,8 @@ class Settings:
     output_dir: Path = Path("data/output")
     max_concurrency: int = 8
     ledger_url: str | None = None
+    step_retries: int = 3
+    step_retry_delay: float = 10.0
     api_token: str | None = field(default=None, repr=False)
 
     @classmethod
@@ -53,6 +55,8 @@ class Settings:
             output_dir=_path(env, "FLUX2_OUTPUT_DIR", "data/output").absolute(),
             max_concurrency=_int(env, "FLUX2_MAX_CONCURRENCY", 8, 1, MAX_CONCURRENCY_LIMIT),
             ledger_url=_ledger_url(env),
+            step_retries=_int(env, "FLUX2_STEP_RETRIES", 3, 0, 20),
+            step_retry_delay=_seconds(env, "FLUX2_STEP_RETRY_DELAY", 10.0),
             api_token=token,
         )
 
@@ -105,6 +109,19 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
         value = low - 1
     if not low <= value <= high:
         raise SettingsError(f"{name} must be a whole number from {low} to {high}, got {raw!r}")
+    return value
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 86400.0:
+        raise SettingsError(f"{name} must be a number of seconds from 0 to 86400, got {raw!r}")
     return value
 
 

@@ -1,7 +1,13 @@
 """Dagster assets: the prompt tables and their sensor, the edits, and their checks."""
 
 from flux2_pipeline.assets.checks import EDITS_CHECKS
-from flux2_pipeline.assets.edits import CODE_VERSION, EDITS_RETRY_POLICY, flux2_edits
+from flux2_pipeline.assets.edits import (
+    CODE_VERSION,
+    EDITS_RETRY_POLICY,
+    build_edits_asset,
+    edits_retry_policy,
+    flux2_edits,
+)
 from flux2_pipeline.assets.prompts import (
     PARTITIONS_NAME,
     flux2_prompt_files_sensor,
@@ -14,6 +20,8 @@ __all__ = [
     "EDITS_CHECKS",
     "EDITS_RETRY_POLICY",
     "PARTITIONS_NAME",
+    "build_edits_asset",
+    "edits_retry_policy",
     "flux2_edits",
     "flux2_prompt_files_sensor",
     "flux2_prompt_tables",

@@ -16,6 +16,7 @@ from typing import Any
 
 from dagster import (
     AssetExecutionContext,
+    AssetsDefinition,
     Backoff,
     Failure,
     Jitter,
@@ -50,10 +51,20 @@ PREVIEW_ROWS = 8
 FAILED_ROWS_NAMED = 5
 PROGRESS_SECONDS = 10.0
 
-EDITS_RETRY_POLICY = RetryPolicy(
-    max_retries=3, delay=10, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS
-)
-"""Re-runs a failed partition step; the ledger keeps completed rows from being paid again."""
+
+def edits_retry_policy(max_retries: int = 3, delay: float = 10.0) -> RetryPolicy | None:
+    """Re-runs a failed partition step; the ledger keeps completed rows from being paid again.
+
+    Exponential backoff with jitter; None when `max_retries` is 0.
+    """
+    if max_retries <= 0:
+        return None
+    return RetryPolicy(
+        max_retries=max_retries, delay=delay, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS
+    )
+
+
+EDITS_RETRY_POLICY = edits_retry_policy()
 
 
 def results_table_schema() -> TableSchema:
@@ -161,79 +172,93 @@ async def _run_partition(
         writer.write([outcome])
 
 
-@asset(
-    name="flux2_edits",
-    partitions_def=prompt_table_partitions,
-    deps=[PROMPT_TABLES_KEY],
-    group_name="flux2",
-    code_version=CODE_VERSION,
-    retry_policy=EDITS_RETRY_POLICY,
-    kinds={"parquet"},
-    metadata={"dagster/column_schema": results_table_schema()},
-    description="FLUX.2 [dev] edits of one prompt table: one row per input row with the "
-    "request id, status, result image URLs and effective parameters.",
-)
-def flux2_edits(
-    context: AssetExecutionContext,
-    runcomfy: RunComfyResource,
-    ledger: LedgerResource,
-    storage: Flux2Storage,
-) -> MaterializeResult[None]:
-    """Run one partition's edit jobs and write its results dataset."""
-    key = context.partition_key
-    in_path, out_path = storage.input_path(key), storage.results_path(key)
-    try:
-        total = count_rows(in_path)
-        input_sha = file_sha256(in_path)
-    except (InputTableError, OSError) as exc:
-        raise Failure(description=f"partition {key}: {exc}", allow_retries=False) from None
-    context.log.info(f"partition {key}: {total} rows from {in_path} (sha256 {input_sha[:12]})")
+def build_edits_asset(retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY) -> AssetsDefinition:
+    """The `flux2_edits` asset with the given step `RetryPolicy` (see `edits_retry_policy`).
 
-    runner = EditRunner(
-        runcomfy.client,
-        ledger.ledger,
-        partition=key,
-        max_concurrency=runcomfy.max_concurrency,
-        attempts_per_run=runcomfy.attempts_per_run,
-        max_attempts=runcomfy.max_attempts,
+    Example::
+
+        defs = Definitions(assets=[build_edits_asset(edits_retry_policy(max_retries=1))])
+    """
+
+    @asset(
+        name="flux2_edits",
+        partitions_def=prompt_table_partitions,
+        deps=[PROMPT_TABLES_KEY],
+        group_name="flux2",
+        code_version=CODE_VERSION,
+        retry_policy=retry_policy,
+        kinds={"parquet"},
+        metadata={"dagster/column_schema": results_table_schema()},
+        description="FLUX.2 [dev] edits of one prompt table: one row per input row with the "
+        "request id, status, result image URLs and effective parameters.",
     )
-    tally = _Tally(total=total)
-    rows = read_input_rows(in_path, defaults=runcomfy.parameter_defaults())
-    writer = ResultsWriter(out_path)
-    try:
-        runcomfy.run(
-            _run_partition(runner, rows, writer, tally),
-            on_tick=lambda: context.log.info(f"partition {key}: {tally.progress_line()}"),
-            tick_seconds=PROGRESS_SECONDS,
-        )
-    except InputTableError as exc:
-        writer.abort()
-        raise Failure(description=f"partition {key}: {exc}", allow_retries=False) from None
-    except FatalApiError as exc:
-        writer.abort()
-        raise Failure(
-            description=f"partition {key}: the API refused every job: {exc}", allow_retries=False
-        ) from None
-    except BaseException:
-        writer.abort()
-        raise
-    writer.commit()
-    context.log.info(f"partition {key}: {tally.progress_line()}; results in {out_path}")
+    def flux2_edits(
+        context: AssetExecutionContext,
+        runcomfy: RunComfyResource,
+        ledger: LedgerResource,
+        storage: Flux2Storage,
+    ) -> MaterializeResult[None]:
+        """Run one partition's edit jobs and write its results dataset."""
+        key = context.partition_key
+        in_path, out_path = storage.input_path(key), storage.results_path(key)
+        try:
+            total = count_rows(in_path)
+            input_sha = file_sha256(in_path)
+        except (InputTableError, OSError) as exc:
+            raise Failure(description=f"partition {key}: {exc}", allow_retries=False) from None
+        context.log.info(f"partition {key}: {total} rows from {in_path} (sha256 {input_sha[:12]})")
 
-    counts = runner.counters.by_status
-    metadata = _metadata(key, in_path, input_sha, out_path, tally, runner)
-    unfinished = counts["failed"] + counts["cancelled"]
-    if unfinished:
-        raise Failure(
-            description=(
-                f"partition {key}: {unfinished} of {total} rows did not complete "
-                f"({counts['failed']} failed, {counts['cancelled']} cancelled, "
-                f"{counts['completed']} completed, {counts['invalid']} invalid); results "
-                f"written to {out_path}. First: " + " | ".join(tally.failed_examples)
-            ),
-            metadata=metadata,
+        runner = EditRunner(
+            runcomfy.client,
+            ledger.ledger,
+            partition=key,
+            max_concurrency=runcomfy.max_concurrency,
+            attempts_per_run=runcomfy.attempts_per_run,
+            max_attempts=runcomfy.max_attempts,
         )
-    return MaterializeResult(metadata=metadata)
+        tally = _Tally(total=total)
+        rows = read_input_rows(in_path, defaults=runcomfy.parameter_defaults())
+        writer = ResultsWriter(out_path)
+        try:
+            runcomfy.run(
+                _run_partition(runner, rows, writer, tally),
+                on_tick=lambda: context.log.info(f"partition {key}: {tally.progress_line()}"),
+                tick_seconds=PROGRESS_SECONDS,
+            )
+        except InputTableError as exc:
+            writer.abort()
+            raise Failure(description=f"partition {key}: {exc}", allow_retries=False) from None
+        except FatalApiError as exc:
+            writer.abort()
+            raise Failure(
+                description=f"partition {key}: the API refused every job: {exc}",
+                allow_retries=False,
+            ) from None
+        except BaseException:
+            writer.abort()
+            raise
+        writer.commit()
+        context.log.info(f"partition {key}: {tally.progress_line()}; results in {out_path}")
+
+        counts = runner.counters.by_status
+        metadata = _metadata(key, in_path, input_sha, out_path, tally, runner)
+        unfinished = counts["failed"] + counts["cancelled"]
+        if unfinished:
+            raise Failure(
+                description=(
+                    f"partition {key}: {unfinished} of {total} rows did not complete "
+                    f"({counts['failed']} failed, {counts['cancelled']} cancelled, "
+                    f"{counts['completed']} completed, {counts['invalid']} invalid); results "
+                    f"written to {out_path}. First: " + " | ".join(tally.failed_examples)
+                ),
+                metadata=metadata,
+            )
+        return MaterializeResult(metadata=metadata)
+
+    return flux2_edits
+
+
+flux2_edits = build_edits_asset()
 
 
 def _metadata(

@@ -91,6 +91,7 @@ class Faults:
     retry_after: str = "1"
     submit_delay: float = 0.0
     drop_submits: int = 0
+    fail_next: int = 0
     seed: int | None = None
     _rng: random.Random = field(init=False, repr=False, compare=False)
 
@@ -108,7 +109,7 @@ class Faults:
             elif name == "retry_after":
                 _number(name, value, 0.0, 86400.0)
                 clean[name] = str(value)
-            elif name == "drop_submits":
+            elif name in ("drop_submits", "fail_next"):
                 clean[name] = int(_number(name, value, 0, 1_000_000, integer=True))
             elif name == "seed":
                 clean[name] = (
@@ -128,6 +129,13 @@ class Faults:
     def choice(self, options: Sequence[int]) -> int:
         """One of `options`, drawn from the fault RNG."""
         return options[self._rng.randrange(len(options))]
+
+    def take_failure(self) -> bool:
+        """True if this finishing job must fail: a pending `fail_next`, else `fail_rate`."""
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            return True
+        return self.roll(self.fail_rate)
 
     def take_drop(self) -> bool:
         """Consume one pending `drop_submits`; True if this submit must be dropped."""
@@ -399,7 +407,7 @@ class EmulatorState:
             remaining = deadline - loop.time()
             if remaining > 0:
                 await asyncio.sleep(remaining)
-            if error is None and self.faults.roll(self.faults.fail_rate):
+            if error is None and self.faults.take_failure():
                 error = dict(MODEL_ERROR)
         except Exception as exc:  # a bug here must fail the job, never strand it
             error = {"error_code": "INTERNAL_ERROR", "error_message": f"emulator error: {exc!r}"}

@@ -65,9 +65,9 @@ def test_more_than_three_urls_are_cut_with_a_warning() -> None:
     ("data", "field", "words"),
     [
         ({"image_urls": [URL]}, "prompt", "required"),
-        ({"prompt": "", "image_urls": [URL]}, "prompt", "at least 1"),
+        ({"prompt": "", "image_urls": [URL]}, "prompt", "must not be empty"),
         ({"prompt": "   ", "image_urls": [URL]}, "prompt", "blank"),
-        ({"prompt": "p", "image_urls": []}, "image_urls", "at least 1"),
+        ({"prompt": "p", "image_urls": []}, "image_urls", "1 to 3 URLs"),
         ({"prompt": "p", "image_urls": ["ftp://x/y.png"]}, "image_urls", "http(s)"),
         ({"prompt": "p", "image_urls": ["not a url"]}, "image_urls", "http(s)"),
         ({"prompt": "p", "image_urls": [URL], "guidance_scale": 20.5}, "guidance_scale", "20"),
