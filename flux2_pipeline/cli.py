@@ -139,6 +139,8 @@ def _emulator(args: argparse.Namespace) -> int:
         run_emulator(config)
     except OSError as exc:
         raise SettingsError(f"--port: {exc}") from None
+    except KeyboardInterrupt:
+        pass  # Ctrl+C is how an emulator is meant to stop
     return 0
 
 

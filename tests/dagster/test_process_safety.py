@@ -1,0 +1,206 @@
+"""The CLI as a real process: SIGKILL mid-partition, SIGTERM (a stopped run), secrets.
+
+These run `flux2-pipeline materialize` in a subprocess against an emulator in this
+process, so the emulator's counters see every paid submission across the crash.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from dagster import AssetKey, DagsterInstance
+
+from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
+from flux2_pipeline.ledger import Ledger
+from tests.conftest import TEST_TOKEN, prompt_rows, write_table
+
+CLI = str(Path(sys.executable).parent / "flux2-pipeline")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def slow_emulator() -> Iterator[EmulatorServer]:
+    config = EmulatorConfig(port=0, latency=1.0, max_concurrent=8, token=TEST_TOKEN, seed=3)
+    with EmulatorServer(config) as server:
+        yield server
+
+
+def cli_env(tmp_path: Path, base_url: str, **extra: str) -> dict[str, str]:
+    home = tmp_path / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNCOMFY_", "FLUX2_"))}
+    env.update(
+        RUNCOMFY_BASE_URL=base_url,
+        RUNCOMFY_API_TOKEN=TEST_TOKEN,
+        FLUX2_INPUT_DIR=str(tmp_path / "prompts"),
+        FLUX2_OUTPUT_DIR=str(tmp_path / "output"),
+        FLUX2_MAX_CONCURRENCY="8",
+        FLUX2_STEP_RETRIES="0",
+        DAGSTER_HOME=str(home),
+    )
+    env.update(extra)
+    return env
+
+
+def start_cli(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [CLI, "materialize", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
+
+
+def last_metadata(env: dict[str, str]) -> dict[str, object]:
+    instance = DagsterInstance.from_config(env["DAGSTER_HOME"])
+    try:
+        event = instance.get_latest_materialization_event(AssetKey("flux2_edits"))
+        assert event is not None and event.asset_materialization is not None
+        return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+    finally:
+        instance.dispose()
+
+
+def test_sigkill_mid_partition_then_rerun_pays_each_row_once(
+    tmp_path: Path, slow_emulator: EmulatorServer
+) -> None:
+    env = cli_env(tmp_path, slow_emulator.base_url)
+    write_table(tmp_path / "prompts", "crash", prompt_rows(slow_emulator.base_url, "crash", 24))
+    counters = slow_emulator.state.counters
+
+    victim = start_cli(env)
+    # Kill while the second wave of 8 jobs is in flight: some done, some running.
+    wait_for(lambda: counters.jobs_created >= 12 and counters.completed_jobs >= 4)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate(timeout=30)
+    assert victim.returncode == -signal.SIGKILL
+    assert counters.in_progress_now + counters.completed_jobs >= 12
+
+    rerun = subprocess.run(
+        [CLI, "materialize"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    rows = pq.read_table(tmp_path / "output" / "flux2_edits" / "crash.parquet").to_pylist()
+    assert [row["status"] for row in rows] == ["completed"] * 24
+    assert len({row["request_id"] for row in rows}) == 24
+
+    metadata = last_metadata(env)
+    # The only permitted duplicate is a submit killed between send and answer, and
+    # it must be counted; in practice there is none.
+    assert counters.duplicate_bodies <= metadata["flux2/unknown_resubmitted"]  # type: ignore[operator]
+    assert counters.jobs_created == 24 + counters.duplicate_bodies
+    assert metadata["flux2/polled_known"] or metadata["flux2/reused_completed"]
+    with Ledger.open(tmp_path / "output" / "ledger.sqlite") as ledger:
+        assert ledger.stats("crash")["completed"] == 24
+
+
+def test_stopping_a_run_cancels_queued_jobs_and_records_them(tmp_path: Path) -> None:
+    config = EmulatorConfig(port=0, latency=4.0, max_concurrent=1, token=TEST_TOKEN)
+    with EmulatorServer(config) as emulator:
+        counters = emulator.state.counters
+        env = cli_env(tmp_path, emulator.base_url, FLUX2_MAX_CONCURRENCY="5")
+        write_table(tmp_path / "prompts", "stopme", prompt_rows(emulator.base_url, "stop", 5))
+
+        run = start_cli(env)
+        wait_for(lambda: counters.jobs_created == 5 and counters.in_progress_now == 1)
+        time.sleep(0.3)  # let the step be polling
+        run.send_signal(signal.SIGTERM)  # what stopping a run from the UI does to its worker
+        _, stderr = run.communicate(timeout=60)
+        assert run.returncode != 0
+        assert "Traceback" not in stderr or "DagsterExecutionInterruptedError" in stderr
+        assert counters.cancelled_jobs == 4
+
+        with Ledger.open(tmp_path / "output" / "ledger.sqlite") as ledger:
+            states = sorted(s.state.value for s in ledger.submissions("stopme"))
+        assert states == ["cancelled"] * 4 + ["submitted"]  # the running one may still finish
+
+        rerun = subprocess.run(
+            [CLI, "materialize"], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+        assert counters.jobs_created == 9  # the running job was polled, not paid again
+        assert sorted(counters.body_submissions.values()) == [1, 2, 2, 2, 2]
+
+
+def test_the_token_never_leaves_the_authorization_header(
+    tmp_path: Path, emulator: EmulatorServer
+) -> None:
+    write_table(tmp_path / "prompts", "secret", prompt_rows(emulator.base_url, "secret", 3))
+    emulator.state.faults.update(fail_next=1, fault_429=0.2)
+    env = cli_env(tmp_path, emulator.base_url)
+    good = subprocess.run(
+        [CLI, "materialize"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert good.returncode == 0, good.stdout + good.stderr
+
+    wrong = "wrong-tok-Kd93nX0qPz"
+    bad_env = cli_env(tmp_path / "bad", emulator.base_url, RUNCOMFY_API_TOKEN=wrong)
+    write_table(tmp_path / "bad" / "prompts", "denied", prompt_rows(emulator.base_url, "d", 2))
+    bad = subprocess.run(
+        [CLI, "materialize"], env=bad_env, capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 1
+    assert "401" in bad.stdout and "UNAUTHORIZED" in bad.stdout
+
+    outputs = good.stdout + good.stderr + bad.stdout + bad.stderr
+    assert TEST_TOKEN not in outputs and wrong not in outputs
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name.endswith(".parquet") for p in files)
+    assert any("ledger" in p.name for p in files)
+    assert any(p.suffix == ".db" for p in files)  # the Dagster event log and run storage
+    for path in files:
+        data = path.read_bytes()
+        assert TEST_TOKEN.encode() not in data, path
+        assert wrong.encode() not in data, path
+
+
+def test_emulator_command_serves_until_stopped(tmp_path: Path) -> None:
+    import socket
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [CLI, "emulator", "--port", str(port), "--latency", "0", "--token", "t0k"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{base}/samples/x.png", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(up, timeout=30)
+        denied = httpx.get(f"{base}/v1/requests/x/status", timeout=5)
+        assert denied.status_code == 401
+    finally:
+        server.send_signal(signal.SIGINT)
+        _, stderr = server.communicate(timeout=30)
+    assert server.returncode == 0
+    assert "Traceback" not in stderr
