@@ -30,7 +30,7 @@ from dagster import (
 
 from flux2_pipeline.assets import PARTITIONS_NAME
 from flux2_pipeline.definitions import build_definitions
-from flux2_pipeline.resources import Flux2Storage
+from flux2_pipeline.resources import STOP_REQUESTED, Flux2Storage
 from flux2_pipeline.settings import Settings, SettingsError
 
 ASSET_NAMES = ("flux2_edits",)
@@ -135,6 +135,8 @@ def materialize_partitions(
         summaries.append(
             _summarize(key, result.success, time.monotonic() - started, storage, _error(result))
         )
+        if STOP_REQUESTED.is_set():
+            break  # the user stopped us: don't start the next partition
     return summaries
 
 

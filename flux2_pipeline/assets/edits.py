@@ -43,7 +43,12 @@ from flux2_pipeline.batch import (
     file_sha256,
     read_input_rows,
 )
-from flux2_pipeline.resources import Flux2Storage, LedgerResource, RunComfyResource
+from flux2_pipeline.resources import (
+    Flux2Storage,
+    LedgerResource,
+    RunComfyResource,
+    RunInterrupted,
+)
 from flux2_pipeline.runcomfy import PARAMETER_NAMES
 
 CODE_VERSION = "1"
@@ -228,6 +233,14 @@ def build_edits_asset(retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY) -> 
         except InputTableError as exc:
             writer.abort()
             raise Failure(description=f"partition {key}: {exc}", allow_retries=False) from None
+        except RunInterrupted:
+            writer.abort()
+            raise Failure(
+                description=f"partition {key}: the run was stopped after {tally.done} of "
+                f"{total} rows; queued jobs were cancelled, running ones are left in the "
+                "ledger for the next run to poll",
+                allow_retries=False,
+            ) from None
         except FatalApiError as exc:
             writer.abort()
             raise Failure(

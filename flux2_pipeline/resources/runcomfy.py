@@ -22,7 +22,7 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from dagster import ConfigurableResource, InitResourceContext
+from dagster import ConfigurableResource, DagsterExecutionInterruptedError, InitResourceContext
 from pydantic import Field, PrivateAttr
 
 from flux2_pipeline.runcomfy import (
@@ -38,6 +38,17 @@ T = TypeVar("T")
 
 CLEANUP_SECONDS = 30.0
 """How long a stopped run waits for in-flight jobs to be cancelled and recorded."""
+
+STOP_REQUESTED = threading.Event()
+"""Set once this process was interrupted (a stopped run, Ctrl+C, SIGTERM)."""
+
+
+class RunInterrupted(Exception):
+    """The step was interrupted; in-flight jobs were cancelled (or left to finish) first.
+
+    An ordinary exception on purpose: Dagster retries interrupts when a RetryPolicy is
+    set, which would undo a user's "stop"; the asset turns this into a final failure.
+    """
 
 
 class RunComfyResource(ConfigurableResource):  # type: ignore[type-arg]
@@ -187,13 +198,21 @@ class RunComfyResource(ConfigurableResource):  # type: ignore[type-arg]
                 if on_tick is not None:
                     on_tick()
             return future.result()
+        except (KeyboardInterrupt, DagsterExecutionInterruptedError) as interrupt:
+            STOP_REQUESTED.set()
+            self._cancel_and_wait(future, finished)
+            raise RunInterrupted("the run was stopped") from interrupt
         except BaseException:
-            if not future.done():
-                # Cancelling the future cancels the task on the loop; wait for its cleanup
-                # (remote cancels, ledger writes), since the future itself returns at once.
-                future.cancel()
-                finished.wait(CLEANUP_SECONDS)
+            self._cancel_and_wait(future, finished)
             raise
+
+    @staticmethod
+    def _cancel_and_wait(future: Future[Any], finished: threading.Event) -> None:
+        if not future.done():
+            # Cancelling the future cancels the task on the loop; wait for its cleanup
+            # (remote cancels, ledger writes), since the future itself returns at once.
+            future.cancel()
+            finished.wait(CLEANUP_SECONDS)
 
     def _submit(self, coroutine: Coroutine[Any, Any, T]) -> Future[T]:
         if self._loop is None:

@@ -114,20 +114,26 @@ def test_sigkill_mid_partition_then_rerun_pays_each_row_once(
 
 
 def test_stopping_a_run_cancels_queued_jobs_and_records_them(tmp_path: Path) -> None:
-    config = EmulatorConfig(port=0, latency=4.0, max_concurrent=1, token=TEST_TOKEN)
+    config = EmulatorConfig(port=0, latency=1.5, max_concurrent=1, token=TEST_TOKEN)
     with EmulatorServer(config) as emulator:
         counters = emulator.state.counters
-        env = cli_env(tmp_path, emulator.base_url, FLUX2_MAX_CONCURRENCY="5")
+        # Step retries stay on: a stop must not be undone by the RetryPolicy.
+        env = cli_env(
+            tmp_path, emulator.base_url, FLUX2_MAX_CONCURRENCY="5", FLUX2_STEP_RETRIES="3"
+        )
         write_table(tmp_path / "prompts", "stopme", prompt_rows(emulator.base_url, "stop", 5))
+        write_table(tmp_path / "prompts", "stopnext", prompt_rows(emulator.base_url, "n", 2))
 
         run = start_cli(env)
         wait_for(lambda: counters.jobs_created == 5 and counters.in_progress_now == 1)
         time.sleep(0.3)  # let the step be polling
         run.send_signal(signal.SIGTERM)  # what stopping a run from the UI does to its worker
-        _, stderr = run.communicate(timeout=60)
-        assert run.returncode != 0
-        assert "Traceback" not in stderr or "DagsterExecutionInterruptedError" in stderr
+        stdout, _ = run.communicate(timeout=60)
+        assert run.returncode == 1
+        assert "stopme: partition stopme: the run was stopped after 0 of 5 rows" in stdout
+        assert "stopnext" not in stdout  # the next partition was not started
         assert counters.cancelled_jobs == 4
+        assert counters.jobs_created == 5  # and the stopped step was not retried
 
         with Ledger.open(tmp_path / "output" / "ledger.sqlite") as ledger:
             states = sorted(s.state.value for s in ledger.submissions("stopme"))
@@ -137,8 +143,8 @@ def test_stopping_a_run_cancels_queued_jobs_and_records_them(tmp_path: Path) -> 
             [CLI, "materialize"], env=env, capture_output=True, text=True, timeout=120
         )
         assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-        assert counters.jobs_created == 9  # the running job was polled, not paid again
-        assert sorted(counters.body_submissions.values()) == [1, 2, 2, 2, 2]
+        assert counters.jobs_created == 11  # the running job was polled, not paid again
+        assert sorted(counters.body_submissions.values()) == [1, 1, 1, 2, 2, 2, 2]
 
 
 def test_the_token_never_leaves_the_authorization_header(
