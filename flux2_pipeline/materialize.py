@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -55,14 +56,28 @@ class PartitionSummary:
 
 def open_instance(settings: Settings) -> DagsterInstance:
     """DAGSTER_HOME's instance, or a persistent one under the output directory."""
-    if os.environ.get("DAGSTER_HOME"):
-        return DagsterInstance.get()
-    home = settings.output_dir / ".dagster"
-    home.mkdir(parents=True, exist_ok=True)
-    config = home / "dagster.yaml"
-    if not config.exists():
-        config.write_text("telemetry:\n  enabled: false\n")
-    return DagsterInstance.from_config(str(home))
+    configured = os.environ.get("DAGSTER_HOME", "").strip()
+    if configured:
+        home = Path(configured)
+        if not home.is_absolute() or not home.is_dir():
+            raise SettingsError(
+                "DAGSTER_HOME must be an absolute path to an existing directory, "
+                f"got {configured!r}"
+            )
+    else:
+        home = settings.output_dir / ".dagster"
+        home.mkdir(parents=True, exist_ok=True)
+        config = home / "dagster.yaml"
+        if not config.exists():
+            config.write_text("telemetry:\n  enabled: false\n")
+    # Dagster warns on stderr when dagster.yaml is absent; its defaults are what we want.
+    dagster_logger = logging.getLogger("dagster")
+    level = dagster_logger.level
+    dagster_logger.setLevel(logging.ERROR)
+    try:
+        return DagsterInstance.from_config(str(home))
+    finally:
+        dagster_logger.setLevel(level)
 
 
 def register_partitions(
@@ -101,6 +116,11 @@ def materialize_partitions(
     Raises `SettingsError` for an unknown partition or asset name.
     """
     settings.require_token()
+    if not settings.input_dir.is_dir():
+        raise SettingsError(
+            "FLUX2_INPUT_DIR must be a folder of Parquet files; "
+            f"{settings.input_dir} is not a folder"
+        )
     defs = build_definitions(settings)
     storage = Flux2Storage(input_dir=str(settings.input_dir), output_dir=str(settings.output_dir))
     unknown_assets = [name for name in select if name not in ASSET_NAMES]

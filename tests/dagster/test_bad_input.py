@@ -1,0 +1,315 @@
+"""Bad input through `materialize_partitions` and the CLI: clear errors, the rest carries on.
+
+One input folder holds several partitions: rows that break the schema become `invalid`
+without failing their partition; a table that is unusable as a whole fails only its own
+partition, with a one-line error a person can act on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from dagster import DagsterInstance
+
+from flux2_pipeline.emulator import EmulatorServer
+from flux2_pipeline.materialize import PartitionSummary, materialize_partitions
+from flux2_pipeline.settings import Settings
+from tests.conftest import write_table
+
+CLI = Path(sys.executable).parent / "flux2-pipeline"
+
+INPUT_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("image_urls", pa.list_(pa.string())),
+        pa.field("guidance_scale", pa.float64()),
+        pa.field("seed", pa.int64()),
+        pa.field("num_inference_steps", pa.int64()),
+        pa.field("image_size", pa.string()),
+        pa.field("num_images", pa.int64()),
+        pa.field("output_format", pa.string()),
+    ]
+)
+
+# (id, overrides, the rule its error must state; None for a row that completes)
+MIXED_ROWS: list[tuple[str, dict[str, Any], tuple[str, ...] | None]] = [
+    ("good-1", {}, None),
+    ("empty-prompt", {"prompt": ""}, ("prompt:", "must not be empty")),
+    ("blank-prompt", {"prompt": "   "}, ("prompt:", "must not be blank")),
+    ("no-urls", {"image_urls": []}, ("image_urls:", "1 to 3")),
+    ("five-urls", {"image_urls": "five"}, None),
+    ("ftp-url", {"image_urls": ["ftp://example.test/a.png"]}, ("image_urls:", "http(s)")),
+    ("guidance-25", {"guidance_scale": 25.0}, ("guidance_scale:", "less than or equal to 20")),
+    ("guidance-nan", {"guidance_scale": math.nan}, ("guidance_scale:", "finite")),
+    ("images-5", {"num_images": 5}, ("num_images:", "less than or equal to 4")),
+    ("steps-2", {"num_inference_steps": 2}, ("num_inference_steps:", "greater than or equal to 4")),
+    ("size-huge", {"image_size": "huge"}, ("image_size:", "square_hd")),
+    ("format-gif", {"output_format": "gif"}, ("output_format:", "'jpeg', 'png' or 'webp'")),
+    ("good-1", {"prompt": "a second row reusing an id"}, ("id:", "duplicate", "'good-1'")),
+    ("nulls", {name: None for name in INPUT_SCHEMA.names[3:]}, None),
+    ("good-2", {"seed": 7, "image_size": "square", "output_format": "webp"}, None),
+]
+
+
+def mixed_table(base_url: str) -> pa.Table:
+    rows = []
+    for position, (row_id, overrides, _) in enumerate(MIXED_ROWS):
+        row: dict[str, Any] = {
+            "id": row_id,
+            "prompt": f"edit number {position}",
+            "image_urls": [f"{base_url}/samples/mixed-{position}.png"],
+            "guidance_scale": 3.0,
+            "seed": position,
+            "num_inference_steps": 8,
+            "image_size": "square",
+            "num_images": 1,
+            "output_format": "png",
+            **overrides,
+        }
+        if row["image_urls"] == "five":
+            row["image_urls"] = [f"{base_url}/samples/five-{i}.png" for i in range(5)]
+        rows.append(row)
+    table = pa.Table.from_pylist(rows, schema=INPUT_SCHEMA)
+    assert math.isnan(table["guidance_scale"][7].as_py())  # NaN, not null
+    return table
+
+
+def by_partition(summaries: list[PartitionSummary]) -> dict[str, PartitionSummary]:
+    return {s.partition: s for s in summaries}
+
+
+def assert_human_error(summary: PartitionSummary, *needles: str) -> None:
+    assert not summary.succeeded
+    assert summary.error is not None
+    assert "\n" not in summary.error
+    assert "Traceback" not in summary.error and 'File "' not in summary.error
+    assert summary.error.startswith(f"partition {summary.partition}: ")
+    for needle in needles:
+        assert needle in summary.error, summary.error
+
+
+def test_bad_rows_and_bad_tables_fail_only_themselves(
+    settings: Settings, emulator: EmulatorServer, instance: DagsterInstance
+) -> None:
+    base = emulator.base_url
+    folder = settings.input_dir
+    write_table(folder, "a_mixed", mixed_table(base))
+    write_table(
+        folder,
+        "b_no_prompt",
+        [{"id": "x", "image_urls": [f"{base}/samples/x.png"], "seed": 1}],
+    )
+    write_table(
+        folder,
+        "c_wrong_types",
+        pa.table(
+            {
+                "prompt": pa.array([1, 2], pa.int64()),
+                "image_urls": pa.array([[f"{base}/samples/t.png"]] * 2, pa.list_(pa.string())),
+                "seed": pa.array(["abc", "def"], pa.string()),
+            }
+        ),
+    )
+    folder.joinpath("d_corrupt.parquet").write_bytes(os.urandom(64) + b"not parquet at all")
+    folder.joinpath("e_empty_file.parquet").write_bytes(b"")
+    write_table(
+        folder,
+        "f_zero_rows",
+        pa.table(
+            {
+                "prompt": pa.array([], pa.string()),
+                "image_urls": pa.array([], pa.list_(pa.string())),
+            }
+        ),
+    )
+    no_id_rows = [
+        {"prompt": "same edit", "image_urls": [f"{base}/samples/n-0.png"]},
+        {"prompt": "other edit", "image_urls": [f"{base}/samples/n-1.png"]},
+        {"prompt": "same edit", "image_urls": [f"{base}/samples/n-0.png"]},
+    ]
+    write_table(folder, "g_no_id", no_id_rows)
+
+    summaries = by_partition(materialize_partitions(settings, instance=instance))
+    assert list(summaries) == [
+        "a_mixed",
+        "b_no_prompt",
+        "c_wrong_types",
+        "d_corrupt",
+        "e_empty_file",
+        "f_zero_rows",
+        "g_no_id",
+    ]
+
+    # Mixed rows: invalid rows are reported, never sent, and don't fail the partition.
+    mixed = summaries["a_mixed"]
+    valid_ids = [row_id for row_id, _, rule in MIXED_ROWS if rule is None]
+    assert mixed.succeeded and mixed.error is None
+    assert (mixed.rows, mixed.completed, mixed.failed, mixed.cancelled) == (
+        len(MIXED_ROWS),
+        len(valid_ids),
+        0,
+        0,
+    )
+    assert mixed.invalid == len(MIXED_ROWS) - len(valid_ids)
+    assert mixed.results_path is not None
+    rows = pq.read_table(mixed.results_path).to_pylist()
+    assert [row["row_id"] for row in rows] == [row_id for row_id, _, _ in MIXED_ROWS]
+    for row, (row_id, _, rule) in zip(rows, MIXED_ROWS, strict=True):
+        if rule is None:
+            assert row["status"] == "completed", row
+            assert row["request_id"] and row["output_urls"] and row["error"] is None
+            assert row["attempts"] == 1
+            continue
+        assert row["status"] == "invalid", row
+        assert row["request_id"] is None
+        assert row["attempts"] == 0
+        assert row["output_urls"] == []
+        assert row["submitted_at"] is None
+        error = row["error"]
+        assert error is not None and error.startswith(rule[0]), (row_id, error)
+        for word in rule[1:]:
+            assert word in error, (row_id, error)
+    five = rows[4]
+    assert len(five["image_urls"]) == 3
+    assert five["image_urls"] == [f"{base}/samples/five-{i}.png" for i in range(3)]
+    assert five["warning"] == "image_urls: 5 URLs given, kept the first 3"
+    assert all(row["warning"] is None for row in rows if row["row_id"] != "five-urls")
+    nulls = rows[13]
+    assert (
+        nulls["guidance_scale"],
+        nulls["seed"],
+        nulls["num_inference_steps"],
+        nulls["image_size"],
+        nulls["num_images"],
+        nulls["output_format"],
+    ) == (2.5, 0, 28, "square_hd", 1, "png")
+    good_2 = rows[14]
+    assert (good_2["seed"], good_2["image_size"], good_2["output_format"]) == (7, "square", "webp")
+
+    # A required column missing: that partition fails, naming the column.
+    assert_human_error(summaries["b_no_prompt"], "missing required column", "prompt")
+    assert summaries["b_no_prompt"].results_path is None
+
+    # Wrong column types: every row invalid, naming both columns.
+    wrong = summaries["c_wrong_types"]
+    assert wrong.succeeded and (wrong.rows, wrong.invalid) == (2, 2)
+    assert wrong.results_path is not None
+    for row in pq.read_table(wrong.results_path).to_pylist():
+        assert row["status"] == "invalid" and row["request_id"] is None
+        assert "prompt:" in row["error"] and "string" in row["error"], row["error"]
+        assert "seed:" in row["error"] and "integer" in row["error"], row["error"]
+
+    # Unreadable files: a one-line error, and no results file.
+    assert_human_error(summaries["d_corrupt"], "d_corrupt.parquet", "not a readable Parquet file")
+    assert summaries["d_corrupt"].results_path is None
+    assert_human_error(summaries["e_empty_file"], "e_empty_file.parquet", "empty")
+    assert summaries["e_empty_file"].results_path is None
+    output = settings.output_dir / "flux2_edits"
+    assert not (output / "d_corrupt.parquet").exists()
+    assert not (output / "e_empty_file.parquet").exists()
+
+    # An empty but valid table: success, and a results file with no rows.
+    zero = summaries["f_zero_rows"]
+    assert zero.succeeded and zero.error is None and zero.rows == 0
+    assert zero.results_path is not None
+    assert pq.read_table(zero.results_path).num_rows == 0
+
+    # No id column: derived ids, distinct for identical rows.
+    no_id = summaries["g_no_id"]
+    assert no_id.succeeded and no_id.completed == 3
+    assert no_id.results_path is not None
+    ids = [row["row_id"] for row in pq.read_table(no_id.results_path).to_pylist()]
+    assert re.fullmatch(r"h-[0-9a-f]{16}", ids[0]) and re.fullmatch(r"h-[0-9a-f]{16}", ids[1])
+    assert ids[2] == f"{ids[0]}-2"
+    assert len(set(ids)) == 3
+
+    # Only valid rows were ever sent.
+    created = emulator.state.counters.jobs_created
+    assert created == len(valid_ids) + 3
+
+    # Run everything again: same outcomes, same derived ids, nothing paid twice.
+    again = by_partition(materialize_partitions(settings, instance=instance))
+    assert {key: s.succeeded for key, s in again.items()} == {
+        key: s.succeeded for key, s in summaries.items()
+    }
+    assert [row["row_id"] for row in pq.read_table(no_id.results_path).to_pylist()] == ids
+    assert again["a_mixed"].completed == len(valid_ids)
+    assert emulator.state.counters.jobs_created == created
+
+
+def run_cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full_env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("RUNCOMFY_", "FLUX2_", "DAGSTER_"))
+    }
+    home = tmp_path / "dagster_home"
+    home.mkdir(exist_ok=True)
+    # Without dagster.yaml, Dagster itself prints a notice on stderr; not ours to test.
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    full_env.update(
+        FLUX2_INPUT_DIR=str(tmp_path / "prompts"),
+        FLUX2_OUTPUT_DIR=str(tmp_path / "output"),
+        DAGSTER_HOME=str(home),
+    )
+    full_env.update(env)
+    return subprocess.run(
+        [str(CLI), "materialize", *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+LOOPBACK = {"RUNCOMFY_BASE_URL": "http://127.0.0.1:9"}  # no token needed; never contacted
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        ((), {"FLUX2_MAX_CONCURRENCY": "abc", **LOOPBACK}, "FLUX2_MAX_CONCURRENCY"),
+        ((), {}, "RUNCOMFY_API_TOKEN"),
+        (("--partition", "nosuch"), LOOPBACK, "nosuch"),
+        (("--select", "nosuch"), LOOPBACK, "nosuch"),
+        ((), {"DAGSTER_HOME": "/nonexistent/dagster-home", **LOOPBACK}, "DAGSTER_HOME"),
+        ((), {"DAGSTER_HOME": "relative/home", **LOOPBACK}, "DAGSTER_HOME"),
+        ((), {"FLUX2_INPUT_DIR": "/nonexistent/prompts", **LOOPBACK}, "FLUX2_INPUT_DIR"),
+    ],
+    ids=[
+        "bad-concurrency",
+        "no-token-for-remote-api",
+        "unknown-partition",
+        "unknown-asset",
+        "missing-dagster-home",
+        "relative-dagster-home",
+        "missing-input-dir",
+    ],
+)
+def test_cli_configuration_errors_exit_2_with_one_line(
+    tmp_path: Path, args: tuple[str, ...], env: dict[str, str], named: str
+) -> None:
+    write_table(
+        tmp_path / "prompts",
+        "real",
+        [{"id": "r", "prompt": "p", "image_urls": ["http://127.0.0.1:9/a.png"]}],
+    )
+    result = run_cli(tmp_path, *args, **env)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("flux2-pipeline: error: ") and named in lines[0]
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    assert not (tmp_path / "output" / "flux2_edits").exists()

@@ -1,0 +1,181 @@
+"""flux2_prompt_files_sensor: new files become partitions and runs, changed files run again.
+
+The sensor is evaluated with `build_sensor_context`; like the daemon, each test applies
+the returned partition requests to the instance and carries the cursor forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from dagster import (
+    AddDynamicPartitionsRequest,
+    DagsterInstance,
+    RunRequest,
+    SensorResult,
+    build_sensor_context,
+)
+
+from flux2_pipeline.assets import PARTITIONS_NAME
+from flux2_pipeline.assets.prompts import flux2_prompt_files_sensor
+from flux2_pipeline.batch import file_sha256
+from flux2_pipeline.emulator import EmulatorServer
+from flux2_pipeline.materialize import materialize_partitions
+from flux2_pipeline.resources import Flux2Storage
+from flux2_pipeline.settings import Settings
+from tests.conftest import prompt_rows, write_table
+
+BASE = "http://127.0.0.1:9/unused"  # sensor tests never send anything
+
+
+class Daemon:
+    """Evaluates the sensor the way the sensor daemon does, one tick at a time."""
+
+    def __init__(self, instance: DagsterInstance, input_dir: Path, output_dir: Path) -> None:
+        self.instance = instance
+        self.storage = Flux2Storage(input_dir=str(input_dir), output_dir=str(output_dir))
+        self.cursor: str | None = None
+        self.log_handler: logging.Handler | None = None
+
+    def tick(self) -> SensorResult:
+        context = build_sensor_context(
+            instance=self.instance, resources={"storage": self.storage}, cursor=self.cursor
+        )
+        if self.log_handler is not None:
+            context.log.addHandler(self.log_handler)  # the sensor's logger is not global
+        result = flux2_prompt_files_sensor(context)
+        assert isinstance(result, SensorResult)
+        for request in result.dynamic_partitions_requests or []:
+            assert isinstance(request, AddDynamicPartitionsRequest)
+            assert request.partitions_def_name == PARTITIONS_NAME
+            self.instance.add_dynamic_partitions(PARTITIONS_NAME, request.partition_keys)
+        self.cursor = result.cursor
+        return result
+
+    @property
+    def partitions(self) -> list[str]:
+        return sorted(self.instance.get_dynamic_partitions(PARTITIONS_NAME))
+
+
+def added_keys(result: SensorResult) -> list[str]:
+    keys: list[str] = []
+    for request in result.dynamic_partitions_requests or []:
+        assert isinstance(request, AddDynamicPartitionsRequest)
+        keys.extend(request.partition_keys)
+    return sorted(keys)
+
+
+def run_requests(result: SensorResult) -> list[RunRequest]:
+    return list(result.run_requests or [])
+
+
+def bump_mtime(path: Path, seconds: int = 5) -> None:
+    """Move the file's mtime forward explicitly; coarse file-system clocks can't tie it."""
+    stat = path.stat()
+    later = stat.st_mtime_ns + seconds * 1_000_000_000
+    os.utime(path, ns=(later, later))
+
+
+@pytest.fixture
+def daemon(instance: DagsterInstance, tmp_path: Path) -> Daemon:
+    return Daemon(instance, tmp_path / "prompts", tmp_path / "output")
+
+
+def test_new_changed_touched_and_added_files(daemon: Daemon) -> None:
+    folder = Path(daemon.storage.input_dir)
+    alpha = write_table(folder, "alpha", prompt_rows(BASE, "alpha", 3))
+    alpha_sha = file_sha256(alpha)
+
+    # A new file: one partition, one run for it, keyed by its content.
+    first = daemon.tick()
+    assert added_keys(first) == ["alpha"]
+    (request,) = run_requests(first)
+    assert request.partition_key == "alpha"
+    assert request.run_key is not None and alpha_sha in request.run_key
+    assert request.tags["flux2/input_sha256"] == alpha_sha
+    assert daemon.partitions == ["alpha"]
+
+    # Nothing changed: nothing requested.
+    idle = daemon.tick()
+    assert run_requests(idle) == []
+    assert added_keys(idle) == []
+
+    # New content (and a later mtime): one run for the same partition, new run key.
+    write_table(folder, "alpha", prompt_rows(BASE, "alpha", 4))
+    bump_mtime(alpha)
+    new_sha = file_sha256(alpha)
+    assert new_sha != alpha_sha
+    changed = daemon.tick()
+    assert added_keys(changed) == []
+    (rerun,) = run_requests(changed)
+    assert rerun.partition_key == "alpha"
+    assert rerun.run_key is not None and new_sha in rerun.run_key
+    assert rerun.run_key != request.run_key
+    assert rerun.tags["flux2/input_sha256"] == new_sha
+    assert daemon.partitions == ["alpha"]
+
+    # Touched (mtime moves, bytes stay): hashed again, but no run.
+    bump_mtime(alpha)
+    touched = daemon.tick()
+    assert run_requests(touched) == []
+    assert added_keys(touched) == []
+
+    # A second new file alongside: only it gets a partition and a run.
+    beta = write_table(folder, "beta", prompt_rows(BASE, "beta", 2))
+    second = daemon.tick()
+    assert added_keys(second) == ["beta"]
+    (beta_request,) = run_requests(second)
+    assert beta_request.partition_key == "beta"
+    assert beta_request.run_key is not None and file_sha256(beta) in beta_request.run_key
+    assert daemon.partitions == ["alpha", "beta"]
+
+    assert run_requests(daemon.tick()) == []
+
+
+def test_a_name_dagster_cannot_take_is_skipped_with_a_warning(
+    daemon: Daemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = Path(daemon.storage.input_dir)
+    write_table(folder, "good", prompt_rows(BASE, "good", 2))
+    write_table(folder, "bad...name", prompt_rows(BASE, "dots", 2))
+    write_table(folder, "a,b", prompt_rows(BASE, "comma", 2))
+
+    daemon.log_handler = caplog.handler
+    first = daemon.tick()
+    assert added_keys(first) == ["good"]
+    assert [r.partition_key for r in run_requests(first)] == ["good"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("bad...name.parquet" in w and "'...'" in w for w in warnings), warnings
+    assert any("a,b.parquet" in w and "','" in w for w in warnings), warnings
+
+    # The bad files never become partitions; a good file added later still goes through.
+    write_table(folder, "later", prompt_rows(BASE, "later", 1))
+    second = daemon.tick()
+    assert added_keys(second) == ["later"]
+    assert [r.partition_key for r in run_requests(second)] == ["later"]
+    assert run_requests(daemon.tick()) == []
+    assert daemon.partitions == ["good", "later"]
+
+
+def test_a_sensor_run_request_materializes(
+    settings: Settings, emulator: EmulatorServer, instance: DagsterInstance
+) -> None:
+    write_table(settings.input_dir, "loop", prompt_rows(emulator.base_url, "loop", 3))
+    daemon = Daemon(instance, settings.input_dir, settings.output_dir)
+    (request,) = run_requests(daemon.tick())
+    assert request.partition_key == "loop"
+
+    (summary,) = materialize_partitions(settings, partitions=["loop"], instance=instance)
+    assert summary.succeeded and summary.error is None
+    assert (summary.rows, summary.completed) == (3, 3)
+    assert summary.results_path is not None
+    rows = pq.read_table(summary.results_path).to_pylist()
+    assert [row["row_id"] for row in rows] == ["loop-0", "loop-1", "loop-2"]
+    assert emulator.state.counters.jobs_created == 3
+    # Materializing registered nothing new and changed nothing the sensor watches.
+    assert daemon.partitions == ["loop"]
+    assert run_requests(daemon.tick()) == []
