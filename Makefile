@@ -18,8 +18,8 @@ demo: $(STAMP)
 	$(BIN)/flux2-pipeline demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check flux2_pipeline tests benchmarks
-	$(BIN)/ruff format --check flux2_pipeline tests benchmarks
+	$(BIN)/ruff check flux2_pipeline tests
+	$(BIN)/ruff format --check flux2_pipeline tests
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
