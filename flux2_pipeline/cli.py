@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from flux2_pipeline.ledger import LedgerConfigError
 from flux2_pipeline.settings import Settings, SettingsError
@@ -21,44 +22,27 @@ from flux2_pipeline.settings import Settings, SettingsError
 USAGE_ERROR = 2
 
 
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a probability from 0 to 1, got {text!r}")
-    return value
+def _bounded(
+    convert: Callable[[str], float], low: float, high: float, what: str
+) -> Callable[[str], Any]:
+    """An argparse type: `convert` the text and require `low <= value <= high`."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0.0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, got {text!r}")
-    return value
+_probability = _bounded(float, 0.0, 1.0, "a probability from 0 to 1")
+_seconds = _bounded(float, 0.0, 86400.0, "a number of seconds from 0 to 86400")
+_positive_int = _bounded(int, 1, 1_000_000, "a whole number >= 1")
+_port = _bounded(int, 0, 65535, "a port from 0 to 65535")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     emulator = commands.add_parser("emulator", help="serve the RunComfy-compatible emulator")
     emulator.add_argument("--host", default="127.0.0.1")
     emulator.add_argument("--port", type=_port, default=8188)
-    emulator.add_argument("--latency", type=_non_negative, default=0.0, metavar="SECONDS")
+    emulator.add_argument("--latency", type=_seconds, default=0.0, metavar="SECONDS")
     emulator.add_argument("--max-concurrent", type=_positive_int, default=8, metavar="N")
     emulator.add_argument("--fault-429", type=_probability, default=0.0, metavar="P")
     emulator.add_argument("--fault-5xx", type=_probability, default=0.0, metavar="P")
