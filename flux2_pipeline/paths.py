@@ -1,0 +1,105 @@
+"""Local folders and object stores behind one path type (universal-pathlib / fsspec).
+
+`FLUX2_OUTPUT_DIR` may be a folder or an `s3://bucket/prefix` URI; everything that
+writes datasets goes through `as_path` and `atomic_writer`, so the same code lands
+files on disk or in a bucket. S3 credentials and endpoint come from the usual AWS
+variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL`, ...).
+
+Example::
+
+    root = as_path("s3://my-bucket/flux2")
+    with atomic_writer(root / "flux2_edits" / "cats.parquet") as handle:
+        pq.write_table(table, handle)
+    presign("s3://my-bucket/refs/cat.png", expires=3600)  # an https URL the API can fetch
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+from upath import UPath
+
+REMOTE_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "memory"})
+PRESIGNABLE_SCHEMES = frozenset({"s3", "s3a"})
+
+
+def is_remote_uri(text: str) -> bool:
+    """True for object-store URIs such as `s3://bucket/key`."""
+    return urlsplit(text).scheme.lower() in REMOTE_SCHEMES
+
+
+def as_path(location: str | os.PathLike[str]) -> UPath:
+    """A path object for a local folder or an object-store URI.
+
+    >>> as_path("data/output").protocol
+    ''
+    >>> as_path("s3://bucket/prefix").protocol
+    's3'
+    """
+    text = os.fspath(location)
+    if is_remote_uri(text):
+        return UPath(text)
+    return UPath(Path(text).expanduser().absolute())
+
+
+def is_local(path: UPath) -> bool:
+    """True when `path` is on the local filesystem."""
+    return path.protocol in ("", "file", "local")
+
+
+def local_path(path: UPath) -> Path:
+    """The `pathlib.Path` of a local `UPath`."""
+    return Path(path.path)
+
+
+@contextmanager
+def atomic_writer(path: UPath) -> Iterator[IO[bytes]]:
+    """A binary handle whose bytes appear at `path` only if the block succeeds.
+
+    Locally: a temporary file in the same folder, renamed into place. In an object
+    store: the bytes are staged in a local temporary file and uploaded in one put,
+    and an object becomes visible only when its upload completes.
+    """
+    if is_local(path):
+        target = local_path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            with temporary.open("wb") as handle:
+                yield handle
+            os.replace(temporary, target)
+        finally:
+            temporary.unlink(missing_ok=True)
+        return
+    # fsspec's own file objects upload on close even after an exception, so stage the
+    # bytes locally and upload them in one put once the block has succeeded.
+    with tempfile.TemporaryDirectory(prefix="flux2-upload-") as staging:
+        staged = Path(staging) / "object"
+        with staged.open("wb") as handle:
+            yield handle
+        path.fs.put_file(str(staged), path.path)
+
+
+def write_bytes_atomically(path: UPath, data: bytes) -> None:
+    """Write `data` to `path` with `atomic_writer`."""
+    with atomic_writer(path) as handle:
+        handle.write(data)
+
+
+def presign(uri: str, expires: int) -> str:
+    """An https URL for an `s3://` object that stays valid for `expires` seconds.
+
+    The API fetches reference images itself, so private objects need pre-signed URLs.
+    """
+    path = UPath(uri)
+    if path.protocol not in PRESIGNABLE_SCHEMES:
+        raise ValueError(f"cannot pre-sign {uri!r}: only s3:// URIs can be signed")
+    signer: Any = path.fs
+    return str(signer.url(path.path, expires=expires))
