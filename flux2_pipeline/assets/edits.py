@@ -7,6 +7,7 @@ valid row did not complete, naming the counts and the first rows. Its
 `RetryPolicy` runs it again; the ledger makes sure only failed rows are paid again.
 """
 
+import functools
 import time
 from array import array
 from collections.abc import Iterable
@@ -43,6 +44,7 @@ from flux2_pipeline.batch import (
     file_sha256,
     read_input_rows,
 )
+from flux2_pipeline.paths import presign
 from flux2_pipeline.resources import (
     Flux2Storage,
     LedgerResource,
@@ -222,7 +224,11 @@ def build_edits_asset(retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY) -> 
             max_attempts=runcomfy.max_attempts,
         )
         tally = _Tally(total=total)
-        rows = read_input_rows(in_path, defaults=runcomfy.parameter_defaults())
+        rows = read_input_rows(
+            in_path,
+            defaults=runcomfy.parameter_defaults(),
+            sign_url=functools.partial(presign, expires=runcomfy.presign_expiry),
+        )
         writer = ResultsWriter(out_path)
         try:
             runcomfy.run(

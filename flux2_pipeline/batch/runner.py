@@ -113,7 +113,7 @@ class EditRunner:
         return outcome
 
     def _key(self, row: InputRow, request: EditRequest) -> str:
-        return make_row_key(self.partition, row.row_id, request.fingerprint())
+        return make_row_key(self.partition, row.row_id, _fingerprint(row, request))
 
     def _lookup(self, batch: list[InputRow]) -> dict[str, RowHistory]:
         keys = [self._key(row, row.request) for row in batch if row.request is not None]
@@ -163,7 +163,7 @@ class EditRunner:
         """One paid attempt; returns the outcome, whether a resubmit may help, paid count."""
         async with self._slots:
             intent = self.ledger.record_intent(
-                key, self.partition, row.row_id, request.fingerprint()
+                key, self.partition, row.row_id, _fingerprint(row, request)
             )
             try:
                 handle = await self.client.submit(request)
@@ -261,6 +261,11 @@ class EditRunner:
                 known.id, SubmissionState.CANCELLED, error="cancelled: the run stopped waiting"
             )
         return status.state
+
+
+def _fingerprint(row: InputRow, request: EditRequest) -> str:
+    # The row as written: signed URLs change on every run, the job they ask for does not.
+    return row.fingerprint or request.fingerprint()
 
 
 def _pending(

@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -52,6 +52,8 @@ class InputRow:
     request: EditRequest | None = None
     invalid_reason: str | None = None
     warning: str | None = None
+    fingerprint: str | None = None
+    """sha256 of the request as written in the table (s3:// URIs, not their signed URLs)."""
 
 
 RESULTS_SCHEMA = pa.schema(
@@ -106,11 +108,13 @@ def read_input_rows(
     path: Path,
     batch_rows: int = READ_BATCH_ROWS,
     defaults: Mapping[str, Any] | None = None,
+    sign_url: Callable[[str], str] | None = None,
 ) -> Iterator[list[InputRow]]:
     """Stream a prompt table as batches of validated `InputRow`s.
 
     `defaults` fills parameters a row leaves null (the API schema's defaults apply
-    after that).
+    after that). `sign_url` turns `s3://` reference URIs into URLs the API can fetch;
+    the results keep the original URIs.
     Raises `InputTableError` (one clear line) when the file is not readable Parquet
     or lacks a required column. Duplicate ids make the later rows invalid.
     """
@@ -129,7 +133,7 @@ def read_input_rows(
         for record_batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted):
             rows = []
             for record in record_batch.to_pylist():
-                rows.append(_input_row(position, record, ids, defaults or {}))
+                rows.append(_input_row(position, record, ids, defaults or {}, sign_url))
                 position += 1
             yield rows
     except (pa.ArrowException, OSError) as exc:
@@ -154,7 +158,11 @@ def count_rows(path: Path) -> int:
 
 
 def _input_row(
-    position: int, record: dict[str, Any], ids: _IdRegistry, defaults: Mapping[str, Any]
+    position: int,
+    record: dict[str, Any],
+    ids: _IdRegistry,
+    defaults: Mapping[str, Any],
+    sign_url: Callable[[str], str] | None = None,
 ) -> InputRow:
     prompt = record.get("prompt")
     urls = record.get("image_urls")
@@ -163,7 +171,10 @@ def _input_row(
     row_id, id_problem = ids.assign(record)
     if id_problem:
         return InputRow(position, row_id, shown_prompt, shown_urls, invalid_reason=id_problem)
-    data = {"prompt": prompt, "image_urls": urls}
+    signed = _signed_urls(urls, sign_url)
+    if isinstance(signed, str):
+        return InputRow(position, row_id, shown_prompt, shown_urls, invalid_reason=signed)
+    data = {"prompt": prompt, "image_urls": signed}
     for name in PARAMETER_NAMES:
         value = record.get(name)
         data[name] = defaults.get(name) if value is None else value
@@ -173,9 +184,46 @@ def _input_row(
         reason = "; ".join(str(issue) for issue in exc.issues)
         return InputRow(position, row_id, shown_prompt, shown_urls, invalid_reason=reason)
     warning = "; ".join(request.warnings) or None
+    if signed is urls:
+        return InputRow(
+            position,
+            row_id,
+            request.prompt,
+            request.image_urls,
+            request=request,
+            warning=warning,
+            fingerprint=request.fingerprint(),
+        )
+    as_written = request.model_copy(update={"image_urls": shown_urls[: len(request.image_urls)]})
     return InputRow(
-        position, row_id, request.prompt, request.image_urls, request=request, warning=warning
+        position,
+        row_id,
+        request.prompt,
+        as_written.image_urls,
+        request=request,
+        warning=warning,
+        fingerprint=as_written.fingerprint(),
     )
+
+
+def _signed_urls(urls: Any, sign_url: Callable[[str], str] | None) -> Any:
+    """`urls` with every s3:// URI signed; the same object when none is; a str on failure."""
+    items = [urls] if isinstance(urls, str) else urls
+    if not isinstance(items, list | tuple) or not any(
+        isinstance(u, str) and u.startswith("s3://") for u in items
+    ):
+        return urls
+    if sign_url is None:
+        return "image_urls: s3:// URIs need the s3 extra (pip install 'flux2-pipeline[s3]')"
+    signed = []
+    for url in items:
+        if isinstance(url, str) and url.startswith("s3://"):
+            try:
+                url = sign_url(url)
+            except Exception as exc:  # any signer failure is this row's problem only
+                return f"image_urls: cannot pre-sign {url}: {exc}"
+        signed.append(url)
+    return signed
 
 
 def _as_url_tuple(value: Any) -> tuple[str, ...]:

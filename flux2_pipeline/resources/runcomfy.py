@@ -82,6 +82,12 @@ class RunComfyResource(ConfigurableResource):  # type: ignore[type-arg]
     max_attempts: int = Field(
         default=9, ge=1, description="Paid submissions per row across all runs."
     )
+    presign_expiry: int = Field(
+        default=3600,
+        ge=60,
+        le=7 * 24 * 3600,
+        description="Seconds a pre-signed URL for an s3:// reference image stays valid.",
+    )
     guidance_scale: float | None = Field(
         default=None, description="Default guidance_scale for rows that leave it null."
     )
