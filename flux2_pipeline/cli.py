@@ -129,17 +129,17 @@ def _emulator(args: argparse.Namespace) -> int:
 
 
 def _materialize(args: argparse.Namespace) -> int:
-    from flux2_pipeline.materialize import format_summary, materialize_partitions
+    from flux2_pipeline.materialize import format_report, materialize
 
     settings = Settings.from_env()
-    summaries = materialize_partitions(
+    report = materialize(
         settings,
         partitions=args.partition,
         select=args.select,
         retry_failed=args.retry_failed,
     )
-    if not summaries:
+    if not report.partitions and report.dataset is None:
         print("nothing to materialize" + (" (no failed partitions)" if args.retry_failed else ""))
         return 0
-    print(format_summary(summaries))
-    return 0 if all(s.succeeded for s in summaries) else 1
+    print(format_report(report))
+    return 0 if report.succeeded else 1

@@ -14,11 +14,14 @@ from dagster import AssetSelection, Definitions, EnvVar, define_asset_job
 
 from flux2_pipeline.assets import (
     EDITS_CHECKS,
+    IMAGES_CHECKS,
     build_edits_asset,
+    build_images_asset,
     edits_retry_policy,
     flux2_edits,
     flux2_prompt_files_sensor,
     flux2_prompt_tables,
+    flux2_training_dataset,
 )
 from flux2_pipeline.resources import Flux2Storage, LedgerResource, RunComfyResource
 from flux2_pipeline.settings import Settings
@@ -51,10 +54,15 @@ def build_resources(settings: Settings) -> dict[str, object]:
 def build_definitions(settings: Settings | None = None) -> Definitions:
     """All of flux2-pipeline as Dagster `Definitions`, configured from the environment."""
     settings = settings or Settings.from_env()
-    edits = build_edits_asset(edits_retry_policy(settings.step_retries, settings.step_retry_delay))
+    policy = edits_retry_policy(settings.step_retries, settings.step_retry_delay)
     return Definitions(
-        assets=[flux2_prompt_tables, edits],
-        asset_checks=EDITS_CHECKS,
+        assets=[
+            flux2_prompt_tables,
+            build_edits_asset(policy),
+            build_images_asset(policy),
+            flux2_training_dataset,
+        ],
+        asset_checks=[*EDITS_CHECKS, *IMAGES_CHECKS],
         sensors=[flux2_prompt_files_sensor],
         jobs=[flux2_edits_job],
         resources=build_resources(settings),

@@ -2,8 +2,8 @@
 
 It starts the embedded emulator on a free loopback port, writes three sample
 prompt tables whose reference images the emulator serves, materializes every
-partition through Dagster, saves a preview image per partition, and prints a
-summary and where everything is.
+partition through Dagster (edits, then their images, then the training dataset),
+saves a preview image per partition, and prints a summary and where everything is.
 
 Example::
 
@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
-from flux2_pipeline.materialize import PartitionSummary, format_summary, materialize_partitions
+from flux2_pipeline.materialize import PartitionSummary, format_report, materialize
 from flux2_pipeline.settings import Settings, SettingsError
 
 MARKER = ".flux2-demo"
@@ -198,14 +198,20 @@ def run_demo(workdir: str | Path = "flux2-demo") -> int:
         with _environment(env):
             settings = Settings.from_env()
             print(f"  inputs: {', '.join(sorted(p.name for p in inputs.glob('*.parquet')))}")
-            summaries = materialize_partitions(settings, log_level="WARNING")
+            report = materialize(settings, log_level="WARNING")
+            summaries = report.partitions
             previews = save_previews(summaries, root / "previews")
     print()
-    print(format_summary(summaries))
+    print(format_report(report))
     print()
     print(f"results:   {outputs / 'flux2_edits'}")
+    print(f"images:    {outputs / 'images'} (stored by sha256)")
+    print(f"manifests: {outputs / 'flux2_images'} (<partition>.parquet)")
+    sheets = sorted((outputs / "flux2_images").glob("*.contact.png"))
+    print(f"contact:   {outputs / 'flux2_images'}/<partition>.contact.png ({len(sheets)} sheets)")
+    print(f"dataset:   {outputs / 'flux2_training_dataset'} (datasets.load_dataset parquet)")
     print(f"ledger:    {outputs / 'ledger.sqlite'}")
     print(f"previews:  {root / 'previews'} ({len(previews)} edited images)")
     print(f"dagster:   DAGSTER_HOME={home} dagster dev -w workspace.yaml")
     print("           (the demo's emulator has stopped, so its image URLs no longer resolve)")
-    return 0 if all(s.succeeded for s in summaries) and previews else 1
+    return 0 if report.succeeded and previews else 1

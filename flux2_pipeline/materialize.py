@@ -2,12 +2,14 @@
 
 This is what `flux2-pipeline materialize` and the demo call. Every input file is
 registered as a partition first; the selected partitions then run in turn on the
-Dagster instance (DAGSTER_HOME, or one kept under the output directory).
+Dagster instance (DAGSTER_HOME, or one kept under the output directory), each run
+materializing the selected partitioned assets (flux2_edits, then flux2_images). When
+flux2_training_dataset is selected it runs once at the end, unpartitioned.
 
 Example::
 
-    summaries = materialize_partitions(Settings.from_env(), partitions=["cats"])
-    print(format_summary(summaries))
+    report = materialize(Settings.from_env(), partitions=["cats"])
+    print(format_report(report))
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ from flux2_pipeline.definitions import build_definitions
 from flux2_pipeline.resources import STOP_REQUESTED, Flux2Storage
 from flux2_pipeline.settings import Settings, SettingsError
 
-ASSET_NAMES = ("flux2_edits",)
+ASSET_NAMES = ("flux2_edits", "flux2_images", "flux2_training_dataset")
+PARTITIONED_ASSETS = ("flux2_edits", "flux2_images")
+DATASET_ASSET = "flux2_training_dataset"
 RUN_TAG = "flux2/launched_by"
 
 
@@ -52,6 +56,34 @@ class PartitionSummary:
     cancelled: int = 0
     error: str | None = None
     results_path: Path | None = None
+    images: int = 0
+    images_failed: int = 0
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """How the (unpartitioned) training dataset's run went."""
+
+    succeeded: bool
+    seconds: float
+    rows: int = 0
+    shards: int = 0
+    path: Path | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class MaterializeReport:
+    """Every partition's summary, and the training dataset's when it ran."""
+
+    partitions: list[PartitionSummary]
+    dataset: DatasetSummary | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        """True when every run succeeded."""
+        runs_ok = all(s.succeeded for s in self.partitions)
+        return runs_ok and (self.dataset is None or self.dataset.succeeded)
 
 
 def open_instance(settings: Settings) -> DagsterInstance:
@@ -113,7 +145,38 @@ def materialize_partitions(
 ) -> list[PartitionSummary]:
     """Run the selected assets for the selected partitions; one summary per partition.
 
-    Raises `SettingsError` for an unknown partition or asset name.
+    Same runs as `materialize` (the training dataset included when selected); this form
+    returns only the partitions' summaries. Raises `SettingsError` for an unknown partition
+    or asset name.
+    """
+    return materialize(
+        settings,
+        partitions=partitions,
+        select=select,
+        retry_failed=retry_failed,
+        instance=instance,
+        log_level=log_level,
+    ).partitions
+
+
+def materialize(
+    settings: Settings,
+    *,
+    partitions: Sequence[str] = (),
+    select: Sequence[str] = (),
+    retry_failed: bool = False,
+    instance: DagsterInstance | None = None,
+    log_level: str = "INFO",
+) -> MaterializeReport:
+    """Run the selected partitioned assets per partition, then the training dataset once.
+
+    The dataset runs when it is selected (the default selects every asset) and either it
+    was named in `select` or at least one partition ran. Raises `SettingsError` for an
+    unknown partition or asset name.
+
+    Example::
+
+        report = materialize(settings, select=["flux2_images"], partitions=["cats"])
     """
     settings.require_token()
     if not settings.input_dir.is_dir():
@@ -139,10 +202,11 @@ def materialize_partitions(
     if retry_failed:
         chosen = failed_partitions(instance, chosen)
     job = defs.resolve_implicit_global_asset_job_def()
-    asset_selection = [AssetKey(name) for name in (select or ASSET_NAMES)]
+    selected = [name for name in ASSET_NAMES if name in (select or ASSET_NAMES)]
+    asset_selection = [AssetKey(name) for name in selected if name in PARTITIONED_ASSETS]
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     summaries = []
-    for key in chosen:
+    for key in chosen if asset_selection else ():
         started = time.monotonic()
         result = job.execute_in_process(
             instance=instance,
@@ -157,7 +221,36 @@ def materialize_partitions(
         )
         if STOP_REQUESTED.is_set():
             break  # the user stopped us: don't start the next partition
-    return summaries
+    dataset = None
+    wants_dataset = DATASET_ASSET in selected and (DATASET_ASSET in select or summaries)
+    if wants_dataset and not STOP_REQUESTED.is_set():
+        started = time.monotonic()
+        result = job.execute_in_process(
+            instance=instance,
+            asset_selection=[AssetKey(DATASET_ASSET)],
+            raise_on_error=False,
+            run_config=run_config,
+            tags={RUN_TAG: "flux2-pipeline materialize"},
+        )
+        dataset = _dataset_summary(result, time.monotonic() - started, storage)
+    return MaterializeReport(summaries, dataset)
+
+
+def _dataset_summary(
+    result: ExecuteInProcessResult, seconds: float, storage: Flux2Storage
+) -> DatasetSummary:
+    path = storage.training_dataset_dir()
+    if not result.success:
+        return DatasetSummary(False, seconds, error=_error(result))
+    metadata = result.asset_materializations_for_node(DATASET_ASSET)[0].metadata
+    rows, shards = metadata["dagster/row_count"].value, metadata["flux2/shards"].value
+    return DatasetSummary(
+        True,
+        seconds,
+        rows=rows if isinstance(rows, int) else 0,
+        shards=shards if isinstance(shards, int) else 0,
+        path=path,
+    )
 
 
 def _error(result: ExecuteInProcessResult) -> str | None:
@@ -180,6 +273,12 @@ def _summarize(
         return PartitionSummary(key, succeeded, seconds, error=error)
     status = pq.read_table(path, columns=["status"])["status"]
     counts = {row["values"]: row["counts"] for row in pc.value_counts(status).to_pylist()}
+    images = images_failed = 0
+    manifest = storage.image_manifest_path(key)
+    if manifest.exists():
+        image_status = pq.read_table(manifest, columns=["status"])["status"]
+        images = int(pc.sum(pc.equal(image_status, "ok")).as_py() or 0)
+        images_failed = len(image_status) - images
     return PartitionSummary(
         key,
         succeeded,
@@ -191,6 +290,8 @@ def _summarize(
         cancelled=counts.get("cancelled", 0),
         error=error,
         results_path=path,
+        images=images,
+        images_failed=images_failed,
     )
 
 
@@ -203,6 +304,7 @@ def format_summary(summaries: Sequence[PartitionSummary]) -> str:
         "failed",
         "invalid",
         "cancelled",
+        "images",
         "seconds",
         "result",
     )
@@ -216,6 +318,7 @@ def format_summary(summaries: Sequence[PartitionSummary]) -> str:
                 str(s.failed),
                 str(s.invalid),
                 str(s.cancelled),
+                str(s.images) + (f" ({s.images_failed} failed)" if s.images_failed else ""),
                 f"{s.seconds:.1f}",
                 "ok" if s.succeeded else "FAILED",
             )
@@ -228,4 +331,19 @@ def format_summary(summaries: Sequence[PartitionSummary]) -> str:
     for s in summaries:
         if not s.succeeded and s.error:
             lines.append(f"{s.partition}: {s.error}")
+    return "\n".join(lines)
+
+
+def format_report(report: MaterializeReport) -> str:
+    """`format_summary` of the partitions, plus a line for the training dataset."""
+    lines = [format_summary(report.partitions)] if report.partitions else []
+    dataset = report.dataset
+    if dataset is not None:
+        if dataset.succeeded:
+            lines.append(
+                f"training dataset: {dataset.rows} rows in {dataset.shards} shards "
+                f"({dataset.seconds:.1f} s) at {dataset.path}"
+            )
+        else:
+            lines.append(f"training dataset: FAILED: {dataset.error}")
     return "\n".join(lines)

@@ -19,7 +19,8 @@ Faults apply to the four authenticated API routes only, after the token check:
 `fault_429` answers 429 with `Retry-After`; `fault_5xx` answers 503 for submit and
 cancel, and 500, 502 or 503 (drawn at random) for status and result. A rejected
 submit never creates a job. Every `*_calls` / `submits_total` counter counts requests
-received, rejected ones included; `body_submissions` counts jobs created per body.
+received, rejected ones included; `body_submissions` counts jobs created per body;
+`image_fetches` counts HTTP requests for output and sample images.
 """
 
 from __future__ import annotations
@@ -185,6 +186,7 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
         )
 
     async def output(request: Request) -> Response:
+        state.counters.bump("image_fetches")
         job = state.jobs.get(request.path_params["request_id"])
         match = _OUTPUT_NAME.fullmatch(request.path_params["name"])
         if job is None or match is None or job.state is not State.COMPLETED:
@@ -196,6 +198,7 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
         return Response(data, media_type=CONTENT_TYPES[ext], headers=_IMMUTABLE)
 
     async def sample(request: Request) -> Response:
+        state.counters.bump("image_fetches")
         match = _SAMPLE_NAME.fullmatch(request.path_params["name"])
         if match is None:
             return _not_found(request)

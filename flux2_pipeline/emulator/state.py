@@ -186,6 +186,7 @@ class Counters:
     rejected_401: int = 0
     rejected_422: int = 0
     dropped_submits: int = 0
+    image_fetches: int = 0
     in_progress_now: int = 0
     max_in_progress: int = 0
     max_queue_length: int = 0

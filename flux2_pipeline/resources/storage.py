@@ -5,6 +5,7 @@ Example::
     storage = Flux2Storage(input_dir="data/prompts", output_dir="data/output")
     storage.input_path("cats")      # data/prompts/cats.parquet
     storage.results_path("cats")    # data/output/flux2_edits/cats.parquet
+    storage.image_manifest_path("cats")  # data/output/flux2_images/cats.parquet
 """
 
 from __future__ import annotations
@@ -30,6 +31,26 @@ class Flux2Storage(ConfigurableResource):  # type: ignore[type-arg]
     def results_path(self, key: str) -> Path:
         """The results dataset file of partition `key`."""
         return Path(self.output_dir) / "flux2_edits" / f"{key}.parquet"
+
+    def output_root(self) -> Path:
+        """The root every dataset is written under (FLUX2_OUTPUT_DIR)."""
+        return Path(self.output_dir)
+
+    def images_dir(self) -> Path:
+        """The content-addressed image store: `<root>/images/<sha[:2]>/<sha>.<ext>`."""
+        return Path(self.output_dir) / "images"
+
+    def image_manifest_path(self, key: str) -> Path:
+        """The image manifest of partition `key` (one row per stored image)."""
+        return Path(self.output_dir) / "flux2_images" / f"{key}.parquet"
+
+    def contact_sheet_path(self, key: str) -> Path:
+        """The contact sheet PNG of partition `key`, next to its manifest."""
+        return Path(self.output_dir) / "flux2_images" / f"{key}.contact.png"
+
+    def training_dataset_dir(self) -> Path:
+        """The sharded training dataset folder (`datasets.load_dataset` data_dir)."""
+        return Path(self.output_dir) / "flux2_training_dataset"
 
     def scan_inputs(self) -> tuple[dict[str, Path], dict[str, str]]:
         """Input files by partition key, and rejected file names with the reason."""

@@ -1,0 +1,108 @@
+"""`flux2_training_dataset`: one Hugging Face-loadable dataset across every partition.
+
+Unpartitioned, downstream of every partition of `flux2_images`. It (re)builds
+`$FLUX2_OUTPUT_DIR/flux2_training_dataset/` from each registered partition that has both a
+results table and an image manifest, rewriting only partitions whose inputs changed and
+removing those that are gone (see `flux2_pipeline.dataset.builder`).
+
+Example::
+
+    flux2-pipeline materialize --select flux2_training_dataset
+    python -c "import datasets; print(datasets.load_dataset('parquet',
+        data_dir='data/output/flux2_training_dataset', split='train'))"
+"""
+
+import json
+from typing import Any
+
+from dagster import (
+    AssetExecutionContext,
+    AssetKey,
+    MaterializeResult,
+    MetadataValue,
+    TableColumn,
+    TableSchema,
+    asset,
+)
+
+from flux2_pipeline.assets.prompts import PARTITIONS_NAME
+from flux2_pipeline.dataset import (
+    COLUMN_DESCRIPTIONS,
+    DATASET_SCHEMA,
+    FEATURES,
+    PartitionSource,
+    build_training_dataset,
+)
+from flux2_pipeline.media import ImageStore
+from flux2_pipeline.resources import Flux2Storage
+
+DATASET_CODE_VERSION = "1"
+IMAGES_KEY = AssetKey("flux2_images")
+
+
+def dataset_table_schema() -> TableSchema:
+    """The training dataset's columns as a Dagster `TableSchema`."""
+    return TableSchema(
+        columns=[
+            TableColumn(
+                name=column.name,
+                type=str(column.type),
+                description=COLUMN_DESCRIPTIONS.get(column.name),
+            )
+            for column in DATASET_SCHEMA
+        ]
+    )
+
+
+def _load_example(path: str) -> str:
+    return (
+        "```python\nimport datasets\n"
+        f'ds = datasets.load_dataset("parquet", data_dir={path!r}, split="train")\n'
+        'ds[0]["edited_image"]  # a PIL image\n```'
+    )
+
+
+@asset(
+    name="flux2_training_dataset",
+    deps=[IMAGES_KEY],
+    group_name="flux2",
+    code_version=DATASET_CODE_VERSION,
+    kinds={"parquet"},
+    metadata={"dagster/column_schema": dataset_table_schema()},
+    description="Training dataset across all partitions: one row per edited image with its "
+    "prompt, reference images, effective parameters and lineage; sharded Parquet that "
+    "datasets.load_dataset('parquet', data_dir=...) loads with images decoded.",
+)
+def flux2_training_dataset(
+    context: AssetExecutionContext, storage: Flux2Storage
+) -> MaterializeResult[None]:
+    """Rebuild the changed partitions' shards of the training dataset."""
+    sources = []
+    for key in sorted(context.instance.get_dynamic_partitions(PARTITIONS_NAME)):
+        results, manifest = storage.results_path(key), storage.image_manifest_path(key)
+        if results.is_file() and manifest.is_file():
+            sources.append(PartitionSource(key, results, manifest))
+    out_dir = storage.training_dataset_dir()
+    store = ImageStore(storage.images_dir(), base=storage.output_root())
+    report = build_training_dataset(sources, store, out_dir)
+    context.log.info(
+        f"training dataset: {report.rows} rows in {report.shards} shards from "
+        f"{len(report.partitions)} partitions; rewrote {', '.join(report.rebuilt) or 'none'}"
+    )
+    metadata: dict[str, Any] = {
+        "dagster/row_count": report.rows,
+        "dagster/column_schema": dataset_table_schema(),
+        "flux2/shards": report.shards,
+        "flux2/bytes": report.bytes,
+        "flux2/partitions": MetadataValue.json([p.key for p in report.partitions]),
+        "flux2/partitions_rebuilt": MetadataValue.json(report.rebuilt),
+        "flux2/partitions_removed": MetadataValue.json(report.removed),
+        "flux2/images_skipped": report.skipped,
+        "flux2/path": MetadataValue.path(str(out_dir)),
+        "flux2/features": MetadataValue.json(FEATURES),
+        "flux2/features_md": MetadataValue.md(
+            "```json\n" + json.dumps(FEATURES, indent=1) + "\n```"
+        ),
+        "flux2/load": MetadataValue.md(_load_example(str(out_dir))),
+    }
+    return MaterializeResult(metadata=metadata)

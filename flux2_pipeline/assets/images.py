@@ -1,0 +1,184 @@
+"""`flux2_images`: every image of a partition's completed rows, stored by content.
+
+The step reads `flux2_edits/<key>.parquet`, fetches each reference and output image of
+the completed rows into `$FLUX2_OUTPUT_DIR/images/<sha[:2]>/<sha>.<ext>` (see
+`flux2_pipeline.media`), writes the manifest `flux2_images/<key>.parquet` and a contact
+sheet `flux2_images/<key>.contact.png`, and then fails if any image is missing, naming
+the first ones. Its `RetryPolicy` runs it again; images already stored are not fetched
+again, so a retry downloads only what is missing.
+
+Example::
+
+    flux2-pipeline materialize --select flux2_images --partition cats
+"""
+
+import time
+from typing import Any
+
+import pyarrow.parquet as pq
+from dagster import (
+    AssetExecutionContext,
+    AssetKey,
+    AssetsDefinition,
+    Config,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    RetryPolicy,
+    TableColumn,
+    TableSchema,
+    asset,
+)
+from pydantic import Field
+
+from flux2_pipeline.assets.edits import EDITS_RETRY_POLICY
+from flux2_pipeline.assets.prompts import prompt_table_partitions
+from flux2_pipeline.media import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_BYTES,
+    MANIFEST_COLUMN_DESCRIPTIONS,
+    MANIFEST_SCHEMA,
+    FetchLimits,
+    ImageStore,
+    SyncReport,
+    contact_rows,
+    image_refs,
+    markdown_preview,
+    read_manifest,
+    render_contact_sheet,
+    save_png,
+    sync_images_blocking,
+    write_manifest,
+)
+from flux2_pipeline.resources import Flux2Storage
+
+IMAGES_CODE_VERSION = "1"
+EDITS_KEY = AssetKey("flux2_edits")
+FAILED_IMAGES_NAMED = 5
+PROGRESS_SECONDS = 10.0
+
+
+class ImagesConfig(Config):
+    """Download budgets of `flux2_images` (run config `ops.flux2_images.config`)."""
+
+    max_concurrency: int = Field(
+        default=DEFAULT_CONCURRENCY, ge=1, description="Most image downloads in flight at once."
+    )
+    max_image_bytes: int = Field(
+        default=DEFAULT_MAX_BYTES, ge=1, description="Largest image accepted, in bytes."
+    )
+    attempts: int = Field(
+        default=4, ge=1, description="Tries per image on transient errors (timeouts, 429, 5xx)."
+    )
+    timeout_seconds: float = Field(default=30.0, gt=0, description="Per-request HTTP timeout.")
+
+
+def manifest_table_schema() -> TableSchema:
+    """The image manifest's columns as a Dagster `TableSchema`."""
+    return TableSchema(
+        columns=[
+            TableColumn(
+                name=column.name,
+                type=str(column.type),
+                description=MANIFEST_COLUMN_DESCRIPTIONS.get(column.name),
+            )
+            for column in MANIFEST_SCHEMA
+        ]
+    )
+
+
+def _failure_text(report: SyncReport) -> str:
+    first = report.failures()[:FAILED_IMAGES_NAMED]
+    return " | ".join(f"{r.row_id} {r.role}[{r.index}]: {r.error}" for r in first)
+
+
+def build_images_asset(retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY) -> AssetsDefinition:
+    """The `flux2_images` asset with the given step `RetryPolicy`.
+
+    Example::
+
+        defs = Definitions(assets=[..., build_images_asset(edits_retry_policy(max_retries=1))])
+    """
+
+    @asset(
+        name="flux2_images",
+        partitions_def=prompt_table_partitions,
+        deps=[EDITS_KEY],
+        group_name="flux2",
+        code_version=IMAGES_CODE_VERSION,
+        retry_policy=retry_policy,
+        kinds={"parquet", "png"},
+        metadata={"dagster/column_schema": manifest_table_schema()},
+        description="Every reference and edited image of one partition's completed rows, "
+        "stored by sha256 under images/, with a manifest (one row per image) and a "
+        "contact sheet.",
+    )
+    def flux2_images(
+        context: AssetExecutionContext, config: ImagesConfig, storage: Flux2Storage
+    ) -> MaterializeResult[None]:
+        """Fetch, verify and store one partition's images; write its manifest and sheet."""
+        key = context.partition_key
+        results_path = storage.results_path(key)
+        if not results_path.is_file():
+            raise Failure(
+                description=f"partition {key}: no results at {results_path}; "
+                "materialize flux2_edits first",
+                allow_retries=False,
+            )
+        results = pq.read_table(results_path)
+        refs = image_refs(results)
+        store = ImageStore(storage.images_dir(), base=storage.output_root())
+        manifest_path = storage.image_manifest_path(key)
+        limits = FetchLimits(
+            max_bytes=config.max_image_bytes,
+            attempts=config.attempts,
+            timeout=config.timeout_seconds,
+        )
+        last_log = [time.monotonic()]
+
+        def progress(done: int, total: int) -> None:
+            if time.monotonic() - last_log[0] >= PROGRESS_SECONDS:
+                last_log[0] = time.monotonic()
+                context.log.info(f"partition {key}: {done}/{total} image URLs settled")
+
+        report = sync_images_blocking(
+            refs,
+            store,
+            read_manifest(manifest_path),
+            limits=limits,
+            max_concurrency=config.max_concurrency,
+            on_done=progress,
+        )
+        write_manifest(manifest_path, report.records)
+        sheet = render_contact_sheet(contact_rows(results, report.records, store))
+        sheet_path = storage.contact_sheet_path(key)
+        save_png(sheet, sheet_path)
+        context.log.info(
+            f"partition {key}: {report.stored} images stored ({report.downloaded} downloaded, "
+            f"{report.reused} reused), {report.failed} failed; manifest {manifest_path}"
+        )
+        metadata: dict[str, Any] = {
+            "dagster/row_count": len(report.records),
+            "flux2/images_stored": report.stored,
+            "flux2/images_downloaded": report.downloaded,
+            "flux2/images_reused": report.reused,
+            "flux2/images_failed": report.failed,
+            "flux2/bytes_downloaded": report.bytes_downloaded,
+            "flux2/bytes_stored": report.bytes_stored,
+            "flux2/manifest": MetadataValue.path(str(manifest_path)),
+            "flux2/contact_sheet_path": MetadataValue.path(str(sheet_path)),
+            "flux2/contact_sheet": MetadataValue.md(markdown_preview(sheet)),
+        }
+        if report.failed:
+            raise Failure(
+                description=f"partition {key}: {report.failed} of {len(report.records)} images "
+                f"are missing; manifest written to {manifest_path}, a retry fetches only "
+                "those. First: " + _failure_text(report),
+                metadata=metadata,
+            )
+        return MaterializeResult(metadata=metadata)
+
+    return flux2_images
+
+
+flux2_images = build_images_asset()

@@ -1,0 +1,43 @@
+"""The training dataset: Hugging Face-loadable sharded Parquet built from stored images.
+
+Dagster-free. `build_training_dataset` turns every partition's results table and image
+manifest into shards of one row per edited image, with the images embedded in the
+Hugging Face encoding and the `datasets` Features in the Parquet metadata.
+
+Example::
+
+    report = build_training_dataset(sources, store, Path("out/flux2_training_dataset"))
+    datasets.load_dataset("parquet", data_dir="out/flux2_training_dataset", split="train")
+"""
+
+from flux2_pipeline.dataset.builder import (
+    MAX_SHARD_BYTES,
+    MAX_SHARD_ROWS,
+    SPLIT_DIR,
+    STATE_FILE,
+    BuildReport,
+    PartitionBuild,
+    PartitionSource,
+    build_training_dataset,
+)
+from flux2_pipeline.dataset.features import (
+    COLUMN_DESCRIPTIONS,
+    DATASET_SCHEMA,
+    FEATURES,
+    IMAGE_TYPE,
+)
+
+__all__ = [
+    "COLUMN_DESCRIPTIONS",
+    "DATASET_SCHEMA",
+    "FEATURES",
+    "IMAGE_TYPE",
+    "MAX_SHARD_BYTES",
+    "MAX_SHARD_ROWS",
+    "SPLIT_DIR",
+    "STATE_FILE",
+    "BuildReport",
+    "PartitionBuild",
+    "PartitionSource",
+    "build_training_dataset",
+]

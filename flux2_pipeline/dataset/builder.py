@@ -1,0 +1,331 @@
+"""Build the sharded training dataset from every partition's results and image manifest.
+
+Layout under `out_dir` (the `data_dir` of `datasets.load_dataset("parquet", ...)`)::
+
+    train/<partition>-00000.parquet     shards of one partition, in row order
+    train/<partition>-00001.parquet     (a new shard every `max_rows` rows or `max_bytes`)
+    .flux2_state.json                   per partition: input fingerprint, shards, counts
+
+Shards live in a `train/` folder because `datasets` infers splits from file names: a
+partition called `test-set` or `dev` would otherwise become a split of its own. Hidden
+files (the state file, temporary shards) are ignored by `datasets`.
+
+One row per edited image of every completed row whose references and that image are
+stored. Row order is the shard file order (partition key, then shard number) and, inside
+a shard, the results table's row order, then image index.
+
+Incremental: a partition is rewritten only when its fingerprint (sha256 of its results
+file and its image manifest, plus the builder version and shard limits) differs from the
+one in the state file, or one of its shards is gone. Shards of partitions no longer given
+are deleted. Each partition's new shards are written to hidden temporary files and renamed
+into place; the state file is written last, so an interrupted build is redone next time.
+One build at a time per folder (the Dagster asset is one step).
+
+Example::
+
+    report = build_training_dataset(
+        [PartitionSource("cats", results_path, manifest_path)],
+        store,
+        Path("data/output/flux2_training_dataset"),
+    )
+    report.rows, report.shards, [p.key for p in report.partitions if p.rebuilt]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flux2_pipeline.batch.tables import file_sha256
+from flux2_pipeline.dataset.features import DATASET_SCHEMA
+from flux2_pipeline.media.manifest import ImageRecord, read_manifest
+from flux2_pipeline.media.store import ImageStore
+from flux2_pipeline.runcomfy import PARAMETER_NAMES
+
+BUILDER_VERSION = 1
+STATE_FILE = ".flux2_state.json"
+SPLIT_DIR = "train"
+MAX_SHARD_ROWS = 1000
+MAX_SHARD_BYTES = 256 * 1024 * 1024
+ROW_GROUP_ROWS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionSource:
+    """One partition's inputs: its flux2_edits results file and its image manifest."""
+
+    key: str
+    results_path: Path
+    manifest_path: Path
+
+
+@dataclass
+class PartitionBuild:
+    """What the dataset holds for one partition, and whether this build rewrote it."""
+
+    key: str
+    fingerprint: str
+    shards: list[str] = field(default_factory=list)
+    rows: int = 0
+    bytes: int = 0
+    skipped: int = 0
+    rebuilt: bool = False
+
+
+@dataclass
+class BuildReport:
+    """The outcome of `build_training_dataset`."""
+
+    out_dir: Path
+    partitions: list[PartitionBuild] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        """Rows in the whole dataset."""
+        return sum(p.rows for p in self.partitions)
+
+    @property
+    def shards(self) -> int:
+        """Shard files in the whole dataset."""
+        return sum(len(p.shards) for p in self.partitions)
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of all shard files."""
+        return sum(p.bytes for p in self.partitions)
+
+    @property
+    def skipped(self) -> int:
+        """Edited images left out because they or their row's references are not stored."""
+        return sum(p.skipped for p in self.partitions)
+
+    @property
+    def rebuilt(self) -> list[str]:
+        """Keys of the partitions this build rewrote."""
+        return [p.key for p in self.partitions if p.rebuilt]
+
+
+def fingerprint(source: PartitionSource, max_rows: int, max_bytes: int) -> str:
+    """What a partition's shards are made from; equal fingerprints mean equal shards."""
+    parts = [
+        f"v{BUILDER_VERSION}:{max_rows}:{max_bytes}:{ROW_GROUP_ROWS}",
+        file_sha256(source.results_path),
+        file_sha256(source.manifest_path),
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _load_state(out_dir: Path) -> dict[str, dict[str, Any]]:
+    try:
+        data = json.loads((out_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    partitions = data.get("partitions") if isinstance(data, dict) else None
+    return partitions if isinstance(partitions, dict) else {}
+
+
+def _save_state(out_dir: Path, builds: Sequence[PartitionBuild]) -> None:
+    state = {
+        "version": BUILDER_VERSION,
+        "partitions": {
+            b.key: {k: v for k, v in asdict(b).items() if k not in ("key", "rebuilt")}
+            for b in builds
+        },
+    }
+    tmp = out_dir / f"{STATE_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+    os.replace(tmp, out_dir / STATE_FILE)
+
+
+def _examples(
+    source: PartitionSource, store: ImageStore, counts: dict[str, int]
+) -> Iterator[dict[str, Any]]:
+    """The dataset rows of one partition, in order; counts skipped edited images."""
+    images: dict[tuple[str, str, int], ImageRecord] = {
+        (r.row_id, r.role, r.index): r for r in read_manifest(source.manifest_path) if r.ok
+    }
+    results = pq.read_table(source.results_path)
+    for row in results.to_pylist():
+        if row["status"] != "completed":
+            continue
+        outputs = row["output_urls"] or []
+        sources = [images.get((row["row_id"], "source", i)) for i in range(len(row["image_urls"]))]
+        if any(s is None for s in sources):
+            counts["skipped"] += len(outputs)
+            continue
+        source_images = [_image_cell(store, s) for s in sources if s is not None]
+        source_shas = [s.sha256 for s in sources if s is not None]
+        for index in range(len(outputs)):
+            edited = images.get((row["row_id"], "edited", index))
+            if edited is None:
+                counts["skipped"] += 1
+                continue
+            yield {
+                "prompt": row["prompt"],
+                "source_images": source_images,
+                "edited_image": _image_cell(store, edited),
+                **{name: row[name] for name in PARAMETER_NAMES},
+                "partition": source.key,
+                "row_id": row["row_id"],
+                "request_id": row["request_id"],
+                "image_index": index,
+                "edited_sha256": edited.sha256,
+                "source_sha256s": source_shas,
+                "width": edited.width,
+                "height": edited.height,
+            }
+
+
+def _image_cell(store: ImageStore, record: ImageRecord) -> dict[str, Any]:
+    assert record.path is not None
+    return {"bytes": store.read(record.path), "path": Path(record.path).name}
+
+
+def _row_bytes(example: dict[str, Any]) -> int:
+    return len(example["edited_image"]["bytes"]) + sum(
+        len(cell["bytes"]) for cell in example["source_images"]
+    )
+
+
+class _ShardWriter:
+    """Writes one partition's shards to hidden temporary files; `commit` renames them."""
+
+    def __init__(self, folder: Path, key: str, max_rows: int, max_bytes: int) -> None:
+        self.folder, self.key = folder, key
+        self.max_rows, self.max_bytes = max_rows, max_bytes
+        self.names: list[str] = []
+        self._tmps: list[Path] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._rows = self._bytes = 0
+        self._pending: list[dict[str, Any]] = []
+        self.total_rows = 0
+
+    def add(self, example: dict[str, Any]) -> None:
+        size = _row_bytes(example)
+        if self._writer is None or (
+            self._rows >= self.max_rows or (self._rows and self._bytes + size > self.max_bytes)
+        ):
+            self._open_next()
+        self._pending.append(example)
+        self._rows += 1
+        self._bytes += size
+        self.total_rows += 1
+        if len(self._pending) >= ROW_GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending and self._writer is not None:
+            self._writer.write_table(pa.Table.from_pylist(self._pending, schema=DATASET_SCHEMA))
+            self._pending = []
+
+    def _open_next(self) -> None:
+        self._close()
+        name = f"{self.key}-{len(self.names):05d}.parquet"
+        tmp = self.folder / f".{name}.{os.getpid()}.tmp"
+        self.names.append(name)
+        self._tmps.append(tmp)
+        self._writer = pq.ParquetWriter(tmp, DATASET_SCHEMA, compression="zstd")
+        self._rows = self._bytes = 0
+
+    def _close(self) -> None:
+        self._flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def commit(self) -> list[str]:
+        self._close()
+        for tmp, name in zip(self._tmps, self.names, strict=True):
+            os.replace(tmp, self.folder / name)
+        return self.names
+
+    def abort(self) -> None:
+        try:
+            self._close()
+        finally:
+            for tmp in self._tmps:
+                tmp.unlink(missing_ok=True)
+
+
+def _build_partition(
+    source: PartitionSource,
+    store: ImageStore,
+    folder: Path,
+    old_shards: Sequence[str],
+    digest: str,
+    max_rows: int,
+    max_bytes: int,
+) -> PartitionBuild:
+    counts = {"skipped": 0}
+    writer = _ShardWriter(folder, source.key, max_rows, max_bytes)
+    try:
+        for example in _examples(source, store, counts):
+            writer.add(example)
+        names = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    for stale in set(old_shards) - set(names):
+        (folder / stale).unlink(missing_ok=True)
+    return PartitionBuild(
+        key=source.key,
+        fingerprint=digest,
+        shards=names,
+        rows=writer.total_rows,
+        bytes=sum((folder / name).stat().st_size for name in names),
+        skipped=counts["skipped"],
+        rebuilt=True,
+    )
+
+
+def build_training_dataset(
+    sources: Sequence[PartitionSource],
+    store: ImageStore,
+    out_dir: Path,
+    *,
+    max_rows: int = MAX_SHARD_ROWS,
+    max_bytes: int = MAX_SHARD_BYTES,
+) -> BuildReport:
+    """Bring `out_dir` up to date with `sources`, rewriting only partitions that changed."""
+    if max_rows < 1 or max_bytes < 1:
+        raise ValueError("max_rows and max_bytes must be at least 1")
+    folder = out_dir / SPLIT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    state = _load_state(out_dir)
+    report = BuildReport(out_dir)
+    for source in sorted(sources, key=lambda s: s.key):
+        digest = fingerprint(source, max_rows, max_bytes)
+        known = state.get(source.key, {})
+        old_shards = [str(name) for name in known.get("shards", [])]
+        intact = all((folder / name).is_file() for name in old_shards)
+        if known.get("fingerprint") == digest and intact:
+            report.partitions.append(
+                PartitionBuild(
+                    key=source.key,
+                    fingerprint=digest,
+                    shards=old_shards,
+                    rows=int(known.get("rows", 0)),
+                    bytes=int(known.get("bytes", 0)),
+                    skipped=int(known.get("skipped", 0)),
+                )
+            )
+            continue
+        report.partitions.append(
+            _build_partition(source, store, folder, old_shards, digest, max_rows, max_bytes)
+        )
+    report.removed = sorted(set(state) - {s.key for s in sources})
+    keep = {name for build in report.partitions for name in build.shards}
+    for path in folder.iterdir():
+        if path.name not in keep and (path.suffix in (".parquet", ".tmp")):
+            path.unlink(missing_ok=True)  # shards of removed partitions, leftovers of crashes
+    _save_state(out_dir, report.partitions)
+    return report

@@ -1,0 +1,159 @@
+"""Contact sheets: reference thumbnails beside their edits, with the prompt, as one PNG.
+
+Example::
+
+    rows = contact_rows(results, report.records, store)
+    sheet = render_contact_sheet(rows)
+    save_png(sheet, Path("data/output/flux2_images/cats.contact.png"))
+    markdown = markdown_preview(sheet)   # "![contact sheet](data:image/png;base64,...)"
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from flux2_pipeline.media.manifest import ImageRecord
+from flux2_pipeline.media.store import ImageStore
+
+MAX_ROWS = 24
+THUMB = 160
+TEXT_WIDTH = 280
+PAD = 8
+PREVIEW_MAX_BYTES = 300_000
+PREVIEW_WIDTH = 900
+_FONT_SIZE = 14
+_WRAP = 34
+_MAX_LINES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class ContactRow:
+    """One line of the sheet: a results row's prompt, its stored references and edits."""
+
+    row_id: str
+    prompt: str
+    sources: tuple[Path, ...]
+    edits: tuple[Path, ...]
+
+
+def contact_rows(
+    results: pa.Table,
+    records: Sequence[ImageRecord],
+    store: ImageStore,
+    limit: int = MAX_ROWS,
+) -> list[ContactRow]:
+    """The first `limit` completed rows that have at least one stored image, in row order."""
+    by_row: dict[str, dict[str, list[tuple[int, Path]]]] = {}
+    for record in records:
+        if record.ok and record.path is not None:
+            roles = by_row.setdefault(record.row_id, {"source": [], "edited": []})
+            roles[record.role].append((record.index, store.resolve(record.path)))
+    rows: list[ContactRow] = []
+    for row in results.select(["row_id", "prompt", "status"]).to_pylist():
+        found = by_row.get(row["row_id"])
+        if row["status"] != "completed" or not found:
+            continue
+        rows.append(
+            ContactRow(
+                row_id=row["row_id"],
+                prompt=row["prompt"] or "",
+                sources=tuple(path for _, path in sorted(found["source"])),
+                edits=tuple(path for _, path in sorted(found["edited"])),
+            )
+        )
+        if len(rows) >= limit:
+            break
+    return rows
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (OSError, TypeError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _thumbnail(path: Path, size: int) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return ImageOps.contain(image.convert("RGB"), (size, size))
+    except (OSError, ValueError):
+        broken = Image.new("RGB", (size, size), (200, 60, 60))
+        ImageDraw.Draw(broken).text((PAD, PAD), "unreadable", fill="white")
+        return broken
+
+
+def render_contact_sheet(rows: Sequence[ContactRow], thumb: int = THUMB) -> Image.Image:
+    """A white grid: prompt text, then reference thumbnails, then edit thumbnails, per row."""
+    font = _font(_FONT_SIZE)
+    small = _font(_FONT_SIZE - 2)
+    sources = max((len(row.sources) for row in rows), default=1) or 1
+    edits = max((len(row.edits) for row in rows), default=1) or 1
+    cell = thumb + PAD
+    edits_x = PAD + TEXT_WIDTH + sources * cell + 2 * PAD
+    width = edits_x + edits * cell
+    header = _FONT_SIZE + 2 * PAD
+    height = header + max(1, len(rows)) * (cell + PAD) + PAD
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((PAD, PAD), "prompt", fill=(90, 90, 90), font=small)
+    draw.text((PAD + TEXT_WIDTH, PAD), "references", fill=(90, 90, 90), font=small)
+    draw.text((edits_x, PAD), "edits", fill=(90, 90, 90), font=small)
+    if not rows:
+        draw.text((PAD, header), "no stored images", fill="black", font=font)
+    for number, row in enumerate(rows):
+        top = header + number * (cell + PAD)
+        draw.line([(0, top - PAD // 2), (width, top - PAD // 2)], fill=(220, 220, 220))
+        draw.text((PAD, top), row.row_id, fill=(40, 40, 160), font=font)
+        lines = textwrap.wrap(row.prompt, _WRAP)[:_MAX_LINES] or ["(empty prompt)"]
+        draw.multiline_text((PAD, top + _FONT_SIZE + 6), "\n".join(lines), fill="black", font=small)
+        for column, path in enumerate(row.sources):
+            sheet.paste(_thumbnail(path, thumb), (PAD + TEXT_WIDTH + column * cell, top))
+        arrow_x = edits_x - 2 * PAD
+        draw.text((arrow_x, top + thumb // 2), ">", fill=(120, 120, 120), font=font)
+        for column, path in enumerate(row.edits):
+            sheet.paste(_thumbnail(path, thumb), (edits_x + column * cell, top))
+    return sheet
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """The image encoded as an optimized PNG."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """Write the image as PNG atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(png_bytes(image))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def markdown_preview(
+    image: Image.Image, max_bytes: int = PREVIEW_MAX_BYTES, width: int = PREVIEW_WIDTH
+) -> str:
+    """Markdown embedding a downscaled copy of `image` whose base64 stays under `max_bytes`."""
+    scale = min(1.0, width / image.width)
+    while True:
+        size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+        small = image.resize(size, Image.Resampling.LANCZOS) if scale < 1 else image
+        encoded = base64.b64encode(png_bytes(small)).decode("ascii")
+        if len(encoded) <= max_bytes or size[0] <= 64:
+            return f"![contact sheet](data:image/png;base64,{encoded})"
+        scale *= 0.7

@@ -1,0 +1,79 @@
+"""A content-addressed image store on the local filesystem.
+
+Each image lives at `<root>/<sha256[:2]>/<sha256>.<ext>`: the same bytes are stored once,
+whoever refers to them. A file appears only complete: it is written to a temporary file
+in the same folder and renamed into place (`os.replace`), so a crash or a failed check
+never leaves a partial image.
+
+Example::
+
+    store = ImageStore(Path("data/output/images"), base=Path("data/output"))
+    stored = store.put(png_bytes, sha256, "png")
+    stored.relative      # "images/9f/9f86d0...png"  (what manifests record)
+    store.read(stored.relative) == png_bytes
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+_HEX = frozenset("0123456789abcdef")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredImage:
+    """Where an image is: its absolute path and its path relative to the store's base."""
+
+    path: Path
+    relative: str
+
+
+class ImageStore:
+    """Content-addressed storage; manifests record paths relative to `base`.
+
+    `base` is the output root, so a manifest stays valid when the whole output folder moves.
+    """
+
+    def __init__(self, root: Path, base: Path | None = None) -> None:
+        self.root = root
+        self.base = base if base is not None else root.parent
+
+    def locate(self, sha256: str, ext: str) -> StoredImage:
+        """Where the image with this digest and extension is (or would be) stored."""
+        if len(sha256) != 64 or not _HEX.issuperset(sha256):
+            raise ValueError(f"not a sha256 hex digest: {sha256!r}")
+        path = self.root / sha256[:2] / f"{sha256}.{ext}"
+        return StoredImage(path, path.relative_to(self.base).as_posix())
+
+    def resolve(self, relative: str) -> Path:
+        """The absolute path of a manifest's relative `path`."""
+        return self.base / relative
+
+    def exists(self, relative: str) -> bool:
+        """True when the stored file is there."""
+        return self.resolve(relative).is_file()
+
+    def read(self, relative: str) -> bytes:
+        """The stored bytes of a manifest's relative `path`."""
+        return self.resolve(relative).read_bytes()
+
+    def put(self, data: bytes, sha256: str, ext: str) -> StoredImage:
+        """Store `data` (whose digest the caller computed) unless it is already there."""
+        target = self.locate(sha256, ext)
+        if target.path.is_file() and target.path.stat().st_size == len(data):
+            return target
+        target.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.path.with_name(f".{sha256}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            with tmp.open("wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return target

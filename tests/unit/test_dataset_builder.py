@@ -1,0 +1,155 @@
+"""The training-dataset builder on real Parquet in tmp_path: shards, incremental rebuilds."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from flux2_pipeline.batch import RESULTS_SCHEMA
+from flux2_pipeline.dataset import (
+    DATASET_SCHEMA,
+    FEATURES,
+    PartitionSource,
+    build_training_dataset,
+)
+from flux2_pipeline.media import ImageRecord, ImageStore, inspect_image, write_manifest
+
+
+def _png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 8), (seed * 40 % 256, 80, 120)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _partition(
+    tmp: Path, store: ImageStore, key: str, rows: int, images: int = 1
+) -> PartitionSource:
+    results, records = [], []
+    for i in range(rows):
+        row_id = f"{key}-{i}"
+        ref = f"https://ref.test/{key}/{i}.png"
+        outs = [f"https://out.test/{key}/{i}/{n}.png" for n in range(images)]
+        results.append(
+            {
+                "row_id": row_id,
+                "prompt": f"prompt {key} {i}",
+                "image_urls": [ref],
+                "guidance_scale": 2.5,
+                "seed": i,
+                "num_inference_steps": 28,
+                "image_size": "square_hd",
+                "num_images": images,
+                "enable_prompt_expansion": False,
+                "output_format": "png",
+                "request_id": f"req-{key}-{i}",
+                "status": "completed",
+                "output_urls": outs,
+                "error": None,
+                "attempts": 1,
+                "submitted_at": None,
+                "finished_at": None,
+                "cost_usd": None,
+                "warning": None,
+            }
+        )
+        for role, index, url, data in [("source", 0, ref, _png(i))] + [
+            ("edited", n, url, _png(100 + i * 7 + n)) for n, url in enumerate(outs)
+        ]:
+            info = inspect_image(data)
+            stored = store.put(data, info.sha256, info.ext)
+            records.append(
+                ImageRecord(
+                    row_id,
+                    f"req-{key}-{i}",
+                    role,
+                    index,
+                    url,
+                    "ok",
+                    info.sha256,
+                    stored.relative,
+                    info.width,
+                    info.height,
+                    info.format,
+                    info.bytes,
+                )
+            )
+    results_path = tmp / "flux2_edits" / f"{key}.parquet"
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(results, schema=RESULTS_SCHEMA), results_path)
+    manifest_path = tmp / "flux2_images" / f"{key}.parquet"
+    write_manifest(manifest_path, records)
+    return PartitionSource(key, results_path, manifest_path)
+
+
+def test_features_match_what_datasets_builds() -> None:
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features.from_dict(FEATURES)
+    assert features.to_dict() == FEATURES
+    assert features.arrow_schema.remove_metadata().equals(DATASET_SCHEMA.remove_metadata())
+    assert features["source_images"] == datasets.List(datasets.Image())
+
+
+def test_shards_are_bounded_and_rebuilds_touch_only_changed_partitions(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "images", base=tmp_path)
+    out = tmp_path / "dataset"
+    sources = [
+        _partition(tmp_path, store, "test-set", 3),  # a split keyword in the name
+        _partition(tmp_path, store, "alpha", 5, images=2),
+    ]
+    first = build_training_dataset(sources, store, out, max_rows=4)
+    assert (first.rows, first.rebuilt) == (3 + 10, ["alpha", "test-set"])
+    shards = sorted(p.name for p in (out / "train").iterdir())
+    assert shards == [
+        "alpha-00000.parquet",
+        "alpha-00001.parquet",
+        "alpha-00002.parquet",
+        "test-set-00000.parquet",
+    ]
+    table = pq.read_table(out / "train" / "alpha-00000.parquet")
+    assert table.num_rows == 4 and table.schema.metadata == DATASET_SCHEMA.metadata
+    first_row = table.slice(0, 1).to_pylist()[0]
+    assert (first_row["row_id"], first_row["image_index"]) == ("alpha-0", 0)
+    data = first_row["edited_image"]["bytes"]
+    assert hashlib.sha256(data).hexdigest() == first_row["edited_sha256"]
+    mtime = (out / "train" / "test-set-00000.parquet").stat().st_mtime_ns
+
+    assert build_training_dataset(sources, store, out, max_rows=4).rebuilt == []
+    sources[1] = _partition(tmp_path, store, "alpha", 2)
+    second = build_training_dataset(sources, store, out, max_rows=4)
+    assert (second.rebuilt, second.rows) == (["alpha"], 3 + 2)
+    assert sorted(p.name for p in (out / "train").iterdir()) == [
+        "alpha-00000.parquet",
+        "test-set-00000.parquet",
+    ]
+    assert (out / "train" / "test-set-00000.parquet").stat().st_mtime_ns == mtime
+
+    third = build_training_dataset(sources[1:], store, out, max_rows=4)
+    assert third.removed == ["test-set"]
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["alpha-00000.parquet"]
+
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.load_dataset(
+        "parquet", data_dir=str(out), split="train", cache_dir=str(tmp_path / "hf")
+    )
+    assert [row["row_id"] for row in ds] == ["alpha-0", "alpha-1"]
+    assert ds[0]["edited_image"].size == (16, 8)
+
+
+def test_rows_with_a_missing_image_are_left_out_and_counted(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "images", base=tmp_path)
+    source = _partition(tmp_path, store, "gappy", 3, images=2)
+    records = pq.read_table(source.manifest_path).to_pylist()
+    for record in records:
+        if (record["row_id"], record["role"]) == ("gappy-1", "source"):
+            record.update(status="failed", sha256=None, path=None, error="unavailable: HTTP 404")
+        if (record["row_id"], record["role"], record["index"]) == ("gappy-2", "edited", 1):
+            record.update(status="failed", sha256=None, path=None, error="corrupt: bad")
+    write_manifest(source.manifest_path, [ImageRecord(**r) for r in records])
+    report = build_training_dataset([source], store, tmp_path / "ds")
+    assert (report.rows, report.skipped) == (3, 3)
