@@ -65,7 +65,7 @@ def _load_cursor(raw: str | None) -> dict[str, dict[str, Any]]:
 
 @sensor(
     name="flux2_prompt_files_sensor",
-    asset_selection=["flux2_edits"],
+    asset_selection=["flux2_edits", "flux2_images"],
     minimum_interval_seconds=30,
     default_status=DefaultSensorStatus.STOPPED,
     description="Registers each Parquet file in FLUX2_INPUT_DIR as a partition and requests "
