@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.materialize import PartitionSummary, format_report, materialize
+from flux2_pipeline.paths import read_parquet
 from flux2_pipeline.settings import Settings, SettingsError
 
 MARKER = ".flux2-demo"
@@ -151,7 +152,7 @@ def save_previews(summaries: list[PartitionSummary], folder: Path) -> list[Path]
         for summary in summaries:
             if summary.results_path is None:
                 continue
-            table = pq.read_table(summary.results_path, columns=["row_id", "output_urls"])
+            table = read_parquet(summary.results_path, columns=["row_id", "output_urls"])
             for row_id, urls in zip(
                 table["row_id"].to_pylist(), table["output_urls"].to_pylist(), strict=True
             ):

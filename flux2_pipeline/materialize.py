@@ -2,7 +2,8 @@
 
 This is what `flux2-pipeline materialize` and the demo call. Every input file is
 registered as a partition first; the selected partitions then run in turn on the
-Dagster instance (DAGSTER_HOME, or one kept under the output directory), each run
+Dagster instance (DAGSTER_HOME, or one kept under a local output directory, or under
+`~/.flux2-pipeline/dagster/<digest of the URI>` when the output is an object store), each run
 materializing the selected partitioned assets (flux2_edits, then flux2_images). When
 flux2_training_dataset is selected it runs once at the end, unpartitioned.
 
@@ -14,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -22,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from dagster import (
     AssetKey,
     DagsterInstance,
@@ -30,9 +31,11 @@ from dagster import (
     ExecuteInProcessResult,
     RunsFilter,
 )
+from upath import UPath
 
 from flux2_pipeline.assets import PARTITIONS_NAME
 from flux2_pipeline.definitions import build_definitions
+from flux2_pipeline.paths import file_size, is_local, local_path, read_parquet
 from flux2_pipeline.resources import STOP_REQUESTED, Flux2Storage
 from flux2_pipeline.settings import Settings, SettingsError
 
@@ -40,6 +43,8 @@ ASSET_NAMES = ("flux2_edits", "flux2_images", "flux2_training_dataset")
 PARTITIONED_ASSETS = ("flux2_edits", "flux2_images")
 DATASET_ASSET = "flux2_training_dataset"
 RUN_TAG = "flux2/launched_by"
+REMOTE_OUTPUT_HOMES = Path("~/.flux2-pipeline/dagster")
+"""Where Dagster instances live when FLUX2_OUTPUT_DIR is an object store (one per URI)."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ class PartitionSummary:
     invalid: int = 0
     cancelled: int = 0
     error: str | None = None
-    results_path: Path | None = None
+    results_path: UPath | None = None
     images: int = 0
     images_failed: int = 0
 
@@ -68,7 +73,7 @@ class DatasetSummary:
     seconds: float
     rows: int = 0
     shards: int = 0
-    path: Path | None = None
+    path: UPath | None = None
     error: str | None = None
 
 
@@ -86,8 +91,21 @@ class MaterializeReport:
         return runs_ok and (self.dataset is None or self.dataset.succeeded)
 
 
+def default_dagster_home(settings: Settings) -> Path:
+    """The Dagster instance folder used when DAGSTER_HOME is unset.
+
+    `<output>/.dagster` for a local output folder. Run history is local state (SQLite),
+    so for an object-store output it is `~/.flux2-pipeline/dagster/<sha256(URI)[:12]>`:
+    one instance per output URI on this machine.
+    """
+    if is_local(settings.output_dir):
+        return local_path(settings.output_dir) / ".dagster"
+    digest = hashlib.sha256(str(settings.output_dir).encode()).hexdigest()[:12]
+    return REMOTE_OUTPUT_HOMES.expanduser() / digest
+
+
 def open_instance(settings: Settings) -> DagsterInstance:
-    """DAGSTER_HOME's instance, or a persistent one under the output directory."""
+    """DAGSTER_HOME's instance, or a persistent one at `default_dagster_home`."""
     configured = os.environ.get("DAGSTER_HOME", "").strip()
     if configured:
         home = Path(configured)
@@ -97,7 +115,7 @@ def open_instance(settings: Settings) -> DagsterInstance:
                 f"got {configured!r}"
             )
     else:
-        home = settings.output_dir / ".dagster"
+        home = default_dagster_home(settings)
         home.mkdir(parents=True, exist_ok=True)
         config = home / "dagster.yaml"
         if not config.exists():
@@ -269,14 +287,14 @@ def _summarize(
     key: str, succeeded: bool, seconds: float, storage: Flux2Storage, error: str | None
 ) -> PartitionSummary:
     path = storage.results_path(key)
-    if not path.exists():
+    if file_size(path) is None:
         return PartitionSummary(key, succeeded, seconds, error=error)
-    status = pq.read_table(path, columns=["status"])["status"]
+    status = read_parquet(path, columns=["status"])["status"]
     counts = {row["values"]: row["counts"] for row in pc.value_counts(status).to_pylist()}
     images = images_failed = 0
     manifest = storage.image_manifest_path(key)
-    if manifest.exists():
-        image_status = pq.read_table(manifest, columns=["status"])["status"]
+    if file_size(manifest) is not None:
+        image_status = read_parquet(manifest, columns=["status"])["status"]
         images = int(pc.sum(pc.equal(image_status, "ok")).as_py() or 0)
         images_failed = len(image_status) - images
     return PartitionSummary(

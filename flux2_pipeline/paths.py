@@ -16,14 +16,17 @@ Example::
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from upath import UPath
 
 REMOTE_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "memory"})
@@ -49,6 +52,11 @@ def as_path(location: str | os.PathLike[str]) -> UPath:
     return UPath(Path(text).expanduser().absolute())
 
 
+def ensure_upath(path: str | os.PathLike[str] | UPath) -> UPath:
+    """`path` itself when it is a `UPath`, else `as_path(path)` (plain `Path`s, strings)."""
+    return path if isinstance(path, UPath) else as_path(path)
+
+
 def is_local(path: UPath) -> bool:
     """True when `path` is on the local filesystem."""
     return path.protocol in ("", "file", "local")
@@ -57,6 +65,37 @@ def is_local(path: UPath) -> bool:
 def local_path(path: UPath) -> Path:
     """The `pathlib.Path` of a local `UPath`."""
     return Path(path.path)
+
+
+def make_dirs(path: UPath) -> None:
+    """Create a local folder and its parents; object stores have no folders to create."""
+    if is_local(path):
+        local_path(path).mkdir(parents=True, exist_ok=True)
+
+
+def file_size(path: UPath) -> int | None:
+    """The size in bytes of the file at `path`, or None when there is no such file."""
+    if is_local(path):
+        try:
+            info = os.stat(local_path(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return info.st_size if stat.S_ISREG(info.st_mode) else None
+    try:
+        details = path.fs.info(path.path)
+    except FileNotFoundError:
+        return None
+    if details.get("type") != "file":
+        return None
+    return int(details.get("size") or 0)
+
+
+def read_parquet(path: UPath, columns: Sequence[str] | None = None) -> pa.Table:
+    """Read a Parquet file from a local folder or an object store."""
+    wanted = list(columns) if columns is not None else None
+    if is_local(path):
+        return pq.read_table(local_path(path), columns=wanted)
+    return pq.read_table(path.path, columns=wanted, filesystem=path.fs)
 
 
 @contextmanager

@@ -8,20 +8,42 @@ Example::
     >>> Settings.from_env({"FLUX2_MAX_CONCURRENCY": "lots"})
     Traceback (most recent call last):
     SettingsError: FLUX2_MAX_CONCURRENCY must be a whole number from 1 to 4096, got 'lots'
+
+`FLUX2_OUTPUT_DIR` may be an object-store URI such as `s3://bucket/prefix` (the `s3` extra,
+credentials and endpoint from the usual AWS_* variables); then FLUX2_LEDGER_URL is required,
+because every machine writing there must share one ledger.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from upath import UPath
+
+from flux2_pipeline.paths import ensure_upath, is_local, is_remote_uri, local_path
 from flux2_pipeline.runcomfy import DEFAULT_BASE_URL
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 MAX_CONCURRENCY_LIMIT = 4096
+DEFAULT_OUTPUT_DIR = UPath("data/output")
+REMOTE_LEDGER_REQUIRED = (
+    "FLUX2_LEDGER_URL is required when FLUX2_OUTPUT_DIR is an object store: every machine "
+    "writing there must share one ledger, e.g. postgresql://user@host:5432/flux2"
+)
+# fsspec implementation module and how to install it, per object-store scheme.
+_FILESYSTEM_MODULES = {
+    "s3": ("s3fs", "pip install 'flux2-pipeline[s3]'"),
+    "s3a": ("s3fs", "pip install 'flux2-pipeline[s3]'"),
+    "gs": ("gcsfs", "pip install gcsfs"),
+    "gcs": ("gcsfs", "pip install gcsfs"),
+    "az": ("adlfs", "pip install adlfs"),
+    "abfs": ("adlfs", "pip install adlfs"),
+}
 
 
 class SettingsError(ValueError):
@@ -30,16 +52,29 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the pipeline reads from the environment (see CONTRACT.md)."""
+    """Everything the pipeline reads from the environment (see CONTRACT.md).
+
+    `output_dir` is a `UPath`: a local folder (a `pathlib.Path` subclass) or an object-store
+    URI; a `str` or `Path` given to the constructor is converted with `paths.as_path`.
+    """
 
     base_url: str = DEFAULT_BASE_URL
     input_dir: Path = Path("data/prompts")
-    output_dir: Path = Path("data/output")
+    output_dir: UPath = DEFAULT_OUTPUT_DIR
     max_concurrency: int = 8
     ledger_url: str | None = None
     step_retries: int = 3
     step_retry_delay: float = 10.0
     api_token: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.output_dir, UPath):
+            object.__setattr__(self, "output_dir", ensure_upath(self.output_dir))
+
+    @property
+    def output_is_remote(self) -> bool:
+        """True when FLUX2_OUTPUT_DIR is an object store rather than a local folder."""
+        return not is_local(self.output_dir)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -49,12 +84,16 @@ class Settings:
         token = env.get("RUNCOMFY_API_TOKEN") or None
         if token is not None and (token != token.strip() or any(c.isspace() for c in token)):
             raise SettingsError("RUNCOMFY_API_TOKEN must not contain spaces or line breaks")
+        output_dir = _output_dir(env, "FLUX2_OUTPUT_DIR", "data/output")
+        ledger_url = _ledger_url(env)
+        if ledger_url is None and not is_local(output_dir):
+            raise SettingsError(REMOTE_LEDGER_REQUIRED)
         return cls(
             base_url=base_url,
             input_dir=_path(env, "FLUX2_INPUT_DIR", "data/prompts").absolute(),
-            output_dir=_path(env, "FLUX2_OUTPUT_DIR", "data/output").absolute(),
+            output_dir=output_dir,
             max_concurrency=_int(env, "FLUX2_MAX_CONCURRENCY", 8, 1, MAX_CONCURRENCY_LIMIT),
-            ledger_url=_ledger_url(env),
+            ledger_url=ledger_url,
             step_retries=_int(env, "FLUX2_STEP_RETRIES", 3, 0, 20),
             step_retry_delay=_seconds(env, "FLUX2_STEP_RETRY_DELAY", 10.0),
             api_token=token,
@@ -75,8 +114,15 @@ class Settings:
 
     @property
     def effective_ledger_url(self) -> str:
-        """FLUX2_LEDGER_URL, or the SQLite file under the output directory."""
-        return self.ledger_url or f"sqlite:///{(self.output_dir / 'ledger.sqlite').resolve()}"
+        """FLUX2_LEDGER_URL, or the SQLite file under a local output directory.
+
+        Raises `SettingsError` when the output is an object store and no ledger is set.
+        """
+        if self.ledger_url:
+            return self.ledger_url
+        if not is_local(self.output_dir):
+            raise SettingsError(REMOTE_LEDGER_REQUIRED)
+        return f"sqlite:///{(local_path(self.output_dir) / 'ledger.sqlite').resolve()}"
 
 
 def is_loopback(url: str) -> bool:
@@ -97,6 +143,27 @@ def _path(env: Mapping[str, str], name: str, default: str) -> Path:
     if "\x00" in value:
         raise SettingsError(f"{name} must be a directory path, got a value with a NUL byte")
     return Path(value).expanduser()
+
+
+def _output_dir(env: Mapping[str, str], name: str, default: str) -> UPath:
+    value = env.get(name, "").strip() or default
+    if "\x00" in value:
+        raise SettingsError(f"{name} must be a directory path, got a value with a NUL byte")
+    if not is_remote_uri(value):
+        return ensure_upath(Path(value).expanduser().absolute())
+    parts = urlsplit(value)
+    scheme = parts.scheme.lower()
+    if not parts.netloc:
+        raise SettingsError(f"{name} must name a bucket, such as {scheme}://bucket/prefix")
+    module, install = _FILESYSTEM_MODULES.get(scheme, ("", ""))
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise SettingsError(
+                f"{name} points at an object store ({scheme}://), which needs {module} ({install})"
+            ) from None
+    return ensure_upath(value.rstrip("/"))
 
 
 def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from dagster import (
     AssetCheckExecutionContext,
     AssetCheckResult,
@@ -19,6 +18,7 @@ from dagster import (
 )
 
 from flux2_pipeline.assets.prompts import prompt_table_partitions
+from flux2_pipeline.paths import read_parquet
 from flux2_pipeline.resources import Flux2Storage
 
 EDITS = "flux2_edits"
@@ -26,7 +26,7 @@ EXAMPLES = 5
 
 
 def _results(storage: Flux2Storage, key: str, columns: Sequence[str]) -> pa.Table:
-    return pq.read_table(storage.results_path(key), columns=list(columns))
+    return read_parquet(storage.results_path(key), columns=columns)
 
 
 def _examples(table: pa.Table) -> str:

@@ -30,6 +30,7 @@ from dagster import (
     TableSchema,
     asset,
 )
+from upath import UPath
 
 from flux2_pipeline.assets.prompts import PROMPT_TABLES_KEY, prompt_table_partitions
 from flux2_pipeline.batch import (
@@ -281,7 +282,7 @@ flux2_edits = build_edits_asset()
 
 
 def _metadata(
-    key: str, in_path: Path, input_sha: str, out_path: Path, tally: _Tally, runner: EditRunner
+    key: str, in_path: Path, input_sha: str, out_path: UPath, tally: _Tally, runner: EditRunner
 ) -> dict[str, Any]:
     counts = runner.counters.by_status
     mean, p95 = tally.latency_figures()

@@ -5,7 +5,6 @@ Example: each partition of flux2_images shows these two checks in the Dagster UI
 """
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from dagster import (
     AssetCheckExecutionContext,
     AssetCheckResult,
@@ -16,6 +15,7 @@ from dagster import (
 
 from flux2_pipeline.assets.prompts import prompt_table_partitions
 from flux2_pipeline.media import ImageStore, UndecodableImage, inspect_image, read_manifest
+from flux2_pipeline.paths import read_parquet
 from flux2_pipeline.resources import Flux2Storage
 from flux2_pipeline.runcomfy.models import IMAGE_SIZE_PIXELS
 
@@ -43,7 +43,7 @@ def edited_images_stored(
     context: AssetCheckExecutionContext, storage: Flux2Storage
 ) -> AssetCheckResult:
     key = context.partition_key
-    results = pq.read_table(storage.results_path(key), columns=["row_id", "status", "output_urls"])
+    results = read_parquet(storage.results_path(key), columns=["row_id", "status", "output_urls"])
     completed = results.filter(pc.equal(results["status"], "completed"))
     store = ImageStore(storage.images_dir(), base=storage.output_root())
     edited = {
@@ -88,7 +88,7 @@ def edited_image_sizes_match_preset(
     context: AssetCheckExecutionContext, storage: Flux2Storage
 ) -> AssetCheckResult:
     key = context.partition_key
-    results = pq.read_table(storage.results_path(key), columns=["row_id", "image_size"])
+    results = read_parquet(storage.results_path(key), columns=["row_id", "image_size"])
     presets = dict(
         zip(results["row_id"].to_pylist(), results["image_size"].to_pylist(), strict=True)
     )

@@ -15,7 +15,6 @@ Example::
 import time
 from typing import Any
 
-import pyarrow.parquet as pq
 from dagster import (
     AssetExecutionContext,
     AssetKey,
@@ -50,6 +49,7 @@ from flux2_pipeline.media import (
     sync_images_blocking,
     write_manifest,
 )
+from flux2_pipeline.paths import read_parquet
 from flux2_pipeline.resources import Flux2Storage
 
 IMAGES_CODE_VERSION = "1"
@@ -125,7 +125,7 @@ def build_images_asset(retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY) ->
                 "materialize flux2_edits first",
                 allow_retries=False,
             )
-        results = pq.read_table(results_path)
+        results = read_parquet(results_path)
         refs = image_refs(results)
         store = ImageStore(storage.images_dir(), base=storage.output_root())
         manifest_path = storage.image_manifest_path(key)

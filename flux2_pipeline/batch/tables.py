@@ -5,7 +5,8 @@ an `InputRow`: either a valid `EditRequest` or the reason it is invalid, naming 
 column and the rule. Memory depends on the batch size, not the file size.
 
 `ResultsWriter` streams `RowOutcome`s into `<key>.parquet` through a temporary file
-that is renamed into place on success, so a crash never leaves a half file.
+that is renamed into place (or uploaded in one put, for an object store) on success, so a
+crash never leaves a half file.
 
 Example::
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,7 +29,9 @@ from typing import Any, Self
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from upath import UPath
 
+from flux2_pipeline.paths import atomic_writer, ensure_upath
 from flux2_pipeline.runcomfy import PARAMETER_NAMES, EditRequest, InvalidEditRequest
 
 READ_BATCH_ROWS = 1024
@@ -325,14 +327,16 @@ class ResultsWriter:
         # out/flux2_edits/cats.parquet now exists; on an exception it does not change.
     """
 
-    def __init__(self, path: Path, flush_rows: int = READ_BATCH_ROWS) -> None:
-        self.path = path
+    def __init__(self, path: Path | UPath, flush_rows: int = READ_BATCH_ROWS) -> None:
+        self.path = ensure_upath(path)
         self.rows_written = 0
         self._flush_rows = flush_rows
         self._pending: list[dict[str, Any]] = []
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        self._writer = pq.ParquetWriter(self._tmp, RESULTS_SCHEMA, compression="zstd")
+        # The bytes stream into `atomic_writer`'s handle (a local temporary file, renamed or
+        # uploaded in one put on commit), so readers never see a half-written file.
+        self._target = atomic_writer(self.path)
+        handle = self._target.__enter__()
+        self._writer = pq.ParquetWriter(handle, RESULTS_SCHEMA, compression="zstd")
 
     def write(self, outcomes: Sequence[RowOutcome]) -> None:
         """Buffer outcomes; flush a row group every `flush_rows` rows."""
@@ -348,15 +352,22 @@ class ResultsWriter:
             self._pending = []
 
     def commit(self) -> None:
-        """Finish the file and rename it into place."""
-        self._flush()
-        self._writer.close()
-        os.replace(self._tmp, self.path)
+        """Finish the file and move it into place (rename locally, one upload remotely)."""
+        try:
+            self._flush()
+            self._writer.close()
+        except BaseException as exc:
+            self._target.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._target.__exit__(None, None, None)
 
     def abort(self) -> None:
         """Drop the temporary file; the previous results (if any) stay as they were."""
-        self._writer.close()
-        self._tmp.unlink(missing_ok=True)
+        try:
+            self._writer.close()
+        finally:
+            aborted = _Aborted()
+            self._target.__exit__(_Aborted, aborted, None)
 
     def __enter__(self) -> Self:
         return self
@@ -373,8 +384,12 @@ class ResultsWriter:
             self.abort()
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """The sha256 hex digest of a file's bytes, read in chunks."""
+class _Aborted(Exception):
+    """Thrown into `atomic_writer` so it drops the temporary file."""
+
+
+def file_sha256(path: Path | UPath, chunk: int = 1 << 20) -> str:
+    """The sha256 hex digest of a file's bytes (local or in an object store), in chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while block := handle.read(chunk):

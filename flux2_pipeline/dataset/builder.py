@@ -21,6 +21,10 @@ are deleted. Each partition's new shards are written to hidden temporary files a
 into place; the state file is written last, so an interrupted build is redone next time.
 One build at a time per folder (the Dagster asset is one step).
 
+`out_dir` may be in an object store (a `UPath` such as `s3://bucket/prefix/...`): shards
+are staged locally and uploaded in one put each when the partition commits, and the state
+file is uploaded last, so the same guarantees hold.
+
 Example::
 
     report = build_training_dataset(
@@ -35,19 +39,28 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from upath import UPath
 
 from flux2_pipeline.batch.tables import file_sha256
 from flux2_pipeline.dataset.features import DATASET_SCHEMA
 from flux2_pipeline.media.manifest import ImageRecord, read_manifest
 from flux2_pipeline.media.store import ImageStore
+from flux2_pipeline.paths import (
+    atomic_writer,
+    ensure_upath,
+    file_size,
+    make_dirs,
+    read_parquet,
+    write_bytes_atomically,
+)
 from flux2_pipeline.runcomfy import PARAMETER_NAMES
 
 BUILDER_VERSION = 1
@@ -63,8 +76,8 @@ class PartitionSource:
     """One partition's inputs: its flux2_edits results file and its image manifest."""
 
     key: str
-    results_path: Path
-    manifest_path: Path
+    results_path: Path | UPath
+    manifest_path: Path | UPath
 
 
 @dataclass
@@ -84,7 +97,7 @@ class PartitionBuild:
 class BuildReport:
     """The outcome of `build_training_dataset`."""
 
-    out_dir: Path
+    out_dir: UPath
     partitions: list[PartitionBuild] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
 
@@ -124,7 +137,7 @@ def fingerprint(source: PartitionSource, max_rows: int, max_bytes: int) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _load_state(out_dir: Path) -> dict[str, dict[str, Any]]:
+def _load_state(out_dir: UPath) -> dict[str, dict[str, Any]]:
     try:
         data = json.loads((out_dir / STATE_FILE).read_text())
     except (OSError, ValueError):
@@ -133,7 +146,7 @@ def _load_state(out_dir: Path) -> dict[str, dict[str, Any]]:
     return partitions if isinstance(partitions, dict) else {}
 
 
-def _save_state(out_dir: Path, builds: Sequence[PartitionBuild]) -> None:
+def _save_state(out_dir: UPath, builds: Sequence[PartitionBuild]) -> None:
     state = {
         "version": BUILDER_VERSION,
         "partitions": {
@@ -141,9 +154,8 @@ def _save_state(out_dir: Path, builds: Sequence[PartitionBuild]) -> None:
             for b in builds
         },
     }
-    tmp = out_dir / f"{STATE_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
-    os.replace(tmp, out_dir / STATE_FILE)
+    text = json.dumps(state, indent=1, sort_keys=True)
+    write_bytes_atomically(out_dir / STATE_FILE, text.encode())
 
 
 def _examples(
@@ -153,7 +165,7 @@ def _examples(
     images: dict[tuple[str, str, int], ImageRecord] = {
         (r.row_id, r.role, r.index): r for r in read_manifest(source.manifest_path) if r.ok
     }
-    results = pq.read_table(source.results_path)
+    results = read_parquet(ensure_upath(source.results_path))
     for row in results.to_pylist():
         if row["status"] != "completed":
             continue
@@ -187,7 +199,7 @@ def _examples(
 
 def _image_cell(store: ImageStore, record: ImageRecord) -> dict[str, Any]:
     assert record.path is not None
-    return {"bytes": store.read(record.path), "path": Path(record.path).name}
+    return {"bytes": store.read(record.path), "path": PurePosixPath(record.path).name}
 
 
 def _row_bytes(example: dict[str, Any]) -> int:
@@ -196,14 +208,23 @@ def _row_bytes(example: dict[str, Any]) -> int:
     )
 
 
-class _ShardWriter:
-    """Writes one partition's shards to hidden temporary files; `commit` renames them."""
+class _Aborted(Exception):
+    """Thrown into the pending `atomic_writer`s so they drop their temporary files."""
 
-    def __init__(self, folder: Path, key: str, max_rows: int, max_bytes: int) -> None:
+
+class _ShardWriter:
+    """Writes one partition's shards to hidden temporary files; `commit` moves them in.
+
+    Each shard streams into an `atomic_writer` (a temporary file next to the shard, or a
+    local staging file for an object store) held open until `commit` renames or uploads
+    them all; `abort` drops them.
+    """
+
+    def __init__(self, folder: UPath, key: str, max_rows: int, max_bytes: int) -> None:
         self.folder, self.key = folder, key
         self.max_rows, self.max_bytes = max_rows, max_bytes
         self.names: list[str] = []
-        self._tmps: list[Path] = []
+        self._targets = ExitStack()
         self._writer: pq.ParquetWriter | None = None
         self._rows = self._bytes = 0
         self._pending: list[dict[str, Any]] = []
@@ -230,10 +251,9 @@ class _ShardWriter:
     def _open_next(self) -> None:
         self._close()
         name = f"{self.key}-{len(self.names):05d}.parquet"
-        tmp = self.folder / f".{name}.{os.getpid()}.tmp"
+        handle = self._targets.enter_context(atomic_writer(self.folder / name))
         self.names.append(name)
-        self._tmps.append(tmp)
-        self._writer = pq.ParquetWriter(tmp, DATASET_SCHEMA, compression="zstd")
+        self._writer = pq.ParquetWriter(handle, DATASET_SCHEMA, compression="zstd")
         self._rows = self._bytes = 0
 
     def _close(self) -> None:
@@ -244,22 +264,28 @@ class _ShardWriter:
 
     def commit(self) -> list[str]:
         self._close()
-        for tmp, name in zip(self._tmps, self.names, strict=True):
-            os.replace(tmp, self.folder / name)
+        self._targets.close()
         return self.names
 
     def abort(self) -> None:
         try:
             self._close()
         finally:
-            for tmp in self._tmps:
-                tmp.unlink(missing_ok=True)
+            self._targets.__exit__(_Aborted, _Aborted(), None)
+
+
+def _children(folder: UPath) -> list[UPath]:
+    """The entries of `folder`; none when an object-store prefix holds nothing yet."""
+    try:
+        return [path for path in folder.iterdir() if path.name]
+    except FileNotFoundError:
+        return []
 
 
 def _build_partition(
     source: PartitionSource,
     store: ImageStore,
-    folder: Path,
+    folder: UPath,
     old_shards: Sequence[str],
     digest: str,
     max_rows: int,
@@ -281,7 +307,7 @@ def _build_partition(
         fingerprint=digest,
         shards=names,
         rows=writer.total_rows,
-        bytes=sum((folder / name).stat().st_size for name in names),
+        bytes=sum(file_size(folder / name) or 0 for name in names),
         skipped=counts["skipped"],
         rebuilt=True,
     )
@@ -290,7 +316,7 @@ def _build_partition(
 def build_training_dataset(
     sources: Sequence[PartitionSource],
     store: ImageStore,
-    out_dir: Path,
+    out_dir: Path | UPath,
     *,
     max_rows: int = MAX_SHARD_ROWS,
     max_bytes: int = MAX_SHARD_BYTES,
@@ -298,15 +324,16 @@ def build_training_dataset(
     """Bring `out_dir` up to date with `sources`, rewriting only partitions that changed."""
     if max_rows < 1 or max_bytes < 1:
         raise ValueError("max_rows and max_bytes must be at least 1")
-    folder = out_dir / SPLIT_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    state = _load_state(out_dir)
-    report = BuildReport(out_dir)
+    root = ensure_upath(out_dir)
+    folder = root / SPLIT_DIR
+    make_dirs(folder)
+    state = _load_state(root)
+    report = BuildReport(root)
     for source in sorted(sources, key=lambda s: s.key):
         digest = fingerprint(source, max_rows, max_bytes)
         known = state.get(source.key, {})
         old_shards = [str(name) for name in known.get("shards", [])]
-        intact = all((folder / name).is_file() for name in old_shards)
+        intact = all(file_size(folder / name) is not None for name in old_shards)
         if known.get("fingerprint") == digest and intact:
             report.partitions.append(
                 PartitionBuild(
@@ -324,8 +351,8 @@ def build_training_dataset(
         )
     report.removed = sorted(set(state) - {s.key for s in sources})
     keep = {name for build in report.partitions for name in build.shards}
-    for path in folder.iterdir():
+    for path in _children(folder):
         if path.name not in keep and (path.suffix in (".parquet", ".tmp")):
             path.unlink(missing_ok=True)  # shards of removed partitions, leftovers of crashes
-    _save_state(out_dir, report.partitions)
+    _save_state(root, report.partitions)
     return report

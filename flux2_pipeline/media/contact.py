@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,9 +19,11 @@ from pathlib import Path
 
 import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+from upath import UPath
 
 from flux2_pipeline.media.manifest import ImageRecord
 from flux2_pipeline.media.store import ImageStore
+from flux2_pipeline.paths import ensure_upath, write_bytes_atomically
 
 MAX_ROWS = 24
 THUMB = 160
@@ -41,8 +42,8 @@ class ContactRow:
 
     row_id: str
     prompt: str
-    sources: tuple[Path, ...]
-    edits: tuple[Path, ...]
+    sources: tuple[UPath, ...]
+    edits: tuple[UPath, ...]
 
 
 def contact_rows(
@@ -52,7 +53,7 @@ def contact_rows(
     limit: int = MAX_ROWS,
 ) -> list[ContactRow]:
     """The first `limit` completed rows that have at least one stored image, in row order."""
-    by_row: dict[str, dict[str, list[tuple[int, Path]]]] = {}
+    by_row: dict[str, dict[str, list[tuple[int, UPath]]]] = {}
     for record in records:
         if record.ok and record.path is not None:
             roles = by_row.setdefault(record.row_id, {"source": [], "edited": []})
@@ -82,9 +83,9 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def _thumbnail(path: Path, size: int) -> Image.Image:
+def _thumbnail(path: Path | UPath, size: int) -> Image.Image:
     try:
-        with Image.open(path) as image:
+        with path.open("rb") as handle, Image.open(handle) as image:
             image.load()
             return ImageOps.contain(image.convert("RGB"), (size, size))
     except (OSError, ValueError):
@@ -133,16 +134,9 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def save_png(image: Image.Image, path: Path) -> None:
-    """Write the image as PNG atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(png_bytes(image))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def save_png(image: Image.Image, path: Path | UPath) -> None:
+    """Write the image as PNG atomically (temporary file, then rename; one upload remotely)."""
+    write_bytes_atomically(ensure_upath(path), png_bytes(image))
 
 
 def markdown_preview(

@@ -14,7 +14,6 @@ Example::
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,9 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from upath import UPath
+
+from flux2_pipeline.paths import atomic_writer, ensure_upath, file_size, read_parquet
 
 Role = Literal["source", "edited"]
 
@@ -114,12 +116,13 @@ def image_refs(results: pa.Table) -> list[ImageRef]:
     return refs
 
 
-def read_manifest(path: Path) -> list[ImageRecord]:
+def read_manifest(path: Path | UPath) -> list[ImageRecord]:
     """The manifest's records, or an empty list when there is none (or it is unreadable)."""
-    if not path.is_file():
+    target = ensure_upath(path)
+    if file_size(target) is None:
         return []
     try:
-        table = pq.read_table(path)
+        table = read_parquet(target)
     except (pa.ArrowException, OSError):
         return []  # a damaged manifest only costs a re-download
     names = set(MANIFEST_SCHEMA.names)
@@ -128,14 +131,8 @@ def read_manifest(path: Path) -> list[ImageRecord]:
     ]
 
 
-def write_manifest(path: Path, records: Sequence[ImageRecord]) -> None:
-    """Write the manifest atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_manifest(path: Path | UPath, records: Sequence[ImageRecord]) -> None:
+    """Write the manifest atomically (temporary file, then rename; one upload remotely)."""
     table = pa.Table.from_pylist([record.row() for record in records], schema=MANIFEST_SCHEMA)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_writer(ensure_upath(path)) as handle:
+        pq.write_table(table, handle, compression="zstd")

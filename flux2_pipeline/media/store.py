@@ -1,9 +1,11 @@
-"""A content-addressed image store on the local filesystem.
+"""A content-addressed image store in a local folder or an object store.
 
 Each image lives at `<root>/<sha256[:2]>/<sha256>.<ext>`: the same bytes are stored once,
 whoever refers to them. A file appears only complete: it is written to a temporary file
 in the same folder and renamed into place (`os.replace`), so a crash or a failed check
-never leaves a partial image.
+never leaves a partial image. In an object store (`s3://...` roots, see
+`flux2_pipeline.paths`) an image is uploaded in one put and is visible only once complete;
+an object already there with the same size is not uploaded again.
 
 Example::
 
@@ -20,6 +22,16 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from upath import UPath
+
+from flux2_pipeline.paths import (
+    ensure_upath,
+    file_size,
+    is_local,
+    local_path,
+    write_bytes_atomically,
+)
+
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -27,7 +39,7 @@ _HEX = frozenset("0123456789abcdef")
 class StoredImage:
     """Where an image is: its absolute path and its path relative to the store's base."""
 
-    path: Path
+    path: UPath
     relative: str
 
 
@@ -37,9 +49,9 @@ class ImageStore:
     `base` is the output root, so a manifest stays valid when the whole output folder moves.
     """
 
-    def __init__(self, root: Path, base: Path | None = None) -> None:
-        self.root = root
-        self.base = base if base is not None else root.parent
+    def __init__(self, root: Path | UPath, base: Path | UPath | None = None) -> None:
+        self.root = ensure_upath(root)
+        self.base = ensure_upath(base) if base is not None else self.root.parent
 
     def locate(self, sha256: str, ext: str) -> StoredImage:
         """Where the image with this digest and extension is (or would be) stored."""
@@ -48,13 +60,13 @@ class ImageStore:
         path = self.root / sha256[:2] / f"{sha256}.{ext}"
         return StoredImage(path, path.relative_to(self.base).as_posix())
 
-    def resolve(self, relative: str) -> Path:
+    def resolve(self, relative: str) -> UPath:
         """The absolute path of a manifest's relative `path`."""
         return self.base / relative
 
     def exists(self, relative: str) -> bool:
         """True when the stored file is there."""
-        return self.resolve(relative).is_file()
+        return file_size(self.resolve(relative)) is not None
 
     def read(self, relative: str) -> bytes:
         """The stored bytes of a manifest's relative `path`."""
@@ -63,16 +75,20 @@ class ImageStore:
     def put(self, data: bytes, sha256: str, ext: str) -> StoredImage:
         """Store `data` (whose digest the caller computed) unless it is already there."""
         target = self.locate(sha256, ext)
-        if target.path.is_file() and target.path.stat().st_size == len(data):
+        if file_size(target.path) == len(data):
             return target
-        target.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.path.with_name(f".{sha256}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        if not is_local(target.path):
+            write_bytes_atomically(target.path, data)
+            return target
+        path = local_path(target.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{sha256}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
             with tmp.open("wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(tmp, target.path)
+            os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -27,6 +27,7 @@ from flux2_pipeline.media.fetch import FetchLimits, ImageFetcher
 from flux2_pipeline.media.manifest import ImageRecord, ImageRef
 from flux2_pipeline.media.store import ImageStore
 from flux2_pipeline.media.verify import UndecodableImage, inspect_image
+from flux2_pipeline.paths import file_size
 
 DEFAULT_CONCURRENCY = 16
 
@@ -73,8 +74,7 @@ def _reusable(previous: Sequence[ImageRecord], store: ImageStore) -> dict[str, I
     for record in previous:
         if not record.ok or record.path is None or record.url in found:
             continue
-        path = store.resolve(record.path)
-        if path.is_file() and path.stat().st_size == record.bytes:
+        if file_size(store.resolve(record.path)) == record.bytes:
             found[record.url] = record
     return found
 

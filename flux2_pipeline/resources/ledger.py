@@ -15,6 +15,7 @@ from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field, PrivateAttr
 
 from flux2_pipeline.ledger import Ledger, redact_url
+from flux2_pipeline.paths import is_remote_uri
 
 
 class LedgerResource(ConfigurableResource):  # type: ignore[type-arg]
@@ -30,13 +31,22 @@ class LedgerResource(ConfigurableResource):  # type: ignore[type-arg]
     _ledger: Ledger | None = PrivateAttr(default=None)
 
     def __repr__(self) -> str:
-        return f"LedgerResource(url={redact_url(self.effective_url)!r})"
+        try:
+            shown = redact_url(self.effective_url)
+        except ValueError:
+            shown = None
+        return f"LedgerResource(url={shown!r})"
 
     __str__ = __repr__
 
     @property
     def effective_url(self) -> str:
-        """The configured URL, or the default SQLite file."""
+        """The configured URL, or the default SQLite file (only for a local output_dir)."""
+        if not self.url and is_remote_uri(self.output_dir):
+            raise ValueError(
+                "FLUX2_LEDGER_URL is required when FLUX2_OUTPUT_DIR is an object store: "
+                "every machine writing there must share one ledger, e.g. postgresql://..."
+            )
         return self.url or f"sqlite:///{(Path(self.output_dir) / 'ledger.sqlite').resolve()}"
 
     def setup_for_execution(self, context: InitResourceContext) -> None:

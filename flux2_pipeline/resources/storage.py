@@ -6,6 +6,9 @@ Example::
     storage.input_path("cats")      # data/prompts/cats.parquet
     storage.results_path("cats")    # data/output/flux2_edits/cats.parquet
     storage.image_manifest_path("cats")  # data/output/flux2_images/cats.parquet
+
+`output_dir` may be an object-store URI (`s3://bucket/prefix`): the output paths are
+`UPath`s (see `flux2_pipeline.paths`), local folders as absolute paths. Inputs stay local.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from pathlib import Path
 
 from dagster import ConfigurableResource
 from pydantic import Field
+from upath import UPath
 
 from flux2_pipeline.assets_naming import partition_key_problem
+from flux2_pipeline.paths import as_path
 
 
 class Flux2Storage(ConfigurableResource):  # type: ignore[type-arg]
@@ -28,29 +33,29 @@ class Flux2Storage(ConfigurableResource):  # type: ignore[type-arg]
         """The input table of partition `key`."""
         return Path(self.input_dir) / f"{key}.parquet"
 
-    def results_path(self, key: str) -> Path:
+    def results_path(self, key: str) -> UPath:
         """The results dataset file of partition `key`."""
-        return Path(self.output_dir) / "flux2_edits" / f"{key}.parquet"
+        return self.output_root() / "flux2_edits" / f"{key}.parquet"
 
-    def output_root(self) -> Path:
-        """The root every dataset is written under (FLUX2_OUTPUT_DIR)."""
-        return Path(self.output_dir)
+    def output_root(self) -> UPath:
+        """The root every dataset is written under (FLUX2_OUTPUT_DIR): a folder or a URI."""
+        return as_path(self.output_dir)
 
-    def images_dir(self) -> Path:
+    def images_dir(self) -> UPath:
         """The content-addressed image store: `<root>/images/<sha[:2]>/<sha>.<ext>`."""
-        return Path(self.output_dir) / "images"
+        return self.output_root() / "images"
 
-    def image_manifest_path(self, key: str) -> Path:
+    def image_manifest_path(self, key: str) -> UPath:
         """The image manifest of partition `key` (one row per stored image)."""
-        return Path(self.output_dir) / "flux2_images" / f"{key}.parquet"
+        return self.output_root() / "flux2_images" / f"{key}.parquet"
 
-    def contact_sheet_path(self, key: str) -> Path:
+    def contact_sheet_path(self, key: str) -> UPath:
         """The contact sheet PNG of partition `key`, next to its manifest."""
-        return Path(self.output_dir) / "flux2_images" / f"{key}.contact.png"
+        return self.output_root() / "flux2_images" / f"{key}.contact.png"
 
-    def training_dataset_dir(self) -> Path:
+    def training_dataset_dir(self) -> UPath:
         """The sharded training dataset folder (`datasets.load_dataset` data_dir)."""
-        return Path(self.output_dir) / "flux2_training_dataset"
+        return self.output_root() / "flux2_training_dataset"
 
     def scan_inputs(self) -> tuple[dict[str, Path], dict[str, str]]:
         """Input files by partition key, and rejected file names with the reason."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from flux2_pipeline.cli import main
@@ -83,3 +86,90 @@ def test_configuration_errors_exit_2(
     assert caught.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "FLUX2_MAX_CONCURRENCY" in err
+
+
+# FLUX2_OUTPUT_DIR as an object store (s3://bucket/prefix).
+
+REMOTE = {"FLUX2_OUTPUT_DIR": "s3://flux2-bucket/out", "FLUX2_LEDGER_URL": "sqlite:////tmp/l.db"}
+
+
+def test_an_s3_output_dir_is_a_upath_whose_str_is_the_uri() -> None:
+    from flux2_pipeline.resources import Flux2Storage
+
+    settings = Settings.from_env(REMOTE)
+    assert settings.output_is_remote
+    assert str(settings.output_dir) == "s3://flux2-bucket/out"
+    storage = Flux2Storage(input_dir="in", output_dir=str(settings.output_dir))
+    assert str(storage.results_path("cats")) == "s3://flux2-bucket/out/flux2_edits/cats.parquet"
+    assert str(storage.images_dir()) == "s3://flux2-bucket/out/images"
+    assert str(storage.training_dataset_dir()).startswith("s3://flux2-bucket/out/")
+
+
+def test_a_local_output_dir_prints_as_before(tmp_path: Path) -> None:
+    settings = Settings.from_env({"FLUX2_OUTPUT_DIR": str(tmp_path / "out")})
+    assert not settings.output_is_remote
+    assert str(settings.output_dir) == str(tmp_path / "out")
+    assert settings.output_dir / "flux2_edits" == tmp_path / "out" / "flux2_edits"
+
+
+def test_an_s3_output_dir_requires_a_shared_ledger() -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"FLUX2_OUTPUT_DIR": "s3://flux2-bucket/out"})
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("FLUX2_LEDGER_URL is required when FLUX2_OUTPUT_DIR")
+    assert "postgresql://" in message
+
+
+def test_the_default_ledger_is_refused_for_an_s3_output_built_directly() -> None:
+    settings = Settings(output_dir="s3://flux2-bucket/out")  # type: ignore[arg-type]
+    with pytest.raises(SettingsError, match="FLUX2_LEDGER_URL"):
+        _ = settings.effective_ledger_url
+
+
+def test_an_s3_output_dir_without_s3fs_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # importing s3fs now fails
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env(REMOTE)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("FLUX2_OUTPUT_DIR") and "flux2-pipeline[s3]" in message
+
+
+def test_an_s3_output_dir_must_name_a_bucket() -> None:
+    with pytest.raises(SettingsError, match="FLUX2_OUTPUT_DIR must name a bucket"):
+        Settings.from_env({**REMOTE, "FLUX2_OUTPUT_DIR": "s3:///prefix"})
+
+
+def test_cli_s3_output_without_ledger_exits_2_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FLUX2_OUTPUT_DIR", "s3://flux2-bucket/out")
+    monkeypatch.delenv("FLUX2_LEDGER_URL", raising=False)
+    with pytest.raises(SystemExit) as caught:
+        main(["materialize"])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "FLUX2_LEDGER_URL" in err
+
+
+def test_dagster_home_defaults_to_a_local_folder_per_remote_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flux2_pipeline.materialize import default_dagster_home, open_instance
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    remote = Settings.from_env(REMOTE)
+    other = Settings.from_env({**REMOTE, "FLUX2_OUTPUT_DIR": "s3://flux2-bucket/other"})
+    home = default_dagster_home(remote)
+    assert home.parent == tmp_path / "home" / ".flux2-pipeline" / "dagster"
+    assert home != default_dagster_home(other)
+    local = Settings.from_env({"FLUX2_OUTPUT_DIR": str(tmp_path / "out")})
+    assert default_dagster_home(local) == tmp_path / "out" / ".dagster"
+
+    instance = open_instance(remote)
+    try:
+        assert (home / "dagster.yaml").is_file()
+    finally:
+        instance.dispose()
