@@ -213,6 +213,10 @@ def run_demo(workdir: str | Path = "flux2-demo") -> int:
     print(f"dataset:   {outputs / 'flux2_training_dataset'} (datasets.load_dataset parquet)")
     print(f"ledger:    {outputs / 'ledger.sqlite'}")
     print(f"previews:  {root / 'previews'} ({len(previews)} edited images)")
-    print(f"dagster:   DAGSTER_HOME={home} dagster dev -w workspace.yaml")
+    print(
+        f"dagster:   DAGSTER_HOME={home} FLUX2_INPUT_DIR={inputs} FLUX2_OUTPUT_DIR={outputs} \\\n"
+        "           RUNCOMFY_BASE_URL=http://127.0.0.1:8188 "
+        "dagster dev -m flux2_pipeline.definitions"
+    )
     print("           (the demo's emulator has stopped, so its image URLs no longer resolve)")
     return 0 if report.succeeded and previews else 1
