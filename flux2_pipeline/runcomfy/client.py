@@ -10,16 +10,21 @@ Example::
             print(item.index, item.result or item.error)
 
 The token lives only in the Authorization header of the underlying
-`httpx.AsyncClient`; it is never part of a repr, a log line or an exception.
+`httpx.AsyncClient` (and the fast path's copy of those headers); it is never part of
+a repr, a log line or an exception.
 Pass `transport=` (for example `httpx.MockTransport`) to test without a network.
 Without one, HTTP goes through aiohttp's pool behind httpx's API (see
 `runcomfy.transport`: a fifth of the CPU of httpx's own pool at 32 jobs in flight, a
 quarter of the wall time at 256); `transport=httpx.AsyncHTTPTransport()` picks httpx's pool.
+With that default transport the client's own calls skip httpx's request and response
+objects (`_FastPath`: the same bytes on the wire, the same errors and log lines), which
+cut its CPU per job from 2.4x to about 1.05x that of a plain aiohttp script.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json as jsonlib
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass, field, replace
@@ -55,7 +60,7 @@ from flux2_pipeline.runcomfy.models import (
 )
 from flux2_pipeline.runcomfy.polling import PollSchedule
 from flux2_pipeline.runcomfy.retry import RetryPolicy, is_retryable, parse_retry_after
-from flux2_pipeline.runcomfy.transport import default_transport
+from flux2_pipeline.runcomfy.transport import AiohttpTransport, default_transport
 
 DEFAULT_BASE_URL = "https://model-api.runcomfy.net"
 DEFAULT_JOB_DEADLINE = 30 * 60.0
@@ -138,15 +143,18 @@ class AsyncRunComfyClient:
         # rest is room for cancels and a caller's extra calls. Both pools keep them alive.
         connections = max(16, max_concurrency * 2)
         limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        chosen = transport if transport is not None else default_transport(limits, self.base_url)
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
             timeout=timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout),
             limits=limits,
-            transport=transport
-            if transport is not None
-            else default_transport(limits, self.base_url),
+            transport=chosen,
         )
+        # The hot path: with the default aiohttp transport (exactly that class, so a
+        # subclass or any other transport keeps the httpx path), calls skip httpx's
+        # per-request objects but send the same bytes; see `_FastPath`.
+        self._fast = _FastPath(self._http, chosen) if type(chosen) is AiohttpTransport else None
 
     def __repr__(self) -> str:
         return f"AsyncRunComfyClient(base_url={self.base_url!r})"
@@ -339,8 +347,12 @@ class AsyncRunComfyClient:
         submit: bool,
         request_id: str | None,
     ) -> Any:
+        fast = self._fast
         try:
-            response = await self._http.request(method, path, json=json, params=params)
+            if fast is not None:
+                status, raw_headers, content, encoded = await fast.send(method, path, json, params)
+            else:
+                response = await self._http.request(method, path, json=json, params=params)
         except _NOT_SENT as exc:
             raise TransportError(
                 f"{method} {path}: could not connect ({type(exc).__name__})",
@@ -354,6 +366,16 @@ class AsyncRunComfyClient:
                     what + "; the API may have created a job", request_id=request_id
                 ) from exc
             raise TransportError(what, request_id=request_id) from exc
+        if fast is not None:
+            if status < 400 and not encoded:
+                try:
+                    body = jsonlib.loads(content)
+                except ValueError:
+                    body = None
+                if isinstance(body, dict) and not body.get("error_code"):
+                    return body
+            # Anything else takes the general path below, on the response httpx builds.
+            response = httpx.Response(status, headers=raw_headers, content=content)
         body = _decode_body(response)
         has_error_code = isinstance(body, dict) and body.get("error_code")
         if response.status_code < 400 and not has_error_code:
@@ -378,6 +400,48 @@ class AsyncRunComfyClient:
                 request_id=request_id,
             ) from error
         raise error
+
+
+class _FastPath:
+    """Requests through `AiohttpTransport.fetch` with httpx's headers, URL and timeout.
+
+    The headers are those `httpx.AsyncClient.build_request` makes for the same call
+    (computed once per method and body shape), the URL is the client's base URL joined
+    with the (already escaped) path as httpx joins them, the body is httpx's JSON
+    encoding and the timeout is the one the transport derives from the client's.
+    """
+
+    __slots__ = ("_base", "_headers", "_http", "_timeout", "_transport")
+
+    def __init__(self, http: httpx.AsyncClient, transport: AiohttpTransport) -> None:
+        self._http = http
+        self._transport = transport
+        self._base = str(http.base_url).rstrip("/")
+        self._timeout = AiohttpTransport.timeout_for(http.timeout)
+        self._headers: dict[tuple[str, bool], dict[str, str]] = {}
+
+    def _headers_for(self, method: str, has_body: bool) -> dict[str, str]:
+        headers = self._headers.get((method, has_body))
+        if headers is None:
+            probe = self._http.build_request(method, "/", json={} if has_body else None)
+            headers = self._headers[(method, has_body)] = dict(probe.headers.items())
+        return headers
+
+    async def send(
+        self, method: str, path: str, json: Any, params: dict[str, str] | None
+    ) -> tuple[int, tuple[tuple[bytes, bytes], ...], bytes, bool]:
+        url = self._base + path
+        if params:
+            url += "?" + str(httpx.QueryParams(params))
+        if json is None:
+            return await self._transport.fetch(
+                method, url, self._headers_for(method, False), None, self._timeout
+            )
+        content = jsonlib.dumps(
+            json, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+        ).encode("utf-8")
+        headers = {**self._headers_for(method, True), "Content-Length": str(len(content))}
+        return await self._transport.fetch(method, url, headers, content, self._timeout)
 
 
 def _job_path(request_id: str, action: str) -> str:
