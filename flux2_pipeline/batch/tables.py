@@ -186,17 +186,12 @@ def _input_row(
         reason = "; ".join(str(issue) for issue in exc.issues)
         return InputRow(position, row_id, shown_prompt, shown_urls, invalid_reason=reason)
     warning = "; ".join(request.warnings) or None
-    if signed is urls:
-        return InputRow(
-            position,
-            row_id,
-            request.prompt,
-            request.image_urls,
-            request=request,
-            warning=warning,
-            fingerprint=request.fingerprint(),
-        )
-    as_written = request.model_copy(update={"image_urls": shown_urls[: len(request.image_urls)]})
+    # The row as written (s3:// URIs, not their signed URLs) is what the ledger keys on.
+    as_written = (
+        request
+        if signed is urls
+        else request.model_copy(update={"image_urls": shown_urls[: len(request.image_urls)]})
+    )
     return InputRow(
         position,
         row_id,
