@@ -34,6 +34,7 @@ from upath import UPath
 
 from flux2_pipeline.assets.prompts import PROMPT_TABLES_KEY, prompt_table_partitions
 from flux2_pipeline.batch import (
+    LARGE_ROW_GROUP_ROWS,
     RESULT_COLUMN_DESCRIPTIONS,
     RESULTS_SCHEMA,
     EditRunner,
@@ -43,6 +44,7 @@ from flux2_pipeline.batch import (
     RowOutcome,
     count_rows,
     file_sha256,
+    largest_row_group,
     read_input_rows,
 )
 from flux2_pipeline.paths import presign
@@ -211,10 +213,17 @@ def build_edits_asset(retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY) -> 
         in_path, out_path = storage.input_path(key), storage.results_path(key)
         try:
             total = count_rows(in_path)
+            row_group = largest_row_group(in_path)
             input_sha = file_sha256(in_path)
         except (InputTableError, OSError) as exc:
             raise Failure(description=f"partition {key}: {exc}", allow_retries=False) from None
         context.log.info(f"partition {key}: {total} rows from {in_path} (sha256 {input_sha[:12]})")
+        if row_group > LARGE_ROW_GROUP_ROWS:
+            context.log.warning(
+                f"partition {key}: {in_path.name} has a row group of {row_group} rows; it is "
+                "decoded whole while its rows stream out, so memory grows with it. Write input "
+                f"tables with row groups of at most {LARGE_ROW_GROUP_ROWS} rows."
+            )
 
         runner = EditRunner(
             runcomfy.client,
@@ -261,7 +270,7 @@ def build_edits_asset(retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY) -> 
         context.log.info(f"partition {key}: {tally.progress_line()}; results in {out_path}")
 
         counts = runner.counters.by_status
-        metadata = _metadata(key, in_path, input_sha, out_path, tally, runner)
+        metadata = _metadata(key, in_path, input_sha, row_group, out_path, tally, runner)
         unfinished = counts["failed"] + counts["cancelled"]
         if unfinished:
             raise Failure(
@@ -282,7 +291,13 @@ flux2_edits = build_edits_asset()
 
 
 def _metadata(
-    key: str, in_path: Path, input_sha: str, out_path: UPath, tally: _Tally, runner: EditRunner
+    key: str,
+    in_path: Path,
+    input_sha: str,
+    row_group: int,
+    out_path: UPath,
+    tally: _Tally,
+    runner: EditRunner,
 ) -> dict[str, Any]:
     counts = runner.counters.by_status
     mean, p95 = tally.latency_figures()
@@ -307,6 +322,7 @@ def _metadata(
         "flux2/rows_per_second": round(tally.done / seconds, 2) if seconds > 0 else 0.0,
         "flux2/input_path": MetadataValue.path(str(in_path)),
         "flux2/input_sha256": input_sha,
+        "flux2/input_largest_row_group": row_group,
         "flux2/results_path": MetadataValue.path(str(out_path)),
         "flux2/preview": MetadataValue.md(_markdown_table(tally.preview)),
         "flux2/partition": key,

@@ -10,6 +10,7 @@ Example::
 
 from flux2_pipeline.batch.runner import STATUSES, EditRunner, FatalApiError, RunCounters
 from flux2_pipeline.batch.tables import (
+    LARGE_ROW_GROUP_ROWS,
     RESULT_COLUMN_DESCRIPTIONS,
     RESULTS_SCHEMA,
     InputRow,
@@ -18,10 +19,12 @@ from flux2_pipeline.batch.tables import (
     RowOutcome,
     count_rows,
     file_sha256,
+    largest_row_group,
     read_input_rows,
 )
 
 __all__ = [
+    "LARGE_ROW_GROUP_ROWS",
     "RESULTS_SCHEMA",
     "RESULT_COLUMN_DESCRIPTIONS",
     "STATUSES",
@@ -34,5 +37,6 @@ __all__ = [
     "RunCounters",
     "count_rows",
     "file_sha256",
+    "largest_row_group",
     "read_input_rows",
 ]

@@ -159,6 +159,20 @@ def count_rows(path: Path) -> int:
     return int(open_parquet(path).metadata.num_rows)
 
 
+LARGE_ROW_GROUP_ROWS = 100_000
+"""Above this, pyarrow's decoding of one row group at a time shows in the step's memory."""
+
+
+def largest_row_group(path: Path) -> int:
+    """Rows in the file's largest row group, from its footer (no data read).
+
+    pyarrow decodes a whole row group at a time, so this, not the file's size, bounds
+    the memory used to stream the file.
+    """
+    metadata = open_parquet(path).metadata
+    return max((metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)), default=0)
+
+
 def _input_row(
     position: int,
     record: dict[str, Any],

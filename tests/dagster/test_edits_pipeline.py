@@ -254,3 +254,48 @@ def test_the_step_retry_policy_reruns_and_pays_only_for_failed_rows(
         record.dagster_run.run_id, of_type=DagsterEventType.STEP_UP_FOR_RETRY
     )
     assert len(retries) == 1
+
+
+def test_a_huge_input_row_group_is_reported(
+    settings: Settings, emulator: EmulatorServer, instance: DagsterInstance
+) -> None:
+    import pyarrow as pa
+
+    from flux2_pipeline.batch import LARGE_ROW_GROUP_ROWS, largest_row_group
+
+    # Blank prompts: every row is invalid, so the file streams through without API calls.
+    rows = LARGE_ROW_GROUP_ROWS + 1
+    table = pa.table(
+        {
+            "prompt": pa.array([""] * rows),
+            "image_urls": pa.array([[f"{emulator.base_url}/samples/a.png"]] * rows),
+        }
+    )
+    settings.input_dir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, settings.input_dir / "big.parquet", row_group_size=rows)
+    pq.write_table(table, settings.input_dir / "split.parquet", row_group_size=rows // 4)
+    assert largest_row_group(settings.input_dir / "big.parquet") == rows
+
+    defs = build_definitions(settings)
+    instance.add_dynamic_partitions(PARTITIONS_NAME, ["big", "split"])
+    job = defs.resolve_implicit_global_asset_job_def()
+    edits_only = [AssetKey("flux2_edits")]
+    big = job.execute_in_process(instance=instance, partition_key="big", asset_selection=edits_only)
+    split = job.execute_in_process(
+        instance=instance, partition_key="split", asset_selection=edits_only
+    )
+    assert big.success and split.success
+    assert emulator.state.counters.submits_total == 0
+
+    def row_group_warnings(run_id: str) -> list[str]:
+        return [
+            e.message
+            for e in instance.all_logs(run_id)
+            if e.level >= 30 and "row group" in e.message
+        ]
+
+    assert any(f"has a row group of {rows} rows" in m for m in row_group_warnings(big.run_id))
+    assert row_group_warnings(split.run_id) == []
+    (materialization,) = big.asset_materializations_for_node("flux2_edits")
+    assert materialization.metadata["flux2/input_largest_row_group"].value == rows
+    assert materialization.metadata["flux2/invalid"].value == rows
