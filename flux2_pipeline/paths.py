@@ -102,7 +102,8 @@ def read_parquet(path: UPath, columns: Sequence[str] | None = None) -> pa.Table:
 def atomic_writer(path: UPath) -> Iterator[IO[bytes]]:
     """A binary handle whose bytes appear at `path` only if the block succeeds.
 
-    Locally: a temporary file in the same folder, renamed into place. In an object
+    Locally: a temporary file in the same folder, flushed to disk and renamed into
+    place, so not even a power loss can leave a half file under the name. In an object
     store: the bytes are staged in a local temporary file and uploaded in one put,
     and an object becomes visible only when its upload completes.
     """
@@ -113,6 +114,8 @@ def atomic_writer(path: UPath) -> Iterator[IO[bytes]]:
         try:
             with temporary.open("wb") as handle:
                 yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
             os.replace(temporary, target)
         finally:
             temporary.unlink(missing_ok=True)

@@ -42,9 +42,8 @@ from flux2_pipeline.batch import (
     InputTableError,
     ResultsWriter,
     RowOutcome,
-    count_rows,
     file_sha256,
-    largest_row_group,
+    input_shape,
     read_input_rows,
 )
 from flux2_pipeline.paths import presign
@@ -212,8 +211,7 @@ def build_edits_asset(retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY) -> 
         key = context.partition_key
         in_path, out_path = storage.input_path(key), storage.results_path(key)
         try:
-            total = count_rows(in_path)
-            row_group = largest_row_group(in_path)
+            total, row_group = input_shape(in_path)
             input_sha = file_sha256(in_path)
         except (InputTableError, OSError) as exc:
             raise Failure(description=f"partition {key}: {exc}", allow_retries=False) from None

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -154,23 +154,30 @@ def open_parquet(path: Path) -> pq.ParquetFile:
         raise InputTableError(f"{path.name}: not a readable Parquet file ({exc})") from exc
 
 
-def count_rows(path: Path) -> int:
-    """Rows in a Parquet file, from its footer (no data read)."""
-    return int(open_parquet(path).metadata.num_rows)
-
-
 LARGE_ROW_GROUP_ROWS = 100_000
 """Above this, pyarrow's decoding of one row group at a time shows in the step's memory."""
 
 
-def largest_row_group(path: Path) -> int:
-    """Rows in the file's largest row group, from its footer (no data read).
+class InputShape(NamedTuple):
+    """A Parquet file's row count and its largest row group, from the footer alone."""
 
-    pyarrow decodes a whole row group at a time, so this, not the file's size, bounds
-    the memory used to stream the file.
+    rows: int
+    largest_row_group: int
+    """pyarrow decodes a whole row group at a time, so this, not the file's size, bounds
+    the memory used to stream the file."""
+
+
+def input_shape(path: Path) -> InputShape:
+    """Read the footer once: how many rows, and how big the largest row group is.
+
+    Example::
+
+        shape = input_shape(Path("data/prompts/cats.parquet"))
+        print(shape.rows, shape.largest_row_group)
     """
     metadata = open_parquet(path).metadata
-    return max((metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)), default=0)
+    groups = (metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
+    return InputShape(int(metadata.num_rows), max(groups, default=0))
 
 
 def _input_row(

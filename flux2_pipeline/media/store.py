@@ -1,11 +1,10 @@
 """A content-addressed image store in a local folder or an object store.
 
 Each image lives at `<root>/<sha256[:2]>/<sha256>.<ext>`: the same bytes are stored once,
-whoever refers to them. A file appears only complete: it is written to a temporary file
-in the same folder and renamed into place (`os.replace`), so a crash or a failed check
-never leaves a partial image. In an object store (`s3://...` roots, see
-`flux2_pipeline.paths`) an image is uploaded in one put and is visible only once complete;
-an object already there with the same size is not uploaded again.
+whoever refers to them, and an image already there with the same size is not written
+again. Writes go through `flux2_pipeline.paths.atomic_writer`: locally a temporary file,
+fsynced and renamed into place; in an object store (`s3://...` roots) one upload, visible
+only once complete. Either way a crash or a failed check never leaves a partial image.
 
 Example::
 
@@ -17,8 +16,6 @@ Example::
 
 from __future__ import annotations
 
-import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +24,6 @@ from upath import UPath
 from flux2_pipeline.paths import (
     ensure_upath,
     file_size,
-    is_local,
-    local_path,
     write_bytes_atomically,
 )
 
@@ -75,21 +70,6 @@ class ImageStore:
     def put(self, data: bytes, sha256: str, ext: str) -> StoredImage:
         """Store `data` (whose digest the caller computed) unless it is already there."""
         target = self.locate(sha256, ext)
-        if file_size(target.path) == len(data):
-            return target
-        if not is_local(target.path):
+        if file_size(target.path) != len(data):
             write_bytes_atomically(target.path, data)
-            return target
-        path = local_path(target.path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{sha256}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        try:
-            with tmp.open("wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return target

@@ -261,7 +261,7 @@ def test_a_huge_input_row_group_is_reported(
 ) -> None:
     import pyarrow as pa
 
-    from flux2_pipeline.batch import LARGE_ROW_GROUP_ROWS, largest_row_group
+    from flux2_pipeline.batch import LARGE_ROW_GROUP_ROWS, input_shape
 
     # Blank prompts: every row is invalid, so the file streams through without API calls.
     rows = LARGE_ROW_GROUP_ROWS + 1
@@ -274,7 +274,7 @@ def test_a_huge_input_row_group_is_reported(
     settings.input_dir.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, settings.input_dir / "big.parquet", row_group_size=rows)
     pq.write_table(table, settings.input_dir / "split.parquet", row_group_size=rows // 4)
-    assert largest_row_group(settings.input_dir / "big.parquet") == rows
+    assert input_shape(settings.input_dir / "big.parquet") == (rows, rows)
 
     defs = build_definitions(settings)
     instance.add_dynamic_partitions(PARTITIONS_NAME, ["big", "split"])
