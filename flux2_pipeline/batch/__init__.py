@@ -8,7 +8,14 @@ Example::
             writer.write([outcome])
 """
 
-from flux2_pipeline.batch.runner import STATUSES, EditRunner, FatalApiError, RunCounters
+from flux2_pipeline.batch.preflight import ReferenceCheck
+from flux2_pipeline.batch.runner import (
+    STATUSES,
+    EditRunner,
+    FatalApiError,
+    RunCounters,
+    is_input_fault,
+)
 from flux2_pipeline.batch.tables import (
     LARGE_ROW_GROUP_ROWS,
     RESULT_COLUMN_DESCRIPTIONS,
@@ -33,10 +40,12 @@ __all__ = [
     "InputRow",
     "InputShape",
     "InputTableError",
+    "ReferenceCheck",
     "ResultsWriter",
     "RowOutcome",
     "RunCounters",
     "file_sha256",
     "input_shape",
+    "is_input_fault",
     "read_input_rows",
 ]

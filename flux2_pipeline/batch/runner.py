@@ -1,35 +1,57 @@
-"""Runs a stream of input rows through the API with the ledger in the loop.
+"""Runs a stream of input rows through the API with the ledger's claims in the loop.
 
-For each valid row the runner asks the ledger first:
+For each valid row the runner asks the ledger who pays (`Ledger.claim`, one locked
+transaction; see `flux2_pipeline.ledger.claims`):
 
 - a completed job is reused (no API call);
-- a job that may still complete (`submitted`) is polled, never resubmitted;
-- otherwise the row is submitted, with an intent committed before the request
-  leaves and the request id committed the moment the answer arrives;
-- a job that ends failed or cancelled is submitted again, at most
-  `attempts_per_run` times in this run and `max_attempts` times in all.
+- a job that may still complete (`submitted`, by anyone) is polled, never resubmitted;
+- a row another live runner is submitting right now is waited for, then followed;
+- otherwise the ledger records our intent (durable before the request leaves) and we
+  submit, after checking that the row's reference images can be fetched;
+- a job that ends failed or cancelled is submitted again, at most `attempts_per_run`
+  times in this run and `max_attempts` times in all, unless its failure shows that the
+  input is at fault.
 
-Outcomes come back in input order while at most `max_concurrency` jobs are in
-flight and at most `window` rows are held in memory.
+An answer to a submit that does not prove that no job exists is recorded `unknown`:
+paid, counted, capped, and resubmitted only by a later run, which counts it in
+`unknown_resubmitted`. With a budget, every job reserves its price when its intent is
+written, so jobs in flight can never take the spend over the budget.
+
+Outcomes come back in input order while at most `max_concurrency` jobs are in flight
+and at most `window` rows are held in memory.
 
 Example::
 
     runner = EditRunner(client, ledger, partition="cats", max_concurrency=8)
-    async for outcome in runner.run(read_rows()):
+    async for outcome in runner.run(read_input_rows(path)):
         print(outcome.row.row_id, outcome.status)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import Enum
 
+from flux2_pipeline.batch.preflight import ReferenceCheck
 from flux2_pipeline.batch.tables import InputRow, RowOutcome
-from flux2_pipeline.ledger import Ledger, RowHistory, Submission, SubmissionState, make_row_key
+from flux2_pipeline.ledger import (
+    DEFAULT_LEASE_SECONDS,
+    ClaimAction,
+    ClaimDecision,
+    ClaimRequest,
+    Ledger,
+    RowHistory,
+    Submission,
+    SubmissionState,
+    make_row_key,
+)
 from flux2_pipeline.runcomfy import (
     AsyncRunComfyClient,
     AuthenticationError,
@@ -48,6 +70,37 @@ logger = logging.getLogger(__name__)
 COMPLETED, FAILED, INVALID, CANCELLED = "completed", "failed", "invalid", "cancelled"
 STATUSES = (COMPLETED, FAILED, INVALID, CANCELLED)
 
+WAIT_FIRST_S = 0.05
+WAIT_MAX_S = 1.0
+"""How often a row waiting for another runner's claim or an account slot asks again."""
+
+INPUT_FAULT_CODES = frozenset(
+    {
+        "IMAGE_FETCH_FAILED",
+        "INVALID_IMAGE",
+        "INVALID_INPUT",
+        "BAD_INPUT",
+        "UNSUPPORTED_IMAGE",
+        "CONTENT_POLICY_VIOLATION",
+        "NSFW_CONTENT_DETECTED",
+    }
+)
+"""Job error codes that blame the input: submitting the same row again cannot help."""
+
+
+def is_input_fault(error: str | None) -> bool:
+    """True when a failed job's error says its input is at fault.
+
+    >>> is_input_fault("IMAGE_FETCH_FAILED: http://x/a.png answered 404")
+    True
+    >>> is_input_fault("MODEL_ERROR: the model failed on this input (emulated)")
+    False
+    """
+    if not error:
+        return False
+    code = error.split(":", 1)[0].strip().upper()
+    return code in INPUT_FAULT_CODES
+
 
 class FatalApiError(RuntimeError):
     """An API answer that will fail every row the same way (bad token, no credit)."""
@@ -60,13 +113,45 @@ class RunCounters:
     submitted: int = 0
     reused_completed: int = 0
     polled_known: int = 0
+    waited_for_claim: int = 0
     unknown_resubmitted: int = 0
     outcome_unknown: int = 0
+    not_submitted_references: int = 0
+    over_budget: int = 0
+    new_cost_usd: float = 0.0
+    """What the jobs this run submitted cost, as the API reported (reused jobs excluded)."""
+    final_failures: int = 0
+    """Failed rows that another try cannot fix (input at fault, budget, attempt cap)."""
     by_status: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUSES, 0))
 
 
+@dataclass(slots=True)
+class _RowRun:
+    """One row's progress within this run."""
+
+    paid: int = 0
+    tries: int = 0
+    last: RowOutcome | None = None
+    may_be_duplicate: bool = False
+    waits: int = 0
+
+
 class EditRunner:
-    """Ledger-guarded, order-preserving, bounded-concurrency execution of edit rows."""
+    """Ledger-claimed, order-preserving, bounded-concurrency execution of edit rows.
+
+    Args:
+        client: the live API client.
+        ledger: the ledger shared with every other runner that may run these rows.
+        partition: the partition key; part of every row's ledger key.
+        max_concurrency: most jobs this runner has in flight.
+        attempts_per_run: paid submissions per row within this run.
+        max_attempts: paid submissions per row across all runs.
+        lease_seconds: how long this runner's claims outlive its last heartbeat.
+        budget_usd: most the ledger may spend, over every run sharing it.
+        price_per_image_usd: the price reserved per output image (required with a budget).
+        account_concurrency: most open jobs over every runner sharing the ledger.
+        preflight: checks reference images before a row is paid for.
+    """
 
     def __init__(
         self,
@@ -78,24 +163,41 @@ class EditRunner:
         attempts_per_run: int = 3,
         max_attempts: int = 9,
         window: int | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        budget_usd: float | None = None,
+        price_per_image_usd: float | None = None,
+        account_concurrency: int | None = None,
+        preflight: ReferenceCheck | None = None,
     ) -> None:
+        if budget_usd is not None and price_per_image_usd is None:
+            raise ValueError(
+                "FLUX2_BUDGET_USD needs FLUX2_PRICE_PER_IMAGE_USD: a job's price must be "
+                "reserved when it is submitted, before the API reports its cost"
+            )
         self.client = client
         self.ledger = ledger
         self.partition = partition
         self.attempts_per_run = attempts_per_run
         self.max_attempts = max_attempts
         self.window = window or max(256, 8 * max_concurrency)
+        self.lease_seconds = lease_seconds
+        self.budget_usd = budget_usd
+        self.price_per_image_usd = price_per_image_usd
+        self.account_concurrency = account_concurrency
+        self.preflight = preflight
+        self.holder = f"runner-{uuid.uuid4().hex}"
         self.counters = RunCounters()
         self._slots = asyncio.Semaphore(max_concurrency)
 
     async def run(self, batches: Iterable[list[InputRow]]) -> AsyncIterator[RowOutcome]:
         """Yield one outcome per input row, in input order."""
         pending: deque[asyncio.Task[RowOutcome]] = deque()
+        heartbeat = asyncio.ensure_future(self._heartbeat())
         try:
             for batch in batches:
-                histories = self._lookup(batch)
+                done = self._completed_in(batch)
                 for row in batch:
-                    pending.append(asyncio.ensure_future(self._row(row, histories)))
+                    pending.append(asyncio.ensure_future(self._row(row, done)))
                     while len(pending) >= self.window or (pending and pending[0].done()):
                         yield self._count(await pending.popleft())
                 # Let the tasks of this batch start before reading the next one.
@@ -103,96 +205,180 @@ class EditRunner:
             while pending:
                 yield self._count(await pending.popleft())
         finally:
+            heartbeat.cancel()
             for task in pending:
                 task.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.gather(heartbeat, *pending, return_exceptions=True)
 
     def _count(self, outcome: RowOutcome) -> RowOutcome:
         self.counters.by_status[outcome.status] += 1
         return outcome
 
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            try:
+                self.ledger.renew(self.holder, self.lease_seconds)
+            except Exception as exc:  # the next beat may succeed; claims outlive one miss
+                logger.warning("could not renew this run's ledger claims: %s", exc)
+
     def _key(self, row: InputRow, request: EditRequest) -> str:
         return make_row_key(self.partition, row.row_id, _fingerprint(row, request))
 
-    def _lookup(self, batch: list[InputRow]) -> dict[str, RowHistory]:
+    def _completed_in(self, batch: list[InputRow]) -> dict[str, RowHistory]:
+        # A read-only look first: completed rows (every row of a re-run) need no claim.
         keys = [self._key(row, row.request) for row in batch if row.request is not None]
         return self.ledger.lookup(keys) if keys else {}
 
-    async def _row(self, row: InputRow, histories: dict[str, RowHistory]) -> RowOutcome:
+    async def _row(self, row: InputRow, known: dict[str, RowHistory]) -> RowOutcome:
         request = row.request
         if request is None:
             return RowOutcome(row, INVALID, error=row.invalid_reason)
         key = self._key(row, request)
-        history = histories.get(key)
-        paid = history.paid_attempts if history else 0
-        unknown_before = history is not None and history.dangling_intent is not None
-        last: RowOutcome | None = None
+        history = known.get(key)
+        if history is not None and (done := history.completed) is not None and done.output_urls:
+            self.counters.reused_completed += 1
+            return _from_submission(row, done, history.paid_attempts)
+        claim = ClaimRequest(
+            key,
+            self.partition,
+            row.row_id,
+            _fingerprint(row, request),
+            price_usd=self._price(request),
+        )
+        state = _RowRun()
+        wait = WAIT_FIRST_S
+        while True:
+            async with self._slots:
+                outcome = await self._step(row, request, claim, state)
+            if isinstance(outcome, RowOutcome):
+                return outcome
+            if outcome is _WAIT:
+                await asyncio.sleep(wait)
+                wait = min(WAIT_MAX_S, wait * 1.5)
 
-        if history is not None and (known := history.live) is not None:
-            if known.state is SubmissionState.COMPLETED and known.output_urls:
+    async def _step(
+        self, row: InputRow, request: EditRequest, claim: ClaimRequest, state: _RowRun
+    ) -> RowOutcome | _Again:
+        """One claim and what it allows: the row's outcome, or when to ask again."""
+        [decision] = self.ledger.claim(
+            [claim],
+            holder=self.holder,
+            max_attempts=self.max_attempts,
+            lease_seconds=self.lease_seconds,
+            budget_usd=self.budget_usd,
+            account_concurrency=self.account_concurrency,
+        )
+        state.paid = decision.paid_attempts
+        match decision.action:
+            case ClaimAction.REUSE:
+                assert decision.attempt is not None
                 self.counters.reused_completed += 1
-                return _from_submission(row, known, paid)
-            self.counters.polled_known += 1
-            last, may_resubmit = await self._follow(row, known, paid)
-            if not may_resubmit:
-                return last
+                return _from_submission(row, decision.attempt, state.paid)
+            case ClaimAction.WAIT | ClaimAction.WAIT_FOR_SLOT:
+                if state.waits == 0 and decision.action is ClaimAction.WAIT:
+                    self.counters.waited_for_claim += 1
+                state.waits += 1
+                return _WAIT
+            case ClaimAction.EXHAUSTED:
+                return self._final(row, state, self._exhausted(decision, state))
+            case ClaimAction.OVER_BUDGET:
+                self.counters.over_budget += 1
+                spent = decision.spent_usd or 0.0
+                error = (
+                    f"not submitted: FLUX2_BUDGET_USD={self.budget_usd:g} would be exceeded "
+                    f"({spent:.4f} USD spent or reserved, this job "
+                    f"{claim.price_usd or 0.0:.4f} USD); raise the budget and re-run"
+                )
+                return self._final(row, state, error)
+            case ClaimAction.FOLLOW:
+                assert decision.attempt is not None
+                self.counters.polled_known += 1
+                outcome, again = await self._follow(row, decision.attempt, state.paid)
+            case ClaimAction.SUBMIT:
+                assert decision.attempt is not None
+                if decision.took_over or state.may_be_duplicate:
+                    self.counters.unknown_resubmitted += 1
+                    state.may_be_duplicate = False
+                state.tries += 1
+                outcome, again = await self._submit_and_follow(
+                    row, request, decision.attempt, state
+                )
+        if again and state.tries < self.attempts_per_run:
+            state.last = outcome
+            return _NOW
+        if outcome.status == FAILED and not again and _is_final(outcome):
+            self.counters.final_failures += 1
+        return outcome
 
-        tries = 0
-        while tries < self.attempts_per_run and paid < self.max_attempts:
-            tries += 1
-            if unknown_before:
-                self.counters.unknown_resubmitted += 1
-                unknown_before = False
-            last, may_resubmit, paid = await self._submit_and_follow(row, key, request, paid)
-            if not may_resubmit:
-                return last
-        if last is None:
-            return RowOutcome(
-                row,
-                FAILED,
-                attempts=paid,
-                error=f"not submitted: the row already used {paid} of {self.max_attempts} "
-                "paid attempts",
-            )
-        return last
+    def _exhausted(self, decision: ClaimDecision, state: _RowRun) -> str:
+        cause = state.last.error if state.last is not None else decision.last_error
+        cap = f"the row used {state.paid} of {self.max_attempts} paid attempts"
+        return f"{cause} (not submitted again: {cap})" if cause else f"not submitted: {cap}"
+
+    def _final(self, row: InputRow, state: _RowRun, error: str) -> RowOutcome:
+        self.counters.final_failures += 1
+        last = state.last
+        return RowOutcome(
+            row,
+            FAILED,
+            request_id=last.request_id if last else None,
+            error=error,
+            attempts=state.paid,
+            submitted_at=last.submitted_at if last else None,
+            finished_at=last.finished_at if last else None,
+        )
+
+    def _price(self, request: EditRequest) -> float | None:
+        if self.price_per_image_usd is None:
+            return None
+        return self.price_per_image_usd * request.num_images
 
     async def _submit_and_follow(
-        self, row: InputRow, key: str, request: EditRequest, paid: int
-    ) -> tuple[RowOutcome, bool, int]:
-        """One paid attempt; returns the outcome, whether a resubmit may help, paid count."""
-        async with self._slots:
-            intent = self.ledger.record_intent(
-                key, self.partition, row.row_id, _fingerprint(row, request)
-            )
-            try:
-                handle = await self.client.submit(request)
-            except SubmissionOutcomeUnknown as exc:
-                self.ledger.record_unknown(intent.id, str(exc))
-                self.counters.outcome_unknown += 1
-                error = f"{exc}; a re-run will submit it again and count a possible duplicate"
-                return RowOutcome(row, FAILED, attempts=paid + 1, error=error), False, paid + 1
-            except (AuthenticationError, InsufficientCreditError) as exc:
-                self.ledger.record_rejected(intent.id, str(exc))
-                raise FatalApiError(str(exc)) from exc
-            except RunComfyError as exc:
-                self.ledger.record_rejected(intent.id, str(exc))
-                refused = RowOutcome(row, FAILED, attempts=paid, error=f"submit refused: {exc}")
-                return refused, False, paid
-            submitted_at = datetime.now(UTC)
-            known = self.ledger.record_submitted(intent.id, handle.request_id, submitted_at)
-            self.counters.submitted += 1
-            paid += 1
-            outcome, may_resubmit = await self._follow_locked(row, known, paid)
-            return outcome, may_resubmit, paid
+        self, row: InputRow, request: EditRequest, intent: Submission, state: _RowRun
+    ) -> tuple[RowOutcome, bool]:
+        """One paid attempt on a claimed row; returns the outcome and whether to retry."""
+        if self.preflight is not None:
+            problem = await self.preflight.check(request.image_urls)
+            if problem is not None:
+                self.ledger.record_rejected(intent.id, f"not sent: {problem}")
+                self.counters.not_submitted_references += 1
+                error = f"not submitted: {problem}"
+                return RowOutcome(row, FAILED, attempts=state.paid, error=error), False
+        # Taken as the request leaves: the job cannot have started, nor ended, before it.
+        submitted_at = datetime.now(UTC)
+        try:
+            handle = await self.client.submit(request)
+        except SubmissionOutcomeUnknown as exc:
+            self.ledger.record_unknown(intent.id, str(exc))
+            self.counters.outcome_unknown += 1
+            state.paid += 1
+            error = f"{exc}; a re-run will submit it again and count a possible duplicate"
+            return RowOutcome(row, FAILED, attempts=state.paid, error=error), False
+        except (AuthenticationError, InsufficientCreditError) as exc:
+            self.ledger.record_rejected(intent.id, str(exc))
+            raise FatalApiError(str(exc)) from exc
+        except RunComfyError as exc:
+            # The client raises anything but SubmissionOutcomeUnknown only for answers that
+            # prove no job was created (see runcomfy.errors).
+            self.ledger.record_rejected(intent.id, str(exc))
+            return RowOutcome(
+                row, FAILED, attempts=state.paid, error=f"submit refused: {exc}"
+            ), False
+        except asyncio.CancelledError:
+            self.ledger.record_unknown(intent.id, "the run stopped while the submit was in flight")
+            raise
+        known = self.ledger.record_submitted(intent.id, handle.request_id, submitted_at)
+        self.counters.submitted += 1
+        state.paid += 1
+        outcome, again = await self._follow(row, known, state.paid)
+        if outcome.cost_usd is not None:
+            self.counters.new_cost_usd += outcome.cost_usd
+        if again and _lost(outcome):
+            state.may_be_duplicate = True
+        return outcome, again
 
     async def _follow(self, row: InputRow, known: Submission, paid: int) -> tuple[RowOutcome, bool]:
-        async with self._slots:
-            return await self._follow_locked(row, known, paid)
-
-    async def _follow_locked(
-        self, row: InputRow, known: Submission, paid: int
-    ) -> tuple[RowOutcome, bool]:
         """Poll a known job to its end; True when it surely ended without a result."""
         request_id = known.request_id
         assert request_id is not None
@@ -206,16 +392,18 @@ class EditRunner:
                 return _pending(row, known, paid, CANCELLED, str(exc)), True
             return _pending(row, known, paid, FAILED, str(exc), live=True), False
         except NotFoundError as exc:
-            self.ledger.record_finished(
-                known.id, SubmissionState.FAILED, error=f"the API no longer knows this job: {exc}"
-            )
-            return _pending(row, known, paid, FAILED, f"the API no longer knows job: {exc}"), True
+            # The client has already retried the 404 for its grace period and asked for the
+            # result: the job is gone. A new submit may duplicate it, and is counted.
+            error = f"{_LOST_PREFIX} {exc}"
+            self.ledger.record_finished(known.id, SubmissionState.FAILED, error=error)
+            return _pending(row, known, paid, FAILED, error), True
         except RunComfyError as exc:
             # The job may still complete: leave it `submitted` so a re-run polls it.
             lost = _pending(row, known, paid, FAILED, f"lost track of the job: {exc}", live=True)
             return lost, False
         outcome = self._record_result(row, known, paid, result)
-        return outcome, outcome.status != COMPLETED
+        retry = outcome.status != COMPLETED and not is_input_fault(outcome.error)
+        return outcome, retry
 
     def _record_result(
         self, row: InputRow, known: Submission, paid: int, result: EditResult
@@ -257,10 +445,32 @@ class EditRunner:
         except (RunComfyError, TimeoutError):
             return None
         if status.state is JobState.CANCELLED:
-            self.ledger.record_finished(
-                known.id, SubmissionState.CANCELLED, error="cancelled: the run stopped waiting"
-            )
+            with contextlib.suppress(Exception):
+                self.ledger.record_finished(
+                    known.id, SubmissionState.CANCELLED, error="cancelled: the run stopped waiting"
+                )
         return status.state
+
+
+_LOST_PREFIX = "the API no longer knows this job:"
+
+
+class _Again(Enum):
+    NOW = "now"
+    WAIT = "wait"
+
+
+_NOW, _WAIT = _Again.NOW, _Again.WAIT
+
+
+def _is_final(outcome: RowOutcome) -> bool:
+    """A failure that another try cannot fix: the input is at fault, or it was never sent."""
+    error = outcome.error or ""
+    return is_input_fault(error) or error.startswith("not submitted")
+
+
+def _lost(outcome: RowOutcome) -> bool:
+    return outcome.error is not None and outcome.error.startswith(_LOST_PREFIX)
 
 
 def _fingerprint(row: InputRow, request: EditRequest) -> str:

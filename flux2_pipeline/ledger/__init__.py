@@ -12,6 +12,13 @@ Example::
         history = ledger.lookup([key]).get(key)
 """
 
+from flux2_pipeline.ledger.claims import (
+    DEFAULT_LEASE_SECONDS,
+    ClaimAction,
+    ClaimDecision,
+    ClaimRequest,
+    decide,
+)
 from flux2_pipeline.ledger.errors import (
     LedgerConfigError,
     LedgerError,
@@ -22,6 +29,7 @@ from flux2_pipeline.ledger.records import RowHistory, Submission
 from flux2_pipeline.ledger.schema import (
     FINISHED_STATES,
     LIVE_STATES,
+    OPEN_STATES,
     TABLE_NAME,
     UNPAID_STATES,
     SubmissionState,
@@ -31,11 +39,16 @@ from flux2_pipeline.ledger.store import LOOKUP_CHUNK_SIZE, Ledger
 from flux2_pipeline.ledger.url import parse_ledger_url, redact_url
 
 __all__ = [
+    "DEFAULT_LEASE_SECONDS",
     "FINISHED_STATES",
     "LIVE_STATES",
     "LOOKUP_CHUNK_SIZE",
+    "OPEN_STATES",
     "TABLE_NAME",
     "UNPAID_STATES",
+    "ClaimAction",
+    "ClaimDecision",
+    "ClaimRequest",
     "Ledger",
     "LedgerConfigError",
     "LedgerError",
@@ -44,6 +57,7 @@ __all__ = [
     "RowHistory",
     "Submission",
     "SubmissionState",
+    "decide",
     "make_row_key",
     "parse_ledger_url",
     "redact_url",

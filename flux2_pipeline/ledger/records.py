@@ -39,6 +39,12 @@ class Submission:
     cost_usd: float | None
     output_urls: tuple[str, ...]
     updated_at: datetime
+    holder: str | None = None
+    """The runner whose claim this open attempt is (None once it ended)."""
+    lease_until: datetime | None = None
+    """When the holder's claim lapses unless its heartbeat renews it."""
+    charge_usd: float | None = None
+    """What this attempt adds to the ledger's spend (price while in flight, cost once known)."""
 
     @property
     def is_paid(self) -> bool:
@@ -77,6 +83,9 @@ def submission_from_row(row: RowMapping) -> Submission:
         cost_usd=None if row["cost_usd"] is None else float(row["cost_usd"]),
         output_urls=tuple(str(u) for u in urls),
         updated_at=row["updated_at"],
+        holder=row.get("holder"),
+        lease_until=row.get("lease_until"),
+        charge_usd=None if row.get("charge_usd") is None else float(row["charge_usd"]),
     )
 
 

@@ -127,10 +127,37 @@ submissions = Table(
     Column("cost_usd", Float(), nullable=True),
     Column("output_urls", Text(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
+    # The claim: which runner holds an open attempt, and until when its lease runs.
+    Column("holder", Text(), nullable=True),
+    Column("lease_until", UTCDateTime(), nullable=True),
+    # What this attempt adds to the ledger's spend: its price while in flight, the
+    # API's reported cost once known (see `ledger_account`).
+    Column("charge_usd", Float(), nullable=True),
     # Also the row_key index (leading column) and the guard that makes record_intent
     # concurrency-safe: two writers computing the same next attempt cannot both win.
     UniqueConstraint("row_key", "attempt", name=f"uq_{TABLE_NAME}_row_key_attempt"),
     # NULLs are distinct on both backends: unique only where a request id is known.
     UniqueConstraint("request_id", name=f"uq_{TABLE_NAME}_request_id"),
     Index(f"ix_{TABLE_NAME}_partition", "partition"),
+    # Open attempts (claims and account slots) are found without scanning history.
+    Index(f"ix_{TABLE_NAME}_state_lease", "state", "lease_until"),
+    Index(f"ix_{TABLE_NAME}_holder", "holder"),
 )
+
+ACCOUNT_TABLE_NAME = "flux2_ledger_account"
+
+ledger_account = Table(
+    ACCOUNT_TABLE_NAME,
+    metadata,
+    # One row (id 1): the spend of every attempt in the ledger, kept in step with
+    # `charge_usd` in the same transactions, so a budget check reads one row.
+    Column("id", Integer(), primary_key=True, autoincrement=False),
+    Column("spent_usd", Float(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+OPEN_STATES = frozenset({SubmissionState.INTENT, SubmissionState.SUBMITTED})
+"""States of an attempt that holds a claim on its row and a slot of the account."""
+
+ADDED_COLUMNS = ("holder", "lease_until", "charge_usd")
+"""Columns added after the first release; `Ledger.open` adds them to older ledgers."""

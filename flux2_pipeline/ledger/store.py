@@ -6,11 +6,16 @@ happy path of each write is a single statement (``INSERT ... RETURNING`` or
 ``UPDATE ... RETURNING``), so on SQLite it takes the write lock up front and waits on
 ``busy_timeout`` instead of failing with "database is locked".
 
-SQLite runs in WAL mode with ``synchronous=NORMAL``: a commit appends to the WAL file
-with ``write()`` before returning, so it lives in the OS page cache and survives the
-process being killed (even with SIGKILL); only an OS crash or power loss can drop the
-last commits, which is when ``FULL`` (an fsync per commit, milliseconds each on real
-disks) would help. A run spanning machines should use PostgreSQL anyway.
+SQLite runs in WAL mode with ``synchronous=FULL``: an intent is on disk (fsync) before
+the request it announces leaves, so not even a power loss can forget a job that may
+exist. Every SQLite transaction starts with ``BEGIN IMMEDIATE``: it takes the write lock
+up front, so a claim's read and write see one state and two processes are serialized
+(waiting on ``busy_timeout``) instead of deciding from the same stale read.
+
+Claims (see `flux2_pipeline.ledger.claims`) are decided and written in one transaction;
+on PostgreSQL an advisory lock per row key serializes them across machines, and the
+account row (spend) is locked ``FOR UPDATE`` when a budget or an account-wide cap is
+checked.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -41,6 +46,13 @@ from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.schema import CreateIndex, CreateSchema, CreateTable
 
+from flux2_pipeline.ledger.claims import (
+    DEFAULT_LEASE_SECONDS,
+    ClaimAction,
+    ClaimDecision,
+    ClaimRequest,
+    decide,
+)
 from flux2_pipeline.ledger.errors import (
     LedgerConfigError,
     LedgerError,
@@ -49,8 +61,11 @@ from flux2_pipeline.ledger.errors import (
 )
 from flux2_pipeline.ledger.records import RowHistory, Submission, submission_from_row
 from flux2_pipeline.ledger.schema import (
+    ADDED_COLUMNS,
     FINISHED_STATES,
+    OPEN_STATES,
     SubmissionState,
+    ledger_account,
     submissions,
 )
 from flux2_pipeline.ledger.url import parse_ledger_url, redact_url
@@ -70,7 +85,9 @@ PG_CONNECT_TIMEOUT_S = 10
 _PG_DDL_LOCK_KEY = 0x464C5832_4C454447  # "FLX2LEDG"
 
 _t = submissions
+_a = ledger_account
 _NO_REQUEST_ID = _t.c.request_id.is_(None)
+_ACCOUNT_ROW = _a.c.id == 1
 
 
 def _now() -> datetime:
@@ -102,13 +119,28 @@ def _finished_state(state: SubmissionState | str) -> SubmissionState:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # The driver must not open transactions on its own: `_sqlite_begin` opens each one
+    # with BEGIN IMMEDIATE.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         _switch_to_wal(cursor)
-        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA synchronous = FULL")
     finally:
         cursor.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _advisory_key(row_key: str) -> int:
+    # A signed 64-bit number from the key's sha256 hex (row keys are hex digests).
+    try:
+        return int(row_key[:15], 16)
+    except ValueError:
+        return int.from_bytes(row_key.encode()[:7].ljust(7, b"\0"), "big")
 
 
 def _switch_to_wal(cursor: Any) -> None:
@@ -124,6 +156,21 @@ def _switch_to_wal(cursor: Any) -> None:
             if "locked" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
+
+
+def _add_missing_columns(conn: Connection) -> None:
+    """Bring a ledger written by an older release up to the current columns."""
+    from sqlalchemy import inspect
+
+    present = {column["name"] for column in inspect(conn).get_columns(_t.name, schema=None)}
+    preparer = conn.dialect.identifier_preparer
+    for name in ADDED_COLUMNS:
+        if name not in present:
+            column = _t.c[name]
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.exec_driver_sql(
+                f"ALTER TABLE {preparer.format_table(_t)} ADD COLUMN {preparer.quote(name)} {kind}"
+            )
 
 
 class Ledger:
@@ -178,6 +225,7 @@ class Ledger:
                 ) from exc
             engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
             event.listen(engine, "connect", _sqlite_pragmas)
+            event.listen(engine, "begin", _sqlite_begin)
         else:
             options: dict[str, Any] = {}
             if schema is not None:
@@ -206,8 +254,15 @@ class Ledger:
                 if self._schema is not None:
                     conn.execute(CreateSchema(self._schema, if_not_exists=True))
             conn.execute(CreateTable(_t, if_not_exists=True))
+            _add_missing_columns(conn)
             for index in sorted(_t.indexes, key=lambda i: str(i.name)):
                 conn.execute(CreateIndex(index, if_not_exists=True))
+            conn.execute(CreateTable(_a, if_not_exists=True))
+            if conn.execute(select(_a.c.id).where(_ACCOUNT_ROW)).first() is None:
+                # A ledger from before the account row: its spend is what it recorded.
+                charges = func.coalesce(_t.c.charge_usd, _t.c.cost_usd)
+                spent = conn.execute(select(func.coalesce(func.sum(charges), 0))).scalar_one()
+                conn.execute(insert(_a).values(id=1, spent_usd=float(spent), updated_at=_now()))
 
     def close(self) -> None:
         """Close every pooled connection; later calls raise `LedgerError`."""
@@ -282,7 +337,20 @@ class Ledger:
         current: Any = None
         try:
             with self._begin(f"cannot {action} {subject}") as conn:
+                before = None
+                if "charge_usd" in values:
+                    before = conn.execute(
+                        select(_t.c.charge_usd).where(where, guard).with_for_update()
+                    ).first()
                 row = conn.execute(stmt).mappings().one_or_none()
+                if row is not None and before is not None:
+                    delta = (values["charge_usd"] or 0.0) - (before.charge_usd or 0.0)
+                    if delta:
+                        conn.execute(
+                            update(_a)
+                            .where(_ACCOUNT_ROW)
+                            .values(spent_usd=_a.c.spent_usd + delta, updated_at=_now())
+                        )
                 if row is None:
                     current = conn.execute(
                         select(_t.c.id, _t.c.state, _t.c.request_id).where(where)
@@ -348,6 +416,177 @@ class Ledger:
             "writers kept taking the next attempt number"
         )
 
+    def claim(
+        self,
+        requests: Iterable[ClaimRequest],
+        *,
+        holder: str,
+        max_attempts: int,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        budget_usd: float | None = None,
+        account_concurrency: int | None = None,
+    ) -> list[ClaimDecision]:
+        """Decide, for each row, who pays: one transaction for the whole list.
+
+        For every request the row's attempts are read and `claims.decide` applied under a
+        lock no other runner can hold at the same time. A SUBMIT decision has already
+        written the new intent, held by `holder` until ``now + lease_seconds`` (renew with
+        `renew`), and reserved its price against `budget_usd`; with
+        `account_concurrency`, it also took one of the account's slots (open attempts
+        with a live lease, over every partition and runner sharing the ledger).
+        Decisions come back in the order of `requests`.
+
+        Example::
+
+            [decision] = ledger.claim([ClaimRequest(key, "cats", "42", sha)],
+                                      holder=runner_id, max_attempts=9)
+        """
+        wanted = list(requests)
+        if not wanted:
+            return []
+        if not holder:
+            raise ValueError("holder must be a non-empty string")
+        keys = sorted({request.row_key for request in wanted})
+        decisions: list[ClaimDecision] = []
+        with self._begin("cannot claim rows in the ledger") as conn:
+            now = _now()
+            lease_until = now + timedelta(seconds=lease_seconds)
+            postgres = conn.dialect.name == "postgresql"
+            if postgres:
+                for key in keys:
+                    conn.execute(
+                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": _advisory_key(key)}
+                    )
+            accounted = budget_usd is not None or account_concurrency is not None
+            spent = 0.0
+            if accounted:
+                query = select(_a.c.spent_usd).where(_ACCOUNT_ROW)
+                spent = float(conn.execute(query.with_for_update()).scalar_one())
+            open_slots = 0
+            if account_concurrency is not None:
+                open_slots = int(
+                    conn.execute(
+                        select(func.count()).where(_states(*OPEN_STATES), _t.c.lease_until > now)
+                    ).scalar_one()
+                )
+            history: dict[str, list[Submission]] = {key: [] for key in keys}
+            for start in range(0, len(keys), LOOKUP_CHUNK_SIZE):
+                chunk = keys[start : start + LOOKUP_CHUNK_SIZE]
+                rows = conn.execute(
+                    select(*_t.c).where(_t.c.row_key.in_(chunk)).order_by(_t.c.attempt)
+                ).mappings()
+                for row in rows:
+                    history[row["row_key"]].append(submission_from_row(row))
+            spent_before = spent
+            for request in wanted:
+                attempts = history[request.row_key]
+                verdict = decide(attempts, holder=holder, now=now, max_attempts=max_attempts)
+                action, attempt = verdict.action, verdict.attempt
+                took_over = False
+                if action is ClaimAction.FOLLOW and attempt is not None:
+                    if attempt.lease_until is None or attempt.lease_until <= now:
+                        # Its holder is gone: adopt the job, so its slot counts again.
+                        conn.execute(
+                            update(_t)
+                            .where(_t.c.id == attempt.id)
+                            .values(holder=holder, lease_until=lease_until)
+                        )
+                elif action is ClaimAction.SUBMIT:
+                    price = request.price_usd or 0.0
+                    if account_concurrency is not None and open_slots >= account_concurrency:
+                        action = ClaimAction.WAIT_FOR_SLOT
+                    elif budget_usd is not None and spent + price > budget_usd + 1e-9:
+                        action = ClaimAction.OVER_BUDGET
+                    else:
+                        dangling = verdict.dangling
+                        if dangling is not None and dangling.state is SubmissionState.INTENT:
+                            conn.execute(
+                                update(_t)
+                                .where(_t.c.id == dangling.id)
+                                .values(
+                                    state=SubmissionState.UNKNOWN.value,
+                                    holder=None,
+                                    updated_at=now,
+                                    error="its runner stopped before the answer was recorded; "
+                                    "the request may have reached the API",
+                                )
+                            )
+                        took_over = dangling is not None
+                        attempt = self._insert_intent(
+                            conn, request, holder, now, lease_until, attempts
+                        )
+                        attempts.append(attempt)
+                        spent += price
+                        open_slots += 1
+                decisions.append(
+                    ClaimDecision(
+                        action,
+                        attempt,
+                        paid_attempts=verdict.paid_attempts,
+                        took_over=took_over,
+                        last_error=verdict.last_error,
+                        spent_usd=spent if accounted else None,
+                    )
+                )
+            if spent != spent_before:
+                conn.execute(
+                    update(_a)
+                    .where(_ACCOUNT_ROW)
+                    .values(spent_usd=_a.c.spent_usd + (spent - spent_before), updated_at=now)
+                )
+        return decisions
+
+    @staticmethod
+    def _insert_intent(
+        conn: Connection,
+        request: ClaimRequest,
+        holder: str,
+        now: datetime,
+        lease_until: datetime,
+        attempts: list[Submission],
+    ) -> Submission:
+        number = max((a.attempt for a in attempts), default=0) + 1
+        stmt = (
+            insert(_t)
+            .values(
+                row_key=request.row_key,
+                partition=request.partition,
+                row_id=request.row_id,
+                request_hash=request.request_hash,
+                attempt=number,
+                state=SubmissionState.INTENT.value,
+                intent_at=now,
+                output_urls="[]",
+                updated_at=now,
+                holder=holder,
+                lease_until=lease_until,
+                charge_usd=request.price_usd,
+            )
+            .returning(*_t.c)
+        )
+        return submission_from_row(conn.execute(stmt).mappings().one())
+
+    def renew(self, holder: str, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> int:
+        """Extend every open claim `holder` has; returns how many. The runner's heartbeat."""
+        until = _now() + timedelta(seconds=lease_seconds)
+        stmt = (
+            update(_t).where(_t.c.holder == holder, _states(*OPEN_STATES)).values(lease_until=until)
+        )
+        with self._begin("cannot renew the runner's claims") as conn:
+            return int(conn.execute(stmt).rowcount or 0)
+
+    def spent_usd(self) -> float:
+        """The ledger's spend: every attempt's cost when reported, else its reserved price."""
+        with self._begin("cannot read the ledger") as conn:
+            value = conn.execute(select(_a.c.spent_usd).where(_ACCOUNT_ROW)).scalar_one()
+        return float(value)
+
+    def open_attempts(self) -> int:
+        """Attempts holding a live claim right now (the account's taken slots)."""
+        stmt = select(func.count()).where(_states(*OPEN_STATES), _t.c.lease_until > _now())
+        with self._begin("cannot read the ledger") as conn:
+            return int(conn.execute(stmt).scalar_one())
+
     def record_submitted(
         self, submission_id: int, request_id: str, submitted_at: datetime | None = None
     ) -> Submission:
@@ -375,22 +614,36 @@ class Ledger:
         )
 
     def record_rejected(self, submission_id: int, error: str) -> Submission:
-        """The API refused the submit (or it was never sent): no job exists, not paid."""
+        """The API refused the submit (or it was never sent): no job exists, not paid.
+
+        Only an answer that proves no job was created may lead here (see
+        `flux2_pipeline.runcomfy.errors`); the attempt's reserved charge is released.
+        """
         return self._update(
             _t.c.id == submission_id,
             _states(SubmissionState.INTENT, SubmissionState.UNKNOWN, SubmissionState.REJECTED)
             & _NO_REQUEST_ID,
-            {"state": SubmissionState.REJECTED.value, "error": error, "finished_at": _now()},
+            {
+                "state": SubmissionState.REJECTED.value,
+                "error": error,
+                "finished_at": _now(),
+                "holder": None,
+                "charge_usd": 0.0,
+            },
             "mark rejected",
             f"submission {submission_id}",
         )
 
     def record_unknown(self, submission_id: int, error: str) -> Submission:
-        """The submit's answer was lost: a job may exist (counts as paid), id unknown."""
+        """The submit's answer was lost: a job may exist (counts as paid), id unknown.
+
+        The claim is released: a re-run may submit the row again, and counts that as a
+        possible duplicate. The reserved charge stays spent.
+        """
         return self._update(
             _t.c.id == submission_id,
             _states(SubmissionState.INTENT, SubmissionState.UNKNOWN) & _NO_REQUEST_ID,
-            {"state": SubmissionState.UNKNOWN.value, "error": error},
+            {"state": SubmissionState.UNKNOWN.value, "error": error, "holder": None},
             "mark unknown",
             f"submission {submission_id}",
         )
@@ -409,13 +662,16 @@ class Ledger:
         urls = [str(u) for u in output_urls]
         # A finished job may be re-polled and re-recorded; only a job with an id can end.
         guard = ~_NO_REQUEST_ID & _states(SubmissionState.SUBMITTED, *FINISHED_STATES)
-        values = {
+        values: dict[str, Any] = {
             "state": parsed.value,
             "finished_at": _aware(finished_at, "finished_at"),
             "error": error,
             "cost_usd": None if cost_usd is None else float(cost_usd),
             "output_urls": json.dumps(urls),
         }
+        if cost_usd is not None:
+            # The API's own figure replaces the reserved price in the ledger's spend.
+            values["charge_usd"] = float(cost_usd)
         return self._update(where, guard, values, f"mark {parsed.value}", subject)
 
     def record_finished(

@@ -140,14 +140,14 @@ def test_repr_hides_password_without_connecting() -> None:
 # -- SQLite setup ---------------------------------------------------------------------
 
 
-def test_sqlite_creates_parent_dir_and_uses_wal_normal(tmp_path: Path) -> None:
+def test_sqlite_creates_parent_dir_and_uses_wal_full(tmp_path: Path) -> None:
     path = tmp_path / "deep" / "er" / "ledger.db"
     with Ledger.open(str(path)) as ledger:
         assert path.exists()
         assert ledger.backend == "sqlite"
         with ledger.engine.connect() as conn:
             assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
-            assert conn.execute(text("PRAGMA synchronous")).scalar() == 1  # NORMAL
+            assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL: durable before send
             assert conn.execute(text("PRAGMA busy_timeout")).scalar() == 30_000
     # Reopening an existing ledger is idempotent.
     with Ledger.open(str(path)) as again:

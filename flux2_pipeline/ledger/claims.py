@@ -1,0 +1,135 @@
+"""Claims: which runner may pay for a row right now, decided from the row's history.
+
+A claim is an open attempt (`intent` or `submitted`) with a `holder` and a `lease_until`.
+While a live holder has an `intent` (its request may be on the wire), nobody else may
+submit that row: they wait for the request id, then poll that job. A holder renews its
+leases with a heartbeat; when it dies its lease runs out, and the next runner takes the
+row over. An `intent` whose lease ran out is the documented unknown window (the request
+may have reached the API), so taking it over is counted as a possible duplicate.
+
+`decide` is the pure rule; `Ledger.claim` applies it inside one locked transaction
+(SQLite ``BEGIN IMMEDIATE``, PostgreSQL an advisory lock per row key), so two runners can
+never both be told to submit.
+
+Example::
+
+    decision = ledger.claim(ClaimRequest(key, "cats", "42", fingerprint), holder="run-7")
+    match decision.action:
+        case ClaimAction.SUBMIT: ...   # decision.attempt is our intent: send the request
+        case ClaimAction.FOLLOW: ...   # poll decision.attempt.request_id, never resubmit
+        case ClaimAction.WAIT: ...     # another live runner is submitting it: ask again soon
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from flux2_pipeline.ledger.records import Submission
+from flux2_pipeline.ledger.schema import SubmissionState
+
+DEFAULT_LEASE_SECONDS = 60.0
+"""How long a claim outlives its holder's last heartbeat (holders renew every third of it)."""
+
+
+class ClaimAction(StrEnum):
+    """What a runner must do with a row after asking the ledger."""
+
+    SUBMIT = "submit"
+    """A new attempt was recorded and is held by the caller: send the request now."""
+    REUSE = "reuse"
+    """A job of this row completed with images: use it, pay nothing."""
+    FOLLOW = "follow"
+    """A job of this row may still complete: poll it, never submit again."""
+    WAIT = "wait"
+    """Another live runner holds an intent without a request id yet: ask again soon."""
+    WAIT_FOR_SLOT = "wait_for_slot"
+    """The account's concurrency cap is reached: ask again when a job ends."""
+    EXHAUSTED = "exhausted"
+    """The row used every paid attempt it is allowed."""
+    OVER_BUDGET = "over_budget"
+    """Paying for this row would take the ledger's spend over its budget."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """One row a runner wants to pay for.
+
+    `price_usd` is what the job is expected to cost (price per image x images), reserved
+    against the budget from the moment the intent is written; None when unknown.
+    """
+
+    row_key: str
+    partition: str
+    row_id: str
+    request_hash: str
+    price_usd: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimDecision:
+    """The ledger's answer for one `ClaimRequest`.
+
+    `attempt` is the new intent (SUBMIT), the completed attempt (REUSE), the job to poll
+    (FOLLOW), the other runner's intent (WAIT) or the latest attempt (EXHAUSTED).
+    `took_over` is True when SUBMIT replaces an intent or unknown outcome whose request
+    may have reached the API: a possible duplicate, to be counted.
+    """
+
+    action: ClaimAction
+    attempt: Submission | None = None
+    paid_attempts: int = 0
+    took_over: bool = False
+    last_error: str | None = None
+    spent_usd: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What `decide` concluded before any write: the action and the attempt it is about."""
+
+    action: ClaimAction
+    attempt: Submission | None
+    paid_attempts: int
+    dangling: Submission | None = None
+    """An intent or unknown outcome that SUBMIT supersedes (the possible duplicate)."""
+    last_error: str | None = None
+
+
+def decide(
+    attempts: tuple[Submission, ...] | list[Submission],
+    *,
+    holder: str,
+    now: datetime,
+    max_attempts: int,
+) -> Verdict:
+    """The claim rule for one row, given every recorded attempt (oldest first).
+
+    Example::
+
+        verdict = decide(history.attempts, holder="run-7", now=utcnow(), max_attempts=9)
+    """
+    paid = sum(1 for attempt in attempts if attempt.is_paid)
+    last_error = next((a.error for a in reversed(attempts) if a.error), None)
+    for attempt in reversed(attempts):
+        if attempt.state is SubmissionState.COMPLETED and attempt.output_urls:
+            return Verdict(ClaimAction.REUSE, attempt, paid)
+    latest = attempts[-1] if attempts else None
+    dangling: Submission | None = None
+    if latest is not None and latest.request_id is not None:
+        if latest.state is SubmissionState.SUBMITTED:
+            return Verdict(ClaimAction.FOLLOW, latest, paid)
+    elif latest is not None and latest.state is SubmissionState.INTENT:
+        if latest.holder is not None and latest.holder != holder and _alive(latest, now):
+            return Verdict(ClaimAction.WAIT, latest, paid)
+        dangling = latest
+    elif latest is not None and latest.state is SubmissionState.UNKNOWN:
+        dangling = latest
+    if paid >= max_attempts:
+        return Verdict(ClaimAction.EXHAUSTED, latest, paid, last_error=last_error)
+    return Verdict(ClaimAction.SUBMIT, None, paid, dangling=dangling, last_error=last_error)
+
+
+def _alive(attempt: Submission, now: datetime) -> bool:
+    return attempt.lease_until is not None and attempt.lease_until > now
