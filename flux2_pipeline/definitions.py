@@ -44,7 +44,14 @@ def build_resources(settings: Settings) -> dict[str, object]:
             base_url=settings.base_url,
             max_concurrency=settings.max_concurrency,
         ),
-        "ledger": LedgerResource(url=settings.ledger_url, output_dir=str(settings.output_dir)),
+        "ledger": LedgerResource(
+            url=settings.ledger_url,
+            output_dir=str(settings.output_dir),
+            lease_seconds=settings.claim_lease_seconds,
+            account_concurrency=settings.account_concurrency,
+            budget_usd=settings.budget_usd,
+            price_per_image_usd=settings.price_per_image_usd,
+        ),
         "storage": Flux2Storage(
             input_dir=str(settings.input_dir), output_dir=str(settings.output_dir)
         ),

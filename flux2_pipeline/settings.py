@@ -66,6 +66,10 @@ class Settings:
     step_retries: int = 3
     step_retry_delay: float = 10.0
     api_token: str | None = field(default=None, repr=False)
+    account_concurrency: int | None = None
+    budget_usd: float | None = None
+    price_per_image_usd: float | None = None
+    claim_lease_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.output_dir, UPath):
@@ -88,6 +92,13 @@ class Settings:
         ledger_url = _ledger_url(env)
         if ledger_url is None and not is_local(output_dir):
             raise SettingsError(REMOTE_LEDGER_REQUIRED)
+        budget = _money(env, "FLUX2_BUDGET_USD")
+        price = _money(env, "FLUX2_PRICE_PER_IMAGE_USD")
+        if budget is not None and price is None:
+            raise SettingsError(
+                "FLUX2_BUDGET_USD needs FLUX2_PRICE_PER_IMAGE_USD (the price reserved for each "
+                "image when its job is submitted), e.g. 0.025"
+            )
         return cls(
             base_url=base_url,
             input_dir=_path(env, "FLUX2_INPUT_DIR", "data/prompts").absolute(),
@@ -97,6 +108,12 @@ class Settings:
             step_retries=_int(env, "FLUX2_STEP_RETRIES", 3, 0, 20),
             step_retry_delay=_seconds(env, "FLUX2_STEP_RETRY_DELAY", 10.0),
             api_token=token,
+            account_concurrency=_optional_int(
+                env, "FLUX2_ACCOUNT_CONCURRENCY", 1, MAX_CONCURRENCY_LIMIT
+            ),
+            budget_usd=budget,
+            price_per_image_usd=price,
+            claim_lease_seconds=_seconds(env, "FLUX2_CLAIM_LEASE_SECONDS", 60.0) or 60.0,
         )
 
     @property
@@ -176,6 +193,25 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
         value = low - 1
     if not low <= value <= high:
         raise SettingsError(f"{name} must be a whole number from {low} to {high}, got {raw!r}")
+    return value
+
+
+def _optional_int(env: Mapping[str, str], name: str, low: int, high: int) -> int | None:
+    if not env.get(name, "").strip():
+        return None
+    return _int(env, name, low, low, high)
+
+
+def _money(env: Mapping[str, str], name: str) -> float | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1e9 or value != value:
+        raise SettingsError(f"{name} must be an amount in USD of 0 or more, got {raw!r}")
     return value
 
 

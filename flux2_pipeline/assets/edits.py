@@ -230,6 +230,10 @@ def build_edits_asset(retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY) -> 
             max_concurrency=runcomfy.max_concurrency,
             attempts_per_run=runcomfy.attempts_per_run,
             max_attempts=runcomfy.max_attempts,
+            lease_seconds=ledger.lease_seconds,
+            budget_usd=ledger.budget_usd,
+            price_per_image_usd=ledger.price_per_image_usd,
+            account_concurrency=ledger.account_concurrency,
         )
         tally = _Tally(total=total)
         rows = read_input_rows(
@@ -241,7 +245,10 @@ def build_edits_asset(retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY) -> 
         try:
             runcomfy.run(
                 _run_partition(runner, rows, writer, tally),
-                on_tick=lambda: context.log.info(f"partition {key}: {tally.progress_line()}"),
+                on_tick=lambda: context.log.info(
+                    f"partition {key}: {tally.progress_line()}, "
+                    f"ledger spend {ledger.ledger.spent_usd():.4f} USD"
+                ),
                 tick_seconds=PROGRESS_SECONDS,
             )
         except InputTableError as exc:
@@ -271,7 +278,11 @@ def build_edits_asset(retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY) -> 
         metadata = _metadata(key, in_path, input_sha, row_group, out_path, tally, runner)
         unfinished = counts["failed"] + counts["cancelled"]
         if unfinished:
+            # Rows that failed because of their input, the budget or the attempt cap fail
+            # the same way on a step retry: only a re-run after a fix can help.
+            retryable = unfinished > runner.counters.final_failures
             raise Failure(
+                allow_retries=retryable,
                 description=(
                     f"partition {key}: {unfinished} of {total} rows did not complete "
                     f"({counts['failed']} failed, {counts['cancelled']} cancelled, "
@@ -316,6 +327,11 @@ def _metadata(
         "flux2/polled_known": runner.counters.polled_known,
         "flux2/unknown_resubmitted": runner.counters.unknown_resubmitted,
         "flux2/outcome_unknown": runner.counters.outcome_unknown,
+        "flux2/waited_for_claim": runner.counters.waited_for_claim,
+        "flux2/not_submitted_references": runner.counters.not_submitted_references,
+        "flux2/over_budget": runner.counters.over_budget,
+        "flux2/new_spend_usd": round(runner.counters.new_cost_usd, 6),
+        "flux2/ledger_spent_usd": round(runner.ledger.spent_usd(), 6),
         "flux2/seconds": round(seconds, 3),
         "flux2/rows_per_second": round(tally.done / seconds, 2) if seconds > 0 else 0.0,
         "flux2/input_path": MetadataValue.path(str(in_path)),

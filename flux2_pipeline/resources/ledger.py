@@ -27,6 +27,28 @@ class LedgerResource(ConfigurableResource):  # type: ignore[type-arg]
         "ledger.sqlite under output_dir.",
     )
     output_dir: str = Field(default="data/output", description="Where the default SQLite lives.")
+    lease_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="FLUX2_CLAIM_LEASE_SECONDS: how long a run's claim on a row outlives its "
+        "last heartbeat; then another run may take the row over (counted as unknown).",
+    )
+    account_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description="FLUX2_ACCOUNT_CONCURRENCY: most jobs queued or running at once over every "
+        "run, process and machine sharing the ledger.",
+    )
+    budget_usd: float | None = Field(
+        default=None,
+        ge=0,
+        description="FLUX2_BUDGET_USD: most money the ledger may spend, over every run.",
+    )
+    price_per_image_usd: float | None = Field(
+        default=None,
+        ge=0,
+        description="FLUX2_PRICE_PER_IMAGE_USD: reserved per image until the API reports a cost.",
+    )
 
     _ledger: Ledger | None = PrivateAttr(default=None)
 
