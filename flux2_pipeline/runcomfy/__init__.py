@@ -10,6 +10,7 @@ Example::
 
 from flux2_pipeline.runcomfy.client import (
     DEFAULT_BASE_URL,
+    DEFAULT_LOST_JOB_GRACE,
     AsyncRunComfyClient,
     BatchItem,
     ClientStats,
@@ -22,6 +23,7 @@ from flux2_pipeline.runcomfy.errors import (
     InsufficientCreditError,
     InvalidEditRequest,
     JobDeadlineExceeded,
+    JobLostError,
     MalformedResponseError,
     NotFoundError,
     RateLimitError,
@@ -31,6 +33,7 @@ from flux2_pipeline.runcomfy.errors import (
     SubmissionOutcomeUnknown,
     TransportError,
     UnknownJobStateError,
+    submit_error_proves_no_job,
 )
 from flux2_pipeline.runcomfy.models import (
     IMAGE_SIZE_PIXELS,
@@ -49,6 +52,7 @@ from flux2_pipeline.runcomfy.retry import RetryPolicy
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "DEFAULT_LOST_JOB_GRACE",
     "IMAGE_SIZE_PIXELS",
     "MODEL_PATH",
     "PARAMETER_DEFAULTS",
@@ -67,6 +71,7 @@ __all__ = [
     "InvalidEditRequest",
     "JobDeadlineExceeded",
     "JobHandle",
+    "JobLostError",
     "JobState",
     "JobStatus",
     "MalformedResponseError",
@@ -80,4 +85,5 @@ __all__ = [
     "SubmissionOutcomeUnknown",
     "TransportError",
     "UnknownJobStateError",
+    "submit_error_proves_no_job",
 ]

@@ -38,13 +38,15 @@ import httpx
 from flux2_pipeline.runcomfy.errors import (
     APIError,
     JobDeadlineExceeded,
+    JobLostError,
     MalformedResponseError,
+    NotFoundError,
     RunComfyError,
-    ServerError,
     SubmissionOutcomeUnknown,
     TransportError,
     UnknownJobStateError,
     error_for_response,
+    submit_error_proves_no_job,
 )
 from flux2_pipeline.runcomfy.models import (
     MODEL_PATH,
@@ -67,6 +69,8 @@ DEFAULT_JOB_DEADLINE = 30 * 60.0
 """Seconds a job may take from submit to a terminal state before it is cancelled."""
 DEFAULT_UNKNOWN_STATE_GRACE = 60.0
 """Seconds a job may keep reporting a state this client does not know before it gives up."""
+DEFAULT_LOST_JOB_GRACE = 60.0
+"""Seconds an acknowledged job may answer 404 (on status and result) before `wait` gives it up."""
 CANCEL_BUDGET = 10.0
 """Seconds a best-effort cancel may take while the caller is giving up on a job."""
 
@@ -105,6 +109,9 @@ class AsyncRunComfyClient:
         base_url: API root; the model path is appended for submits.
         timeout: per-HTTP-call timeout in seconds (or an `httpx.Timeout`).
         job_deadline: seconds from submit to a terminal state before `wait` cancels the job.
+        unknown_state_grace: seconds a job may report a state this client does not know.
+        lost_job_grace: seconds a job may answer 404 on status and result before `wait`
+            raises `JobLostError` (default `DEFAULT_LOST_JOB_GRACE`, 60).
         max_concurrency: default number of jobs `run_many` keeps in flight.
         retry: the retry policy for each HTTP call.
         poll: the adaptive poll schedule.
@@ -121,6 +128,7 @@ class AsyncRunComfyClient:
         timeout: float | httpx.Timeout = 30.0,
         job_deadline: float = DEFAULT_JOB_DEADLINE,
         unknown_state_grace: float = DEFAULT_UNKNOWN_STATE_GRACE,
+        lost_job_grace: float = DEFAULT_LOST_JOB_GRACE,
         max_concurrency: int = 8,
         retry: RetryPolicy | None = None,
         poll: PollSchedule | None = None,
@@ -132,6 +140,7 @@ class AsyncRunComfyClient:
         self.model_path = "/" + model_path.strip("/")
         self.job_deadline = job_deadline
         self.unknown_state_grace = unknown_state_grace
+        self.lost_job_grace = lost_job_grace
         self.max_concurrency = max_concurrency
         self.retry = retry or RetryPolicy()
         self.poll = poll or PollSchedule()
@@ -179,12 +188,26 @@ class AsyncRunComfyClient:
     async def submit(self, request: EditRequest) -> JobHandle:
         """Queue one edit job (a paid call) and return its handle.
 
-        Raises `SubmissionOutcomeUnknown` when the request was sent but its answer
-        was lost: the job may exist, and this method never resubmits on its own.
+        Raises the ordinary errors only when the answer proves that no job exists:
+        HTTP 400/401/402/403/404/422 (`BadRequestError`, `AuthenticationError`, ...),
+        429 (`RateLimitError`, after the retries), or a `TransportError` with
+        `sent=False` (connection refused, connect or pool timeout; retried first).
+        Every other outcome raises `SubmissionOutcomeUnknown`: a 5xx or 408 (with or
+        without an error body), any other status, a 2xx without a usable request id
+        or whose body is not a JSON object, a dropped connection or a read timeout.
+        The job may then exist; this method never resubmits on its own.
+        (`errors.submit_error_proves_no_job` is the rule for statuses.)
         """
         self.stats.submits += 1
         body = await self._call("POST", self.model_path, json=request.payload(), submit=True)
-        return parse_submit(body)
+        try:
+            return parse_submit(body)
+        except MalformedResponseError as exc:
+            raise SubmissionOutcomeUnknown(
+                f"POST {self.model_path}: HTTP 2xx but {exc.message}; "
+                "the API may have created a job",
+                status_code=200,
+            ) from exc
 
     async def status(self, request_id: str) -> JobStatus:
         """The job's current state (and queue position while queued)."""
@@ -222,12 +245,16 @@ class AsyncRunComfyClient:
 
         On deadline (default `job_deadline`) or when the caller cancels this
         coroutine, a cancel is sent for the job before the error propagates.
+        A 404 for the job (on status or result) is not taken at its word: polling
+        goes on, asking `/result` too, and only when both keep answering 404 for
+        `lost_job_grace` seconds does this raise `JobLostError`.
         """
         loop = asyncio.get_running_loop()
         started = loop.time()
         budget = self.job_deadline if deadline is None else deadline
         calls = 0
         unknown_since: float | None = None
+        missing_since: float | None = None
         try:
             while True:
                 elapsed = loop.time() - started
@@ -248,10 +275,26 @@ class AsyncRunComfyClient:
                     if now - unknown_since >= self.unknown_state_grace:
                         raise
                     continue
+                except NotFoundError as missing:
+                    status = None
+                    not_found: NotFoundError | None = missing
+                else:
+                    not_found = None
                 unknown_since = None
-                if not status.state.is_terminal:
+                if status is not None and not status.state.is_terminal:
+                    missing_since = None
                     continue
-                result = await self.result(request_id)
+                try:
+                    result = await self.result(request_id)
+                except NotFoundError as missing:
+                    now = loop.time()
+                    missing_since = missing_since if missing_since is not None else now
+                    if now - missing_since >= self.lost_job_grace:
+                        raise _job_lost(request_id, now - missing_since, missing) from missing
+                    continue
+                if not_found is not None:
+                    logger.info("job %s: status answered 404, result did not", request_id)
+                missing_since = None
                 if result.state.is_terminal:
                     return replace(result, status_calls=calls, submitted_at=submitted_at)
         except asyncio.CancelledError:
@@ -367,7 +410,7 @@ class AsyncRunComfyClient:
                 ) from exc
             raise TransportError(what, request_id=request_id) from exc
         if fast is not None:
-            if status < 400 and not encoded:
+            if 200 <= status < 300 and not encoded:
                 try:
                     body = jsonlib.loads(content)
                 except ValueError:
@@ -377,27 +420,28 @@ class AsyncRunComfyClient:
             # Anything else takes the general path below, on the response httpx builds.
             response = httpx.Response(status, headers=raw_headers, content=content)
         body = _decode_body(response)
+        code = response.status_code
         has_error_code = isinstance(body, dict) and body.get("error_code")
-        if response.status_code < 400 and not has_error_code:
-            if not isinstance(body, dict):
-                raise MalformedResponseError(
-                    f"{method} {path}: expected a JSON object, got HTTP {response.status_code}",
-                    request_id=request_id,
+        if 200 <= code < 300 and not has_error_code:
+            if isinstance(body, dict):
+                return body
+            what = f"{method} {path}: expected a JSON object, got HTTP {code}"
+            if submit:
+                raise SubmissionOutcomeUnknown(
+                    what + "; the API may have created a job", status_code=code
                 )
-            return body
+            raise MalformedResponseError(what, request_id=request_id)
         error = error_for_response(
-            response.status_code,
+            code,
             body,
             request_id=request_id,
             retry_after=parse_retry_after(response.headers.get("Retry-After")),
         )
-        if submit and isinstance(error, ServerError) and not error.error_code:
-            # A gateway error without the API's own error body says nothing about
-            # whether the job was created upstream.
+        if submit and (code < 300 or not submit_error_proves_no_job(code)):
             raise SubmissionOutcomeUnknown(
-                f"{method} {path}: HTTP {response.status_code} without an API error body; "
-                "the API may have created a job",
+                f"{method} {path}: {error}; the API may have created a job",
                 request_id=request_id,
+                status_code=code,
             ) from error
         raise error
 
@@ -447,6 +491,15 @@ class _FastPath:
 def _job_path(request_id: str, action: str) -> str:
     # Ids come from the API or a ledger; escaping keeps a strange one inside its own path.
     return f"/v1/requests/{quote(request_id, safe='')}/{action}"
+
+
+def _job_lost(request_id: str, seconds: float, last: NotFoundError) -> JobLostError:
+    return JobLostError(
+        f"the API no longer knows this job after {seconds:.1f} s of 404 on status and result",
+        status_code=404,
+        error_code=last.error_code,
+        request_id=request_id,
+    )
 
 
 def _decode_body(response: httpx.Response) -> Any:

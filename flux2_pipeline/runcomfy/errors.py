@@ -6,12 +6,13 @@
     ├── UnknownJobStateError        the API reported a job state this client does not know
     ├── JobDeadlineExceeded         polling gave up; the client asked the API to cancel the job
     ├── TransportError              no usable HTTP answer (refused, timed out, dropped)
-    │   └── SubmissionOutcomeUnknown  a submit was sent but its answer was lost: a job may exist
+    │   └── SubmissionOutcomeUnknown  a submit's answer does not prove that no job exists
     └── APIError                    the API answered with an error (status, error code, request id)
         ├── BadRequestError         400
         ├── AuthenticationError     401 / 403: the token is missing, wrong or not allowed
         ├── InsufficientCreditError 402
         ├── NotFoundError           404: unknown request id or route
+        │   └── JobLostError        404 on status and result for longer than the grace
         ├── RequestRejectedError    422: the API's own schema validation (see `detail`)
         ├── RateLimitError          429 (may carry `retry_after`)
         └── ServerError             408 and 5xx
@@ -20,6 +21,19 @@ Every `APIError` carries `status_code`, `error_code`, `message` and `request_id`
 none of them ever contains the API token (the client never puts it anywhere but the
 Authorization header). `error_for_response` is the one place an HTTP answer
 becomes an exception.
+
+What a submit's answer proves (the rule `submit_error_proves_no_job` states; a submit
+is a paid call, so this decides whether money may have been spent):
+
+- HTTP 400, 401, 402, 403, 404, 422 and 429, and a transport error raised before any
+  byte of the request left (connection refused, connect or pool timeout): no job
+  exists. The submit raises the ordinary error (`TransportError(sent=False)` for the
+  transport case); only the refused connection and 429 are retried.
+- Everything else: a 5xx or 408 (with or without the API's error body), any other
+  status, a 2xx without a usable request id or whose body is not a JSON object, a
+  dropped or reset connection or a read timeout after the request was sent. A job
+  may exist and be billed: the submit raises `SubmissionOutcomeUnknown` (its
+  `status_code` is the HTTP status when there was one) and is never retried.
 """
 
 from __future__ import annotations
@@ -92,11 +106,26 @@ class TransportError(RunComfyError):
 
 
 class SubmissionOutcomeUnknown(TransportError):
-    """A submit reached the network but its answer was lost.
+    """A submit's answer does not prove that no job exists (see the module docstring).
 
-    The API may have created (and will bill) a job. The client does not resubmit;
-    the caller decides, and should record the possible duplicate.
+    The API may have created (and will bill) a job: the answer was lost, or it was a
+    5xx/408, or a 2xx without a usable request id. `status_code` is the HTTP status
+    when an answer arrived, else None. The client does not resubmit; the caller
+    decides, and should count and cap it like a paid attempt.
+
+    Example::
+
+        >>> error = SubmissionOutcomeUnknown("HTTP 502; the API may have created a job",
+        ...                                  status_code=502)
+        >>> error.sent, error.status_code
+        (True, 502)
     """
+
+    def __init__(
+        self, message: str, *, request_id: str | None = None, status_code: int | None = None
+    ) -> None:
+        super().__init__(message, request_id=request_id)
+        self.status_code = status_code
 
 
 class APIError(RunComfyError):
@@ -140,6 +169,15 @@ class NotFoundError(APIError):
     """404: the request id (or route) is unknown to the API."""
 
 
+class JobLostError(NotFoundError):
+    """The API answered 404 for a job it had acknowledged, on status and result, past the grace.
+
+    A single 404 is not enough (an API may briefly not find a job it just created);
+    `AsyncRunComfyClient.wait` raises this only after `lost_job_grace` seconds of
+    404s on both `/status` and `/result`. A resubmit after it may pay for a duplicate.
+    """
+
+
 class RequestRejectedError(APIError):
     """422: the API's schema validation refused the request; `detail` says why."""
 
@@ -150,6 +188,24 @@ class RateLimitError(APIError):
 
 class ServerError(APIError):
     """408 or 5xx: the API failed or timed out on its side."""
+
+
+SUBMIT_NO_JOB_STATUS_CODES = frozenset({400, 401, 402, 403, 404, 422, 429})
+"""HTTP answers to a submit that prove the API created no job (see the module docstring)."""
+
+
+def submit_error_proves_no_job(status_code: int) -> bool:
+    """Whether a submit answered with this HTTP error status surely created no job.
+
+    Any status not listed in `SUBMIT_NO_JOB_STATUS_CODES` (5xx, 408, 409, 3xx, a 2xx
+    carrying an error body) leaves the outcome unknown.
+
+    >>> submit_error_proves_no_job(422), submit_error_proves_no_job(429)
+    (True, True)
+    >>> submit_error_proves_no_job(502), submit_error_proves_no_job(200)
+    (False, False)
+    """
+    return status_code in SUBMIT_NO_JOB_STATUS_CODES
 
 
 _BY_STATUS: dict[int, type[APIError]] = {

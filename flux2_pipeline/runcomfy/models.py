@@ -264,11 +264,27 @@ def _request_id(body: Mapping[str, Any], what: str, fallback: str | None = None)
     return str(value)
 
 
+MAX_REQUEST_ID_LENGTH = 256
+"""Longest request id a submit answer may carry; a longer one is not an id this client trusts."""
+
+
+def _usable_request_id(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise MalformedResponseError("submit response has no request_id")
+    if len(value) > MAX_REQUEST_ID_LENGTH or not value.isprintable():
+        raise MalformedResponseError("submit response has an unusable request_id")
+    return value
+
+
 def parse_submit(body: Any) -> JobHandle:
-    """Parse `{request_id, status_url, result_url, cancel_url}`."""
+    """Parse `{request_id, status_url, result_url, cancel_url}`.
+
+    The request id must be a non-blank string of printable characters (at most
+    `MAX_REQUEST_ID_LENGTH`); anything else raises `MalformedResponseError`.
+    """
     data = _require_mapping(body, "submit")
     return JobHandle(
-        request_id=_request_id(data, "submit"),
+        request_id=_usable_request_id(data.get("request_id")),
         status_url=_optional_str(data.get("status_url")),
         result_url=_optional_str(data.get("result_url")),
         cancel_url=_optional_str(data.get("cancel_url")),

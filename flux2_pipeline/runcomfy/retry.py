@@ -1,9 +1,9 @@
 """The retry policy as pure functions: what is retryable, how long to wait.
 
 A paid POST (submit) is retried only when the API surely created no job: the
-connection was refused before anything was sent, or the API answered 429, or 503
-with its own error body. Everything else that loses a submit's answer becomes
-`SubmissionOutcomeUnknown` upstream, never a blind resubmit.
+connection was refused before anything was sent, or the API answered 429. Every
+answer that does not prove "no job" becomes `SubmissionOutcomeUnknown` upstream
+(`errors.submit_error_proves_no_job` states the rule), never a blind resubmit.
 
 Example::
 
@@ -33,8 +33,8 @@ from flux2_pipeline.runcomfy.errors import (
 RETRYABLE_STATUS_CODES = frozenset({408, 429, 500, 502, 503, 504})
 """HTTP answers worth another try for reads and cancels (status, result, cancel)."""
 
-SUBMIT_RETRYABLE_STATUS_CODES = frozenset({429, 503})
-"""HTTP answers to a submit that mean "no job was created": 429, and 503 with an error body."""
+SUBMIT_RETRYABLE_STATUS_CODES = frozenset({429})
+"""HTTP answers to a submit worth another try: those that prove no job exists and may pass."""
 
 RETRY_AFTER_JITTER = 0.1
 """Fraction of Retry-After added at random so throttled clients do not return in lockstep."""
@@ -92,7 +92,7 @@ def is_retryable(error: RunComfyError, *, submit: bool) -> bool:
         return True
     if isinstance(error, ServerError):
         if submit:
-            return error.status_code in SUBMIT_RETRYABLE_STATUS_CODES and bool(error.error_code)
+            return error.status_code in SUBMIT_RETRYABLE_STATUS_CODES
         return error.status_code in RETRYABLE_STATUS_CODES
     return False
 

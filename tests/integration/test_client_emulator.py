@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,11 +24,15 @@ from flux2_pipeline.runcomfy import (
     AsyncRunComfyClient,
     AuthenticationError,
     EditRequest,
+    EditResult,
     JobDeadlineExceeded,
+    JobLostError,
     JobState,
     PollSchedule,
+    RateLimitError,
     RetryPolicy,
     SubmissionOutcomeUnknown,
+    TransportError,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -95,31 +100,36 @@ async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> Non
         await asyncio.sleep(0.01)
 
 
-async def test_run_many_survives_429_and_5xx_without_duplicates(
+async def test_many_jobs_survive_429_and_5xx_without_duplicates(
     make_emulator: _Emulators,
 ) -> None:
+    # Submits see 429s only (a 5xx on a submit is an unknown outcome, tested below);
+    # once every job is acknowledged, status and result calls see 429s and 5xx too.
     server = make_emulator(
-        token=TOKEN,
-        latency=0.05,
-        max_concurrent=32,
-        fault_429=0.1,
-        fault_5xx=0.1,
-        retry_after="0.05",
+        token=TOKEN, latency=0.05, max_concurrent=32, fault_429=0.1, retry_after="0.05"
     )
     requests = [request(server.base_url, seed, image_size="square") for seed in range(200)]
+    slots = asyncio.Semaphore(16)
+
+    async def submit(req: EditRequest) -> str:
+        async with slots:
+            return (await client.submit(req)).request_id
+
+    async def wait(request_id: str) -> EditResult:
+        async with slots:
+            return await client.wait(request_id)
+
     async with client_for(server) as client:
-        items = [item async for item in client.run_many(requests, concurrency=16)]
+        request_ids = await asyncio.gather(*(submit(req) for req in requests))
+        submit_retries = client.stats.retries
+        assert server.state.counters.rejected_429 == submit_retries > 0
+        server.state.faults.update(fault_5xx=0.1)
+        results = await asyncio.gather(*(wait(rid) for rid in request_ids))
         stats = client.stats
 
-        assert len(items) == 200
-        assert sorted(item.index for item in items) == list(range(200))
-        errors = [(item.index, item.error) for item in items if item.error is not None]
-        assert errors == []
-        results = [item.result for item in items if item.result is not None]
         assert all(result.ok and len(result.output_urls) == 1 for result in results)
-        assert len({result.request_id for result in results}) == 200
-        for item in items:
-            assert item.result is not None and item.request is requests[item.index]
+        assert [result.request_id for result in results] == request_ids
+        assert len(set(request_ids)) == 200
 
         some = sorted(results, key=lambda result: result.request_id)[:4]
         async with httpx.AsyncClient(timeout=10) as plain:
@@ -134,12 +144,65 @@ async def test_run_many_survives_429_and_5xx_without_duplicates(
     assert counters.jobs_created == 200 and counters.completed_jobs == 200
     assert counters.duplicate_bodies == 0
     assert len(counters.body_submissions) == 200
-    assert 1 < counters.max_in_progress <= 16
+    assert 1 < counters.max_in_progress <= 32  # the emulator runs at most 32 at once
     assert counters.rejected_429 > 0 and counters.rejected_5xx > 0
     assert counters.rejected_401 == 0
     # Every injected fault cost the client exactly one retry, and nothing else did.
     assert stats.retries == counters.rejected_429 + counters.rejected_5xx > 0
     assert stats.submits == 200 and stats.result_calls >= 200
+
+
+async def test_submit_answered_5xx_is_outcome_unknown_and_never_retried(
+    make_emulator: _Emulators,
+) -> None:
+    # The emulator's 503 carries its own error body; still no proof that no job exists.
+    server = make_emulator(token=TOKEN, fault_5xx=1.0)
+    async with client_for(server) as client:
+        with pytest.raises(SubmissionOutcomeUnknown) as caught:
+            await client.submit(request(server.base_url, 4))
+        assert client.stats.retries == 0
+    assert caught.value.status_code == 503
+    counters = server.state.counters
+    assert counters.submits_total == 1 and counters.rejected_5xx == 1
+
+
+async def test_submit_answered_429_is_retried_then_a_rate_limit_error(
+    make_emulator: _Emulators,
+) -> None:
+    server = make_emulator(token=TOKEN, fault_429=1.0, retry_after="0.01")
+    retry = RetryPolicy(max_attempts=3, base_delay=0.0, max_delay=0.0)
+    async with client_for(server, retry=retry) as client:
+        with pytest.raises(RateLimitError):
+            await client.submit(request(server.base_url, 5))
+    counters = server.state.counters
+    assert counters.submits_total == 3 and counters.jobs_created == 0
+
+
+async def test_submit_to_a_refused_port_is_retried_and_not_sent() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, never listening: connections are refused
+        retry = RetryPolicy(max_attempts=3, base_delay=0.0, max_delay=0.0)
+        async with AsyncRunComfyClient(
+            TOKEN, f"http://127.0.0.1:{port}", retry=retry, timeout=5.0
+        ) as client:
+            with pytest.raises(TransportError) as caught:
+                await client.submit(request("http://127.0.0.1:1", 6))
+            assert client.stats.retries == 2
+    assert not isinstance(caught.value, SubmissionOutcomeUnknown)
+    assert caught.value.sent is False
+
+
+async def test_a_job_the_api_no_longer_knows_is_lost_after_the_grace(
+    make_emulator: _Emulators,
+) -> None:
+    server = make_emulator(token=TOKEN, latency=0.05)
+    async with client_for(server, lost_job_grace=0.2) as client:
+        with pytest.raises(JobLostError) as caught:
+            await client.wait("never-created-0001")
+    assert caught.value.request_id == "never-created-0001"
+    counters = server.state.counters
+    assert counters.status_calls >= 2 and counters.result_calls >= 2
 
 
 async def test_deadline_cancels_the_queued_job(make_emulator: _Emulators) -> None:

@@ -173,6 +173,96 @@ async def test_refused_submit_is_not_sent() -> None:
     assert caught.value.sent is False
 
 
+def _answer(status_line: str, body: bytes, content_type: str = "application/json") -> Handler:
+    """A server that reads the request (so a real server would have created the job)
+    and answers with these bytes."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        head = (
+            f"HTTP/1.1 {status_line}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        writer.write(head.encode() + body)
+        await writer.drain()
+        writer.close()
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("answer", "status_code"),
+    [
+        (_answer("502 Bad Gateway", b'{"error_code":"BAD_GATEWAY","error_message":"x"}'), 502),
+        (_answer("502 Bad Gateway", b"<html>bad gateway</html>", "text/html"), 502),
+        (_answer("503 Service Unavailable", b'{"error_code":"OVERLOADED"}'), 503),
+        (_answer("408 Request Timeout", b""), 408),
+        (_answer("200 OK", b'{"status_url":"http://x/s"}'), 200),
+        (_answer("200 OK", b"<html>welcome</html>", "text/html"), 200),
+        (_answer("200 OK", b'{"request_id":'), 200),
+        (_close_at_once, None),
+        (_half_body, None),
+    ],
+    ids=[
+        "502-with-body",
+        "502-html",
+        "503-with-body",
+        "408",
+        "200-no-request-id",
+        "200-not-json",
+        "200-truncated-json",
+        "closed",
+        "cut-off",
+    ],
+)
+async def test_submit_outcomes_over_loopback_without_proof_are_unknown(
+    answer: Handler, status_code: int | None
+) -> None:
+    requests = 0
+
+    async def counting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        requests += 1
+        await answer(reader, writer)
+
+    async with _serve(counting) as base_url:
+        retry = RetryPolicy(max_attempts=5, base_delay=0.0, max_delay=0.0)
+        async with AsyncRunComfyClient(None, base_url, retry=retry) as client:
+            with pytest.raises(SubmissionOutcomeUnknown) as caught:
+                await client.submit(_request())
+    assert requests == 1
+    assert caught.value.status_code == status_code
+
+
+@pytest.mark.parametrize(
+    ("status_line", "cls"),
+    [
+        ("400 Bad Request", "BadRequestError"),
+        ("401 Unauthorized", "AuthenticationError"),
+        ("402 Payment Required", "InsufficientCreditError"),
+        ("403 Forbidden", "AuthenticationError"),
+        ("404 Not Found", "NotFoundError"),
+        ("422 Unprocessable Entity", "RequestRejectedError"),
+    ],
+)
+async def test_submit_outcomes_over_loopback_proving_no_job_are_typed(
+    status_line: str, cls: str
+) -> None:
+    requests = 0
+    answer = _answer(status_line, b'{"error_message":"no"}')
+
+    async def counting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        requests += 1
+        await answer(reader, writer)
+
+    async with _serve(counting) as base_url, AsyncRunComfyClient(None, base_url) as client:
+        with pytest.raises(Exception) as caught:
+            await client.submit(_request())
+    assert type(caught.value).__name__ == cls
+    assert requests == 1
+
+
 def test_proxy_settings_are_read_once_for_the_base_url(monkeypatch: pytest.MonkeyPatch) -> None:
     from flux2_pipeline.runcomfy.transport import proxy_for
 

@@ -18,6 +18,7 @@ from flux2_pipeline.runcomfy import (
     EditRequest,
     InsufficientCreditError,
     JobDeadlineExceeded,
+    JobLostError,
     JobState,
     NotFoundError,
     PollSchedule,
@@ -143,11 +144,11 @@ async def test_submit_handle_carries_the_api_urls() -> None:
     "first",
     [
         respond(429, {"error_code": "RATE_LIMITED", "error_message": "slow"}, {"Retry-After": "0"}),
-        respond(503, {"error_code": "OVERLOADED", "error_message": "busy"}),
         raise_(httpx.ConnectError),
         raise_(httpx.ConnectTimeout),
+        raise_(httpx.PoolTimeout),
     ],
-    ids=["429", "503-with-body", "connect-refused", "connect-timeout"],
+    ids=["429", "connect-refused", "connect-timeout", "pool-timeout"],
 )
 async def test_submit_is_retried_only_when_no_job_can_exist(first: Handler) -> None:
     api = FakeApi()
@@ -160,25 +161,69 @@ async def test_submit_is_retried_only_when_no_job_can_exist(first: Handler) -> N
 
 
 @pytest.mark.parametrize(
-    "first",
+    ("first", "status_code"),
     [
-        raise_(httpx.ReadTimeout),
-        raise_(httpx.RemoteProtocolError),
-        raise_(httpx.ReadError),
-        raise_(httpx.WriteTimeout),
-        respond(502, "<html>bad gateway</html>"),
-        respond(504, "<html>gateway timeout</html>"),
-        respond(503, "upstream unavailable"),
+        (raise_(httpx.ReadTimeout), None),
+        (raise_(httpx.RemoteProtocolError), None),
+        (raise_(httpx.ReadError), None),
+        (raise_(httpx.WriteTimeout), None),
+        (raise_(httpx.WriteError), None),
+        (respond(502, "<html>bad gateway</html>"), 502),
+        (respond(502, {"error_code": "BAD_GATEWAY", "error_message": "upstream"}), 502),
+        (respond(504, "<html>gateway timeout</html>"), 504),
+        (respond(503, "upstream unavailable"), 503),
+        (respond(503, {"error_code": "OVERLOADED", "error_message": "busy"}), 503),
+        (respond(500, {"error_code": "INTERNAL", "error_message": "x"}), 500),
+        (respond(408, {"error_code": "TIMEOUT", "error_message": "slow"}), 408),
+        (respond(408, ""), 408),
+        (respond(409, {"error_code": "CONFLICT", "error_message": "busy"}), 409),
+        (respond(200, {"status_url": "s"}), 200),
+        (respond(200, {"request_id": ""}), 200),
+        (respond(200, {"request_id": 12345}), 200),
+        (respond(200, {"request_id": "a b\nc"}), 200),
+        (respond(200, "<html>ok</html>"), 200),
+        (respond(200, [1, 2]), 200),
+        (respond(202, None), 202),
+        (respond(200, {"error_code": "INSUFFICIENT_CREDIT", "error_message": "no"}), 200),
+        (respond(302, {"request_id": "job-9"}, {"Location": "/elsewhere"}), 302),
     ],
-    ids=["read-timeout", "dropped", "read-error", "write-timeout", "502", "504", "503-no-body"],
+    ids=[
+        "read-timeout",
+        "dropped",
+        "read-error",
+        "write-timeout",
+        "write-error",
+        "502-html",
+        "502-with-body",
+        "504",
+        "503-no-body",
+        "503-with-body",
+        "500-with-body",
+        "408-with-body",
+        "408-empty",
+        "409",
+        "200-no-request-id",
+        "200-empty-request-id",
+        "200-numeric-request-id",
+        "200-request-id-with-newline",
+        "200-not-json",
+        "200-json-list",
+        "202-null",
+        "200-with-error-code",
+        "302",
+    ],
 )
-async def test_lost_submit_answer_is_outcome_unknown_never_a_resubmit(first: Handler) -> None:
+async def test_submit_answer_without_proof_of_no_job_is_outcome_unknown(
+    first: Handler, status_code: int | None
+) -> None:
     api = FakeApi()
     api.script(SUBMIT_PATH, first)
     async with make_client(api) as client:
         with pytest.raises(SubmissionOutcomeUnknown) as caught:
             await client.submit(REQ)
+        assert client.stats.retries == 0
     assert api.calls[SUBMIT_PATH] == 1
+    assert caught.value.status_code == status_code
     assert "may have created a job" in str(caught.value)
 
 
@@ -199,10 +244,12 @@ async def test_lost_submit_answer_is_outcome_unknown_never_a_resubmit(first: Han
             {"error_code": "VALIDATION_ERROR", "error_message": "bad", "detail": []},
             "RequestRejectedError",
         ),
-        (500, {"error_code": "INTERNAL", "error_message": "x"}, "ServerError"),
+        (404, {"error_message": "no route"}, "NotFoundError"),
+        (422, {"detail": [{"loc": ["body", "prompt"], "msg": "bad"}]}, "RequestRejectedError"),
+        (401, "", "AuthenticationError"),
     ],
 )
-async def test_definitive_errors_are_typed_and_not_retried(
+async def test_answers_proving_no_job_raise_the_typed_error_once(
     status: int, body: dict[str, Any], cls: str
 ) -> None:
     api = FakeApi()
@@ -212,19 +259,30 @@ async def test_definitive_errors_are_typed_and_not_retried(
             await client.submit(REQ)
     assert type(caught.value).__name__ == cls
     assert caught.value.status_code == status  # type: ignore[attr-defined]
-    assert caught.value.error_code == body["error_code"]  # type: ignore[attr-defined]
+    expected_code = body.get("error_code") if isinstance(body, dict) else None
+    assert caught.value.error_code == expected_code  # type: ignore[attr-defined]
+    assert not isinstance(caught.value, SubmissionOutcomeUnknown)
     assert api.calls[SUBMIT_PATH] == 1
 
 
-async def test_http_200_with_error_code_is_an_error() -> None:
+async def test_submit_gives_up_on_429_after_the_retries_with_a_rate_limit_error() -> None:
+    api = FakeApi()
+    api.script(SUBMIT_PATH, *[respond(429, {"error_code": "RATE_LIMITED"})] * 4)
+    async with make_client(api) as client:
+        with pytest.raises(RateLimitError):
+            await client.submit(REQ)
+    assert api.calls[SUBMIT_PATH] == 4
+
+
+async def test_http_200_with_error_code_is_an_error_on_reads() -> None:
     api = FakeApi()
     api.script(
-        SUBMIT_PATH,
+        "/v1/requests/job-1/status",
         respond(200, {"error_code": "INSUFFICIENT_CREDIT", "error_message": "no credit left"}),
     )
     async with make_client(api) as client:
         with pytest.raises(InsufficientCreditError, match="no credit left"):
-            await client.submit(REQ)
+            await client.status("job-1")
 
 
 @pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
@@ -289,6 +347,79 @@ async def test_unknown_state_is_an_error_after_a_bounded_wait() -> None:
         with pytest.raises(UnknownJobStateError, match="warming_up"):
             await client.wait("job-1")
     assert api.calls["/v1/requests/job-1/status"] >= 2
+
+
+def not_found(_: httpx.Request) -> httpx.Response:
+    return httpx.Response(404, json={"error_code": "NOT_FOUND", "error_message": "no such job"})
+
+
+def in_progress_result(_: httpx.Request) -> httpx.Response:
+    return httpx.Response(200, json={"request_id": "job-1", "status": "in_progress"})
+
+
+@pytest.mark.parametrize(
+    "result_while_missing",
+    [not_found, in_progress_result],
+    ids=["result-404-too", "result-knows-it"],
+)
+async def test_a_transient_404_on_status_is_not_a_lost_job(result_while_missing: Handler) -> None:
+    api = FakeApi()
+    api.states = ["in_progress", "completed"]
+    api.script("/v1/requests/job-1/status", not_found)
+    api.script("/v1/requests/job-1/result", result_while_missing)
+    async with make_client(api, lost_job_grace=30.0) as client:
+        result = await client.run(REQ)
+    assert result.ok and result.request_id == "job-1"
+    assert api.calls[SUBMIT_PATH] == 1
+    # The 404 made the client ask /result once, then the final result once.
+    assert api.calls["/v1/requests/job-1/result"] == 2
+    assert api.calls["/v1/requests/job-1/cancel"] == 0
+
+
+async def test_a_transient_404_on_result_is_retried() -> None:
+    api = FakeApi()
+    api.states = ["completed"]
+    api.script("/v1/requests/job-1/result", not_found, not_found)
+    async with make_client(api, lost_job_grace=30.0) as client:
+        result = await client.wait("job-1")
+    assert result.ok
+    assert api.calls["/v1/requests/job-1/result"] == 3
+
+
+async def test_a_job_answering_404_past_the_grace_is_lost() -> None:
+    api = FakeApi()
+    api.script("/v1/requests/job-1/status", *[not_found] * 10_000)
+    api.script("/v1/requests/job-1/result", *[not_found] * 10_000)
+    loop = asyncio.get_running_loop()
+    async with make_client(api, lost_job_grace=0.05) as client:
+        started = loop.time()
+        with pytest.raises(JobLostError) as caught:
+            await client.wait("job-1")
+        waited = loop.time() - started
+    assert waited >= 0.05
+    assert isinstance(caught.value, NotFoundError) and caught.value.status_code == 404
+    assert caught.value.request_id == "job-1"
+    assert "no longer knows this job after" in str(caught.value)
+    assert api.calls["/v1/requests/job-1/status"] >= 2
+    assert api.calls["/v1/requests/job-1/result"] == api.calls["/v1/requests/job-1/status"]
+
+
+async def test_the_lost_job_grace_defaults_to_the_documented_constant() -> None:
+    from flux2_pipeline.runcomfy.client import DEFAULT_LOST_JOB_GRACE
+
+    assert DEFAULT_LOST_JOB_GRACE == 60.0
+    async with make_client(FakeApi()) as client:
+        assert client.lost_job_grace == DEFAULT_LOST_JOB_GRACE
+
+
+async def test_the_deadline_still_wins_over_the_lost_job_grace() -> None:
+    api = FakeApi()
+    api.script("/v1/requests/job-1/status", *[not_found] * 10_000)
+    api.script("/v1/requests/job-1/result", *[not_found] * 10_000)
+    async with make_client(api, lost_job_grace=30.0) as client:
+        with pytest.raises(JobDeadlineExceeded):
+            await client.wait("job-1", deadline=0.05)
+    assert api.calls["/v1/requests/job-1/cancel"] == 1
 
 
 async def test_failed_jobs_come_back_as_results() -> None:

@@ -16,7 +16,12 @@ from flux2_pipeline.runcomfy import (
     SubmissionOutcomeUnknown,
     TransportError,
 )
-from flux2_pipeline.runcomfy.errors import RunComfyError, error_for_response
+from flux2_pipeline.runcomfy.errors import (
+    SUBMIT_NO_JOB_STATUS_CODES,
+    RunComfyError,
+    error_for_response,
+    submit_error_proves_no_job,
+)
 from flux2_pipeline.runcomfy.retry import backoff_ceiling, is_retryable, parse_retry_after
 
 
@@ -31,7 +36,8 @@ def server_error(status: int, code: str | None = "UPSTREAM") -> ServerError:
         (TransportError("read timeout", sent=True), True, False),
         (SubmissionOutcomeUnknown("lost"), False, False),
         (RateLimitError("slow down", status_code=429), True, True),
-        (server_error(503), True, True),
+        (server_error(503), True, False),
+        (RateLimitError("slow down", status_code=429, retry_after=2.0), True, True),
         (server_error(503, code=None), True, False),
         (server_error(500), True, False),
         (server_error(502), True, False),
@@ -48,6 +54,19 @@ def server_error(status: int, code: str | None = "UPSTREAM") -> ServerError:
 def test_what_is_retryable(error: RunComfyError, for_reads: bool, for_submit: bool) -> None:
     assert is_retryable(error, submit=False) is for_reads
     assert is_retryable(error, submit=True) is for_submit
+
+
+PROVES_NO_JOB = {400, 401, 402, 403, 404, 422, 429}
+
+
+@pytest.mark.parametrize("status", range(100, 600))
+def test_which_submit_answers_prove_no_job(status: int) -> None:
+    # The list, and nothing else: every other status may hide a created job.
+    assert submit_error_proves_no_job(status) is (status in PROVES_NO_JOB)
+
+
+def test_the_no_job_statuses_are_the_documented_constant() -> None:
+    assert SUBMIT_NO_JOB_STATUS_CODES == PROVES_NO_JOB
 
 
 def test_backoff_grows_exponentially_to_the_cap() -> None:
