@@ -145,3 +145,47 @@ def presign(uri: str, expires: int) -> str:
         raise ValueError(f"cannot pre-sign {uri!r}: only s3:// URIs can be signed")
     signer: Any = path.fs
     return str(signer.url(path.path, expires=expires))
+
+
+READABLE_OBJECT_SCHEMES = frozenset({"s3", "s3a"})
+"""Object-store URI schemes whose objects `read_object` fetches (reference images)."""
+
+
+class ObjectTooLarge(ValueError):
+    """The object is bigger than the caller's byte cap; nothing beyond the cap was read."""
+
+
+def is_readable_object_uri(text: str) -> bool:
+    """True for URIs `read_object` can read, such as `s3://bucket/key`.
+
+    >>> is_readable_object_uri("s3://bucket/refs/cat.png"), is_readable_object_uri("https://x")
+    (True, False)
+    """
+    scheme, separator, _ = text.partition("://")
+    return bool(separator) and scheme.lower() in READABLE_OBJECT_SCHEMES
+
+
+def read_object(uri: str, max_bytes: int) -> bytes:
+    """The bytes of the object at `uri` (`s3://bucket/key`), at most `max_bytes` of them.
+
+    Raises `FileNotFoundError` when there is no such object and `ObjectTooLarge` when it
+    is bigger than `max_bytes` (checked from its listed size, then while reading).
+
+    Example::
+
+        data = read_object("s3://my-bucket/refs/cat.png", max_bytes=32 << 20)
+    """
+    if not is_readable_object_uri(uri):
+        raise ValueError(f"cannot read {uri!r}: only s3:// objects are read")
+    path = UPath(uri)
+    details = path.fs.info(path.path)
+    if details.get("type") != "file":
+        raise FileNotFoundError(f"no object at {uri}")
+    size = int(details.get("size") or 0)
+    if size > max_bytes:
+        raise ObjectTooLarge(f"{size} bytes is more than the {max_bytes}-byte cap")
+    with path.fs.open(path.path, "rb") as handle:
+        data: bytes = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ObjectTooLarge(f"more than the {max_bytes}-byte cap (stopped reading)")
+    return data

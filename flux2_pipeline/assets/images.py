@@ -35,8 +35,11 @@ from flux2_pipeline.assets.prompts import prompt_table_partitions
 from flux2_pipeline.media import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_DECODES,
+    DEFAULT_MAX_PIXELS,
     MANIFEST_COLUMN_DESCRIPTIONS,
     MANIFEST_SCHEMA,
+    AddressPolicy,
     FetchLimits,
     ImageStore,
     SyncReport,
@@ -50,7 +53,7 @@ from flux2_pipeline.media import (
     write_manifest,
 )
 from flux2_pipeline.paths import read_parquet
-from flux2_pipeline.resources import Flux2Storage
+from flux2_pipeline.resources import Flux2Storage, RunComfyResource
 
 IMAGES_CODE_VERSION = "1"
 EDITS_KEY = AssetKey("flux2_edits")
@@ -70,7 +73,25 @@ class ImagesConfig(Config):
     attempts: int = Field(
         default=4, ge=1, description="Tries per image on transient errors (timeouts, 429, 5xx)."
     )
-    timeout_seconds: float = Field(default=30.0, gt=0, description="Per-request HTTP timeout.")
+    timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="Total seconds of one download attempt (redirects and body included).",
+    )
+    max_pixels: int = Field(
+        default=DEFAULT_MAX_PIXELS,
+        ge=1,
+        description="Largest image decoded, in pixels (width x height, read from the header).",
+    )
+    max_decodes: int = Field(
+        default=DEFAULT_MAX_DECODES, ge=1, description="Most image decodes running at once."
+    )
+    allow_private_networks: bool = Field(
+        default=False,
+        description="Fetch images from private and loopback addresses (10/8, 172.16/12, "
+        "192.168/16, 127/8). Off by default; loopback is allowed anyway when the API is on "
+        "loopback (the emulator). Link-local addresses are always refused.",
+    )
 
 
 def manifest_table_schema() -> TableSchema:
@@ -114,7 +135,10 @@ def build_images_asset(retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY) ->
         "contact sheet.",
     )
     def flux2_images(
-        context: AssetExecutionContext, config: ImagesConfig, storage: Flux2Storage
+        context: AssetExecutionContext,
+        config: ImagesConfig,
+        storage: Flux2Storage,
+        runcomfy: RunComfyResource,
     ) -> MaterializeResult[None]:
         """Fetch, verify and store one partition's images; write its manifest and sheet."""
         key = context.partition_key
@@ -145,8 +169,13 @@ def build_images_asset(retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY) ->
             refs,
             store,
             read_manifest(manifest_path),
+            policy=AddressPolicy.for_api(
+                runcomfy.base_url, allow_private=config.allow_private_networks
+            ),
             limits=limits,
             max_concurrency=config.max_concurrency,
+            max_decodes=config.max_decodes,
+            max_pixels=config.max_pixels,
             on_done=progress,
         )
         write_manifest(manifest_path, report.records)

@@ -13,7 +13,11 @@ Routes (`{id}` is a job's request id)
   `POST /v1/requests/{id}/cancel`
 - `GET /v1/outputs/{id}/{index}.{ext}`: an output image, rendered on first fetch (no auth)
 - `GET /samples/{name}.png`: a deterministic 512x512 reference picture (no auth)
-- `GET /_emulator/stats`, `POST /_emulator/faults`, `POST /_emulator/reset` (no auth)
+- `GET /_emulator/stats`, `POST /_emulator/faults`, `POST /_emulator/reset`: control
+  routes; they need the token too when the emulator has one
+
+Limits: a body over `max_body_bytes` answers 413; a submit while `max_queue` jobs wait
+answers 429 `QUEUE_FULL` with Retry-After and creates no job.
 
 Faults apply to the four authenticated API routes only, after the token check:
 `fault_429` answers 429 with `Retry-After`; `fault_5xx` answers 503 for submit and
@@ -122,9 +126,34 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
 
         return endpoint
 
+    def control(
+        handler: Callable[[Request], Awaitable[Response]],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            if _unauthorized(state, request):
+                state.counters.bump("rejected_control_401")
+                return _unauthorized_response()
+            return await handler(request)
+
+        return endpoint
+
     async def submit(request: Request) -> Response:
+        raw = await _read_body(state, request)
+        if isinstance(raw, Response):
+            return raw
+        if state.queue_full:
+            state.counters.bump("rejected_queue_full")
+            return JSONResponse(
+                {
+                    "error_code": "QUEUE_FULL",
+                    "error_message": f"the queue holds {state.config.max_queue} jobs (emulated "
+                    f"limit); retry after {state.faults.retry_after} s",
+                },
+                status_code=429,
+                headers={"Retry-After": state.faults.retry_after},
+            )
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             return _invalid(state, [([], "body is not valid JSON", "json_invalid")])
         if not isinstance(body, dict):
@@ -209,8 +238,11 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
         return JSONResponse(state.stats())
 
     async def faults(request: Request) -> Response:
+        raw = await _read_body(state, request)
+        if isinstance(raw, Response):
+            return raw
         try:
-            changes = json.loads(await request.body() or b"{}")
+            changes = json.loads(raw or b"{}")
             if not isinstance(changes, dict):
                 raise ValueError("body must be a JSON object")
             state.update_settings(changes)
@@ -231,9 +263,9 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
         Route("/v1/requests/{request_id}/cancel", api("cancel_calls", cancel), methods=["POST"]),
         Route("/v1/outputs/{request_id}/{name}", output, methods=["GET"]),
         Route("/samples/{name}", sample, methods=["GET"]),
-        Route("/_emulator/stats", stats, methods=["GET"]),
-        Route("/_emulator/faults", faults, methods=["POST"]),
-        Route("/_emulator/reset", reset, methods=["POST"]),
+        Route("/_emulator/stats", control(stats), methods=["GET"]),
+        Route("/_emulator/faults", control(faults), methods=["POST"]),
+        Route("/_emulator/reset", control(reset), methods=["POST"]),
     ]
     app = Starlette(
         routes=routes,
@@ -247,20 +279,54 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
 _IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable"}
 
 
-def _gate(state: EmulatorState, request: Request, *, submit: bool) -> Response | None:
+def _unauthorized(state: EmulatorState, request: Request) -> bool:
+    """True when the emulator has a token and the request does not carry it."""
     token = state.config.token
-    if token is not None:
-        presented = request.headers.get("authorization", "")
-        scheme, _, value = presented.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            value.strip().encode(), token.encode()
-        ):
-            state.counters.bump("rejected_401")
-            return JSONResponse(
-                {"error_code": "UNAUTHORIZED", "error_message": "missing or invalid API token"},
-                status_code=401,
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+    if token is None:
+        return False
+    presented = request.headers.get("authorization", "")
+    scheme, _, value = presented.partition(" ")
+    return scheme.lower() != "bearer" or not hmac.compare_digest(
+        value.strip().encode(), token.encode()
+    )
+
+
+def _unauthorized_response() -> JSONResponse:
+    return JSONResponse(
+        {"error_code": "UNAUTHORIZED", "error_message": "missing or invalid API token"},
+        status_code=401,
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+async def _read_body(state: EmulatorState, request: Request) -> bytes | Response:
+    """The request body, or a 413 answer once it passes `max_body_bytes` (never all read)."""
+    limit = state.config.max_body_bytes
+    declared = request.headers.get("content-length", "")
+    size = 0
+    chunks: list[bytes] = []
+    if not (declared.isdigit() and int(declared) > limit):
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                break
+            chunks.append(chunk)
+        else:
+            return b"".join(chunks)
+    state.counters.bump("rejected_413")
+    return JSONResponse(
+        {
+            "error_code": "PAYLOAD_TOO_LARGE",
+            "error_message": f"request body is larger than {limit} bytes",
+        },
+        status_code=413,
+    )
+
+
+def _gate(state: EmulatorState, request: Request, *, submit: bool) -> Response | None:
+    if _unauthorized(state, request):
+        state.counters.bump("rejected_401")
+        return _unauthorized_response()
     faults = state.faults
     if faults.roll(faults.fault_429):
         state.counters.bump("rejected_429")

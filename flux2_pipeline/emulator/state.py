@@ -53,6 +53,11 @@ _OUTPUT_PATH = re.compile(r"/v1/outputs/([0-9a-f-]{36})/(\d{1,2})\.(?:png|jpeg|j
 class EmulatorConfig:
     """How an emulator starts; faults can be changed later through `Faults.update`.
 
+    `token`, when set, is required on the API routes and on the `/_emulator/*` control
+    routes. Limits: request bodies over `max_body_bytes` get 413; a submit while
+    `max_queue` jobs wait gets 429 with Retry-After (no job is created); at most
+    `max_tracked_bodies` request-body hashes are counted (the oldest are forgotten).
+
     Example::
 
         >>> EmulatorConfig(port=0, latency=0.2, fault_429=0.1, retry_after="0.05", seed=7)
@@ -71,6 +76,9 @@ class EmulatorConfig:
     submit_delay: float = 0.0
     seed: int | None = None
     drop_submits: int = 0
+    max_body_bytes: int = 1024 * 1024
+    max_queue: int = 10_000
+    max_tracked_bodies: int = 100_000
 
 
 @dataclass
@@ -186,6 +194,10 @@ class Counters:
     rejected_401: int = 0
     rejected_422: int = 0
     dropped_submits: int = 0
+    rejected_413: int = 0
+    rejected_queue_full: int = 0
+    rejected_control_401: int = 0
+    forgotten_bodies: int = 0
     image_fetches: int = 0
     in_progress_now: int = 0
     max_in_progress: int = 0
@@ -245,6 +257,9 @@ class EmulatorState:
     def __init__(self, config: EmulatorConfig) -> None:
         if config.max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
+        for name in ("max_body_bytes", "max_queue", "max_tracked_bodies"):
+            if getattr(config, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
         if not (math.isfinite(config.latency) and config.latency >= 0):
             raise ValueError("latency must be a non-negative number of seconds")
         self.config = config
@@ -284,13 +299,22 @@ class EmulatorState:
         if len(self._own_hosts) < 64:
             self._own_hosts.add(netloc.lower())
 
+    @property
+    def queue_full(self) -> bool:
+        """True while `max_queue` jobs wait: a submit now is refused with 429."""
+        return len(self._queue) >= self.config.max_queue
+
     def submit(self, request: EditRequest, body_hash: str) -> Job:
         """Create a queued job and start it if a slot is free."""
         job = Job(str(uuid.uuid4()), request, JobState.IN_QUEUE, datetime.now(UTC))
         self.jobs[job.request_id] = job
         counters = self.counters
         counters.jobs_created += 1
-        counters.body_submissions[body_hash] = counters.body_submissions.get(body_hash, 0) + 1
+        bodies = counters.body_submissions
+        if body_hash not in bodies and len(bodies) >= self.config.max_tracked_bodies:
+            del bodies[next(iter(bodies))]  # bounded memory: forget the oldest body seen
+            counters.forgotten_bodies += 1
+        bodies[body_hash] = bodies.get(body_hash, 0) + 1
         self._queue.append(job)
         self.pump()
         if len(self.jobs) > MAX_RETAINED_JOBS:

@@ -1,14 +1,19 @@
 """Images of completed edits: download, verify, store by content, list in a manifest.
 
 Dagster-free. `sync_images` fetches every image a results table points at into an
-`ImageStore` (content-addressed, atomic writes) with bounded concurrency, retries and a
-size cap; `write_manifest` records one row per image; `render_contact_sheet` draws a
-partition's references beside their edits.
+`ImageStore` (content-addressed, atomic writes) through `flux2_pipeline.net`'s guarded
+fetcher (address policy, per-attempt deadline, size cap, retries), with bounded
+concurrency, a pixel cap checked before decoding and bounded decodes; `write_manifest`
+records one row per image; `render_contact_sheet` draws a partition's references beside
+their edits.
 
 Example::
 
     store = ImageStore(Path("out/images"), base=Path("out"))
-    report = sync_images_blocking(image_refs(results), store, read_manifest(manifest))
+    report = sync_images_blocking(
+        image_refs(results), store, read_manifest(manifest),
+        policy=AddressPolicy.for_api(base_url),
+    )
     write_manifest(manifest, report.records)
 """
 
@@ -22,20 +27,13 @@ from flux2_pipeline.media.contact import (
 from flux2_pipeline.media.errors import (
     CorruptImage,
     ImageFetchError,
+    ImageRefused,
     ImageTooLarge,
     ImageUnavailable,
+    InvalidImageUrl,
     NotAnImage,
 )
-from flux2_pipeline.media.fetch import (
-    DEFAULT_MAX_BYTES,
-    RETRYABLE_STATUS,
-    Fetched,
-    FetchLimits,
-    ImageFetcher,
-    backoff_delay,
-    is_retryable_status,
-    retry_after_seconds,
-)
+from flux2_pipeline.media.fetch import Fetched, ImageFetcher
 from flux2_pipeline.media.manifest import (
     MANIFEST_COLUMN_DESCRIPTIONS,
     MANIFEST_SCHEMA,
@@ -48,18 +46,28 @@ from flux2_pipeline.media.manifest import (
 from flux2_pipeline.media.store import ImageStore, StoredImage
 from flux2_pipeline.media.sync import (
     DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_DECODES,
     SyncReport,
     sync_images,
     sync_images_blocking,
 )
-from flux2_pipeline.media.verify import ImageInfo, UndecodableImage, inspect_image
+from flux2_pipeline.media.verify import (
+    DEFAULT_MAX_PIXELS,
+    ImageInfo,
+    TooManyPixels,
+    UndecodableImage,
+    inspect_image,
+)
+from flux2_pipeline.net import DEFAULT_MAX_BYTES, AddressPolicy, FetchLimits
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
     "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_DECODES",
+    "DEFAULT_MAX_PIXELS",
     "MANIFEST_COLUMN_DESCRIPTIONS",
     "MANIFEST_SCHEMA",
-    "RETRYABLE_STATUS",
+    "AddressPolicy",
     "ContactRow",
     "CorruptImage",
     "FetchLimits",
@@ -69,22 +77,22 @@ __all__ = [
     "ImageInfo",
     "ImageRecord",
     "ImageRef",
+    "ImageRefused",
     "ImageStore",
     "ImageTooLarge",
     "ImageUnavailable",
+    "InvalidImageUrl",
     "NotAnImage",
     "StoredImage",
     "SyncReport",
+    "TooManyPixels",
     "UndecodableImage",
-    "backoff_delay",
     "contact_rows",
     "image_refs",
     "inspect_image",
-    "is_retryable_status",
     "markdown_preview",
     "read_manifest",
     "render_contact_sheet",
-    "retry_after_seconds",
     "save_png",
     "sync_images",
     "sync_images_blocking",

@@ -1,11 +1,16 @@
 """Why an image could not be stored: one exception tree, drawn once.
 
-    ImageFetchError            (url, reason; every failure of one image)
-    ├── ImageUnavailable       HTTP error status (404/410: expired URL), or transient
-    │                          errors that outlasted every retry
+    ImageFetchError            (url (redacted), reason; every failure of one image)
+    ├── InvalidImageUrl        the URL is malformed or its scheme is not http(s)/s3
+    ├── ImageRefused           the host resolves to an address the policy refuses
+    ├── ImageUnavailable       HTTP error status (404/410: expired URL), a missing
+    │                          object, or transient errors that outlasted every retry
     ├── NotAnImage             the response's content type is not image/*
-    ├── ImageTooLarge          more bytes than the configured cap
+    ├── ImageTooLarge          more bytes than the size cap, or more pixels than the
+    │                          pixel cap (checked from the header, before decoding)
     └── CorruptImage           the bytes do not decode as an image
+
+Reasons and URLs are redacted (no signed-URL secrets) and fit on one line.
 
 Example::
 
@@ -17,17 +22,31 @@ Example::
 
 from __future__ import annotations
 
+from flux2_pipeline.net import redact_text, redact_url
+
 
 class ImageFetchError(Exception):
     """One image could not be fetched, verified or stored; `kind` names the family."""
 
     kind = "error"
 
-    def __init__(self, url: str, reason: str, status: int | None = None) -> None:
-        super().__init__(reason)
-        self.url = url
-        self.reason = reason
+    def __init__(self, url: object, reason: str, status: int | None = None) -> None:
+        self.url = redact_url(url) if isinstance(url, str) else repr(url)
+        self.reason = " ".join(redact_text(reason).split())
         self.status = status
+        super().__init__(self.reason)
+
+
+class InvalidImageUrl(ImageFetchError):
+    """The URL cannot be fetched at all: malformed, or an unsupported scheme."""
+
+    kind = "invalid_url"
+
+
+class ImageRefused(ImageFetchError):
+    """The URL points at an address the policy refuses (link-local, private, loopback)."""
+
+    kind = "refused"
 
 
 class ImageUnavailable(ImageFetchError):
@@ -43,7 +62,7 @@ class NotAnImage(ImageFetchError):
 
 
 class ImageTooLarge(ImageFetchError):
-    """The image is bigger than the configured size cap."""
+    """The image is bigger than the size cap or has more pixels than the pixel cap."""
 
     kind = "too_large"
 

@@ -62,6 +62,7 @@ from flux2_pipeline.runcomfy.models import (
 )
 from flux2_pipeline.runcomfy.polling import PollSchedule
 from flux2_pipeline.runcomfy.retry import RetryPolicy, is_retryable, parse_retry_after
+from flux2_pipeline.runcomfy.security import require_secure_base_url
 from flux2_pipeline.runcomfy.transport import AiohttpTransport, default_transport
 
 DEFAULT_BASE_URL = "https://model-api.runcomfy.net"
@@ -136,6 +137,7 @@ class AsyncRunComfyClient:
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
+        require_secure_base_url(base_url, has_token=bool(token))
         self.base_url = base_url.rstrip("/")
         self.model_path = "/" + model_path.strip("/")
         self.job_deadline = job_deadline

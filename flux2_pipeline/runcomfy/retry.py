@@ -121,3 +121,14 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     if seconds != seconds or seconds in (float("inf"), float("-inf")):
         return None
     return max(0.0, seconds)
+
+
+def is_retryable_status(status: int) -> bool:
+    """True for HTTP statuses worth asking again on a read (throttling, server errors).
+
+    The downloader and the guarded fetcher use it for GETs of images.
+
+    >>> is_retryable_status(503), is_retryable_status(404)
+    (True, False)
+    """
+    return status in RETRYABLE_STATUS_CODES

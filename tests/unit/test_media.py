@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import random
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -12,18 +11,23 @@ import pytest
 from PIL import Image
 
 from flux2_pipeline.media import (
+    AddressPolicy,
     FetchLimits,
     ImageRecord,
     ImageRef,
     ImageStore,
     SyncReport,
-    backoff_delay,
-    is_retryable_status,
     read_manifest,
-    retry_after_seconds,
     sync_images,
     write_manifest,
 )
+
+LOOPBACK = AddressPolicy(allow_loopback=True)
+
+
+async def to_loopback(host: str, port: int) -> list[str]:
+    """The stub resolver: every test host is on loopback (MockTransport answers anyway)."""
+    return ["127.0.0.1"]
 
 
 def png(size: tuple[int, int] = (32, 24), color: str = "red") -> bytes:
@@ -88,15 +92,16 @@ async def run(
     previous: Sequence[ImageRecord] = (),
     **limits: int,
 ) -> SyncReport:
-    async with httpx.AsyncClient(transport=httpx.MockTransport(server)) as http:
-        return await sync_images(
-            wanted,
-            store,
-            previous,
-            http=http,
-            limits=FetchLimits(backoff_base=0.0, **limits),
-            max_concurrency=4,
-        )
+    return await sync_images(
+        wanted,
+        store,
+        previous,
+        policy=LOOPBACK,
+        resolver=to_loopback,
+        transport=httpx.MockTransport(server),
+        limits=FetchLimits(backoff_base=0.0, **limits),
+        max_concurrency=4,
+    )
 
 
 def stored_files(root: Path) -> list[Path]:
@@ -150,12 +155,18 @@ async def test_the_size_cap_holds_without_a_content_length(store: ImageStore) ->
     def chunked(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=body(), headers={"content-type": "image/png"})
 
-    async with httpx.AsyncClient(transport=httpx.MockTransport(chunked)) as http:
-        report = await sync_images(
-            refs("a.png"), store, http=http, limits=FetchLimits(max_bytes=4000)
-        )
+    report = await sync_images(
+        refs("a.png"),
+        store,
+        policy=LOOPBACK,
+        resolver=to_loopback,
+        transport=httpx.MockTransport(chunked),
+        limits=FetchLimits(max_bytes=4000),
+    )
     (record,) = report.records
-    assert record.error == "too_large: more than the 4000-byte cap (stopped reading)"
+    assert record.error == (
+        "too_large: more than the 4000-byte cap (stopped reading https://img.test/a.png)"
+    )
     assert stored_files(store.root) == []
 
 
@@ -192,15 +203,3 @@ async def test_stored_images_are_reused_by_url_and_same_bytes_share_one_file(
     third = await run(server, store, wanted, previous)
     assert (third.downloaded, third.reused) == (1, 2)
     assert server.hits["/other.jpg"] == 2
-
-
-def test_retry_policy_is_pure_and_bounded() -> None:
-    assert all(is_retryable_status(s) for s in (408, 429, 500, 502, 503, 504))
-    assert not any(is_retryable_status(s) for s in (400, 401, 403, 404, 410))
-    rng = random.Random(1)
-    assert all(
-        0 <= backoff_delay(n, 0.25, rng) <= min(8.0, 0.25 * 2 ** (n - 1)) for n in range(1, 12)
-    )
-    assert retry_after_seconds("2.5") == 2.5
-    assert retry_after_seconds("99999") == 30.0
-    assert retry_after_seconds(None) is None and retry_after_seconds("soon") is None

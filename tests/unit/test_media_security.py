@@ -1,0 +1,235 @@
+"""Hostile URLs and hostile images fail one manifest row each, never the step.
+
+Every host name resolves through a stub; forbidden addresses are refused before any
+request is made (the MockTransport handler would fail the test if it were reached).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import subprocess
+import sys
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from flux2_pipeline.media import (
+    AddressPolicy,
+    FetchLimits,
+    ImageRef,
+    ImageStore,
+    SyncReport,
+    TooManyPixels,
+    inspect_image,
+    read_manifest,
+    sync_images,
+    write_manifest,
+)
+
+HOSTS = {
+    "img.test": ["127.0.0.1"],
+    "metadata.test": ["169.254.169.254"],
+    "lan.test": ["192.168.0.10"],
+}
+SIGNED = "https://img.test/gone.png?X-Amz-Credential=AKIASECRETKEY&X-Amz-Signature=feedSECRET"
+
+
+def png(size: tuple[int, int] = (16, 16)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, "red").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def pixel_bomb(width: int, height: int) -> bytes:
+    """A valid RGB PNG of width x height zero pixels: a few hundred KB, gigabytes decoded."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    packer = zlib.compressobj(9)
+    row = b"\0" * (1 + 3 * width)
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+async def stub_resolver(host: str, port: int) -> Sequence[str]:
+    if host not in HOSTS:
+        raise OSError(f"unknown test host {host}")
+    return HOSTS[host]
+
+
+def refs(*urls: object) -> list[ImageRef]:
+    return [ImageRef(f"r{i}", None, "source", 0, url) for i, url in enumerate(urls)]  # type: ignore[arg-type]
+
+
+async def sync(
+    store: ImageStore,
+    wanted: list[ImageRef],
+    handler: httpx.MockTransport,
+    policy: AddressPolicy,
+    **options: int,
+) -> SyncReport:
+    return await sync_images(
+        wanted,
+        store,
+        policy=policy,
+        resolver=stub_resolver,
+        transport=handler,
+        limits=FetchLimits(attempts=1, backoff_base=0.0),
+        **options,
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ImageStore:
+    return ImageStore(tmp_path / "images", base=tmp_path)
+
+
+def refuse_everything(request: httpx.Request) -> httpx.Response:
+    raise AssertionError(f"no request may be made: {request.url}")
+
+
+async def test_ssrf_targets_are_refused_before_any_request(store: ImageStore) -> None:
+    wanted = refs(
+        "http://metadata.test/latest/meta-data/iam",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://lan.test/a.png",
+        "http://img.test/a.png",  # loopback: refused because the API is remote
+        "http://[::ffff:127.0.0.1]/a.png",
+    )
+    policy = AddressPolicy.for_api("https://api.runcomfy.net")
+    report = await sync(store, wanted, httpx.MockTransport(refuse_everything), policy)
+    errors = [record.error or "" for record in report.records]
+    assert [error.split(":")[0] for error in errors] == ["refused"] * 5
+    assert "link-local address 169.254.169.254 for http://metadata.test/" in errors[0]
+    assert "private address 192.168.0.10" in errors[2]
+    assert "loopback address 127.0.0.1" in errors[3]
+
+
+async def test_a_redirect_to_the_metadata_service_is_refused(store: ImageStore) -> None:
+    def redirect(request: httpx.Request) -> httpx.Response:
+        assert request.url.host == "127.0.0.1", "only the approved address is contacted"
+        return httpx.Response(302, headers={"location": "http://metadata.test/creds"})
+
+    policy = AddressPolicy.for_api("http://127.0.0.1:8188")
+    report = await sync(store, refs("http://img.test/a.png"), httpx.MockTransport(redirect), policy)
+    (record,) = report.records
+    assert record.error == (
+        "refused: link-local address 169.254.169.254 for http://metadata.test/creds "
+        "(redirected from http://img.test/a.png)"
+    )
+
+
+async def test_malformed_urls_are_failed_rows_and_the_manifest_is_written(
+    store: ImageStore, tmp_path: Path
+) -> None:
+    def good(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=png(), headers={"content-type": "image/png"})
+
+    wanted = refs(
+        "http://☃.test/x.png",
+        "http://[::1/a.png",
+        "http://img.test/a\x00.png",
+        "http://img.test:99999/a.png",
+        "gopher://img.test/a.png",
+        None,
+        "http://img.test/ok.png",
+    )
+    report = await sync(
+        store, wanted, httpx.MockTransport(good), AddressPolicy(allow_loopback=True)
+    )
+    kinds = [(record.error or "ok").split(":")[0] for record in report.records]
+    assert kinds == ["invalid_url"] * 6 + ["ok"]
+    manifest = tmp_path / "manifest.parquet"
+    write_manifest(manifest, report.records)
+    assert [r.status for r in read_manifest(manifest)] == ["failed"] * 6 + ["ok"]
+    assert all("\n" not in (r.error or "") for r in report.records)
+
+
+async def test_signed_urls_are_redacted_in_errors_and_in_the_manifest(
+    store: ImageStore, tmp_path: Path
+) -> None:
+    ok_signed = SIGNED.replace("gone.png", "ok.png")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/ok.png":
+            return httpx.Response(200, content=png(), headers={"content-type": "image/png"})
+        return httpx.Response(403)
+
+    report = await sync(
+        store,
+        refs(SIGNED, ok_signed),
+        httpx.MockTransport(handler),
+        AddressPolicy(allow_loopback=True),
+    )
+    manifest = tmp_path / "manifest.parquet"
+    write_manifest(manifest, report.records)
+    assert b"SECRET" not in manifest.read_bytes()
+    failed, stored = report.records
+    assert "SECRET" not in repr(report.records)
+    assert failed.error is not None and failed.error.startswith(
+        "unavailable: HTTP 403 Forbidden from https://img.test/gone.png?X-Amz-Credential=REDACTED"
+    )
+    assert stored.ok and stored.url.endswith("X-Amz-Signature=REDACTED")
+    # The redacted URL is the reuse key: the next sync does not fetch the image again.
+    again = await sync(
+        store,
+        refs(SIGNED, ok_signed),
+        httpx.MockTransport(handler),
+        AddressPolicy(allow_loopback=True),
+    )
+    assert again.records[1].ok
+
+
+async def test_a_pixel_bomb_is_refused_from_its_header(store: ImageStore) -> None:
+    bomb = pixel_bomb(9400, 9400)
+    assert len(bomb) < 400_000
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = bomb if request.url.path == "/bomb.png" else png((300, 200))
+        return httpx.Response(200, content=body, headers={"content-type": "image/png"})
+
+    report = await sync(
+        store,
+        refs("http://img.test/bomb.png", "http://img.test/wide.png"),
+        httpx.MockTransport(handler),
+        AddressPolicy(allow_loopback=True),
+        max_pixels=50_000,
+        max_decodes=1,
+    )
+    bomb_row, wide_row = report.records
+    assert (
+        bomb_row.error == "too_large: 9400x9400 is 88.4 MP, more than the 0.05 MP cap (not decoded)"
+    )
+    assert wide_row.error == "too_large: 300x200 is 0.1 MP, more than the 0.05 MP cap (not decoded)"
+
+
+def test_the_default_pixel_cap_stops_a_bomb_before_it_takes_memory(tmp_path: Path) -> None:
+    bomb_path = tmp_path / "bomb.png"
+    bomb_path.write_bytes(pixel_bomb(9400, 9400))
+    with pytest.raises(TooManyPixels, match=r"9400x9400 is 88\.4 MP, more than the 40 MP cap"):
+        inspect_image(bomb_path.read_bytes())
+    # In a fresh process, refusing the bomb costs almost nothing; decoding it would take
+    # 9400 * 9400 * 3 = 265 MB.
+    script = (
+        "import resource, sys\n"
+        "from flux2_pipeline.media import inspect_image, TooManyPixels\n"
+        f"data = open({str(bomb_path)!r}, 'rb').read()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n    inspect_image(data)\nexcept TooManyPixels:\n    pass\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    grown_kib = int(result.stdout.strip())
+    assert grown_kib < 20 * 1024, f"refusing the bomb grew the process by {grown_kib} KiB"
