@@ -9,7 +9,6 @@ valid row did not complete, naming the counts and the first rows. Its
 
 import functools
 import time
-from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ from flux2_pipeline.batch import (
     input_shape,
     read_input_rows,
 )
+from flux2_pipeline.batch.latency import LatencySketch
 from flux2_pipeline.paths import presign
 from flux2_pipeline.resources import (
     Flux2Storage,
@@ -116,7 +116,7 @@ class _Tally:
     started: float = field(default_factory=time.monotonic)
     done: int = 0
     cost_usd: float = 0.0
-    latencies: "array[float]" = field(default_factory=lambda: array("d"))
+    latencies: LatencySketch = field(default_factory=LatencySketch)
     preview: list[dict[str, Any]] = field(default_factory=list)
     failed_examples: list[str] = field(default_factory=list)
 
@@ -125,7 +125,7 @@ class _Tally:
         if outcome.cost_usd is not None and outcome.status == "completed":
             self.cost_usd += outcome.cost_usd
         if outcome.submitted_at and outcome.finished_at and outcome.status == "completed":
-            self.latencies.append((outcome.finished_at - outcome.submitted_at).total_seconds())
+            self.latencies.add((outcome.finished_at - outcome.submitted_at).total_seconds())
         if len(self.preview) < PREVIEW_ROWS:
             self.preview.append(_preview_row(outcome))
         if outcome.status in ("failed", "cancelled") and len(self.failed_examples) < (
@@ -143,11 +143,7 @@ class _Tally:
         return f"{self.done}/{self.total} rows done ({share:.0f}%), {rate:.1f} rows/s"
 
     def latency_figures(self) -> tuple[float | None, float | None]:
-        if not self.latencies:
-            return None, None
-        ordered = sorted(self.latencies)
-        p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
-        return sum(ordered) / len(ordered), p95
+        return self.latencies.mean, self.latencies.quantile(0.95)
 
 
 def _preview_row(outcome: RowOutcome) -> dict[str, Any]:

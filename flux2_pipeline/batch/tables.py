@@ -18,8 +18,6 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from upath import UPath
 
+from flux2_pipeline.batch.ids import RowIdRegistry
 from flux2_pipeline.paths import atomic_writer, ensure_upath
 from flux2_pipeline.runcomfy import PARAMETER_NAMES, EditRequest, InvalidEditRequest
 
@@ -118,7 +117,9 @@ def read_input_rows(
     after that). `sign_url` turns `s3://` reference URIs into URLs the API can fetch;
     the results keep the original URIs.
     Raises `InputTableError` (one clear line) when the file is not readable Parquet
-    or lacks a required column. Duplicate ids make the later rows invalid.
+    or lacks a required column. Given and derived ids share one namespace: a later row
+    whose given id is taken is invalid; one without an id whose derived id is taken gets
+    the next numbered derived id (see `flux2_pipeline.batch.ids`).
     """
     parquet = open_parquet(path)
     columns = set(parquet.schema_arrow.names)
@@ -129,17 +130,18 @@ def read_input_rows(
             f"(found: {', '.join(sorted(columns)) or 'none'})"
         )
     wanted = [name for name in parquet.schema_arrow.names if name in KNOWN_COLUMNS]
-    ids = _IdRegistry()
     position = 0
-    try:
-        for record_batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted):
-            rows = []
-            for record in record_batch.to_pylist():
-                rows.append(_input_row(position, record, ids, defaults or {}, sign_url))
-                position += 1
-            yield rows
-    except (pa.ArrowException, OSError) as exc:
-        raise InputTableError(f"{path.name}: unreadable after row {position}: {exc}") from exc
+    with RowIdRegistry(KNOWN_COLUMNS) as ids:
+        try:
+            for record_batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted):
+                records = record_batch.to_pylist()
+                rows = []
+                for record, assigned in zip(records, ids.assign_batch(records), strict=True):
+                    rows.append(_input_row(position, record, assigned, defaults or {}, sign_url))
+                    position += 1
+                yield rows
+        except (pa.ArrowException, OSError) as exc:
+            raise InputTableError(f"{path.name}: unreadable after row {position}: {exc}") from exc
 
 
 def open_parquet(path: Path) -> pq.ParquetFile:
@@ -183,7 +185,7 @@ def input_shape(path: Path) -> InputShape:
 def _input_row(
     position: int,
     record: dict[str, Any],
-    ids: _IdRegistry,
+    assigned: tuple[str, str | None],
     defaults: Mapping[str, Any],
     sign_url: Callable[[str], str] | None = None,
 ) -> InputRow:
@@ -191,13 +193,14 @@ def _input_row(
     urls = record.get("image_urls")
     shown_urls = _as_url_tuple(urls)
     shown_prompt = prompt if isinstance(prompt, str) else None
-    row_id, id_problem = ids.assign(record)
+    row_id, id_problem = assigned
     if id_problem:
         return InputRow(position, row_id, shown_prompt, shown_urls, invalid_reason=id_problem)
-    signed = _signed_urls(urls, sign_url)
-    if isinstance(signed, str):
-        return InputRow(position, row_id, shown_prompt, shown_urls, invalid_reason=signed)
-    data = {"prompt": prompt, "image_urls": signed}
+    try:
+        signed = _signed_urls(urls, sign_url)
+    except UrlSigningError as exc:
+        return InputRow(position, row_id, shown_prompt, shown_urls, invalid_reason=str(exc))
+    data = {"prompt": prompt, "image_urls": urls if signed is None else signed}
     for name in PARAMETER_NAMES:
         value = record.get(name)
         data[name] = defaults.get(name) if value is None else value
@@ -210,7 +213,7 @@ def _input_row(
     # The row as written (s3:// URIs, not their signed URLs) is what the ledger keys on.
     as_written = (
         request
-        if signed is urls
+        if signed is None
         else request.model_copy(update={"image_urls": shown_urls[: len(request.image_urls)]})
     )
     return InputRow(
@@ -224,22 +227,31 @@ def _input_row(
     )
 
 
-def _signed_urls(urls: Any, sign_url: Callable[[str], str] | None) -> Any:
-    """`urls` with every s3:// URI signed; the same object when none is; a str on failure."""
+class UrlSigningError(ValueError):
+    """A row's `s3://` reference cannot be pre-signed; the message is its invalid reason."""
+
+
+def _signed_urls(urls: Any, sign_url: Callable[[str], str] | None) -> list[Any] | None:
+    """`urls` as a list with every s3:// URI signed, or None when nothing needs signing.
+
+    Raises `UrlSigningError` (naming the column) when a URI cannot be signed.
+    """
     items = [urls] if isinstance(urls, str) else urls
     if not isinstance(items, list | tuple) or not any(
         isinstance(u, str) and u.startswith("s3://") for u in items
     ):
-        return urls
+        return None
     if sign_url is None:
-        return "image_urls: s3:// URIs need the s3 extra (pip install 'flux2-pipeline[s3]')"
+        raise UrlSigningError(
+            "image_urls: s3:// URIs need the s3 extra (pip install 'flux2-pipeline[s3]')"
+        )
     signed = []
     for url in items:
         if isinstance(url, str) and url.startswith("s3://"):
             try:
                 url = sign_url(url)
             except Exception as exc:  # any signer failure is this row's problem only
-                return f"image_urls: cannot pre-sign {url}: {exc}"
+                raise UrlSigningError(f"image_urls: cannot pre-sign {url}: {exc}") from None
         signed.append(url)
     return signed
 
@@ -250,47 +262,6 @@ def _as_url_tuple(value: Any) -> tuple[str, ...]:
     if isinstance(value, list | tuple):
         return tuple(str(item) for item in value if item is not None)
     return ()
-
-
-class _IdRegistry:
-    """Assigns row ids: the `id` column, or a content hash; tracks 64-bit digests only."""
-
-    def __init__(self) -> None:
-        self._given: set[int] = set()
-        self._derived: dict[int, int] = {}
-
-    def assign(self, record: dict[str, Any]) -> tuple[str, str | None]:
-        raw = record.get("id")
-        if raw is not None and not (isinstance(raw, float) and math.isnan(raw)):
-            if isinstance(raw, bool) or not isinstance(raw, str | int):
-                return _derived_id(record, 0), f"id: must be a string or an integer, got {raw!r}"
-            row_id = str(raw).strip()
-            if not row_id:
-                return _derived_id(record, 0), "id: must not be blank"
-            digest = _digest64(row_id)
-            if digest in self._given:
-                return row_id, f"id: duplicate of an earlier row's id {row_id!r}"
-            self._given.add(digest)
-            return row_id, None
-        digest = _digest64(_content_key(record))
-        occurrence = self._derived.get(digest, 0)
-        self._derived[digest] = occurrence + 1
-        return _derived_id(record, occurrence), None
-
-
-def _content_key(record: dict[str, Any]) -> str:
-    content = {key: record.get(key) for key in sorted(KNOWN_COLUMNS - {"id"})}
-    return json.dumps(content, sort_keys=True, default=str, separators=(",", ":"))
-
-
-def _derived_id(record: dict[str, Any], occurrence: int) -> str:
-    # Content, not position: inserting a row must not change (and re-bill) the others.
-    digest = hashlib.sha256(_content_key(record).encode()).hexdigest()[:16]
-    return f"h-{digest}" if occurrence == 0 else f"h-{digest}-{occurrence + 1}"
-
-
-def _digest64(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
 @dataclass(frozen=True, slots=True)
