@@ -14,7 +14,6 @@ Example::
 from flux2_pipeline.dataset.builder import (
     MAX_SHARD_BYTES,
     MAX_SHARD_ROWS,
-    SPLIT_DIR,
     STATE_FILE,
     BuildReport,
     PartitionBuild,
@@ -23,6 +22,7 @@ from flux2_pipeline.dataset.builder import (
 )
 from flux2_pipeline.dataset.card import (
     CARD_FILE,
+    SPLIT_DIR,
     load_snippet,
     render_card,
     storage_options,

@@ -52,7 +52,7 @@ import pyarrow.parquet as pq
 from upath import UPath
 
 from flux2_pipeline.batch.tables import file_sha256
-from flux2_pipeline.dataset.card import CARD_FILE, render_card
+from flux2_pipeline.dataset.card import CARD_FILE, SPLIT_DIR, render_card
 from flux2_pipeline.dataset.features import DATASET_SCHEMA, value_label
 from flux2_pipeline.media.manifest import ImageRecord, read_manifest
 from flux2_pipeline.media.store import ImageStore
@@ -68,7 +68,6 @@ from flux2_pipeline.runcomfy import PARAMETER_NAMES
 
 BUILDER_VERSION = 2
 STATE_FILE = ".flux2_state.json"
-SPLIT_DIR = "train"
 MAX_SHARD_ROWS = 1000
 MAX_SHARD_BYTES = 256 * 1024 * 1024
 ROW_GROUP_ROWS = 64
@@ -154,14 +153,17 @@ class BuildReport:
 
     @property
     def value_counts(self) -> dict[str, dict[str, int]]:
-        """Per parameter (and `num_source_images`): rows holding each value, all partitions."""
-        total: dict[str, dict[str, int]] = {}
+        """Per parameter (and `num_source_images`): rows holding each value, all partitions.
+
+        Columns in `COUNTED_COLUMNS` order, whichever order the state file kept them in.
+        """
+        total: dict[str, dict[str, int]] = {name: {} for name in COUNTED_COLUMNS}
         for build in self.partitions:
             for name, counts in build.value_counts.items():
                 merged = total.setdefault(name, {})
                 for label, count in counts.items():
                     merged[label] = merged.get(label, 0) + count
-        return total
+        return {name: counts for name, counts in total.items() if counts}
 
 
 def fingerprint(source: PartitionSource, max_rows: int, max_bytes: int) -> str:

@@ -19,8 +19,8 @@ Example::
 
 from __future__ import annotations
 
+import json
 import os
-import pprint
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from flux2_pipeline.dataset.builder import BuildReport
 
 CARD_FILE = "README.md"
+SPLIT_DIR = "train"
+"""The folder of the shards (files named after a split keyword would become splits)."""
 TRAIN_SCRIPT = "examples/instruct_pix2pix/train_instruct_pix2pix.py"
 _ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
@@ -95,19 +97,24 @@ def load_snippet(out_dir: UPath) -> str:
 
     >>> print(load_snippet(UPath("/data/ds")))
     import datasets
-    ds = datasets.load_dataset("parquet", data_dir='/data/ds', split="train")
+    ds = datasets.load_dataset("parquet", data_dir="/data/ds", split="train")
     """
     options = storage_options(out_dir)
     lines = ["import datasets"]
     if options is None:
-        path = repr(str(out_dir))
+        path = json.dumps(str(out_dir))
         lines.append(f'ds = datasets.load_dataset("parquet", data_dir={path}, split="train")')
         return "\n".join(lines)
+    # `datasets` reads `data_dir` as a local folder, so a bucket is named by its files.
+    shards = f"{str(out_dir).rstrip('/')}/{SPLIT_DIR}/*.parquet"
     lines += [
         "# credentials come from the usual AWS variables or files, never from here",
-        f"storage_options = {pprint.pformat(options, width=80)}",
+        f"storage_options = {json.dumps(options)}",
         "ds = datasets.load_dataset(",
-        f'    "parquet", data_dir={str(out_dir)!r}, split="train", storage_options=storage_options',
+        '    "parquet",',
+        f'    data_files={{"train": {json.dumps(shards)}}},',
+        '    split="train",',
+        "    storage_options=storage_options,",
         ")",
     ]
     return "\n".join(lines)
@@ -119,8 +126,9 @@ def copy_snippet(out_dir: UPath, local: str = "flux2_training_dataset") -> str:
     return "\n".join(
         [
             "import fsspec",
-            f"fs = fsspec.filesystem({out_dir.protocol!r}, **{pprint.pformat(options)})",
-            f"fs.get({out_dir.path.rstrip('/') + '/'!r}, {local + '/'!r}, recursive=True)",
+            f"fs = fsspec.filesystem({json.dumps(out_dir.protocol)}, **{json.dumps(options)})",
+            f"fs.get({json.dumps(out_dir.path.rstrip('/') + '/')}, {json.dumps(local + '/')},"
+            " recursive=True)",
         ]
     )
 
