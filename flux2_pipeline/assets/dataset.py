@@ -24,6 +24,7 @@ from dagster import (
     TableSchema,
     asset,
 )
+from upath import UPath
 
 from flux2_pipeline.assets.prompts import PARTITIONS_NAME
 from flux2_pipeline.dataset import (
@@ -32,11 +33,12 @@ from flux2_pipeline.dataset import (
     FEATURES,
     PartitionSource,
     build_training_dataset,
+    load_snippet,
 )
 from flux2_pipeline.media import ImageStore
 from flux2_pipeline.resources import Flux2Storage
 
-DATASET_CODE_VERSION = "1"
+DATASET_CODE_VERSION = "2"
 IMAGES_KEY = AssetKey("flux2_images")
 
 
@@ -54,12 +56,8 @@ def dataset_table_schema() -> TableSchema:
     )
 
 
-def _load_example(path: str) -> str:
-    return (
-        "```python\nimport datasets\n"
-        f'ds = datasets.load_dataset("parquet", data_dir={path!r}, split="train")\n'
-        'ds[0]["edited_image"]  # a PIL image\n```'
-    )
+def _load_example(out_dir: UPath) -> str:
+    return f'```python\n{load_snippet(out_dir)}\nds[0]["edited_image"]  # a PIL image\n```'
 
 
 @asset(
@@ -70,8 +68,10 @@ def _load_example(path: str) -> str:
     kinds={"parquet"},
     metadata={"dagster/column_schema": dataset_table_schema()},
     description="Training dataset across all partitions: one row per edited image with its "
-    "prompt, reference images, effective parameters and lineage; sharded Parquet that "
-    "datasets.load_dataset('parquet', data_dir=...) loads with images decoded.",
+    "input_image, edit_prompt and edited_image (diffusers' instruct-pix2pix columns), every "
+    "reference image, effective parameters and lineage; sharded Parquet that "
+    "datasets.load_dataset('parquet', data_dir=...) loads with images decoded, with a "
+    "dataset card (README.md) at its root.",
 )
 def flux2_training_dataset(
     context: AssetExecutionContext, storage: Flux2Storage
@@ -84,7 +84,7 @@ def flux2_training_dataset(
             sources.append(PartitionSource(key, results, manifest))
     out_dir = storage.training_dataset_dir()
     store = ImageStore(storage.images_dir(), base=storage.output_root())
-    report = build_training_dataset(sources, store, out_dir)
+    report = build_training_dataset(sources, store, out_dir, input_dir=storage.input_dir)
     context.log.info(
         f"training dataset: {report.rows} rows in {report.shards} shards from "
         f"{len(report.partitions)} partitions; rewrote {', '.join(report.rebuilt) or 'none'}"
@@ -103,6 +103,8 @@ def flux2_training_dataset(
         "flux2/features_md": MetadataValue.md(
             "```json\n" + json.dumps(FEATURES, indent=1) + "\n```"
         ),
-        "flux2/load": MetadataValue.md(_load_example(str(out_dir))),
+        "flux2/load": MetadataValue.md(_load_example(out_dir)),
+        "flux2/card": MetadataValue.path(str(report.card_path)),
+        "flux2/value_counts": MetadataValue.json(report.value_counts),
     }
     return MaterializeResult(metadata=metadata)

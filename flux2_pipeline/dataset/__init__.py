@@ -2,7 +2,8 @@
 
 Dagster-free. `build_training_dataset` turns every partition's results table and image
 manifest into shards of one row per edited image, with the images embedded in the
-Hugging Face encoding and the `datasets` Features in the Parquet metadata.
+Hugging Face encoding and the `datasets` Features in the Parquet metadata, and writes the
+dataset card (`README.md`) beside them.
 
 Example::
 
@@ -13,21 +14,34 @@ Example::
 from flux2_pipeline.dataset.builder import (
     MAX_SHARD_BYTES,
     MAX_SHARD_ROWS,
-    SPLIT_DIR,
     STATE_FILE,
     BuildReport,
     PartitionBuild,
     PartitionSource,
     build_training_dataset,
 )
+from flux2_pipeline.dataset.card import (
+    CARD_FILE,
+    SPLIT_DIR,
+    load_snippet,
+    render_card,
+    storage_options,
+    yaml_features,
+)
 from flux2_pipeline.dataset.features import (
     COLUMN_DESCRIPTIONS,
+    COLUMNS,
     DATASET_SCHEMA,
     FEATURES,
     IMAGE_TYPE,
+    TRAINER_COLUMNS,
+    Column,
+    parameter_column,
 )
 
 __all__ = [
+    "CARD_FILE",
+    "COLUMNS",
     "COLUMN_DESCRIPTIONS",
     "DATASET_SCHEMA",
     "FEATURES",
@@ -36,8 +50,15 @@ __all__ = [
     "MAX_SHARD_ROWS",
     "SPLIT_DIR",
     "STATE_FILE",
+    "TRAINER_COLUMNS",
     "BuildReport",
+    "Column",
     "PartitionBuild",
     "PartitionSource",
     "build_training_dataset",
+    "load_snippet",
+    "parameter_column",
+    "render_card",
+    "storage_options",
+    "yaml_features",
 ]

@@ -4,6 +4,7 @@ Layout under `out_dir` (the `data_dir` of `datasets.load_dataset("parquet", ...)
 
     train/<partition>-00000.parquet     shards of one partition, in row order
     train/<partition>-00001.parquet     (a new shard every `max_rows` rows or `max_bytes`)
+    README.md                           the dataset card (see `flux2_pipeline.dataset.card`)
     .flux2_state.json                   per partition: input fingerprint, shards, counts
 
 Shards live in a `train/` folder because `datasets` infers splits from file names: a
@@ -18,7 +19,8 @@ Incremental: a partition is rewritten only when its fingerprint (sha256 of its r
 file and its image manifest, plus the builder version and shard limits) differs from the
 one in the state file, or one of its shards is gone. Shards of partitions no longer given
 are deleted. Each partition's new shards are written to hidden temporary files and renamed
-into place; the state file is written last, so an interrupted build is redone next time.
+into place; then the card is rewritten (when its text changed) and the state file is written
+last, so an interrupted build is redone next time.
 One build at a time per folder (the Dagster asset is one step).
 
 `out_dir` may be in an object store (a `UPath` such as `s3://bucket/prefix/...`): shards
@@ -50,7 +52,8 @@ import pyarrow.parquet as pq
 from upath import UPath
 
 from flux2_pipeline.batch.tables import file_sha256
-from flux2_pipeline.dataset.features import DATASET_SCHEMA
+from flux2_pipeline.dataset.card import CARD_FILE, SPLIT_DIR, render_card
+from flux2_pipeline.dataset.features import DATASET_SCHEMA, value_label
 from flux2_pipeline.media.manifest import ImageRecord, read_manifest
 from flux2_pipeline.media.store import ImageStore
 from flux2_pipeline.paths import (
@@ -63,12 +66,13 @@ from flux2_pipeline.paths import (
 )
 from flux2_pipeline.runcomfy import PARAMETER_NAMES
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 STATE_FILE = ".flux2_state.json"
-SPLIT_DIR = "train"
 MAX_SHARD_ROWS = 1000
 MAX_SHARD_BYTES = 256 * 1024 * 1024
 ROW_GROUP_ROWS = 64
+COUNTED_COLUMNS = ("num_source_images", *PARAMETER_NAMES)
+"""The columns whose distinct values the state file and the card count."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +93,19 @@ class PartitionBuild:
     shards: list[str] = field(default_factory=list)
     rows: int = 0
     bytes: int = 0
+    arrow_bytes: int = 0
+    """Size of the rows in Arrow memory: what `datasets` calls the split's `num_bytes`."""
     skipped: int = 0
+    value_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per parameter (and `num_source_images`): how many rows hold each value."""
     rebuilt: bool = False
+
+    def count_values(self, example: dict[str, Any]) -> None:
+        """Add one dataset row's parameter values to `value_counts`."""
+        for name in COUNTED_COLUMNS:
+            counts = self.value_counts.setdefault(name, {})
+            label = value_label(example[name])
+            counts[label] = counts.get(label, 0) + 1
 
 
 @dataclass
@@ -100,6 +115,11 @@ class BuildReport:
     out_dir: UPath
     partitions: list[PartitionBuild] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+
+    @property
+    def card_path(self) -> UPath:
+        """The dataset card, `README.md` at the dataset's root."""
+        return self.out_dir / CARD_FILE
 
     @property
     def rows(self) -> int:
@@ -117,6 +137,11 @@ class BuildReport:
         return sum(p.bytes for p in self.partitions)
 
     @property
+    def arrow_bytes(self) -> int:
+        """Size of all rows in Arrow memory (the train split's `num_bytes`)."""
+        return sum(p.arrow_bytes for p in self.partitions)
+
+    @property
     def skipped(self) -> int:
         """Edited images left out because they or their row's references are not stored."""
         return sum(p.skipped for p in self.partitions)
@@ -125,6 +150,20 @@ class BuildReport:
     def rebuilt(self) -> list[str]:
         """Keys of the partitions this build rewrote."""
         return [p.key for p in self.partitions if p.rebuilt]
+
+    @property
+    def value_counts(self) -> dict[str, dict[str, int]]:
+        """Per parameter (and `num_source_images`): rows holding each value, all partitions.
+
+        Columns in `COUNTED_COLUMNS` order, whichever order the state file kept them in.
+        """
+        total: dict[str, dict[str, int]] = {name: {} for name in COUNTED_COLUMNS}
+        for build in self.partitions:
+            for name, counts in build.value_counts.items():
+                merged = total.setdefault(name, {})
+                for label, count in counts.items():
+                    merged[label] = merged.get(label, 0) + count
+        return {name: counts for name, counts in total.items() if counts}
 
 
 def fingerprint(source: PartitionSource, max_rows: int, max_bytes: int) -> str:
@@ -144,6 +183,16 @@ def _load_state(out_dir: UPath) -> dict[str, dict[str, Any]]:
         return {}
     partitions = data.get("partitions") if isinstance(data, dict) else None
     return partitions if isinstance(partitions, dict) else {}
+
+
+def _counts_from_state(raw: Any) -> dict[str, dict[str, int]]:
+    if not isinstance(raw, dict):
+        return {}
+    return {
+        str(name): {str(label): int(count) for label, count in counts.items()}
+        for name, counts in raw.items()
+        if isinstance(counts, dict)
+    }
 
 
 def _save_state(out_dir: UPath, builds: Sequence[PartitionBuild]) -> None:
@@ -176,15 +225,21 @@ def _examples(
             continue
         source_images = [_image_cell(store, s) for s in sources if s is not None]
         source_shas = [s.sha256 for s in sources if s is not None]
+        if not source_images:
+            counts["skipped"] += len(outputs)
+            continue
         for index in range(len(outputs)):
             edited = images.get((row["row_id"], "edited", index))
             if edited is None:
                 counts["skipped"] += 1
                 continue
             yield {
+                "input_image": source_images[0],
+                "edit_prompt": row["prompt"],
+                "edited_image": _image_cell(store, edited),
                 "prompt": row["prompt"],
                 "source_images": source_images,
-                "edited_image": _image_cell(store, edited),
+                "num_source_images": len(source_images),
                 **{name: row[name] for name in PARAMETER_NAMES},
                 "partition": source.key,
                 "row_id": row["row_id"],
@@ -203,9 +258,8 @@ def _image_cell(store: ImageStore, record: ImageRecord) -> dict[str, Any]:
 
 
 def _row_bytes(example: dict[str, Any]) -> int:
-    return len(example["edited_image"]["bytes"]) + sum(
-        len(cell["bytes"]) for cell in example["source_images"]
-    )
+    images = [example["input_image"], example["edited_image"], *example["source_images"]]
+    return sum(len(cell["bytes"]) for cell in images)
 
 
 class _Aborted(Exception):
@@ -228,7 +282,7 @@ class _ShardWriter:
         self._writer: pq.ParquetWriter | None = None
         self._rows = self._bytes = 0
         self._pending: list[dict[str, Any]] = []
-        self.total_rows = 0
+        self.total_rows = self.arrow_bytes = 0
 
     def add(self, example: dict[str, Any]) -> None:
         size = _row_bytes(example)
@@ -245,7 +299,9 @@ class _ShardWriter:
 
     def _flush(self) -> None:
         if self._pending and self._writer is not None:
-            self._writer.write_table(pa.Table.from_pylist(self._pending, schema=DATASET_SCHEMA))
+            table = pa.Table.from_pylist(self._pending, schema=DATASET_SCHEMA)
+            self._writer.write_table(table)
+            self.arrow_bytes += table.nbytes
             self._pending = []
 
     def _open_next(self) -> None:
@@ -292,25 +348,32 @@ def _build_partition(
     max_bytes: int,
 ) -> PartitionBuild:
     counts = {"skipped": 0}
+    build = PartitionBuild(key=source.key, fingerprint=digest, rebuilt=True)
     writer = _ShardWriter(folder, source.key, max_rows, max_bytes)
     try:
         for example in _examples(source, store, counts):
             writer.add(example)
+            build.count_values(example)
         names = writer.commit()
     except BaseException:
         writer.abort()
         raise
     for stale in set(old_shards) - set(names):
         (folder / stale).unlink(missing_ok=True)
-    return PartitionBuild(
-        key=source.key,
-        fingerprint=digest,
-        shards=names,
-        rows=writer.total_rows,
-        bytes=sum(file_size(folder / name) or 0 for name in names),
-        skipped=counts["skipped"],
-        rebuilt=True,
-    )
+    build.shards, build.rows, build.skipped = names, writer.total_rows, counts["skipped"]
+    build.bytes = sum(file_size(folder / name) or 0 for name in names)
+    build.arrow_bytes = writer.arrow_bytes
+    return build
+
+
+def _write_card(report: BuildReport, input_dir: str | None) -> None:
+    text = render_card(report, input_dir=input_dir)
+    try:
+        unchanged = report.card_path.read_text() == text
+    except (OSError, UnicodeDecodeError):
+        unchanged = False
+    if not unchanged:
+        write_bytes_atomically(report.card_path, text.encode())
 
 
 def build_training_dataset(
@@ -320,8 +383,13 @@ def build_training_dataset(
     *,
     max_rows: int = MAX_SHARD_ROWS,
     max_bytes: int = MAX_SHARD_BYTES,
+    input_dir: str | None = None,
 ) -> BuildReport:
-    """Bring `out_dir` up to date with `sources`, rewriting only partitions that changed."""
+    """Bring `out_dir` up to date with `sources`, rewriting only partitions that changed.
+
+    The dataset card (`README.md`) is rewritten whenever its text changes; `input_dir`,
+    where the partitions' input files live, is named in it.
+    """
     if max_rows < 1 or max_bytes < 1:
         raise ValueError("max_rows and max_bytes must be at least 1")
     root = ensure_upath(out_dir)
@@ -342,7 +410,9 @@ def build_training_dataset(
                     shards=old_shards,
                     rows=int(known.get("rows", 0)),
                     bytes=int(known.get("bytes", 0)),
+                    arrow_bytes=int(known.get("arrow_bytes", 0)),
                     skipped=int(known.get("skipped", 0)),
+                    value_counts=_counts_from_state(known.get("value_counts")),
                 )
             )
             continue
@@ -354,5 +424,6 @@ def build_training_dataset(
     for path in _children(folder):
         if path.name not in keep and (path.suffix in (".parquet", ".tmp")):
             path.unlink(missing_ok=True)  # shards of removed partitions, leftovers of crashes
+    _write_card(report, input_dir)
     _save_state(root, report.partitions)
     return report

@@ -28,18 +28,18 @@ def _png(seed: int) -> bytes:
 
 
 def _partition(
-    tmp: Path, store: ImageStore, key: str, rows: int, images: int = 1
+    tmp: Path, store: ImageStore, key: str, rows: int, images: int = 1, references: int = 1
 ) -> PartitionSource:
     results, records = [], []
     for i in range(rows):
         row_id = f"{key}-{i}"
-        ref = f"https://ref.test/{key}/{i}.png"
+        refs = [f"https://ref.test/{key}/{i}/{r}.png" for r in range(references)]
         outs = [f"https://out.test/{key}/{i}/{n}.png" for n in range(images)]
         results.append(
             {
                 "row_id": row_id,
                 "prompt": f"prompt {key} {i}",
-                "image_urls": [ref],
+                "image_urls": refs,
                 "guidance_scale": 2.5,
                 "seed": i,
                 "num_inference_steps": 28,
@@ -58,9 +58,9 @@ def _partition(
                 "warning": None,
             }
         )
-        for role, index, url, data in [("source", 0, ref, _png(i))] + [
-            ("edited", n, url, _png(100 + i * 7 + n)) for n, url in enumerate(outs)
-        ]:
+        for role, index, url, data in [
+            ("source", r, ref, _png(i + 50 * r)) for r, ref in enumerate(refs)
+        ] + [("edited", n, url, _png(100 + i * 7 + n)) for n, url in enumerate(outs)]:
             info = inspect_image(data)
             stored = store.put(data, info.sha256, info.ext)
             records.append(
