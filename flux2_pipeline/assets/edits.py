@@ -39,6 +39,7 @@ from flux2_pipeline.batch import (
     EditRunner,
     FatalApiError,
     InputTableError,
+    ReferenceCheck,
     ResultsWriter,
     RowOutcome,
     file_sha256,
@@ -46,6 +47,7 @@ from flux2_pipeline.batch import (
     read_input_rows,
 )
 from flux2_pipeline.batch.latency import LatencySketch
+from flux2_pipeline.net import AddressPolicy, GuardedFetcher
 from flux2_pipeline.paths import presign
 from flux2_pipeline.resources import (
     Flux2Storage,
@@ -170,11 +172,18 @@ def _markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 async def _run_partition(
-    runner: EditRunner, rows: Iterable[list[Any]], writer: ResultsWriter, tally: _Tally
+    runner: EditRunner,
+    rows: Iterable[list[Any]],
+    writer: ResultsWriter,
+    tally: _Tally,
+    policy: AddressPolicy,
 ) -> None:
-    async for outcome in runner.run(rows):
-        tally.add(outcome)
-        writer.write([outcome])
+    # Reference images are checked through the one guarded fetcher before rows are paid.
+    async with GuardedFetcher(policy) as fetcher:
+        runner.preflight = ReferenceCheck(fetcher.probe)
+        async for outcome in runner.run(rows):
+            tally.add(outcome)
+            writer.write([outcome])
 
 
 def build_edits_asset(retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY) -> AssetsDefinition:
@@ -240,7 +249,9 @@ def build_edits_asset(retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY) -> 
         writer = ResultsWriter(out_path)
         try:
             runcomfy.run(
-                _run_partition(runner, rows, writer, tally),
+                _run_partition(
+                    runner, rows, writer, tally, AddressPolicy.for_api(runcomfy.base_url)
+                ),
                 on_tick=lambda: context.log.info(
                     f"partition {key}: {tally.progress_line()}, "
                     f"ledger spend {ledger.ledger.spent_usd():.4f} USD"

@@ -52,6 +52,7 @@ from flux2_pipeline.ledger import (
     SubmissionState,
     make_row_key,
 )
+from flux2_pipeline.net import redact_text
 from flux2_pipeline.runcomfy import (
     AsyncRunComfyClient,
     AuthenticationError,
@@ -350,20 +351,21 @@ class EditRunner:
         try:
             handle = await self.client.submit(request)
         except SubmissionOutcomeUnknown as exc:
-            self.ledger.record_unknown(intent.id, str(exc))
+            self.ledger.record_unknown(intent.id, redact_text(str(exc)))
             self.counters.outcome_unknown += 1
             state.paid += 1
-            error = f"{exc}; a re-run will submit it again and count a possible duplicate"
+            why = redact_text(str(exc))
+            error = f"{why}; a re-run will submit it again and count a possible duplicate"
             return RowOutcome(row, FAILED, attempts=state.paid, error=error), False
         except (AuthenticationError, InsufficientCreditError) as exc:
-            self.ledger.record_rejected(intent.id, str(exc))
-            raise FatalApiError(str(exc)) from exc
+            self.ledger.record_rejected(intent.id, redact_text(str(exc)))
+            raise FatalApiError(redact_text(str(exc))) from exc
         except RunComfyError as exc:
             # The client raises anything but SubmissionOutcomeUnknown only for answers that
             # prove no job was created (see runcomfy.errors).
-            self.ledger.record_rejected(intent.id, str(exc))
+            self.ledger.record_rejected(intent.id, redact_text(str(exc)))
             return RowOutcome(
-                row, FAILED, attempts=state.paid, error=f"submit refused: {exc}"
+                row, FAILED, attempts=state.paid, error=f"submit refused: {redact_text(str(exc))}"
             ), False
         except asyncio.CancelledError:
             self.ledger.record_unknown(intent.id, "the run stopped while the submit was in flight")
@@ -389,17 +391,24 @@ class EditRunner:
             raise
         except JobDeadlineExceeded as exc:
             if await self._settle_after_cancel(known) is JobState.CANCELLED:
-                return _pending(row, known, paid, CANCELLED, str(exc)), True
-            return _pending(row, known, paid, FAILED, str(exc), live=True), False
+                return _pending(row, known, paid, CANCELLED, redact_text(str(exc))), True
+            return _pending(row, known, paid, FAILED, redact_text(str(exc)), live=True), False
         except NotFoundError as exc:
             # The client has already retried the 404 for its grace period and asked for the
             # result: the job is gone. A new submit may duplicate it, and is counted.
-            error = f"{_LOST_PREFIX} {exc}"
+            error = f"{_LOST_PREFIX} {redact_text(str(exc))}"
             self.ledger.record_finished(known.id, SubmissionState.FAILED, error=error)
             return _pending(row, known, paid, FAILED, error), True
         except RunComfyError as exc:
             # The job may still complete: leave it `submitted` so a re-run polls it.
-            lost = _pending(row, known, paid, FAILED, f"lost track of the job: {exc}", live=True)
+            lost = _pending(
+                row,
+                known,
+                paid,
+                FAILED,
+                f"lost track of the job: {redact_text(str(exc))}",
+                live=True,
+            )
             return lost, False
         outcome = self._record_result(row, known, paid, result)
         retry = outcome.status != COMPLETED and not is_input_fault(outcome.error)
@@ -415,6 +424,8 @@ class EditRunner:
         else:
             state, status = SubmissionState.FAILED, FAILED
         error = None if result.ok else result.error or f"the job ended {result.state.value}"
+        # API answers may quote a pre-signed reference URL: never store its signature.
+        error = None if error is None else redact_text(error)
         finished_at = result.finished_at or datetime.now(UTC)
         self.ledger.record_finished(
             known.id,
