@@ -20,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import json as jsonlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from functools import partial
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -73,6 +75,7 @@ CANCEL_BUDGET = 10.0
 """Seconds a best-effort cancel may take while the caller is giving up on a job."""
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Errors raised before any byte of the request left this process.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
@@ -184,34 +187,30 @@ class AsyncRunComfyClient:
         (`errors.submit_error_proves_no_job` is the rule for statuses.)
         """
         self.stats.submits += 1
-        body = await self._call("POST", self.model_path, json=request.payload(), submit=True)
-        try:
-            return parse_submit(body)
-        except MalformedResponseError as exc:
-            raise SubmissionOutcomeUnknown(
-                f"POST {self.model_path}: HTTP 2xx but {exc.message}; "
-                "the API may have created a job",
-                status_code=200,
-            ) from exc
+        return await self._call(
+            "POST", self.model_path, parse_submit, json=request.payload(), submit=True
+        )
 
     async def status(self, request_id: str) -> JobStatus:
         """The job's current state (and queue position while queued)."""
         self.stats.status_calls += 1
-        body = await self._call("GET", _job_path(request_id, "status"), request_id=request_id)
-        return parse_status(body, request_id)
+        path = _job_path(request_id, "status")
+        parse = partial(parse_status, request_id=request_id)
+        return await self._call("GET", path, parse, request_id=request_id)
 
     async def result(self, request_id: str) -> EditResult:
         """The job's result: state, image URLs, error, timestamps and cost."""
         self.stats.result_calls += 1
-        path = _job_path(request_id, "result")
-        body = await self._call("GET", path, query="include_cost=true", request_id=request_id)
-        return parse_result(body, request_id)
+        path = _job_path(request_id, "result") + "?include_cost=true"
+        parse = partial(parse_result, request_id=request_id)
+        return await self._call("GET", path, parse, request_id=request_id)
 
     async def cancel(self, request_id: str) -> CancelOutcome:
         """Ask the API to cancel a job; only queued jobs can be cancelled."""
         self.stats.cancel_calls += 1
-        body = await self._call("POST", _job_path(request_id, "cancel"), request_id=request_id)
-        return parse_cancel(body, request_id)
+        path = _job_path(request_id, "cancel")
+        parse = partial(parse_cancel, request_id=request_id)
+        return await self._call("POST", path, parse, request_id=request_id)
 
     # -- whole jobs --------------------------------------------------------------------
 
@@ -256,11 +255,8 @@ class AsyncRunComfyClient:
                     if now - unknown_since >= self.unknown_state_grace:
                         raise
                     continue
-                except NotFoundError as missing:
-                    status = None
-                    not_found: NotFoundError | None = missing
-                else:
-                    not_found = None
+                except NotFoundError:
+                    status = None  # perhaps a transient 404: /result decides below
                 unknown_since = None
                 if status is not None and not status.state.is_terminal:
                     missing_since = None
@@ -273,8 +269,6 @@ class AsyncRunComfyClient:
                     if now - missing_since >= self.lost_job_grace:
                         raise _job_lost(request_id, now - missing_since, missing) from missing
                     continue
-                if not_found is not None:
-                    logger.info("job %s: status answered 404, result did not", request_id)
                 missing_since = None
                 if result.state.is_terminal:
                     return replace(result, status_calls=calls, submitted_at=submitted_at)
@@ -301,22 +295,24 @@ class AsyncRunComfyClient:
         self,
         method: str,
         path: str,
+        parse: Callable[[dict[str, Any]], T],
         *,
         json: Any = None,
-        query: str = "",
         submit: bool = False,
         request_id: str | None = None,
-    ) -> Any:
-        url = f"{self.base_url}{path}?{query}" if query else self.base_url + path
+    ) -> T:
+        """One API call with retries; `path` is escaped already (and may carry a query)."""
+        url = self.base_url + path
         content = None if json is None else _json_bytes(json)
         headers = self._headers[content is not None]
         attempts = 0
         while True:
             attempts += 1
             try:
-                return await self._call_once(
+                code, body = await self._call_once(
                     method, path, url, headers, content, submit, request_id
                 )
+                return _parsed(parse, body, f"{method} {path}: HTTP {code}", submit, code)
             except RunComfyError as error:
                 retry_after = error.retry_after if isinstance(error, APIError) else None
                 if not is_retryable(error, submit=submit) or not self.retry.allows_another(
@@ -337,7 +333,8 @@ class AsyncRunComfyClient:
         content: bytes | None,
         submit: bool,
         request_id: str | None,
-    ) -> Any:
+    ) -> tuple[int, dict[str, Any]]:
+        """One exchange: the status and JSON object of a success, or the error it means."""
         try:
             answer = await self._transport.send(method, url, headers, content, self._timeout)
         except _NOT_SENT as exc:
@@ -359,7 +356,7 @@ class AsyncRunComfyClient:
         body = _decode(answer)
         if 200 <= code < 300 and not (isinstance(body, dict) and body.get("error_code")):
             if isinstance(body, dict):
-                return body
+                return code, body
             what = f"{method} {path}: expected a JSON object, got HTTP {code}"
             if submit:
                 raise SubmissionOutcomeUnknown(
@@ -393,6 +390,20 @@ def _job_lost(request_id: str, seconds: float, last: NotFoundError) -> JobLostEr
         error_code=last.error_code,
         request_id=request_id,
     )
+
+
+def _parsed(
+    parse: Callable[[dict[str, Any]], T], body: dict[str, Any], what: str, submit: bool, code: int
+) -> T:
+    try:
+        return parse(body)
+    except MalformedResponseError as exc:
+        if not submit:
+            raise
+        # A 2xx without a usable request id: the job may exist all the same.
+        raise SubmissionOutcomeUnknown(
+            f"{what}, but {exc.message}; the API may have created a job", status_code=code
+        ) from exc
 
 
 def _json_bytes(payload: Any) -> bytes:
