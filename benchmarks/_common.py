@@ -3,6 +3,7 @@ child-process resource usage, input tables and a plain-text table printer."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -24,6 +25,19 @@ import pyarrow.parquet as pq
 
 SAMPLES = ("cat", "dog", "sun", "beach_01")
 MODEL_PATH = "/v1/models/blackforestlabs/flux-2/dev/edit"
+
+
+async def run_all(client: Any, requests: Sequence[Any], concurrency: int) -> int:
+    """Run every request through `client.run` with at most `concurrency` in flight, as the
+    batch runner does; return how many completed with a result."""
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(request: Any) -> bool:
+        async with slots:
+            result = await client.run(request)
+        return bool(result.ok)
+
+    return sum(await asyncio.gather(*(one(request) for request in requests)))
 
 
 def ideal_seconds(jobs: int, latency: float, concurrency: int) -> float:
