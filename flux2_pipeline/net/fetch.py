@@ -160,6 +160,10 @@ def parse_url(url: object) -> httpx.URL:
     return parsed
 
 
+def _attempts(count: int) -> str:
+    return f"{count} attempt" if count == 1 else f"{count} attempts"
+
+
 def _port(url: httpx.URL) -> int:
     return url.port or (443 if url.scheme == "https" else 80)
 
@@ -296,7 +300,7 @@ class GuardedFetcher:
                 await self._sleep(policy.delay(attempt - 1, last.retry_after))
         assert last is not None
         raise FetchError(
-            "unavailable", url, f"{last} (gave up after {attempts} attempts)", last.status
+            "unavailable", url, f"{last} (gave up after {_attempts(attempts)})", last.status
         )
 
     async def _fetch_once(self, url: str, target: httpx.URL) -> Fetched:
