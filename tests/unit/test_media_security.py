@@ -233,3 +233,57 @@ def test_the_default_pixel_cap_stops_a_bomb_before_it_takes_memory(tmp_path: Pat
     )
     grown_kib = int(result.stdout.strip())
     assert grown_kib < 20 * 1024, f"refusing the bomb grew the process by {grown_kib} KiB"
+
+
+_DECODE_SCRIPT = """
+import asyncio, io, resource, sys, tempfile
+from pathlib import Path
+import httpx
+from PIL import Image
+from flux2_pipeline.media import AddressPolicy, ImageRef, ImageStore, sync_images
+
+def image(i):
+    buffer = io.BytesIO()
+    Image.new("RGB", (3000, 3000), (i, 0, 0)).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+bodies = [image(i) for i in range(6)]
+
+def handler(request):
+    body = bodies[int(request.url.path.strip("/").split(".")[0])]
+    return httpx.Response(200, content=body, headers={"content-type": "image/png"})
+
+async def loopback(host, port):
+    return ["127.0.0.1"]
+
+async def main(decodes):
+    with tempfile.TemporaryDirectory() as tmp:
+        store = ImageStore(Path(tmp) / "images", base=Path(tmp))
+        refs = [ImageRef(f"r{i}", None, "source", 0, f"http://img.test/{i}.png") for i in range(6)]
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        report = await sync_images(
+            refs, store, policy=AddressPolicy(allow_loopback=True), resolver=loopback,
+            transport=httpx.MockTransport(handler), max_decodes=decodes,
+        )
+        assert report.stored == 6, report.records
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+
+asyncio.run(main(int(sys.argv[1])))
+"""
+
+
+@pytest.mark.slow
+def test_decodes_at_once_are_bounded() -> None:
+    def peak_growth_mb(max_decodes: int) -> int:
+        result = subprocess.run(
+            [sys.executable, "-c", _DECODE_SCRIPT, str(max_decodes)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        return int(result.stdout.strip())
+
+    # Six 3000x3000 images, 27 MB each decoded: one decode at a time holds about one.
+    one, six = peak_growth_mb(1), peak_growth_mb(6)
+    assert one + 60 < six, (one, six)
