@@ -252,3 +252,55 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.2f}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value)
+
+
+def write_prompt_table_in_child(
+    path: Path, rows: int, base_url: str, row_group_rows: int, invalid: bool = False
+) -> None:
+    """Write a prompt table in a separate process, so this one stays small.
+
+    A child's `ru_maxrss` counts the pages it shared with its parent at fork time: a
+    benchmark that built a large table in its own memory would inflate every figure after.
+    `invalid` rows have an empty prompt (each fails validation, naming `prompt`).
+    """
+    command = [
+        sys.executable,
+        str(Path(__file__)),
+        "write-table",
+        str(path),
+        str(rows),
+        base_url,
+        str(row_group_rows),
+        "invalid" if invalid else "valid",
+    ]
+    subprocess.run(command, check=True)
+
+
+def _write_table_command(argv: Sequence[str]) -> None:
+    path, rows, base_url, group, kind = Path(argv[0]), int(argv[1]), argv[2], int(argv[3]), argv[4]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    schema = pa.schema(
+        [("id", pa.string()), ("prompt", pa.string()), ("image_urls", pa.list_(pa.string()))]
+    )
+    with pq.ParquetWriter(path, schema) as writer:
+        for first in range(0, rows, group):
+            last = min(first + group, rows)
+            prompt = "" if kind == "invalid" else "make it snow, variant {}"
+            prompts = [prompt.format(i) for i in range(first, last)]
+            table = pa.table(
+                {
+                    "id": [f"row-{i}" for i in range(first, last)],
+                    "prompt": prompts,
+                    "image_urls": [
+                        [f"{base_url}/samples/{SAMPLES[i % len(SAMPLES)]}.png"]
+                        for i in range(first, last)
+                    ],
+                },
+                schema=schema,
+            )
+            writer.write_table(table, row_group_size=group)
+    assert pq.ParquetFile(path).metadata.num_row_groups == math.ceil(rows / group)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["write-table"]:
+    _write_table_command(sys.argv[2:])
