@@ -209,6 +209,31 @@ def _train_command(local_dir: str) -> str:
     )
 
 
+def _webdataset_lines(report: BuildReport) -> list[str]:
+    export = report.webdataset
+    if export is None:
+        return []
+    lines = [
+        "## WebDataset shards",
+        "",
+        f"The same rows, one tar per Parquet shard ({len(export.tars)} tars), are in "
+        f"`{export.out_dir}`: per sample `input_image.<ext>`, `edited_image.<ext>`, "
+        "`source_<i>.<ext>`, `edit_prompt.txt` and `json` (every other column).",
+        "",
+    ]
+    if is_local(export.out_dir):
+        tars = json.dumps(f"{export.out_dir}/*.tar")
+        lines += [
+            "```python",
+            "import glob",
+            "import webdataset as wds",
+            f'ds = wds.WebDataset(sorted(glob.glob({tars})), shardshuffle=False).decode("pil")',
+            "```",
+            "",
+        ]
+    return lines
+
+
 def render_card(report: BuildReport, *, input_dir: str | None = None) -> str:
     """The whole `README.md` for the dataset `report` describes (deterministic text)."""
     out_dir = report.out_dir
@@ -278,6 +303,7 @@ def render_card(report: BuildReport, *, input_dir: str | None = None) -> str:
             "```",
             "",
         ]
+    body += _webdataset_lines(report)
     body += [
         "## Train",
         "",
