@@ -408,6 +408,7 @@ def build_training_dataset(
     if max_rows < 1 or max_bytes < 1:
         raise ValueError("max_rows and max_bytes must be at least 1")
     root = ensure_upath(out_dir)
+    tar_dir = None if webdataset_dir is None else _outside(root, ensure_upath(webdataset_dir))
     folder = root / SPLIT_DIR
     make_dirs(folder)
     state = _load_state(root)
@@ -439,10 +440,8 @@ def build_training_dataset(
     for path in _children(folder):
         if path.name not in keep and (path.suffix in (".parquet", ".tmp")):
             path.unlink(missing_ok=True)  # shards of removed partitions, leftovers of crashes
-    if webdataset_dir is not None:
-        report.webdataset = export_webdataset(
-            report.partitions, folder, _outside(root, ensure_upath(webdataset_dir))
-        )
+    if tar_dir is not None:
+        report.webdataset = export_webdataset(report.partitions, folder, tar_dir)
     _write_card(report, input_dir)
     _save_state(root, report.partitions)
     return report

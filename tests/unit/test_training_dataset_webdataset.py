@@ -99,3 +99,4 @@ def test_the_export_refuses_a_folder_inside_the_parquet_dataset(tmp_path: Path) 
     source = _partition(tmp_path, store, "alpha", 1)
     with pytest.raises(ValueError, match="webdataset_dir must be outside the Parquet dataset"):
         build_training_dataset([source], store, tmp_path / "ds", webdataset_dir=tmp_path / "ds/w")
+    assert not (tmp_path / "ds").exists()  # refused before anything was written
