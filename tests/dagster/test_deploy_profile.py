@@ -1,4 +1,5 @@
-"""deploy/dagster.yaml works: a PostgreSQL-backed instance materializes a partition."""
+"""deploy/dagster.yaml works: a PostgreSQL-backed instance with the `concurrency:` limits
+materializes a partition; deploy/celery/dagster.yaml loads the same way."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from dagster import DagsterInstance
+from dagster._core.instance.config import PoolGranularity
 from sqlalchemy import create_engine, text
 
 from flux2_pipeline.emulator import EmulatorServer
@@ -60,10 +62,45 @@ def test_the_deploy_profile_runs_on_postgresql(
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
         assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+        _assert_concurrency_limits(instance)
         (summary,) = materialize_partitions(settings, instance=instance)
         assert summary.succeeded and summary.completed == 4
         assert instance.get_dynamic_partitions("flux2_prompt_tables") == ["prod"]
         # One run for the partition (edits, images), one for the unpartitioned dataset.
         assert len(instance.get_run_records()) == 2
+    finally:
+        instance.dispose()
+
+
+def _assert_concurrency_limits(instance: DagsterInstance, max_runs: int = 4) -> None:
+    """The limits deploy/README.md explains are the ones Dagster read from the profile."""
+    config = instance.get_concurrency_config()
+    assert config.run_queue_config is not None
+    assert config.run_queue_config.max_concurrent_runs == max_runs
+    [partition_limit] = config.run_queue_config.tag_concurrency_limits
+    assert partition_limit == {
+        "key": "dagster/partition",
+        "value": {"applyLimitPerUniqueValue": True},
+        "limit": 1,
+    }
+    assert config.pool_config.default_pool_limit == max_runs
+    assert config.pool_config.pool_granularity is PoolGranularity.RUN
+    assert instance.run_monitoring_settings["free_slots_after_run_end_seconds"] == 300
+    assert instance.run_retries_enabled and instance.run_retries_max_retries == 1
+
+
+def test_the_celery_profile_loads_on_postgresql(
+    tmp_path: Path, scratch_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "celery_home"
+    home.mkdir()
+    shutil.copy(REPO / "deploy" / "celery" / "dagster.yaml", home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_POSTGRES_URL", scratch_database)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    instance = DagsterInstance.get()
+    try:
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+        _assert_concurrency_limits(instance, max_runs=8)
     finally:
         instance.dispose()
