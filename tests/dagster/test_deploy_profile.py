@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from dagster import DagsterInstance
 from dagster._core.instance.config import PoolGranularity
 from sqlalchemy import create_engine, text
@@ -104,3 +105,33 @@ def test_the_celery_profile_loads_on_postgresql(
         _assert_concurrency_limits(instance, max_runs=8)
     finally:
         instance.dispose()
+
+
+def test_the_helm_values_carry_the_same_limits_and_secrets() -> None:
+    """deploy/kubernetes/values.yaml (not deployed here) says what deploy/dagster.yaml says."""
+    profile = yaml.safe_load((REPO / "deploy" / "dagster.yaml").read_text())
+    values = yaml.safe_load((REPO / "deploy" / "kubernetes" / "values.yaml").read_text())
+    runs, pools = profile["concurrency"]["runs"], profile["concurrency"]["pools"]
+    assert values["concurrency"] == {
+        "runs": {
+            "maxConcurrentRuns": runs["max_concurrent_runs"],
+            "tagConcurrencyLimits": runs["tag_concurrency_limits"],
+        },
+        "pools": {"defaultLimit": pools["default_limit"], "granularity": pools["granularity"]},
+    }
+    daemon = values["dagsterDaemon"]
+    assert (
+        daemon["runMonitoring"]["freeSlotsAfterRunEndSeconds"]
+        == (profile["run_monitoring"]["free_slots_after_run_end_seconds"])
+    )
+    assert daemon["runRetries"] == {"enabled": True, "maxRetries": 1}
+    assert values["runLauncher"]["type"] == "K8sRunLauncher"
+    # The ledger URL and the token reach the code server and every run pod from a secret.
+    [deployment] = values["dagster-user-deployments"]["deployments"]
+    launcher = values["runLauncher"]["config"]["k8sRunLauncher"]
+    for holder in (deployment, launcher):
+        assert holder["envSecrets"] == [{"name": "flux2-secrets"}]
+    assert (
+        "--from-literal=FLUX2_LEDGER_URL="
+        in (REPO / "deploy" / "kubernetes" / "values.yaml").read_text()
+    )
