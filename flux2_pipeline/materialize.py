@@ -412,6 +412,11 @@ def _error(result: ExecuteInProcessResult) -> str | None:
             return str(data.user_failure_data.description)
         if data.error is not None:
             return innermost_error(data.error)
+    # A failure outside a step (a resource that could not start): the event carrying the error.
+    for event in result.all_events:
+        error = getattr(event.event_specific_data, "error", None)
+        if isinstance(error, SerializableErrorInfo):
+            return innermost_error(error)
     for event in result.all_events:
         if event.event_type == DagsterEventType.RUN_FAILURE:
             return event.message or "the run failed"
