@@ -13,9 +13,11 @@ Example::
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import FrameType
 
 import pyarrow.parquet as pq
 
@@ -34,6 +36,10 @@ def _tables_point_at(folder: Path, base_url: str) -> bool:
         if [row.get("image_urls") for row in written] != [row["image_urls"] for row in rows]:
             return False
     return True
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def run_ui(
@@ -72,6 +78,8 @@ def run_ui(
         command = [str(dagster), "dev", "-m", "flux2_pipeline.definitions"]
         command += ["-h", "127.0.0.1", "-p", str(port)]
         child = subprocess.Popen(command, env=env)
+        # A SIGTERM to this process must not orphan dagster dev: stop it like Ctrl+C does.
+        signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             return child.wait()
         except KeyboardInterrupt:
