@@ -199,7 +199,7 @@ def run_demo(workdir: str | Path = "flux2-demo") -> int:
     sheets = sorted((outputs / "flux2_images").glob("*.contact.png"))
     print(f"contact:   {outputs / 'flux2_images'}/<partition>.contact.png ({len(sheets)} sheets)")
     print(f"dataset:   {outputs / 'flux2_training_dataset'} (datasets.load_dataset parquet)")
-    print(f"ledger:    {outputs / 'ledger.sqlite'}")
+    print(f"ledger:    {settings.ledger.effective_url}")
     print(f"previews:  {root / 'previews'} ({len(previews)} edited images)")
     ui = f"flux2-pipeline ui --workdir {root}"
     print(f"UI:        {ui}  (a live emulator and dagster dev on these folders)")
