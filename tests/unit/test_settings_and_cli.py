@@ -261,3 +261,43 @@ def test_dagster_home_defaults_to_a_local_folder_per_remote_output(
         assert (home / "dagster.yaml").is_file()
     finally:
         instance.dispose()
+
+
+# The progress display of `flux2-pipeline materialize`.
+
+FIGURES = {
+    "flux2/rows_total": 100,
+    "flux2/rows_done": 40,
+    "flux2/rows_failed": 2,
+    "flux2/cost_usd": 1.25,
+    "flux2/seconds": 10.0,
+}
+
+
+def test_progress_is_plain_lines_when_not_a_terminal() -> None:
+    import io
+
+    from flux2_pipeline.progress import progress_view
+
+    out = io.StringIO()
+    with progress_view(out) as show:
+        show("cats", FIGURES)
+        show("cats", FIGURES)  # within 10 s of the last line: not repeated
+    assert out.getvalue() == "cats: 40/100 rows, 4.0 rows/s, 2 failed, $1.25\n"
+
+
+def test_progress_is_a_bar_on_a_terminal() -> None:
+    import io
+
+    from flux2_pipeline.progress import progress_view
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Terminal()
+    with progress_view(out) as show:
+        show("cats", FIGURES)
+        show("cats", {**FIGURES, "flux2/rows_done": 100, "flux2/seconds": 20.0})
+    screen = out.getvalue()
+    assert "cats" in screen and "100/100" in screen and "$1.25" in screen
