@@ -103,7 +103,7 @@ def test_bad_rows_and_bad_tables_fail_only_themselves(
     settings: Settings, emulator: EmulatorServer, instance: DagsterInstance
 ) -> None:
     base = emulator.base_url
-    folder = settings.input_dir
+    folder = Path(settings.storage.input_dir)
     write_table(folder, "a_mixed", mixed_table(base))
     write_table(
         folder,
@@ -215,7 +215,7 @@ def test_bad_rows_and_bad_tables_fail_only_themselves(
     assert summaries["d_corrupt"].results_path is None
     assert_human_error(summaries["e_empty_file"], "e_empty_file.parquet", "empty")
     assert summaries["e_empty_file"].results_path is None
-    output = settings.output_dir / "flux2_edits"
+    output = settings.storage.output_root() / "flux2_edits"
     assert not (output / "d_corrupt.parquet").exists()
     assert not (output / "e_empty_file.parquet").exists()
 

@@ -56,7 +56,7 @@ def test_the_deploy_profile_runs_on_postgresql(
     shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
     monkeypatch.setenv("DAGSTER_POSTGRES_URL", scratch_database)
     monkeypatch.setenv("DAGSTER_HOME", str(home))
-    write_table(settings.input_dir, "prod", prompt_rows(emulator.base_url, "prod", 4))
+    write_table(Path(settings.storage.input_dir), "prod", prompt_rows(emulator.base_url, "prod", 4))
 
     instance = DagsterInstance.get()
     try:
