@@ -210,7 +210,7 @@ def test_the_load_snippet_alone_loads_the_dataset_from_an_s3_output(
     monkeypatch.setenv("FLUX2_LEDGER_URL", f"sqlite:///{tmp_path / 'ledger.sqlite'}")
     s3_settings = Settings.from_env()
     write_table(
-        s3_Path(settings.storage.input_dir), "remote", prompt_rows(emulator.base_url, "remote", 2)
+        Path(s3_settings.storage.input_dir), "remote", prompt_rows(emulator.base_url, "remote", 2)
     )
     assert materialize(s3_settings, instance=instance, log_level="WARNING").succeeded
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
