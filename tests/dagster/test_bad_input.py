@@ -252,7 +252,7 @@ def test_string_url_columns_float_ids_and_one_id_namespace_pay_each_row_once(
     settings: Settings, emulator: EmulatorServer, instance: DagsterInstance
 ) -> None:
     base = emulator.base_url
-    folder = settings.input_dir
+    folder = Path(settings.storage.input_dir)
     start = emulator.state.counters.jobs_created
     # A whole image_urls column of plain strings: one URL per row.
     write_table(
