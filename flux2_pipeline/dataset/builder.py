@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -49,6 +50,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from filelock import FileLock
 from upath import UPath
 
 from flux2_pipeline.batch.tables import file_sha256
@@ -61,6 +63,8 @@ from flux2_pipeline.paths import (
     atomic_writer,
     ensure_upath,
     file_size,
+    is_local,
+    local_path,
     make_dirs,
     read_parquet,
     write_bytes_atomically,
@@ -408,6 +412,37 @@ def build_training_dataset(
     if max_rows < 1 or max_bytes < 1:
         raise ValueError("max_rows and max_bytes must be at least 1")
     root = ensure_upath(out_dir)
+    # Two runs finishing at once (a sensor run beside a backfill, two terminals) would
+    # otherwise rewrite the same shards and state file from under each other.
+    with _build_lock(root):
+        return _build(sources, store, root, max_rows, max_bytes, input_dir, webdataset_dir)
+
+
+BUILD_LOCK_TIMEOUT = 3600.0
+"""Seconds a build waits for another process's build of the same dataset."""
+
+
+def _build_lock(root: UPath) -> FileLock:
+    """A lock file beside a local dataset; for an object store, one per URI on this machine."""
+    if is_local(root):
+        folder = local_path(root).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(folder / f".{root.name}.lock"), timeout=BUILD_LOCK_TIMEOUT)
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:16]
+    locks = Path(tempfile.gettempdir()) / "flux2-pipeline-locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(locks / f"dataset-{digest}.lock"), timeout=BUILD_LOCK_TIMEOUT)
+
+
+def _build(
+    sources: Sequence[PartitionSource],
+    store: ImageStore,
+    root: UPath,
+    max_rows: int,
+    max_bytes: int,
+    input_dir: str | None,
+    webdataset_dir: Path | UPath | None,
+) -> BuildReport:
     tar_dir = None if webdataset_dir is None else _outside(root, ensure_upath(webdataset_dir))
     folder = root / SPLIT_DIR
     make_dirs(folder)
