@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from flux2_pipeline.assets import StepRetries, build_flux2_definitions
 from flux2_pipeline.resources import (
+    SECRETS,
     Flux2Resources,
     Flux2Storage,
     LedgerResource,
@@ -67,11 +68,10 @@ class Settings:
         """Read and check the RUNCOMFY_*, FLUX2_* and DAGSTER_HOME variables."""
         env = os.environ if env is None else env
         values = {name: _get(env, variable) for name, variable in ENVIRONMENT.items()}
-        secrets = {"api_token", "ledger_url"}
         resources = build_resources(
             {name: value for name, value in values.items() if value is not None},
             names=ENVIRONMENT,
-            env_names={name: ENVIRONMENT[name] for name in secrets if values[name]},
+            env_names={name: ENVIRONMENT[name] for name in SECRETS if values[name]},
         )
         retry_values = {
             name: value
