@@ -73,6 +73,12 @@ def _env(tmp_path: Path, name: str, base_url: str, ledger_url: str, **extra: str
     return env
 
 
+def _only_edits(partition: str) -> tuple[str, ...]:
+    # Only the paid asset: the cap is about API jobs, and two processes building the one
+    # unpartitioned training dataset in a shared output folder at once is another matter.
+    return ("--partition", partition, "--select", "flux2_edits")
+
+
 def _write_inputs(tmp_path: Path, base_url: str) -> None:
     for key in ("alpha", "beta"):
         write_table(tmp_path / "prompts", key, prompt_rows(base_url, key, ROWS))
@@ -110,7 +116,7 @@ def test_two_processes_share_one_account_cap(
     _write_inputs(tmp_path, roomy_emulator.base_url)
     base = roomy_emulator.base_url
     runs = [
-        start_cli(_env(tmp_path, key, base, ledger_url), "--partition", key)
+        start_cli(_env(tmp_path, key, base, ledger_url), *_only_edits(key))
         for key in ("alpha", "beta")
     ]
     outputs = [run.communicate(timeout=240) for run in runs]
@@ -142,9 +148,9 @@ def test_a_killed_process_gives_its_slots_back_after_the_lease(
     base = roomy_emulator.base_url
     # A short lease so the dead process's slots come back within the test.
     lease = {"FLUX2_CLAIM_LEASE_SECONDS": "3"}
-    victim = start_cli(_env(tmp_path, "victim", base, ledger_url, **lease), "--partition", "alpha")
+    victim = start_cli(_env(tmp_path, "victim", base, ledger_url, **lease), *_only_edits("alpha"))
     survivor = start_cli(
-        _env(tmp_path, "survivor", base, ledger_url, **lease), "--partition", "beta"
+        _env(tmp_path, "survivor", base, ledger_url, **lease), *_only_edits("beta")
     )
     with Ledger.open(ledger_url) as ledger:
         # Kill the victim while it holds several of the account's slots and the
@@ -169,7 +175,7 @@ def test_a_killed_process_gives_its_slots_back_after_the_lease(
     assert counters.max_in_progress <= ACCOUNT_CAP
     assert _statuses(tmp_path, "beta") == ["completed"] * ROWS
 
-    rerun = start_cli(_env(tmp_path, "rerun", base, ledger_url, **lease), "--partition", "alpha")
+    rerun = start_cli(_env(tmp_path, "rerun", base, ledger_url, **lease), *_only_edits("alpha"))
     stdout, stderr = rerun.communicate(timeout=240)
     assert rerun.returncode == 0, stdout + stderr
     assert _statuses(tmp_path, "alpha") == ["completed"] * ROWS

@@ -2,9 +2,11 @@
 
 Two `dagster-celery worker start` processes (each with its own name) read one Redis
 database; the Dagster instance (deploy/celery/dagster.yaml) and the ledger live in fresh
-PostgreSQL databases. Four partitions run at once through `dagster asset materialize`
-on the deploy/celery code location, so their steps spread over both workers, while
-`FLUX2_ACCOUNT_CONCURRENCY` keeps the account under a cap the workers could exceed.
+PostgreSQL databases. Four partitions run on the deploy/celery code location, once as a
+backfill (`dagster job backfill`, queued runs started by `dagster-daemon run` under the
+profile's limits) and once as four `dagster asset materialize` commands at the same time.
+Their steps spread over both workers, while `FLUX2_ACCOUNT_CONCURRENCY` keeps the account
+under a cap the workers could exceed.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunRecord, RunsFilter
 from sqlalchemy import create_engine, text
 
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
@@ -267,7 +269,95 @@ def test_a_backfill_of_four_partitions_on_two_celery_workers(
     worker_names = {host.split("@", 1)[0] for host in ran_on.values()}
     assert worker_names == set(WORKERS), ran_on
 
-    counters = roomy_emulator.state.counters
+    _assert_each_row_paid_once_under_the_cap(roomy_emulator, deploy_env, tmp_path)
+
+
+def _start(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    """A Dagster command in its own process group, its output in `log`."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _wait_for_runs(instance: DagsterInstance, count: int, timeout: float) -> list[RunRecord]:
+    """The run records once `count` runs exist and all have ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = instance.get_run_records(RunsFilter())
+        if len(records) >= count and all(r.dagster_run.is_finished for r in records):
+            return list(records)
+        statuses = sorted(r.dagster_run.status.value for r in records)
+        assert time.monotonic() < deadline, f"runs not finished in {timeout} s: {statuses}"
+        time.sleep(0.5)
+
+
+def test_a_daemon_backfill_of_four_partitions_on_two_celery_workers(
+    tmp_path: Path,
+    deploy_env: dict[str, str],
+    workers: dict[str, Path],
+    roomy_emulator: EmulatorServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for key in PARTITIONS:
+        write_table(tmp_path / "prompts", key, prompt_rows(roomy_emulator.base_url, key, ROWS))
+    for name in ("DAGSTER_HOME", "DAGSTER_POSTGRES_URL"):
+        monkeypatch.setenv(name, deploy_env[name])
+    location = ["-f", str(CELERY_DIR / "definitions.py")]
+    instance = DagsterInstance.get()
+    daemon = _start(
+        [str(BIN / "dagster-daemon"), "run", *location],
+        deploy_env,
+        tmp_path,
+        tmp_path / "daemon.log",
+    )
+    try:
+        instance.add_dynamic_partitions("flux2_prompt_tables", list(PARTITIONS))
+        backfill = subprocess.run(
+            [
+                str(BIN / "dagster"),
+                "job",
+                "backfill",
+                *location,
+                "-j",
+                "flux2_edits_job",
+                "--partitions",
+                ",".join(PARTITIONS),
+                "--noprompt",
+            ],
+            env=deploy_env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert backfill.returncode == 0, backfill.stdout[-3000:] + backfill.stderr[-3000:]
+        records = _wait_for_runs(instance, len(PARTITIONS), timeout=240)
+        log = (tmp_path / "daemon.log").read_text(errors="replace")[-3000:]
+        assert {r.dagster_run.status for r in records} == {DagsterRunStatus.SUCCESS}, log
+        assert sorted(r.dagster_run.tags["dagster/partition"] for r in records) == sorted(
+            PARTITIONS
+        )
+        # Every run was queued by the backfill and started by the daemon.
+        assert {r.dagster_run.tags.get("dagster/backfill") for r in records} != {None}
+        ran_on: dict[str, str] = {}
+        for record in records:
+            steps = _celery_workers_of_steps(instance, record.dagster_run.run_id)
+            assert "flux2_edits" in steps, steps
+            ran_on.update({f"{record.dagster_run.run_id}:{k}": v for k, v in steps.items()})
+    finally:
+        _stop(daemon)
+        instance.dispose()
+
+    assert {host.split("@", 1)[0] for host in ran_on.values()} == set(WORKERS), ran_on
+    _assert_each_row_paid_once_under_the_cap(roomy_emulator, deploy_env, tmp_path)
+
+
+def _assert_each_row_paid_once_under_the_cap(
+    emulator: EmulatorServer, env: dict[str, str], tmp_path: Path
+) -> None:
+    """The emulator's and the ledger's view: every row paid once, never over the cap."""
+    counters = emulator.state.counters
     assert counters.jobs_created == len(PARTITIONS) * ROWS
     assert counters.duplicate_bodies == 0
     assert counters.max_queue_length == 0
@@ -277,7 +367,7 @@ def test_a_backfill_of_four_partitions_on_two_celery_workers(
         rows = table.to_pylist()
         assert [row["status"] for row in rows] == ["completed"] * ROWS
         assert all(row["attempts"] == 1 for row in rows)
-    with Ledger.open(deploy_env["FLUX2_LEDGER_URL"]) as ledger:
+    with Ledger.open(env["FLUX2_LEDGER_URL"]) as ledger:
         attempts = ledger.submissions()
         assert ledger.open_attempts() == 0
     assert len(attempts) == len(PARTITIONS) * ROWS
