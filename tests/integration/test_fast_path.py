@@ -27,6 +27,7 @@ from flux2_pipeline.runcomfy import (
 )
 from flux2_pipeline.runcomfy.errors import TransportError
 from flux2_pipeline.runcomfy.transport import AiohttpTransport
+from tests.conftest import refused_port
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -38,14 +39,8 @@ class _GeneralPath(AiohttpTransport):
     """Same transport, but not exactly the class, so the client goes through httpx."""
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @asynccontextmanager
-async def _api(seen: list[Seen], port: int) -> AsyncIterator[str]:
+async def _api(seen: list[Seen]) -> AsyncIterator[str]:
     async def handle(request: web.Request) -> web.StreamResponse:
         seen.append(
             (
@@ -80,7 +75,10 @@ async def _api(seen: list[Seen], port: int) -> AsyncIterator[str]:
     app.router.add_route("*", "/{tail:.*}", handle)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # bound here and served as is: the port is never released
+    port = sock.getsockname()[1]
+    site = web.SockSite(runner, sock)
     await site.start()
     try:
         yield f"http://127.0.0.1:{port}/base/"
@@ -111,15 +109,16 @@ def _client(base_url: str, transport: httpx.AsyncBaseTransport | None) -> AsyncR
 async def test_fast_path_matches_the_general_path(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="httpx")
     runs: list[tuple[list[Seen], list[Any], list[str]]] = []
-    port = _free_port()  # the same Host header for both runs
-    for transport in (None, _GeneralPath(limits=httpx.Limits(max_connections=4))):
-        seen: list[Seen] = []
-        caplog.clear()
-        async with _api(seen, port) as base_url, _client(base_url, transport) as client:
-            assert (client._fast is not None) is (transport is None)
-            outcomes = await _exercise(client)
-            lines = [record.getMessage() for record in caplog.records if record.name == "httpx"]
-        runs.append((seen, outcomes, lines))
+    seen: list[Seen] = []
+    async with _api(seen) as base_url:  # one server: the same Host header for both runs
+        for transport in (None, _GeneralPath(limits=httpx.Limits(max_connections=4))):
+            seen.clear()
+            caplog.clear()
+            async with _client(base_url, transport) as client:
+                assert (client._fast is not None) is (transport is None)
+                outcomes = await _exercise(client)
+                lines = [r.getMessage() for r in caplog.records if r.name == "httpx"]
+            runs.append((list(seen), outcomes, lines))
     (fast_seen, fast_outcomes, fast_log), (general_seen, general_outcomes, general_log) = runs
     assert fast_seen == general_seen
     assert fast_outcomes == general_outcomes and len(fast_outcomes) == 7
@@ -130,7 +129,7 @@ async def test_fast_path_matches_the_general_path(caplog: pytest.LogCaptureFixtu
 
 async def test_fast_path_maps_transport_failures() -> None:
     retry = RetryPolicy(max_attempts=3, base_delay=0.0, max_delay=0.0)
-    refused = f"http://127.0.0.1:{_free_port()}"
+    refused = f"http://127.0.0.1:{refused_port()}"
     async with AsyncRunComfyClient(None, refused, retry=retry) as client:
         assert client._fast is not None
         with pytest.raises(TransportError) as caught:

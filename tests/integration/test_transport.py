@@ -5,7 +5,6 @@ client error (a paid submit is never retried after its request may have left).""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -21,6 +20,7 @@ from flux2_pipeline.runcomfy import (
 )
 from flux2_pipeline.runcomfy.errors import TransportError
 from flux2_pipeline.runcomfy.transport import AiohttpTransport, default_transport, httpx_error_for
+from tests.conftest import refused_port
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -75,12 +75,6 @@ async def _never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
     writer.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def _get(base_url: str, timeout: float = 5.0) -> httpx.Response:
     async with httpx.AsyncClient(
         transport=AiohttpTransport(limits=LIMITS), timeout=timeout
@@ -122,7 +116,7 @@ def test_error_table(error: BaseException, expected: type[httpx.TransportError])
 
 async def test_connection_refused_is_connect_error() -> None:
     with pytest.raises(httpx.ConnectError):
-        await _get(f"http://127.0.0.1:{_free_port()}")
+        await _get(f"http://127.0.0.1:{refused_port()}")
 
 
 async def test_closed_without_answer_is_remote_protocol_error() -> None:
@@ -166,7 +160,9 @@ async def test_dropped_submit_is_outcome_unknown_and_sent_once(handler: Handler)
 
 async def test_refused_submit_is_not_sent() -> None:
     retry = RetryPolicy(max_attempts=2, base_delay=0.0, max_delay=0.0)
-    async with AsyncRunComfyClient(None, f"http://127.0.0.1:{_free_port()}", retry=retry) as client:
+    async with AsyncRunComfyClient(
+        None, f"http://127.0.0.1:{refused_port()}", retry=retry
+    ) as client:
         with pytest.raises(TransportError) as caught:
             await client.submit(_request())
     assert not isinstance(caught.value, SubmissionOutcomeUnknown)
