@@ -8,7 +8,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -56,12 +55,6 @@ def cli_command() -> list[str]:
     return [sys.executable, "-c", "from flux2_pipeline.cli import main; main()"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Emulator:
     """`flux2-pipeline emulator` in its own process, with its counters and CPU time."""
 
@@ -91,19 +84,29 @@ class Emulator:
 @contextmanager
 def emulator(latency: float, max_concurrent: int) -> Iterator[Emulator]:
     """Start the emulator as a separate process on a free port; stop it afterwards."""
-    port = free_port()
     command = [
         *cli_command(),
         "emulator",
         "--port",
-        str(port),
+        "0",  # the emulator binds a free port itself and announces it: no port race
         "--latency",
         str(latency),
         "--max-concurrent",
         str(max_concurrent),
     ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    running = Emulator(process, f"http://127.0.0.1:{port}")
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stdout is not None
+    announced = process.stdout.readline().decode()  # empty if the process died first
+    if " listening on http" not in announced:
+        err = process.stderr.read().decode() if process.stderr else ""
+        process.kill()
+        raise RuntimeError(f"the emulator did not start: {announced}{err}")
+    running = Emulator(process, announced.rsplit(" ", 1)[1].strip())
     try:
         deadline = time.monotonic() + 30
         while True:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,26 @@ import pyarrow.parquet as pq
 import pytest
 
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
+from tests._postgres_guard import pytest_runtest_setup
 
 TEST_TOKEN = "tok-ZQ8xv3Lr5Hn0wPq2"
+
+__all__ = ["TEST_TOKEN", "prompt_rows", "pytest_runtest_setup", "refused_port", "write_table"]
+
+
+_HELD_PORTS: list[socket.socket] = []
+
+
+def refused_port() -> int:
+    """A loopback port this process holds bound and never listens on: connections are refused.
+
+    The socket stays bound until the test process exits, so no other test or process can
+    take the port in between (unlike binding port 0, closing it, then using the number).
+    """
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _HELD_PORTS.append(sock)
+    return int(sock.getsockname()[1])
 
 
 def write_table(folder: Path, name: str, rows: list[dict[str, Any]] | pa.Table) -> Path:

@@ -180,21 +180,21 @@ def test_the_token_never_leaves_the_authorization_header(
 
 
 def test_emulator_command_serves_until_stopped(tmp_path: Path) -> None:
-    import socket
-
     import httpx
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    # Port 0: the emulator binds a free port itself and announces it on its first line.
     server = subprocess.Popen(
-        [CLI, "emulator", "--port", str(port), "--latency", "0", "--token", "t0k"],
+        [CLI, "emulator", "--port", "0", "--latency", "0", "--token", "t0k"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        base = f"http://127.0.0.1:{port}"
+        assert server.stdout is not None
+        announced = server.stdout.readline()
+        assert announced.startswith("RunComfy emulator listening on http://127.0.0.1:"), announced
+        base = announced.rsplit(" ", 1)[1].strip()
 
         def up() -> bool:
             try:

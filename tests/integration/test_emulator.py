@@ -4,7 +4,6 @@ rendered outputs, faults and counters."""
 from __future__ import annotations
 
 import io
-import socket
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -23,6 +22,7 @@ from flux2_pipeline.runcomfy.models import (
     parse_status,
     parse_submit,
 )
+from tests.conftest import refused_port
 
 TERMINAL = {"completed", "failed", "cancelled"}
 
@@ -68,13 +68,6 @@ def wait_done(client: httpx.Client, request_id: str, timeout: float = 5.0) -> di
             return result
         time.sleep(0.01)
     raise AssertionError(f"job {request_id} did not finish in {timeout} s")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def test_submit_status_result_shapes(emulator: EmulatorServer, client: httpx.Client) -> None:
@@ -274,7 +267,7 @@ def test_sample_images(client: httpx.Client) -> None:
 
 
 def test_unusable_references_fail_the_job(emulator: EmulatorServer, client: httpx.Client) -> None:
-    dead = f"http://127.0.0.1:{free_port()}/gone.png"
+    dead = f"http://127.0.0.1:{refused_port()}/gone.png"
     not_image = f"{emulator.base_url}/_emulator/stats"
     missing = f"{emulator.base_url}/v1/outputs/none/0.png"
     for url, reason in (
@@ -381,10 +374,9 @@ def test_seeded_faults_repeat() -> None:
 
 
 def test_server_lifecycle_frees_the_port() -> None:
-    port = free_port()
-    server = EmulatorServer(EmulatorConfig(port=port))
+    server = EmulatorServer(EmulatorConfig(port=0))
     with server:
-        assert server.base_url == f"http://127.0.0.1:{port}"
+        port = int(server.base_url.rsplit(":", 1)[1])
         assert httpx.get(f"{server.base_url}/_emulator/stats").status_code == 200
     with pytest.raises(RuntimeError):
         _ = server.base_url
