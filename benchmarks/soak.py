@@ -254,10 +254,10 @@ def drive(
         if not killed and child.returncode not in (0, 1):
             record.bad_exits.append(f"{label} exited {child.returncode}: {child.stderr[-2000:]}")
             return
-        if not killed and sum(record.killed) >= plan.kills:
-            lost, _ = rows_lost(workdir, inputs)
-            if lost == 0:
-                return
+        # Done once a run ends on its own with every row completed (if that happens
+        # before the K-th kill, the kills check reports it).
+        if not killed and rows_lost(workdir, inputs)[0] == 0:
+            return
 
 
 def rows_lost(workdir: Path, inputs: dict[str, int]) -> tuple[int, int]:
