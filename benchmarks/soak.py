@@ -173,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("rows", "partitions", "max_runs", "concurrency"):
         if getattr(plan, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if plan.kills < 0 or plan.kill_spread < 0 or plan.latency < 0:
+        parser.error("--kills, --kill-spread and --latency must not be negative")
+    if plan.lease_seconds <= 0:
+        parser.error("--lease must be more than 0 seconds")
     if plan.partitions > plan.rows:
         parser.error("--partitions must not exceed --rows")
     return 0 if soak(plan) else 1
