@@ -351,6 +351,7 @@ class EditRunner:
         if self.preflight is not None:
             problem = await self.preflight.check(request.image_urls)
             if problem is not None:
+                problem = redact_text(problem)
                 await self._write(
                     lambda: self.ledger.record_rejected(intent.id, f"not sent: {problem}")
                 )
