@@ -178,13 +178,16 @@ def run_demo(workdir: str | Path = "flux2-demo") -> int:
         max_concurrent=8,
         fault_429=0.05,
         fault_5xx=0.05,
+        # A 5xx on a submit is an unknown outcome (that row would fail the run, by design):
+        # the demo shows 5xx on polling, which the client rides out.
+        fault_5xx_on_submit=False,
         retry_after="0.2",
         seed=7,
     )
     print(f"flux2-pipeline demo in {root}")
     inputs, outputs, _ = demo_folders(root)
     with EmulatorServer(config) as emulator:
-        print(f"  emulator: {emulator.base_url} (latency 0.5 s, 5% injected 429s and 5xx)")
+        print(f"  emulator: {emulator.base_url} (latency 0.5 s, 5% injected 429s, 5xx on polls)")
         write_tables(inputs, sample_tables(emulator.base_url))
         settings = demo_settings(root, emulator.base_url)
         print(f"  inputs: {', '.join(sorted(p.name for p in inputs.glob('*.parquet')))}")

@@ -72,6 +72,7 @@ class EmulatorConfig:
     fault_5xx: float = 0.0
     fail_rate: float = 0.0
     token: str | None = field(default=None, repr=False)
+    fault_5xx_on_submit: bool = True
     retry_after: str = "1"
     submit_delay: float = 0.0
     seed: int | None = None
@@ -280,6 +281,7 @@ class EmulatorState:
             submit_delay=config.submit_delay,
             drop_submits=config.drop_submits,
             seed=config.seed,
+            fault_5xx_on_submit=config.fault_5xx_on_submit,
         )
         self.counters = Counters()
         self.jobs: dict[str, Job] = {}
