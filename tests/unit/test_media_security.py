@@ -10,6 +10,8 @@ import io
 import struct
 import subprocess
 import sys
+import threading
+import time
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -233,3 +235,43 @@ def test_the_default_pixel_cap_stops_a_bomb_before_it_takes_memory(tmp_path: Pat
     )
     grown_kib = int(result.stdout.strip())
     assert grown_kib < 20 * 1024, f"refusing the bomb grew the process by {grown_kib} KiB"
+
+
+@pytest.mark.parametrize("max_decodes", [1, 2])
+async def test_decodes_are_bounded_while_downloads_run_wide(
+    store: ImageStore, monkeypatch: pytest.MonkeyPatch, max_decodes: int
+) -> None:
+    # The real inspection, timed: each decode holds its slot long enough to overlap others.
+    from flux2_pipeline.media import sync as sync_module
+
+    real = sync_module.inspect_image
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def timed(data: bytes, max_pixels: int) -> object:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            time.sleep(0.05)
+            return real(data, max_pixels)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(sync_module, "inspect_image", timed)
+
+    def serve(request: httpx.Request) -> httpx.Response:
+        side = 16 + int(request.url.path.removeprefix("/img-").removesuffix(".png"))
+        return httpx.Response(200, content=png((side, side)), headers={"content-type": "image/png"})
+
+    urls = [f"http://img.test/img-{i}.png" for i in range(8)]
+    report = await sync(
+        store,
+        refs(*urls),
+        httpx.MockTransport(serve),
+        AddressPolicy(allow_loopback=True),
+        max_concurrency=8,
+        max_decodes=max_decodes,
+    )
+    assert all(record.status == "ok" for record in report.records), report.records
+    assert peak[0] == max_decodes
