@@ -24,7 +24,7 @@ from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple, Self
+from typing import Any, Literal, NamedTuple, Self, get_args, get_origin
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -78,18 +78,35 @@ class InputRow:
     """sha256 of the request as written in the table (s3:// URIs, not their signed URLs)."""
 
 
+_ARROW_SCALARS: tuple[tuple[type, pa.DataType], ...] = (
+    (bool, pa.bool_()),
+    (int, pa.int64()),
+    (float, pa.float64()),
+    (str, pa.string()),
+)
+
+
+def parameter_arrow_type(name: str) -> pa.DataType:
+    """The Arrow type of an edit parameter's column, read off its `EditRequest` field.
+
+    >>> parameter_arrow_type("seed"), parameter_arrow_type("image_size")
+    (DataType(int64), DataType(string))
+    """
+    annotation = EditRequest.model_fields[name].annotation
+    if get_origin(annotation) is Literal and all(isinstance(c, str) for c in get_args(annotation)):
+        return pa.string()
+    for python_type, arrow in _ARROW_SCALARS:
+        if annotation is python_type:
+            return arrow
+    raise TypeError(f"EditRequest.{name}: no results column type for {annotation!r}")
+
+
 RESULTS_SCHEMA = pa.schema(
     [
         pa.field("row_id", pa.string(), nullable=False),
         pa.field("prompt", pa.string()),
         pa.field("image_urls", pa.list_(pa.string())),
-        pa.field("guidance_scale", pa.float64()),
-        pa.field("seed", pa.int64()),
-        pa.field("num_inference_steps", pa.int64()),
-        pa.field("image_size", pa.string()),
-        pa.field("num_images", pa.int64()),
-        pa.field("enable_prompt_expansion", pa.bool_()),
-        pa.field("output_format", pa.string()),
+        *(pa.field(name, parameter_arrow_type(name)) for name in PARAMETER_NAMES),
         pa.field("request_id", pa.string()),
         pa.field("status", pa.string(), nullable=False),
         pa.field("output_urls", pa.list_(pa.string()), nullable=False),
@@ -107,13 +124,10 @@ RESULT_COLUMN_DESCRIPTIONS: dict[str, str] = {
     "row_id": "the input id, or one derived from the row's content",
     "prompt": "the edit instruction as sent",
     "image_urls": "reference image URLs as sent (at most 3)",
-    "guidance_scale": "effective guidance scale",
-    "seed": "effective seed",
-    "num_inference_steps": "effective number of inference steps",
-    "image_size": "effective image size preset",
-    "num_images": "effective number of images",
-    "enable_prompt_expansion": "effective prompt expansion flag",
-    "output_format": "effective output format",
+    **{
+        name: f"effective {name} (the row's value, else the configured default)"
+        for name in PARAMETER_NAMES
+    },
     "request_id": "the API's id of the job that produced this row",
     "status": "completed, failed, invalid or cancelled",
     "output_urls": "result image URLs, empty unless completed",

@@ -50,19 +50,6 @@ IMAGE_SIZE_PIXELS: dict[str, tuple[int, int]] = {
 }
 """Pixel size (width, height) of each `image_size` preset."""
 
-PARAMETER_DEFAULTS: dict[str, Any] = {
-    "guidance_scale": 2.5,
-    "seed": 0,
-    "num_inference_steps": 28,
-    "image_size": "square_hd",
-    "num_images": 1,
-    "enable_prompt_expansion": False,
-    "output_format": "png",
-}
-"""The API schema's default for every optional parameter."""
-
-PARAMETER_NAMES: tuple[str, ...] = tuple(PARAMETER_DEFAULTS)
-
 
 class EditRequest(BaseModel):
     """One FLUX.2 [dev] edit job, validated against the API schema.
@@ -158,6 +145,17 @@ class EditRequest(BaseModel):
         """A stable sha256 of the effective request: same inputs, same fingerprint."""
         canonical = json.dumps(self.payload(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+PARAMETER_NAMES: tuple[str, ...] = tuple(
+    name for name in EditRequest.model_fields if name not in ("prompt", "image_urls", "warnings")
+)
+"""Every optional edit parameter, in the API schema's order: declared once, on `EditRequest`."""
+
+PARAMETER_DEFAULTS: dict[str, Any] = {
+    name: EditRequest.model_fields[name].default for name in PARAMETER_NAMES
+}
+"""The API schema's default for every optional parameter (read off `EditRequest`)."""
 
 
 def _issues_from(exc: ValidationError) -> list[FieldIssue]:
