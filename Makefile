@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench bench-smoke clean
+.PHONY: demo ui test lint typecheck check-defs unit bench bench-smoke clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 2; }
@@ -17,15 +17,26 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/flux2-pipeline demo
 
+# The Dagster UI on the demo's folders (run `make demo` first to see its results), with a
+# live emulator behind it: http://127.0.0.1:3000. Ctrl+C stops both.
+ui: $(STAMP)
+	$(BIN)/flux2-pipeline ui
+
 lint: $(STAMP)
-	$(BIN)/ruff check flux2_pipeline tests benchmarks
-	$(BIN)/ruff format --check flux2_pipeline tests benchmarks
+	$(BIN)/ruff check flux2_pipeline tests benchmarks examples
+	$(BIN)/ruff format --check flux2_pipeline tests benchmarks examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/mypy --strict benchmarks
 
-test: lint typecheck
+# The YAML example (examples/flux2_project) loads in dg, as a YAML user would check it.
+check-defs: $(STAMP)
+	cd examples/flux2_project && env -u RUNCOMFY_API_TOKEN -u DAGSTER_HOME \
+		VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(BIN)):$$PATH \
+		$(abspath $(BIN))/dg check defs --use-active-venv
+
+test: lint typecheck check-defs
 	$(BIN)/pytest -q
 
 # Benchmarks at the issue's sizes (about 12 minutes on 2 cores) and at tiny sizes (CI).

@@ -3,6 +3,7 @@ child-process resource usage, input tables and a plain-text table printer."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -23,6 +24,19 @@ import pyarrow.parquet as pq
 
 SAMPLES = ("cat", "dog", "sun", "beach_01")
 MODEL_PATH = "/v1/models/blackforestlabs/flux-2/dev/edit"
+
+
+async def run_all(client: Any, requests: Sequence[Any], concurrency: int) -> int:
+    """Run every request through `client.run` with at most `concurrency` in flight, as the
+    batch runner does; return how many completed with a result."""
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(request: Any) -> bool:
+        async with slots:
+            result = await client.run(request)
+        return bool(result.ok)
+
+    return sum(await asyncio.gather(*(one(request) for request in requests)))
 
 
 def ideal_seconds(jobs: int, latency: float, concurrency: int) -> float:
@@ -241,3 +255,55 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.2f}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value)
+
+
+def write_prompt_table_in_child(
+    path: Path, rows: int, base_url: str, row_group_rows: int, invalid: bool = False
+) -> None:
+    """Write a prompt table in a separate process, so this one stays small.
+
+    A child's `ru_maxrss` counts the pages it shared with its parent at fork time: a
+    benchmark that built a large table in its own memory would inflate every figure after.
+    `invalid` rows have an empty prompt (each fails validation, naming `prompt`).
+    """
+    command = [
+        sys.executable,
+        str(Path(__file__)),
+        "write-table",
+        str(path),
+        str(rows),
+        base_url,
+        str(row_group_rows),
+        "invalid" if invalid else "valid",
+    ]
+    subprocess.run(command, check=True)
+
+
+def _write_table_command(argv: Sequence[str]) -> None:
+    path, rows, base_url, group, kind = Path(argv[0]), int(argv[1]), argv[2], int(argv[3]), argv[4]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    schema = pa.schema(
+        [("id", pa.string()), ("prompt", pa.string()), ("image_urls", pa.list_(pa.string()))]
+    )
+    with pq.ParquetWriter(path, schema) as writer:
+        for first in range(0, rows, group):
+            last = min(first + group, rows)
+            prompt = "" if kind == "invalid" else "make it snow, variant {}"
+            prompts = [prompt.format(i) for i in range(first, last)]
+            table = pa.table(
+                {
+                    "id": [f"row-{i}" for i in range(first, last)],
+                    "prompt": prompts,
+                    "image_urls": [
+                        [f"{base_url}/samples/{SAMPLES[i % len(SAMPLES)]}.png"]
+                        for i in range(first, last)
+                    ],
+                },
+                schema=schema,
+            )
+            writer.write_table(table, row_group_size=group)
+    assert pq.ParquetFile(path).metadata.num_row_groups == math.ceil(rows / group)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["write-table"]:
+    _write_table_command(sys.argv[2:])

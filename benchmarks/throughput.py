@@ -1,6 +1,7 @@
 """Throughput: N jobs of latency L with C in flight, against the emulator in its own process.
 
-Three ways to run the same jobs: (a) the project's client `run_many`, (b) a whole
+Three ways to run the same jobs: (a) the project's client (`client.run` under a semaphore
+of C, as the batch runner holds it), (b) a whole
 `flux2-pipeline materialize` of one N-row partition (a subprocess), (c) a plain aiohttp
 script, what a user would write (fixed 0.1 s polls). For each: wall and CPU seconds of
 the client process, status calls per job (emulator counters) against what the poll
@@ -36,6 +37,7 @@ from _common import (
     ideal_seconds,
     pipeline_env,
     print_table,
+    run_all,
     run_child,
     write_prompt_table,
 )
@@ -76,15 +78,11 @@ async def plain_aiohttp(base_url: str, bodies: list[dict[str, Any]], concurrency
     return completed
 
 
-async def client_run_many(base_url: str, bodies: list[dict[str, Any]], concurrency: int) -> int:
-    """The project's client: `run_many` with its default transport and poll schedule."""
+async def client_jobs(base_url: str, bodies: list[dict[str, Any]], concurrency: int) -> int:
+    """The project's client with its default transport and poll schedule, C jobs in flight."""
     requests = [EditRequest.parse(payload) for payload in bodies]
-    completed = 0
     async with AsyncRunComfyClient(None, base_url, max_concurrency=concurrency) as client:
-        async for item in client.run_many(requests):
-            if item.result is not None and item.result.ok:
-                completed += 1
-    return completed
+        return await run_all(client, requests, concurrency)
 
 
 Runner = Callable[[str, list[dict[str, Any]], int], Coroutine[Any, Any, int]]
@@ -188,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
                 if mode == "plain":
                     results["plain"] = measure_in_process(emu, plain_aiohttp, jobs, concurrency)
                 elif mode == "client":
-                    results["client"] = measure_in_process(emu, client_run_many, jobs, concurrency)
+                    results["client"] = measure_in_process(emu, client_jobs, jobs, concurrency)
                 else:
                     first, rerun = measure_pipeline(emu, jobs, concurrency, Path(tmp))
                     results["pipeline"] = first

@@ -1,4 +1,5 @@
-"""Transport: the client's `run_many` over httpx's own pool vs aiohttp's (httpx-aiohttp).
+"""Transport: the client over httpx's own pool (`httpx.AsyncHTTPTransport`) vs its default,
+aiohttp's pool (`AiohttpTransport`).
 
 Same jobs (`--rounds` x C of them, latency L) at C = 1, 32 and 256 against the emulator
 in its own process; prints wall and CPU seconds of this process, CPU ms per job and
@@ -23,22 +24,20 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Emulator, emulator, ideal_seconds, print_table
+from _common import Emulator, emulator, ideal_seconds, print_table, run_all
 
-from flux2_pipeline.runcomfy import AsyncRunComfyClient, EditRequest
-from flux2_pipeline.runcomfy.transport import AiohttpTransport
+from flux2_pipeline.runcomfy import AiohttpTransport, AsyncRunComfyClient, EditRequest
 
 TRANSPORTS = ("httpx", "aiohttp")
 
 
-def _transport(name: str, concurrency: int) -> httpx.AsyncBaseTransport:
+def _transport(name: str, concurrency: int) -> httpx.AsyncBaseTransport | AiohttpTransport:
     # The same limits the client gives its default transport.
     connections = max(16, 2 * concurrency)
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     if name == "httpx":
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
         return httpx.AsyncHTTPTransport(limits=limits)
-    transport: httpx.AsyncBaseTransport = AiohttpTransport(limits=limits)
-    return transport
+    return AiohttpTransport(max_connections=connections)
 
 
 async def _run(emu: Emulator, name: str, jobs: int, concurrency: int) -> int:
@@ -46,16 +45,13 @@ async def _run(emu: Emulator, name: str, jobs: int, concurrency: int) -> int:
         EditRequest.parse({"prompt": f"snow {i}", "image_urls": emu.sample_urls(i)})
         for i in range(jobs)
     ]
-    completed = 0
     async with AsyncRunComfyClient(
         None,
         emu.base_url,
         max_concurrency=concurrency,
         transport=_transport(name, concurrency),
     ) as client:
-        async for item in client.run_many(requests):
-            completed += item.result is not None and item.result.ok
-    return completed
+        return await run_all(client, requests, concurrency)
 
 
 def main(argv: list[str] | None = None) -> None:

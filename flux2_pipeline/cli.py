@@ -1,4 +1,4 @@
-"""`flux2-pipeline demo | emulator | materialize` (see CONTRACT.md).
+"""`flux2-pipeline demo | emulator | materialize | ui` (see CONTRACT.md).
 
 Exit codes: 0 success, 1 a partition failed, 2 a usage or configuration error.
 User mistakes are one line on stderr, never a traceback.
@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from flux2_pipeline.ledger import LedgerConfigError
-from flux2_pipeline.settings import Settings, SettingsError
+from flux2_pipeline.resources import SettingsError
 
 USAGE_ERROR = 2
 
@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     materialize.add_argument(
         "--retry-failed", action="store_true", help="only partitions whose last run failed"
     )
+
+    ui = commands.add_parser(
+        "ui", help="the Dagster UI on the demo's folders, with a live emulator behind it"
+    )
+    ui.add_argument("--workdir", default="flux2-demo", help="the demo's folder (made if missing)")
+    ui.add_argument("--port", type=_port, default=3000, help="the UI's port")
+    ui.add_argument("--emulator-port", type=_port, default=8188, help="the emulator's port")
     return parser
 
 
@@ -103,6 +110,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from flux2_pipeline.demo import run_demo
 
         return run_demo(args.workdir)
+    if args.command == "ui":
+        from flux2_pipeline.ui import run_ui
+
+        return run_ui(args.workdir, port=args.port, emulator_port=args.emulator_port)
     return _materialize(args)
 
 
@@ -130,15 +141,20 @@ def _emulator(args: argparse.Namespace) -> int:
 
 def _materialize(args: argparse.Namespace) -> int:
     from flux2_pipeline.materialize import format_report, materialize
+    from flux2_pipeline.progress import progress_view
+    from flux2_pipeline.settings import Settings
 
     settings = Settings.from_env()
-    report = materialize(
-        settings,
-        partitions=args.partition,
-        select=args.select,
-        retry_failed=args.retry_failed,
-    )
-    if not report.partitions and report.dataset is None:
+    with progress_view(sys.stdout) as progress:
+        report = materialize(
+            settings,
+            partitions=args.partition,
+            select=args.select,
+            retry_failed=args.retry_failed,
+            log_level="WARNING" if sys.stdout.isatty() else "INFO",
+            progress=progress,
+        )
+    if not report.partitions and report.dataset is None and not report.skipped:
         print("nothing to materialize" + (" (no failed partitions)" if args.retry_failed else ""))
         return 0
     print(format_report(report))

@@ -12,11 +12,8 @@ Example::
 
 from __future__ import annotations
 
-import os
-import secrets
 import shutil
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +23,9 @@ import pyarrow.parquet as pq
 
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.materialize import PartitionSummary, format_report, materialize
-from flux2_pipeline.paths import read_parquet
-from flux2_pipeline.settings import Settings, SettingsError
+from flux2_pipeline.paths import as_path, read_parquet
+from flux2_pipeline.resources import Flux2Storage, RunComfyResource, SettingsError
+from flux2_pipeline.settings import Settings
 
 MARKER = ".flux2-demo"
 
@@ -130,29 +128,15 @@ def _prepare(workdir: Path) -> None:
     (workdir / MARKER).write_text("made by flux2-pipeline demo; deleted by the next demo run\n")
 
 
-@contextmanager
-def _environment(values: Mapping[str, str]) -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def save_previews(summaries: list[PartitionSummary], folder: Path) -> list[Path]:
     """Download the first edited image of each partition into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     saved = []
     with httpx.Client(timeout=30) as http:
         for summary in summaries:
-            if summary.results_path is None:
+            if not summary.results_path:
                 continue
-            table = read_parquet(summary.results_path, columns=["row_id", "output_urls"])
+            table = read_parquet(as_path(summary.results_path), columns=["row_id", "output_urls"])
             for row_id, urls in zip(
                 table["row_id"].to_pylist(), table["output_urls"].to_pylist(), strict=True
             ):
@@ -167,41 +151,45 @@ def save_previews(summaries: list[PartitionSummary], folder: Path) -> list[Path]
     return saved
 
 
+def demo_folders(workdir: str | Path) -> tuple[Path, Path, Path]:
+    """The demo's input folder, output folder and Dagster home under `workdir`."""
+    root = Path(workdir).absolute()
+    return root / "prompts", root / "output", root / "dagster_home"
+
+
+def demo_settings(workdir: str | Path, base_url: str) -> Settings:
+    """Settings for the demo's folders against the emulator at `base_url` (no token)."""
+    inputs, outputs, home = demo_folders(workdir)
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text("telemetry:\n  enabled: false\n")
+    storage = Flux2Storage(input_dir=str(inputs), output_dir=str(outputs))
+    return Settings.of(RunComfyResource(base_url=base_url), storage, dagster_home=home)
+
+
 def run_demo(workdir: str | Path = "flux2-demo") -> int:
     """Run the demo; returns the process exit code."""
     root = Path(workdir).absolute()
     _prepare(root)
-    token = secrets.token_urlsafe(24)
     config = EmulatorConfig(
         port=0,
         latency=0.5,
         max_concurrent=8,
-        token=token,
         fault_429=0.05,
         fault_5xx=0.05,
         retry_after="0.2",
         seed=7,
     )
     print(f"flux2-pipeline demo in {root}")
+    inputs, outputs, _ = demo_folders(root)
     with EmulatorServer(config) as emulator:
         print(f"  emulator: {emulator.base_url} (latency 0.5 s, 5% injected 429s and 5xx)")
-        inputs, outputs, home = root / "prompts", root / "output", root / "dagster_home"
         write_tables(inputs, sample_tables(emulator.base_url))
-        home.mkdir()
-        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-        env = {
-            "RUNCOMFY_BASE_URL": emulator.base_url,
-            "RUNCOMFY_API_TOKEN": token,
-            "FLUX2_INPUT_DIR": str(inputs),
-            "FLUX2_OUTPUT_DIR": str(outputs),
-            "DAGSTER_HOME": str(home),
-        }
-        with _environment(env):
-            settings = Settings.from_env()
-            print(f"  inputs: {', '.join(sorted(p.name for p in inputs.glob('*.parquet')))}")
-            report = materialize(settings, log_level="WARNING")
-            summaries = report.partitions
-            previews = save_previews(summaries, root / "previews")
+        settings = demo_settings(root, emulator.base_url)
+        print(f"  inputs: {', '.join(sorted(p.name for p in inputs.glob('*.parquet')))}")
+        report = materialize(settings, log_level="WARNING")
+        previews = save_previews(report.partitions, root / "previews")
     print()
     print(format_report(report))
     print()
@@ -211,12 +199,8 @@ def run_demo(workdir: str | Path = "flux2-demo") -> int:
     sheets = sorted((outputs / "flux2_images").glob("*.contact.png"))
     print(f"contact:   {outputs / 'flux2_images'}/<partition>.contact.png ({len(sheets)} sheets)")
     print(f"dataset:   {outputs / 'flux2_training_dataset'} (datasets.load_dataset parquet)")
-    print(f"ledger:    {outputs / 'ledger.sqlite'}")
+    print(f"ledger:    {settings.ledger.effective_url}")
     print(f"previews:  {root / 'previews'} ({len(previews)} edited images)")
-    print(
-        f"dagster:   DAGSTER_HOME={home} FLUX2_INPUT_DIR={inputs} FLUX2_OUTPUT_DIR={outputs} \\\n"
-        "           RUNCOMFY_BASE_URL=http://127.0.0.1:8188 "
-        "dagster dev -m flux2_pipeline.definitions"
-    )
-    print("           (the demo's emulator has stopped, so its image URLs no longer resolve)")
+    ui = f"flux2-pipeline ui --workdir {root}"
+    print(f"UI:        {ui}  (a live emulator and dagster dev on these folders)")
     return 0 if report.succeeded and previews else 1

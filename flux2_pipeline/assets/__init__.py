@@ -1,37 +1,27 @@
-"""Dagster assets: the prompt tables and their sensor, the edits, images, dataset, checks."""
+"""The flux2 asset factory: prompt tables, edits, images, training dataset, checks, sensors.
 
-from flux2_pipeline.assets.checks import EDITS_CHECKS
-from flux2_pipeline.assets.dataset import flux2_training_dataset
+`build_flux2_definitions` is the public entry point; `Flux2Keys` names everything it builds.
+"""
+
 from flux2_pipeline.assets.edits import (
     CODE_VERSION,
     EDITS_RETRY_POLICY,
-    build_edits_asset,
+    INTERRUPTED,
     edits_retry_policy,
-    flux2_edits,
 )
-from flux2_pipeline.assets.image_checks import IMAGES_CHECKS
-from flux2_pipeline.assets.images import ImagesConfig, build_images_asset, flux2_images
-from flux2_pipeline.assets.prompts import (
-    PARTITIONS_NAME,
-    flux2_prompt_files_sensor,
-    flux2_prompt_tables,
-    prompt_table_partitions,
-)
+from flux2_pipeline.assets.factory import StepRetries, build_flux2_definitions
+from flux2_pipeline.assets.images import ImagesConfig
+from flux2_pipeline.assets.keys import Flux2Keys
+from flux2_pipeline.assets.prompts import register_input_files
 
 __all__ = [
     "CODE_VERSION",
-    "EDITS_CHECKS",
     "EDITS_RETRY_POLICY",
-    "IMAGES_CHECKS",
-    "PARTITIONS_NAME",
+    "INTERRUPTED",
+    "Flux2Keys",
     "ImagesConfig",
-    "build_edits_asset",
-    "build_images_asset",
+    "StepRetries",
+    "build_flux2_definitions",
     "edits_retry_policy",
-    "flux2_edits",
-    "flux2_images",
-    "flux2_prompt_files_sensor",
-    "flux2_prompt_tables",
-    "flux2_training_dataset",
-    "prompt_table_partitions",
+    "register_input_files",
 ]

@@ -17,7 +17,8 @@ from typing import Any
 
 from dagster import (
     AssetExecutionContext,
-    AssetKey,
+    AssetsDefinition,
+    AutomationCondition,
     MaterializeResult,
     MetadataValue,
     TableColumn,
@@ -26,7 +27,7 @@ from dagster import (
 )
 from upath import UPath
 
-from flux2_pipeline.assets.prompts import PARTITIONS_NAME
+from flux2_pipeline.assets.keys import Flux2Keys
 from flux2_pipeline.dataset import (
     COLUMN_DESCRIPTIONS,
     DATASET_SCHEMA,
@@ -39,7 +40,18 @@ from flux2_pipeline.media import ImageStore
 from flux2_pipeline.resources import Flux2Storage
 
 DATASET_CODE_VERSION = "2"
-IMAGES_KEY = AssetKey("flux2_images")
+FOLLOWS_IMAGES = (
+    (AutomationCondition.newly_missing() | AutomationCondition.any_deps_updated())
+    .since_last_handled()
+    .with_label("any partition's images updated")
+    & ~AutomationCondition.any_deps_in_progress()
+    & ~AutomationCondition.in_progress()
+)
+"""Rebuild after any partition's images update, once none is still in progress.
+
+Like `AutomationCondition.eager()` without its "no dependency missing" clause: one failed
+or not yet materialized partition must not hold back every other partition's rows.
+"""
 
 
 def dataset_table_schema() -> TableSchema:
@@ -60,51 +72,61 @@ def _load_example(out_dir: UPath) -> str:
     return f'```python\n{load_snippet(out_dir)}\nds[0]["edited_image"]  # a PIL image\n```'
 
 
-@asset(
-    name="flux2_training_dataset",
-    deps=[IMAGES_KEY],
-    group_name="flux2",
-    code_version=DATASET_CODE_VERSION,
-    kinds={"parquet"},
-    metadata={"dagster/column_schema": dataset_table_schema()},
-    description="Training dataset across all partitions: one row per edited image with its "
-    "input_image, edit_prompt and edited_image (diffusers' instruct-pix2pix columns), every "
-    "reference image, effective parameters and lineage; sharded Parquet that "
-    "datasets.load_dataset('parquet', data_dir=...) loads with images decoded, with a "
-    "dataset card (README.md) at its root.",
-)
-def flux2_training_dataset(
-    context: AssetExecutionContext, storage: Flux2Storage
-) -> MaterializeResult[None]:
-    """Rebuild the changed partitions' shards of the training dataset."""
-    sources = []
-    for key in sorted(context.instance.get_dynamic_partitions(PARTITIONS_NAME)):
-        results, manifest = storage.results_path(key), storage.image_manifest_path(key)
-        if results.is_file() and manifest.is_file():
-            sources.append(PartitionSource(key, results, manifest))
-    out_dir = storage.training_dataset_dir()
-    store = ImageStore(storage.images_dir(), base=storage.output_root())
-    report = build_training_dataset(sources, store, out_dir, input_dir=storage.input_dir)
-    context.log.info(
-        f"training dataset: {report.rows} rows in {report.shards} shards from "
-        f"{len(report.partitions)} partitions; rewrote {', '.join(report.rebuilt) or 'none'}"
+def build_dataset_asset(keys: Flux2Keys, *, group_name: str = "flux2") -> AssetsDefinition:
+    """The flux2_training_dataset asset (unpartitioned, across every partition).
+
+    Use `build_flux2_definitions`, which names it; this builds the asset alone.
+    """
+    storage_key = keys.resource("storage")
+
+    @asset(
+        key=keys.training_dataset,
+        deps=[keys.images],
+        group_name=group_name,
+        automation_condition=FOLLOWS_IMAGES,
+        required_resource_keys={storage_key},
+        code_version=DATASET_CODE_VERSION,
+        kinds={"parquet"},
+        metadata={"dagster/column_schema": dataset_table_schema()},
+        description="Training dataset across all partitions: one row per edited image with its "
+        "input_image, edit_prompt and edited_image (diffusers' instruct-pix2pix columns), every "
+        "reference image, effective parameters and lineage; sharded Parquet that "
+        "datasets.load_dataset('parquet', data_dir=...) loads with images decoded, with a "
+        "dataset card (README.md) at its root.",
     )
-    metadata: dict[str, Any] = {
-        "dagster/row_count": report.rows,
-        "dagster/column_schema": dataset_table_schema(),
-        "flux2/shards": report.shards,
-        "flux2/bytes": report.bytes,
-        "flux2/partitions": MetadataValue.json([p.key for p in report.partitions]),
-        "flux2/partitions_rebuilt": MetadataValue.json(report.rebuilt),
-        "flux2/partitions_removed": MetadataValue.json(report.removed),
-        "flux2/images_skipped": report.skipped,
-        "flux2/path": MetadataValue.path(str(out_dir)),
-        "flux2/features": MetadataValue.json(FEATURES),
-        "flux2/features_md": MetadataValue.md(
-            "```json\n" + json.dumps(FEATURES, indent=1) + "\n```"
-        ),
-        "flux2/load": MetadataValue.md(_load_example(out_dir)),
-        "flux2/card": MetadataValue.path(str(report.card_path)),
-        "flux2/value_counts": MetadataValue.json(report.value_counts),
-    }
-    return MaterializeResult(metadata=metadata)
+    def flux2_training_dataset(context: AssetExecutionContext) -> MaterializeResult[None]:
+        """Rebuild the changed partitions' shards of the training dataset."""
+        storage: Flux2Storage = getattr(context.resources, storage_key)
+        sources = []
+        for key in sorted(context.instance.get_dynamic_partitions(keys.partitions_name)):
+            results, manifest = storage.results_path(key), storage.image_manifest_path(key)
+            if results.is_file() and manifest.is_file():
+                sources.append(PartitionSource(key, results, manifest))
+        out_dir = storage.training_dataset_dir()
+        store = ImageStore(storage.images_dir(), base=storage.output_root())
+        report = build_training_dataset(sources, store, out_dir, input_dir=storage.input_dir)
+        context.log.info(
+            f"training dataset: {report.rows} rows in {report.shards} shards from "
+            f"{len(report.partitions)} partitions; rewrote {', '.join(report.rebuilt) or 'none'}"
+        )
+        metadata: dict[str, Any] = {
+            "dagster/row_count": report.rows,
+            "dagster/column_schema": dataset_table_schema(),
+            "flux2/shards": report.shards,
+            "flux2/bytes": report.bytes,
+            "flux2/partitions": MetadataValue.json([p.key for p in report.partitions]),
+            "flux2/partitions_rebuilt": MetadataValue.json(report.rebuilt),
+            "flux2/partitions_removed": MetadataValue.json(report.removed),
+            "flux2/images_skipped": report.skipped,
+            "flux2/path": MetadataValue.path(str(out_dir)),
+            "flux2/features": MetadataValue.json(FEATURES),
+            "flux2/features_md": MetadataValue.md(
+                "```json\n" + json.dumps(FEATURES, indent=1) + "\n```"
+            ),
+            "flux2/load": MetadataValue.md(_load_example(out_dir)),
+            "flux2/card": MetadataValue.path(str(report.card_path)),
+            "flux2/value_counts": MetadataValue.json(report.value_counts),
+        }
+        return MaterializeResult(metadata=metadata)
+
+    return flux2_training_dataset

@@ -16,8 +16,10 @@ from typing import Any
 
 from dagster import (
     AssetExecutionContext,
+    AssetObservation,
     AssetsDefinition,
     Backoff,
+    DynamicPartitionsDefinition,
     Failure,
     Jitter,
     MaterializeResult,
@@ -31,7 +33,7 @@ from dagster import (
 )
 from upath import UPath
 
-from flux2_pipeline.assets.prompts import PROMPT_TABLES_KEY, prompt_table_partitions
+from flux2_pipeline.assets.keys import Flux2Keys
 from flux2_pipeline.batch import (
     LARGE_ROW_GROUP_ROWS,
     RESULT_COLUMN_DESCRIPTIONS,
@@ -60,7 +62,11 @@ from flux2_pipeline.runcomfy import PARAMETER_NAMES
 CODE_VERSION = "1"
 PREVIEW_ROWS = 8
 FAILED_ROWS_NAMED = 5
-PROGRESS_SECONDS = 10.0
+PROGRESS_SECONDS = 5.0
+"""How often a running step records its progress (an `AssetObservation`)."""
+LOG_EVERY_TICKS = 6
+INTERRUPTED = "flux2/interrupted"
+"""Failure metadata set when the run was stopped (Ctrl+C, a stop from the UI)."""
 
 
 def edits_retry_policy(max_retries: int = 3, delay: float = 10.0) -> RetryPolicy | None:
@@ -92,11 +98,11 @@ def results_table_schema() -> TableSchema:
     )
 
 
-def results_column_lineage() -> TableColumnLineage:
+def results_column_lineage(keys: Flux2Keys) -> TableColumnLineage:
     """Which input columns each output column comes from."""
 
     def dep(*names: str) -> list[TableColumnDep]:
-        return [TableColumnDep(asset_key=PROMPT_TABLES_KEY, column_name=name) for name in names]
+        return [TableColumnDep(asset_key=keys.prompt_tables, column_name=name) for name in names]
 
     lineage = {
         "row_id": dep("id", "prompt", "image_urls", *PARAMETER_NAMES),
@@ -121,9 +127,12 @@ class _Tally:
     latencies: LatencySketch = field(default_factory=LatencySketch)
     preview: list[dict[str, Any]] = field(default_factory=list)
     failed_examples: list[str] = field(default_factory=list)
+    failed_count: int = 0
 
     def add(self, outcome: RowOutcome) -> None:
         self.done += 1
+        if outcome.status in ("failed", "cancelled"):
+            self.failed_count += 1
         if outcome.cost_usd is not None and outcome.status == "completed":
             self.cost_usd += outcome.cost_usd
         if outcome.submitted_at and outcome.finished_at and outcome.status == "completed":
@@ -138,6 +147,16 @@ class _Tally:
     @property
     def seconds(self) -> float:
         return time.monotonic() - self.started
+
+    def progress_metadata(self) -> dict[str, Any]:
+        """Rows done, failed and spend so far: what a progress bar or the UI shows."""
+        return {
+            "flux2/rows_total": self.total,
+            "flux2/rows_done": self.done,
+            "flux2/rows_failed": self.failed_count,
+            "flux2/cost_usd": round(self.cost_usd, 6),
+            "flux2/seconds": round(self.seconds, 3),
+        }
 
     def progress_line(self) -> str:
         rate = self.done / self.seconds if self.seconds > 0 else 0.0
@@ -186,33 +205,68 @@ async def _run_partition(
             writer.write([outcome])
 
 
-def build_edits_asset(retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY) -> AssetsDefinition:
-    """The `flux2_edits` asset with the given step `RetryPolicy` (see `edits_retry_policy`).
+def _runner(runcomfy: RunComfyResource, ledger: LedgerResource, partition: str) -> EditRunner:
+    """The one place the configured resources become an `EditRunner`.
 
-    Example::
-
-        defs = Definitions(assets=[build_edits_asset(edits_retry_policy(max_retries=1))])
+    The shared limits (FLUX2_ACCOUNT_CONCURRENCY, FLUX2_BUDGET_USD,
+    FLUX2_PRICE_PER_IMAGE_USD) are passed only when set, as the keyword arguments
+    `account_concurrency=`, `budget_usd=`, `price_per_image_usd=`.
     """
+    shared_limits: dict[str, Any] = {
+        "account_concurrency": runcomfy.account_concurrency,
+        "budget_usd": ledger.budget_usd,
+        "price_per_image_usd": runcomfy.price_per_image_usd,
+    }
+    return EditRunner(
+        runcomfy.client,
+        ledger.ledger,
+        partition=partition,
+        max_concurrency=runcomfy.max_concurrency,
+        attempts_per_run=runcomfy.attempts_per_run,
+        max_attempts=runcomfy.max_attempts,
+        lease_seconds=ledger.lease_seconds,
+        **{name: value for name, value in shared_limits.items() if value is not None},
+    )
+
+
+def build_edits_asset(
+    keys: Flux2Keys,
+    partitions_def: DynamicPartitionsDefinition,
+    *,
+    group_name: str = "flux2",
+    retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY,
+    pool: str | None = None,
+    progress_seconds: float = PROGRESS_SECONDS,
+) -> AssetsDefinition:
+    """The flux2_edits asset: one partition's prompt table in, its results dataset out.
+
+    Use `build_flux2_definitions`, which names it; this builds the asset alone.
+    """
+    runcomfy_key, ledger_key, storage_key = (
+        keys.resource("runcomfy"),
+        keys.resource("ledger"),
+        keys.resource("storage"),
+    )
 
     @asset(
-        name="flux2_edits",
-        partitions_def=prompt_table_partitions,
-        deps=[PROMPT_TABLES_KEY],
-        group_name="flux2",
+        key=keys.edits,
+        partitions_def=partitions_def,
+        deps=[keys.prompt_tables],
+        group_name=group_name,
         code_version=CODE_VERSION,
         retry_policy=retry_policy,
+        pool=pool,
+        required_resource_keys={runcomfy_key, ledger_key, storage_key},
         kinds={"parquet"},
         metadata={"dagster/column_schema": results_table_schema()},
         description="FLUX.2 [dev] edits of one prompt table: one row per input row with the "
         "request id, status, result image URLs and effective parameters.",
     )
-    def flux2_edits(
-        context: AssetExecutionContext,
-        runcomfy: RunComfyResource,
-        ledger: LedgerResource,
-        storage: Flux2Storage,
-    ) -> MaterializeResult[None]:
+    def flux2_edits(context: AssetExecutionContext) -> MaterializeResult[None]:
         """Run one partition's edit jobs and write its results dataset."""
+        runcomfy: RunComfyResource = getattr(context.resources, runcomfy_key)
+        ledger: LedgerResource = getattr(context.resources, ledger_key)
+        storage: Flux2Storage = getattr(context.resources, storage_key)
         key = context.partition_key
         in_path, out_path = storage.input_path(key), storage.results_path(key)
         try:
@@ -228,18 +282,7 @@ def build_edits_asset(retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY) -> 
                 f"tables with row groups of at most {LARGE_ROW_GROUP_ROWS} rows."
             )
 
-        runner = EditRunner(
-            runcomfy.client,
-            ledger.ledger,
-            partition=key,
-            max_concurrency=runcomfy.max_concurrency,
-            attempts_per_run=runcomfy.attempts_per_run,
-            max_attempts=runcomfy.max_attempts,
-            lease_seconds=ledger.lease_seconds,
-            budget_usd=ledger.budget_usd,
-            price_per_image_usd=ledger.price_per_image_usd,
-            account_concurrency=ledger.account_concurrency,
-        )
+        runner = _runner(runcomfy, ledger, key)
         tally = _Tally(total=total)
         rows = read_input_rows(
             in_path,
@@ -247,16 +290,27 @@ def build_edits_asset(retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY) -> 
             sign_url=functools.partial(presign, expires=runcomfy.presign_expiry),
         )
         writer = ResultsWriter(out_path)
+        ticks = [0]
+
+        def report_progress() -> None:
+            spent = round(ledger.ledger.spent_usd(), 6)
+            metadata = {**tally.progress_metadata(), "flux2/ledger_spent_usd": spent}
+            context.log_event(
+                AssetObservation(asset_key=keys.edits, partition=key, metadata=metadata)
+            )
+            ticks[0] += 1
+            if ticks[0] % LOG_EVERY_TICKS == 0:
+                context.log.info(
+                    f"partition {key}: {tally.progress_line()}, ledger spend {spent:.4f} USD"
+                )
+
         try:
             runcomfy.run(
                 _run_partition(
                     runner, rows, writer, tally, AddressPolicy.for_api(runcomfy.base_url)
                 ),
-                on_tick=lambda: context.log.info(
-                    f"partition {key}: {tally.progress_line()}, "
-                    f"ledger spend {ledger.ledger.spent_usd():.4f} USD"
-                ),
-                tick_seconds=PROGRESS_SECONDS,
+                on_tick=report_progress,
+                tick_seconds=progress_seconds,
             )
         except InputTableError as exc:
             writer.abort()
@@ -267,6 +321,7 @@ def build_edits_asset(retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY) -> 
                 description=f"partition {key}: the run was stopped after {tally.done} of "
                 f"{total} rows; queued jobs were cancelled, running ones are left in the "
                 "ledger for the next run to poll",
+                metadata={INTERRUPTED: True, **tally.progress_metadata()},
                 allow_retries=False,
             ) from None
         except FatalApiError as exc:
@@ -282,7 +337,7 @@ def build_edits_asset(retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY) -> 
         context.log.info(f"partition {key}: {tally.progress_line()}; results in {out_path}")
 
         counts = runner.counters.by_status
-        metadata = _metadata(key, in_path, input_sha, row_group, out_path, tally, runner)
+        metadata = _metadata(keys, key, in_path, input_sha, row_group, out_path, tally, runner)
         unfinished = counts["failed"] + counts["cancelled"]
         if unfinished:
             # Rows that failed because of their input, the budget or the attempt cap fail
@@ -303,10 +358,8 @@ def build_edits_asset(retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY) -> 
     return flux2_edits
 
 
-flux2_edits = build_edits_asset()
-
-
 def _metadata(
+    keys: Flux2Keys,
     key: str,
     in_path: Path,
     input_sha: str,
@@ -321,7 +374,7 @@ def _metadata(
     metadata: dict[str, Any] = {
         "dagster/row_count": tally.done,
         "dagster/column_schema": results_table_schema(),
-        "dagster/column_lineage": results_column_lineage(),
+        "dagster/column_lineage": results_column_lineage(keys),
         "flux2/completed": counts["completed"],
         "flux2/failed": counts["failed"],
         "flux2/invalid": counts["invalid"],

@@ -17,9 +17,10 @@ from typing import Any
 
 from dagster import (
     AssetExecutionContext,
-    AssetKey,
     AssetsDefinition,
+    AutomationCondition,
     Config,
+    DynamicPartitionsDefinition,
     Failure,
     MaterializeResult,
     MetadataValue,
@@ -31,7 +32,7 @@ from dagster import (
 from pydantic import Field
 
 from flux2_pipeline.assets.edits import EDITS_RETRY_POLICY
-from flux2_pipeline.assets.prompts import prompt_table_partitions
+from flux2_pipeline.assets.keys import Flux2Keys
 from flux2_pipeline.media import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_BYTES,
@@ -56,7 +57,6 @@ from flux2_pipeline.paths import read_parquet
 from flux2_pipeline.resources import Flux2Storage, RunComfyResource
 
 IMAGES_CODE_VERSION = "1"
-EDITS_KEY = AssetKey("flux2_edits")
 FAILED_IMAGES_NAMED = 5
 PROGRESS_SECONDS = 10.0
 
@@ -113,21 +113,28 @@ def _failure_text(report: SyncReport) -> str:
     return " | ".join(f"{r.row_id} {r.role}[{r.index}]: {r.error}" for r in first)
 
 
-def build_images_asset(retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY) -> AssetsDefinition:
-    """The `flux2_images` asset with the given step `RetryPolicy`.
+def build_images_asset(
+    keys: Flux2Keys,
+    partitions_def: DynamicPartitionsDefinition,
+    *,
+    group_name: str = "flux2",
+    retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY,
+) -> AssetsDefinition:
+    """The flux2_images asset; it follows flux2_edits eagerly (each updated partition).
 
-    Example::
-
-        defs = Definitions(assets=[..., build_images_asset(edits_retry_policy(max_retries=1))])
+    Use `build_flux2_definitions`, which names it; this builds the asset alone.
     """
+    storage_key, runcomfy_key = keys.resource("storage"), keys.resource("runcomfy")
 
     @asset(
-        name="flux2_images",
-        partitions_def=prompt_table_partitions,
-        deps=[EDITS_KEY],
-        group_name="flux2",
+        key=keys.images,
+        partitions_def=partitions_def,
+        deps=[keys.edits],
+        group_name=group_name,
         code_version=IMAGES_CODE_VERSION,
         retry_policy=retry_policy,
+        automation_condition=AutomationCondition.eager(),
+        required_resource_keys={storage_key, runcomfy_key},
         kinds={"parquet", "png"},
         metadata={"dagster/column_schema": manifest_table_schema()},
         description="Every reference and edited image of one partition's completed rows, "
@@ -135,12 +142,12 @@ def build_images_asset(retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY) ->
         "contact sheet.",
     )
     def flux2_images(
-        context: AssetExecutionContext,
-        config: ImagesConfig,
-        storage: Flux2Storage,
-        runcomfy: RunComfyResource,
+        context: AssetExecutionContext, config: ImagesConfig
     ) -> MaterializeResult[None]:
         """Fetch, verify and store one partition's images; write its manifest and sheet."""
+        storage: Flux2Storage = getattr(context.resources, storage_key)
+        # The API's address decides the downloader's policy: loopback only for the emulator.
+        runcomfy: RunComfyResource = getattr(context.resources, runcomfy_key)
         key = context.partition_key
         results_path = storage.results_path(key)
         if not results_path.is_file():
@@ -208,6 +215,3 @@ def build_images_asset(retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY) ->
         return MaterializeResult(metadata=metadata)
 
     return flux2_images
-
-
-flux2_images = build_images_asset()

@@ -3,54 +3,80 @@
 A file `<key>.parquet` in the input folder is partition `<key>`. The sensor
 registers new files as partitions and asks for a run of each new or changed file;
 its run key holds the file's sha256, so an unchanged file never runs twice and an
-edited one runs again.
+edited one runs again. `flux2-pipeline materialize` registers partitions with the
+same `register_input_files`.
 
 Example::
 
-    result = flux2_prompt_files_sensor(build_sensor_context(instance=instance,
-                                                            resources={"storage": storage}))
+    sensor = defs.get_sensor_def(Flux2Keys().sensor_name)
+    result = sensor(build_sensor_context(instance=instance, resources={"storage": storage}))
 """
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from dagster import (
     AssetKey,
+    DagsterInstance,
     DataVersion,
     DataVersionsByPartition,
     DefaultSensorStatus,
     DynamicPartitionsDefinition,
     ObserveResult,
     RunRequest,
+    SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
+    SourceAsset,
     observable_source_asset,
     sensor,
 )
 
+from flux2_pipeline.assets.keys import Flux2Keys
 from flux2_pipeline.batch import file_sha256
-from flux2_pipeline.resources import Flux2Storage
-
-PARTITIONS_NAME = "flux2_prompt_tables"
-PROMPT_TABLES_KEY = AssetKey("flux2_prompt_tables")
-
-prompt_table_partitions = DynamicPartitionsDefinition(name=PARTITIONS_NAME)
-"""One partition per input file; key = file stem."""
+from flux2_pipeline.resources import Flux2Storage, InputScan
 
 
-@observable_source_asset(
-    key=PROMPT_TABLES_KEY,
-    partitions_def=prompt_table_partitions,
-    group_name="flux2",
-    description="Input prompt tables: one Parquet file per partition in FLUX2_INPUT_DIR. "
-    "The data version of a partition is the sha256 of its file.",
-)
-def flux2_prompt_tables(storage: Flux2Storage) -> ObserveResult | DataVersionsByPartition:
-    """Observe every input file's content hash as its partition's data version."""
-    found, _ = storage.scan_inputs()
-    return DataVersionsByPartition(
-        {key: DataVersion(file_sha256(path)) for key, path in found.items()}
+def new_partition_keys(instance: DagsterInstance, keys: Flux2Keys, scan: InputScan) -> list[str]:
+    """The keys of input files not yet registered as partitions."""
+    known = set(instance.get_dynamic_partitions(keys.partitions_name))
+    return [key for key in scan.found if key not in known]
+
+
+def register_input_files(
+    instance: DagsterInstance, keys: Flux2Keys, storage: Flux2Storage
+) -> InputScan:
+    """Add a partition for every new input file now (what the sensor requests each tick)."""
+    scan = storage.scan_inputs()
+    new = new_partition_keys(instance, keys, scan)
+    if new:
+        instance.add_dynamic_partitions(keys.partitions_name, new)
+    return scan
+
+
+def build_prompt_tables(
+    keys: Flux2Keys, partitions_def: DynamicPartitionsDefinition, group_name: str
+) -> SourceAsset:
+    """The observable source asset whose partitions are the input files."""
+
+    @observable_source_asset(
+        key=keys.prompt_tables,
+        partitions_def=partitions_def,
+        group_name=group_name,
+        required_resource_keys={keys.resource("storage")},
+        description="Input prompt tables: one Parquet file per partition in FLUX2_INPUT_DIR. "
+        "The data version of a partition is the sha256 of its file.",
     )
+    def prompt_tables(context: Any) -> ObserveResult | DataVersionsByPartition:
+        """Observe every input file's content hash as its partition's data version."""
+        storage: Flux2Storage = getattr(context.resources, keys.resource("storage"))
+        found = storage.scan_inputs().found
+        return DataVersionsByPartition(
+            {key: DataVersion(file_sha256(path)) for key, path in found.items()}
+        )
+
+    return prompt_tables
 
 
 def _load_cursor(raw: str | None) -> dict[str, dict[str, Any]]:
@@ -63,49 +89,59 @@ def _load_cursor(raw: str | None) -> dict[str, dict[str, Any]]:
     return data if isinstance(data, dict) else {}
 
 
-@sensor(
-    name="flux2_prompt_files_sensor",
-    asset_selection=["flux2_edits", "flux2_images"],
-    minimum_interval_seconds=30,
-    default_status=DefaultSensorStatus.STOPPED,
-    description="Registers each Parquet file in FLUX2_INPUT_DIR as a partition and requests "
-    "a run for every new or changed file.",
-)
-def flux2_prompt_files_sensor(
-    context: SensorEvaluationContext, storage: Flux2Storage
-) -> SensorResult:
-    """New file: add a partition and a run. Changed file: a run. Unchanged: nothing."""
-    found, rejected = storage.scan_inputs()
-    for name, problem in rejected.items():
-        context.log.warning(f"skipped input file {name}: its name {problem}")
-    known = set(context.instance.get_dynamic_partitions(PARTITIONS_NAME))
-    new_keys = [key for key in found if key not in known]
-    cursor = _load_cursor(context.cursor)
-    run_requests = []
-    for key, path in found.items():
-        stat = path.stat()
-        signature = f"{stat.st_size}:{stat.st_mtime_ns}"
-        seen = cursor.get(key, {})
-        if seen.get("signature") == signature and key in known:
-            continue  # same size and mtime: skip hashing a file we already ran
-        digest = file_sha256(path)
-        cursor[key] = {"signature": signature, "sha256": digest}
-        if seen.get("sha256") == digest and key in known:
-            continue
-        run_requests.append(
-            RunRequest(
-                run_key=f"{key}:{digest}",
-                partition_key=key,
-                tags={"flux2/input_sha256": digest},
-            )
-        )
-    for key in list(cursor):
-        if key not in found:
-            del cursor[key]
-    return SensorResult(
-        run_requests=run_requests,
-        dynamic_partitions_requests=(
-            [prompt_table_partitions.build_add_request(new_keys)] if new_keys else []
-        ),
-        cursor=json.dumps(cursor, sort_keys=True),
+def build_prompt_files_sensor(
+    keys: Flux2Keys,
+    partitions_def: DynamicPartitionsDefinition,
+    asset_selection: Sequence[AssetKey],
+) -> SensorDefinition:
+    """The sensor that turns new or changed input files into partitions and runs."""
+
+    @sensor(
+        name=keys.sensor_name,
+        asset_selection=list(asset_selection),
+        minimum_interval_seconds=30,
+        default_status=DefaultSensorStatus.STOPPED,
+        required_resource_keys={keys.resource("storage")},
+        description="Registers each Parquet file in FLUX2_INPUT_DIR as a partition and "
+        "requests a run for every new or changed file.",
     )
+    def prompt_files_sensor(context: SensorEvaluationContext, **resources: Any) -> SensorResult:
+        """New file: add a partition and a run. Changed file: a run. Unchanged: nothing."""
+        # Dagster hands a sensor its required resources as keyword arguments.
+        storage: Flux2Storage = resources[keys.resource("storage")]
+        scan = storage.scan_inputs()
+        for line in scan.skipped_lines():
+            context.log.warning(line)
+        new_keys = new_partition_keys(context.instance, keys, scan)
+        known = set(context.instance.get_dynamic_partitions(keys.partitions_name))
+        cursor = _load_cursor(context.cursor)
+        run_requests = []
+        for key, path in scan.found.items():
+            stat = path.stat()
+            signature = f"{stat.st_size}:{stat.st_mtime_ns}"
+            seen = cursor.get(key, {})
+            if seen.get("signature") == signature and key in known:
+                continue  # same size and mtime: skip hashing a file we already ran
+            digest = file_sha256(path)
+            cursor[key] = {"signature": signature, "sha256": digest}
+            if seen.get("sha256") == digest and key in known:
+                continue
+            run_requests.append(
+                RunRequest(
+                    run_key=f"{key}:{digest}",
+                    partition_key=key,
+                    tags={"flux2/input_sha256": digest},
+                )
+            )
+        for key in list(cursor):
+            if key not in scan.found:
+                del cursor[key]
+        return SensorResult(
+            run_requests=run_requests,
+            dynamic_partitions_requests=(
+                [partitions_def.build_add_request(new_keys)] if new_keys else []
+            ),
+            cursor=json.dumps(cursor, sort_keys=True),
+        )
+
+    return prompt_files_sensor

@@ -31,6 +31,7 @@ from typing import Any, Self
 
 # Beyond 2**53 a float no longer holds every integer: such an id may have lost digits.
 _EXACT_FLOAT_INTEGERS = 2**53
+_LOOKUP_CHUNK = 500
 _shown = reprlib.Repr()  # error messages quote values, never a whole huge one
 _shown.maxstring = _shown.maxother = 60
 
@@ -163,11 +164,15 @@ class RowIdRegistry:
         return candidate
 
     def _lookup(self, keys: Iterable[str]) -> dict[str, int | None]:
-        rows = self._db.execute(
-            "SELECT id, next_occurrence FROM taken WHERE id IN (SELECT value FROM json_each(?))",
-            (json.dumps(list(keys)),),
-        )
-        return dict(rows.fetchall())
+        found: dict[str, int | None] = {}
+        pending = list(keys)
+        # Chunks within SQLite's smallest bound-parameter limit (999 before 3.32).
+        for start in range(0, len(pending), _LOOKUP_CHUNK):
+            chunk = pending[start : start + _LOOKUP_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            query = f"SELECT id, next_occurrence FROM taken WHERE id IN ({marks})"
+            found.update(self._db.execute(query, chunk).fetchall())
+        return found
 
     def close(self) -> None:
         """Delete the temporary index."""

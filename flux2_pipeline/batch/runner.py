@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
 
+from flux2_pipeline.batch.group_commit import GroupCommit
 from flux2_pipeline.batch.preflight import ReferenceCheck
 from flux2_pipeline.batch.tables import InputRow, RowOutcome
 from flux2_pipeline.ledger import (
@@ -188,6 +189,7 @@ class EditRunner:
         self.preflight = preflight
         self.holder = f"runner-{uuid.uuid4().hex}"
         self.counters = RunCounters()
+        self._write = GroupCommit(ledger)
         self._slots = asyncio.Semaphore(max_concurrency)
 
     async def run(self, batches: Iterable[list[InputRow]]) -> AsyncIterator[RowOutcome]:
@@ -262,13 +264,15 @@ class EditRunner:
         self, row: InputRow, request: EditRequest, claim: ClaimRequest, state: _RowRun
     ) -> RowOutcome | _Again:
         """One claim and what it allows: the row's outcome, or when to ask again."""
-        [decision] = self.ledger.claim(
-            [claim],
-            holder=self.holder,
-            max_attempts=self.max_attempts,
-            lease_seconds=self.lease_seconds,
-            budget_usd=self.budget_usd,
-            account_concurrency=self.account_concurrency,
+        [decision] = await self._write(
+            lambda: self.ledger.claim(
+                [claim],
+                holder=self.holder,
+                max_attempts=self.max_attempts,
+                lease_seconds=self.lease_seconds,
+                budget_usd=self.budget_usd,
+                account_concurrency=self.account_concurrency,
+            )
         )
         state.paid = decision.paid_attempts
         match decision.action:
@@ -342,7 +346,9 @@ class EditRunner:
         if self.preflight is not None:
             problem = await self.preflight.check(request.image_urls)
             if problem is not None:
-                self.ledger.record_rejected(intent.id, f"not sent: {problem}")
+                await self._write(
+                    lambda: self.ledger.record_rejected(intent.id, f"not sent: {problem}")
+                )
                 self.counters.not_submitted_references += 1
                 error = f"not submitted: {problem}"
                 return RowOutcome(row, FAILED, attempts=state.paid, error=error), False
@@ -351,26 +357,33 @@ class EditRunner:
         try:
             handle = await self.client.submit(request)
         except SubmissionOutcomeUnknown as exc:
-            self.ledger.record_unknown(intent.id, redact_text(str(exc)))
+            why = redact_text(str(exc))
+            await self._write(lambda: self.ledger.record_unknown(intent.id, why))
             self.counters.outcome_unknown += 1
             state.paid += 1
             why = redact_text(str(exc))
             error = f"{why}; a re-run will submit it again and count a possible duplicate"
             return RowOutcome(row, FAILED, attempts=state.paid, error=error), False
         except (AuthenticationError, InsufficientCreditError) as exc:
-            self.ledger.record_rejected(intent.id, redact_text(str(exc)))
-            raise FatalApiError(redact_text(str(exc))) from exc
+            why = redact_text(str(exc))
+            await self._write(lambda: self.ledger.record_rejected(intent.id, why))
+            raise FatalApiError(why) from exc
         except RunComfyError as exc:
             # The client raises anything but SubmissionOutcomeUnknown only for answers that
             # prove no job was created (see runcomfy.errors).
-            self.ledger.record_rejected(intent.id, redact_text(str(exc)))
-            return RowOutcome(
+            why = redact_text(str(exc))
+            await self._write(lambda: self.ledger.record_rejected(intent.id, why))
+            refused = RowOutcome(
                 row, FAILED, attempts=state.paid, error=f"submit refused: {redact_text(str(exc))}"
-            ), False
+            )
+            return refused, False
         except asyncio.CancelledError:
             self.ledger.record_unknown(intent.id, "the run stopped while the submit was in flight")
             raise
-        known = self.ledger.record_submitted(intent.id, handle.request_id, submitted_at)
+        request_id = handle.request_id
+        known = await self._write(
+            lambda: self.ledger.record_submitted(intent.id, request_id, submitted_at)
+        )
         self.counters.submitted += 1
         state.paid += 1
         outcome, again = await self._follow(row, known, state.paid)
@@ -397,7 +410,9 @@ class EditRunner:
             # The client has already retried the 404 for its grace period and asked for the
             # result: the job is gone. A new submit may duplicate it, and is counted.
             error = f"{_LOST_PREFIX} {redact_text(str(exc))}"
-            self.ledger.record_finished(known.id, SubmissionState.FAILED, error=error)
+            await self._write(
+                lambda: self.ledger.record_finished(known.id, SubmissionState.FAILED, error=error)
+            )
             return _pending(row, known, paid, FAILED, error), True
         except RunComfyError as exc:
             # The job may still complete: leave it `submitted` so a re-run polls it.
@@ -410,11 +425,11 @@ class EditRunner:
                 live=True,
             )
             return lost, False
-        outcome = self._record_result(row, known, paid, result)
+        outcome = await self._record_result(row, known, paid, result)
         retry = outcome.status != COMPLETED and not is_input_fault(outcome.error)
         return outcome, retry
 
-    def _record_result(
+    async def _record_result(
         self, row: InputRow, known: Submission, paid: int, result: EditResult
     ) -> RowOutcome:
         if result.ok:
@@ -427,13 +442,16 @@ class EditRunner:
         # API answers may quote a pre-signed reference URL: never store its signature.
         error = None if error is None else redact_text(error)
         finished_at = result.finished_at or datetime.now(UTC)
-        self.ledger.record_finished(
-            known.id,
-            state,
-            finished_at=finished_at,
-            error=error,
-            cost_usd=result.cost_usd,
-            output_urls=result.output_urls if result.ok else (),
+        urls = result.output_urls if result.ok else ()
+        await self._write(
+            lambda: self.ledger.record_finished(
+                known.id,
+                state,
+                finished_at=finished_at,
+                error=error,
+                cost_usd=result.cost_usd,
+                output_urls=urls,
+            )
         )
         return RowOutcome(
             row,

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -49,17 +50,21 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from filelock import FileLock
 from upath import UPath
 
 from flux2_pipeline.batch.tables import file_sha256
 from flux2_pipeline.dataset.card import CARD_FILE, SPLIT_DIR, render_card
 from flux2_pipeline.dataset.features import DATASET_SCHEMA, value_label
+from flux2_pipeline.dataset.webdataset import WebDatasetExport, export_webdataset
 from flux2_pipeline.media.manifest import ImageRecord, read_manifest
 from flux2_pipeline.media.store import ImageStore
 from flux2_pipeline.paths import (
     atomic_writer,
     ensure_upath,
     file_size,
+    is_local,
+    local_path,
     make_dirs,
     read_parquet,
     write_bytes_atomically,
@@ -115,6 +120,7 @@ class BuildReport:
     out_dir: UPath
     partitions: list[PartitionBuild] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    webdataset: WebDatasetExport | None = None
 
     @property
     def card_path(self) -> UPath:
@@ -366,6 +372,16 @@ def _build_partition(
     return build
 
 
+def _outside(root: UPath, candidate: UPath) -> UPath:
+    inner, outer = str(candidate).rstrip("/") + "/", str(root).rstrip("/") + "/"
+    if inner.startswith(outer) or outer.startswith(inner):
+        raise ValueError(
+            f"webdataset_dir must be outside the Parquet dataset folder {root} "
+            f"(datasets would read its tar files as data files), got {candidate}"
+        )
+    return candidate
+
+
 def _write_card(report: BuildReport, input_dir: str | None) -> None:
     text = render_card(report, input_dir=input_dir)
     try:
@@ -384,15 +400,50 @@ def build_training_dataset(
     max_rows: int = MAX_SHARD_ROWS,
     max_bytes: int = MAX_SHARD_BYTES,
     input_dir: str | None = None,
+    webdataset_dir: Path | UPath | None = None,
 ) -> BuildReport:
     """Bring `out_dir` up to date with `sources`, rewriting only partitions that changed.
 
     The dataset card (`README.md`) is rewritten whenever its text changes; `input_dir`,
-    where the partitions' input files live, is named in it.
+    where the partitions' input files live, is named in it. With `webdataset_dir` (outside
+    `out_dir`), the same rows are also kept as WebDataset tar shards there (see
+    `flux2_pipeline.dataset.webdataset`; needs the `webdataset` extra).
     """
     if max_rows < 1 or max_bytes < 1:
         raise ValueError("max_rows and max_bytes must be at least 1")
     root = ensure_upath(out_dir)
+    # Two runs finishing at once (a sensor run beside a backfill, two terminals) would
+    # otherwise rewrite the same shards and state file from under each other.
+    with _build_lock(root):
+        return _build(sources, store, root, max_rows, max_bytes, input_dir, webdataset_dir)
+
+
+BUILD_LOCK_TIMEOUT = 3600.0
+"""Seconds a build waits for another process's build of the same dataset."""
+
+
+def _build_lock(root: UPath) -> FileLock:
+    """A lock file beside a local dataset; for an object store, one per URI on this machine."""
+    if is_local(root):
+        folder = local_path(root).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(folder / f".{root.name}.lock"), timeout=BUILD_LOCK_TIMEOUT)
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:16]
+    locks = Path(tempfile.gettempdir()) / "flux2-pipeline-locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(locks / f"dataset-{digest}.lock"), timeout=BUILD_LOCK_TIMEOUT)
+
+
+def _build(
+    sources: Sequence[PartitionSource],
+    store: ImageStore,
+    root: UPath,
+    max_rows: int,
+    max_bytes: int,
+    input_dir: str | None,
+    webdataset_dir: Path | UPath | None,
+) -> BuildReport:
+    tar_dir = None if webdataset_dir is None else _outside(root, ensure_upath(webdataset_dir))
     folder = root / SPLIT_DIR
     make_dirs(folder)
     state = _load_state(root)
@@ -424,6 +475,8 @@ def build_training_dataset(
     for path in _children(folder):
         if path.name not in keep and (path.suffix in (".parquet", ".tmp")):
             path.unlink(missing_ok=True)  # shards of removed partitions, leftovers of crashes
+    if tar_dir is not None:
+        report.webdataset = export_webdataset(report.partitions, folder, tar_dir)
     _write_card(report, input_dir)
     _save_state(root, report.partitions)
     return report

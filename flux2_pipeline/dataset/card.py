@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -134,7 +135,7 @@ def copy_snippet(out_dir: UPath, local: str = "flux2_training_dataset") -> str:
 
 
 def _header(report: BuildReport) -> dict[str, Any]:
-    shard_files = [f"train/{name}" for build in report.partitions for name in build.shards]
+    shard_files = [f"{SPLIT_DIR}/{name}" for build in report.partitions for name in build.shards]
     return {
         "pretty_name": "FLUX.2 [dev] image edits",
         "task_categories": ["image-to-image"],
@@ -174,7 +175,8 @@ def _partition_table(report: BuildReport, input_dir: str | None) -> list[str]:
         "| --- | ---: | ---: | ---: |",
     ]
     for build in report.partitions:
-        lines.append(f"| `{build.key}` | {build.rows} | {len(build.shards)} | {build.skipped} |")
+        key = build.key.replace("|", "\\|")
+        lines.append(f"| `{key}` | {build.rows} | {len(build.shards)} | {build.skipped} |")
     lines.append(f"| **all** | **{report.rows}** | **{report.shards}** | **{report.skipped}** |")
     return lines
 
@@ -197,7 +199,7 @@ def _train_command(local_dir: str) -> str:
             'export MODEL_NAME="stable-diffusion-v1-5/stable-diffusion-v1-5"',
             f"accelerate launch {TRAIN_SCRIPT} \\",
             '  --pretrained_model_name_or_path="$MODEL_NAME" \\',
-            f"  --dataset_name={local_dir} \\",
+            f"  --dataset_name={shlex.quote(local_dir)} \\",
             f"  --original_image_column={original} --edit_prompt_column={prompt} \\",
             f"  --edited_image_column={edited} \\",
             "  --resolution=256 --random_flip \\",
@@ -207,6 +209,31 @@ def _train_command(local_dir: str) -> str:
             "  --output_dir=instruct-pix2pix-flux2",
         ]
     )
+
+
+def _webdataset_lines(report: BuildReport) -> list[str]:
+    export = report.webdataset
+    if export is None:
+        return []
+    lines = [
+        "## WebDataset shards",
+        "",
+        f"The same rows, one tar per Parquet shard ({len(export.tars)} tars), are in "
+        f"`{export.out_dir}`: per sample `input_image.<ext>`, `edited_image.<ext>`, "
+        "`source_<i>.<ext>`, `edit_prompt.txt` and `json` (every other column).",
+        "",
+    ]
+    if is_local(export.out_dir):
+        tars = json.dumps(f"{export.out_dir}/*.tar")
+        lines += [
+            "```python",
+            "import glob",
+            "import webdataset as wds",
+            f'ds = wds.WebDataset(sorted(glob.glob({tars})), shardshuffle=False).decode("pil")',
+            "```",
+            "",
+        ]
+    return lines
 
 
 def render_card(report: BuildReport, *, input_dir: str | None = None) -> str:
@@ -278,6 +305,7 @@ def render_card(report: BuildReport, *, input_dir: str | None = None) -> str:
             "```",
             "",
         ]
+    body += _webdataset_lines(report)
     body += [
         "## Train",
         "",

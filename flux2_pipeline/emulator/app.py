@@ -21,8 +21,9 @@ answers 429 `QUEUE_FULL` with Retry-After and creates no job.
 
 Faults apply to the four authenticated API routes only, after the token check:
 `fault_429` answers 429 with `Retry-After`; `fault_5xx` answers 503 for submit and
-cancel, and 500, 502 or 503 (drawn at random) for status and result. A rejected
-submit never creates a job. Every `*_calls` / `submits_total` counter counts requests
+cancel, and 500, 502 or 503 (drawn at random) for status and result
+(`fault_5xx_on_submit=False` spares submits). A rejected submit never creates a job.
+Every `*_calls` / `submits_total` counter counts requests
 received, rejected ones included; `body_submissions` counts jobs created per body;
 `image_fetches` counts HTTP requests for output and sample images.
 """
@@ -339,7 +340,7 @@ def _gate(state: EmulatorState, request: Request, *, submit: bool) -> Response |
             status_code=429,
             headers={"Retry-After": faults.retry_after},
         )
-    if faults.roll(faults.fault_5xx):
+    if (faults.fault_5xx_on_submit or not submit) and faults.roll(faults.fault_5xx):
         state.counters.bump("rejected_5xx")
         code = 503 if submit or request.method == "POST" else faults.choice((500, 502, 503))
         return JSONResponse(

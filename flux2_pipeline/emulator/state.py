@@ -101,6 +101,9 @@ class Faults:
     drop_submits: int = 0
     fail_next: int = 0
     seed: int | None = None
+    fault_5xx_on_submit: bool = True
+    """False keeps `fault_5xx` to status, result and cancel: a client must treat a 5xx on a
+    submit as an unknown outcome, so a run that should complete despite 5xx disables it."""
     _rng: random.Random = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -119,6 +122,10 @@ class Faults:
                 clean[name] = str(value)
             elif name in ("drop_submits", "fail_next"):
                 clean[name] = int(_number(name, value, 0, 1_000_000, integer=True))
+            elif name == "fault_5xx_on_submit":
+                if not isinstance(value, bool):
+                    raise ValueError(f"{name} must be true or false, got {value!r}")
+                clean[name] = value
             elif name == "seed":
                 clean[name] = (
                     None if value is None else int(_number(name, value, 0, 2**63, integer=True))

@@ -20,12 +20,14 @@ checked.
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -34,6 +36,7 @@ from typing import Any, Self
 from sqlalchemy import (
     ColumnElement,
     Engine,
+    bindparam,
     create_engine,
     event,
     func,
@@ -118,6 +121,61 @@ def _finished_state(state: SubmissionState | str) -> SubmissionState:
     return parsed
 
 
+_GUARDS: dict[str, ColumnElement[bool]] = {
+    # An intent (or a lost answer) gets its request id; the same id again is a no-op.
+    "submit": (_states(SubmissionState.INTENT, SubmissionState.UNKNOWN) & _NO_REQUEST_ID)
+    | (
+        (_t.c.state == SubmissionState.SUBMITTED.value)
+        & (_t.c.request_id == bindparam("g_request_id"))
+    ),
+    "reject": _states(SubmissionState.INTENT, SubmissionState.UNKNOWN, SubmissionState.REJECTED)
+    & _NO_REQUEST_ID,
+    "unknown": _states(SubmissionState.INTENT, SubmissionState.UNKNOWN) & _NO_REQUEST_ID,
+    # A finished job may be re-polled and re-recorded; only a job with an id can end.
+    "finish": ~_NO_REQUEST_ID & _states(SubmissionState.SUBMITTED, *FINISHED_STATES),
+}
+
+_ADD_SPEND = (
+    update(_a)
+    .where(_ACCOUNT_ROW)
+    .values(spent_usd=_a.c.spent_usd + bindparam("delta"), updated_at=bindparam("now"))
+)
+
+
+_ATTEMPTS_OF_KEYS = (
+    select(*_t.c).where(_t.c.row_key.in_(bindparam("keys", expanding=True))).order_by(_t.c.attempt)
+)
+_INSERT_INTENT = (
+    insert(_t)
+    .values({c.name: bindparam(f"v_{c.name}") for c in _t.c if c.name != "id"})
+    .returning(*_t.c)
+)
+_OPEN_SLOTS = select(func.count()).where(
+    _t.c.state.in_(sorted(s.value for s in OPEN_STATES)), _t.c.lease_until > bindparam("now")
+)
+
+
+@dataclass(frozen=True)
+class _UpdateStatements:
+    update: Any
+    current: Any
+    charge_before: Any | None
+
+
+@functools.lru_cache(maxsize=64)
+def _update_statements(column: str, guard: str, names: tuple[str, ...]) -> _UpdateStatements:
+    where = _t.c[column] == bindparam("k_value")
+    values: dict[str, Any] = {name: bindparam(f"v_{name}") for name in (*names, "updated_at")}
+    charge_before = None
+    if "charge_usd" in names:
+        charge_before = select(_t.c.charge_usd).where(where, _GUARDS[guard]).with_for_update()
+    return _UpdateStatements(
+        update=update(_t).where(where, _GUARDS[guard]).values(values).returning(*_t.c),
+        current=select(_t.c.id, _t.c.state, _t.c.request_id).where(where),
+        charge_before=charge_before,
+    )
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # The driver must not open transactions on its own: `_sqlite_begin` opens each one
     # with BEGIN IMMEDIATE.
@@ -197,6 +255,7 @@ class Ledger:
         self._schema = schema
         self._closed = False
         self._lock = threading.Lock()
+        self._local = threading.local()
 
     # -- opening and closing -------------------------------------------------------
 
@@ -305,12 +364,46 @@ class Ledger:
     # -- plumbing -------------------------------------------------------------------
 
     @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Make every write of this thread inside the block one transaction: one commit.
+
+        The batch runner groups the writes of many rows this way (one fsync instead of
+        one per write) and answers each row only after the commit, so an intent is
+        still durable before its request leaves. A write that the ledger refuses
+        (`LedgerStateError`) changes nothing and leaves the others in; any other failure
+        rolls the whole block back.
+
+        Example::
+
+            with ledger.transaction():
+                ledger.record_submitted(a.id, "job-1")
+                ledger.record_finished(b.id, "completed", output_urls=["https://..."])
+        """
+        if getattr(self._local, "conn", None) is not None:
+            yield
+            return
+        with self._begin("cannot write to the ledger") as conn:
+            self._local.conn = conn
+            try:
+                yield
+            finally:
+                self._local.conn = None
+
+    @contextmanager
     def _begin(self, failure: str = "ledger operation failed") -> Iterator[Connection]:
         if self._closed:
             raise LedgerError("the ledger is closed")
+        active: Connection | None = getattr(self._local, "conn", None)
         try:
-            with self._engine.begin() as conn:
-                yield conn
+            if active is None:
+                with self._engine.begin() as conn:
+                    yield conn
+            elif active.dialect.name == "postgresql":
+                # A failed statement aborts a PostgreSQL transaction: isolate each write.
+                with active.begin_nested():
+                    yield active
+            else:
+                yield active
         except IntegrityError:
             raise
         except SQLAlchemyError as exc:
@@ -327,34 +420,36 @@ class Ledger:
 
     def _update(
         self,
-        where: ColumnElement[bool],
-        guard: ColumnElement[bool],
+        key: tuple[str, Any],
+        guard: str,
         values: Mapping[str, Any],
         action: str,
         subject: str,
     ) -> Submission:
-        stmt = update(_t).where(where, guard).values(**values, updated_at=_now()).returning(*_t.c)
+        """Update the attempt whose `key` column has that value, if `_GUARDS[guard]` holds.
+
+        Statements are built once per shape (`_update_statements`) and executed with
+        parameters: building SQLAlchemy expressions per call cost more CPU than the
+        database itself.
+        """
+        column, value = key
+        names = tuple(sorted(values))
+        statements = _update_statements(column, guard, names)
+        params = {f"v_{name}": values[name] for name in names}
+        params.update(k_value=value, v_updated_at=_now(), g_request_id=values.get("request_id"))
         current: Any = None
         try:
             with self._begin(f"cannot {action} {subject}") as conn:
                 before = None
-                if "charge_usd" in values:
-                    before = conn.execute(
-                        select(_t.c.charge_usd).where(where, guard).with_for_update()
-                    ).first()
-                row = conn.execute(stmt).mappings().one_or_none()
+                if statements.charge_before is not None:
+                    before = conn.execute(statements.charge_before, params).first()
+                row = conn.execute(statements.update, params).mappings().one_or_none()
                 if row is not None and before is not None:
                     delta = (values["charge_usd"] or 0.0) - (before.charge_usd or 0.0)
                     if delta:
-                        conn.execute(
-                            update(_a)
-                            .where(_ACCOUNT_ROW)
-                            .values(spent_usd=_a.c.spent_usd + delta, updated_at=_now())
-                        )
+                        conn.execute(_ADD_SPEND, {"delta": delta, "now": _now()})
                 if row is None:
-                    current = conn.execute(
-                        select(_t.c.id, _t.c.state, _t.c.request_id).where(where)
-                    ).first()
+                    current = conn.execute(statements.current, params).first()
         except IntegrityError as exc:
             raise LedgerStateError(
                 f"cannot {action} {subject}: request id {values.get('request_id')!r} is "
@@ -464,17 +559,11 @@ class Ledger:
                 spent = float(conn.execute(query.with_for_update()).scalar_one())
             open_slots = 0
             if account_concurrency is not None:
-                open_slots = int(
-                    conn.execute(
-                        select(func.count()).where(_states(*OPEN_STATES), _t.c.lease_until > now)
-                    ).scalar_one()
-                )
+                open_slots = int(conn.execute(_OPEN_SLOTS, {"now": now}).scalar_one())
             history: dict[str, list[Submission]] = {key: [] for key in keys}
             for start in range(0, len(keys), LOOKUP_CHUNK_SIZE):
                 chunk = keys[start : start + LOOKUP_CHUNK_SIZE]
-                rows = conn.execute(
-                    select(*_t.c).where(_t.c.row_key.in_(chunk)).order_by(_t.c.attempt)
-                ).mappings()
+                rows = conn.execute(_ATTEMPTS_OF_KEYS, {"keys": chunk}).mappings()
                 for row in rows:
                     history[row["row_key"]].append(submission_from_row(row))
             spent_before = spent
@@ -546,25 +635,27 @@ class Ledger:
         attempts: list[Submission],
     ) -> Submission:
         number = max((a.attempt for a in attempts), default=0) + 1
-        stmt = (
-            insert(_t)
-            .values(
-                row_key=request.row_key,
-                partition=request.partition,
-                row_id=request.row_id,
-                request_hash=request.request_hash,
-                attempt=number,
-                state=SubmissionState.INTENT.value,
-                intent_at=now,
-                output_urls="[]",
-                updated_at=now,
-                holder=holder,
-                lease_until=lease_until,
-                charge_usd=request.price_usd,
-            )
-            .returning(*_t.c)
-        )
-        return submission_from_row(conn.execute(stmt).mappings().one())
+        values = {
+            "row_key": request.row_key,
+            "partition": request.partition,
+            "row_id": request.row_id,
+            "request_hash": request.request_hash,
+            "attempt": number,
+            "state": SubmissionState.INTENT.value,
+            "request_id": None,
+            "intent_at": now,
+            "submitted_at": None,
+            "finished_at": None,
+            "error": None,
+            "cost_usd": None,
+            "output_urls": "[]",
+            "updated_at": now,
+            "holder": holder,
+            "lease_until": lease_until,
+            "charge_usd": request.price_usd,
+        }
+        params = {f"v_{name}": value for name, value in values.items()}
+        return submission_from_row(conn.execute(_INSERT_INTENT, params).mappings().one())
 
     def renew(self, holder: str, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> int:
         """Extend every open claim `holder` has; returns how many. The runner's heartbeat."""
@@ -598,12 +689,9 @@ class Ledger:
         if not isinstance(request_id, str) or not request_id:
             raise ValueError("request_id must be a non-empty string")
         at = _aware(submitted_at, "submitted_at")
-        guard = (_states(SubmissionState.INTENT, SubmissionState.UNKNOWN) & _NO_REQUEST_ID) | (
-            (_t.c.state == SubmissionState.SUBMITTED.value) & (_t.c.request_id == request_id)
-        )
         return self._update(
-            _t.c.id == submission_id,
-            guard,
+            ("id", submission_id),
+            "submit",
             {
                 "state": SubmissionState.SUBMITTED.value,
                 "request_id": request_id,
@@ -620,9 +708,8 @@ class Ledger:
         `flux2_pipeline.runcomfy.errors`); the attempt's reserved charge is released.
         """
         return self._update(
-            _t.c.id == submission_id,
-            _states(SubmissionState.INTENT, SubmissionState.UNKNOWN, SubmissionState.REJECTED)
-            & _NO_REQUEST_ID,
+            ("id", submission_id),
+            "reject",
             {
                 "state": SubmissionState.REJECTED.value,
                 "error": error,
@@ -641,8 +728,8 @@ class Ledger:
         possible duplicate. The reserved charge stays spent.
         """
         return self._update(
-            _t.c.id == submission_id,
-            _states(SubmissionState.INTENT, SubmissionState.UNKNOWN) & _NO_REQUEST_ID,
+            ("id", submission_id),
+            "unknown",
             {"state": SubmissionState.UNKNOWN.value, "error": error, "holder": None},
             "mark unknown",
             f"submission {submission_id}",
@@ -650,7 +737,7 @@ class Ledger:
 
     def _finish(
         self,
-        where: ColumnElement[bool],
+        where: tuple[str, Any],
         subject: str,
         state: SubmissionState | str,
         finished_at: datetime | None,
@@ -660,8 +747,6 @@ class Ledger:
     ) -> Submission:
         parsed = _finished_state(state)
         urls = [str(u) for u in output_urls]
-        # A finished job may be re-polled and re-recorded; only a job with an id can end.
-        guard = ~_NO_REQUEST_ID & _states(SubmissionState.SUBMITTED, *FINISHED_STATES)
         values: dict[str, Any] = {
             "state": parsed.value,
             "finished_at": _aware(finished_at, "finished_at"),
@@ -672,7 +757,7 @@ class Ledger:
         if cost_usd is not None:
             # The API's own figure replaces the reserved price in the ledger's spend.
             values["charge_usd"] = float(cost_usd)
-        return self._update(where, guard, values, f"mark {parsed.value}", subject)
+        return self._update(where, "finish", values, f"mark {parsed.value}", subject)
 
     def record_finished(
         self,
@@ -685,7 +770,7 @@ class Ledger:
     ) -> Submission:
         """Record the job's end: `state` is ``completed``, ``failed`` or ``cancelled``."""
         return self._finish(
-            _t.c.id == submission_id,
+            ("id", submission_id),
             f"submission {submission_id}",
             state,
             finished_at,
@@ -705,7 +790,7 @@ class Ledger:
     ) -> Submission:
         """`record_finished` for the attempt that holds `request_id`."""
         return self._finish(
-            _t.c.request_id == request_id,
+            ("request_id", request_id),
             f"request {request_id!r}",
             state,
             finished_at,

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import http.cookiejar
 import ipaddress
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -102,7 +103,10 @@ class Fetched:
 
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
-    """Whether a URL answered: `ok`, or `reason` (one redacted line naming the URL)."""
+    """Whether a URL answered: `ok`, or `reason` (one redacted line naming the URL).
+
+    `url` is the probed URL, redacted; `status` the last HTTP status seen, if any.
+    """
 
     url: str
     ok: bool
@@ -158,6 +162,21 @@ def parse_url(url: object) -> httpx.URL:
     if not parsed.host:
         raise FetchError("invalid_url", url, f"malformed URL {shown!r}: no host")
     return parsed
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _attempts(count: int) -> str:
+    return f"{count} attempt" if count == 1 else f"{count} attempts"
 
 
 def _port(url: httpx.URL) -> int:
@@ -296,7 +315,7 @@ class GuardedFetcher:
                 await self._sleep(policy.delay(attempt - 1, last.retry_after))
         assert last is not None
         raise FetchError(
-            "unavailable", url, f"{last} (gave up after {attempts} attempts)", last.status
+            "unavailable", url, f"{last} (gave up after {_attempts(attempts)})", last.status
         )
 
     async def _fetch_once(self, url: str, target: httpx.URL) -> Fetched:
@@ -434,16 +453,20 @@ class GuardedFetcher:
             except AddressRefused as exc:
                 raise FetchError("refused", url, f"{exc} for {shown}") from None
         extensions: dict[str, object] = {}
+        headers = {**headers, "host": target.netloc.decode("ascii")}
         if target.scheme == "https" and not _is_ip_literal(host):
             extensions["sni_hostname"] = host
+            # The pool keys connections by IP: a TLS connection verified for one host name
+            # must not be reused for another name on the same address.
+            headers["connection"] = "close"
         request = self._http.build_request(
-            method,
-            target.copy_with(host=address),
-            headers={**headers, "host": target.netloc.decode("ascii")},
-            extensions=extensions,
+            method, target.copy_with(host=address), headers=headers, extensions=extensions
         )
         try:
             return await self._http.send(request, stream=True)
         except (httpx.TransportError, httpx.StreamError) as exc:
             detail = one_line(str(exc)) or "no detail"
-            raise _Transient(f"{type(exc).__name__}: {detail} for {shown}") from None
+            reason = f"{type(exc).__name__}: {detail} for {shown}"
+            if _caused_by(exc, ssl.SSLCertVerificationError):
+                raise FetchError("unavailable", url, reason) from None  # asking again won't help
+            raise _Transient(reason) from None

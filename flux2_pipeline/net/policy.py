@@ -42,7 +42,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
 """Resolves `(host, port)` to IP address strings; `system_resolver` asks the OS."""
 
-LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+LOOPBACK_NAMES = frozenset({"localhost"})
 
 _LINK_LOCAL = (
     ipaddress.ip_network("169.254.0.0/16"),
@@ -61,6 +61,15 @@ _PRIVATE = (
     ipaddress.ip_network("fec0::/10"),
 )
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class AddressRefused(Exception):
@@ -100,8 +109,11 @@ class AddressPolicy:
         >>> AddressPolicy.for_api("https://api.runcomfy.net").allow_loopback
         False
         """
-        host = (urlsplit(base_url).hostname or "").lower()
-        return cls(allow_loopback=host in LOOPBACK_HOSTS, allow_private=allow_private)
+        try:
+            host = (urlsplit(base_url).hostname or "").lower().rstrip(".")
+        except ValueError:
+            host = ""
+        return cls(allow_loopback=_is_loopback_host(host), allow_private=allow_private)
 
     def refusal(self, address: str | IPAddress) -> str | None:
         """Why `address` is refused, or None when it may be connected to."""

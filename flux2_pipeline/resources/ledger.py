@@ -2,60 +2,78 @@
 
 Example::
 
-    resources = {"ledger": LedgerResource(url=EnvVar("FLUX2_LEDGER_URL"))}
-    # or, by default, a SQLite file under the output directory:
-    resources = {"ledger": LedgerResource(output_dir="data/output")}
+    storage = Flux2Storage(output_dir="data/output")
+    resources = {"ledger": LedgerResource(url=EnvVar("FLUX2_LEDGER_URL"), storage=storage)}
+    # or, by default, a SQLite file under the storage's output directory:
+    resources = {"ledger": LedgerResource(storage=storage)}
 """
 
-from __future__ import annotations
+from dagster import ConfigurableResource, EnvVar, InitResourceContext, ResourceDependency
+from pydantic import Field, PrivateAttr, field_validator
 
-from pathlib import Path
+from flux2_pipeline.ledger import (
+    DEFAULT_LEASE_SECONDS,
+    Ledger,
+    LedgerConfigError,
+    parse_ledger_url,
+    redact_url,
+)
+from flux2_pipeline.paths import local_path
+from flux2_pipeline.resources.errors import SettingsError
+from flux2_pipeline.resources.storage import Flux2Storage
 
-from dagster import ConfigurableResource, InitResourceContext
-from pydantic import Field, PrivateAttr
-
-from flux2_pipeline.ledger import Ledger, redact_url
-from flux2_pipeline.paths import is_remote_uri
+REMOTE_LEDGER_REQUIRED = (
+    "FLUX2_LEDGER_URL is required when FLUX2_OUTPUT_DIR is an object store: every machine "
+    "writing there must share one ledger, e.g. postgresql://user@host:5432/flux2"
+)
 
 
 class LedgerResource(ConfigurableResource):  # type: ignore[type-arg]
-    """The durable record of paid submissions (SQLite by default, PostgreSQL for many hosts)."""
+    """The durable record of paid submissions (SQLite by default, PostgreSQL for many hosts).
+
+    `url` may hold a password: set it with `EnvVar("FLUX2_LEDGER_URL")` so Dagster's run
+    storage keeps the variable's name, never its value.
+    """
 
     url: str | None = Field(
         default=None,
         description="FLUX2_LEDGER_URL: sqlite:///path or postgresql://...; default is "
-        "ledger.sqlite under output_dir.",
-    )
-    output_dir: str = Field(default="data/output", description="Where the default SQLite lives.")
-    lease_seconds: float = Field(
-        default=60.0,
-        gt=0,
-        description="FLUX2_CLAIM_LEASE_SECONDS: how long a run's claim on a row outlives its "
-        "last heartbeat; then another run may take the row over (counted as unknown).",
-    )
-    account_concurrency: int | None = Field(
-        default=None,
-        ge=1,
-        description="FLUX2_ACCOUNT_CONCURRENCY: most jobs queued or running at once over every "
-        "run, process and machine sharing the ledger.",
+        "ledger.sqlite under the storage's output_dir. May hold a password: use EnvVar.",
     )
     budget_usd: float | None = Field(
         default=None,
         ge=0,
-        description="FLUX2_BUDGET_USD: most money the ledger may spend, over every run.",
+        description="FLUX2_BUDGET_USD: most money this ledger may spend, summed over every "
+        "run that shares it (unset: no limit).",
     )
-    price_per_image_usd: float | None = Field(
-        default=None,
-        ge=0,
-        description="FLUX2_PRICE_PER_IMAGE_USD: reserved per image until the API reports a cost.",
+    lease_seconds: float = Field(
+        default=DEFAULT_LEASE_SECONDS,
+        gt=0,
+        le=86400,
+        description="FLUX2_CLAIM_LEASE_SECONDS: how long a run's claim on a row outlives its "
+        "last heartbeat; then another run may take the row over (counted as unknown).",
     )
+    storage: ResourceDependency[Flux2Storage]
 
     _ledger: Ledger | None = PrivateAttr(default=None)
 
+    @field_validator("url")
+    @classmethod
+    def _usable_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        try:
+            parse_ledger_url(value)
+        except LedgerConfigError as exc:
+            raise ValueError(f"is not a usable ledger URL: {exc}") from None
+        return value.strip()
+
     def __repr__(self) -> str:
+        if isinstance(self.url, EnvVar):
+            return f"LedgerResource(url=EnvVar({self.url.env_var_name!r}))"
         try:
             shown = redact_url(self.effective_url)
-        except ValueError:
+        except SettingsError:
             shown = None
         return f"LedgerResource(url={shown!r})"
 
@@ -64,12 +82,12 @@ class LedgerResource(ConfigurableResource):  # type: ignore[type-arg]
     @property
     def effective_url(self) -> str:
         """The configured URL, or the default SQLite file (only for a local output_dir)."""
-        if not self.url and is_remote_uri(self.output_dir):
-            raise ValueError(
-                "FLUX2_LEDGER_URL is required when FLUX2_OUTPUT_DIR is an object store: "
-                "every machine writing there must share one ledger, e.g. postgresql://..."
-            )
-        return self.url or f"sqlite:///{(Path(self.output_dir) / 'ledger.sqlite').resolve()}"
+        if self.url:
+            return self.url
+        if self.storage.output_is_remote:
+            raise SettingsError(REMOTE_LEDGER_REQUIRED)
+        folder = local_path(self.storage.output_root())
+        return f"sqlite:///{(folder / 'ledger.sqlite').resolve()}"
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
         self._ledger = Ledger.open(self.effective_url)

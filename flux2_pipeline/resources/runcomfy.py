@@ -21,26 +21,56 @@ import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from dagster import ConfigurableResource, DagsterExecutionInterruptedError, InitResourceContext
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, field_validator
 
+from flux2_pipeline.resources.errors import SettingsError
 from flux2_pipeline.runcomfy import (
     DEFAULT_BASE_URL,
     MODEL_PATH,
+    PARAMETER_NAMES,
     AsyncRunComfyClient,
+    EditRequest,
+    InvalidEditRequest,
     PollSchedule,
     RetryPolicy,
 )
-from flux2_pipeline.settings import SettingsError, is_loopback
 
 T = TypeVar("T")
+
+MAX_CONCURRENCY_LIMIT = 4096
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+_PROBE_ROW = {"prompt": "defaults check", "image_urls": ["https://example.test/a.png"]}
 
 CLEANUP_SECONDS = 30.0
 """How long a stopped run waits for in-flight jobs to be cancelled and recorded."""
 
-STOP_REQUESTED = threading.Event()
-"""Set once this process was interrupted (a stopped run, Ctrl+C, SIGTERM)."""
+
+def is_loopback(url: str) -> bool:
+    """True for http(s) URLs on 127.0.0.1, localhost or ::1 (the emulator needs no token)."""
+    return (urlsplit(url).hostname or "") in LOOPBACK_HOSTS
+
+
+def check_parameter_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
+    """`defaults` if every key is an `EditRequest` parameter and every value fits its rule.
+
+    >>> check_parameter_defaults({"image_size": "landscape_4_3"})
+    {'image_size': 'landscape_4_3'}
+    """
+    unknown = sorted(set(defaults) - set(PARAMETER_NAMES))
+    if unknown:
+        raise ValueError(
+            f"has no edit parameter {unknown[0]!r} (choose from {', '.join(PARAMETER_NAMES)})"
+        )
+    try:
+        EditRequest.parse({**_PROBE_ROW, **defaults})
+    except InvalidEditRequest as exc:
+        raise ValueError(
+            "breaks the edit schema: " + "; ".join(str(issue) for issue in exc.issues)
+        ) from None
+    return dict(defaults)
 
 
 class RunInterrupted(Exception):
@@ -56,12 +86,20 @@ class RunComfyResource(ConfigurableResource):  # type: ignore[type-arg]
 
     api_token: str | None = Field(
         default=None,
-        description="Bearer token (from EnvVar('RUNCOMFY_API_TOKEN')); optional only for a "
-        "loopback emulator.",
+        description="RUNCOMFY_API_TOKEN: Bearer token; set it with EnvVar so run storage "
+        "never holds it. Optional only for a loopback emulator.",
     )
-    base_url: str = Field(default=DEFAULT_BASE_URL, description="API root URL.")
+    base_url: str = Field(
+        default=DEFAULT_BASE_URL,
+        description="RUNCOMFY_BASE_URL: API root; the model path is appended.",
+    )
     model_path: str = Field(default=MODEL_PATH, description="Path of the edit model endpoint.")
-    max_concurrency: int = Field(default=8, ge=1, description="Most jobs in flight per step.")
+    max_concurrency: int = Field(
+        default=8,
+        ge=1,
+        le=MAX_CONCURRENCY_LIMIT,
+        description="FLUX2_MAX_CONCURRENCY: most API jobs in flight at once from one step.",
+    )
     request_timeout: float = Field(default=30.0, gt=0, description="Seconds per HTTP call.")
     job_deadline: float = Field(
         default=1800.0,
@@ -88,24 +126,23 @@ class RunComfyResource(ConfigurableResource):  # type: ignore[type-arg]
         le=7 * 24 * 3600,
         description="Seconds a pre-signed URL for an s3:// reference image stays valid.",
     )
-    guidance_scale: float | None = Field(
-        default=None, description="Default guidance_scale for rows that leave it null."
+    account_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description="FLUX2_ACCOUNT_CONCURRENCY: most jobs the account may have queued or "
+        "running at once, summed over every run sharing the ledger (unset: no shared cap).",
     )
-    seed: int | None = Field(default=None, description="Default seed for rows that leave it null.")
-    num_inference_steps: int | None = Field(
-        default=None, description="Default num_inference_steps for rows that leave it null."
+    price_per_image_usd: float | None = Field(
+        default=None,
+        ge=0,
+        description="FLUX2_PRICE_PER_IMAGE_USD: the price of one output image, used where "
+        "the API reports no cost.",
     )
-    image_size: str | None = Field(
-        default=None, description="Default image_size preset for rows that leave it null."
-    )
-    num_images: int | None = Field(
-        default=None, description="Default num_images for rows that leave it null."
-    )
-    enable_prompt_expansion: bool | None = Field(
-        default=None, description="Default enable_prompt_expansion for rows that leave it null."
-    )
-    output_format: str | None = Field(
-        default=None, description="Default output_format for rows that leave it null."
+    defaults: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Edit parameters for rows that leave them null, e.g. "
+        "{image_size: landscape_4_3}; any parameter of EditRequest, checked against its "
+        "schema. A row's own value wins.",
     )
 
     _loop: asyncio.AbstractEventLoop | None = PrivateAttr(default=None)
@@ -117,18 +154,32 @@ class RunComfyResource(ConfigurableResource):  # type: ignore[type-arg]
 
     __str__ = __repr__
 
+    @field_validator("api_token")
+    @classmethod
+    def _token_shape(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if value != value.strip() or any(char.isspace() for char in value):
+            raise ValueError("must not contain spaces or line breaks")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        value = value.strip() or DEFAULT_BASE_URL
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http(s) URL such as {DEFAULT_BASE_URL}, got {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("defaults")
+    @classmethod
+    def _edit_parameters(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_parameter_defaults(value)
+
     def parameter_defaults(self) -> dict[str, Any]:
         """The configured per-parameter defaults (only those set)."""
-        names = (
-            "guidance_scale",
-            "seed",
-            "num_inference_steps",
-            "image_size",
-            "num_images",
-            "enable_prompt_expansion",
-            "output_format",
-        )
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        return {name: value for name, value in self.defaults.items() if value is not None}
 
     def check_token(self) -> None:
         """A remote API without a token is a configuration error, never an emulator fallback."""
@@ -205,7 +256,6 @@ class RunComfyResource(ConfigurableResource):  # type: ignore[type-arg]
                     on_tick()
             return future.result()
         except (KeyboardInterrupt, DagsterExecutionInterruptedError) as interrupt:
-            STOP_REQUESTED.set()
             self._cancel_and_wait(future, finished)
             raise RunInterrupted("the run was stopped") from interrupt
         except BaseException:

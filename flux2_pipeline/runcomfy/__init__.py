@@ -12,7 +12,6 @@ from flux2_pipeline.runcomfy.client import (
     DEFAULT_BASE_URL,
     DEFAULT_LOST_JOB_GRACE,
     AsyncRunComfyClient,
-    BatchItem,
     ClientStats,
 )
 from flux2_pipeline.runcomfy.errors import (
@@ -49,6 +48,12 @@ from flux2_pipeline.runcomfy.models import (
 )
 from flux2_pipeline.runcomfy.polling import PollSchedule
 from flux2_pipeline.runcomfy.retry import RetryPolicy
+from flux2_pipeline.runcomfy.transport import (
+    AiohttpTransport,
+    HttpTransport,
+    HttpxTransport,
+    RawResponse,
+)
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -58,15 +63,17 @@ __all__ = [
     "PARAMETER_DEFAULTS",
     "PARAMETER_NAMES",
     "APIError",
+    "AiohttpTransport",
     "AsyncRunComfyClient",
     "AuthenticationError",
     "BadRequestError",
-    "BatchItem",
     "CancelOutcome",
     "ClientStats",
     "EditRequest",
     "EditResult",
     "FieldIssue",
+    "HttpTransport",
+    "HttpxTransport",
     "InsufficientCreditError",
     "InvalidEditRequest",
     "JobDeadlineExceeded",
@@ -78,6 +85,7 @@ __all__ = [
     "NotFoundError",
     "PollSchedule",
     "RateLimitError",
+    "RawResponse",
     "RequestRejectedError",
     "RetryPolicy",
     "RunComfyError",

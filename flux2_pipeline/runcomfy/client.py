@@ -1,4 +1,4 @@
-"""The async RunComfy client: submit, status, result, cancel, run, run_many.
+"""The async RunComfy client: submit, status, result, cancel, wait, run.
 
 Example::
 
@@ -6,19 +6,13 @@ Example::
         result = await client.run(EditRequest(prompt="make it snow", image_urls=[url]))
         print(result.state, result.output_urls)
 
-        async for item in client.run_many(requests, concurrency=32):
-            print(item.index, item.result or item.error)
-
-The token lives only in the Authorization header of the underlying
-`httpx.AsyncClient` (and the fast path's copy of those headers); it is never part of
-a repr, a log line or an exception.
-Pass `transport=` (for example `httpx.MockTransport`) to test without a network.
-Without one, HTTP goes through aiohttp's pool behind httpx's API (see
-`runcomfy.transport`: a fifth of the CPU of httpx's own pool at 32 jobs in flight, a
-quarter of the wall time at 256); `transport=httpx.AsyncHTTPTransport()` picks httpx's pool.
-With that default transport the client's own calls skip httpx's request and response
-objects (`_FastPath`: the same bytes on the wire, the same errors and log lines), which
-cut its CPU per job from 2.4x to about 1.05x that of a plain aiohttp script.
+Every call goes through one path: the client builds the URL, its headers (made once
+per call shape, GET or JSON POST) and the JSON bytes, and hands them to an
+`HttpTransport` (see `runcomfy.transport`). The default is aiohttp's pool; pass
+`transport=` any `httpx.AsyncBaseTransport` (`httpx.MockTransport` in tests,
+`httpx.AsyncHTTPTransport(...)` for httpx's pool) or any `HttpTransport`.
+The token lives only in the Authorization header the client hands the transport; it
+is never part of a repr, a log line or an exception.
 """
 
 from __future__ import annotations
@@ -26,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import json as jsonlib
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from functools import partial
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -63,7 +58,12 @@ from flux2_pipeline.runcomfy.models import (
 from flux2_pipeline.runcomfy.polling import PollSchedule
 from flux2_pipeline.runcomfy.retry import RetryPolicy, is_retryable, parse_retry_after
 from flux2_pipeline.runcomfy.security import require_secure_base_url
-from flux2_pipeline.runcomfy.transport import AiohttpTransport, default_transport
+from flux2_pipeline.runcomfy.transport import (
+    HttpTransport,
+    HttpxTransport,
+    RawResponse,
+    default_transport,
+)
 
 DEFAULT_BASE_URL = "https://model-api.runcomfy.net"
 DEFAULT_JOB_DEADLINE = 30 * 60.0
@@ -76,6 +76,7 @@ CANCEL_BUDGET = 10.0
 """Seconds a best-effort cancel may take while the caller is giving up on a job."""
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Errors raised before any byte of the request left this process.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
@@ -92,16 +93,6 @@ class ClientStats:
     retries: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class BatchItem:
-    """One finished entry of `run_many`: exactly one of `result` and `error` is set."""
-
-    index: int
-    request: EditRequest
-    result: EditResult | None = None
-    error: RunComfyError | None = field(default=None)
-
-
 class AsyncRunComfyClient:
     """Async client for the RunComfy FLUX.2 [dev] edit queue API.
 
@@ -113,11 +104,12 @@ class AsyncRunComfyClient:
         unknown_state_grace: seconds a job may report a state this client does not know.
         lost_job_grace: seconds a job may answer 404 on status and result before `wait`
             raises `JobLostError` (default `DEFAULT_LOST_JOB_GRACE`, 60).
-        max_concurrency: default number of jobs `run_many` keeps in flight.
+        max_concurrency: jobs the caller keeps in flight; sizes the connection pool.
         retry: the retry policy for each HTTP call.
         poll: the adaptive poll schedule.
-        transport: an `httpx.AsyncBaseTransport` to use instead of the default
-            (aiohttp's pool when `httpx-aiohttp` is installed, else httpx's own).
+        transport: an `httpx.AsyncBaseTransport` (wrapped in `HttpxTransport`) or an
+            `HttpTransport`; default: aiohttp's pool (`default_transport`), with the
+            environment's proxy for `base_url`.
     """
 
     def __init__(
@@ -133,7 +125,7 @@ class AsyncRunComfyClient:
         max_concurrency: int = 8,
         retry: RetryPolicy | None = None,
         poll: PollSchedule | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx.AsyncBaseTransport | HttpTransport | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
@@ -150,22 +142,18 @@ class AsyncRunComfyClient:
         headers = {"Accept": "application/json", "User-Agent": "flux2-pipeline"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        # A job makes one call at a time, so `max_concurrency` connections would do; the
-        # rest is room for cancels and a caller's extra calls. Both pools keep them alive.
-        connections = max(16, max_concurrency * 2)
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        chosen = transport if transport is not None else default_transport(limits, self.base_url)
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=headers,
-            timeout=timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout),
-            limits=limits,
-            transport=chosen,
-        )
-        # The hot path: with the default aiohttp transport (exactly that class, so a
-        # subclass or any other transport keeps the httpx path), calls skip httpx's
-        # per-request objects but send the same bytes; see `_FastPath`.
-        self._fast = _FastPath(self._http, chosen) if type(chosen) is AiohttpTransport else None
+        # Built once: every call of a shape sends the same headers.
+        self._headers = {False: headers, True: {**headers, "Content-Type": "application/json"}}
+        self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+        if transport is None:
+            # A job makes one call at a time, so `max_concurrency` connections would do;
+            # the rest is room for cancels and a caller's extra calls.
+            connections = max(16, max_concurrency * 2)
+            self._transport: HttpTransport = default_transport(connections, self.base_url)
+        elif isinstance(transport, httpx.AsyncBaseTransport):
+            self._transport = HttpxTransport(transport)
+        else:
+            self._transport = transport
 
     def __repr__(self) -> str:
         return f"AsyncRunComfyClient(base_url={self.base_url!r})"
@@ -183,7 +171,7 @@ class AsyncRunComfyClient:
 
     async def aclose(self) -> None:
         """Close the connection pool."""
-        await self._http.aclose()
+        await self._transport.aclose()
 
     # -- the four API calls ------------------------------------------------------------
 
@@ -201,38 +189,30 @@ class AsyncRunComfyClient:
         (`errors.submit_error_proves_no_job` is the rule for statuses.)
         """
         self.stats.submits += 1
-        body = await self._call("POST", self.model_path, json=request.payload(), submit=True)
-        try:
-            return parse_submit(body)
-        except MalformedResponseError as exc:
-            raise SubmissionOutcomeUnknown(
-                f"POST {self.model_path}: HTTP 2xx but {exc.message}; "
-                "the API may have created a job",
-                status_code=200,
-            ) from exc
+        return await self._call(
+            "POST", self.model_path, parse_submit, json=request.payload(), submit=True
+        )
 
     async def status(self, request_id: str) -> JobStatus:
         """The job's current state (and queue position while queued)."""
         self.stats.status_calls += 1
-        body = await self._call("GET", _job_path(request_id, "status"), request_id=request_id)
-        return parse_status(body, request_id)
+        path = _job_path(request_id, "status")
+        parse = partial(parse_status, request_id=request_id)
+        return await self._call("GET", path, parse, request_id=request_id)
 
     async def result(self, request_id: str) -> EditResult:
         """The job's result: state, image URLs, error, timestamps and cost."""
         self.stats.result_calls += 1
-        body = await self._call(
-            "GET",
-            _job_path(request_id, "result"),
-            params={"include_cost": "true"},
-            request_id=request_id,
-        )
-        return parse_result(body, request_id)
+        path = _job_path(request_id, "result") + "?include_cost=true"
+        parse = partial(parse_result, request_id=request_id)
+        return await self._call("GET", path, parse, request_id=request_id)
 
     async def cancel(self, request_id: str) -> CancelOutcome:
         """Ask the API to cancel a job; only queued jobs can be cancelled."""
         self.stats.cancel_calls += 1
-        body = await self._call("POST", _job_path(request_id, "cancel"), request_id=request_id)
-        return parse_cancel(body, request_id)
+        path = _job_path(request_id, "cancel")
+        parse = partial(parse_cancel, request_id=request_id)
+        return await self._call("POST", path, parse, request_id=request_id)
 
     # -- whole jobs --------------------------------------------------------------------
 
@@ -277,11 +257,8 @@ class AsyncRunComfyClient:
                     if now - unknown_since >= self.unknown_state_grace:
                         raise
                     continue
-                except NotFoundError as missing:
-                    status = None
-                    not_found: NotFoundError | None = missing
-                else:
-                    not_found = None
+                except NotFoundError:
+                    status = None  # perhaps a transient 404: /result decides below
                 unknown_since = None
                 if status is not None and not status.state.is_terminal:
                     missing_since = None
@@ -294,8 +271,6 @@ class AsyncRunComfyClient:
                     if now - missing_since >= self.lost_job_grace:
                         raise _job_lost(request_id, now - missing_since, missing) from missing
                     continue
-                if not_found is not None:
-                    logger.info("job %s: status answered 404, result did not", request_id)
                 missing_since = None
                 if result.state.is_terminal:
                     return replace(result, status_calls=calls, submitted_at=submitted_at)
@@ -307,45 +282,6 @@ class AsyncRunComfyClient:
         """Submit one job and wait for its result."""
         handle = await self.submit(request)
         return await self.wait(handle.request_id, deadline=deadline, submitted_at=datetime.now(UTC))
-
-    async def run_many(
-        self,
-        requests: Iterable[EditRequest] | AsyncIterable[EditRequest],
-        *,
-        concurrency: int | None = None,
-    ) -> AsyncIterator[BatchItem]:
-        """Run many jobs, yielding each as it finishes, with at most `concurrency` in flight.
-
-        Requests are pulled from `requests` lazily, so a generator of a million
-        requests is fine. Errors are yielded per item, never raised mid-stream.
-        Closing the iterator early cancels (and remotely cancels) what is in flight.
-        """
-        limit = concurrency or self.max_concurrency
-        source = _aiter(requests)
-        in_flight: dict[asyncio.Task[EditResult], tuple[int, EditRequest]] = {}
-        index = 0
-        exhausted = False
-        try:
-            while True:
-                while not exhausted and len(in_flight) < limit:
-                    try:
-                        request = await anext(source)
-                    except StopAsyncIteration:
-                        exhausted = True
-                        break
-                    in_flight[asyncio.ensure_future(self.run(request))] = (index, request)
-                    index += 1
-                if not in_flight:
-                    return
-                done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    position, request = in_flight.pop(task)
-                    yield _batch_item(position, request, task)
-        finally:
-            for task in in_flight:
-                task.cancel()
-            if in_flight:
-                await asyncio.gather(*in_flight, return_exceptions=True)
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -361,17 +297,24 @@ class AsyncRunComfyClient:
         self,
         method: str,
         path: str,
+        parse: Callable[[dict[str, Any]], T],
         *,
         json: Any = None,
-        params: dict[str, str] | None = None,
         submit: bool = False,
         request_id: str | None = None,
-    ) -> Any:
+    ) -> T:
+        """One API call with retries; `path` is escaped already (and may carry a query)."""
+        url = self.base_url + path
+        content = None if json is None else _json_bytes(json)
+        headers = self._headers[content is not None]
         attempts = 0
         while True:
             attempts += 1
             try:
-                return await self._call_once(method, path, json, params, submit, request_id)
+                code, body = await self._call_once(
+                    method, path, url, headers, content, submit, request_id
+                )
+                return _parsed(parse, body, f"{method} {path}: HTTP {code}", submit, code)
             except RunComfyError as error:
                 retry_after = error.retry_after if isinstance(error, APIError) else None
                 if not is_retryable(error, submit=submit) or not self.retry.allows_another(
@@ -387,17 +330,15 @@ class AsyncRunComfyClient:
         self,
         method: str,
         path: str,
-        json: Any,
-        params: dict[str, str] | None,
+        url: str,
+        headers: dict[str, str],
+        content: bytes | None,
         submit: bool,
         request_id: str | None,
-    ) -> Any:
-        fast = self._fast
+    ) -> tuple[int, dict[str, Any]]:
+        """One exchange: the status and JSON object of a success, or the error it means."""
         try:
-            if fast is not None:
-                status, raw_headers, content, encoded = await fast.send(method, path, json, params)
-            else:
-                response = await self._http.request(method, path, json=json, params=params)
+            answer = await self._transport.send(method, url, headers, content, self._timeout)
         except _NOT_SENT as exc:
             raise TransportError(
                 f"{method} {path}: could not connect ({type(exc).__name__})",
@@ -411,22 +352,13 @@ class AsyncRunComfyClient:
                     what + "; the API may have created a job", request_id=request_id
                 ) from exc
             raise TransportError(what, request_id=request_id) from exc
-        if fast is not None:
-            if 200 <= status < 300 and not encoded:
-                try:
-                    body = jsonlib.loads(content)
-                except ValueError:
-                    body = None
-                if isinstance(body, dict) and not body.get("error_code"):
-                    return body
-            # Anything else takes the general path below, on the response httpx builds.
-            response = httpx.Response(status, headers=raw_headers, content=content)
-        body = _decode_body(response)
-        code = response.status_code
-        has_error_code = isinstance(body, dict) and body.get("error_code")
-        if 200 <= code < 300 and not has_error_code:
+        code = answer.status_code
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s %s -> HTTP %d", method, path, code)
+        body = _decode(answer)
+        if 200 <= code < 300 and not (isinstance(body, dict) and body.get("error_code")):
             if isinstance(body, dict):
-                return body
+                return code, body
             what = f"{method} {path}: expected a JSON object, got HTTP {code}"
             if submit:
                 raise SubmissionOutcomeUnknown(
@@ -437,7 +369,7 @@ class AsyncRunComfyClient:
             code,
             body,
             request_id=request_id,
-            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+            retry_after=parse_retry_after(answer.headers.get("Retry-After")),
         )
         if submit and (code < 300 or not submit_error_proves_no_job(code)):
             raise SubmissionOutcomeUnknown(
@@ -446,48 +378,6 @@ class AsyncRunComfyClient:
                 status_code=code,
             ) from error
         raise error
-
-
-class _FastPath:
-    """Requests through `AiohttpTransport.fetch` with httpx's headers, URL and timeout.
-
-    The headers are those `httpx.AsyncClient.build_request` makes for the same call
-    (computed once per method and body shape), the URL is the client's base URL joined
-    with the (already escaped) path as httpx joins them, the body is httpx's JSON
-    encoding and the timeout is the one the transport derives from the client's.
-    """
-
-    __slots__ = ("_base", "_headers", "_http", "_timeout", "_transport")
-
-    def __init__(self, http: httpx.AsyncClient, transport: AiohttpTransport) -> None:
-        self._http = http
-        self._transport = transport
-        self._base = str(http.base_url).rstrip("/")
-        self._timeout = AiohttpTransport.timeout_for(http.timeout)
-        self._headers: dict[tuple[str, bool], dict[str, str]] = {}
-
-    def _headers_for(self, method: str, has_body: bool) -> dict[str, str]:
-        headers = self._headers.get((method, has_body))
-        if headers is None:
-            probe = self._http.build_request(method, "/", json={} if has_body else None)
-            headers = self._headers[(method, has_body)] = dict(probe.headers.items())
-        return headers
-
-    async def send(
-        self, method: str, path: str, json: Any, params: dict[str, str] | None
-    ) -> tuple[int, tuple[tuple[bytes, bytes], ...], bytes, bool]:
-        url = self._base + path
-        if params:
-            url += "?" + str(httpx.QueryParams(params))
-        if json is None:
-            return await self._transport.fetch(
-                method, url, self._headers_for(method, False), None, self._timeout
-            )
-        content = jsonlib.dumps(
-            json, ensure_ascii=False, separators=(",", ":"), allow_nan=False
-        ).encode("utf-8")
-        headers = {**self._headers_for(method, True), "Content-Length": str(len(content))}
-        return await self._transport.fetch(method, url, headers, content, self._timeout)
 
 
 def _job_path(request_id: str, action: str) -> str:
@@ -504,28 +394,28 @@ def _job_lost(request_id: str, seconds: float, last: NotFoundError) -> JobLostEr
     )
 
 
-def _decode_body(response: httpx.Response) -> Any:
+def _parsed(
+    parse: Callable[[dict[str, Any]], T], body: dict[str, Any], what: str, submit: bool, code: int
+) -> T:
     try:
-        return response.json()
+        return parse(body)
+    except MalformedResponseError as exc:
+        if not submit:
+            raise
+        # A 2xx without a usable request id: the job may exist all the same.
+        raise SubmissionOutcomeUnknown(
+            f"{what}, but {exc.message}; the API may have created a job", status_code=code
+        ) from exc
+
+
+def _json_bytes(payload: Any) -> bytes:
+    text = jsonlib.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return text.encode()
+
+
+def _decode(answer: RawResponse) -> Any:
+    """The answer's JSON, or its text when it is not JSON (error messages quote it)."""
+    try:
+        return jsonlib.loads(answer.content)
     except ValueError:
-        return response.text
-
-
-def _batch_item(index: int, request: EditRequest, task: asyncio.Task[EditResult]) -> BatchItem:
-    error = task.exception()
-    if error is None:
-        return BatchItem(index, request, result=task.result())
-    if isinstance(error, RunComfyError):
-        return BatchItem(index, request, error=error)
-    raise error
-
-
-async def _aiter(
-    items: Iterable[EditRequest] | AsyncIterable[EditRequest],
-) -> AsyncIterator[EditRequest]:
-    if isinstance(items, AsyncIterable):
-        async for item in items:
-            yield item
-    else:
-        for item in items:
-            yield item
+        return answer.content.decode("utf-8", errors="replace")

@@ -1,15 +1,20 @@
-"""The HTTP transport under the client: aiohttp's connection pool behind httpx's API.
+"""The HTTP seam under the client: one small protocol, two implementations.
 
-httpx's own pool (httpcore) spends milliseconds of CPU per call (encode/httpx#3215);
-polling thousands of jobs on two cores, that is most of the run. `default_transport`
-therefore returns an `AiohttpTransport` (from `httpx-aiohttp`) when it is installed, and
-None (httpx's own transport) otherwise. Callers keep httpx's API: requests, responses,
-`httpx.MockTransport` in tests. The figures are in README.md, "Benchmarks".
+The client makes every call through `HttpTransport.send(method, url, headers, body,
+timeout) -> RawResponse`. The client builds the URL, the headers (once per call shape)
+and the JSON bytes itself; a transport only moves bytes.
 
-`httpx-aiohttp` maps aiohttp's errors to httpx's too loosely for a client that bills:
-any `aiohttp.ClientConnectionError`, a connection dropped mid-request included, becomes
-`httpx.ConnectTimeout`, which means "nothing was sent" and would let a paid submit be
-retried. `AiohttpTransport` here maps by what the error says about the request:
+- `AiohttpTransport` (the default) sends on aiohttp's connection pool, through its
+  public API. httpx's own pool (httpcore) spends milliseconds of CPU per call
+  (encode/httpx#3215); polling thousands of jobs on two cores, that is most of the run.
+  The figures are in README.md, "Benchmarks".
+- `HttpxTransport` adapts any `httpx.AsyncBaseTransport`: `httpx.MockTransport` in tests,
+  `httpx.AsyncHTTPTransport(proxy=..., verify=...)` for httpx's pool and its options.
+  The client wraps an httpx transport given as `transport=` in it.
+
+Both raise httpx's transport exceptions (public classes), chosen by what the failure
+says about the request, because a paid submit may be retried only when nothing was
+sent. `AiohttpTransport` maps aiohttp's errors so (`httpx_error_for`):
 
 ===================================  ============================  ==============
 aiohttp                              httpx                         request sent?
@@ -26,48 +31,81 @@ InvalidURL, NonHttpUrlClientError    UnsupportedProtocol           no
 any other ClientError                TransportError                maybe
 ===================================  ============================  ==============
 
-Proxy variables (HTTPS_PROXY, HTTP_PROXY, NO_PROXY) are read once, when the transport
-is made for a base URL, not on every request: aiohttp's `trust_env=True` looks them (and
-~/.netrc) up per request, which doubled the client's CPU per job.
+Proxy variables (HTTPS_PROXY, HTTP_PROXY, NO_PROXY) are read once, when the default
+transport is made for a base URL (`proxy_for`), not on every request: aiohttp's
+`trust_env=True` looks them (and ~/.netrc) up per request, which doubled the client's
+CPU per job.
 
 Example::
 
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    http = httpx.AsyncClient(transport=default_transport(limits))
+    transport = default_transport(max_connections=64, base_url="http://127.0.0.1:8188")
+    answer = await transport.send("GET", url, {"Accept": "application/json"}, None,
+                                  httpx.Timeout(10.0))
+    print(answer.status_code, answer.content)
+    await transport.aclose()
 """
 
 from __future__ import annotations
 
-import logging
 import urllib.request
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
+import aiohttp
 import httpx
-
-try:
-    import aiohttp
-    from httpx_aiohttp import AiohttpTransport as _AiohttpBase
-except ImportError:  # pragma: no cover - httpx-aiohttp is a core dependency
-    _AVAILABLE = False
-else:
-    _AVAILABLE = True
+from yarl import URL
 
 __all__ = [
     "AiohttpTransport",
-    "aiohttp_available",
+    "HttpTransport",
+    "HttpxTransport",
+    "RawResponse",
     "default_transport",
     "httpx_error_for",
     "proxy_for",
 ]
 
-_HTTPX_LOGGER = logging.getLogger("httpx")
+
+@dataclass(frozen=True, slots=True)
+class RawResponse:
+    """One HTTP answer: status, headers (a case-insensitive mapping) and the decoded body.
+
+    Example::
+
+        >>> RawResponse(200, httpx.Headers({"Retry-After": "1"}), b"{}").headers["retry-after"]
+        '1'
+    """
+
+    status_code: int
+    headers: Mapping[str, str]
+    content: bytes
 
 
-def aiohttp_available() -> bool:
-    """True when `httpx-aiohttp` (and so aiohttp) can be imported."""
-    return _AVAILABLE
+@runtime_checkable
+class HttpTransport(Protocol):
+    """What the client needs from HTTP: send one request, read the whole answer, close.
+
+    `send` raises `httpx.TransportError` subclasses on failure: `httpx.ConnectError`,
+    `httpx.ConnectTimeout`, `httpx.PoolTimeout` and `httpx.UnsupportedProtocol` only
+    when no byte of the request left this process.
+    """
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        timeout: httpx.Timeout,
+    ) -> RawResponse:
+        """Send one request and return its whole answer (redirects are not followed)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        ...
 
 
 def httpx_error_for(exc: BaseException) -> type[httpx.TransportError]:
@@ -90,161 +128,161 @@ def httpx_error_for(exc: BaseException) -> type[httpx.TransportError]:
     return httpx.TransportError
 
 
-def _original(exc: BaseException) -> BaseException:
-    # httpx-aiohttp re-raises its own (too loose) mapping `from` the aiohttp error.
-    cause = exc.__cause__
-    return cause if isinstance(exc, httpx.TransportError) and cause is not None else exc
+class AiohttpTransport:
+    """`HttpTransport` on aiohttp's connection pool (the client's default).
 
+    Args:
+        max_connections: connections kept open at most (all of them reused).
+        proxy: an HTTP proxy URL (credentials in it are sent as proxy auth), or None.
 
-def _remap(exc: Exception, request: httpx.Request) -> httpx.TransportError | None:
-    original = _original(exc)
-    if not isinstance(original, aiohttp.ClientError | TimeoutError):
-        return None
-    message = str(original) or type(original).__name__
-    return httpx_error_for(original)(message, request=request)
-
-
-class AiohttpTransport(_AiohttpBase):
-    """httpx-aiohttp's transport with the exception mapping of this module.
+    The aiohttp session is made on the first request, in the running event loop.
 
     Example::
 
-        transport = AiohttpTransport(limits=httpx.Limits(max_connections=64))
-        async with httpx.AsyncClient(transport=transport) as http:
-            await http.get("http://127.0.0.1:8188/_emulator/stats")
+        transport = AiohttpTransport(max_connections=64)
+        client = AsyncRunComfyClient(token, base_url, transport=transport)
     """
 
-    _proxy_options: dict[str, Any] | None = None
+    def __init__(self, *, max_connections: int = 100, proxy: str | None = None) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        self.max_connections = max_connections
+        self._proxy: URL | None = None
+        self._proxy_headers: dict[str, str] | None = None
+        if proxy:
+            parsed = URL(proxy)
+            auth = aiohttp.BasicAuth.from_url(parsed)
+            if auth is not None:
+                self._proxy_headers = {"Proxy-Authorization": auth.encode()}
+            self._proxy = parsed.with_user(None)
+        self._session: aiohttp.ClientSession | None = None
+        self._timeouts: tuple[httpx.Timeout, aiohttp.ClientTimeout] | None = None
 
-    @staticmethod
-    def timeout_for(timeout: httpx.Timeout) -> aiohttp.ClientTimeout:
-        """The aiohttp timeout `handle_async_request` uses for a request with `timeout`."""
-        return aiohttp.ClientTimeout(
-            sock_connect=timeout.connect, sock_read=timeout.read, connect=timeout.pool
+    def __repr__(self) -> str:
+        return f"AiohttpTransport(max_connections={self.max_connections})"
+
+    def _open(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0)
+        # trust_env=False: the proxy was read once (see `proxy_for`); a dummy cookie jar
+        # because the API sets no cookies and the default jar costs CPU on every answer;
+        # no automatic Content-Type, so a POST without a body carries none (as with httpx).
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            trust_env=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("Content-Type",),
         )
+        return self._session
 
-    async def fetch(
+    def _timeout_for(self, timeout: httpx.Timeout) -> aiohttp.ClientTimeout:
+        cached = self._timeouts
+        if cached is not None and cached[0] is timeout:
+            return cached[1]
+        # aiohttp's `connect` covers the wait for a pooled connection and the connect.
+        converted = aiohttp.ClientTimeout(
+            total=None, connect=timeout.pool, sock_connect=timeout.connect, sock_read=timeout.read
+        )
+        self._timeouts = (timeout, converted)
+        return converted
+
+    async def send(
         self,
         method: str,
         url: str,
         headers: Mapping[str, str],
-        content: bytes | None,
-        timeout: aiohttp.ClientTimeout,
-    ) -> tuple[int, tuple[tuple[bytes, bytes], ...], bytes, bool]:
-        """One whole exchange without httpx's request and response objects.
-
-        Sends exactly what `handle_async_request` would for an `httpx.Request` with
-        these headers and body (no redirects, no decompression, the proxy) and maps
-        errors the same way (and logs httpx's INFO line), but reads the body in one go:
-        this is the client's hot path, and httpx's per-request objects cost more CPU
-        than the HTTP itself.
-        Returns the status, the raw headers, the raw body and whether the body has a
-        Content-Encoding (which httpx would decode).
-        """
-        session = self.client
-        if not isinstance(session, aiohttp.ClientSession):
-            session = self.client = self.get_client()
-        options = self._proxy_options
-        if options is None:
-            options = self._proxy_options = self._proxy_settings()
+        body: bytes | None,
+        timeout: httpx.Timeout,
+    ) -> RawResponse:
+        """Send one request on the pool; aiohttp's errors become httpx's (see the table)."""
+        session = self._session or self._open()
+        if self._proxy_headers is not None and url.startswith("http:"):
+            # No tunnel for plain HTTP: the proxy reads its credentials from the request
+            # (aiohttp puts them only on the CONNECT of an HTTPS tunnel).
+            headers = {**headers, **self._proxy_headers}
         try:
             async with session.request(
                 method,
                 url,
                 headers=headers,
-                data=content,
+                data=body,
                 allow_redirects=False,
-                auto_decompress=False,
-                compress=False,
-                timeout=timeout,
-                **options,
+                timeout=self._timeout_for(timeout),
+                proxy=self._proxy,
+                proxy_headers=self._proxy_headers,
             ) as response:
-                if _HTTPX_LOGGER.isEnabledFor(logging.INFO):  # the line httpx.AsyncClient logs
-                    status = response.status
-                    reason = response.reason or httpx.codes.get_reason_phrase(status)
-                    _HTTPX_LOGGER.info(
-                        'HTTP Request: %s %s "%s %d %s"', method, url, "HTTP/1.1", status, reason
-                    )
-                body = await response.read()
-                encoded = "Content-Encoding" in response.headers
-                return response.status, response.raw_headers, body, encoded
+                content = await response.read()
+                return RawResponse(response.status, response.headers, content)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            message = str(exc) or type(exc).__name__
-            raise httpx_error_for(exc)(message) from exc
-
-    def _proxy_settings(self) -> dict[str, Any]:
-        proxy = self.proxy
-        if proxy is None:
-            return {"proxy": None, "proxy_auth": None, "proxy_headers": None}
-        auth = aiohttp.BasicAuth(proxy.auth[0], proxy.auth[1]) if proxy.auth else None
-        return {"proxy": str(proxy.url), "proxy_auth": auth, "proxy_headers": proxy.headers}
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        try:
-            response: httpx.Response = await super().handle_async_request(request)
-        except Exception as exc:
-            mapped = _remap(exc, request)
-            if mapped is None:
-                raise
-            raise mapped from _original(exc)
-        stream = response.stream
-        assert isinstance(stream, httpx.AsyncByteStream)
-        response.stream = _MappedStream(stream, request)
-        return response
-
-
-class _MappedStream(httpx.AsyncByteStream):
-    """A response body whose aiohttp errors are mapped like the request's."""
-
-    def __init__(self, inner: httpx.AsyncByteStream, request: httpx.Request) -> None:
-        self._inner = inner
-        self._request = request
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._inner:
-                yield chunk
-        except Exception as exc:
-            mapped = _remap(exc, self._request)
-            if mapped is None:
-                raise
-            raise mapped from _original(exc)
+            raise httpx_error_for(exc)(str(exc) or type(exc).__name__) from exc
 
     async def aclose(self) -> None:
-        await self._inner.aclose()
+        """Close the pool (a later request opens a new one)."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
 
-def proxy_for(url: str) -> httpx.Proxy | None:
-    """The proxy the environment sets for `url` (honouring NO_PROXY), or None.
+class HttpxTransport:
+    """`HttpTransport` over any `httpx.AsyncBaseTransport`, e.g. `httpx.MockTransport`.
+
+    Example::
+
+        transport = HttpxTransport(httpx.MockTransport(lambda request: httpx.Response(204)))
+        answer = await transport.send("GET", "https://api.test/x", {}, None, httpx.Timeout(5))
+        assert answer.status_code == 204
+    """
+
+    def __init__(self, transport: httpx.AsyncBaseTransport) -> None:
+        self.transport = transport
+
+    def __repr__(self) -> str:
+        return f"HttpxTransport({type(self.transport).__name__})"
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        timeout: httpx.Timeout,
+    ) -> RawResponse:
+        """Send through the wrapped transport and read (and decode) the whole body."""
+        request = httpx.Request(
+            method, url, headers=headers, content=body, extensions={"timeout": timeout.as_dict()}
+        )
+        response = await self.transport.handle_async_request(request)
+        try:
+            content = await response.aread()
+        finally:
+            await response.aclose()
+        return RawResponse(response.status_code, response.headers, content)
+
+    async def aclose(self) -> None:
+        """Close the wrapped transport."""
+        await self.transport.aclose()
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy URL the environment sets for `url` (honouring NO_PROXY), or None.
 
     >>> proxy_for("http://127.0.0.1:8188") is None
     True
     """
-    host = urlsplit(url).hostname or ""
-    proxies = urllib.request.getproxies()
-    chosen = proxies.get(urlsplit(url).scheme)
-    if not chosen or urllib.request.proxy_bypass(host):
+    parts = urlsplit(url)
+    chosen = urllib.request.getproxies().get(parts.scheme)
+    if not chosen or urllib.request.proxy_bypass(parts.hostname or ""):
         return None
-    return httpx.Proxy(chosen)
+    return chosen
 
 
-def default_transport(
-    limits: httpx.Limits, base_url: str | None = None
-) -> httpx.AsyncBaseTransport | None:
-    """An `AiohttpTransport` with these limits, or None (httpx's own) without httpx-aiohttp.
-
-    `base_url` picks the proxy from the environment once (see `proxy_for`).
+def default_transport(max_connections: int, base_url: str | None = None) -> AiohttpTransport:
+    """The client's default: an `AiohttpTransport` with the environment's proxy for `base_url`.
 
     Example::
 
-        >>> type(default_transport(httpx.Limits(max_connections=16))).__name__
-        'AiohttpTransport'
+        >>> default_transport(16, "http://127.0.0.1:8188")
+        AiohttpTransport(max_connections=16)
     """
-    if not _AVAILABLE:
-        return None
-    proxy = proxy_for(base_url) if base_url else None
-    # trust_env=False: the proxy was read above, once; aiohttp would re-read it per request.
-    transport: httpx.AsyncBaseTransport = AiohttpTransport(
-        limits=limits, proxy=proxy, trust_env=False
+    return AiohttpTransport(
+        max_connections=max_connections, proxy=proxy_for(base_url) if base_url else None
     )
-    return transport

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -102,7 +103,7 @@ def test_bad_rows_and_bad_tables_fail_only_themselves(
     settings: Settings, emulator: EmulatorServer, instance: DagsterInstance
 ) -> None:
     base = emulator.base_url
-    folder = settings.input_dir
+    folder = Path(settings.storage.input_dir)
     write_table(folder, "a_mixed", mixed_table(base))
     write_table(
         folder,
@@ -214,7 +215,7 @@ def test_bad_rows_and_bad_tables_fail_only_themselves(
     assert summaries["d_corrupt"].results_path is None
     assert_human_error(summaries["e_empty_file"], "e_empty_file.parquet", "empty")
     assert summaries["e_empty_file"].results_path is None
-    output = settings.output_dir / "flux2_edits"
+    output = settings.storage.output_root() / "flux2_edits"
     assert not (output / "d_corrupt.parquet").exists()
     assert not (output / "e_empty_file.parquet").exists()
 
@@ -245,6 +246,72 @@ def test_bad_rows_and_bad_tables_fail_only_themselves(
     assert [row["row_id"] for row in pq.read_table(no_id.results_path).to_pylist()] == ids
     assert again["a_mixed"].completed == len(valid_ids)
     assert emulator.state.counters.jobs_created == created
+
+
+def test_string_url_columns_float_ids_and_one_id_namespace_pay_each_row_once(
+    settings: Settings, emulator: EmulatorServer, instance: DagsterInstance
+) -> None:
+    base = emulator.base_url
+    folder = Path(settings.storage.input_dir)
+    start = emulator.state.counters.jobs_created
+    # A whole image_urls column of plain strings: one URL per row.
+    write_table(
+        folder,
+        "a_string_urls",
+        pa.table(
+            {
+                "id": ["s-1", "s-2"],
+                "prompt": ["first", "second"],
+                "image_urls": [f"{base}/samples/s-1.png", f"{base}/samples/s-2.png"],
+            }
+        ),
+    )
+    # An integer id column that pandas turned into floats (one id missing).
+    frame = pd.DataFrame(
+        {
+            "id": [1, None, 3],
+            "prompt": ["one", "two", "three"],
+            "image_urls": [[f"{base}/samples/f-{i}.png"] for i in range(3)],
+        }
+    )
+    frame.to_parquet(folder / "b_float_ids.parquet")
+    # An explicit id equal to a later id-less row's derived id.
+    same = {"prompt": "same edit", "image_urls": [f"{base}/samples/n-0.png"]}
+    write_table(folder, "c_probe", [same])
+    summaries = by_partition(materialize_partitions(settings, instance=instance))
+    probe = summaries["c_probe"].results_path
+    assert probe is not None
+    derived = pq.read_table(probe)["row_id"][0].as_py()
+    (folder / "c_probe.parquet").unlink()
+    write_table(
+        folder,
+        "d_namespace",
+        [
+            {"id": derived, "prompt": "another edit", "image_urls": [f"{base}/samples/x.png"]},
+            {"id": None, **same},
+        ],
+    )
+    created = emulator.state.counters.jobs_created
+    summaries = by_partition(materialize_partitions(settings, instance=instance))
+
+    results = {}
+    for key in ("a_string_urls", "b_float_ids", "d_namespace"):
+        path = summaries[key].results_path
+        assert summaries[key].succeeded and path is not None, summaries[key]
+        results[key] = pq.read_table(path).to_pylist()
+        assert [row["status"] for row in results[key]] == ["completed"] * len(results[key])
+    assert [row["image_urls"] for row in results["a_string_urls"]] == [
+        [f"{base}/samples/s-1.png"],
+        [f"{base}/samples/s-2.png"],
+    ]
+    float_ids = [row["row_id"] for row in results["b_float_ids"]]
+    assert float_ids[0] == "1" and float_ids[2] == "3" and float_ids[1].startswith("h-")
+    namespace_ids = [row["row_id"] for row in results["d_namespace"]]
+    assert namespace_ids == [derived, f"{derived}-2"]
+    # Every row paid for exactly once, each under its own id; the second run paid only
+    # for the new partition.
+    assert emulator.state.counters.jobs_created == created + 2
+    assert created == start + 2 + 3 + 1
 
 
 def run_cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:

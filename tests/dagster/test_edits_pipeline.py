@@ -10,9 +10,8 @@ import pytest
 from dagster import AssetKey, DagsterInstance
 from PIL import Image
 
-from flux2_pipeline.assets import PARTITIONS_NAME
+from flux2_pipeline.assets import Flux2Keys
 from flux2_pipeline.batch import RESULTS_SCHEMA
-from flux2_pipeline.definitions import build_definitions
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.ledger import Ledger
 from flux2_pipeline.materialize import materialize_partitions
@@ -43,27 +42,31 @@ CONTRACT_COLUMNS = [
 def test_three_partitions_complete_despite_429s_and_5xx(
     settings: Settings, emulator: EmulatorServer, instance: DagsterInstance
 ) -> None:
-    emulator.state.faults.update(fault_429=0.1, fault_5xx=0.1)
-    write_table(settings.input_dir, "alpha", prompt_rows(emulator.base_url, "alpha", 12))
+    # A 5xx on a submit is an unknown outcome (the row fails this run, by design), so
+    # submits see 429s only; status and result calls see both.
+    emulator.state.faults.update(fault_429=0.1, fault_5xx=0.1, fault_5xx_on_submit=False)
     write_table(
-        settings.input_dir,
+        Path(settings.storage.input_dir), "alpha", prompt_rows(emulator.base_url, "alpha", 12)
+    )
+    write_table(
+        Path(settings.storage.input_dir),
         "beta",
         prompt_rows(emulator.base_url, "beta", 8, num_images=2, image_size="square"),
     )
     write_table(
-        settings.input_dir,
+        Path(settings.storage.input_dir),
         "gamma",
         prompt_rows(emulator.base_url, "gamma", 5, output_format="jpeg"),
     )
-    defs = build_definitions(settings)
-    instance.add_dynamic_partitions(PARTITIONS_NAME, ["alpha", "beta", "gamma"])
+    defs = settings.definitions()
+    instance.add_dynamic_partitions(Flux2Keys().partitions_name, ["alpha", "beta", "gamma"])
     job = defs.resolve_implicit_global_asset_job_def()
 
     for key, rows in (("alpha", 12), ("beta", 8), ("gamma", 5)):
         result = job.execute_in_process(instance=instance, partition_key=key)
         assert result.success
 
-        table = pq.read_table(settings.output_dir / "flux2_edits" / f"{key}.parquet")
+        table = pq.read_table(settings.storage.output_root() / "flux2_edits" / f"{key}.parquet")
         assert table.schema.names[: len(CONTRACT_COLUMNS)] == CONTRACT_COLUMNS
         assert table.schema.equals(RESULTS_SCHEMA)
         frame = table.to_pylist()
@@ -82,7 +85,10 @@ def test_three_partitions_complete_despite_429s_and_5xx(
         assert metadata["flux2/completed"].value == rows
         assert metadata["flux2/failed"].value == 0
         assert metadata["flux2/cost_usd"].value > 0
-        assert metadata["flux2/latency_p95_s"].value >= metadata["flux2/latency_mean_s"].value > 0
+        # One slow job can pull the mean above the 95th percentile of a dozen: compare
+        # each to what the jobs could have taken, not to each other.
+        assert 0 < metadata["flux2/latency_mean_s"].value < 60
+        assert 0 < metadata["flux2/latency_p95_s"].value < 60
         assert metadata["flux2/input_sha256"].value
         assert "dagster/column_schema" in metadata
         lineage = metadata["dagster/column_lineage"].value
@@ -103,7 +109,9 @@ def test_three_partitions_complete_despite_429s_and_5xx(
     counters = emulator.state.counters
     assert counters.rejected_429 > 0 and counters.rejected_5xx > 0
     assert counters.duplicate_bodies == 0
-    beta = pq.read_table(settings.output_dir / "flux2_edits" / "beta.parquet").to_pylist()
+    beta = pq.read_table(
+        settings.storage.output_root() / "flux2_edits" / "beta.parquet"
+    ).to_pylist()
     with Image.open(_fetch(beta[0]["output_urls"][1])) as image:
         assert image.size == (512, 512)
 
@@ -121,7 +129,9 @@ def _fetch(url: str) -> Path:
 def test_rerun_of_a_completed_partition_pays_nothing(
     settings: Settings, emulator: EmulatorServer, instance: DagsterInstance
 ) -> None:
-    write_table(settings.input_dir, "again", prompt_rows(emulator.base_url, "again", 6))
+    write_table(
+        Path(settings.storage.input_dir), "again", prompt_rows(emulator.base_url, "again", 6)
+    )
     first = materialize_partitions(settings, instance=instance)
     created = emulator.state.counters.jobs_created
     second = materialize_partitions(settings, instance=instance)
@@ -137,7 +147,9 @@ def test_failed_jobs_are_resubmitted_within_bounds_and_a_retry_clears_them(
     settings: Settings, emulator: EmulatorServer, instance: DagsterInstance
 ) -> None:
     emulator.state.faults.update(fail_rate=1.0)
-    write_table(settings.input_dir, "flaky", prompt_rows(emulator.base_url, "flaky", 4))
+    write_table(
+        Path(settings.storage.input_dir), "flaky", prompt_rows(emulator.base_url, "flaky", 4)
+    )
 
     (failed,) = materialize_partitions(settings, instance=instance)
     assert not failed.succeeded
@@ -166,14 +178,16 @@ def test_completed_rows_are_never_resubmitted_when_some_fail(
     settings: Settings, emulator: EmulatorServer, instance: DagsterInstance
 ) -> None:
     emulator.state.faults.update(fail_rate=0.5, seed=5)
-    write_table(settings.input_dir, "mixed", prompt_rows(emulator.base_url, "mixed", 20))
+    write_table(
+        Path(settings.storage.input_dir), "mixed", prompt_rows(emulator.base_url, "mixed", 20)
+    )
     for _ in range(4):
         (summary,) = materialize_partitions(settings, instance=instance)
         if summary.succeeded:
             break
         emulator.state.faults.update(fail_rate=0.0)
     assert summary.succeeded
-    with Ledger.open(settings.effective_ledger_url) as ledger:
+    with Ledger.open(settings.ledger.effective_url) as ledger:
         attempts = ledger.submissions("mixed")
     completed = [a for a in attempts if a.state == "completed"]
     assert len(completed) == 20
@@ -190,7 +204,9 @@ def test_the_attempt_ceiling_holds_across_runs(
     settings: Settings, emulator: EmulatorServer, instance: DagsterInstance
 ) -> None:
     emulator.state.faults.update(fail_rate=1.0)
-    write_table(settings.input_dir, "doomed", prompt_rows(emulator.base_url, "doomed", 1))
+    write_table(
+        Path(settings.storage.input_dir), "doomed", prompt_rows(emulator.base_url, "doomed", 1)
+    )
     for _ in range(4):
         (summary,) = materialize_partitions(settings, instance=instance)
         assert not summary.succeeded
@@ -212,7 +228,7 @@ def test_the_ledger_can_live_in_postgresql(
     url = "postgresql://postgres@127.0.0.1:5432/test"
     monkeypatch.setenv("FLUX2_LEDGER_URL", url)
     key = f"pg-{uuid.uuid4().hex[:10]}"
-    write_table(settings.input_dir, key, prompt_rows(emulator.base_url, key, 5))
+    write_table(Path(settings.storage.input_dir), key, prompt_rows(emulator.base_url, key, 5))
     pg_settings = Settings.from_env()
     try:
         (summary,) = materialize_partitions(pg_settings, instance=instance)
@@ -227,7 +243,7 @@ def test_the_ledger_can_live_in_postgresql(
 
         with Ledger.open(url) as ledger, ledger.engine.begin() as conn:
             conn.execute(text("DELETE FROM flux2_submissions WHERE partition = :p"), {"p": key})
-    assert not (settings.output_dir / "ledger.sqlite").exists()
+    assert not (settings.storage.output_root() / "ledger.sqlite").exists()
 
 
 def test_the_step_retry_policy_reruns_and_pays_only_for_failed_rows(
@@ -241,7 +257,9 @@ def test_the_step_retry_policy_reruns_and_pays_only_for_failed_rows(
     monkeypatch.setenv("FLUX2_STEP_RETRIES", "1")
     monkeypatch.setenv("FLUX2_STEP_RETRY_DELAY", "0")
     settings = Settings.from_env()
-    write_table(settings.input_dir, "retry", prompt_rows(emulator.base_url, "retry", 4))
+    write_table(
+        Path(settings.storage.input_dir), "retry", prompt_rows(emulator.base_url, "retry", 4)
+    )
     # Exactly the first step attempt's 4 rows x 3 attempts fail; the step retry clears them.
     emulator.state.faults.update(fail_next=12)
     (summary,) = materialize_partitions(settings, instance=instance)
@@ -271,13 +289,15 @@ def test_a_huge_input_row_group_is_reported(
             "image_urls": pa.array([[f"{emulator.base_url}/samples/a.png"]] * rows),
         }
     )
-    settings.input_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, settings.input_dir / "big.parquet", row_group_size=rows)
-    pq.write_table(table, settings.input_dir / "split.parquet", row_group_size=rows // 4)
-    assert input_shape(settings.input_dir / "big.parquet") == (rows, rows)
+    Path(settings.storage.input_dir).mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, Path(settings.storage.input_dir) / "big.parquet", row_group_size=rows)
+    pq.write_table(
+        table, Path(settings.storage.input_dir) / "split.parquet", row_group_size=rows // 4
+    )
+    assert input_shape(Path(settings.storage.input_dir) / "big.parquet") == (rows, rows)
 
-    defs = build_definitions(settings)
-    instance.add_dynamic_partitions(PARTITIONS_NAME, ["big", "split"])
+    defs = settings.definitions()
+    instance.add_dynamic_partitions(Flux2Keys().partitions_name, ["big", "split"])
     job = defs.resolve_implicit_global_asset_job_def()
     edits_only = [AssetKey("flux2_edits")]
     big = job.execute_in_process(instance=instance, partition_key="big", asset_selection=edits_only)

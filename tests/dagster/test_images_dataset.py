@@ -11,8 +11,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance
 from PIL import Image
 
-from flux2_pipeline.assets import PARTITIONS_NAME
-from flux2_pipeline.definitions import build_definitions
+from flux2_pipeline.assets import Flux2Keys
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.materialize import materialize
 from flux2_pipeline.media import MANIFEST_SCHEMA
@@ -36,9 +35,9 @@ def test_edits_images_and_dataset_for_two_partitions_then_a_rerun_downloads_noth
     settings: Settings, emulator: EmulatorServer, instance: DagsterInstance, tmp_path: Path
 ) -> None:
     base = emulator.base_url
-    write_table(settings.input_dir, "alpha", prompt_rows(base, "alpha", 3))
+    write_table(Path(settings.storage.input_dir), "alpha", prompt_rows(base, "alpha", 3))
     write_table(
-        settings.input_dir,
+        Path(settings.storage.input_dir),
         "beta",
         prompt_rows(base, "beta", 2, num_images=2, image_size="square", output_format="jpeg"),
     )
@@ -49,7 +48,7 @@ def test_edits_images_and_dataset_for_two_partitions_then_a_rerun_downloads_noth
     first_fetches = emulator.state.counters.image_fetches
     assert 0 < first_fetches <= 3 + 3 + 2 + 4  # each distinct URL once
 
-    out = settings.output_dir
+    out = settings.storage.output_root()
     results = {
         key: pq.read_table(out / "flux2_edits" / f"{key}.parquet").to_pylist()
         for key in ("alpha", "beta")
@@ -115,7 +114,7 @@ def test_edits_images_and_dataset_for_two_partitions_then_a_rerun_downloads_noth
 
     # Changing one partition rewrites only its shards.
     write_table(
-        settings.input_dir,
+        Path(settings.storage.input_dir),
         "beta",
         prompt_rows(base, "beta", 3, num_images=2, image_size="square", output_format="jpeg"),
     )
@@ -133,12 +132,12 @@ def test_image_checks_pass_on_the_happy_path(
     settings: Settings, emulator: EmulatorServer, instance: DagsterInstance
 ) -> None:
     write_table(
-        settings.input_dir,
+        Path(settings.storage.input_dir),
         "checked",
         prompt_rows(emulator.base_url, "checked", 3, image_size="landscape_4_3"),
     )
-    defs = build_definitions(settings)
-    instance.add_dynamic_partitions(PARTITIONS_NAME, ["checked"])
+    defs = settings.definitions()
+    instance.add_dynamic_partitions(Flux2Keys().partitions_name, ["checked"])
     result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
         instance=instance,
         partition_key="checked",
@@ -157,7 +156,9 @@ def test_image_checks_pass_on_the_happy_path(
 def test_an_expired_output_url_fails_the_step_after_writing_the_manifest(
     settings: Settings, emulator: EmulatorServer, instance: DagsterInstance
 ) -> None:
-    write_table(settings.input_dir, "expiry", prompt_rows(emulator.base_url, "expiry", 2))
+    write_table(
+        Path(settings.storage.input_dir), "expiry", prompt_rows(emulator.base_url, "expiry", 2)
+    )
     (edits,) = materialize(settings, instance=instance, select=["flux2_edits"]).partitions
     assert edits.succeeded and edits.results_path is not None
     gone = pq.read_table(edits.results_path).to_pylist()[0]
@@ -170,11 +171,13 @@ def test_an_expired_output_url_fails_the_step_after_writing_the_manifest(
     assert "1 of 4 images are missing" in summary.error
     assert "expiry-0 edited[0]: unavailable: HTTP 404" in summary.error
     assert (summary.images, summary.images_failed) == (3, 1)
-    rows = pq.read_table(settings.output_dir / "flux2_images" / "expiry.parquet").to_pylist()
+    rows = pq.read_table(
+        settings.storage.output_root() / "flux2_images" / "expiry.parquet"
+    ).to_pylist()
     (failed,) = [r for r in rows if r["status"] == "failed"]
     assert failed["row_id"] == "expiry-0" and failed["role"] == "edited"
     assert failed["sha256"] is None and failed["path"] is None
-    files = [p for p in (settings.output_dir / "images").rglob("*") if p.is_file()]
+    files = [p for p in (settings.storage.output_root() / "images").rglob("*") if p.is_file()]
     assert len(files) == 3 and not [p for p in files if p.name.startswith(".")]
 
     # A retry fetches only what is missing (and still fails on the expired one).
@@ -189,9 +192,11 @@ def test_an_expired_output_url_fails_the_step_after_writing_the_manifest(
 def test_a_small_size_cap_fails_every_image_and_leaves_nothing_behind(
     settings: Settings, emulator: EmulatorServer, instance: DagsterInstance
 ) -> None:
-    write_table(settings.input_dir, "capped", prompt_rows(emulator.base_url, "capped", 1))
-    defs = build_definitions(settings)
-    instance.add_dynamic_partitions(PARTITIONS_NAME, ["capped"])
+    write_table(
+        Path(settings.storage.input_dir), "capped", prompt_rows(emulator.base_url, "capped", 1)
+    )
+    defs = settings.definitions()
+    instance.add_dynamic_partitions(Flux2Keys().partitions_name, ["capped"])
     result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
         instance=instance,
         partition_key="capped",
@@ -200,12 +205,18 @@ def test_a_small_size_cap_fails_every_image_and_leaves_nothing_behind(
         raise_on_error=False,
     )
     assert not result.success
-    rows = pq.read_table(settings.output_dir / "flux2_images" / "capped.parquet").to_pylist()
+    rows = pq.read_table(
+        settings.storage.output_root() / "flux2_images" / "capped.parquet"
+    ).to_pylist()
     assert len(rows) == 2 and all(r["error"].startswith("too_large: ") for r in rows)
-    assert not any(p.is_file() for p in (settings.output_dir / "images").rglob("*"))
+    assert not any(p.is_file() for p in (settings.storage.output_root() / "images").rglob("*"))
     assert (
         Image.open(
-            io.BytesIO((settings.output_dir / "flux2_images" / "capped.contact.png").read_bytes())
+            io.BytesIO(
+                (
+                    settings.storage.output_root() / "flux2_images" / "capped.contact.png"
+                ).read_bytes()
+            )
         ).size[0]
         > 0
     )

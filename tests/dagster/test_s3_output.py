@@ -61,9 +61,9 @@ def test_every_dataset_lands_in_the_bucket_and_a_rerun_pays_and_fetches_nothing(
     tmp_path: Path,
 ) -> None:
     base = emulator.base_url
-    write_table(s3_settings.input_dir, "alpha", prompt_rows(base, "alpha", 3))
+    write_table(Path(s3_settings.storage.input_dir), "alpha", prompt_rows(base, "alpha", 3))
     write_table(
-        s3_settings.input_dir,
+        Path(s3_settings.storage.input_dir),
         "beta",
         prompt_rows(base, "beta", 2, num_images=2, image_size="square", output_format="jpeg"),
     )
@@ -78,7 +78,7 @@ def test_every_dataset_lands_in_the_bucket_and_a_rerun_pays_and_fetches_nothing(
 
     # Nothing under any local output folder: the default one, the input folder's sibling.
     assert not (tmp_path / "output").exists()
-    assert sorted(p.name for p in s3_settings.input_dir.iterdir()) == [
+    assert sorted(p.name for p in Path(s3_settings.storage.input_dir).iterdir()) == [
         "alpha.parquet",
         "beta.parquet",
     ]
@@ -155,7 +155,9 @@ def test_every_dataset_lands_in_the_bucket_and_a_rerun_pays_and_fetches_nothing(
 def test_cli_materialize_to_s3_prints_s3_paths_and_exits_0(
     s3_settings: Settings, s3_bucket: str, emulator: EmulatorServer, tmp_path: Path
 ) -> None:
-    write_table(s3_settings.input_dir, "gamma", prompt_rows(emulator.base_url, "gamma", 2))
+    write_table(
+        Path(s3_settings.storage.input_dir), "gamma", prompt_rows(emulator.base_url, "gamma", 2)
+    )
     env = {key: value for key, value in os.environ.items() if not key.startswith("DAGSTER_")}
     env["HOME"] = str(tmp_path / "home")  # the default DAGSTER_HOME for a remote output
     completed = subprocess.run(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow.parquet as pq
 from dagster import DagsterInstance
 
@@ -28,7 +30,7 @@ def test_s3_references_are_presigned_and_reruns_pay_nothing(
         },
         {"id": "missing", "prompt": "gone", "image_urls": [f"s3://{s3_bucket}/refs/nope.png"]},
     ]
-    write_table(settings.input_dir, "s3refs", rows)
+    write_table(Path(settings.storage.input_dir), "s3refs", rows)
 
     (first,) = materialize_partitions(settings, instance=instance)
     results = {row["row_id"]: row for row in pq.read_table(first.results_path).to_pylist()}

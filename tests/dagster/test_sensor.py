@@ -20,8 +20,7 @@ from dagster import (
     build_sensor_context,
 )
 
-from flux2_pipeline.assets import PARTITIONS_NAME
-from flux2_pipeline.assets.prompts import flux2_prompt_files_sensor
+from flux2_pipeline.assets import Flux2Keys, build_flux2_definitions
 from flux2_pipeline.batch import file_sha256
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.materialize import materialize_partitions
@@ -47,18 +46,21 @@ class Daemon:
         )
         if self.log_handler is not None:
             context.log.addHandler(self.log_handler)  # the sensor's logger is not global
-        result = flux2_prompt_files_sensor(context)
+        sensor = build_flux2_definitions().get_unresolved_sensor_def(Flux2Keys().sensor_name)
+        result = sensor(context)
         assert isinstance(result, SensorResult)
         for request in result.dynamic_partitions_requests or []:
             assert isinstance(request, AddDynamicPartitionsRequest)
-            assert request.partitions_def_name == PARTITIONS_NAME
-            self.instance.add_dynamic_partitions(PARTITIONS_NAME, request.partition_keys)
+            assert request.partitions_def_name == Flux2Keys().partitions_name
+            self.instance.add_dynamic_partitions(
+                Flux2Keys().partitions_name, request.partition_keys
+            )
         self.cursor = result.cursor
         return result
 
     @property
     def partitions(self) -> list[str]:
-        return sorted(self.instance.get_dynamic_partitions(PARTITIONS_NAME))
+        return sorted(self.instance.get_dynamic_partitions(Flux2Keys().partitions_name))
 
 
 def added_keys(result: SensorResult) -> list[str]:
@@ -164,8 +166,8 @@ def test_a_name_dagster_cannot_take_is_skipped_with_a_warning(
 def test_a_sensor_run_request_materializes(
     settings: Settings, emulator: EmulatorServer, instance: DagsterInstance
 ) -> None:
-    write_table(settings.input_dir, "loop", prompt_rows(emulator.base_url, "loop", 3))
-    daemon = Daemon(instance, settings.input_dir, settings.output_dir)
+    write_table(Path(settings.storage.input_dir), "loop", prompt_rows(emulator.base_url, "loop", 3))
+    daemon = Daemon(instance, Path(settings.storage.input_dir), settings.storage.output_root())
     (request,) = run_requests(daemon.tick())
     assert request.partition_key == "loop"
 

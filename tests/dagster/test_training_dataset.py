@@ -70,9 +70,13 @@ def _preprocess_train(examples: dict[str, list[Any]], flip: bool) -> dict[str, l
 
 
 def _inputs(settings: Settings, base: str) -> None:
-    write_table(settings.input_dir, "single", prompt_rows(base, "single", 3, image_size="square"))
     write_table(
-        settings.input_dir,
+        Path(settings.storage.input_dir),
+        "single",
+        prompt_rows(base, "single", 3, image_size="square"),
+    )
+    write_table(
+        Path(settings.storage.input_dir),
         "multi",
         [
             {
@@ -100,7 +104,7 @@ def test_the_trainers_preprocessing_runs_on_the_dataset_as_written(
     report = materialize(settings, instance=instance, log_level="WARNING")
     assert report.succeeded, report
     assert report.dataset is not None and report.dataset.rows == 3 + 2 * 2
-    folder = settings.output_dir / "flux2_training_dataset"
+    folder = settings.storage.output_root() / "flux2_training_dataset"
 
     # What `--dataset_name <folder>` does: load_dataset(<folder>), through the card's configs.
     dataset = datasets.load_dataset(str(folder), cache_dir=str(tmp_path / "hf"))
@@ -141,7 +145,7 @@ def test_every_input_image_is_the_stored_first_reference_file(
 ) -> None:
     _inputs(settings, emulator.base_url)
     assert materialize(settings, instance=instance, log_level="WARNING").succeeded
-    out = settings.output_dir
+    out = settings.storage.output_root()
     stored_first: dict[tuple[str, str], bytes] = {}
     for key in ("single", "multi"):
         for record in pq.read_table(out / "flux2_images" / f"{key}.parquet").to_pylist():
@@ -205,7 +209,9 @@ def test_the_load_snippet_alone_loads_the_dataset_from_an_s3_output(
     monkeypatch.setenv("FLUX2_OUTPUT_DIR", f"s3://{s3_bucket}/out")
     monkeypatch.setenv("FLUX2_LEDGER_URL", f"sqlite:///{tmp_path / 'ledger.sqlite'}")
     s3_settings = Settings.from_env()
-    write_table(s3_settings.input_dir, "remote", prompt_rows(emulator.base_url, "remote", 2))
+    write_table(
+        Path(s3_settings.storage.input_dir), "remote", prompt_rows(emulator.base_url, "remote", 2)
+    )
     assert materialize(s3_settings, instance=instance, log_level="WARNING").succeeded
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
 

@@ -37,7 +37,13 @@ def shared() -> Iterator[EmulatorServer]:
 def emulator(shared: EmulatorServer) -> EmulatorServer:
     """The shared zero-latency emulator with faults cleared and counters zeroed."""
     shared.state.faults.update(
-        fault_429=0, fault_5xx=0, fail_rate=0, submit_delay=0, drop_submits=0, seed=11
+        fault_429=0,
+        fault_5xx=0,
+        fail_rate=0,
+        submit_delay=0,
+        drop_submits=0,
+        seed=11,
+        fault_5xx_on_submit=True,
     )
     shared.state.reset_counters()
     return shared
@@ -391,3 +397,14 @@ def test_bodies_parse_with_the_client_models(
     assert result.finished_at is not None and result.created_at is not None
     cancel = parse_cancel(client.post(f"/v1/requests/{handle.request_id}/cancel").json())
     assert not cancel.cancelled and cancel.state is JobState.COMPLETED
+
+
+def test_fault_5xx_can_spare_submits(emulator: EmulatorServer, client: httpx.Client) -> None:
+    emulator.state.faults.update(fault_5xx=1.0, fault_5xx_on_submit=False)
+    submitted = client.post(MODEL_PATH, json=body(emulator.base_url))
+    assert submitted.status_code == 200
+    request_id = submitted.json()["request_id"]
+    status = client.get(f"/v1/requests/{request_id}/status")
+    assert status.status_code in (500, 502, 503)
+    with pytest.raises(ValueError, match="fault_5xx_on_submit must be true or false"):
+        emulator.state.faults.update(fault_5xx_on_submit="no")

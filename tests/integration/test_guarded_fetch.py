@@ -7,11 +7,15 @@ policy refuses before connecting). No packet leaves loopback.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import re
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
+import httpx
 import pytest
 
 from flux2_pipeline.net import AddressPolicy, FetchError, FetchLimits, GuardedFetcher
@@ -110,3 +114,75 @@ async def test_a_real_redirect_to_a_forbidden_host_is_refused_before_connecting(
             probe = await guarded.probe(f"http://images.test:{port}/a.png")
     assert caught.value.kind == "refused" and not probe.ok
     assert len(heads) == 2  # one GET, one HEAD: nothing else was contacted
+
+
+def _self_signed(tmp_path: Path, name: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a certificate for `name`, and a client context trusting it."""
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert_path, key_path)
+    client = ssl.create_default_context(cafile=str(cert_path))
+    return server, client
+
+
+async def test_https_is_verified_against_the_host_name_not_the_pinned_ip(
+    tmp_path: Path,
+) -> None:
+    server_context, client_context = _self_signed(tmp_path, "images.test")
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer("200 OK", PNG, "content-type: image/png\r\n"))
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(on_client, "127.0.0.1", 0, ssl=server_context)
+    port = server.sockets[0].getsockname()[1]
+    table = {"images.test": "127.0.0.1", "impostor.test": "127.0.0.1"}
+    transport = httpx.AsyncHTTPTransport(verify=client_context)
+    try:
+        guarded = GuardedFetcher(
+            AddressPolicy(allow_loopback=True), resolver=resolver(table), transport=transport
+        )
+        async with guarded:
+            fetched = await guarded.fetch(f"https://images.test:{port}/a.png")
+            with pytest.raises(FetchError, match="CERTIFICATE_VERIFY_FAILED") as bad:
+                await guarded.fetch(f"https://impostor.test:{port}/a.png")
+    finally:
+        server.close()
+    assert fetched.data == PNG
+    assert bad.value.kind == "unavailable"
+    assert "Hostname mismatch" in str(bad.value) and "impostor.test" in str(bad.value)
+    assert "gave up" not in str(bad.value)  # a certificate failure is not retried

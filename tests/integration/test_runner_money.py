@@ -6,6 +6,7 @@ and the attempt cap: each counted on the emulator, which sees every paid job.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,11 +40,15 @@ async def _run(
     table: Path,
     *,
     check_references: bool = True,
+    lost_job_grace: float = 60.0,
     **options: Any,
 ) -> tuple[list[RowOutcome], EditRunner]:
     options.setdefault("max_concurrency", 8)
     async with AsyncRunComfyClient(
-        TEST_TOKEN, emulator.base_url, poll=PollSchedule(0.02, 0.2, 0.15)
+        TEST_TOKEN,
+        emulator.base_url,
+        poll=PollSchedule(0.02, 0.2, 0.15),
+        lost_job_grace=lost_job_grace,
     ) as client:
         runner = EditRunner(client, ledger, partition="p", **options)
         async with GuardedFetcher(AddressPolicy.for_api(emulator.base_url)) as fetcher:
@@ -158,3 +163,27 @@ async def test_lost_submit_answers_are_unknown_counted_and_capped(
     assert runner.counters.unknown_resubmitted == 4
     assert counters.duplicate_bodies == 4 == runner.counters.unknown_resubmitted
     assert all(o.attempts == 2 for o in outcomes)  # the unknown one counts as paid
+
+
+async def test_a_job_the_api_forgot_is_resubmitted_once_and_counted(
+    tmp_path: Path, ledger: Ledger
+) -> None:
+    config = EmulatorConfig(port=0, latency=1.0, max_concurrent=4, token=TEST_TOKEN, seed=4)
+    with EmulatorServer(config) as emulator:
+        table = write_table(tmp_path, "p", prompt_rows(emulator.base_url, "gone", 1))
+        state = emulator.state
+
+        async def forget_the_first_job() -> None:
+            while not state.jobs:
+                await asyncio.sleep(0.01)
+            state.jobs.clear()  # the API no longer knows it: every call now answers 404
+
+        forgetting = asyncio.ensure_future(forget_the_first_job())
+        outcomes, runner = await _run(emulator, ledger, table, lost_job_grace=0.3)
+        await forgetting
+        assert [o.status for o in outcomes] == ["completed"]
+        assert outcomes[0].attempts == 2
+        assert state.counters.jobs_created == 2
+        assert runner.counters.unknown_resubmitted == 1  # a possible duplicate, counted
+        states = [s.state.value for s in ledger.submissions("p")]
+        assert states == ["failed", "completed"]

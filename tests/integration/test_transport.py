@@ -1,10 +1,12 @@
-"""The aiohttp transport over real loopback sockets: each way a call can fail maps to the
+"""The transports over real loopback sockets: each way a call can fail maps to the
 httpx exception that tells whether the request may have been sent, and so to the right
-client error (a paid submit is never retried after its request may have left)."""
+client error (a paid submit is never retried after its request may have left); each
+submit answer is classified by what it proves about the job."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -19,13 +21,18 @@ from flux2_pipeline.runcomfy import (
     SubmissionOutcomeUnknown,
 )
 from flux2_pipeline.runcomfy.errors import TransportError
-from flux2_pipeline.runcomfy.transport import AiohttpTransport, default_transport, httpx_error_for
-from tests.conftest import refused_port
+from flux2_pipeline.runcomfy.transport import (
+    AiohttpTransport,
+    HttpTransport,
+    HttpxTransport,
+    RawResponse,
+    default_transport,
+    httpx_error_for,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-LIMITS = httpx.Limits(max_connections=4, max_keepalive_connections=4)
 
 
 @asynccontextmanager
@@ -75,17 +82,53 @@ async def _never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
     writer.close()
 
 
-async def _get(base_url: str, timeout: float = 5.0) -> httpx.Response:
-    async with httpx.AsyncClient(
-        transport=AiohttpTransport(limits=LIMITS), timeout=timeout
-    ) as http:
-        return await http.post(f"{base_url}/x", json={"a": 1})
+def _answer(status_line: str, body: bytes, content_type: str = "application/json") -> Handler:
+    """A server that reads the request (so a real server would have created the job)
+    and answers with these bytes."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        head = (
+            f"HTTP/1.1 {status_line}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        writer.write(head.encode() + body)
+        await writer.drain()
+        writer.close()
+
+    return handler
 
 
-def test_default_transport_is_aiohttp() -> None:
-    assert isinstance(default_transport(LIMITS), AiohttpTransport)
-    client = AsyncRunComfyClient(None, "http://127.0.0.1:1")
-    assert isinstance(client._http._transport, AiohttpTransport)
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _get(base_url: str, timeout: float = 5.0) -> RawResponse:
+    transport = AiohttpTransport(max_connections=4)
+    try:
+        headers = {"Content-Type": "application/json"}
+        return await transport.send(
+            "POST", f"{base_url}/x", headers, b'{"a":1}', httpx.Timeout(timeout)
+        )
+    finally:
+        await transport.aclose()
+
+
+def test_default_transport_is_aiohttp_and_both_kinds_are_http_transports() -> None:
+    transport = default_transport(8, "http://127.0.0.1:1")
+    assert isinstance(transport, AiohttpTransport) and transport.max_connections == 8
+    assert isinstance(transport, HttpTransport)
+    assert isinstance(HttpxTransport(httpx.AsyncHTTPTransport()), HttpTransport)
+
+
+async def test_a_plain_answer_comes_back_whole() -> None:
+    async with _serve(_answer("201 Created", b'{"ok":true}')) as base_url:
+        answer = await _get(base_url)
+    assert answer.status_code == 201
+    assert answer.content == b'{"ok":true}'
+    assert answer.headers["content-type"] == "application/json"
 
 
 @pytest.mark.parametrize(
@@ -116,7 +159,7 @@ def test_error_table(error: BaseException, expected: type[httpx.TransportError])
 
 async def test_connection_refused_is_connect_error() -> None:
     with pytest.raises(httpx.ConnectError):
-        await _get(f"http://127.0.0.1:{refused_port()}")
+        await _get(f"http://127.0.0.1:{_free_port()}")
 
 
 async def test_closed_without_answer_is_remote_protocol_error() -> None:
@@ -160,30 +203,11 @@ async def test_dropped_submit_is_outcome_unknown_and_sent_once(handler: Handler)
 
 async def test_refused_submit_is_not_sent() -> None:
     retry = RetryPolicy(max_attempts=2, base_delay=0.0, max_delay=0.0)
-    async with AsyncRunComfyClient(
-        None, f"http://127.0.0.1:{refused_port()}", retry=retry
-    ) as client:
+    async with AsyncRunComfyClient(None, f"http://127.0.0.1:{_free_port()}", retry=retry) as client:
         with pytest.raises(TransportError) as caught:
             await client.submit(_request())
     assert not isinstance(caught.value, SubmissionOutcomeUnknown)
     assert caught.value.sent is False
-
-
-def _answer(status_line: str, body: bytes, content_type: str = "application/json") -> Handler:
-    """A server that reads the request (so a real server would have created the job)
-    and answers with these bytes."""
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
-        head = (
-            f"HTTP/1.1 {status_line}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        )
-        writer.write(head.encode() + body)
-        await writer.drain()
-        writer.close()
-
-    return handler
 
 
 @pytest.mark.parametrize(
@@ -259,13 +283,47 @@ async def test_submit_outcomes_over_loopback_proving_no_job_are_typed(
     assert requests == 1
 
 
+@pytest.mark.parametrize(
+    ("target", "first_line"),
+    [
+        ("http://api.invalid/v1/x", b"GET http://api.invalid/v1/x HTTP/1.1\r\n"),
+        ("https://api.invalid/v1/x", b"CONNECT api.invalid:443 HTTP/1.1\r\n"),
+    ],
+    ids=["http", "https-tunnel"],
+)
+async def test_the_proxy_gets_the_request_and_its_credentials(
+    target: str, first_line: bytes
+) -> None:
+    seen: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async with _serve(proxy) as proxy_url:
+        proxied = proxy_url.replace("http://", "http://user:s3cret@")
+        transport = AiohttpTransport(max_connections=2, proxy=proxied)
+        try:
+            answer = await transport.send("GET", target, {}, None, httpx.Timeout(5.0))
+            assert answer.status_code == 403  # the proxy's own answer for plain HTTP
+        except httpx.TransportError:
+            assert target.startswith("https:")  # the tunnel was refused
+        finally:
+            await transport.aclose()
+    (head,) = seen
+    assert head.startswith(first_line)
+    assert b"Proxy-Authorization: Basic dXNlcjpzM2NyZXQ=" in head
+    assert "s3cret" not in repr(transport)
+
+
 def test_proxy_settings_are_read_once_for_the_base_url(monkeypatch: pytest.MonkeyPatch) -> None:
     from flux2_pipeline.runcomfy.transport import proxy_for
 
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp.test:3128")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    proxy = proxy_for("https://model-api.runcomfy.net")
-    assert proxy is not None and proxy.url.host == "proxy.corp.test"
+    assert proxy_for("https://model-api.runcomfy.net") == "http://proxy.corp.test:3128"
     assert proxy_for("http://127.0.0.1:8188") is None
     monkeypatch.delenv("HTTPS_PROXY")
     assert proxy_for("https://model-api.runcomfy.net") is None

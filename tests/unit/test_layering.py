@@ -1,4 +1,11 @@
-"""The Dagster-free layers stay Dagster-free: usable from a plain script."""
+"""The layers of ARCHITECTURE.md hold: nothing imports upward, the core never imports Dagster.
+
+`cli -> definitions | component -> assets -> resources -> batch | media | dataset ->
+runcomfy | ledger | paths`, where `settings` (the environment turned into resources) sits
+under `definitions`, and `dataset` builds on the files `batch` and `media` write. The
+`emulator` stands apart: it serves the schema of `runcomfy` and only the command line
+starts it.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,35 @@ import pytest
 
 import flux2_pipeline.net
 
+PACKAGE = Path(__file__).resolve().parents[2] / "flux2_pipeline"
+
+LAYERS: dict[str, int] = {
+    "runcomfy": 0,
+    "ledger": 0,
+    "paths": 0,
+    # The one guarded door for untrusted URLs; it stands on runcomfy's retry policy.
+    "net": 1,
+    "batch": 2,
+    "media": 2,
+    "dataset": 3,
+    "resources": 4,
+    "assets": 5,
+    "settings": 6,
+    "definitions": 7,
+    "component": 7,
+    # The command line and what only it uses.
+    "cli": 8,
+    "materialize": 8,
+    "progress": 8,
+    "demo": 8,
+    "ui": 8,
+}
+APART = {"emulator"}
+"""Stands apart: imports only `runcomfy` (the schema it serves); only the CLI imports it."""
+TOP = max(LAYERS.values())
+
 DAGSTER_FREE = [
+    "flux2_pipeline",
     "flux2_pipeline.runcomfy",
     "flux2_pipeline.ledger",
     "flux2_pipeline.batch",
@@ -21,6 +56,55 @@ DAGSTER_FREE = [
     "flux2_pipeline.net",
     "flux2_pipeline.emulator",
 ]
+
+
+def _part(module: str) -> str:
+    """`flux2_pipeline.assets.edits` -> `assets`."""
+    return module.split(".")[1] if module.count(".") >= 1 else ""
+
+
+def _imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return {name for name in found if name.startswith("flux2_pipeline.")}
+
+
+def _modules() -> list[tuple[str, Path]]:
+    modules = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE.parent).with_suffix("")
+        name = ".".join(relative.parts).removesuffix(".__init__")
+        if name != "flux2_pipeline":
+            modules.append((name, path))
+    return modules
+
+
+def test_every_module_has_a_layer() -> None:
+    unplaced = {_part(name) for name, _ in _modules()} - set(LAYERS) - APART
+    assert not unplaced, f"add these to LAYERS (and ARCHITECTURE.md): {sorted(unplaced)}"
+
+
+@pytest.mark.parametrize(("module", "path"), _modules(), ids=lambda v: str(v))
+def test_nothing_imports_upward(module: str, path: Path) -> None:
+    own = _part(module)
+    for imported in sorted(_imports(path)):
+        target = _part(imported)
+        if target == own:
+            continue
+        if own in APART:
+            assert target == "runcomfy", f"{module} imports {imported}: the emulator stands apart"
+            continue
+        if target in APART:
+            assert LAYERS[own] == TOP, f"{module} imports the emulator; only the CLI may"
+            continue
+        mine, theirs = LAYERS[own], LAYERS[target]
+        # The command line's modules form one layer; below it, only downward arrows.
+        allowed = theirs < mine or (mine == TOP and theirs == TOP)
+        assert allowed, f"{module} (layer {mine}) imports {imported} (layer {theirs})"
 
 
 @pytest.mark.parametrize("module", DAGSTER_FREE)

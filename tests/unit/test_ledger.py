@@ -147,7 +147,8 @@ def test_sqlite_creates_parent_dir_and_uses_wal_full(tmp_path: Path) -> None:
         assert ledger.backend == "sqlite"
         with ledger.engine.connect() as conn:
             assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
-            assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL: durable before send
+            # FULL: an intent is on disk before its request leaves.
+            assert conn.execute(text("PRAGMA synchronous")).scalar() == 2
             assert conn.execute(text("PRAGMA busy_timeout")).scalar() == 30_000
     # Reopening an existing ledger is idempotent.
     with Ledger.open(str(path)) as again:

@@ -74,6 +74,7 @@ async def test_the_connection_goes_to_the_approved_ip_with_the_host_name_kept() 
     assert request.url.host == "127.0.0.1" and request.url.port == 8443
     assert request.headers["host"] == "img.test:8443"
     assert request.extensions["sni_hostname"] == "img.test"
+    assert request.headers["connection"] == "close"  # never reused for another host name
     assert "authorization" not in request.headers and "cookie" not in request.headers
 
 

@@ -61,6 +61,8 @@ def test_public_addresses_are_allowed(address: str) -> None:
 def test_for_api_allows_loopback_only_for_a_loopback_api() -> None:
     assert AddressPolicy.for_api("http://127.0.0.1:8188").allow_loopback
     assert AddressPolicy.for_api("http://localhost:8188").allow_loopback
+    assert AddressPolicy.for_api("http://127.0.0.2:8188").allow_loopback
+    assert not AddressPolicy.for_api("http://[::1/").allow_loopback
     assert AddressPolicy.for_api("http://[::1]:8188/").allow_loopback
     remote = AddressPolicy.for_api("https://api.runcomfy.net")
     assert not remote.allow_loopback and not remote.allow_private

@@ -1,0 +1,138 @@
+"""`build_flux2_definitions`: the whole flux2 pipeline as Dagster `Definitions`, from one call.
+
+Like dagster-sling's `sling_assets`, the factory owns every name: give it where the prompt
+tables are (the resources), and optionally a key prefix, a group, a step retry policy and a
+pool; it returns the prompt tables, `flux2_edits`, `flux2_images`, `flux2_training_dataset`,
+their checks, the input-folder sensor, the automation sensor and the per-partition job.
+
+Example::
+
+    from dagster import EnvVar
+    from flux2_pipeline import Flux2Storage, LedgerResource, RunComfyResource
+    from flux2_pipeline import build_flux2_definitions
+
+    storage = Flux2Storage(input_dir="data/prompts", output_dir="data/output")
+    defs = build_flux2_definitions(
+        runcomfy=RunComfyResource(api_token=EnvVar("RUNCOMFY_API_TOKEN")),
+        ledger=LedgerResource(url=EnvVar("FLUX2_LEDGER_URL"), storage=storage),
+        storage=storage,
+        key_prefix="team_a",
+        pool="runcomfy_account",
+    )
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from dagster import (
+    AssetSelection,
+    AutomationConditionSensorDefinition,
+    DefaultSensorStatus,
+    Definitions,
+    DynamicPartitionsDefinition,
+    RetryPolicy,
+    define_asset_job,
+)
+from pydantic import BaseModel, Field
+
+from flux2_pipeline.assets.checks import build_edits_checks
+from flux2_pipeline.assets.dataset import build_dataset_asset
+from flux2_pipeline.assets.edits import (
+    EDITS_RETRY_POLICY,
+    PROGRESS_SECONDS,
+    build_edits_asset,
+    edits_retry_policy,
+)
+from flux2_pipeline.assets.image_checks import build_images_checks
+from flux2_pipeline.assets.images import build_images_asset
+from flux2_pipeline.assets.keys import Flux2Keys
+from flux2_pipeline.assets.prompts import build_prompt_files_sensor, build_prompt_tables
+from flux2_pipeline.resources import Flux2Storage, LedgerResource, RunComfyResource
+
+
+class StepRetries(BaseModel):
+    """How a failed partition step is re-run (FLUX2_STEP_RETRIES, FLUX2_STEP_RETRY_DELAY).
+
+    >>> StepRetries(retries=0).policy() is None
+    True
+    """
+
+    retries: int = Field(
+        default=3, ge=0, le=20, description="FLUX2_STEP_RETRIES: re-runs of a failed step."
+    )
+    delay: float = Field(
+        default=10.0,
+        ge=0,
+        le=86400,
+        description="FLUX2_STEP_RETRY_DELAY: seconds before the first re-run.",
+    )
+
+    def policy(self) -> RetryPolicy | None:
+        """The step `RetryPolicy` (exponential backoff with jitter), None for no re-runs."""
+        return edits_retry_policy(self.retries, self.delay)
+
+
+def build_flux2_definitions(
+    *,
+    runcomfy: RunComfyResource | None = None,
+    ledger: LedgerResource | None = None,
+    storage: Flux2Storage | None = None,
+    key_prefix: str | Sequence[str] | None = None,
+    group_name: str = "flux2",
+    retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY,
+    pool: str | None = None,
+    progress_seconds: float = PROGRESS_SECONDS,
+) -> Definitions:
+    """The flux2 assets, checks, sensors and job; with the resources bound when given.
+
+    Resources left out must be supplied by the `Definitions` this is merged into, under
+    the keys `Flux2Keys.from_prefix(key_prefix).resource("runcomfy" | "ledger" | "storage")`.
+    `pool` is the Dagster concurrency pool of `flux2_edits` steps (limit it with
+    `dagster instance concurrency set <pool> N`); `progress_seconds` is how often a running
+    step records an `AssetObservation` with rows done, failed and spend so far.
+    """
+    keys = Flux2Keys.from_prefix(key_prefix)
+    partitions_def = DynamicPartitionsDefinition(name=keys.partitions_name)
+    edits = build_edits_asset(
+        keys,
+        partitions_def,
+        group_name=group_name,
+        retry_policy=retry_policy,
+        pool=pool,
+        progress_seconds=progress_seconds,
+    )
+    images = build_images_asset(
+        keys, partitions_def, group_name=group_name, retry_policy=retry_policy
+    )
+    dataset = build_dataset_asset(keys, group_name=group_name)
+    resources = {
+        keys.resource(name): resource
+        for name, resource in (("runcomfy", runcomfy), ("ledger", ledger), ("storage", storage))
+        if resource is not None
+    }
+    return Definitions(
+        assets=[build_prompt_tables(keys, partitions_def, group_name), edits, images, dataset],
+        asset_checks=[
+            *build_edits_checks(keys, partitions_def),
+            *build_images_checks(keys, partitions_def),
+        ],
+        sensors=[
+            build_prompt_files_sensor(keys, partitions_def, [keys.edits]),
+            AutomationConditionSensorDefinition(
+                keys.automation_sensor_name,
+                target=AssetSelection.assets(keys.images, keys.training_dataset),
+                default_status=DefaultSensorStatus.RUNNING,
+                description="Materializes flux2_images after each flux2_edits partition, and "
+                "the training dataset after any partition's images.",
+            ),
+        ],
+        jobs=[
+            define_asset_job(
+                keys.job_name,
+                selection=AssetSelection.assets(keys.edits),
+                description="Materialize flux2_edits (and its checks) for one partition.",
+            )
+        ],
+        resources=resources,
+    )

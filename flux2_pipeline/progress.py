@@ -1,0 +1,92 @@
+"""Progress of `flux2-pipeline materialize`: a bar on a terminal, plain lines otherwise.
+
+Both read the progress observations the edits step records (rows done, failed, spend).
+
+Example::
+
+    with progress_view(sys.stdout) as show:
+        report = materialize(settings, progress=show)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from flux2_pipeline.materialize import Progress as ProgressCallback
+
+PLAIN_EVERY_SECONDS = 10.0
+
+
+def progress_text(done: int, total: int, failed: int, cost: float, seconds: float) -> str:
+    """`120/500 rows, 4.1 rows/s, 3 failed, $2.40`."""
+    rate = done / seconds if seconds > 0 else 0.0
+    return f"{done}/{total} rows, {rate:.1f} rows/s, {failed} failed, ${cost:.2f}"
+
+
+def _figures(metadata: Mapping[str, Any]) -> tuple[int, int, int, float, float]:
+    return (
+        int(metadata.get("flux2/rows_done", 0)),
+        int(metadata.get("flux2/rows_total", 0)),
+        int(metadata.get("flux2/rows_failed", 0)),
+        float(metadata.get("flux2/cost_usd", 0.0)),
+        float(metadata.get("flux2/seconds", 0.0)),
+    )
+
+
+@contextmanager
+def progress_view(stream: TextIO) -> Iterator[ProgressCallback]:
+    """A progress callback: a live bar when `stream` is a terminal, else a line per 10 s."""
+    if not stream.isatty():
+        last: dict[str, float] = {}
+
+        def plain(partition: str, metadata: Mapping[str, Any]) -> None:
+            now = time.monotonic()
+            if now - last.get(partition, 0.0) >= PLAIN_EVERY_SECONDS:
+                last[partition] = now
+                print(f"{partition}: {progress_text(*_figures(metadata))}", file=stream)
+
+        yield plain
+        return
+
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(
+            "rows  {task.fields[rate]:.1f}/s  {task.fields[failed]} failed  "
+            "${task.fields[cost]:.2f}"
+        ),
+        TimeElapsedColumn(),
+        console=Console(file=stream),
+        transient=False,
+    )
+    tasks: dict[str, TaskID] = {}
+
+    def live(partition: str, metadata: Mapping[str, Any]) -> None:
+        done, total, failed, cost, seconds = _figures(metadata)
+        if partition not in tasks:
+            tasks[partition] = bar.add_task(partition, total=total, rate=0.0, failed=0, cost=0.0)
+        bar.update(
+            tasks[partition],
+            completed=done,
+            total=total,
+            rate=done / seconds if seconds > 0 else 0.0,
+            failed=failed,
+            cost=cost,
+        )
+
+    with bar:
+        yield live

@@ -1,0 +1,133 @@
+"""The three resources built from one flat set of settings, validated once.
+
+The CLI (from environment variables) and `Flux2EditsComponent` (from a `defs.yaml`) both
+describe the pipeline as flat settings — `input_dir`, `api_token`, `budget_usd`... — and
+both come here. A secret (`api_token`, a ledger URL with a password) is checked as a plain
+value and then stored as an `EnvVar` naming where it came from, so Dagster's run storage
+only ever holds the variable's name.
+
+Example::
+
+    resources = build_resources(
+        {"input_dir": "data/prompts", "api_token": "sk-..."},
+        env_names={"api_token": "RUNCOMFY_API_TOKEN"},
+    )
+    resources.as_dict()  # {"runcomfy": ..., "ledger": ..., "storage": ...}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from dagster import ConfigurableResource, EnvVar
+from pydantic import BaseModel, ValidationError
+from sqlalchemy.engine import make_url
+
+from flux2_pipeline.resources.errors import SettingsError, settings_error
+from flux2_pipeline.resources.ledger import LedgerResource
+from flux2_pipeline.resources.runcomfy import RunComfyResource
+from flux2_pipeline.resources.storage import Flux2Storage
+
+SETTINGS: dict[str, tuple[type[BaseModel], str]] = {
+    "input_dir": (Flux2Storage, "input_dir"),
+    "output_dir": (Flux2Storage, "output_dir"),
+    "base_url": (RunComfyResource, "base_url"),
+    "api_token": (RunComfyResource, "api_token"),
+    "max_concurrency": (RunComfyResource, "max_concurrency"),
+    "account_concurrency": (RunComfyResource, "account_concurrency"),
+    "price_per_image_usd": (RunComfyResource, "price_per_image_usd"),
+    "defaults": (RunComfyResource, "defaults"),
+    "ledger_url": (LedgerResource, "url"),
+    "budget_usd": (LedgerResource, "budget_usd"),
+    "claim_lease_seconds": (LedgerResource, "lease_seconds"),
+}
+"""Every flat setting: which resource holds it, under which field."""
+
+SECRETS = frozenset({"api_token", "ledger_url"})
+"""Settings that may hold a secret: never shown in errors, stored as `EnvVar`."""
+
+
+@dataclass(frozen=True)
+class Flux2Resources:
+    """The resources the flux2 assets need, already validated."""
+
+    runcomfy: RunComfyResource
+    ledger: LedgerResource
+    storage: Flux2Storage
+
+    def as_dict(self) -> dict[str, ConfigurableResource]:  # type: ignore[type-arg]
+        """By the resource keys the assets ask for."""
+        return {"runcomfy": self.runcomfy, "ledger": self.ledger, "storage": self.storage}
+
+
+def build_resources(
+    values: Mapping[str, Any],
+    *,
+    names: Mapping[str, str] | None = None,
+    env_names: Mapping[str, str] | None = None,
+) -> Flux2Resources:
+    """Validate the flat `values` (unset ones keep their defaults) into the resources.
+
+    `names` words errors the way the user wrote each setting (an environment variable,
+    an attribute). `env_names` says which environment variable a secret's value came from;
+    a secret without one is refused unless it holds nothing secret (a ledger URL with no
+    password). Raises `SettingsError` with one line naming the setting.
+    """
+    unknown = sorted(set(values) - set(SETTINGS))
+    if unknown:
+        raise SettingsError(f"unknown setting {unknown[0]!r} (choose from {', '.join(SETTINGS)})")
+    names = dict(names or {})
+    env_names = dict(env_names or {})
+    given = {name: value for name, value in values.items() if value is not None}
+    for name in SECRETS & set(given):
+        if name not in env_names and _holds_secret(name, given[name]):
+            shown = names.get(name, name)
+            raise SettingsError(
+                f"{shown} must come from an environment variable (for example "
+                f"{{{{ env.RUNCOMFY_API_TOKEN }}}}), so Dagster's run storage never holds it"
+                if name == "api_token"
+                else f"{shown} holds a password: set it from an environment variable (for "
+                "example {{ env.FLUX2_LEDGER_URL }}), so Dagster's run storage never holds it"
+            )
+
+    def fields(model: type[BaseModel], *, plain: bool) -> dict[str, Any]:
+        chosen: dict[str, Any] = {}
+        for name, value in given.items():
+            owner, field = SETTINGS[name]
+            if owner is model:
+                secret = not plain and name in SECRETS and name in env_names
+                chosen[field] = EnvVar(env_names[name]) if secret else value
+        return chosen
+
+    def build(model: type[BaseModel], **extra: Any) -> Any:
+        labels = {SETTINGS[n][1]: names.get(n, n) for n in SETTINGS if SETTINGS[n][0] is model}
+        secret_fields = {SETTINGS[n][1] for n in SECRETS if SETTINGS[n][0] is model}
+        try:
+            model(**fields(model, plain=True), **extra)  # the values themselves, checked once
+        except ValidationError as exc:
+            raise settings_error(exc, model, labels, secret_fields) from None
+        return model(**fields(model, plain=False), **extra)
+
+    if given.get("budget_usd") is not None and given.get("price_per_image_usd") is None:
+        raise SettingsError(
+            f"{names.get('budget_usd', 'budget_usd')} needs "
+            f"{names.get('price_per_image_usd', 'price_per_image_usd')} (the price reserved "
+            "for each image when its job is submitted), e.g. 0.025"
+        )
+    storage: Flux2Storage = build(Flux2Storage)
+    runcomfy: RunComfyResource = build(RunComfyResource)
+    ledger: LedgerResource = build(LedgerResource, storage=storage)
+    if not given.get("ledger_url"):
+        ledger.effective_url  # noqa: B018 - an object-store output needs a shared ledger
+    return Flux2Resources(runcomfy=runcomfy, ledger=ledger, storage=storage)
+
+
+def _holds_secret(name: str, value: Any) -> bool:
+    if name == "api_token":
+        return bool(value)
+    try:
+        return make_url(str(value)).password is not None if "://" in str(value) else False
+    except Exception:
+        return True  # unparseable: assume the worst, never echo it

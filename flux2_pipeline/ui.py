@@ -1,0 +1,90 @@
+"""`flux2-pipeline ui`: the Dagster UI on the demo's folders, with a live emulator behind it.
+
+It starts the emulator (no token; loopback), makes sure the demo's prompt tables point at
+it, and runs `dagster dev` with DAGSTER_HOME, FLUX2_INPUT_DIR, FLUX2_OUTPUT_DIR and
+RUNCOMFY_BASE_URL set for that child process only. In the UI the demo's partitions,
+checks and contact sheets are there, and a backfill really runs. Ctrl+C stops both.
+
+Example::
+
+    $ flux2-pipeline demo && flux2-pipeline ui    # then open http://127.0.0.1:3000
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import FrameType
+
+import pyarrow.parquet as pq
+
+from flux2_pipeline.demo import MARKER, demo_folders, demo_settings, sample_tables, write_tables
+from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
+from flux2_pipeline.resources import SettingsError
+
+
+def _tables_point_at(folder: Path, base_url: str) -> bool:
+    expected = sample_tables(base_url)
+    for name, rows in expected.items():
+        path = folder / f"{name}.parquet"
+        if not path.is_file():
+            return False
+        written = pq.read_table(path).to_pylist()
+        if [row.get("image_urls") for row in written] != [row["image_urls"] for row in rows]:
+            return False
+    return True
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run_ui(
+    workdir: str | Path = "flux2-demo", *, port: int = 3000, emulator_port: int = 8188
+) -> int:
+    """Serve the UI until interrupted; returns the process exit code."""
+    root = Path(workdir).absolute()
+    if root.exists() and any(root.iterdir()) and not (root / MARKER).exists():
+        raise SettingsError(f"--workdir {root} was not made by the demo; choose another")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).touch()
+    inputs, outputs, home = demo_folders(root)
+    config = EmulatorConfig(host="127.0.0.1", port=emulator_port, latency=0.5, max_concurrent=8)
+    try:
+        emulator = EmulatorServer(config)
+        emulator.__enter__()
+    except OSError as exc:
+        raise SettingsError(f"--emulator-port: {exc}") from None
+    try:
+        if not _tables_point_at(inputs, emulator.base_url):
+            write_tables(inputs, sample_tables(emulator.base_url))
+        settings = demo_settings(root, emulator.base_url)  # makes the Dagster home
+        env = {
+            **os.environ,
+            "DAGSTER_HOME": str(home),
+            "FLUX2_INPUT_DIR": settings.storage.input_dir,
+            "FLUX2_OUTPUT_DIR": settings.storage.output_dir,
+            "RUNCOMFY_BASE_URL": emulator.base_url,
+        }
+        env.pop("RUNCOMFY_API_TOKEN", None)
+        env.pop("FLUX2_LEDGER_URL", None)
+        print(f"emulator:  {emulator.base_url}")
+        print(f"inputs:    {inputs}\noutputs:   {outputs}\nDAGSTER_HOME={home}")
+        print(f"UI:        http://127.0.0.1:{port}  (Ctrl+C stops the UI and the emulator)")
+        dagster = Path(sys.executable).parent / "dagster"
+        command = [str(dagster), "dev", "-m", "flux2_pipeline.definitions"]
+        command += ["-h", "127.0.0.1", "-p", str(port)]
+        child = subprocess.Popen(command, env=env)
+        # A SIGTERM to this process must not orphan dagster dev: stop it like Ctrl+C does.
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            child.terminate()  # dagster dev shuts its webserver and daemon down on SIGTERM
+            child.wait(timeout=60)
+            return 0
+    finally:
+        emulator.__exit__(None, None, None)

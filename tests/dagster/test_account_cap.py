@@ -1,0 +1,190 @@
+"""One account-wide cap over processes: FLUX2_ACCOUNT_CONCURRENCY across partitions.
+
+Two real `flux2-pipeline materialize` processes, each on its own partition and each allowed
+16 jobs in flight, share one ledger (a SQLite file, or the local PostgreSQL server) with
+`FLUX2_ACCOUNT_CONCURRENCY=12`. The emulator in this process runs up to 64 jobs at once,
+so nothing ever waits in its queue and its `max_in_progress` is the most jobs the account
+ever had queued or running.
+"""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from sqlalchemy import create_engine, text
+
+from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
+from flux2_pipeline.ledger import OPEN_STATES, Ledger, Submission
+from tests.conftest import TEST_TOKEN, prompt_rows, write_table
+from tests.dagster.test_process_safety import cli_env, start_cli, wait_for
+
+pytestmark = pytest.mark.slow
+
+ROWS = 40
+ACCOUNT_CAP = 12
+PER_PROCESS = 16
+PG_ADMIN = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture
+def roomy_emulator() -> Iterator[EmulatorServer]:
+    """A server with more room than the account cap: it never queues, so it counts all."""
+    config = EmulatorConfig(port=0, latency=0.5, max_concurrent=64, token=TEST_TOKEN, seed=11)
+    with EmulatorServer(config) as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'shared-output' / 'ledger.sqlite'}"
+        return
+    name = f"flux2_cap_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # pragma: no cover - only without the local server
+        pytest.skip(f"PostgreSQL is not available: {type(exc).__name__}")
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _env(tmp_path: Path, name: str, base_url: str, ledger_url: str, **extra: str) -> dict[str, str]:
+    env = cli_env(tmp_path / name, base_url, FLUX2_LEDGER_URL=ledger_url)
+    # One input and one output folder (and so one ledger); only the Dagster homes differ.
+    env.update(
+        FLUX2_INPUT_DIR=str(tmp_path / "prompts"),
+        FLUX2_OUTPUT_DIR=str(tmp_path / "shared-output"),
+        FLUX2_MAX_CONCURRENCY=str(PER_PROCESS),
+        FLUX2_ACCOUNT_CONCURRENCY=str(ACCOUNT_CAP),
+        **extra,
+    )
+    return env
+
+
+def _only_edits(partition: str) -> tuple[str, ...]:
+    # Only the paid asset: the cap is about API jobs, and two processes building the one
+    # unpartitioned training dataset in a shared output folder at once is another matter.
+    return ("--partition", partition, "--select", "flux2_edits")
+
+
+def _write_inputs(tmp_path: Path, base_url: str) -> None:
+    for key in ("alpha", "beta"):
+        write_table(tmp_path / "prompts", key, prompt_rows(base_url, key, ROWS))
+
+
+def _statuses(tmp_path: Path, key: str) -> list[object]:
+    path = tmp_path / "shared-output" / "flux2_edits" / f"{key}.parquet"
+    return [row["status"] for row in pq.read_table(path).to_pylist()]
+
+
+def _live_slots(attempts: list[Submission]) -> int:
+    now = datetime.now(UTC)
+    return sum(
+        1
+        for a in attempts
+        if a.state in OPEN_STATES and a.lease_until is not None and a.lease_until > now
+    )
+
+
+def _overlapped(first: list[Submission], second: list[Submission]) -> bool:
+    """True if some job of `first` was in flight while some job of `second` was."""
+
+    def span(attempts: list[Submission]) -> tuple[datetime, datetime]:
+        starts = [a.intent_at for a in attempts]
+        ends = [a.finished_at or a.updated_at for a in attempts]
+        return min(starts), max(ends)
+
+    (start_a, end_a), (start_b, end_b) = span(first), span(second)
+    return start_a < end_b and start_b < end_a
+
+
+def test_two_processes_share_one_account_cap(
+    tmp_path: Path, roomy_emulator: EmulatorServer, ledger_url: str
+) -> None:
+    _write_inputs(tmp_path, roomy_emulator.base_url)
+    base = roomy_emulator.base_url
+    runs = [
+        start_cli(_env(tmp_path, key, base, ledger_url), *_only_edits(key))
+        for key in ("alpha", "beta")
+    ]
+    outputs = [run.communicate(timeout=240) for run in runs]
+    for run, (stdout, stderr) in zip(runs, outputs, strict=True):
+        assert run.returncode == 0, stdout + stderr
+
+    counters = roomy_emulator.state.counters
+    # Alone, each process would have 16 in flight, 32 together; the cap holds them to 12.
+    assert counters.max_queue_length == 0
+    assert counters.max_in_progress <= ACCOUNT_CAP
+    # ... and keeps the account busy rather than idle.
+    assert counters.max_in_progress >= ACCOUNT_CAP - 2
+    assert counters.jobs_created == 2 * ROWS
+    assert counters.duplicate_bodies == 0
+    with Ledger.open(ledger_url) as ledger:
+        alpha, beta = ledger.submissions("alpha"), ledger.submissions("beta")
+        assert ledger.open_attempts() == 0
+    assert _overlapped(alpha, beta), "the two processes never had jobs in flight together"
+    for key, attempts in (("alpha", alpha), ("beta", beta)):
+        assert _statuses(tmp_path, key) == ["completed"] * ROWS
+        assert len(attempts) == ROWS
+        assert {a.state.value for a in attempts} == {"completed"}
+
+
+def test_a_killed_process_gives_its_slots_back_after_the_lease(
+    tmp_path: Path, roomy_emulator: EmulatorServer, ledger_url: str
+) -> None:
+    _write_inputs(tmp_path, roomy_emulator.base_url)
+    base = roomy_emulator.base_url
+    # A short lease so the dead process's slots come back within the test.
+    lease = {"FLUX2_CLAIM_LEASE_SECONDS": "3"}
+    victim = start_cli(_env(tmp_path, "victim", base, ledger_url, **lease), *_only_edits("alpha"))
+    survivor = start_cli(
+        _env(tmp_path, "survivor", base, ledger_url, **lease), *_only_edits("beta")
+    )
+    with Ledger.open(ledger_url) as ledger:
+        # Kill the victim while it holds several of the account's slots and the
+        # survivor is submitting beside it.
+        wait_for(
+            lambda: (
+                _live_slots(ledger.submissions("alpha")) >= 4
+                and len(ledger.submissions("beta")) > 0
+            ),
+            timeout=120,
+        )
+        victim.send_signal(signal.SIGKILL)
+        victim.communicate(timeout=30)
+        stdout, stderr = survivor.communicate(timeout=240)
+        assert survivor.returncode == 0, stdout + stderr
+        # The dead process's slots lapse with their lease, or were adopted and closed.
+        wait_for(lambda: _live_slots(ledger.submissions("alpha")) == 0, timeout=30)
+        assert ledger.open_attempts() == 0
+
+    counters = roomy_emulator.state.counters
+    assert counters.max_queue_length == 0
+    assert counters.max_in_progress <= ACCOUNT_CAP
+    assert _statuses(tmp_path, "beta") == ["completed"] * ROWS
+
+    rerun = start_cli(_env(tmp_path, "rerun", base, ledger_url, **lease), *_only_edits("alpha"))
+    stdout, stderr = rerun.communicate(timeout=240)
+    assert rerun.returncode == 0, stdout + stderr
+    assert _statuses(tmp_path, "alpha") == ["completed"] * ROWS
+    assert counters.max_in_progress <= ACCOUNT_CAP
+    with Ledger.open(ledger_url) as ledger:
+        attempts = ledger.submissions()
+        assert ledger.open_attempts() == 0
+    unknown = sum(1 for a in attempts if a.state.value == "unknown")
+    # The only duplicates allowed are submits the kill cut between send and answer, and
+    # each of those is in the ledger as `unknown`.
+    assert counters.duplicate_bodies <= unknown
+    assert counters.jobs_created == 2 * ROWS + counters.duplicate_bodies
