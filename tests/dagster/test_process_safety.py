@@ -134,7 +134,8 @@ def test_stopping_a_run_cancels_queued_jobs_and_records_them(tmp_path: Path) -> 
 
         run = start_cli(env)
         wait_for(lambda: counters.jobs_created == 5 and counters.in_progress_now == 1)
-        time.sleep(0.3)  # let the step be polling
+        polls = counters.status_calls
+        wait_for(lambda: counters.status_calls > polls)  # the step is polling its jobs
         run.send_signal(signal.SIGTERM)  # what stopping a run from the UI does to its worker
         stdout, _ = run.communicate(timeout=60)
         assert run.returncode == 1
