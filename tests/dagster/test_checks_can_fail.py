@@ -78,8 +78,10 @@ class Built:
         for variable, value in self.env.items():
             if variable.startswith(("RUNCOMFY_", "FLUX2_")):
                 monkeypatch.setenv(variable, value)
-        module = importlib.reload(importlib.import_module("flux2_pipeline.definitions"))
-        job = module.defs.resolve_implicit_global_asset_job_def()
+        module = importlib.import_module("flux2_pipeline.definitions")
+        # `defs` may be built at import or, as `dagster dev` loads it, by a lazy factory.
+        defs = module.defs() if callable(module.defs) else importlib.reload(module).defs
+        job = defs.resolve_implicit_global_asset_job_def()
         check = AssetCheckKey(AssetKey(asset), name)
         result = job.get_subset(
             asset_selection=set(), asset_check_selection={check}
