@@ -8,11 +8,12 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,22 @@ class Emulator:
         request = urllib.request.Request(f"{self.base_url}/_emulator/reset", method="POST")
         with urllib.request.urlopen(request, timeout=10):
             pass
+
+    def set_faults(self, **changes: Any) -> dict[str, Any]:
+        """Change fault settings at `POST /_emulator/faults`; return the settings now."""
+        request = urllib.request.Request(
+            f"{self.base_url}/_emulator/faults",
+            data=json.dumps(changes).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            data: dict[str, Any] = json.load(answer)
+        return data
+
+    def rss_mb(self) -> float:
+        """The emulator process's resident memory now."""
+        return float(self._ps.memory_info().rss) / 2**20
 
     def cpu_seconds(self) -> float:
         times = self._ps.cpu_times()
@@ -175,6 +192,57 @@ def run_child(command: Sequence[str], env: Mapping[str, str], timeout: float = 3
             stdout=out.read().decode(errors="replace"),
             stderr=err.read().decode(errors="replace"),
         )
+
+
+def run_child_until(
+    command: Sequence[str],
+    env: Mapping[str, str],
+    should_kill: Callable[[], bool],
+    timeout: float = 3600,
+) -> tuple[ChildRun, bool]:
+    """`run_child`, but SIGKILL the child (and any process it started) the first time
+    `should_kill()` returns True; return its figures and whether it was killed.
+
+    `should_kill` is called about every 10 ms while the child runs: keep it cheap.
+    """
+    started = time.perf_counter()
+    killed = False
+    with (
+        open(os.devnull, "rb") as stdin,
+        _temp_output() as out,
+        _temp_output() as err,
+    ):
+        # Its own session, so the kill reaches every process of the run and nothing else.
+        process = subprocess.Popen(
+            list(command),
+            env=dict(env),
+            stdin=stdin,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+        )
+        deadline = started + timeout
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            if not killed and (time.perf_counter() > deadline or should_kill()):
+                os.killpg(process.pid, signal.SIGKILL)
+                killed = True
+            time.sleep(0.01)
+        wall = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        child = ChildRun(
+            returncode=process.returncode,
+            wall=wall,
+            cpu=usage.ru_utime + usage.ru_stime,
+            max_rss_mb=usage.ru_maxrss / 1024,  # KiB on Linux
+            stdout=out.read().decode(errors="replace"),
+            stderr=err.read().decode(errors="replace"),
+        )
+        return child, killed
 
 
 @contextmanager

@@ -98,35 +98,81 @@ def read_parquet(path: UPath, columns: Sequence[str] | None = None) -> pa.Table:
     return pq.read_table(path.path, columns=wanted, filesystem=path.fs)
 
 
+class AtomicFile:
+    """A file whose bytes appear at `path` only when `commit` is called.
+
+    Locally: a temporary file in the same folder, flushed to disk and renamed into place
+    on `commit`, so not even a power loss can leave a half file under the name. In an
+    object store: the bytes are staged in a local temporary file and uploaded in one put
+    on `commit`; fsspec's own file objects would upload on close even after an error.
+    `abort` drops the temporary file and leaves whatever was at `path` as it was.
+
+    Example::
+
+        target = AtomicFile(as_path("s3://bucket/out/cats.parquet"))
+        try:
+            pq.write_table(table, target.handle)
+        except BaseException:
+            target.abort()
+            raise
+        target.commit()
+    """
+
+    def __init__(self, path: UPath) -> None:
+        self.path = path
+        self._staging: tempfile.TemporaryDirectory[str] | None = None
+        if is_local(path):
+            target = local_path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+        else:
+            self._staging = tempfile.TemporaryDirectory(prefix="flux2-upload-")
+            self._temporary = Path(self._staging.name) / "object"
+        self.handle: IO[bytes] = self._temporary.open("wb")
+        self.done = False
+
+    def commit(self) -> None:
+        """Make the bytes written so far appear at `path` (once; later calls do nothing)."""
+        if self.done:
+            return
+        try:
+            self.handle.flush()
+            if self._staging is None:
+                os.fsync(self.handle.fileno())
+            self.handle.close()
+            if self._staging is None:
+                os.replace(self._temporary, local_path(self.path))
+            else:
+                self.path.fs.put_file(str(self._temporary), self.path.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._cleanup()
+
+    def abort(self) -> None:
+        """Drop what was written; `path` keeps its previous content (if any)."""
+        if self.done:
+            return
+        self.handle.close()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        self.done = True
+        self._temporary.unlink(missing_ok=True)
+        if self._staging is not None:
+            self._staging.cleanup()
+
+
 @contextmanager
 def atomic_writer(path: UPath) -> Iterator[IO[bytes]]:
-    """A binary handle whose bytes appear at `path` only if the block succeeds.
-
-    Locally: a temporary file in the same folder, flushed to disk and renamed into
-    place, so not even a power loss can leave a half file under the name. In an object
-    store: the bytes are staged in a local temporary file and uploaded in one put,
-    and an object becomes visible only when its upload completes.
-    """
-    if is_local(path):
-        target = local_path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
-        try:
-            with temporary.open("wb") as handle:
-                yield handle
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, target)
-        finally:
-            temporary.unlink(missing_ok=True)
-        return
-    # fsspec's own file objects upload on close even after an exception, so stage the
-    # bytes locally and upload them in one put once the block has succeeded.
-    with tempfile.TemporaryDirectory(prefix="flux2-upload-") as staging:
-        staged = Path(staging) / "object"
-        with staged.open("wb") as handle:
-            yield handle
-        path.fs.put_file(str(staged), path.path)
+    """An `AtomicFile`'s handle: committed if the block succeeds, aborted if it raises."""
+    target = AtomicFile(path)
+    try:
+        yield target.handle
+    except BaseException:
+        target.abort()
+        raise
+    target.commit()
 
 
 def write_bytes_atomically(path: UPath, data: bytes) -> None:

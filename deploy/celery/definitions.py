@@ -15,7 +15,6 @@ from __future__ import annotations
 from dagster import Definitions, ExecutorDefinition
 from dagster_celery import celery_executor
 
-from flux2_pipeline.definitions import build_definitions
 from flux2_pipeline.settings import Settings
 
 BROKER_ENV = "DAGSTER_CELERY_BROKER_URL"
@@ -38,4 +37,4 @@ def with_celery_executor(defs: Definitions) -> Definitions:
     return Definitions.merge(defs, Definitions(executor=celery_executor_from_env()))
 
 
-defs = with_celery_executor(build_definitions(Settings.from_env()))
+defs = with_celery_executor(Settings.from_env().definitions())

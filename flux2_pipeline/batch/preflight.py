@@ -19,6 +19,8 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
+from flux2_pipeline.net import redact_text, redact_url
+
 MAX_REMEMBERED_URLS = 100_000
 """Answers kept per run; the oldest are forgotten (and asked again) past this."""
 
@@ -78,7 +80,9 @@ class ReferenceCheck:
 
 
 def _reason(url: str, reason: str | None) -> str:
-    text = reason or "it cannot be fetched"
-    if url not in text:
-        text = f"{url}: {text}"
+    # A pre-signed URL's signature must never reach a results row, a log or the ledger.
+    shown = redact_url(url)
+    text = redact_text(reason or "it cannot be fetched")
+    if shown not in text:
+        text = f"{shown}: {text}"
     return f"reference image cannot be fetched: {text}"

@@ -41,7 +41,7 @@ from enum import Enum
 
 from flux2_pipeline.batch.group_commit import GroupCommit
 from flux2_pipeline.batch.preflight import ReferenceCheck
-from flux2_pipeline.batch.tables import InputRow, RowOutcome
+from flux2_pipeline.batch.tables import InputRow, RowOutcome, RowStatus
 from flux2_pipeline.ledger import (
     DEFAULT_LEASE_SECONDS,
     ClaimAction,
@@ -69,8 +69,13 @@ from flux2_pipeline.runcomfy import (
 
 logger = logging.getLogger(__name__)
 
-COMPLETED, FAILED, INVALID, CANCELLED = "completed", "failed", "invalid", "cancelled"
-STATUSES = (COMPLETED, FAILED, INVALID, CANCELLED)
+COMPLETED, FAILED, INVALID, CANCELLED = (
+    RowStatus.COMPLETED,
+    RowStatus.FAILED,
+    RowStatus.INVALID,
+    RowStatus.CANCELLED,
+)
+STATUSES = tuple(RowStatus)
 
 WAIT_FIRST_S = 0.05
 WAIT_MAX_S = 1.0
@@ -346,6 +351,7 @@ class EditRunner:
         if self.preflight is not None:
             problem = await self.preflight.check(request.image_urls)
             if problem is not None:
+                problem = redact_text(problem)
                 await self._write(
                     lambda: self.ledger.record_rejected(intent.id, f"not sent: {problem}")
                 )
@@ -508,7 +514,13 @@ def _fingerprint(row: InputRow, request: EditRequest) -> str:
 
 
 def _pending(
-    row: InputRow, known: Submission, paid: int, status: str, error: str, *, live: bool = False
+    row: InputRow,
+    known: Submission,
+    paid: int,
+    status: RowStatus,
+    error: str,
+    *,
+    live: bool = False,
 ) -> RowOutcome:
     message = f"{error}; a re-run will poll request {known.request_id}" if live else error
     return RowOutcome(

@@ -21,6 +21,7 @@ import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, Self
@@ -30,7 +31,7 @@ import pyarrow.parquet as pq
 from upath import UPath
 
 from flux2_pipeline.batch.ids import RowIdRegistry
-from flux2_pipeline.paths import atomic_writer, ensure_upath
+from flux2_pipeline.paths import AtomicFile, ensure_upath
 from flux2_pipeline.runcomfy import PARAMETER_NAMES, EditRequest, InvalidEditRequest
 
 READ_BATCH_ROWS = 1024
@@ -285,12 +286,25 @@ def _as_url_tuple(value: Any) -> tuple[str, ...]:
     return ()
 
 
+class RowStatus(StrEnum):
+    """A results row's `status` (see CONTRACT.md); a `str`, so it is stored as its value."""
+
+    COMPLETED = "completed"
+    """The job finished with at least one image URL."""
+    FAILED = "failed"
+    """Not completed: the job failed, was never sent, or its outcome is unknown (see error)."""
+    INVALID = "invalid"
+    """The row breaks the input schema; never sent."""
+    CANCELLED = "cancelled"
+    """The job was cancelled (a stopped run, a deadline)."""
+
+
 @dataclass(frozen=True, slots=True)
 class RowOutcome:
     """One results-table row (see `RESULTS_SCHEMA`)."""
 
     row: InputRow
-    status: str
+    status: RowStatus
     request_id: str | None = None
     output_urls: tuple[str, ...] = ()
     error: str | None = None
@@ -340,11 +354,10 @@ class ResultsWriter:
         self.rows_written = 0
         self._flush_rows = flush_rows
         self._pending: list[dict[str, Any]] = []
-        # The bytes stream into `atomic_writer`'s handle (a local temporary file, renamed or
+        # The bytes stream into an `AtomicFile` (a local temporary file, renamed or
         # uploaded in one put on commit), so readers never see a half-written file.
-        self._target = atomic_writer(self.path)
-        handle = self._target.__enter__()
-        self._writer = pq.ParquetWriter(handle, RESULTS_SCHEMA, compression="zstd")
+        self._target = AtomicFile(self.path)
+        self._writer = pq.ParquetWriter(self._target.handle, RESULTS_SCHEMA, compression="zstd")
 
     def write(self, outcomes: Sequence[RowOutcome]) -> None:
         """Buffer outcomes; flush a row group every `flush_rows` rows."""
@@ -364,18 +377,17 @@ class ResultsWriter:
         try:
             self._flush()
             self._writer.close()
-        except BaseException as exc:
-            self._target.__exit__(type(exc), exc, exc.__traceback__)
+        except BaseException:
+            self._target.abort()
             raise
-        self._target.__exit__(None, None, None)
+        self._target.commit()
 
     def abort(self) -> None:
         """Drop the temporary file; the previous results (if any) stay as they were."""
         try:
             self._writer.close()
         finally:
-            aborted = _Aborted()
-            self._target.__exit__(_Aborted, aborted, None)
+            self._target.abort()
 
     def __enter__(self) -> Self:
         return self
@@ -390,10 +402,6 @@ class ResultsWriter:
             self.commit()
         else:
             self.abort()
-
-
-class _Aborted(Exception):
-    """Thrown into `atomic_writer` so it drops the temporary file."""
 
 
 def file_sha256(path: Path | UPath, chunk: int = 1 << 20) -> str:

@@ -43,7 +43,6 @@ import hashlib
 import json
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -60,7 +59,7 @@ from flux2_pipeline.dataset.webdataset import WebDatasetExport, export_webdatase
 from flux2_pipeline.media.manifest import ImageRecord, read_manifest
 from flux2_pipeline.media.store import ImageStore
 from flux2_pipeline.paths import (
-    atomic_writer,
+    AtomicFile,
     ensure_upath,
     file_size,
     is_local,
@@ -268,14 +267,10 @@ def _row_bytes(example: dict[str, Any]) -> int:
     return sum(len(cell["bytes"]) for cell in images)
 
 
-class _Aborted(Exception):
-    """Thrown into the pending `atomic_writer`s so they drop their temporary files."""
-
-
 class _ShardWriter:
     """Writes one partition's shards to hidden temporary files; `commit` moves them in.
 
-    Each shard streams into an `atomic_writer` (a temporary file next to the shard, or a
+    Each shard streams into an `AtomicFile` (a temporary file next to the shard, or a
     local staging file for an object store) held open until `commit` renames or uploads
     them all; `abort` drops them.
     """
@@ -284,7 +279,7 @@ class _ShardWriter:
         self.folder, self.key = folder, key
         self.max_rows, self.max_bytes = max_rows, max_bytes
         self.names: list[str] = []
-        self._targets = ExitStack()
+        self._targets: list[AtomicFile] = []
         self._writer: pq.ParquetWriter | None = None
         self._rows = self._bytes = 0
         self._pending: list[dict[str, Any]] = []
@@ -313,9 +308,10 @@ class _ShardWriter:
     def _open_next(self) -> None:
         self._close()
         name = f"{self.key}-{len(self.names):05d}.parquet"
-        handle = self._targets.enter_context(atomic_writer(self.folder / name))
+        target = AtomicFile(self.folder / name)
+        self._targets.append(target)
         self.names.append(name)
-        self._writer = pq.ParquetWriter(handle, DATASET_SCHEMA, compression="zstd")
+        self._writer = pq.ParquetWriter(target.handle, DATASET_SCHEMA, compression="zstd")
         self._rows = self._bytes = 0
 
     def _close(self) -> None:
@@ -325,15 +321,21 @@ class _ShardWriter:
             self._writer = None
 
     def commit(self) -> list[str]:
-        self._close()
-        self._targets.close()
+        try:
+            self._close()
+            for target in self._targets:
+                target.commit()
+        except BaseException:
+            self.abort()
+            raise
         return self.names
 
     def abort(self) -> None:
         try:
             self._close()
         finally:
-            self._targets.__exit__(_Aborted, _Aborted(), None)
+            for target in self._targets:
+                target.abort()
 
 
 def _children(folder: UPath) -> list[UPath]:

@@ -9,7 +9,6 @@ loads, against files changed the way a broken writer or a bad disk would change 
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from dagster import (
 from dagster._utils.error import SerializableErrorInfo
 
 from flux2_pipeline.emulator import EmulatorServer
+from flux2_pipeline.settings import Settings
 from tests.conftest import TEST_TOKEN, prompt_rows, write_table
 
 CLI = str(Path(sys.executable).parent / "flux2-pipeline")
@@ -78,10 +78,8 @@ class Built:
         for variable, value in self.env.items():
             if variable.startswith(("RUNCOMFY_", "FLUX2_")):
                 monkeypatch.setenv(variable, value)
-        module = importlib.import_module("flux2_pipeline.definitions")
-        # `defs` may be built at import or, as `dagster dev` loads it, by a lazy factory.
-        defs = module.defs() if callable(module.defs) else importlib.reload(module).defs
-        job = defs.resolve_implicit_global_asset_job_def()
+        # What `dagster dev` loads from flux2_pipeline.definitions, built from this env.
+        job = Settings.from_env().definitions().resolve_implicit_global_asset_job_def()
         check = AssetCheckKey(AssetKey(asset), name)
         result = job.get_subset(
             asset_selection=set(), asset_check_selection={check}

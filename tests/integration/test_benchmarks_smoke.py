@@ -45,3 +45,19 @@ def test_benchmark_help(name: str) -> None:
     )
     assert done.returncode == 0
     assert "--smoke" in done.stdout
+
+
+@pytest.mark.timeout(180)
+def test_soak_smoke() -> None:
+    """300 rows, 3 SIGKILLs under 429s, 5xx and failed jobs, re-run until done: every
+    check of the soak holds (no row lost, duplicates within the unknown window)."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "soak.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for text in ("### soak", "rows lost: 0 (target 0): met", "kills: 3 of 3", "duplicates: "):
+        assert text in done.stdout, done.stdout
+    assert "NOT met" not in done.stdout, done.stdout
