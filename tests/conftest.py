@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from tests._postgres_guard import pytest_runtest_setup
@@ -18,6 +20,12 @@ TEST_TOKEN = "tok-ZQ8xv3Lr5Hn0wPq2"
 
 __all__ = ["TEST_TOKEN", "prompt_rows", "pytest_runtest_setup", "refused_port", "write_table"]
 
+
+# No per-example deadline: on a loaded machine Hypothesis's default 200 ms flakes, and
+# nothing here promises a speed per example. HYPOTHESIS_PROFILE=dev restores the default.
+hypothesis_settings.register_profile("ci", deadline=None)
+hypothesis_settings.register_profile("dev")
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 _HELD_PORTS: list[socket.socket] = []
 

@@ -100,7 +100,9 @@ def build_dataset_asset(keys: Flux2Keys, *, group_name: str = "flux2") -> Assets
         sources = []
         for key in sorted(context.instance.get_dynamic_partitions(keys.partitions_name)):
             results, manifest = storage.results_path(key), storage.image_manifest_path(key)
-            if results.is_file() and manifest.is_file():
+            # A deleted input file takes its rows out: the builder drops shards of
+            # partitions it is not given, though the partition and its results remain.
+            if storage.input_path(key).is_file() and results.is_file() and manifest.is_file():
                 sources.append(PartitionSource(key, results, manifest))
         out_dir = storage.training_dataset_dir()
         store = ImageStore(storage.images_dir(), base=storage.output_root())

@@ -1,0 +1,65 @@
+"""The one window no client can close, for real: killed after the API created a job,
+before its answer arrived. The re-run pays again and counts it, exactly.
+
+The emulator creates each job, then holds its answer (`submit_delay`); the CLI is
+SIGKILLed once the emulator has created every job, so each row is an intent without a
+request id in the ledger.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from flux2_pipeline.emulator import EmulatorServer
+from flux2_pipeline.ledger import Ledger
+from tests.conftest import prompt_rows, write_table
+from tests.dagster.test_process_safety import CLI, cli_env, last_metadata, start_cli, wait_for
+
+pytestmark = pytest.mark.slow
+
+ROWS = 3
+
+
+def test_killed_before_the_answer_then_rerun_counts_each_duplicate(
+    tmp_path: Path, emulator: EmulatorServer
+) -> None:
+    counters = emulator.state.counters
+    env = cli_env(tmp_path, emulator.base_url, FLUX2_MAX_CONCURRENCY=str(ROWS))
+    write_table(tmp_path / "prompts", "lost", prompt_rows(emulator.base_url, "lost", ROWS))
+    emulator.state.faults.update(submit_delay=60.0)  # jobs are created, answers held
+
+    victim = start_cli(env)
+    wait_for(lambda: counters.jobs_created == ROWS, timeout=120)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate(timeout=30)
+    assert victim.returncode == -signal.SIGKILL
+    assert counters.jobs_created == ROWS and counters.duplicate_bodies == 0
+
+    with Ledger.open(tmp_path / "output" / "ledger.sqlite") as ledger:
+        lost = ledger.submissions("lost")
+    assert sorted((s.state.value, s.request_id) for s in lost) == [("intent", None)] * ROWS
+
+    emulator.state.faults.update(submit_delay=0.0)
+    rerun = subprocess.run(
+        [CLI, "materialize"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+
+    # Every row was paid twice, and the metadata says so: never silent.
+    assert counters.jobs_created == 2 * ROWS
+    assert counters.duplicate_bodies == ROWS
+    assert sorted(counters.body_submissions.values()) == [2] * ROWS
+    metadata = last_metadata(env)
+    assert metadata["flux2/unknown_resubmitted"] == counters.duplicate_bodies == ROWS
+    assert metadata["flux2/polled_known"] == 0
+    assert metadata["flux2/reused_completed"] == 0
+    assert metadata["flux2/completed"] == ROWS
+
+    rows = pq.read_table(tmp_path / "output" / "flux2_edits" / "lost.parquet").to_pylist()
+    assert [row["status"] for row in rows] == ["completed"] * ROWS
+    assert len({row["request_id"] for row in rows}) == ROWS
