@@ -20,9 +20,12 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from flux2_pipeline.ledger import Ledger, LedgerStateError
+from flux2_pipeline.ledger import Ledger, LedgerConflictError, LedgerStateError
 
 T = TypeVar("T")
+
+CONFLICT_RETRIES = 8
+"""Times a batch is run again after the database broke a deadlock by rolling it back."""
 
 
 class GroupCommit:
@@ -31,6 +34,8 @@ class GroupCommit:
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
         self._queue: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+        self.conflicts = 0
+        """Batches the database rolled back to break a deadlock, and that were run again."""
         self.transactions = 0
         """How many transactions were committed (for benchmarks and tests)."""
         self.writes = 0
@@ -46,19 +51,27 @@ class GroupCommit:
 
     def _flush(self) -> None:
         batch, self._queue = self._queue, []
-        answers: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-        try:
-            with self._ledger.transaction():
-                for write, future in batch:
-                    try:
-                        answers.append((future, write(), None))
-                    except LedgerStateError as refused:  # wrote nothing; the rest stand
-                        answers.append((future, None, refused))
-        except Exception as failed:  # nothing of this batch is durable
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(failed)
-            return
+        for attempt in range(1, CONFLICT_RETRIES + 1):
+            answers: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+            try:
+                with self._ledger.transaction():
+                    for write, future in batch:
+                        try:
+                            answers.append((future, write(), None))
+                        except LedgerStateError as refused:  # wrote nothing; the rest stand
+                            answers.append((future, None, refused))
+            except LedgerConflictError as failed:
+                # Two runners' batches touched the same rows in different orders and the
+                # database rolled this one back: nothing was written, so run it again.
+                if attempt < CONFLICT_RETRIES:
+                    self.conflicts += 1
+                    continue
+                self._fail(batch, failed)
+                return
+            except Exception as failed:  # nothing of this batch is durable
+                self._fail(batch, failed)
+                return
+            break
         self.transactions += 1
         self.writes += len(batch)
         for future, result, error in answers:
@@ -68,3 +81,9 @@ class GroupCommit:
                 future.set_exception(error)
             else:
                 future.set_result(result)
+
+    @staticmethod
+    def _fail(batch: list[tuple[Callable[[], Any], asyncio.Future[Any]]], error: Exception) -> None:
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(error)

@@ -21,6 +21,7 @@ from flux2_pipeline.ledger.claims import (
 )
 from flux2_pipeline.ledger.errors import (
     LedgerConfigError,
+    LedgerConflictError,
     LedgerError,
     LedgerStateError,
     LedgerUnavailableError,
@@ -51,6 +52,7 @@ __all__ = [
     "ClaimRequest",
     "Ledger",
     "LedgerConfigError",
+    "LedgerConflictError",
     "LedgerError",
     "LedgerStateError",
     "LedgerUnavailableError",

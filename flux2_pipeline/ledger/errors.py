@@ -3,6 +3,7 @@
     LedgerError                  base of every ledger error
     ├── LedgerConfigError        the ledger URL is malformed or names an unsupported database
     ├── LedgerUnavailableError   the database cannot be reached or refused an operation
+    │   └── LedgerConflictError  rolled back to break a deadlock with another writer: retry
     └── LedgerStateError         a write that would break the ledger's rules (unknown
                                  submission, a transition the state machine forbids, a
                                  request id already recorded for another submission)
@@ -24,6 +25,11 @@ class LedgerConfigError(LedgerError, ValueError):
 
 class LedgerUnavailableError(LedgerError):
     """The database could not be reached, or failed an operation (disk full, locked...)."""
+
+
+class LedgerConflictError(LedgerUnavailableError):
+    """The database rolled the transaction back to break a deadlock (or a serialization
+    conflict) with another writer; nothing of it was written, and running it again is safe."""
 
 
 class LedgerStateError(LedgerError):

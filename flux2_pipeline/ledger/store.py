@@ -58,6 +58,7 @@ from flux2_pipeline.ledger.claims import (
 )
 from flux2_pipeline.ledger.errors import (
     LedgerConfigError,
+    LedgerConflictError,
     LedgerError,
     LedgerStateError,
     LedgerUnavailableError,
@@ -86,6 +87,9 @@ PG_CONNECT_TIMEOUT_S = 10
 # Serializes table creation across processes: concurrent CREATE TABLE IF NOT EXISTS on
 # PostgreSQL can still fail on the catalog's unique index.
 _PG_DDL_LOCK_KEY = 0x464C5832_4C454447  # "FLX2LEDG"
+
+_CONFLICT_CODES = frozenset({"40P01", "40001"})
+"""PostgreSQL's deadlock_detected and serialization_failure: the transaction may be re-run."""
 
 _t = submissions
 _a = ledger_account
@@ -407,6 +411,8 @@ class Ledger:
         except IntegrityError:
             raise
         except SQLAlchemyError as exc:
+            if getattr(getattr(exc, "orig", None), "pgcode", None) in _CONFLICT_CODES:
+                raise LedgerConflictError(f"{failure}: {self._describe(exc)}") from exc
             raise LedgerUnavailableError(f"{failure}: {self._describe(exc)}") from exc
 
     def _describe(self, exc: SQLAlchemyError) -> str:
