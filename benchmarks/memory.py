@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
                 for run, child in zip(peaks, runs, strict=True):
                     peaks[run].append(child.max_rss_mb)
                     table.append(figures(size, layout, run, child, peaks[run][0]))
+                    print(table[-1], flush=True)  # a long run shows its progress
             for run, values in peaks.items():
                 verdicts.append(verdict(f"{layout}, {run}", sizes, values))
         invalid_peaks: list[float] = []
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
             (child,) = measure(emu, size, size, True, args.concurrency, 1)
             invalid_peaks.append(child.max_rss_mb)
             table.append(figures(size, "one row group", "invalid rows", child, invalid_peaks[0]))
+            print(table[-1], flush=True)
         if len(invalid_sizes) > 1:
             verdicts.append(verdict("invalid rows, one row group", invalid_sizes, invalid_peaks))
     print_table(f"memory (C={args.concurrency}, emulator latency 0)", table)

@@ -353,6 +353,13 @@ class RowOutcome:
         }
 
 
+RESULTS_ROW_GROUP_ROWS = 16_384
+"""Rows per results row group. The writer keeps every row group's metadata until the
+footer is written: with 1,024-row groups its peak RSS grew from 180 to 191 MB between
+100k and 400k rows; with 16Ki-row groups from 191 to 195 MB (the rows held as Arrow
+until a group is written), measured 2026-11-24 on invalid rows, reader and writer alone."""
+
+
 class ResultsWriter:
     """Streams results into a Parquet file that appears only when complete.
 
@@ -363,28 +370,50 @@ class ResultsWriter:
         # out/flux2_edits/cats.parquet now exists; on an exception it does not change.
     """
 
-    def __init__(self, path: Path | UPath, flush_rows: int = READ_BATCH_ROWS) -> None:
+    def __init__(
+        self,
+        path: Path | UPath,
+        flush_rows: int = READ_BATCH_ROWS,
+        row_group_rows: int = RESULTS_ROW_GROUP_ROWS,
+    ) -> None:
         self.path = ensure_upath(path)
         self.rows_written = 0
         self._flush_rows = flush_rows
+        self._row_group_rows = row_group_rows
         self._pending: list[dict[str, Any]] = []
+        self._batches: list[pa.RecordBatch] = []
+        self._batched_rows = 0
         # The bytes stream into an `AtomicFile` (a local temporary file, renamed or
         # uploaded in one put on commit), so readers never see a half-written file.
         self._target = AtomicFile(self.path)
         self._writer = pq.ParquetWriter(self._target.handle, RESULTS_SCHEMA, compression="zstd")
 
     def write(self, outcomes: Sequence[RowOutcome]) -> None:
-        """Buffer outcomes; flush a row group every `flush_rows` rows."""
+        """Buffer outcomes; turn them into Arrow every `flush_rows` rows, and write a row
+        group every `row_group_rows` rows."""
         self._pending.extend(outcome.record() for outcome in outcomes)
         if len(self._pending) >= self._flush_rows:
-            self._flush()
+            self._to_arrow()
+            if self._batched_rows >= self._row_group_rows:
+                self._write_row_group()
+
+    def _to_arrow(self) -> None:
+        if self._pending:
+            batch = pa.RecordBatch.from_pylist(self._pending, schema=RESULTS_SCHEMA)
+            self._batches.append(batch)
+            self._batched_rows += batch.num_rows
+            self._pending = []
+
+    def _write_row_group(self) -> None:
+        if self._batches:
+            table = pa.Table.from_batches(self._batches, schema=RESULTS_SCHEMA)
+            self._writer.write_table(table, row_group_size=table.num_rows)
+            self.rows_written += table.num_rows
+            self._batches, self._batched_rows = [], 0
 
     def _flush(self) -> None:
-        if self._pending:
-            table = pa.Table.from_pylist(self._pending, schema=RESULTS_SCHEMA)
-            self._writer.write_table(table)
-            self.rows_written += len(self._pending)
-            self._pending = []
+        self._to_arrow()
+        self._write_row_group()
 
     def commit(self) -> None:
         """Finish the file and move it into place (rename locally, one upload remotely)."""
