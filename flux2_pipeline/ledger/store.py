@@ -680,9 +680,8 @@ class Ledger:
 
     def open_attempts(self) -> int:
         """Attempts holding a live claim right now (the account's taken slots)."""
-        stmt = select(func.count()).where(_states(*OPEN_STATES), _t.c.lease_until > _now())
         with self._begin("cannot read the ledger") as conn:
-            return int(conn.execute(stmt).scalar_one())
+            return int(conn.execute(_OPEN_SLOTS, {"now": _now()}).scalar_one())
 
     def record_submitted(
         self, submission_id: int, request_id: str, submitted_at: datetime | None = None

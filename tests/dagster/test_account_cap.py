@@ -10,14 +10,12 @@ ever had queued or running.
 from __future__ import annotations
 
 import signal
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from sqlalchemy import create_engine, text
 
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.ledger import OPEN_STATES, Ledger, Submission
@@ -29,7 +27,6 @@ pytestmark = pytest.mark.slow
 ROWS = 40
 ACCOUNT_CAP = 12
 PER_PROCESS = 16
-PG_ADMIN = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 
 
 @pytest.fixture
@@ -38,26 +35,6 @@ def roomy_emulator() -> Iterator[EmulatorServer]:
     config = EmulatorConfig(port=0, latency=0.5, max_concurrent=64, token=TEST_TOKEN, seed=11)
     with EmulatorServer(config) as server:
         yield server
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'shared-output' / 'ledger.sqlite'}"
-        return
-    name = f"flux2_cap_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # pragma: no cover - only without the local server
-        pytest.skip(f"PostgreSQL is not available: {type(exc).__name__}")
-    try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _env(tmp_path: Path, name: str, base_url: str, ledger_url: str, **extra: str) -> dict[str, str]:

@@ -8,13 +8,11 @@ race on the same partition; the emulator in this process counts every paid job.
 from __future__ import annotations
 
 import signal
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from sqlalchemy import create_engine, text
 
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.ledger import Ledger
@@ -24,7 +22,6 @@ from tests.dagster.test_process_safety import cli_env, start_cli, wait_for
 pytestmark = pytest.mark.slow
 
 ROWS = 30
-PG_ADMIN = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 
 
 @pytest.fixture
@@ -32,26 +29,6 @@ def race_emulator() -> Iterator[EmulatorServer]:
     config = EmulatorConfig(port=0, latency=0.5, max_concurrent=64, token=TEST_TOKEN, seed=5)
     with EmulatorServer(config) as server:
         yield server
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'shared-output' / 'ledger.sqlite'}"
-        return
-    name = f"flux2_race_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # pragma: no cover - only without the local server
-        pytest.skip(f"PostgreSQL is not available: {type(exc).__name__}")
-    try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _env(tmp_path: Path, name: str, base_url: str, ledger_url: str) -> dict[str, str]:
