@@ -304,7 +304,7 @@ class EditRunner:
             case ClaimAction.FOLLOW:
                 assert decision.attempt is not None
                 self.counters.polled_known += 1
-                outcome, again = await self._follow(row, decision.attempt, state.paid)
+                outcome, again = await self._follow(row, decision.attempt, state)
             case ClaimAction.SUBMIT:
                 assert decision.attempt is not None
                 if decision.took_over or state.may_be_duplicate:
@@ -392,15 +392,20 @@ class EditRunner:
         )
         self.counters.submitted += 1
         state.paid += 1
-        outcome, again = await self._follow(row, known, state.paid)
+        outcome, again = await self._follow(row, known, state)
         if outcome.cost_usd is not None:
             self.counters.new_cost_usd += outcome.cost_usd
-        if again and _lost(outcome):
-            state.may_be_duplicate = True
         return outcome, again
 
-    async def _follow(self, row: InputRow, known: Submission, paid: int) -> tuple[RowOutcome, bool]:
-        """Poll a known job to its end; True when it surely ended without a result."""
+    async def _follow(
+        self, row: InputRow, known: Submission, state: _RowRun
+    ) -> tuple[RowOutcome, bool]:
+        """Poll a known job to its end; True when it surely ended without a result.
+
+        A job the API lost (ours or one we follow for another run) marks the row's next
+        submit as a possible duplicate, to be counted.
+        """
+        paid = state.paid
         request_id = known.request_id
         assert request_id is not None
         try:
@@ -415,10 +420,11 @@ class EditRunner:
         except NotFoundError as exc:
             # The client has already retried the 404 for its grace period and asked for the
             # result: the job is gone. A new submit may duplicate it, and is counted.
-            error = f"{_LOST_PREFIX} {redact_text(str(exc))}"
+            error = f"the API no longer knows this job: {redact_text(str(exc))}"
             await self._write(
                 lambda: self.ledger.record_finished(known.id, SubmissionState.FAILED, error=error)
             )
+            state.may_be_duplicate = True
             return _pending(row, known, paid, FAILED, error), True
         except RunComfyError as exc:
             # The job may still complete: leave it `submitted` so a re-run polls it.
@@ -487,9 +493,6 @@ class EditRunner:
         return status.state
 
 
-_LOST_PREFIX = "the API no longer knows this job:"
-
-
 class _Again(Enum):
     NOW = "now"
     WAIT = "wait"
@@ -502,10 +505,6 @@ def _is_final(outcome: RowOutcome) -> bool:
     """A failure that another try cannot fix: the input is at fault, or it was never sent."""
     error = outcome.error or ""
     return is_input_fault(error) or error.startswith("not submitted")
-
-
-def _lost(outcome: RowOutcome) -> bool:
-    return outcome.error is not None and outcome.error.startswith(_LOST_PREFIX)
 
 
 def _fingerprint(row: InputRow, request: EditRequest) -> str:

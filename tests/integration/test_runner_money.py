@@ -41,6 +41,7 @@ async def _run(
     *,
     check_references: bool = True,
     lost_job_grace: float = 60.0,
+    job_deadline: float = 1800.0,
     **options: Any,
 ) -> tuple[list[RowOutcome], EditRunner]:
     options.setdefault("max_concurrency", 8)
@@ -49,6 +50,7 @@ async def _run(
         emulator.base_url,
         poll=PollSchedule(0.02, 0.2, 0.15),
         lost_job_grace=lost_job_grace,
+        job_deadline=job_deadline,
     ) as client:
         runner = EditRunner(client, ledger, partition="p", **options)
         async with GuardedFetcher(AddressPolicy.for_api(emulator.base_url)) as fetcher:
@@ -187,3 +189,23 @@ async def test_a_job_the_api_forgot_is_resubmitted_once_and_counted(
         assert runner.counters.unknown_resubmitted == 1  # a possible duplicate, counted
         states = [s.state.value for s in ledger.submissions("p")]
         assert states == ["failed", "completed"]
+
+
+async def test_a_followed_job_the_api_forgot_is_resubmitted_and_counted(
+    tmp_path: Path, ledger: Ledger
+) -> None:
+    config = EmulatorConfig(port=0, latency=30.0, max_concurrent=4, token=TEST_TOKEN, seed=6)
+    with EmulatorServer(config) as emulator:
+        table = write_table(tmp_path, "p", prompt_rows(emulator.base_url, "kept", 1))
+        state = emulator.state
+        # The first run gives up waiting; the running job stays `submitted` in the ledger.
+        outcomes, _ = await _run(emulator, ledger, table, job_deadline=0.5)
+        assert outcomes[0].status == "failed" and "re-run will poll" in (outcomes[0].error or "")
+        state.jobs.clear()  # then the API forgets it
+        state.update_settings({"latency": 0.05})
+
+        outcomes, runner = await _run(emulator, ledger, table, lost_job_grace=0.3)
+        assert [o.status for o in outcomes] == ["completed"]
+        assert runner.counters.polled_known == 1
+        assert runner.counters.unknown_resubmitted == 1  # the followed job was lost: counted
+        assert state.counters.jobs_created == 2
