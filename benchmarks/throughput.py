@@ -8,9 +8,12 @@ the client process, status calls per job (emulator counters) against what the po
 schedule needs, ratios to the plain script and to the ideal ceil(N/C)*L, and the
 emulator's own CPU use (it must never be the bottleneck). Dagster's fixed start cost is
 the wall time of a re-run of the finished partition (the ledger makes it pay nothing);
-the `pipeline-net` row subtracts it.
+the `pipeline-net` row subtracts it. The `pipeline-capped` mode (not in the default set)
+runs the pipeline again with `FLUX2_ACCOUNT_CONCURRENCY` = C: what taking and giving back
+an account slot in the ledger costs per job.
 
     python benchmarks/throughput.py                      # the issue's sizes
+    python benchmarks/throughput.py --scenario 2000:0.5:64 --modes pipeline,pipeline-capped
     python benchmarks/throughput.py --scenario 600:0.5:32 --modes plain,client
     python benchmarks/throughput.py --smoke
 """
@@ -44,7 +47,8 @@ from _common import (
 
 from flux2_pipeline.runcomfy import AsyncRunComfyClient, EditRequest, PollSchedule
 
-MODES = ("plain", "client", "pipeline")
+MODES = ("plain", "client", "pipeline", "pipeline-capped")
+DEFAULT_MODES = ("plain", "client", "pipeline")
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 PLAIN_POLL_SECONDS = 0.1
 
@@ -103,11 +107,15 @@ def measure_in_process(
 
 
 def measure_pipeline(
-    emu: Emulator, jobs: int, concurrency: int, workdir: Path
+    emu: Emulator,
+    jobs: int,
+    concurrency: int,
+    workdir: Path,
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """A materialize of a fresh N-row partition, then a re-run of it (Dagster's fixed cost)."""
     write_prompt_table(workdir / "input" / "bench.parquet", jobs, emu)
-    env = pipeline_env(emu, workdir, concurrency)
+    env = pipeline_env(emu, workdir, concurrency, extra_env)
     command = [*_cli(), "materialize", "--partition", "bench", "--select", "flux2_edits"]
     figures = []
     for _ in ("first run", "re-run"):
@@ -161,7 +169,9 @@ def main(argv: list[str] | None = None) -> None:
         help="jobs:latency:concurrency (repeatable; default 2000:0.5:64 and 600:0.5:32)",
     )
     parser.add_argument(
-        "--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}"
+        "--modes",
+        default=",".join(DEFAULT_MODES),
+        help=f"comma-separated subset of {','.join(MODES)}",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI): 24 jobs, L=0.1, C=8")
     args = parser.parse_args(argv)
@@ -187,8 +197,14 @@ def main(argv: list[str] | None = None) -> None:
                     results["plain"] = measure_in_process(emu, plain_aiohttp, jobs, concurrency)
                 elif mode == "client":
                     results["client"] = measure_in_process(emu, client_jobs, jobs, concurrency)
+                elif mode == "pipeline-capped":
+                    # The same with the account-wide cap on: every submit takes a slot in the
+                    # ledger and gives it back; what that costs per job.
+                    cap = {"FLUX2_ACCOUNT_CONCURRENCY": str(concurrency)}
+                    first, _ = measure_pipeline(emu, jobs, concurrency, Path(tmp) / mode, cap)
+                    results[mode] = first
                 else:
-                    first, rerun = measure_pipeline(emu, jobs, concurrency, Path(tmp))
+                    first, rerun = measure_pipeline(emu, jobs, concurrency, Path(tmp) / mode)
                     results["pipeline"] = first
                     results["dagster-fixed"] = rerun
                     results["pipeline-net"] = {

@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     materialize.add_argument(
         "--retry-failed", action="store_true", help="only partitions whose last run failed"
     )
+    materialize.add_argument(
+        "--parallel",
+        type=_bounded(int, 1, 64, "a whole number from 1 to 64"),
+        default=None,
+        metavar="N",
+        help="partitions run at once, each in its own run (default: FLUX2_PARALLEL_PARTITIONS, 4)",
+    )
 
     ui = commands.add_parser(
         "ui", help="the Dagster UI on the demo's folders, with a live emulator behind it"
@@ -153,6 +160,7 @@ def _materialize(args: argparse.Namespace) -> int:
             retry_failed=args.retry_failed,
             log_level="WARNING" if sys.stdout.isatty() else "INFO",
             progress=progress,
+            parallel=args.parallel,
         )
     if not report.partitions and report.dataset is None and not report.skipped:
         print("nothing to materialize" + (" (no failed partitions)" if args.retry_failed else ""))

@@ -2,11 +2,16 @@
 
 This is what `flux2-pipeline materialize` and the demo call. It registers input files as
 partitions with the sensor's own code, resolves asset names against the `Definitions`, runs
-each selected partition with `run_partition` (one self-contained function, so partitions
-could run side by side from a pool), and summarizes every run from its materialization and
-failure metadata. The instance is DAGSTER_HOME's, or one kept under a local output folder
-(or `~/.flux2-pipeline/dagster/<digest of the URI>` for an object-store output); its
-first-time setup is serialized by a file lock, so two commands on a new folder both work.
+each selected partition with `run_partition`, and summarizes every run from its
+materialization and failure metadata. Several partitions run at once
+(`Settings.parallel_partitions`, FLUX2_PARALLEL_PARTITIONS), each in its own Dagster run in
+a worker process, so a backfill keeps the account busy across partition boundaries: while
+one partition drains its last jobs, the next one's are already in flight. Threads would not
+do: Dagster's SQLite storages deadlock when several runs execute in one process.
+
+The instance is DAGSTER_HOME's, or one kept under a local output folder (or
+`~/.flux2-pipeline/dagster/<digest of the URI>` for an object-store output); its first-time
+setup is serialized by a file lock, so two commands on a new folder both work.
 
 Example::
 
@@ -18,12 +23,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from dagster import (
@@ -36,6 +48,7 @@ from dagster import (
     JobDefinition,
     RunsFilter,
 )
+from dagster._core.instance.ref import InstanceRef
 from dagster_shared.error import SerializableErrorInfo
 from filelock import FileLock
 
@@ -199,13 +212,16 @@ def materialize(
     instance: DagsterInstance | None = None,
     log_level: str = "INFO",
     progress: Progress | None = None,
+    parallel: int | None = None,
 ) -> MaterializeReport:
     """Run the selected partitioned assets per partition, then the unpartitioned ones once.
 
-    The training dataset runs when it is selected (the default selects every asset) and
-    either it was named in `select` or at least one partition ran. A stop (Ctrl+C) ends
-    the current partition cleanly and starts no other; the report says so. Raises
-    `SettingsError` for an unknown partition or asset name.
+    Up to `parallel` partitions (default `settings.parallel_partitions`) run at once, each
+    in its own Dagster run in a worker process; 1 runs them one after another in this
+    process. The training dataset runs when it is selected (the default selects every
+    asset) and either it was named in `select` or at least one partition ran. A stop
+    (Ctrl+C, SIGTERM) ends the running partitions cleanly and starts no other; the report
+    says so. Raises `SettingsError` for an unknown partition or asset name.
 
     Example::
 
@@ -218,6 +234,9 @@ def materialize(
             "FLUX2_INPUT_DIR must be a folder of Parquet files; "
             f"{storage.input_dir} is not a folder"
         )
+    parallel = settings.parallel_partitions if parallel is None else parallel
+    if parallel > 1 and len(partitions) != 1:
+        _start_worker_server()  # it imports Dagster while this process scans the inputs
     defs = settings.definitions()
     selection = _select(defs, select)
     instance = instance or open_instance(settings)
@@ -235,14 +254,21 @@ def materialize(
         chosen = failed_partitions(instance, chosen)
     job = defs.resolve_implicit_global_asset_job_def()
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
-    summaries: list[PartitionSummary] = []
-    for key in chosen if selection.partitioned else ():
-        summary = run_partition(
-            job, instance, key, selection.partitioned, run_config=run_config, progress=progress
-        )
-        summaries.append(summary)
-        if summary.interrupted:
-            break
+    keys = chosen if selection.partitioned else []
+    workers = min(parallel, len(keys))
+    watcher = _ProgressWatcher(instance, progress) if progress is not None else None
+    try:
+        if workers > 1 and not instance.is_ephemeral:
+            summaries = _run_in_workers(
+                settings, instance, keys, selection.partitioned, run_config, watcher, workers
+            )
+        else:
+            summaries = _run_one_by_one(
+                job, instance, keys, selection.partitioned, run_config, watcher
+            )
+    finally:
+        if watcher is not None:
+            watcher.stop()
     dataset = None
     wants_dataset = selection.unpartitioned and (selection.explicit or summaries)
     if wants_dataset and not any(s.interrupted for s in summaries):
@@ -258,12 +284,21 @@ def run_partition(
     assets: Sequence[AssetKey],
     *,
     run_config: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
     progress: Progress | None = None,
 ) -> PartitionSummary:
-    """One run of `assets` for partition `key`, summarized; an interrupt is a result too."""
+    """One run of `assets` for partition `key`, summarized; an interrupt is a result too.
+
+    Example::
+
+        job = defs.resolve_implicit_global_asset_job_def()
+        summary = run_partition(job, instance, "cats", [Flux2Keys().edits])
+    """
     started = time.monotonic()
-    run_id = str(uuid.uuid4())
-    watcher = _ProgressWatcher(instance, run_id, key, progress) if progress else None
+    run_id = run_id or str(uuid.uuid4())
+    watcher = _ProgressWatcher(instance, progress) if progress is not None else None
+    if watcher is not None:
+        watcher.follow({run_id: key})
     try:
         result = job.execute_in_process(
             instance=instance,
@@ -275,56 +310,229 @@ def run_partition(
             tags={RUN_TAG: "flux2-pipeline materialize"},
         )
     except KeyboardInterrupt:
-        return PartitionSummary(
-            key, False, time.monotonic() - started, error="stopped", interrupted=True
-        )
+        return _stopped(key, time.monotonic() - started)
     finally:
         if watcher is not None:
             watcher.stop()
     summary = _summarize(key, result, time.monotonic() - started)
-    if progress is not None and summary.rows:
-        progress(
-            key,
-            {
-                "flux2/rows_total": summary.rows,
-                "flux2/rows_done": summary.rows,
-                "flux2/rows_failed": summary.failed + summary.cancelled,
-                "flux2/cost_usd": summary.cost_usd,
-                "flux2/seconds": summary.seconds,
-            },
-        )
+    if watcher is not None:
+        watcher.finished(summary)
     return summary
 
 
-class _ProgressWatcher:
-    """Follows a run's progress observations from the event log, on a thread of its own."""
+def _stopped(key: str, seconds: float = 0.0) -> PartitionSummary:
+    return PartitionSummary(key, False, seconds, error="stopped", interrupted=True)
 
-    def __init__(
-        self, instance: DagsterInstance, run_id: str, partition: str, progress: Progress
-    ) -> None:
+
+def _run_one_by_one(
+    job: JobDefinition,
+    instance: DagsterInstance,
+    keys: Sequence[str],
+    assets: Sequence[AssetKey],
+    run_config: Mapping[str, Any],
+    watcher: _ProgressWatcher | None,
+) -> list[PartitionSummary]:
+    summaries = []
+    for key in keys:
+        run_id = str(uuid.uuid4())
+        if watcher is not None:
+            watcher.follow({run_id: key})
+        summary = run_partition(job, instance, key, assets, run_config=run_config, run_id=run_id)
+        if watcher is not None:
+            watcher.finished(summary)
+        summaries.append(summary)
+        if summary.interrupted:
+            break
+    return summaries
+
+
+def _run_in_workers(
+    settings: Settings,
+    instance: DagsterInstance,
+    keys: Sequence[str],
+    assets: Sequence[AssetKey],
+    run_config: Mapping[str, Any],
+    watcher: _ProgressWatcher | None,
+    workers: int,
+) -> list[PartitionSummary]:
+    """`workers` processes take the partitions in order, one Dagster run each.
+
+    The processes fork from a server that has imported this module once, so each starts
+    in milliseconds rather than re-importing Dagster. A stop sets `stop`; each worker then
+    interrupts its own run (Dagster's clean stop: queued jobs cancelled) and takes no
+    other partition, and partitions not yet started are dropped from the report.
+    """
+    context = _start_worker_server()
+    stop = context.Event()
+    run_ids = {key: str(uuid.uuid4()) for key in keys}
+    results: dict[str, PartitionSummary] = {}
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=context,
+        initializer=_worker_start,
+        initargs=(settings, instance.get_ref(), dict(os.environ), stop),
+    )
+    with pool, _sigterm_as_interrupt():
+        futures = {
+            pool.submit(_worker_run, key, run_ids[key], list(assets), dict(run_config)): key
+            for key in keys
+        }
+        pending: set[Future[PartitionSummary | None]] = set(futures)
+        try:
+            while pending:
+                done, pending = wait(pending, PROGRESS_POLL_SECONDS, FIRST_COMPLETED)
+                for future in done:
+                    summary = _outcome(futures[future], future)
+                    if summary is not None:
+                        results[summary.partition] = summary
+                        if watcher is not None:
+                            watcher.finished(summary)
+                if watcher is not None:
+                    running = [futures[f] for f in pending if f.running()]
+                    watcher.follow({run_ids[key]: key for key in running})
+        except KeyboardInterrupt:
+            stop.set()
+            for future in pending:
+                future.cancel()
+            for future in pending:
+                if not future.cancelled() and (summary := _outcome(futures[future], future)):
+                    results[summary.partition] = summary
+    return [results[key] for key in keys if key in results]
+
+
+def _start_worker_server() -> multiprocessing.context.ForkServerContext:
+    """Start (once per process) the server the workers fork from, with this module loaded."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    multiprocessing.forkserver.ensure_running()
+    return context
+
+
+def _outcome(key: str, future: Future[PartitionSummary | None]) -> PartitionSummary | None:
+    try:
+        return future.result()
+    except Exception as exc:  # a worker process died (killed, out of memory)
+        return PartitionSummary(key, False, 0.0, error=f"its worker process failed: {exc!r}")
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops the command the way Ctrl+C does (what `kill` and orchestrators send)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@dataclass
+class _Worker:
+    job: JobDefinition
+    instance: DagsterInstance
+    stopping: threading.Event
+
+
+_worker: _Worker | None = None
+"""The worker process's job and instance, made once by `_worker_start`."""
+
+
+def _worker_start(
+    settings: Settings, instance_ref: InstanceRef, environ: dict[str, str], stop: Any
+) -> None:
+    global _worker
+    # The server the workers fork from started with the environment of its time.
+    os.environ.clear()
+    os.environ.update(environ)
+    # Ctrl+C at the terminal reaches the command alone; it stops the workers through `stop`,
+    # so a run is never interrupted twice (a second interrupt would cut its cleanup short).
+    os.setpgrp()
+    stopping = threading.Event()
+
+    def note_stop(_signal: int, _frame: FrameType | None) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, note_stop)
+    signal.signal(signal.SIGTERM, note_stop)
+
+    def relay() -> None:
+        stop.wait()
+        stopping.set()
+        os.kill(os.getpid(), signal.SIGINT)  # Dagster's handler stops the run in progress
+
+    threading.Thread(target=relay, name="flux2-stop-relay", daemon=True).start()
+    job = settings.definitions().resolve_implicit_global_asset_job_def()
+    _worker = _Worker(job, DagsterInstance.from_ref(instance_ref), stopping)
+
+
+def _worker_run(
+    key: str, run_id: str, assets: list[AssetKey], run_config: dict[str, Any]
+) -> PartitionSummary | None:
+    worker = _worker
+    assert worker is not None, "_worker_start runs first"
+    if worker.stopping.is_set():
+        return None  # handed out before the stop, never started
+    return run_partition(
+        worker.job, worker.instance, key, assets, run_config=run_config, run_id=run_id
+    )
+
+
+class _ProgressWatcher:
+    """Follows runs' progress observations from the event log, on a thread of its own."""
+
+    def __init__(self, instance: DagsterInstance, progress: Progress) -> None:
+        self._instance = instance
+        self._progress = progress
+        self._lock = threading.Lock()
+        self._runs: dict[str, str] = {}
+        self._cursors: dict[str, str | None] = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._follow, args=(instance, run_id, partition, progress), daemon=True
-        )
+        self._thread = threading.Thread(target=self._follow, name="flux2-progress", daemon=True)
         self._thread.start()
 
-    def _follow(
-        self, instance: DagsterInstance, run_id: str, partition: str, progress: Progress
-    ) -> None:
-        cursor = None
+    def follow(self, runs: Mapping[str, str]) -> None:
+        """Follow these runs (run id -> partition) from now on, and only these."""
+        with self._lock:
+            self._runs = dict(runs)
+
+    def finished(self, summary: PartitionSummary) -> None:
+        """Report a partition's final figures (its run's last observation may be older)."""
+        if summary.rows:
+            self._progress(
+                summary.partition,
+                {
+                    "flux2/rows_total": summary.rows,
+                    "flux2/rows_done": summary.rows,
+                    "flux2/rows_failed": summary.failed + summary.cancelled,
+                    "flux2/cost_usd": summary.cost_usd,
+                    "flux2/seconds": summary.seconds,
+                },
+            )
+
+    def _follow(self) -> None:
         while not self._stop.wait(PROGRESS_POLL_SECONDS):
-            try:
-                page = instance.get_records_for_run(
-                    run_id, cursor=cursor, of_type=DagsterEventType.ASSET_OBSERVATION
-                )
-            except Exception:  # the run may not exist yet; progress is best effort
-                continue
-            cursor = page.cursor
-            for record in page.records:
-                event = record.event_log_entry.dagster_event
-                if event is not None and event.asset_observation_data is not None:
-                    metadata = event.asset_observation_data.asset_observation.metadata
-                    progress(partition, {k: v.value for k, v in metadata.items()})
+            with self._lock:
+                runs = dict(self._runs)
+            for run_id, partition in runs.items():
+                self._read(run_id, partition)
+
+    def _read(self, run_id: str, partition: str) -> None:
+        try:
+            page = self._instance.get_records_for_run(
+                run_id,
+                cursor=self._cursors.get(run_id),
+                of_type=DagsterEventType.ASSET_OBSERVATION,
+            )
+        except Exception:  # the run may not exist yet; progress is best effort
+            return
+        self._cursors[run_id] = page.cursor
+        for record in page.records:
+            event = record.event_log_entry.dagster_event
+            if event is not None and event.asset_observation_data is not None:
+                metadata = event.asset_observation_data.asset_observation.metadata
+                self._progress(partition, {k: v.value for k, v in metadata.items()})
 
     def stop(self) -> None:
         self._stop.set()

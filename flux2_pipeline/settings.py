@@ -52,16 +52,25 @@ ENVIRONMENT: dict[str, str] = {
 
 STEP_RETRY_ENVIRONMENT = {"retries": "FLUX2_STEP_RETRIES", "delay": "FLUX2_STEP_RETRY_DELAY"}
 
+PARALLEL_PARTITIONS_VARIABLE = "FLUX2_PARALLEL_PARTITIONS"
+DEFAULT_PARALLEL_PARTITIONS = 4
+MAX_PARALLEL_PARTITIONS = 64
+
 __all__ = ["ENVIRONMENT", "Settings", "SettingsError"]
 
 
 @dataclass(frozen=True)
 class Settings:
-    """The environment, translated: the resources, the step retries and DAGSTER_HOME."""
+    """The environment, translated: the resources, the step retries and DAGSTER_HOME.
+
+    `parallel_partitions` (FLUX2_PARALLEL_PARTITIONS) is how many partitions
+    `flux2-pipeline materialize` runs at once, each in its own Dagster run.
+    """
 
     resources: Flux2Resources
     step_retries: StepRetries = field(default_factory=StepRetries)
     dagster_home: Path | None = None
+    parallel_partitions: int = DEFAULT_PARALLEL_PARTITIONS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -82,7 +91,7 @@ class Settings:
             step_retries = StepRetries(**retry_values)
         except ValidationError as exc:
             raise settings_error(exc, StepRetries, STEP_RETRY_ENVIRONMENT) from None
-        return cls(resources, step_retries, _dagster_home(env))
+        return cls(resources, step_retries, _dagster_home(env), _parallel_partitions(env))
 
     @classmethod
     def of(
@@ -93,12 +102,14 @@ class Settings:
         *,
         step_retries: StepRetries | None = None,
         dagster_home: Path | None = None,
+        parallel_partitions: int = DEFAULT_PARALLEL_PARTITIONS,
     ) -> Settings:
         """Settings from resources built in code (the demo, tests, notebooks)."""
         return cls(
             Flux2Resources(runcomfy, ledger or LedgerResource(storage=storage), storage),
             step_retries or StepRetries(),
             dagster_home,
+            parallel_partitions,
         )
 
     @property
@@ -131,6 +142,19 @@ def _get(env: Mapping[str, str], variable: str) -> str | None:
     if variable == "RUNCOMFY_API_TOKEN":
         return raw or None  # spaces around a token are an error, not something to strip
     return raw.strip() or None
+
+
+def _parallel_partitions(env: Mapping[str, str]) -> int:
+    raw = _get(env, PARALLEL_PARTITIONS_VARIABLE)
+    if raw is None:
+        return DEFAULT_PARALLEL_PARTITIONS
+    value = int(raw) if raw.isdecimal() else 0
+    if not 1 <= value <= MAX_PARALLEL_PARTITIONS:
+        raise SettingsError(
+            f"{PARALLEL_PARTITIONS_VARIABLE} must be a whole number from 1 to "
+            f"{MAX_PARALLEL_PARTITIONS}, got {raw!r}"
+        )
+    return value
 
 
 def _dagster_home(env: Mapping[str, str]) -> Path | None:

@@ -61,6 +61,45 @@ class Flux2Resources:
         """By the resource keys the assets ask for."""
         return {"runcomfy": self.runcomfy, "ledger": self.ledger, "storage": self.storage}
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Dagster's resources do not survive pickling (their config schema does not), and
+        # `flux2-pipeline materialize` hands its settings to worker processes: send each
+        # resource as the fields that were set (an `EnvVar` stays an `EnvVar`, by name).
+        return (
+            Flux2Resources,
+            (
+                _ResourceRecipe.of(self.runcomfy),
+                _ResourceRecipe.of(self.ledger),
+                _ResourceRecipe.of(self.storage),
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class _ResourceRecipe:
+    """A resource as its class and the fields that were set; unpickles as the resource."""
+
+    cls: type[ConfigurableResource]  # type: ignore[type-arg]
+    fields: dict[str, Any]
+
+    @classmethod
+    def of(cls, resource: ConfigurableResource) -> _ResourceRecipe:  # type: ignore[type-arg]
+        fields = {}
+        for name in resource.model_fields_set:
+            value = getattr(resource, name)
+            fields[name] = cls.of(value) if isinstance(value, ConfigurableResource) else value
+        return cls(type(resource), fields)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (_build_resource, (self.cls, self.fields))
+
+
+def _build_resource(
+    cls: type[ConfigurableResource],  # type: ignore[type-arg]
+    fields: dict[str, Any],
+) -> ConfigurableResource:  # type: ignore[type-arg]
+    return cls(**fields)
+
 
 def build_resources(
     values: Mapping[str, Any],

@@ -126,8 +126,14 @@ def test_stopping_a_run_cancels_queued_jobs_and_records_them(tmp_path: Path) -> 
     with EmulatorServer(config) as emulator:
         counters = emulator.state.counters
         # Step retries stay on: a stop must not be undone by the RetryPolicy.
+        # One partition at a time: the second must not start after a stop (the same with
+        # partitions side by side is in test_parallel_partitions.py).
         env = cli_env(
-            tmp_path, emulator.base_url, FLUX2_MAX_CONCURRENCY="5", FLUX2_STEP_RETRIES="3"
+            tmp_path,
+            emulator.base_url,
+            FLUX2_MAX_CONCURRENCY="5",
+            FLUX2_STEP_RETRIES="3",
+            FLUX2_PARALLEL_PARTITIONS="1",
         )
         write_table(tmp_path / "prompts", "stopme", prompt_rows(emulator.base_url, "stop", 5))
         write_table(tmp_path / "prompts", "stopnext", prompt_rows(emulator.base_url, "n", 2))

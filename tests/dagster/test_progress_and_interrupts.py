@@ -75,7 +75,9 @@ def test_a_stop_ends_one_materialize_and_the_next_runs_everything(
             stopped.append(partition)
             _thread.interrupt_main()  # what Ctrl+C does, on the main thread
 
-    report = materialize(settings, select=["flux2_edits"], instance=instance, progress=press_ctrl_c)
+    report = materialize(
+        settings, select=["flux2_edits"], instance=instance, progress=press_ctrl_c, parallel=1
+    )
     assert stopped == ["first"]
     assert report.interrupted and [s.partition for s in report.partitions] == ["first"]
     assert not report.partitions[0].succeeded

@@ -1,0 +1,100 @@
+"""Several partitions at once: `materialize(parallel=N)` and `flux2-pipeline materialize`.
+
+Each partition is still its own Dagster run (its own materialization, failure and logs);
+they run side by side in worker processes, so the account stays busy across partition
+boundaries. A stop reaches every running partition and starts no other.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+
+from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
+from flux2_pipeline.ledger import Ledger
+from flux2_pipeline.materialize import RUN_TAG, materialize
+from flux2_pipeline.settings import Settings
+from tests.conftest import TEST_TOKEN, prompt_rows, write_table
+from tests.dagster.test_process_safety import CLI, cli_env, start_cli, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def test_partitions_run_side_by_side_each_in_its_own_run(
+    settings: Settings,
+    emulator: EmulatorServer,
+    instance: DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FLUX2_MAX_CONCURRENCY", "2")
+    settings = Settings.from_env()
+    # Each partition needs two rounds of 2 s jobs: they cannot help overlapping.
+    emulator.state.update_settings({"latency": 2.0})
+    names = ["alpha", "beta", "gamma"]
+    for name in names:
+        write_table(Path(settings.storage.input_dir), name, prompt_rows(emulator.base_url, name, 4))
+
+    report = materialize(settings, select=["flux2_edits"], instance=instance, parallel=3)
+
+    assert [(s.partition, s.succeeded, s.completed) for s in report.partitions] == [
+        (name, True, 4) for name in names
+    ]
+    # More than one partition's jobs were in flight at once: one after another peaks at 2.
+    assert emulator.state.counters.max_in_progress > 2
+    assert emulator.state.counters.jobs_created == 12
+    runs = instance.get_runs(RunsFilter(tags={RUN_TAG: "flux2-pipeline materialize"}))
+    assert sorted(run.tags["dagster/partition"] for run in runs) == names
+    assert {run.status for run in runs} == {DagsterRunStatus.SUCCESS}
+    for name in names:
+        rows = pq.read_table(Path(settings.storage.output_dir) / "flux2_edits" / f"{name}.parquet")
+        assert rows.column("status").to_pylist() == ["completed"] * 4
+
+
+def test_a_bad_setting_names_the_variable() -> None:
+    from flux2_pipeline.resources import SettingsError
+
+    with pytest.raises(SettingsError, match=r"^FLUX2_PARALLEL_PARTITIONS must be a whole number"):
+        Settings.from_env({"FLUX2_PARALLEL_PARTITIONS": "0"})
+    assert Settings.from_env({"FLUX2_PARALLEL_PARTITIONS": "8"}).parallel_partitions == 8
+
+
+def test_sigterm_stops_every_running_partition_and_starts_no_other(tmp_path: Path) -> None:
+    config = EmulatorConfig(port=0, latency=1.5, max_concurrent=2, token=TEST_TOKEN)
+    with EmulatorServer(config) as emulator:
+        counters = emulator.state.counters
+        env = cli_env(
+            tmp_path, emulator.base_url, FLUX2_MAX_CONCURRENCY="3", FLUX2_STEP_RETRIES="3"
+        )
+        names = ["p1", "p2", "p3", "p4"]
+        for name in names:
+            write_table(tmp_path / "prompts", name, prompt_rows(emulator.base_url, name, 3))
+
+        run = start_cli(env, "--parallel", "2")
+        # Two partitions of three jobs each: all six submitted, two running, four queued.
+        wait_for(lambda: counters.jobs_created == 6 and counters.in_progress_now == 2)
+        polls = counters.status_calls
+        wait_for(lambda: counters.status_calls > polls + 2)  # both steps are polling
+        run.send_signal(signal.SIGTERM)
+        stdout, stderr = run.communicate(timeout=90)
+        assert run.returncode == 1, stdout + stderr
+        stopped = [line for line in stdout.splitlines() if "the run was stopped" in line]
+        assert sorted(line.split(":")[0] for line in stopped) == ["p1", "p2"]
+        assert "p3" not in stdout and "p4" not in stdout  # never started
+        assert "stopped: the remaining partitions were not started" in stdout
+        assert counters.cancelled_jobs == 4  # every queued job, none twice
+        assert counters.jobs_created == 6  # and no stopped step was retried
+
+        rerun = subprocess.run(
+            [CLI, "materialize"], env=env, capture_output=True, text=True, timeout=180
+        )
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+        # The two jobs that were running are polled, not paid again; the rest are new.
+        assert counters.jobs_created == 6 + 4 + 6
+        with Ledger.open(tmp_path / "output" / "ledger.sqlite") as ledger:
+            for name in names:
+                assert ledger.stats(name)["completed"] == 3
