@@ -40,7 +40,7 @@ test: lint typecheck check-defs
 	$(BIN)/pytest -q
 
 # Benchmarks at the issue's sizes (about 12 minutes on 2 cores) and at tiny sizes (CI).
-BENCHMARKS := throughput transport memory partitions
+BENCHMARKS := throughput transport memory partitions backfill
 
 bench: $(STAMP)
 	@for b in $(BENCHMARKS); do $(BIN)/python benchmarks/$$b.py || exit 1; done

@@ -19,6 +19,7 @@ EXPECTED = {
     "transport": ("### transport", "| httpx ", "| aiohttp "),
     "memory": ("### memory", "peak RSS MB", "re-run:"),
     "partitions": ("### partitions", "s/partition", "single_run()"),
+    "backfill": ("### backfill", "| plain ", "| materialize --parallel 1 ", "--parallel 4 "),
 }
 
 
