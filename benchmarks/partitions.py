@@ -1,12 +1,13 @@
 """Partitions: Dagster's fixed cost per partition, and what a single-run backfill would save.
 
 Registers `--partitions` tiny input files (1 row each) and runs `flux2-pipeline
-materialize` over all of them (one Dagster run per partition, in sequence) against the
-emulator in its own process (latency 0): wall / partitions is the fixed cost each
-partition pays. Then a prototype, outside the product: two trivial partitioned assets
-on a throwaway instance, one materialized one run per partition (what `flux2_edits`
-does, `BackfillPolicy.multi_run(1)`), one in a single run over the whole key range
-(`BackfillPolicy.single_run()`), to measure the orchestration cost a single run saves.
+materialize` over all of them (one Dagster run per partition), with `--parallel 1` (one
+after another) and `--parallel 4` (the default), against the emulator in its own process
+(latency 0): wall / partitions is the fixed cost each partition pays. CPU is summed over
+the command and its worker processes. Then a prototype, outside the product: two trivial
+partitioned assets on a throwaway instance, one materialized one run per partition (what
+`flux2_edits` does, `BackfillPolicy.multi_run(1)`), one in a single run over the whole key
+range (`BackfillPolicy.single_run()`), to measure the orchestration cost a single run saves.
 
     python benchmarks/partitions.py                    # 200 partitions
     python benchmarks/partitions.py --partitions 1000
@@ -38,9 +39,11 @@ from _common import (
     emulator,
     pipeline_env,
     print_table,
-    run_child,
     write_prompt_table,
 )
+from backfill import run_command
+
+DEFAULT_PARALLEL = (1, 4)
 
 
 def prototype(partitions: int, home: Path) -> dict[str, float]:
@@ -102,6 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-prototype", action="store_true", help="skip the single- vs multi-run prototype"
     )
+    parser.add_argument(
+        "--parallel", type=int, action="append", help=f"--parallel values {DEFAULT_PARALLEL}"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI): 3 partitions")
     args = parser.parse_args(argv)
     count = 3 if args.smoke else args.partitions
@@ -111,27 +117,26 @@ def main(argv: list[str] | None = None) -> None:
         tempfile.TemporaryDirectory(prefix="flux2-parts-") as tmp,
     ):
         workdir = Path(tmp)
-        for i in range(count):
-            write_prompt_table(workdir / "input" / f"p{i:05d}.parquet", 1, emu, start=i)
-        env = pipeline_env(emu, workdir, 8)
-        child = run_child([*cli_command(), "materialize", "--select", "flux2_edits"], env)
-        if child.returncode != 0:
-            raise SystemExit(f"materialize failed ({child.returncode}):\n{child.stderr[-3000:]}")
-        done = child.stdout.count(" ok")
-        if done != count:
-            raise SystemExit(
-                f"only {done} of {count} partitions succeeded:\n{child.stdout[-2000:]}"
+        for parallel in args.parallel or DEFAULT_PARALLEL:
+            # A fresh output folder and ledger each time, so every run pays for its jobs.
+            rundir = workdir / f"parallel-{parallel}"
+            for i in range(count):
+                write_prompt_table(rundir / "input" / f"p{i:05d}.parquet", 1, emu, start=i)
+            env = pipeline_env(emu, rundir, 8)
+            command = [*cli_command(), "materialize", "--select", "flux2_edits"]
+            wall, cpu, out = run_command([*command, "--parallel", str(parallel)], env)
+            done = out.count(" ok")
+            if done != count:
+                raise SystemExit(f"only {done} of {count} partitions succeeded:\n{out[-2000:]}")
+            rows.append(
+                {
+                    "what": f"flux2-pipeline materialize --parallel {parallel} (the product)",
+                    "partitions": count,
+                    "wall s": wall,
+                    "CPU s": cpu,
+                    "s/partition": wall / count,
+                }
             )
-        rows.append(
-            {
-                "what": "flux2-pipeline materialize (multi-run, product)",
-                "partitions": count,
-                "wall s": child.wall,
-                "CPU s": child.cpu,
-                "s/partition": child.wall / count,
-                "peak RSS MB": child.max_rss_mb,
-            }
-        )
         if not args.no_prototype:
             saved = os.environ.get("DAGSTER_HOME")
             try:
@@ -148,7 +153,6 @@ def main(argv: list[str] | None = None) -> None:
                         "wall s": figures[policy],
                         "CPU s": None,
                         "s/partition": figures[policy] / count,
-                        "peak RSS MB": None,
                     }
                 )
     print_table("partitions (1 row each, emulator latency 0)", rows)
