@@ -11,6 +11,7 @@ server" is the most jobs the server ever ran at once, "peak queued" the most tha
 
     python benchmarks/backfill.py                           # the issue's two scenarios
     python benchmarks/backfill.py --scenario 8x40:1:32 --parallel 1 --parallel 4
+    python benchmarks/backfill.py --scenario 8x40:1:32 --parallel 8 --account-cap
     python benchmarks/backfill.py --smoke
 """
 
@@ -106,7 +107,13 @@ def run_command(command: list[str], env: dict[str, str]) -> tuple[float, float, 
 
 
 def measure(
-    emu: Emulator, partitions: int, rows: int, concurrency: int, parallel: int, verbose: bool
+    emu: Emulator,
+    partitions: int,
+    rows: int,
+    concurrency: int,
+    parallel: int,
+    verbose: bool,
+    account_cap: bool,
 ) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="flux2-backfill-") as tmp:
         workdir = Path(tmp)
@@ -117,7 +124,8 @@ def measure(
                 emu.base_url,
                 row_group_rows=rows,
             )
-        env = pipeline_env(emu, workdir, concurrency)
+        cap = {"FLUX2_ACCOUNT_CONCURRENCY": str(concurrency)} if account_cap else {}
+        env = pipeline_env(emu, workdir, concurrency, cap)
         command = [
             *cli_command(),
             "materialize",
@@ -169,6 +177,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--smoke", action="store_true", help=f"tiny: {SMOKE_SCENARIO}")
     parser.add_argument("--verbose", action="store_true", help="print each command's report")
+    parser.add_argument(
+        "--account-cap",
+        action="store_true",
+        help="also run each --parallel value with FLUX2_ACCOUNT_CONCURRENCY = C",
+    )
     args = parser.parse_args(argv)
     scenarios = args.scenario or [
         scenario(text) for text in ((SMOKE_SCENARIO,) if args.smoke else SCENARIOS)
@@ -181,9 +194,13 @@ def main(argv: list[str] | None = None) -> None:
         with emulator(latency, max_concurrent=concurrency) as emu:
             results = [("plain", measure_plain(emu, partitions * rows, concurrency))]
             for parallel in parallels:
-                figures = measure(emu, partitions, rows, concurrency, parallel, args.verbose)
-                results.append((f"materialize --parallel {parallel}", figures))
-                print(f"{name} --parallel {parallel}: {figures['wall']:.2f} s", flush=True)
+                for capped in (False, True) if args.account_cap else (False,):
+                    figures = measure(
+                        emu, partitions, rows, concurrency, parallel, args.verbose, capped
+                    )
+                    mode = f"materialize --parallel {parallel}" + (", account cap C" * capped)
+                    results.append((mode, figures))
+                    print(f"{name} {mode}: {figures['wall']:.2f} s", flush=True)
         plain = results[0][1]
         for mode, figures in results:
             table.append(
