@@ -26,10 +26,12 @@ import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import re
 import signal
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
@@ -370,7 +372,7 @@ def _run_in_workers(
         workers,
         mp_context=context,
         initializer=_worker_start,
-        initargs=(settings, instance.get_ref(), dict(os.environ), stop),
+        initargs=(settings, instance.get_ref(), dict(os.environ), list(warnings.filters), stop),
     )
     with pool, _sigterm_as_interrupt():
         futures = {
@@ -440,12 +442,19 @@ _worker: _Worker | None = None
 
 
 def _worker_start(
-    settings: Settings, instance_ref: InstanceRef, environ: dict[str, str], stop: Any
+    settings: Settings,
+    instance_ref: InstanceRef,
+    environ: dict[str, str],
+    warning_filters: list[Any],
+    stop: Any,
 ) -> None:
     global _worker
-    # The server the workers fork from started with the environment of its time.
+    # The server the workers fork from started with the environment of its time, and
+    # without the warning filters the command set up (Dagster's beta notices stay quiet).
     os.environ.clear()
     os.environ.update(environ)
+    for action, message, category, module, line in reversed(warning_filters):
+        warnings.filterwarnings(action, _pattern(message), category, _pattern(module), line)
     # Ctrl+C at the terminal reaches the command alone; it stops the workers through `stop`,
     # so a run is never interrupted twice (a second interrupt would cut its cleanup short).
     os.setpgrp()
@@ -465,6 +474,13 @@ def _worker_start(
     threading.Thread(target=relay, name="flux2-stop-relay", daemon=True).start()
     job = settings.definitions().resolve_implicit_global_asset_job_def()
     _worker = _Worker(job, DagsterInstance.from_ref(instance_ref), stopping)
+
+
+def _pattern(text: re.Pattern[str] | str | None) -> str:
+    """A warning filter's message or module as the text `filterwarnings` takes."""
+    if isinstance(text, re.Pattern):
+        return text.pattern
+    return text or ""
 
 
 def _worker_run(
