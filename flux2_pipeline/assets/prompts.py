@@ -105,10 +105,11 @@ def build_prompt_files_sensor(
         description="Registers each Parquet file in FLUX2_INPUT_DIR as a partition and "
         "requests a run for every new or changed file.",
     )
-    def prompt_files_sensor(context: SensorEvaluationContext, **resources: Any) -> SensorResult:
+    def prompt_files_sensor(context: SensorEvaluationContext, **_given: Any) -> SensorResult:
         """New file: add a partition and a run. Changed file: a run. Unchanged: nothing."""
-        # Dagster hands a sensor its required resources as keyword arguments.
-        storage: Flux2Storage = resources[keys.resource("storage")]
+        # The daemon hands `required_resource_keys` over on the context only; a direct call
+        # (`sensor(context)`) passes them as keyword arguments too, which `_given` absorbs.
+        storage: Flux2Storage = getattr(context.resources, keys.resource("storage"))
         scan = storage.scan_inputs()
         for line in scan.skipped_lines():
             context.log.warning(line)
