@@ -12,6 +12,7 @@ Every wait polls the emulator's or the instance's state; no test depends on a sl
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -317,3 +318,61 @@ def test_a_sensor_run_request_is_launched_by_the_daemon_and_runs_once(
     daemon.tick()
     assert [r.run_id for r in sensor_runs(instance)] == [run.run_id]
     assert emulator.state.counters.jobs_created == 3
+
+
+def rewrite(path: Path, rows: list[dict[str, Any]], step: int) -> str:
+    """Write `rows` over the file, its mtime `step` seconds on (a coarse clock can't tie it)."""
+    write_table(path.parent, path.stem, rows)
+    later = path.stat().st_mtime_ns + step * 1_000_000_000
+    os.utime(path, ns=(later, later))
+    return file_sha256(path)
+
+
+def test_a_file_changed_back_to_earlier_content_runs_again(
+    settings: Settings,
+    emulator: EmulatorServer,
+    instance: DagsterInstance,
+    workspace: WorkspaceProcessContext,
+) -> None:
+    folder = Path(settings.storage.input_dir)
+    version_a = prompt_rows(emulator.base_url, "a", 2)
+    version_b = prompt_rows(emulator.base_url, "b", 3)
+    path = write_table(folder, "flip", version_a)
+    daemon = SensorDaemon(workspace)
+    daemon.start_sensor()
+
+    def tick_and_finish(expected_runs: int) -> DagsterRun:
+        daemon.tick()
+        runs = sensor_runs(instance)
+        assert len(runs) == expected_runs, [r.tags.get(RUN_KEY_TAG) for r in runs]
+        dequeue(workspace, runs[-1].run_id)
+        run = finished_run(instance, runs[-1].run_id)
+        assert run.status is DagsterRunStatus.SUCCESS
+        return run
+
+    def result_ids() -> list[str]:
+        table = pq.read_table(settings.storage.results_path("flip"))
+        return [str(row_id) for row_id in table.column("row_id").to_pylist()]
+
+    first = tick_and_finish(1)
+    digest_a = first.tags["flux2/input_sha256"]
+    assert result_ids() == ["a-0", "a-1"]
+
+    digest_b = rewrite(path, version_b, 5)
+    second = tick_and_finish(2)
+    assert second.tags["flux2/input_sha256"] == digest_b
+    assert result_ids() == ["b-0", "b-1", "b-2"]
+
+    # Back to the first content: the partition's results hold B's rows, so this is a
+    # change like any other and must run, though A's bytes (and hash) ran before.
+    assert rewrite(path, version_a, 10) == digest_a
+    third = tick_and_finish(3)
+    assert third.tags["flux2/input_sha256"] == digest_a
+    assert len({run.tags[RUN_KEY_TAG] for run in (first, second, third)}) == 3
+    assert result_ids() == ["a-0", "a-1"]
+    # The ledger still has A's completed jobs: running A again paid for nothing new.
+    assert emulator.state.counters.jobs_created == 2 + 3
+    assert _materialization_metadata(instance, "flip")["flux2/reused_completed"] == 2
+
+    daemon.tick()  # unchanged since: nothing more
+    assert len(sensor_runs(instance)) == 3
