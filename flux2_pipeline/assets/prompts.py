@@ -4,8 +4,8 @@ A file `<key>.parquet` in the input folder is partition `<key>`. The sensor
 registers new files as partitions and asks for a run of each new or changed file;
 its run key holds the file's sha256 and how many times the file changed (see
 `input_run_key`), so an unchanged file never runs twice, an edited one runs again, and
-so does one changed back to content it had before (A, B, then A). `flux2-pipeline materialize` registers partitions with the
-same `register_input_files`.
+so does one changed back to content it had before (A, B, then A).
+`flux2-pipeline materialize` registers partitions with the same `register_input_files`.
 
 Example::
 

@@ -4,9 +4,16 @@ The project's own `workspace.yaml` is loaded the way `dagster dev` loads it (a c
 server process started from this test's environment). Runs are launched and stopped
 through the webserver's GraphQL schema, the same mutations the UI's *Materialize* and
 *Terminate* buttons send; the default run launcher starts each run in its own run-worker
-process. The file sensor is evaluated by the sensor daemon's own iteration, which applies
-its partition requests, deduplicates run keys and submits the runs to the instance.
+process, once the run-queue daemon's own iteration has taken it off the queue. The file
+sensor is evaluated by the sensor daemon's own iteration, which applies its partition
+requests, skips run keys it launched before and enqueues the runs.
 Every wait polls the emulator's or the instance's state; no test depends on a sleep.
+
+- *Terminate* cancels exactly the queued jobs, starts no new one, leaves no intent or
+  unknown attempt in the ledger, and the next run polls the jobs that were running.
+- A sensor `RunRequest` becomes a run of `flux2_edits` for its partition with its run key
+  and tags, which succeeds; the next tick launches nothing.
+- A file changed A, then B, then A again runs three times, the third paying for nothing.
 """
 
 from __future__ import annotations
@@ -44,7 +51,9 @@ from flux2_pipeline.runcomfy.models import JobState
 from flux2_pipeline.settings import Settings
 from tests.conftest import prompt_rows, write_table
 
-pytestmark = pytest.mark.slow
+# Each test starts a code server and runs up to three runs, each in run-worker and step
+# processes: about 1 to 2 minutes on the loaded 2-core machine. The limit catches a hang.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 WORKSPACE = Path(__file__).resolve().parents[2] / "workspace.yaml"
 KEYS = Flux2Keys()
