@@ -344,6 +344,19 @@ class EditRunner:
         if decision.action is ClaimAction.SUBMIT and decision.attempt is not None:
             self._release_unsent(decision.attempt)
 
+    async def _cancel_new_job(self, recording: asyncio.Future[Submission]) -> None:
+        """The run stopped while a new job's request id was being recorded.
+
+        The record still commits; then the job is treated as a followed one would be on a
+        stop: cancelled through the API if still queued, recorded `cancelled` if it was.
+        """
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            known = await recording
+            assert known.request_id is not None
+            with contextlib.suppress(RunComfyError):
+                await self.client.cancel(known.request_id)
+            await self._settle_after_cancel(known)
+
     def _release_unsent(self, intent: Submission) -> None:
         with contextlib.suppress(Exception):
             self.ledger.record_rejected(intent.id, NOT_SENT_STOPPED)
@@ -418,9 +431,14 @@ class EditRunner:
             self.ledger.record_unknown(intent.id, "the run stopped while the submit was in flight")
             raise
         request_id = handle.request_id
-        known = await self._write(
-            lambda: self.ledger.record_submitted(intent.id, request_id, submitted_at)
+        recording = asyncio.ensure_future(
+            self._write(lambda: self.ledger.record_submitted(intent.id, request_id, submitted_at))
         )
+        try:
+            known = await asyncio.shield(recording)
+        except asyncio.CancelledError:
+            await self._cancel_new_job(recording)
+            raise
         self.counters.submitted += 1
         state.paid += 1
         outcome, again = await self._follow(row, known, state)
