@@ -2,9 +2,10 @@
 
 A file `<key>.parquet` in the input folder is partition `<key>`. The sensor
 registers new files as partitions and asks for a run of each new or changed file;
-its run key holds the file's sha256, so an unchanged file never runs twice and an
-edited one runs again. `flux2-pipeline materialize` registers partitions with the
-same `register_input_files`.
+its run key holds the file's sha256 and how many times the file changed (see
+`input_run_key`), so an unchanged file never runs twice, an edited one runs again, and
+so does one changed back to content it had before (A, B, then A).
+`flux2-pipeline materialize` registers partitions with the same `register_input_files`.
 
 Example::
 
@@ -79,6 +80,20 @@ def build_prompt_tables(
     return prompt_tables
 
 
+def input_run_key(key: str, sha256: str, version: int) -> str:
+    """The run key of one version of one input file: its content hash and change count.
+
+    The daemon never launches a run key twice, so the hash alone would keep a file that
+    changes back to earlier content (A, then B, then A again) from ever running a third
+    time, leaving B's results in place. Counting the changes (in the sensor's cursor) makes
+    each new content its own run; the first version keeps the plain `<key>:<sha256>`.
+
+    >>> input_run_key("cats", "ab12", 1), input_run_key("cats", "ab12", 3)
+    ('cats:ab12', 'cats:ab12:v3')
+    """
+    return f"{key}:{sha256}" if version <= 1 else f"{key}:{sha256}:v{version}"
+
+
 def _load_cursor(raw: str | None) -> dict[str, dict[str, Any]]:
     if not raw:
         return {}
@@ -105,10 +120,11 @@ def build_prompt_files_sensor(
         description="Registers each Parquet file in FLUX2_INPUT_DIR as a partition and "
         "requests a run for every new or changed file.",
     )
-    def prompt_files_sensor(context: SensorEvaluationContext, **resources: Any) -> SensorResult:
+    def prompt_files_sensor(context: SensorEvaluationContext, **_given: Any) -> SensorResult:
         """New file: add a partition and a run. Changed file: a run. Unchanged: nothing."""
-        # Dagster hands a sensor its required resources as keyword arguments.
-        storage: Flux2Storage = resources[keys.resource("storage")]
+        # The daemon hands `required_resource_keys` over on the context only; a direct call
+        # (`sensor(context)`) passes them as keyword arguments too, which `_given` absorbs.
+        storage: Flux2Storage = getattr(context.resources, keys.resource("storage"))
         scan = storage.scan_inputs()
         for line in scan.skipped_lines():
             context.log.warning(line)
@@ -123,19 +139,24 @@ def build_prompt_files_sensor(
             if seen.get("signature") == signature and key in known:
                 continue  # same size and mtime: skip hashing a file we already ran
             digest = file_sha256(path)
-            cursor[key] = {"signature": signature, "sha256": digest}
-            if seen.get("sha256") == digest and key in known:
+            unchanged = seen.get("sha256") == digest and key in known
+            # New content for a file already seen is a new version, with a run key of its own.
+            version = int(seen.get("version", 1)) + ("sha256" in seen and not unchanged)
+            cursor[key] = {"signature": signature, "sha256": digest, "version": version}
+            if unchanged:
                 continue
             run_requests.append(
                 RunRequest(
-                    run_key=f"{key}:{digest}",
+                    run_key=input_run_key(key, digest, version),
                     partition_key=key,
                     tags={"flux2/input_sha256": digest},
                 )
             )
-        for key in list(cursor):
-            if key not in scan.found:
-                del cursor[key]
+        for key, seen in list(cursor.items()):
+            if key not in scan.found and "sha256" in seen:
+                # Gone: forget the content, keep the count, so the file coming back (even
+                # with content it had before) is a new version with a run key of its own.
+                cursor[key] = {"version": int(seen.get("version", 1)) + 1}
         return SensorResult(
             run_requests=run_requests,
             dynamic_partitions_requests=(

@@ -77,6 +77,8 @@ COMPLETED, FAILED, INVALID, CANCELLED = (
 )
 STATUSES = tuple(RowStatus)
 
+NOT_SENT_STOPPED = "not sent: the run stopped before this row's request left"
+
 WAIT_FIRST_S = 0.05
 WAIT_MAX_S = 1.0
 """How often a row waiting for another runner's claim or an account slot asks again."""
@@ -207,11 +209,11 @@ class EditRunner:
                 for row in batch:
                     pending.append(asyncio.ensure_future(self._row(row, done)))
                     while len(pending) >= self.window or (pending and pending[0].done()):
-                        yield self._count(await pending.popleft())
+                        yield self._count(await _first_done(pending))
                 # Let the tasks of this batch start before reading the next one.
                 await asyncio.sleep(0)
             while pending:
-                yield self._count(await pending.popleft())
+                yield self._count(await _first_done(pending))
         finally:
             heartbeat.cancel()
             for task in pending:
@@ -269,16 +271,24 @@ class EditRunner:
         self, row: InputRow, request: EditRequest, claim: ClaimRequest, state: _RowRun
     ) -> RowOutcome | _Again:
         """One claim and what it allows: the row's outcome, or when to ask again."""
-        [decision] = await self._write(
-            lambda: self.ledger.claim(
-                [claim],
-                holder=self.holder,
-                max_attempts=self.max_attempts,
-                lease_seconds=self.lease_seconds,
-                budget_usd=self.budget_usd,
-                account_concurrency=self.account_concurrency,
+        claiming = asyncio.ensure_future(
+            self._write(
+                lambda: self.ledger.claim(
+                    [claim],
+                    holder=self.holder,
+                    max_attempts=self.max_attempts,
+                    lease_seconds=self.lease_seconds,
+                    budget_usd=self.budget_usd,
+                    account_concurrency=self.account_concurrency,
+                )
             )
         )
+        try:
+            # Shielded: a stop must not lose a claim the ledger is committing right now.
+            [decision] = await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            await self._withdraw_claim(claiming)
+            raise
         state.paid = decision.paid_attempts
         match decision.action:
             case ClaimAction.REUSE:
@@ -321,6 +331,36 @@ class EditRunner:
             self.counters.final_failures += 1
         return outcome
 
+    async def _withdraw_claim(self, claiming: asyncio.Future[list[ClaimDecision]]) -> None:
+        """The run stopped while claiming: an intent it got was never sent, so release it.
+
+        Left as an intent, it would hold the row for the claim's lease and then count as
+        an unknown outcome (a possible duplicate) though no request ever left.
+        """
+        try:
+            [decision] = await claiming
+        except (Exception, asyncio.CancelledError):
+            return  # no claim was committed, or the loop is going away
+        if decision.action is ClaimAction.SUBMIT and decision.attempt is not None:
+            self._release_unsent(decision.attempt)
+
+    async def _cancel_new_job(self, recording: asyncio.Future[Submission]) -> None:
+        """The run stopped while a new job's request id was being recorded.
+
+        The record still commits; then the job is treated as a followed one would be on a
+        stop: cancelled through the API if still queued, recorded `cancelled` if it was.
+        """
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            known = await recording
+            assert known.request_id is not None
+            with contextlib.suppress(RunComfyError):
+                await self.client.cancel(known.request_id)
+            await self._settle_after_cancel(known)
+
+    def _release_unsent(self, intent: Submission) -> None:
+        with contextlib.suppress(Exception):
+            self.ledger.record_rejected(intent.id, NOT_SENT_STOPPED)
+
     def _exhausted(self, decision: ClaimDecision, state: _RowRun) -> str:
         cause = state.last.error if state.last is not None else decision.last_error
         cap = f"the row used {state.paid} of {self.max_attempts} paid attempts"
@@ -349,7 +389,11 @@ class EditRunner:
     ) -> tuple[RowOutcome, bool]:
         """One paid attempt on a claimed row; returns the outcome and whether to retry."""
         if self.preflight is not None:
-            problem = await self.preflight.check(request.image_urls)
+            try:
+                problem = await self.preflight.check(request.image_urls)
+            except asyncio.CancelledError:
+                self._release_unsent(intent)
+                raise
             if problem is not None:
                 problem = redact_text(problem)
                 await self._write(
@@ -387,9 +431,14 @@ class EditRunner:
             self.ledger.record_unknown(intent.id, "the run stopped while the submit was in flight")
             raise
         request_id = handle.request_id
-        known = await self._write(
-            lambda: self.ledger.record_submitted(intent.id, request_id, submitted_at)
+        recording = asyncio.ensure_future(
+            self._write(lambda: self.ledger.record_submitted(intent.id, request_id, submitted_at))
         )
+        try:
+            known = await asyncio.shield(recording)
+        except asyncio.CancelledError:
+            await self._cancel_new_job(recording)
+            raise
         self.counters.submitted += 1
         state.paid += 1
         outcome, again = await self._follow(row, known, state)
@@ -491,6 +540,17 @@ class EditRunner:
                     known.id, SubmissionState.CANCELLED, error="cancelled: the run stopped waiting"
                 )
         return status.state
+
+
+async def _first_done(pending: deque[asyncio.Task[RowOutcome]]) -> RowOutcome:
+    """Wait for the oldest row's outcome and take it off `pending`.
+
+    Unlike awaiting the task, a stop (cancelling the caller) leaves the row alone here:
+    `run` then cancels every pending row at once, so no row waiting for a free slot gets
+    the slot of the oldest one as it winds down, and starts a new job after the stop.
+    """
+    await asyncio.wait([pending[0]])
+    return pending.popleft().result()
 
 
 class _Again(Enum):

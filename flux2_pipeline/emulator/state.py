@@ -2,8 +2,8 @@
 
 `EmulatorState` owns every job. At most `max_concurrent` jobs are `in_progress`; the
 rest wait FIFO. Each started job is one asyncio task that fetches its reference
-images (cached by URL) and sleeps out the rest of `latency`; nothing is rendered
-until an output URL is fetched::
+images (cached by URL) and sleeps out the rest of `latency` (the value in force: lowering
+it ends running jobs sooner too); nothing is rendered until an output URL is fetched::
 
     >>> state = EmulatorState(EmulatorConfig(max_concurrent=2, seed=1))
     >>> state.faults.update(fail_rate=0.5)
@@ -39,6 +39,9 @@ from flux2_pipeline.runcomfy.models import EditRequest, JobState
 
 MAX_RETAINED_JOBS = 100_000
 """Beyond this many jobs the oldest finished ones are forgotten (their ids then 404)."""
+
+LATENCY_RECHECK_SECONDS = 1.0
+"""How often a running job looks again at `latency`, which may have changed."""
 
 MODEL_ERROR = {
     "error_code": "MODEL_ERROR",
@@ -431,16 +434,18 @@ class EmulatorState:
 
     async def _run(self, job: Job) -> None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.latency
+        started = loop.time()
         try:
             error: dict[str, str] | None = None
             try:
                 job.references = await self._fetch_all(job.request.image_urls)
             except ReferenceFetchError as exc:
                 error = {"error_code": "IMAGE_FETCH_FAILED", "error_message": str(exc)}
-            remaining = deadline - loop.time()
-            if remaining > 0:
-                await asyncio.sleep(remaining)
+            # The latency in force decides, so a lowered latency also ends running jobs
+            # sooner (a test can hold jobs running, then let them finish). Settings may
+            # change from another thread, hence a bounded wait instead of an event.
+            while (remaining := started + self.latency - loop.time()) > 0:
+                await asyncio.sleep(min(remaining, LATENCY_RECHECK_SECONDS))
             if error is None and self.faults.take_failure():
                 error = dict(MODEL_ERROR)
         except Exception as exc:  # a bug here must fail the job, never strand it

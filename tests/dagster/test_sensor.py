@@ -181,3 +181,33 @@ def test_a_sensor_run_request_materializes(
     # Materializing registered nothing new and changed nothing the sensor watches.
     assert daemon.partitions == ["loop"]
     assert run_requests(daemon.tick()) == []
+
+
+def test_content_changed_back_or_a_file_restored_gets_a_run_key_of_its_own(
+    daemon: Daemon,
+) -> None:
+    """The daemon never launches a run key twice: A, B, then A again needs a third key."""
+    folder = Path(daemon.storage.input_dir)
+    versions = [prompt_rows(BASE, "a", 2), prompt_rows(BASE, "b", 3), prompt_rows(BASE, "a", 2)]
+    path = folder / "flip.parquet"
+    keys: list[str] = []
+    digests: list[str] = []
+    for step, rows in enumerate(versions):
+        write_table(folder, "flip", rows)
+        bump_mtime(path, 5 * (step + 1))
+        digests.append(file_sha256(path))
+        (request,) = run_requests(daemon.tick())
+        assert request.run_key is not None and digests[-1] in request.run_key
+        keys.append(request.run_key)
+    assert digests[0] == digests[2] != digests[1]
+    assert keys[0] == f"flip:{digests[0]}"  # the first version's key is the plain one
+    assert len(set(keys)) == 3
+    assert run_requests(daemon.tick()) == []
+
+    # Deleted, then restored with the same bytes: a change too, under yet another key.
+    path.unlink()
+    assert run_requests(daemon.tick()) == []
+    write_table(folder, "flip", versions[2])
+    (restored,) = run_requests(daemon.tick())
+    assert restored.run_key is not None and restored.run_key not in keys
+    assert run_requests(daemon.tick()) == []
