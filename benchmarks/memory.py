@@ -43,6 +43,8 @@ from _common import (
 
 FLAT_RATIO = 1.3
 GROUPED = 50_000
+LAYOUTS = {"grouped": (f"{GROUPED // 1000}k-row groups", GROUPED), "single": ("one row group", 0)}
+"""`--layout` names: the input in 50k-row groups, or as one row group (pandas' default)."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,14 +55,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--full", action="store_true", help="add 1,000,000 rows (slow)")
     parser.add_argument("--concurrency", type=int, default=64, help="FLUX2_MAX_CONCURRENCY")
     parser.add_argument("--invalid-rows", type=int, default=400_000, help="the invalid case")
+    parser.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        action="append",
+        help="repeatable; default both (run one per process to use both cores)",
+    )
+    parser.add_argument("--no-invalid", action="store_true", help="skip the invalid-rows case")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI), one layout")
     args = parser.parse_args(argv)
     if args.smoke:
         sizes, invalid_sizes, layouts = [100, 300], [300], {"one row group": 0}
     else:
         sizes = sorted(set(args.rows or [10_000, 100_000]) | ({1_000_000} if args.full else set()))
-        invalid_sizes = sorted({10_000, args.invalid_rows})
-        layouts = {f"{GROUPED // 1000}k-row groups": GROUPED, "one row group": 0}
+        invalid_sizes = [] if args.no_invalid else sorted({10_000, args.invalid_rows})
+        layouts = dict(LAYOUTS[name] for name in (args.layout or LAYOUTS))
     table: list[dict[str, Any]] = []
     verdicts: list[str] = []
     with emulator(0.0, max_concurrent=args.concurrency) as emu:
