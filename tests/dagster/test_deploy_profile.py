@@ -210,26 +210,28 @@ def test_the_daemon_queue_keeps_the_deploy_profile_limits(
 
         # A run of q0, a second run of q0, then q1..q4: six runs, queued in that order.
         emulator.state.faults.update(hold_jobs=True)
-        order = ["q0", "q0", "q1", "q2", "q3", "q4"]
-        run_ids = [_submit(instance, daemon_context, key) for key in order]
-        assert _statuses(instance, run_ids) == [DagsterRunStatus.QUEUED] * 6
+        try:
+            order = ["q0", "q0", "q1", "q2", "q3", "q4"]
+            run_ids = [_submit(instance, daemon_context, key) for key in order]
+            assert _statuses(instance, run_ids) == [DagsterRunStatus.QUEUED] * 6
 
-        _tick(queue, daemon_context)
-        first, second_q0, *others = run_ids
-        started = [first, *others[:3]]  # q0, q1, q2, q3: four, the second q0 skipped
-        waiting = [second_q0, others[3]]
-        assert _in_progress(instance) == set(started)
-        # The started runs reach the API and stay there while the emulator holds them.
-        _wait(lambda: emulator.state.counters.in_progress_now == QUEUE_LIMIT * ROWS_PER_RUN)
-        assert {r for r in started if _status(instance, r) is DagsterRunStatus.STARTED} == set(
-            started
-        )
-        for _ in range(3):  # the queue is full and stays so, tick after tick
             _tick(queue, daemon_context)
+            first, second_q0, *others = run_ids
+            started = [first, *others[:3]]  # q0, q1, q2, q3: four, the second q0 skipped
+            waiting = [second_q0, others[3]]
             assert _in_progress(instance) == set(started)
-            assert _statuses(instance, waiting) == [DagsterRunStatus.QUEUED] * 2
+            # The started runs reach the API and stay there while the emulator holds them.
+            _wait(lambda: emulator.state.counters.in_progress_now == QUEUE_LIMIT * ROWS_PER_RUN)
+            assert {r for r in started if _status(instance, r) is DagsterRunStatus.STARTED} == set(
+                started
+            )
+            for _ in range(3):  # the queue is full and stays so, tick after tick
+                _tick(queue, daemon_context)
+                assert _in_progress(instance) == set(started)
+                assert _statuses(instance, waiting) == [DagsterRunStatus.QUEUED] * 2
+        finally:  # also on failure, so the held runs can end and their processes exit
+            emulator.state.faults.update(hold_jobs=False)
 
-        emulator.state.faults.update(hold_jobs=False)
         _tick_until_finished(queue, daemon_context, instance, run_ids)
         records = instance.get_run_records(RunsFilter(run_ids=run_ids))
         assert {r.dagster_run.status for r in records} == {DagsterRunStatus.SUCCESS}
