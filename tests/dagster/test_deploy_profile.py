@@ -270,7 +270,8 @@ def _daemon_workspace(
 ) -> Iterator[WorkspaceProcessContext]:
     """The workspace a daemon loads (a code server in a subprocess). On leaving, wait for
     the processes it started (the server, run workers) to exit, so none still uses the
-    database when the fixture drops it."""
+    database when the fixture drops it; any still running after two minutes is killed
+    (a server left behind would wait on the dropped database forever)."""
     spawned: list[psutil.Process] = []
     try:
         with WorkspaceProcessContext(instance, target) as context:
@@ -280,7 +281,10 @@ def _daemon_workspace(
                 spawned = psutil.Process().children(recursive=True)
     finally:
         _, alive = psutil.wait_procs(spawned, timeout=120)
-    assert not alive, f"still running after the workspace closed: {alive}"
+        for process in alive:
+            process.kill()
+        psutil.wait_procs(alive, timeout=30)
+    assert not alive, f"still running two minutes after the workspace closed: {alive}"
 
 
 def _submit(instance: DagsterInstance, context: WorkspaceProcessContext, key: str) -> str:
