@@ -107,7 +107,7 @@ class Faults:
     submit as an unknown outcome, so a run that should complete despite 5xx disables it."""
     hold_submits: bool = False
     """While true, a submit creates its job and then withholds the answer until it is set
-    back to false: a client's timeout then certainly ends the call after the job exists."""
+    back to false: however long a client's timeout is, the timeout ends the call."""
     hold_jobs: bool = False
     """While true, running jobs do not finish (their latency still runs out); the queue,
     positions and cancels hold still for as long as a test needs to look at them."""
@@ -374,7 +374,14 @@ class EmulatorState:
             task.add_done_callback(self._tasks.discard)
 
     async def hold_answer(self) -> None:
-        """Wait while `faults.hold_submits` is set, counted in `held_submits_now`."""
+        """Wait while `faults.hold_submits` is set, counted in `held_submits_now`.
+
+        Example (a test, while a submit is held)::
+
+            >>> state.counters.held_submits_now, state.counters.jobs_created
+            (1, 1)
+            >>> state.faults.update(hold_submits=False)  # the answer goes out
+        """
         if not self.faults.hold_submits:
             return
         self.counters.held_submits_now += 1

@@ -402,6 +402,12 @@ def test_admin_endpoints(emulator: EmulatorServer, client: httpx.Client) -> None
     assert client.get("/v1/requests/x/status").status_code == 429
     refused = client.post("/_emulator/faults", json={"fault_429": 2})
     assert refused.status_code == 422
+    held = client.post("/_emulator/faults", json={"hold_jobs": True, "hold_submits": False})
+    assert held.status_code == 200 and held.json()["hold_jobs"] is True
+    assert emulator.state.faults.hold_jobs is True
+    assert client.post("/_emulator/faults", json={"hold_jobs": "yes"}).status_code == 422
+    client.post("/_emulator/faults", json={"hold_jobs": False})
+    assert "held_submits_now" in client.get("/_emulator/stats").json()
     assert client.post("/_emulator/faults", json={"bogus": 1}).status_code == 422
     client.post("/_emulator/faults", json={"fault_429": 0})
 
