@@ -177,7 +177,7 @@ def deploy_home(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)  # about 3 min on a quiet machine, 8 under heavy load
 def test_the_daemon_queue_keeps_the_deploy_profile_limits(
     tmp_path: Path,
     settings: Settings,
