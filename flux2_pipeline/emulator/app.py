@@ -23,6 +23,8 @@ Faults apply to the four authenticated API routes only, after the token check:
 `fault_429` answers 429 with `Retry-After`; `fault_5xx` answers 503 for submit and
 cancel, and 500, 502 or 503 (drawn at random) for status and result
 (`fault_5xx_on_submit=False` spares submits). A rejected submit never creates a job.
+`submit_delay` (seconds) and `hold_submits` (until cleared) withhold a submit's answer
+after its job exists; `hold_jobs` keeps running jobs from finishing until cleared.
 Every `*_calls` / `submits_total` counter counts requests
 received, rejected ones included; `body_submissions` counts jobs created per body;
 `image_fetches` counts HTTP requests for output and sample images.
@@ -174,6 +176,7 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
         }
         if state.faults.submit_delay > 0:
             await asyncio.sleep(state.faults.submit_delay)
+        await state.hold_answer()
         if state.faults.take_drop():
             state.counters.bump("dropped_submits")
             return _DroppedResponse(json.dumps(payload).encode(), media_type="application/json")

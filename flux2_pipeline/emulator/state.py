@@ -20,7 +20,7 @@ import random
 import re
 import uuid
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -108,6 +108,12 @@ class Faults:
     fault_5xx_on_submit: bool = True
     """False keeps `fault_5xx` to status, result and cancel: a client must treat a 5xx on a
     submit as an unknown outcome, so a run that should complete despite 5xx disables it."""
+    hold_submits: bool = False
+    """While true, a submit creates its job and then withholds the answer until it is set
+    back to false: however long a client's timeout is, the timeout ends the call."""
+    hold_jobs: bool = False
+    """While true, running jobs do not finish (their latency still runs out); the queue,
+    positions and cancels hold still for as long as a test needs to look at them."""
     _rng: random.Random = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -126,7 +132,7 @@ class Faults:
                 clean[name] = str(value)
             elif name in ("drop_submits", "fail_next"):
                 clean[name] = int(_number(name, value, 0, 1_000_000, integer=True))
-            elif name == "fault_5xx_on_submit":
+            elif name in ("fault_5xx_on_submit", "hold_submits", "hold_jobs"):
                 if not isinstance(value, bool):
                     raise ValueError(f"{name} must be true or false, got {value!r}")
                 clean[name] = value
@@ -166,6 +172,13 @@ class Faults:
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON-ready values."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+
+async def _while(condition: Callable[[], bool]) -> None:
+    # Polled, not an asyncio.Event: faults are changed from other threads (tests, the
+    # control route), and a flag read is safe across threads where an Event is not.
+    while condition():
+        await asyncio.sleep(0.01)
 
 
 def _number(name: str, value: Any, low: float, high: float, integer: bool = False) -> float:
@@ -211,6 +224,7 @@ class Counters:
     forgotten_bodies: int = 0
     image_fetches: int = 0
     in_progress_now: int = 0
+    held_submits_now: int = 0
     max_in_progress: int = 0
     max_queue_length: int = 0
     body_submissions: dict[str, int] = field(default_factory=dict)
@@ -225,9 +239,9 @@ class Counters:
         setattr(self, name, getattr(self, name) + 1)
 
     def reset(self, queued: int = 0) -> None:
-        """Zero every counter but the live `in_progress_now`; peaks restart from now."""
+        """Zero every counter but the live gauges (`*_now`); peaks restart from now."""
         for f in fields(self):
-            if f.name not in ("body_submissions", "in_progress_now"):
+            if f.name != "body_submissions" and not f.name.endswith("_now"):
                 setattr(self, f.name, 0)
         self.body_submissions = {}
         self.max_in_progress = self.in_progress_now
@@ -249,6 +263,7 @@ class Job:
     request: EditRequest
     state: JobState
     created_at: datetime
+    started_at: datetime | None = None
     finished_at: datetime | None = None
     error: dict[str, str] | None = None
     references: tuple[bytes, ...] = ()
@@ -354,11 +369,29 @@ class EmulatorState:
         while self._queue and counters.in_progress_now < self.max_concurrent:
             job = self._queue.popleft()
             job.state = JobState.IN_PROGRESS
+            job.started_at = datetime.now(UTC)
             counters.in_progress_now += 1
             counters.max_in_progress = max(counters.max_in_progress, counters.in_progress_now)
             task = asyncio.get_running_loop().create_task(self._run(job))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def hold_answer(self) -> None:
+        """Wait while `faults.hold_submits` is set, counted in `held_submits_now`.
+
+        Example (a test, while a submit is held)::
+
+            >>> state.counters.held_submits_now, state.counters.jobs_created
+            (1, 1)
+            >>> state.faults.update(hold_submits=False)  # the answer goes out
+        """
+        if not self.faults.hold_submits:
+            return
+        self.counters.held_submits_now += 1
+        try:
+            await _while(lambda: self.faults.hold_submits)
+        finally:
+            self.counters.held_submits_now -= 1
 
     def reset_counters(self) -> None:
         """Zero the counters (`POST /_emulator/reset`); live gauges keep their values."""
@@ -446,6 +479,7 @@ class EmulatorState:
             # change from another thread, hence a bounded wait instead of an event.
             while (remaining := started + self.latency - loop.time()) > 0:
                 await asyncio.sleep(min(remaining, LATENCY_RECHECK_SECONDS))
+            await _while(lambda: self.faults.hold_jobs)
             if error is None and self.faults.take_failure():
                 error = dict(MODEL_ERROR)
         except Exception as exc:  # a bug here must fail the job, never strand it

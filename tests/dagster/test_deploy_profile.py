@@ -1,19 +1,31 @@
 """deploy/dagster.yaml works: a PostgreSQL-backed instance with the `concurrency:` limits
-materializes a partition; deploy/celery/dagster.yaml loads the same way."""
+materializes a partition; its queue, run by the daemon's own iterations, keeps those limits
+and re-runs a failed run once; deploy/celery/dagster.yaml loads the same way."""
 
 from __future__ import annotations
 
 import shutil
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
-from dagster import DagsterInstance
+from dagster import DagsterInstance, DagsterRunStatus, RunRecord, RunsFilter
+from dagster._core.definitions.repository_definition import SINGLETON_REPOSITORY_NAME
 from dagster._core.instance.config import PoolGranularity
+from dagster._core.workspace.context import WorkspaceProcessContext
+from dagster._core.workspace.load_target import ModuleTarget
+from dagster._daemon.auto_run_reexecution.event_log_consumer import EventLogConsumerDaemon
+from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import (
+    QueuedRunCoordinatorDaemon,
+)
 from sqlalchemy import create_engine, text
 
+from flux2_pipeline.assets.keys import Flux2Keys
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.materialize import materialize_partitions
 from flux2_pipeline.settings import Settings
@@ -135,3 +147,240 @@ def test_the_helm_values_carry_the_same_limits_and_secrets() -> None:
         "--from-literal=FLUX2_LEDGER_URL="
         in (REPO / "deploy" / "kubernetes" / "values.yaml").read_text()
     )
+
+
+# -- the run queue, run by the daemon's own code ------------------------------------------
+
+QUEUE_LIMIT = 4  # deploy/dagster.yaml: max_concurrent_runs and the pools' default_limit
+QUEUED_PARTITIONS = ("q0", "q1", "q2", "q3", "q4")
+ROWS_PER_RUN = 2
+LOCATION = "flux2"
+FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+
+
+@pytest.fixture
+def deploy_home(
+    tmp_path: Path, scratch_database: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[DagsterInstance]:
+    """The deploy profile's instance on a fresh PostgreSQL database; the environment run
+    workers inherit (through the code server) names the same instance."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_POSTGRES_URL", scratch_database)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    instance = DagsterInstance.get()
+    try:
+        yield instance
+    finally:
+        instance.dispose()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # about 3 min on a quiet machine, 8 under heavy load
+def test_the_daemon_queue_keeps_the_deploy_profile_limits(
+    tmp_path: Path,
+    settings: Settings,
+    emulator: EmulatorServer,
+    deploy_home: DagsterInstance,
+) -> None:
+    """Six runs are submitted to the deploy profile's queue and started by the queue
+    daemon's own iteration, through the default run launcher (a code server and one
+    process per run), as `dagster-daemon run` does. While the emulator holds every job,
+    the runs the daemon started cannot end: exactly four are in progress, and a second
+    run of a partition waits although it was queued before others that started. Then
+    everything finishes, and the run records show no moment with more than four runs,
+    nor two runs of one partition. Last, a run that fails is re-run once by
+    `run_retries` (the event-log consumer daemon), and the re-run succeeds."""
+    instance = deploy_home
+    for key in (*QUEUED_PARTITIONS, "retried"):
+        rows = prompt_rows(emulator.base_url, key, ROWS_PER_RUN)
+        write_table(Path(settings.storage.input_dir), key, rows)
+    instance.add_dynamic_partitions("flux2_prompt_tables", [*QUEUED_PARTITIONS, "retried"])
+    queue = QueuedRunCoordinatorDaemon(interval_seconds=1)
+    retries = EventLogConsumerDaemon(interval_seconds=1)
+    target = ModuleTarget(
+        module_name="flux2_pipeline.definitions",
+        attribute="defs",
+        working_directory=str(tmp_path),
+        location_name=LOCATION,
+    )
+    with _daemon_workspace(instance, target) as daemon_context:
+        _tick(retries, daemon_context)  # its cursor starts here: later failures count
+
+        # A run of q0, a second run of q0, then q1..q4: six runs, queued in that order.
+        emulator.state.faults.update(hold_jobs=True)
+        try:
+            order = ["q0", "q0", "q1", "q2", "q3", "q4"]
+            run_ids = [_submit(instance, daemon_context, key) for key in order]
+            assert _statuses(instance, run_ids) == [DagsterRunStatus.QUEUED] * 6
+
+            _tick(queue, daemon_context)
+            first, second_q0, *others = run_ids
+            started = [first, *others[:3]]  # q0, q1, q2, q3: four, the second q0 skipped
+            waiting = [second_q0, others[3]]
+            assert _in_progress(instance) == set(started)
+            # The started runs reach the API and stay there while the emulator holds them.
+            _wait(lambda: emulator.state.counters.in_progress_now == QUEUE_LIMIT * ROWS_PER_RUN)
+            assert {r for r in started if _status(instance, r) is DagsterRunStatus.STARTED} == set(
+                started
+            )
+            for _ in range(3):  # the queue is full and stays so, tick after tick
+                _tick(queue, daemon_context)
+                assert _in_progress(instance) == set(started)
+                assert _statuses(instance, waiting) == [DagsterRunStatus.QUEUED] * 2
+        finally:  # also on failure, so the held runs can end and their processes exit
+            emulator.state.faults.update(hold_jobs=False)
+
+        _tick_until_finished(queue, daemon_context, instance, run_ids)
+        records = instance.get_run_records(RunsFilter(run_ids=run_ids))
+        assert {r.dagster_run.status for r in records} == {DagsterRunStatus.SUCCESS}
+        spans = {r.dagster_run.run_id: _span(r) for r in records}
+        assert _peak_overlap(list(spans.values())) == QUEUE_LIMIT
+        # The two q0 runs never overlapped: the second began after the first had ended.
+        assert spans[second_q0][0] >= spans[first][1]
+        assert emulator.state.counters.jobs_created == 5 * ROWS_PER_RUN  # q0 ran twice, paid once
+
+        # run_retries: a run that fails (the API refuses the token) is queued again once.
+        real_token = emulator.state.config.token
+        emulator.state.config.token = "a-revoked-token"
+        try:
+            failing = _submit(instance, daemon_context, "retried")
+            _tick_until_finished(queue, daemon_context, instance, [failing])
+            assert _status(instance, failing) is DagsterRunStatus.FAILURE
+        finally:
+            emulator.state.config.token = real_token
+        _tick(retries, daemon_context)
+        retry_records = instance.get_run_records(
+            RunsFilter(tags={"dagster/parent_run_id": failing})
+        )
+        assert len(retry_records) == 1
+        retry = retry_records[0].dagster_run
+        assert retry.tags["dagster/retry_number"] == "1"
+        assert retry.tags["dagster/partition"] == "retried"
+        _tick_until_finished(queue, daemon_context, instance, [retry.run_id])
+        assert _status(instance, retry.run_id) is DagsterRunStatus.SUCCESS
+        _tick(retries, daemon_context)  # a success is never re-run
+        assert len(instance.get_run_records()) == len(run_ids) + 2
+
+
+@contextmanager
+def _daemon_workspace(
+    instance: DagsterInstance, target: ModuleTarget
+) -> Iterator[WorkspaceProcessContext]:
+    """The workspace a daemon loads (a code server in a subprocess). On leaving, wait for
+    the processes it started (the server, run workers) to exit, so none still uses the
+    database when the fixture drops it; any still running after two minutes is killed
+    (a server left behind would wait on the dropped database forever)."""
+    spawned: list[psutil.Process] = []
+    try:
+        with WorkspaceProcessContext(instance, target) as context:
+            try:
+                yield context
+            finally:
+                spawned = psutil.Process().children(recursive=True)
+    finally:
+        _, alive = psutil.wait_procs(spawned, timeout=120)
+        for process in alive:
+            process.kill()
+        psutil.wait_procs(alive, timeout=30)
+    assert not alive, f"still running two minutes after the workspace closed: {alive}"
+
+
+def _submit(instance: DagsterInstance, context: WorkspaceProcessContext, key: str) -> str:
+    """Create a run of the partition job for `key` and submit it, as the UI's Launch does."""
+    workspace = context.create_request_context()
+    location = workspace.get_code_location(LOCATION)
+    repository = location.get_repository(SINGLETON_REPOSITORY_NAME)
+    remote_job = repository.get_full_job(Flux2Keys().job_name)
+    plan = location.get_execution_plan(
+        remote_job, {}, step_keys_to_execute=None, known_state=None, instance=instance
+    )
+    run = instance.create_run(
+        job_name=remote_job.name,
+        run_id=None,
+        run_config={},
+        resolved_op_selection=None,
+        step_keys_to_execute=plan.execution_plan_snapshot.step_keys_to_execute,
+        op_selection=None,
+        status=None,
+        root_run_id=None,
+        parent_run_id=None,
+        tags={**remote_job.tags, "dagster/partition": key},
+        job_snapshot=remote_job.job_snapshot,
+        execution_plan_snapshot=plan.execution_plan_snapshot,
+        parent_job_snapshot=remote_job.parent_job_snapshot,
+        remote_job_origin=remote_job.get_remote_origin(),
+        job_code_origin=remote_job.get_python_origin(),
+        asset_selection=None,
+        asset_check_selection=None,
+        asset_graph=repository.asset_graph,
+    )
+    return instance.submit_run(run.run_id, workspace).run_id
+
+
+def _tick(
+    daemon: QueuedRunCoordinatorDaemon | EventLogConsumerDaemon, context: WorkspaceProcessContext
+) -> None:
+    """One whole iteration of the daemon, as `dagster-daemon run` does every interval."""
+    for _ in daemon.run_iteration(context):
+        pass
+
+
+def _status(instance: DagsterInstance, run_id: str) -> DagsterRunStatus:
+    run = instance.get_run_by_id(run_id)
+    assert run is not None
+    return run.status
+
+
+def _statuses(instance: DagsterInstance, run_ids: list[str]) -> list[DagsterRunStatus]:
+    return [_status(instance, run_id) for run_id in run_ids]
+
+
+def _in_progress(instance: DagsterInstance) -> set[str]:
+    """Runs the queue counts against its limits: launched and not yet ended."""
+    in_progress = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
+    return {
+        r.dagster_run.run_id for r in instance.get_run_records(RunsFilter(statuses=in_progress))
+    }
+
+
+def _wait(condition: Callable[[], bool], timeout: float = 300) -> None:
+    """Poll until `condition` holds; the deadline only stops a hang."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not reached in {timeout} s"
+        time.sleep(0.2)
+
+
+def _tick_until_finished(
+    daemon: QueuedRunCoordinatorDaemon,
+    context: WorkspaceProcessContext,
+    instance: DagsterInstance,
+    run_ids: list[str],
+    timeout: float = 600,
+) -> None:
+    """Tick the queue, as the daemon does every interval, until every run has ended."""
+    deadline = time.monotonic() + timeout
+    while not all(_status(instance, run_id) in FINISHED for run_id in run_ids):
+        assert time.monotonic() < deadline, f"runs not finished: {_statuses(instance, run_ids)}"
+        _tick(daemon, context)
+        time.sleep(0.5)  # the daemon's interval: runs progress on their own meanwhile
+
+
+def _span(record: RunRecord) -> tuple[float, float]:
+    assert record.start_time is not None and record.end_time is not None
+    return record.start_time, record.end_time
+
+
+def _peak_overlap(spans: list[tuple[float, float]]) -> int:
+    """The most spans open at one instant (an end at t comes before a start at t)."""
+    edges = sorted(
+        [(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans],
+        key=lambda edge: (edge[0], edge[1]),
+    )
+    open_now = peak = 0
+    for _, step in edges:
+        open_now += step
+        peak = max(peak, open_now)
+    return peak

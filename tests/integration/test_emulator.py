@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
@@ -44,6 +45,8 @@ def emulator(shared: EmulatorServer) -> EmulatorServer:
         drop_submits=0,
         seed=11,
         fault_5xx_on_submit=True,
+        hold_submits=False,
+        hold_jobs=False,
     )
     shared.state.reset_counters()
     return shared
@@ -57,6 +60,15 @@ def client(emulator: EmulatorServer) -> Iterator[httpx.Client]:
 
 def body(base_url: str, **overrides: Any) -> dict[str, Any]:
     return {"prompt": "make it night", "image_urls": [f"{base_url}/samples/cat.png"], **overrides}
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Poll the emulator's state until `condition` holds; the deadline only stops a hang."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met in {timeout} s")
+        time.sleep(0.01)
 
 
 def wait_done(client: httpx.Client, request_id: str, timeout: float = 5.0) -> dict[str, Any]:
@@ -96,9 +108,11 @@ def test_submit_status_result_shapes(emulator: EmulatorServer, client: httpx.Cli
 
 
 def test_queue_positions_latency_and_cancel() -> None:
-    config = EmulatorConfig(port=0, latency=0.4, max_concurrent=2)
+    latency = 0.4
+    config = EmulatorConfig(port=0, latency=latency, max_concurrent=2)
     with EmulatorServer(config) as server, httpx.Client(base_url=server.base_url) as client:
-        started = time.monotonic()
+        # Held, the first wave cannot finish while the queue is read, however slow we are.
+        server.state.faults.update(hold_jobs=True)
         ids = [
             client.post(MODEL_PATH, json=body(server.base_url, seed=i)).json()["request_id"]
             for i in range(5)
@@ -119,18 +133,30 @@ def test_queue_positions_latency_and_cancel() -> None:
         pending = client.get(f"/v1/requests/{ids[2]}/result").json()
         assert pending["status"] == "in_queue" and pending["output"] is None
 
-        results = [wait_done(client, rid) for rid in ids]
-        elapsed = time.monotonic() - started
+        server.state.faults.update(hold_jobs=False)
+        results = [wait_done(client, rid, timeout=60) for rid in ids]
         assert [r["status"] for r in results] == ["completed"] * 3 + ["cancelled", "completed"]
-        # Two waves of 0.4 s after the cancel: about 0.8 s, never under it.
-        assert 0.75 <= elapsed < 2.5
-        first = results[0]
-        took = datetime.fromisoformat(first["finished_at"]) - datetime.fromisoformat(
-            first["created_at"]
-        )
-        assert 0.35 <= took.total_seconds() < 1.0
         done = client.post(f"/v1/requests/{ids[0]}/cancel").json()
         assert done["outcome"] == "not_cancellable" and done["status"] == "completed"
+
+        # The waves, from the emulator's own clock: no job ran shorter than the latency,
+        # jobs started in submit order, and each second-wave job started only once a slot
+        # was given back. Only lower bounds: a slow machine makes everything later.
+        jobs = [server.state.jobs[rid] for rid in ids]
+        assert jobs[3].started_at is None  # cancelled while queued: it never ran
+        ran = [(job.started_at, job.finished_at) for job in (jobs[0], jobs[1], jobs[2], jobs[4])]
+        starts = [start for start, _ in ran if start is not None]
+        ends = [end for _, end in ran if end is not None]
+        assert len(starts) == len(ends) == 4
+        for start, end in zip(starts, ends, strict=True):
+            assert (end - start).total_seconds() >= latency - 0.01
+        assert starts == sorted(starts)
+        # With two slots, the third job to start waited for the first job to end, the
+        # fourth for the second: the emulator never ran more than two at once.
+        first_ends = sorted(ends)
+        assert starts[2] >= first_ends[0] and starts[3] >= first_ends[1]
+        # Two waves of at least the latency each, end to end.
+        assert (ends[3] - starts[0]).total_seconds() >= 2 * latency - 0.01
         counters = server.state.counters
         assert counters.max_in_progress == 2
         assert counters.max_queue_length == 3
@@ -332,15 +358,35 @@ def test_dropped_submit_is_a_transport_error_but_the_job_exists(
     assert counters.jobs_created == 2 and counters.duplicate_bodies == 1
 
 
-def test_submit_delay_times_out_a_short_client_after_the_job_exists(
-    emulator: EmulatorServer,
+def test_a_held_submit_answers_only_after_its_job_exists(emulator: EmulatorServer) -> None:
+    """The unknown-outcome fault: the job is created, then the answer is withheld. No
+    client timeout races the emulator here; the test looks while the answer is held."""
+    emulator.state.faults.update(hold_submits=True)
+    counters = emulator.state.counters
+    with (
+        httpx.Client(base_url=emulator.base_url, timeout=60) as patient,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        answer = pool.submit(patient.post, MODEL_PATH, json=body(emulator.base_url))
+        try:
+            wait_until(lambda: counters.held_submits_now == 1)
+            assert counters.jobs_created == 1 and not answer.done()
+            job = list(emulator.state.jobs.values())[-1]
+        finally:
+            emulator.state.faults.update(hold_submits=False)
+        response = answer.result(timeout=60)
+    assert response.status_code == 200 and response.json()["request_id"] == job.request_id
+    assert counters.held_submits_now == 0 and counters.jobs_created == 1
+
+
+def test_submit_delay_withholds_the_answer_for_at_least_that_long(
+    emulator: EmulatorServer, client: httpx.Client
 ) -> None:
     emulator.state.faults.update(submit_delay=0.3)
-    with (
-        httpx.Client(base_url=emulator.base_url, timeout=0.05) as impatient,
-        pytest.raises(httpx.ReadTimeout),
-    ):
-        impatient.post(MODEL_PATH, json=body(emulator.base_url))
+    started = time.monotonic()
+    response = client.post(MODEL_PATH, json=body(emulator.base_url))
+    assert time.monotonic() - started >= 0.3  # a lower bound only: load only adds to it
+    assert response.status_code == 200
     assert emulator.state.counters.jobs_created == 1
 
 
@@ -356,6 +402,12 @@ def test_admin_endpoints(emulator: EmulatorServer, client: httpx.Client) -> None
     assert client.get("/v1/requests/x/status").status_code == 429
     refused = client.post("/_emulator/faults", json={"fault_429": 2})
     assert refused.status_code == 422
+    held = client.post("/_emulator/faults", json={"hold_jobs": True, "hold_submits": False})
+    assert held.status_code == 200 and held.json()["hold_jobs"] is True
+    assert emulator.state.faults.hold_jobs is True
+    assert client.post("/_emulator/faults", json={"hold_jobs": "yes"}).status_code == 422
+    client.post("/_emulator/faults", json={"hold_jobs": False})
+    assert "held_submits_now" in client.get("/_emulator/stats").json()
     assert client.post("/_emulator/faults", json={"bogus": 1}).status_code == 422
     client.post("/_emulator/faults", json={"fault_429": 0})
 

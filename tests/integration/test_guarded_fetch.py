@@ -95,7 +95,9 @@ async def test_a_slow_server_cannot_hold_a_download_past_the_deadline() -> None:
         f"no complete answer within 0.5 s from http://127.0.0.1:{port}/slow.png "
         "(gave up after 2 attempts)"
     )
-    assert len(heads) == 2 and elapsed < 3.0
+    # The trickle alone would take 50 s an attempt; 2 x 0.5 s is the budget. The bound is
+    # loose so a loaded machine cannot fail it, and still far below what no deadline takes.
+    assert len(heads) == 2 and elapsed < 20.0
 
 
 async def test_a_real_redirect_to_a_forbidden_host_is_refused_before_connecting() -> None:

@@ -170,15 +170,17 @@ async def test_lost_submit_answers_are_unknown_counted_and_capped(
 async def test_a_job_the_api_forgot_is_resubmitted_once_and_counted(
     tmp_path: Path, ledger: Ledger
 ) -> None:
-    config = EmulatorConfig(port=0, latency=1.0, max_concurrent=4, token=TEST_TOKEN, seed=4)
+    config = EmulatorConfig(port=0, latency=0.05, max_concurrent=4, token=TEST_TOKEN, seed=4)
     with EmulatorServer(config) as emulator:
         table = write_table(tmp_path, "p", prompt_rows(emulator.base_url, "gone", 1))
         state = emulator.state
+        state.faults.update(hold_jobs=True)  # the first job cannot finish before it is lost
 
         async def forget_the_first_job() -> None:
             while not state.jobs:
                 await asyncio.sleep(0.01)
             state.jobs.clear()  # the API no longer knows it: every call now answers 404
+            state.faults.update(hold_jobs=False)
 
         forgetting = asyncio.ensure_future(forget_the_first_job())
         outcomes, runner = await _run(emulator, ledger, table, lost_job_grace=0.3)

@@ -11,7 +11,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -241,24 +240,27 @@ def test_the_default_pixel_cap_stops_a_bomb_before_it_takes_memory(tmp_path: Pat
 async def test_decodes_are_bounded_while_downloads_run_wide(
     store: ImageStore, monkeypatch: pytest.MonkeyPatch, max_decodes: int
 ) -> None:
-    # The real inspection, timed: each decode holds its slot long enough to overlap others.
+    # The real inspection, held: each decode keeps its slot until `max_decodes` of them
+    # overlap, so the peak is reached by construction, not by timing. An implementation
+    # that decodes fewer at once makes each wait time out (and the peak falls short).
     from flux2_pipeline.media import sync as sync_module
 
     real = sync_module.inspect_image
-    running, peak, lock = [0], [0], threading.Lock()
+    running, peak, overlapped = [0], [0], threading.Condition()
 
-    def timed(data: bytes, max_pixels: int) -> object:
-        with lock:
+    def held(data: bytes, max_pixels: int) -> object:
+        with overlapped:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
+            overlapped.notify_all()
+            overlapped.wait_for(lambda: peak[0] >= max_decodes, timeout=5)
         try:
-            time.sleep(0.05)
             return real(data, max_pixels)
         finally:
-            with lock:
+            with overlapped:
                 running[0] -= 1
 
-    monkeypatch.setattr(sync_module, "inspect_image", timed)
+    monkeypatch.setattr(sync_module, "inspect_image", held)
 
     def serve(request: httpx.Request) -> httpx.Response:
         side = 16 + int(request.url.path.removeprefix("/img-").removesuffix(".png"))
