@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-
-from sqlalchemy import RowMapping
+from typing import Any
 
 from flux2_pipeline.ledger.errors import LedgerError
 from flux2_pipeline.ledger.schema import (
@@ -65,7 +65,7 @@ def parse_state(value: str) -> SubmissionState:
         raise LedgerError(f"the ledger holds an unknown submission state {value!r}") from None
 
 
-def submission_from_row(row: RowMapping) -> Submission:
+def submission_from_row(row: Mapping[Any, Any]) -> Submission:
     urls = json.loads(row["output_urls"]) if row["output_urls"] else []
     return Submission(
         id=int(row["id"]),

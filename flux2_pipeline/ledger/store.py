@@ -63,6 +63,7 @@ from flux2_pipeline.ledger.errors import (
     LedgerStateError,
     LedgerUnavailableError,
 )
+from flux2_pipeline.ledger.prepared import PreparedStatements
 from flux2_pipeline.ledger.records import RowHistory, Submission, submission_from_row
 from flux2_pipeline.ledger.schema import (
     ADDED_COLUMNS,
@@ -110,7 +111,9 @@ def _aware(value: datetime | None, name: str) -> datetime:
 
 
 def _states(*states: SubmissionState) -> ColumnElement[bool]:
-    return _t.c.state.in_([s.value for s in states])
+    # One named parameter per state (not an expanding list): the statement compiles to
+    # fixed SQL, which `PreparedStatement` needs.
+    return _t.c.state.in_([bindparam(f"state_{s.value}", s.value) for s in states])
 
 
 def _finished_state(state: SubmissionState | str) -> SubmissionState:
@@ -149,18 +152,22 @@ _ADD_SPEND = (
 _ATTEMPTS_OF_KEYS = (
     select(*_t.c).where(_t.c.row_key.in_(bindparam("keys", expanding=True))).order_by(_t.c.attempt)
 )
+_ATTEMPTS_OF_KEY = select(*_t.c).where(_t.c.row_key == bindparam("key")).order_by(_t.c.attempt)
+_SPENT_FOR_UPDATE = select(_a.c.spent_usd).where(_ACCOUNT_ROW).with_for_update()
+_ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
 _INSERT_INTENT = (
     insert(_t)
     .values({c.name: bindparam(f"v_{c.name}") for c in _t.c if c.name != "id"})
     .returning(*_t.c)
 )
 _OPEN_SLOTS = select(func.count()).where(
-    _t.c.state.in_(sorted(s.value for s in OPEN_STATES)), _t.c.lease_until > bindparam("now")
+    _states(*sorted(OPEN_STATES)), _t.c.lease_until > bindparam("now")
 )
 
 
 @dataclass(frozen=True)
 class _UpdateStatements:
+    name: str
     update: Any
     current: Any
     charge_before: Any | None
@@ -174,6 +181,7 @@ def _update_statements(column: str, guard: str, names: tuple[str, ...]) -> _Upda
     if "charge_usd" in names:
         charge_before = select(_t.c.charge_usd).where(where, _GUARDS[guard]).with_for_update()
     return _UpdateStatements(
+        name=f"update:{column}:{guard}:{','.join(names)}",
         update=update(_t).where(where, _GUARDS[guard]).values(values).returning(*_t.c),
         current=select(_t.c.id, _t.c.state, _t.c.request_id).where(where),
         charge_before=charge_before,
@@ -220,19 +228,21 @@ def _switch_to_wal(cursor: Any) -> None:
             time.sleep(0.01)
 
 
-def _add_missing_columns(conn: Connection) -> None:
+def _add_missing_columns(conn: Connection, schema: str | None) -> None:
     """Bring a ledger written by an older release up to the current columns."""
     from sqlalchemy import inspect
 
-    present = {column["name"] for column in inspect(conn).get_columns(_t.name, schema=None)}
+    # Named explicitly: neither reflection nor a raw ALTER applies schema_translate_map.
+    present = {column["name"] for column in inspect(conn).get_columns(_t.name, schema=schema)}
     preparer = conn.dialect.identifier_preparer
+    table = preparer.quote(_t.name)
+    if schema is not None:
+        table = f"{preparer.quote_schema(schema)}.{table}"
     for name in ADDED_COLUMNS:
         if name not in present:
             column = _t.c[name]
             kind = column.type.compile(dialect=conn.dialect)
-            conn.exec_driver_sql(
-                f"ALTER TABLE {preparer.format_table(_t)} ADD COLUMN {preparer.quote(name)} {kind}"
-            )
+            conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {preparer.quote(name)} {kind}")
 
 
 class Ledger:
@@ -260,6 +270,7 @@ class Ledger:
         self._closed = False
         self._lock = threading.Lock()
         self._local = threading.local()
+        self._prepared = PreparedStatements({None: schema} if schema is not None else None)
 
     # -- opening and closing -------------------------------------------------------
 
@@ -317,7 +328,7 @@ class Ledger:
                 if self._schema is not None:
                     conn.execute(CreateSchema(self._schema, if_not_exists=True))
             conn.execute(CreateTable(_t, if_not_exists=True))
-            _add_missing_columns(conn)
+            _add_missing_columns(conn, self._schema)
             for index in sorted(_t.indexes, key=lambda i: str(i.name)):
                 conn.execute(CreateIndex(index, if_not_exists=True))
             conn.execute(CreateTable(_a, if_not_exists=True))
@@ -434,9 +445,9 @@ class Ledger:
     ) -> Submission:
         """Update the attempt whose `key` column has that value, if `_GUARDS[guard]` holds.
 
-        Statements are built once per shape (`_update_statements`) and executed with
-        parameters: building SQLAlchemy expressions per call cost more CPU than the
-        database itself.
+        Statements are built once per shape (`_update_statements`) and run as
+        `PreparedStatement`s: building SQLAlchemy expressions per call, and even
+        SQLAlchemy's execution path, cost more CPU than the database itself.
         """
         column, value = key
         names = tuple(sorted(values))
@@ -444,18 +455,22 @@ class Ledger:
         params = {f"v_{name}": values[name] for name in names}
         params.update(k_value=value, v_updated_at=_now(), g_request_id=values.get("request_id"))
         current: Any = None
+        prepared, name = self._prepared.get, statements.name
         try:
             with self._begin(f"cannot {action} {subject}") as conn:
                 before = None
                 if statements.charge_before is not None:
-                    before = conn.execute(statements.charge_before, params).first()
-                row = conn.execute(statements.update, params).mappings().one_or_none()
+                    charge = prepared(conn, name + ":charge", statements.charge_before)
+                    before = charge.one_or_none(conn, params)
+                row = prepared(conn, name, statements.update).one_or_none(conn, params)
                 if row is not None and before is not None:
-                    delta = (values["charge_usd"] or 0.0) - (before.charge_usd or 0.0)
+                    delta = (values["charge_usd"] or 0.0) - (before["charge_usd"] or 0.0)
                     if delta:
-                        conn.execute(_ADD_SPEND, {"delta": delta, "now": _now()})
+                        add = prepared(conn, "add_spend", _ADD_SPEND)
+                        add.run(conn, {"delta": delta, "now": _now()})
                 if row is None:
-                    current = conn.execute(statements.current, params).first()
+                    current = prepared(conn, name + ":current", statements.current)
+                    current = current.one_or_none(conn, params)
         except IntegrityError as exc:
             raise LedgerStateError(
                 f"cannot {action} {subject}: request id {values.get('request_id')!r} is "
@@ -465,10 +480,9 @@ class Ledger:
             return submission_from_row(row)
         if current is None:
             raise LedgerStateError(f"cannot {action} {subject}: no such submission")
-        has_id = f"request id {current.request_id!r}" if current.request_id else "no request id"
-        raise LedgerStateError(
-            f"cannot {action} {subject}: it is in state {current.state!r} with {has_id}"
-        )
+        request_id, state = current["request_id"], current["state"]
+        has_id = f"request id {request_id!r}" if request_id else "no request id"
+        raise LedgerStateError(f"cannot {action} {subject}: it is in state {state!r} with {has_id}")
 
     # -- writes -------------------------------------------------------------------
 
@@ -549,29 +563,36 @@ class Ledger:
             raise ValueError("holder must be a non-empty string")
         keys = sorted({request.row_key for request in wanted})
         decisions: list[ClaimDecision] = []
+        prepared = self._prepared.get
         with self._begin("cannot claim rows in the ledger") as conn:
             now = _now()
             lease_until = now + timedelta(seconds=lease_seconds)
             postgres = conn.dialect.name == "postgresql"
             if postgres:
+                lock = prepared(conn, "advisory_lock", _ADVISORY_LOCK)
                 for key in keys:
-                    conn.execute(
-                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": _advisory_key(key)}
-                    )
+                    lock.run(conn, {"key": _advisory_key(key)})
             accounted = budget_usd is not None or account_concurrency is not None
             spent = 0.0
             if accounted:
-                query = select(_a.c.spent_usd).where(_ACCOUNT_ROW)
-                spent = float(conn.execute(query.with_for_update()).scalar_one())
+                spent = float(prepared(conn, "spent", _SPENT_FOR_UPDATE).scalar(conn, {}))
             open_slots = 0
             if account_concurrency is not None:
-                open_slots = int(conn.execute(_OPEN_SLOTS, {"now": now}).scalar_one())
+                slots = prepared(conn, "open_slots", _OPEN_SLOTS)
+                open_slots = int(slots.scalar(conn, {"now": now}))
             history: dict[str, list[Submission]] = {key: [] for key in keys}
-            for start in range(0, len(keys), LOOKUP_CHUNK_SIZE):
-                chunk = keys[start : start + LOOKUP_CHUNK_SIZE]
-                rows = conn.execute(_ATTEMPTS_OF_KEYS, {"keys": chunk}).mappings()
-                for row in rows:
-                    history[row["row_key"]].append(submission_from_row(row))
+            if len(keys) == 1:
+                # The runner claims one row at a time: an indexed look-up, prepared once.
+                [key] = keys
+                attempts_of_key = prepared(conn, "attempts_of_key", _ATTEMPTS_OF_KEY)
+                rows: Iterable[Mapping[Any, Any]] = attempts_of_key.all(conn, {"key": key})
+                history[key].extend(submission_from_row(row) for row in rows)
+            else:
+                for start in range(0, len(keys), LOOKUP_CHUNK_SIZE):
+                    chunk = keys[start : start + LOOKUP_CHUNK_SIZE]
+                    rows = conn.execute(_ATTEMPTS_OF_KEYS, {"keys": chunk}).mappings()
+                    for row in rows:
+                        history[row["row_key"]].append(submission_from_row(row))
             spent_before = spent
             for request in wanted:
                 attempts = history[request.row_key]
@@ -624,15 +645,12 @@ class Ledger:
                     )
                 )
             if spent != spent_before:
-                conn.execute(
-                    update(_a)
-                    .where(_ACCOUNT_ROW)
-                    .values(spent_usd=_a.c.spent_usd + (spent - spent_before), updated_at=now)
-                )
+                add = prepared(conn, "add_spend", _ADD_SPEND)
+                add.run(conn, {"delta": spent - spent_before, "now": now})
         return decisions
 
-    @staticmethod
     def _insert_intent(
+        self,
         conn: Connection,
         request: ClaimRequest,
         holder: str,
@@ -661,7 +679,9 @@ class Ledger:
             "charge_usd": request.price_usd,
         }
         params = {f"v_{name}": value for name, value in values.items()}
-        return submission_from_row(conn.execute(_INSERT_INTENT, params).mappings().one())
+        row = self._prepared.get(conn, "insert_intent", _INSERT_INTENT).one_or_none(conn, params)
+        assert row is not None  # INSERT ... RETURNING answers the row it wrote
+        return submission_from_row(row)
 
     def renew(self, holder: str, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> int:
         """Extend every open claim `holder` has; returns how many. The runner's heartbeat."""
