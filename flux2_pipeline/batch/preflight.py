@@ -58,25 +58,27 @@ class ReferenceCheck:
 
     async def _answer(self, url: str) -> str | None:
         known = self._answers.get(url)
-        if known is None:
-            known = asyncio.get_running_loop().create_future()
-            self._answers[url] = known
-            if len(self._answers) > self._max:
-                self._answers.popitem(last=False)
-            self.probes += 1
-            try:
-                answer = await self._probe(url)
-                problem = None if answer.ok else _reason(url, answer.reason)
-            except Exception as exc:  # a probe that breaks must not sink the row or the run
-                problem = _reason(url, f"the check failed: {type(exc).__name__}")
-            except BaseException:
-                self._answers.pop(url, None)
-                known.cancel()
-                raise
-            known.set_result(problem)
-        else:
+        if known is not None:
             self._answers.move_to_end(url)
-        return await asyncio.shield(known)
+            if known.done() and not known.cancelled():
+                return known.result()  # asked and answered before: most rows
+            return await asyncio.shield(known)
+        known = asyncio.get_running_loop().create_future()
+        self._answers[url] = known
+        if len(self._answers) > self._max:
+            self._answers.popitem(last=False)
+        self.probes += 1
+        try:
+            answer = await self._probe(url)
+            problem = None if answer.ok else _reason(url, answer.reason)
+        except Exception as exc:  # a probe that breaks must not sink the row or the run
+            problem = _reason(url, f"the check failed: {type(exc).__name__}")
+        except BaseException:
+            self._answers.pop(url, None)
+            known.cancel()
+            raise
+        known.set_result(problem)
+        return problem
 
 
 def _reason(url: str, reason: str | None) -> str:

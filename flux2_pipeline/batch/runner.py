@@ -205,9 +205,10 @@ class EditRunner:
         heartbeat = asyncio.ensure_future(self._heartbeat())
         try:
             for batch in batches:
-                done = self._completed_in(batch)
-                for row in batch:
-                    pending.append(asyncio.ensure_future(self._row(row, done)))
+                keys = [self._key(row) for row in batch]
+                done = self._completed_in(keys)
+                for row, key in zip(batch, keys, strict=True):
+                    pending.append(asyncio.ensure_future(self._row(row, key, done)))
                     while len(pending) >= self.window or (pending and pending[0].done()):
                         yield self._count(await _first_done(pending))
                 # Let the tasks of this batch start before reading the next one.
@@ -232,19 +233,23 @@ class EditRunner:
             except Exception as exc:  # the next beat may succeed; claims outlive one miss
                 logger.warning("could not renew this run's ledger claims: %s", exc)
 
-    def _key(self, row: InputRow, request: EditRequest) -> str:
-        return make_row_key(self.partition, row.row_id, _fingerprint(row, request))
+    def _key(self, row: InputRow) -> str | None:
+        """The row's ledger key; None for an invalid row."""
+        if row.request is None:
+            return None
+        return make_row_key(self.partition, row.row_id, _fingerprint(row, row.request))
 
-    def _completed_in(self, batch: list[InputRow]) -> dict[str, RowHistory]:
+    def _completed_in(self, keys: list[str | None]) -> dict[str, RowHistory]:
         # A read-only look first: completed rows (every row of a re-run) need no claim.
-        keys = [self._key(row, row.request) for row in batch if row.request is not None]
-        return self.ledger.lookup(keys) if keys else {}
+        valid = [key for key in keys if key is not None]
+        return self.ledger.lookup(valid) if valid else {}
 
-    async def _row(self, row: InputRow, known: dict[str, RowHistory]) -> RowOutcome:
+    async def _row(
+        self, row: InputRow, key: str | None, known: dict[str, RowHistory]
+    ) -> RowOutcome:
         request = row.request
-        if request is None:
+        if request is None or key is None:
             return RowOutcome(row, INVALID, error=row.invalid_reason)
-        key = self._key(row, request)
         history = known.get(key)
         if history is not None and (done := history.completed) is not None and done.output_urls:
             self.counters.reused_completed += 1
