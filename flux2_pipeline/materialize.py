@@ -59,6 +59,8 @@ from flux2_pipeline.paths import is_local, local_path
 from flux2_pipeline.resources import InputScan
 from flux2_pipeline.settings import Settings, SettingsError
 
+logger = logging.getLogger(__name__)
+
 RUN_TAG = "flux2/launched_by"
 REMOTE_OUTPUT_HOMES = Path("~/.flux2-pipeline/dagster")
 """Where Dagster instances live when FLUX2_OUTPUT_DIR is an object store (one per URI)."""
@@ -238,7 +240,11 @@ def materialize(
         )
     parallel = settings.parallel_partitions if parallel is None else parallel
     if parallel > 1 and len(partitions) != 1:
-        _start_worker_server()  # it imports Dagster while this process scans the inputs
+        try:
+            _start_worker_server()  # it imports Dagster while this process scans the inputs
+        except OSError as exc:  # e.g. the server was killed and reaped by someone else
+            logger.warning(f"no worker processes ({exc}); partitions run one after another")
+            parallel = 1
     defs = settings.definitions()
     selection = _select(defs, select)
     instance = instance or open_instance(settings)

@@ -12,10 +12,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 
@@ -24,6 +26,9 @@ import pyarrow.parquet as pq
 from flux2_pipeline.demo import MARKER, demo_folders, demo_settings, sample_tables, write_tables
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.resources import SettingsError
+
+STOP_SECONDS = 60.0
+"""How long a stop waits for dagster dev's processes before killing them."""
 
 
 def _tables_point_at(folder: Path, base_url: str) -> bool:
@@ -40,6 +45,26 @@ def _tables_point_at(folder: Path, base_url: str) -> bool:
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
+
+
+def _stop_group(child: subprocess.Popen[bytes]) -> None:
+    """SIGTERM `child`'s process group (dagster dev shuts down on it), wait until every
+    process of the group is gone, SIGKILL what is left after `STOP_SECONDS`."""
+    group = child.pid
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_SECONDS
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        child.wait(timeout=STOP_SECONDS)
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
+    child.wait()
 
 
 def run_ui(
@@ -77,14 +102,15 @@ def run_ui(
         dagster = Path(sys.executable).parent / "dagster"
         command = [str(dagster), "dev", "-m", "flux2_pipeline.definitions"]
         command += ["-h", "127.0.0.1", "-p", str(port)]
-        child = subprocess.Popen(command, env=env)
+        # Its own process group, so a stop can wait for the webserver and daemon it starts
+        # (they outlive `dagster dev` itself by a moment) and never leave them behind.
+        child = subprocess.Popen(command, env=env, start_new_session=True)
         # A SIGTERM to this process must not orphan dagster dev: stop it like Ctrl+C does.
         signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             return child.wait()
         except KeyboardInterrupt:
-            child.terminate()  # dagster dev shuts its webserver and daemon down on SIGTERM
-            child.wait(timeout=60)
+            _stop_group(child)
             return 0
     finally:
         emulator.__exit__(None, None, None)

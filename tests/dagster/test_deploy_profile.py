@@ -273,12 +273,19 @@ def _daemon_workspace(
     database when the fixture drops it; any still running after two minutes is killed
     (a server left behind would wait on the dropped database forever)."""
     spawned: list[psutil.Process] = []
+    # Processes this test process had before (another test's multiprocessing server, say)
+    # are not the workspace's: never wait for or kill them.
+    before = {process.pid for process in psutil.Process().children(recursive=True)}
     try:
         with WorkspaceProcessContext(instance, target) as context:
             try:
                 yield context
             finally:
-                spawned = psutil.Process().children(recursive=True)
+                spawned = [
+                    process
+                    for process in psutil.Process().children(recursive=True)
+                    if process.pid not in before
+                ]
     finally:
         _, alive = psutil.wait_procs(spawned, timeout=120)
         for process in alive:
