@@ -318,7 +318,8 @@ def run_partition(
             tags={RUN_TAG: "flux2-pipeline materialize"},
         )
     except KeyboardInterrupt:
-        return _stopped(key, time.monotonic() - started)
+        seconds = time.monotonic() - started
+        return PartitionSummary(key, False, seconds, error="stopped", interrupted=True)
     finally:
         if watcher is not None:
             watcher.stop()
@@ -326,10 +327,6 @@ def run_partition(
     if watcher is not None:
         watcher.finished(summary)
     return summary
-
-
-def _stopped(key: str, seconds: float = 0.0) -> PartitionSummary:
-    return PartitionSummary(key, False, seconds, error="stopped", interrupted=True)
 
 
 def _run_one_by_one(

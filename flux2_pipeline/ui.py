@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import FrameType
 
 import pyarrow.parquet as pq
 
@@ -41,10 +40,6 @@ def _tables_point_at(folder: Path, base_url: str) -> bool:
         if [row.get("image_urls") for row in written] != [row["image_urls"] for row in rows]:
             return False
     return True
-
-
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
 
 
 def _stop_group(child: subprocess.Popen[bytes]) -> None:
@@ -106,7 +101,7 @@ def run_ui(
         # (they outlive `dagster dev` itself by a moment) and never leave them behind.
         child = subprocess.Popen(command, env=env, start_new_session=True)
         # A SIGTERM to this process must not orphan dagster dev: stop it like Ctrl+C does.
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             return child.wait()
         except KeyboardInterrupt:
