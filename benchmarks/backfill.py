@@ -4,13 +4,14 @@ For each scenario `PxR:L:C` (P partitions of R rows, jobs of latency L, a server
 C jobs at once and queueing the rest): (a) the plain aiohttp script of `throughput.py`
 doing all P*R jobs C at a time, in this process; (b) `flux2-pipeline materialize --select
 flux2_edits` over the P fresh partitions (Dagster's start included), with
-`FLUX2_MAX_CONCURRENCY` = C, at each `--parallel` value asked for (1 = one partition after
-another, the old behaviour). Wall is the command's; CPU is summed over the command and
+`FLUX2_MAX_CONCURRENCY` = C, at each `--parallel` value (Dagster runs at once) and each
+`--per-run` value (FLUX2_PARTITIONS_PER_RUN: 1 = one run per partition, session 3's
+behaviour; 25 = the default ranges). Wall is the command's; CPU is summed over the command and
 every process it started (sampled from /proc, so the worker processes count); "peak
 server" is the most jobs the server ever ran at once, "peak queued" the most that waited.
 
     python benchmarks/backfill.py                           # the issue's two scenarios
-    python benchmarks/backfill.py --scenario 8x40:1:32 --parallel 1 --parallel 4
+    python benchmarks/backfill.py --scenario 8x40:1:32 --parallel 1 --per-run 1 --per-run 25
     python benchmarks/backfill.py --scenario 8x40:1:32 --parallel 8 --account-cap
     python benchmarks/backfill.py --smoke
 """
@@ -45,7 +46,8 @@ from throughput import body, plain_aiohttp
 
 SCENARIOS = ("8x40:1:32", "100x20:0.5:64")
 SMOKE_SCENARIO = "3x4:0.2:4"
-DEFAULT_PARALLEL = (1, 4)
+DEFAULT_PARALLEL = (4,)
+DEFAULT_PER_RUN = (1, 25)
 
 
 def scenario(text: str) -> tuple[int, int, float, int]:
@@ -112,6 +114,7 @@ def measure(
     rows: int,
     concurrency: int,
     parallel: int,
+    per_run: int,
     verbose: bool,
     account_cap: bool,
 ) -> dict[str, float]:
@@ -124,8 +127,10 @@ def measure(
                 emu.base_url,
                 row_group_rows=rows,
             )
-        cap = {"FLUX2_ACCOUNT_CONCURRENCY": str(concurrency)} if account_cap else {}
-        env = pipeline_env(emu, workdir, concurrency, cap)
+        extra = {"FLUX2_PARTITIONS_PER_RUN": str(per_run)}
+        if account_cap:
+            extra["FLUX2_ACCOUNT_CONCURRENCY"] = str(concurrency)
+        env = pipeline_env(emu, workdir, concurrency, extra)
         command = [
             *cli_command(),
             "materialize",
@@ -175,6 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--parallel", type=int, action="append", help=f"--parallel values {DEFAULT_PARALLEL}"
     )
+    parser.add_argument(
+        "--per-run", type=int, action="append", help=f"FLUX2_PARTITIONS_PER_RUN {DEFAULT_PER_RUN}"
+    )
     parser.add_argument("--smoke", action="store_true", help=f"tiny: {SMOKE_SCENARIO}")
     parser.add_argument("--verbose", action="store_true", help="print each command's report")
     parser.add_argument(
@@ -187,20 +195,26 @@ def main(argv: list[str] | None = None) -> None:
         scenario(text) for text in ((SMOKE_SCENARIO,) if args.smoke else SCENARIOS)
     ]
     parallels = args.parallel or list(DEFAULT_PARALLEL)
+    per_runs = args.per_run or list(DEFAULT_PER_RUN)
     table: list[dict[str, Any]] = []
     for partitions, rows, latency, concurrency in scenarios:
         name = f"{partitions}x{rows}:{latency:g}:{concurrency}"
         ideal = ideal_seconds(partitions * rows, latency, concurrency)
         with emulator(latency, max_concurrent=concurrency) as emu:
             results = [("plain", measure_plain(emu, partitions * rows, concurrency))]
-            for parallel in parallels:
-                for capped in (False, True) if args.account_cap else (False,):
-                    figures = measure(
-                        emu, partitions, rows, concurrency, parallel, args.verbose, capped
-                    )
-                    mode = f"materialize --parallel {parallel}" + (", account cap C" * capped)
-                    results.append((mode, figures))
-                    print(f"{name} {mode}: {figures['wall']:.2f} s", flush=True)
+            modes = [
+                (parallel, per_run, capped)
+                for parallel in parallels
+                for per_run in per_runs
+                for capped in ((False, True) if args.account_cap else (False,))
+            ]
+            for parallel, per_run, capped in modes:
+                figures = measure(
+                    emu, partitions, rows, concurrency, parallel, per_run, args.verbose, capped
+                )
+                mode = f"--parallel {parallel}, {per_run}/run" + (", account cap C" * capped)
+                results.append((mode, figures))
+                print(f"{name} {mode}: {figures['wall']:.2f} s", flush=True)
         plain = results[0][1]
         for mode, figures in results:
             table.append(

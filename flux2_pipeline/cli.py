@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_bounded(int, 1, 64, "a whole number from 1 to 64"),
         default=None,
         metavar="N",
-        help="partitions run at once, each in its own run (default: FLUX2_PARALLEL_PARTITIONS, 4)",
+        help="Dagster runs at once, each over up to FLUX2_PARTITIONS_PER_RUN (25) partitions "
+        "(default: FLUX2_PARALLEL_PARTITIONS, 4)",
     )
 
     ui = commands.add_parser(

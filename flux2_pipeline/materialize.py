@@ -35,26 +35,30 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from dagster import (
     AssetKey,
+    AssetPartitionStatus,
     DagsterEventType,
     DagsterInstance,
-    DagsterRunStatus,
     Definitions,
     ExecuteInProcessResult,
     JobDefinition,
-    RunsFilter,
 )
 from dagster._core.instance.ref import InstanceRef
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
 from dagster_shared.error import SerializableErrorInfo
 from filelock import FileLock
 
 from flux2_pipeline.assets import INTERRUPTED, Flux2Keys, register_input_files
+from flux2_pipeline.assets.ranges import PARTITION_FAILURES
 from flux2_pipeline.paths import is_local, local_path
 from flux2_pipeline.resources import InputScan
 from flux2_pipeline.settings import Settings, SettingsError
@@ -89,6 +93,9 @@ class PartitionSummary:
     images: int = 0
     images_failed: int = 0
     interrupted: bool = False
+    skipped_assets: tuple[str, ...] = ()
+    """Assets whose steps did not run for this partition, only because another partition
+    of the same run failed; `materialize` runs them again for it."""
 
 
 @dataclass(frozen=True)
@@ -164,14 +171,61 @@ def open_instance(settings: Settings) -> DagsterInstance:
         return instance
 
 
-def failed_partitions(instance: DagsterInstance, keys: Sequence[str]) -> list[str]:
-    """The partitions whose latest run ended in failure."""
-    failed = []
+def failed_partitions(
+    instance: DagsterInstance, defs: Definitions, keys: Sequence[str], assets: Sequence[AssetKey]
+) -> list[str]:
+    """The partitions that a run left unfinished: failed, or done for some of `assets` only.
+
+    A partition is unfinished when any of the assets failed on it, or when one asset has
+    it materialized and another not (a ranged run whose step failed for a neighbour
+    skips the steps after it for the whole range).
+    """
+    graph = defs.resolve_asset_graph()
+    statuses = []
+    for asset in assets:
+        partitions_def = graph.get(asset).partitions_def
+        assert partitions_def is not None, "only partitioned assets have failed partitions"
+        statuses.append(instance.get_status_by_partition(asset, keys, partitions_def) or {})
+    unfinished = []
     for key in keys:
-        records = instance.get_run_records(RunsFilter(tags={"dagster/partition": key}), limit=1)
-        if records and records[0].dagster_run.status == DagsterRunStatus.FAILURE:
-            failed.append(key)
-    return failed
+        seen = [status.get(key) for status in statuses]
+        if AssetPartitionStatus.FAILED in seen or (
+            AssetPartitionStatus.MATERIALIZED in seen and None in seen
+        ):
+            unfinished.append(key)
+    return unfinished
+
+
+def plan_runs(keys: Sequence[str], order: Sequence[str], per_run: int) -> list[list[str]]:
+    """Group partitions into runs: contiguous in the partitions' order, at most `per_run`.
+
+    A run covers a range of the partitions definition, so partitions not chosen split
+    the ranges. Runs of a range are made about equal in size.
+
+    >>> plan_runs(["a", "b", "c", "e"], ["a", "b", "c", "d", "e"], 2)
+    [['a', 'b'], ['c'], ['e']]
+    >>> plan_runs(list("abcde"), list("abcde"), 3)
+    [['a', 'b', 'c'], ['d', 'e']]
+    """
+    chosen = set(keys)
+    ranges: list[list[str]] = [[]]
+    for key in order:
+        if key in chosen:
+            ranges[-1].append(key)
+        elif ranges[-1]:
+            ranges.append([])
+    runs = []
+    for block in ranges:
+        if not block:
+            continue
+        count = -(-len(block) // per_run)
+        size, extra = divmod(len(block), count)
+        start = 0
+        for index in range(count):
+            end = start + size + (1 if index < extra else 0)
+            runs.append(block[start:end])
+            start = end
+    return runs
 
 
 @dataclass(frozen=True)
@@ -258,22 +312,25 @@ def materialize(
         if key not in scan.found:
             raise SettingsError(f"--partition: no input file {key}.parquet in {storage.input_dir}")
     chosen = list(partitions) or list(scan.found)
-    if retry_failed:
-        chosen = failed_partitions(instance, chosen)
+    if retry_failed and selection.partitioned:
+        chosen = failed_partitions(instance, defs, chosen, selection.partitioned)
     job = defs.resolve_implicit_global_asset_job_def()
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     keys = chosen if selection.partitioned else []
-    workers = min(parallel, len(keys))
+    order = instance.get_dynamic_partitions(Flux2Keys().partitions_name)
+    runs = plan_runs(keys, order, settings.partitions_per_run)
+    workers = min(parallel, len(runs))
     watcher = _ProgressWatcher(instance, progress) if progress is not None else None
     try:
         if workers > 1 and not instance.is_ephemeral:
             summaries = _run_in_workers(
-                settings, instance, keys, selection.partitioned, run_config, watcher, workers
+                settings, instance, runs, selection.partitioned, run_config, watcher, workers
             )
         else:
             summaries = _run_one_by_one(
-                job, instance, keys, selection.partitioned, run_config, watcher
+                job, instance, runs, selection.partitioned, run_config, watcher
             )
+        summaries = _run_skipped_steps(job, instance, summaries, order, settings, run_config)
     finally:
         if watcher is not None:
             watcher.stop()
@@ -302,51 +359,129 @@ def run_partition(
         job = defs.resolve_implicit_global_asset_job_def()
         summary = run_partition(job, instance, "cats", [Flux2Keys().edits])
     """
+    [summary] = run_partitions(
+        job, instance, [key], assets, run_config=run_config, run_id=run_id, progress=progress
+    )
+    return summary
+
+
+def run_partitions(
+    job: JobDefinition,
+    instance: DagsterInstance,
+    keys: Sequence[str],
+    assets: Sequence[AssetKey],
+    *,
+    run_config: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
+    progress: Progress | None = None,
+) -> list[PartitionSummary]:
+    """One run of `assets` over `keys`, summarized per partition.
+
+    `keys` is one partition, or a range: contiguous in the partitions' order, first to
+    last (see `plan_runs`). Each partition gets its own materializations or failure.
+
+    Example::
+
+        summaries = run_partitions(job, instance, ["cats", "dogs"], [Flux2Keys().edits])
+    """
     started = time.monotonic()
     run_id = run_id or str(uuid.uuid4())
     watcher = _ProgressWatcher(instance, progress) if progress is not None else None
     if watcher is not None:
-        watcher.follow({run_id: key})
+        watcher.follow({run_id: keys[0]})
+    tags = {RUN_TAG: "flux2-pipeline materialize"}
+    if len(keys) > 1:
+        tags[ASSET_PARTITION_RANGE_START_TAG] = keys[0]
+        tags[ASSET_PARTITION_RANGE_END_TAG] = keys[-1]
     try:
         result = job.execute_in_process(
             instance=instance,
-            partition_key=key,
+            partition_key=keys[0] if len(keys) == 1 else None,
             asset_selection=list(assets),
             raise_on_error=False,
             run_config=dict(run_config or {}),
             run_id=run_id,
-            tags={RUN_TAG: "flux2-pipeline materialize"},
+            tags=tags,
         )
     except KeyboardInterrupt:
         seconds = time.monotonic() - started
-        return PartitionSummary(key, False, seconds, error="stopped", interrupted=True)
+        return [
+            PartitionSummary(key, False, seconds, error="stopped", interrupted=True) for key in keys
+        ]
     finally:
         if watcher is not None:
             watcher.stop()
-    summary = _summarize(key, result, time.monotonic() - started)
+    summaries = _summarize(keys, assets, result, time.monotonic() - started)
     if watcher is not None:
-        watcher.finished(summary)
-    return summary
+        for summary in summaries:
+            watcher.finished(summary)
+    return summaries
+
+
+def _run_skipped_steps(
+    job: JobDefinition,
+    instance: DagsterInstance,
+    summaries: list[PartitionSummary],
+    order: Sequence[str],
+    settings: Settings,
+    run_config: Mapping[str, Any],
+) -> list[PartitionSummary]:
+    """Run again, for the partitions that need it, the steps a neighbour's failure skipped.
+
+    In a run over a range, a partition that fails stops the steps after it (flux2_images
+    after flux2_edits) for every partition of the range. Those partitions' own steps
+    succeeded, so their skipped steps run now, in runs of their own.
+    """
+    if any(summary.interrupted for summary in summaries):
+        return summaries
+    waiting: dict[tuple[str, ...], list[str]] = {}
+    for summary in summaries:
+        if summary.skipped_assets:
+            waiting.setdefault(summary.skipped_assets, []).append(summary.partition)
+    later: dict[str, PartitionSummary] = {}
+    for names, keys in waiting.items():
+        assets = [AssetKey.from_user_string(name) for name in names]
+        for run in plan_runs(keys, order, settings.partitions_per_run):
+            for summary in run_partitions(job, instance, run, assets, run_config=run_config):
+                later[summary.partition] = summary
+    return [_merged(summary, later.get(summary.partition)) for summary in summaries]
+
+
+def _merged(first: PartitionSummary, later: PartitionSummary | None) -> PartitionSummary:
+    """A partition's own steps' figures, with those of its steps that ran later."""
+    if later is None:
+        return first
+    return replace(
+        first,
+        succeeded=later.succeeded,
+        seconds=first.seconds + later.seconds,
+        error=later.error,
+        images=later.images,
+        images_failed=later.images_failed,
+        interrupted=later.interrupted,
+        skipped_assets=later.skipped_assets,
+    )
 
 
 def _run_one_by_one(
     job: JobDefinition,
     instance: DagsterInstance,
-    keys: Sequence[str],
+    runs: Sequence[Sequence[str]],
     assets: Sequence[AssetKey],
     run_config: Mapping[str, Any],
     watcher: _ProgressWatcher | None,
 ) -> list[PartitionSummary]:
-    summaries = []
-    for key in keys:
+    summaries: list[PartitionSummary] = []
+    for keys in runs:
         run_id = str(uuid.uuid4())
         if watcher is not None:
-            watcher.follow({run_id: key})
-        summary = run_partition(job, instance, key, assets, run_config=run_config, run_id=run_id)
+            watcher.follow({run_id: keys[0]})
+        done = run_partitions(job, instance, keys, assets, run_config=run_config, run_id=run_id)
         if watcher is not None:
-            watcher.finished(summary)
-        summaries.append(summary)
-        if summary.interrupted:
+            for summary in done:
+                watcher.finished(summary)
+        summaries.extend(done)
+        if any(summary.interrupted for summary in done):
             break
     return summaries
 
@@ -354,22 +489,22 @@ def _run_one_by_one(
 def _run_in_workers(
     settings: Settings,
     instance: DagsterInstance,
-    keys: Sequence[str],
+    runs: Sequence[Sequence[str]],
     assets: Sequence[AssetKey],
     run_config: Mapping[str, Any],
     watcher: _ProgressWatcher | None,
     workers: int,
 ) -> list[PartitionSummary]:
-    """`workers` processes take the partitions in order, one Dagster run each.
+    """`workers` processes take the runs in order, one Dagster run of a range each.
 
     The processes fork from a server that has imported this module once, so each starts
     in milliseconds rather than re-importing Dagster. A stop sets `stop`; each worker then
     interrupts its own run (Dagster's clean stop: queued jobs cancelled) and takes no
-    other partition, and partitions not yet started are dropped from the report.
+    other, and runs not yet started are dropped from the report.
     """
     context = _start_worker_server()
     stop = context.Event()
-    run_ids = {key: str(uuid.uuid4()) for key in keys}
+    run_ids = [str(uuid.uuid4()) for _ in runs]
     results: dict[str, PartitionSummary] = {}
     pool = ProcessPoolExecutor(
         workers,
@@ -377,32 +512,37 @@ def _run_in_workers(
         initializer=_worker_start,
         initargs=(settings, instance.get_ref(), dict(os.environ), list(warnings.filters), stop),
     )
+
+    def keep(index: int, future: Future[list[PartitionSummary] | None]) -> None:
+        for summary in _outcome(runs[index], future):
+            results[summary.partition] = summary
+            if watcher is not None:
+                watcher.finished(summary)
+
     with pool, _sigterm_as_interrupt():
         futures = {
-            pool.submit(_worker_run, key, run_ids[key], list(assets), dict(run_config)): key
-            for key in keys
+            pool.submit(_worker_run, list(keys), run_ids[index], list(assets), dict(run_config)): (
+                index
+            )
+            for index, keys in enumerate(runs)
         }
-        pending: set[Future[PartitionSummary | None]] = set(futures)
+        pending: set[Future[list[PartitionSummary] | None]] = set(futures)
         try:
             while pending:
                 done, pending = wait(pending, PROGRESS_POLL_SECONDS, FIRST_COMPLETED)
                 for future in done:
-                    summary = _outcome(futures[future], future)
-                    if summary is not None:
-                        results[summary.partition] = summary
-                        if watcher is not None:
-                            watcher.finished(summary)
+                    keep(futures[future], future)
                 if watcher is not None:
                     running = [futures[f] for f in pending if f.running()]
-                    watcher.follow({run_ids[key]: key for key in running})
+                    watcher.follow({run_ids[index]: runs[index][0] for index in running})
         except KeyboardInterrupt:
             stop.set()
             for future in pending:
                 future.cancel()
             for future in pending:
-                if not future.cancelled() and (summary := _outcome(futures[future], future)):
-                    results[summary.partition] = summary
-    return [results[key] for key in keys if key in results]
+                if not future.cancelled():
+                    keep(futures[future], future)
+    return [results[key] for keys in runs for key in keys if key in results]
 
 
 def _start_worker_server() -> multiprocessing.context.ForkServerContext:
@@ -413,11 +553,14 @@ def _start_worker_server() -> multiprocessing.context.ForkServerContext:
     return context
 
 
-def _outcome(key: str, future: Future[PartitionSummary | None]) -> PartitionSummary | None:
+def _outcome(
+    keys: Sequence[str], future: Future[list[PartitionSummary] | None]
+) -> list[PartitionSummary]:
     try:
-        return future.result()
+        return future.result() or []
     except Exception as exc:  # a worker process died (killed, out of memory)
-        return PartitionSummary(key, False, 0.0, error=f"its worker process failed: {exc!r}")
+        error = f"its worker process failed: {exc!r}"
+        return [PartitionSummary(key, False, 0.0, error=error) for key in keys]
 
 
 @contextmanager
@@ -487,14 +630,14 @@ def _pattern(text: re.Pattern[str] | str | None) -> str:
 
 
 def _worker_run(
-    key: str, run_id: str, assets: list[AssetKey], run_config: dict[str, Any]
-) -> PartitionSummary | None:
+    keys: list[str], run_id: str, assets: list[AssetKey], run_config: dict[str, Any]
+) -> list[PartitionSummary] | None:
     worker = _worker
     assert worker is not None, "_worker_start runs first"
     if worker.stopping.is_set():
         return None  # handed out before the stop, never started
-    return run_partition(
-        worker.job, worker.instance, key, assets, run_config=run_config, run_id=run_id
+    return run_partitions(
+        worker.job, worker.instance, keys, assets, run_config=run_config, run_id=run_id
     )
 
 
@@ -512,7 +655,7 @@ class _ProgressWatcher:
         self._thread.start()
 
     def follow(self, runs: Mapping[str, str]) -> None:
-        """Follow these runs (run id -> partition) from now on, and only these."""
+        """Follow these runs (run id -> first partition) from now on, and only these."""
         with self._lock:
             self._runs = dict(runs)
 
@@ -550,8 +693,9 @@ class _ProgressWatcher:
         for record in page.records:
             event = record.event_log_entry.dagster_event
             if event is not None and event.asset_observation_data is not None:
-                metadata = event.asset_observation_data.asset_observation.metadata
-                self._progress(partition, {k: v.value for k, v in metadata.items()})
+                observation = event.asset_observation_data.asset_observation
+                metadata = {k: v.value for k, v in observation.metadata.items()}
+                self._progress(observation.partition or partition, metadata)
 
     def stop(self) -> None:
         self._stop.set()
@@ -602,24 +746,109 @@ def _metadata(result: ExecuteInProcessResult) -> dict[str, Any]:
     return merged
 
 
-def _summarize(key: str, result: ExecuteInProcessResult, seconds: float) -> PartitionSummary:
-    metadata = _metadata(result)
+@dataclass
+class _RunFigures:
+    """A run's events sorted by partition."""
 
+    figures: dict[str, dict[str, Any]]
+    """Each partition's materialization and failure metadata."""
+    materialized: dict[str, set[AssetKey]]
+    """The assets each partition was materialized for."""
+    errors: dict[str, str]
+    """The failure of each partition that failed on its own."""
+    unattributed: bool = False
+    """A step failed without naming its partitions (an exception in a check, a crash)."""
+    stopped: bool = False
+    """The run was stopped (its partitions that had finished are materialized)."""
+
+
+def _by_partition(keys: Sequence[str], result: ExecuteInProcessResult) -> _RunFigures:
+    """Each partition's metadata, how many materializations it got, and its own error."""
+    figures: dict[str, dict[str, Any]] = {key: {} for key in keys}
+    materialized: dict[str, set[AssetKey]] = {key: set() for key in keys}
+    errors: dict[str, str] = {}
+    unattributed = stopped = False
+    only = keys[0] if len(keys) == 1 else None
+    for event in result.get_asset_materialization_events():
+        materialization = event.step_materialization_data.materialization
+        key = materialization.partition or only
+        if key in figures:
+            figures[key].update({k: v.value for k, v in materialization.metadata.items()})
+            materialized[key].add(materialization.asset_key)
+    for event in result.get_step_failure_events():
+        data = event.step_failure_data
+        if data is None or data.user_failure_data is None:
+            unattributed = True
+            continue
+        metadata = {k: v.value for k, v in data.user_failure_data.metadata.items()}
+        failures = metadata.get(PARTITION_FAILURES)
+        stopped = stopped or bool(metadata.get(INTERRUPTED))
+        if isinstance(failures, dict):
+            for key, details in failures.items():
+                if key in figures and isinstance(details, dict):
+                    figures[key].update(details)
+                    errors.setdefault(key, str(details.get("error") or "failed"))
+        elif only is not None:
+            figures[only].update(metadata)
+            if data.user_failure_data.description:
+                errors.setdefault(only, str(data.user_failure_data.description))
+        else:
+            unattributed = True
+    if not result.success and not result.get_step_failure_events():
+        unattributed = True  # the run failed outside its steps (a resource, the executor)
+    return _RunFigures(figures, materialized, errors, unattributed, stopped)
+
+
+def _summarize(
+    keys: Sequence[str],
+    assets: Sequence[AssetKey],
+    result: ExecuteInProcessResult,
+    seconds: float,
+) -> list[PartitionSummary]:
+    run = _by_partition(keys, result)
+    run_error = None if result.success else (_error(result) or "the run failed")
+    summaries = []
+    for key in keys:
+        error = run.errors.get(key)
+        missing = [asset for asset in assets if asset not in run.materialized[key]]
+        done = result.success or (error is None and not run.unattributed and not missing)
+        skipped: tuple[str, ...] = ()
+        if not done and error is None:
+            if run.errors and not run.unattributed:
+                # Its own steps succeeded, but a neighbour's failure in the same run
+                # skipped the steps after them.
+                error = _skipped(run.errors)
+                skipped = tuple(asset.to_user_string() for asset in missing)
+            else:
+                error = run_error  # a step failed for every partition of the run
+        summary = _summary(key, run.figures[key], done, error, seconds)
+        stopped = summary.interrupted or run.stopped
+        summaries.append(replace(summary, skipped_assets=skipped, interrupted=stopped))
+    return summaries
+
+
+def _skipped(errors: Mapping[str, str]) -> str:
+    return f"later steps did not run: partition {next(iter(errors))} failed in the same run"
+
+
+def _summary(
+    key: str, metadata: Mapping[str, Any], succeeded: bool, error: str | None, seconds: float
+) -> PartitionSummary:
     def count(name: str) -> int:
         value = metadata.get(name, 0)
         return int(value) if isinstance(value, int | float) else 0
 
     return PartitionSummary(
         key,
-        result.success,
-        seconds,
+        succeeded,
+        float(metadata.get("flux2/seconds", seconds) or seconds),
         rows=sum(count(f"flux2/{status}") for status in STATUS_COUNTS),
         completed=count("flux2/completed"),
         failed=count("flux2/failed"),
         invalid=count("flux2/invalid"),
         cancelled=count("flux2/cancelled"),
         cost_usd=float(metadata.get("flux2/cost_usd", 0.0) or 0.0),
-        error=_error(result),
+        error=None if succeeded else error,
         results_path=str(metadata["flux2/results_path"])
         if "flux2/results_path" in metadata
         else None,

@@ -25,6 +25,7 @@ from dagster import Definitions
 from pydantic import ValidationError
 
 from flux2_pipeline.assets import StepRetries, build_flux2_definitions
+from flux2_pipeline.assets.ranges import DEFAULT_PARTITIONS_PER_RUN, MAX_PARTITIONS_PER_RUN
 from flux2_pipeline.resources import (
     SECRETS,
     Flux2Resources,
@@ -55,6 +56,7 @@ STEP_RETRY_ENVIRONMENT = {"retries": "FLUX2_STEP_RETRIES", "delay": "FLUX2_STEP_
 PARALLEL_PARTITIONS_VARIABLE = "FLUX2_PARALLEL_PARTITIONS"
 DEFAULT_PARALLEL_PARTITIONS = 4
 MAX_PARALLEL_PARTITIONS = 64
+PARTITIONS_PER_RUN_VARIABLE = "FLUX2_PARTITIONS_PER_RUN"
 
 __all__ = ["ENVIRONMENT", "Settings", "SettingsError"]
 
@@ -63,14 +65,17 @@ __all__ = ["ENVIRONMENT", "Settings", "SettingsError"]
 class Settings:
     """The environment, translated: the resources, the step retries and DAGSTER_HOME.
 
-    `parallel_partitions` (FLUX2_PARALLEL_PARTITIONS) is how many partitions
-    `flux2-pipeline materialize` runs at once, each in its own Dagster run.
+    `parallel_partitions` (FLUX2_PARALLEL_PARTITIONS) is how many Dagster runs
+    `flux2-pipeline materialize` runs at once; `partitions_per_run`
+    (FLUX2_PARTITIONS_PER_RUN) is the most partitions one run covers, there and in the
+    UI's backfills.
     """
 
     resources: Flux2Resources
     step_retries: StepRetries = field(default_factory=StepRetries)
     dagster_home: Path | None = None
     parallel_partitions: int = DEFAULT_PARALLEL_PARTITIONS
+    partitions_per_run: int = DEFAULT_PARTITIONS_PER_RUN
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -91,7 +96,20 @@ class Settings:
             step_retries = StepRetries(**retry_values)
         except ValidationError as exc:
             raise settings_error(exc, StepRetries, STEP_RETRY_ENVIRONMENT) from None
-        return cls(resources, step_retries, _dagster_home(env), _parallel_partitions(env))
+        return cls(
+            resources,
+            step_retries,
+            _dagster_home(env),
+            _whole_number(
+                env,
+                PARALLEL_PARTITIONS_VARIABLE,
+                DEFAULT_PARALLEL_PARTITIONS,
+                MAX_PARALLEL_PARTITIONS,
+            ),
+            _whole_number(
+                env, PARTITIONS_PER_RUN_VARIABLE, DEFAULT_PARTITIONS_PER_RUN, MAX_PARTITIONS_PER_RUN
+            ),
+        )
 
     @classmethod
     def of(
@@ -103,6 +121,7 @@ class Settings:
         step_retries: StepRetries | None = None,
         dagster_home: Path | None = None,
         parallel_partitions: int = DEFAULT_PARALLEL_PARTITIONS,
+        partitions_per_run: int = DEFAULT_PARTITIONS_PER_RUN,
     ) -> Settings:
         """Settings from resources built in code (the demo, tests, notebooks)."""
         return cls(
@@ -110,6 +129,7 @@ class Settings:
             step_retries or StepRetries(),
             dagster_home,
             parallel_partitions,
+            partitions_per_run,
         )
 
     @property
@@ -134,6 +154,7 @@ class Settings:
             ledger=self.ledger,
             storage=self.storage,
             retry_policy=self.step_retries.policy(),
+            partitions_per_run=self.partitions_per_run,
         )
 
 
@@ -144,16 +165,13 @@ def _get(env: Mapping[str, str], variable: str) -> str | None:
     return raw.strip() or None
 
 
-def _parallel_partitions(env: Mapping[str, str]) -> int:
-    raw = _get(env, PARALLEL_PARTITIONS_VARIABLE)
+def _whole_number(env: Mapping[str, str], variable: str, default: int, most: int) -> int:
+    raw = _get(env, variable)
     if raw is None:
-        return DEFAULT_PARALLEL_PARTITIONS
+        return default
     value = int(raw) if raw.isdecimal() else 0
-    if not 1 <= value <= MAX_PARALLEL_PARTITIONS:
-        raise SettingsError(
-            f"{PARALLEL_PARTITIONS_VARIABLE} must be a whole number from 1 to "
-            f"{MAX_PARALLEL_PARTITIONS}, got {raw!r}"
-        )
+    if not 1 <= value <= most:
+        raise SettingsError(f"{variable} must be a whole number from 1 to {most}, got {raw!r}")
     return value
 
 

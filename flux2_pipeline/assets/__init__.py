@@ -3,16 +3,12 @@
 `build_flux2_definitions` is the public entry point; `Flux2Keys` names everything it builds.
 """
 
-from flux2_pipeline.assets.edits import (
-    CODE_VERSION,
-    EDITS_RETRY_POLICY,
-    INTERRUPTED,
-    edits_retry_policy,
-)
+from flux2_pipeline.assets.edits import CODE_VERSION, EDITS_RETRY_POLICY, edits_retry_policy
 from flux2_pipeline.assets.factory import StepRetries, build_flux2_definitions
 from flux2_pipeline.assets.images import ImagesConfig
 from flux2_pipeline.assets.keys import Flux2Keys
 from flux2_pipeline.assets.prompts import register_input_files
+from flux2_pipeline.assets.ranges import INTERRUPTED
 
 __all__ = [
     "CODE_VERSION",

@@ -26,6 +26,7 @@ from dagster import (
 )
 
 from flux2_pipeline.assets.keys import Flux2Keys
+from flux2_pipeline.assets.ranges import check_each_partition
 from flux2_pipeline.paths import iter_parquet
 from flux2_pipeline.resources import Flux2Storage
 
@@ -111,18 +112,23 @@ def build_edits_checks(
     )
     def all_valid_rows_completed(context: AssetCheckExecutionContext) -> AssetCheckResult:
         storage: Flux2Storage = getattr(context.resources, keys.resource("storage"))
-        batches = _results(storage, context.partition_key, ["row_id", "status", "error"])
-        unfinished, head = _matching(
-            batches,
-            lambda batch: pc.and_(
-                pc.not_equal(batch["status"], "completed"), pc.not_equal(batch["status"], "invalid")
-            ),
-        )
-        return AssetCheckResult(
-            passed=unfinished == 0,
-            severity=AssetCheckSeverity.ERROR,
-            metadata={"not_completed": unfinished, "examples": _examples(head)},
-        )
+
+        def evaluate(key: str) -> AssetCheckResult:
+            batches = _results(storage, key, ["row_id", "status", "error"])
+            unfinished, head = _matching(
+                batches,
+                lambda batch: pc.and_(
+                    pc.not_equal(batch["status"], "completed"),
+                    pc.not_equal(batch["status"], "invalid"),
+                ),
+            )
+            return AssetCheckResult(
+                passed=unfinished == 0,
+                severity=AssetCheckSeverity.ERROR,
+                metadata={"not_completed": unfinished, "examples": _examples(head)},
+            )
+
+        return check_each_partition(context, evaluate)
 
     @asset_check(
         asset=keys.edits,
@@ -133,13 +139,17 @@ def build_edits_checks(
     )
     def request_ids_unique(context: AssetCheckExecutionContext) -> AssetCheckResult:
         storage: Flux2Storage = getattr(context.resources, keys.resource("storage"))
-        batches = _results(storage, context.partition_key, ["request_id"])
-        repeated, first = repeated_values(batch["request_id"] for batch in batches)
-        return AssetCheckResult(
-            passed=repeated == 0,
-            severity=AssetCheckSeverity.ERROR,
-            metadata={"repeated": repeated, "examples": ", ".join(first)},
-        )
+
+        def evaluate(key: str) -> AssetCheckResult:
+            batches = _results(storage, key, ["request_id"])
+            repeated, first = repeated_values(batch["request_id"] for batch in batches)
+            return AssetCheckResult(
+                passed=repeated == 0,
+                severity=AssetCheckSeverity.ERROR,
+                metadata={"repeated": repeated, "examples": ", ".join(first)},
+            )
+
+        return check_each_partition(context, evaluate)
 
     @asset_check(
         asset=keys.edits,
@@ -150,13 +160,17 @@ def build_edits_checks(
     )
     def no_invalid_rows(context: AssetCheckExecutionContext) -> AssetCheckResult:
         storage: Flux2Storage = getattr(context.resources, keys.resource("storage"))
-        batches = _results(storage, context.partition_key, ["row_id", "status", "error"])
-        invalid, head = _matching(batches, lambda batch: pc.equal(batch["status"], "invalid"))
-        return AssetCheckResult(
-            passed=invalid == 0,
-            severity=AssetCheckSeverity.WARN,
-            metadata={"invalid_rows": invalid, "examples": _examples(head)},
-        )
+
+        def evaluate(key: str) -> AssetCheckResult:
+            batches = _results(storage, key, ["row_id", "status", "error"])
+            invalid, head = _matching(batches, lambda batch: pc.equal(batch["status"], "invalid"))
+            return AssetCheckResult(
+                passed=invalid == 0,
+                severity=AssetCheckSeverity.WARN,
+                metadata={"invalid_rows": invalid, "examples": _examples(head)},
+            )
+
+        return check_each_partition(context, evaluate)
 
     @asset_check(
         asset=keys.edits,
@@ -167,22 +181,24 @@ def build_edits_checks(
     )
     def completed_rows_have_all_images(context: AssetCheckExecutionContext) -> AssetCheckResult:
         storage: Flux2Storage = getattr(context.resources, keys.resource("storage"))
-        batches = _results(
-            storage, context.partition_key, ["row_id", "status", "num_images", "output_urls"]
-        )
-        short, head = _matching(
-            batches,
-            lambda batch: pc.and_(
-                pc.equal(batch["status"], "completed"),
-                pc.not_equal(pc.list_value_length(batch["output_urls"]), batch["num_images"]),
-            ),
-        )
-        examples = head["row_id"].to_pylist() if head is not None else []
-        return AssetCheckResult(
-            passed=short == 0,
-            severity=AssetCheckSeverity.ERROR,
-            metadata={"rows_missing_images": short, "examples": ", ".join(examples)},
-        )
+
+        def evaluate(key: str) -> AssetCheckResult:
+            batches = _results(storage, key, ["row_id", "status", "num_images", "output_urls"])
+            short, head = _matching(
+                batches,
+                lambda batch: pc.and_(
+                    pc.equal(batch["status"], "completed"),
+                    pc.not_equal(pc.list_value_length(batch["output_urls"]), batch["num_images"]),
+                ),
+            )
+            examples = head["row_id"].to_pylist() if head is not None else []
+            return AssetCheckResult(
+                passed=short == 0,
+                severity=AssetCheckSeverity.ERROR,
+                metadata={"rows_missing_images": short, "examples": ", ".join(examples)},
+            )
+
+        return check_each_partition(context, evaluate)
 
     return [
         all_valid_rows_completed,

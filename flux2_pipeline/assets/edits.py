@@ -5,17 +5,25 @@ ledger in the loop (see `flux2_pipeline.batch.runner`), writes
 `$FLUX2_OUTPUT_DIR/flux2_edits/<key>.parquet` atomically, and then fails if any
 valid row did not complete, naming the counts and the first rows. Its
 `RetryPolicy` runs it again; the ledger makes sure only failed rows are paid again.
+
+A backfill's run covers up to `partitions_per_run` partitions (see
+`flux2_pipeline.assets.ranges`): their rows share one in-flight limit, the next
+partition starting as soon as the one before has read its last row, and each partition
+still gets its own results file, materialization or failure.
 """
 
+import asyncio
 import functools
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dagster import (
     AssetExecutionContext,
+    AssetMaterialization,
     AssetObservation,
     AssetsDefinition,
     Backoff,
@@ -34,6 +42,13 @@ from dagster import (
 from upath import UPath
 
 from flux2_pipeline.assets.keys import Flux2Keys
+from flux2_pipeline.assets.ranges import (
+    DEFAULT_PARTITIONS_PER_RUN,
+    INTERRUPTED,
+    PartitionOutcome,
+    materialize_outcomes,
+    ranged_backfills,
+)
 from flux2_pipeline.batch import (
     LARGE_ROW_GROUP_ROWS,
     RESULT_COLUMN_DESCRIPTIONS,
@@ -65,8 +80,6 @@ FAILED_ROWS_NAMED = 5
 PROGRESS_SECONDS = 5.0
 """How often a running step records its progress (an `AssetObservation`)."""
 LOG_EVERY_TICKS = 6
-INTERRUPTED = "flux2/interrupted"
-"""Failure metadata set when the run was stopped (Ctrl+C, a stop from the UI)."""
 
 
 def edits_retry_policy(max_retries: int = 3, delay: float = 10.0) -> RetryPolicy | None:
@@ -190,22 +203,91 @@ def _markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-async def _run_partition(
-    runner: EditRunner,
-    rows: Iterable[list[Any]],
-    writer: ResultsWriter,
-    tally: _Tally,
+@dataclass
+class _Partition:
+    """One partition of the step: where its rows come from and go, and how it went."""
+
+    key: str
+    in_path: Path
+    out_path: UPath
+    input_sha: str
+    row_group: int
+    runner: EditRunner
+    tally: _Tally
+    rows: Iterable[list[Any]]
+    writer: ResultsWriter | None = None
+    outcome: PartitionOutcome | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.writer is not None and self.outcome is None
+
+
+async def _run_partitions(
+    partitions: Sequence[_Partition],
     policy: AddressPolicy,
+    finish: Callable[[_Partition], PartitionOutcome],
 ) -> None:
+    """Run the partitions' rows under one in-flight limit, each written to its own file.
+
+    A partition starts as soon as the one before it has read its last input row, so the
+    limit stays full across partition boundaries while only a few partitions are open.
+    A partition whose input turns out to be unreadable fails alone.
+    """
     # Reference images are checked through the one guarded fetcher before rows are paid.
     async with GuardedFetcher(policy) as fetcher:
-        runner.preflight = ReferenceCheck(fetcher.probe)
-        async for outcome in runner.run(rows):
-            tally.add(outcome)
+        check = ReferenceCheck(fetcher.probe)
+        running: list[asyncio.Task[None]] = []
+        try:
+            for partition in partitions:
+                all_read = asyncio.Event()
+                partition.runner.preflight = check
+                running.append(asyncio.create_task(_run_one(partition, all_read, finish)))
+                await all_read.wait()
+            await asyncio.gather(*running)
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+
+async def _run_one(
+    partition: _Partition, all_read: asyncio.Event, finish: Callable[[_Partition], PartitionOutcome]
+) -> None:
+    def rows() -> Iterator[list[Any]]:
+        try:
+            yield from partition.rows
+        finally:
+            all_read.set()
+
+    writer = partition.writer = ResultsWriter(partition.out_path)
+    try:
+        async for outcome in partition.runner.run(rows()):
+            partition.tally.add(outcome)
             writer.write([outcome])
+    except InputTableError as exc:
+        writer.abort()
+        partition.outcome = PartitionOutcome(
+            partition.key,
+            {},
+            Failure(description=f"partition {partition.key}: {exc}", allow_retries=False),
+        )
+        return
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        all_read.set()
+    writer.commit()
+    partition.outcome = finish(partition)
 
 
-def _runner(runcomfy: RunComfyResource, ledger: LedgerResource, partition: str) -> EditRunner:
+def _runner(
+    runcomfy: RunComfyResource,
+    ledger: LedgerResource,
+    partition: str,
+    slots: asyncio.Semaphore | None = None,
+) -> EditRunner:
     """The one place the configured resources become an `EditRunner`.
 
     The shared limits (FLUX2_ACCOUNT_CONCURRENCY, FLUX2_BUDGET_USD,
@@ -225,6 +307,7 @@ def _runner(runcomfy: RunComfyResource, ledger: LedgerResource, partition: str) 
         attempts_per_run=runcomfy.attempts_per_run,
         max_attempts=runcomfy.max_attempts,
         lease_seconds=ledger.lease_seconds,
+        slots=slots,
         **{name: value for name, value in shared_limits.items() if value is not None},
     )
 
@@ -237,6 +320,7 @@ def build_edits_asset(
     retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY,
     pool: str | None = None,
     progress_seconds: float = PROGRESS_SECONDS,
+    partitions_per_run: int = DEFAULT_PARTITIONS_PER_RUN,
 ) -> AssetsDefinition:
     """The flux2_edits asset: one partition's prompt table in, its results dataset out.
 
@@ -255,6 +339,7 @@ def build_edits_asset(
         group_name=group_name,
         code_version=CODE_VERSION,
         retry_policy=retry_policy,
+        backfill_policy=ranged_backfills(partitions_per_run),
         pool=pool,
         required_resource_keys={runcomfy_key, ledger_key, storage_key},
         kinds={"parquet"},
@@ -262,112 +347,174 @@ def build_edits_asset(
         description="FLUX.2 [dev] edits of one prompt table: one row per input row with the "
         "request id, status, result image URLs and effective parameters.",
     )
-    def flux2_edits(context: AssetExecutionContext) -> MaterializeResult[None]:
-        """Run one partition's edit jobs and write its results dataset."""
+    def flux2_edits(
+        context: AssetExecutionContext,
+    ) -> Iterator[AssetMaterialization | MaterializeResult[None]]:
+        """Run the partitions' edit jobs and write each one's results dataset."""
         runcomfy: RunComfyResource = getattr(context.resources, runcomfy_key)
         ledger: LedgerResource = getattr(context.resources, ledger_key)
         storage: Flux2Storage = getattr(context.resources, storage_key)
-        key = context.partition_key
-        in_path, out_path = storage.input_path(key), storage.results_path(key)
-        try:
-            total, row_group = input_shape(in_path)
-            input_sha = file_sha256(in_path)
-        except (InputTableError, OSError) as exc:
-            raise Failure(description=f"partition {key}: {exc}", allow_retries=False) from None
-        context.log.info(f"partition {key}: {total} rows from {in_path} (sha256 {input_sha[:12]})")
-        if row_group > LARGE_ROW_GROUP_ROWS:
-            context.log.warning(
-                f"partition {key}: {in_path.name} has a row group of {row_group} rows; it is "
-                "decoded whole while its rows stream out, so memory grows with it. Write input "
-                f"tables with row groups of at most {LARGE_ROW_GROUP_ROWS} rows."
-            )
+        slots = asyncio.Semaphore(runcomfy.max_concurrency)
+        outcomes: dict[str, PartitionOutcome] = {}
+        partitions: list[_Partition] = []
+        for key in context.partition_keys:
+            prepared = _prepare(context, key, storage, runcomfy, ledger, slots)
+            if isinstance(prepared, PartitionOutcome):
+                outcomes[key] = prepared
+            else:
+                partitions.append(prepared)
+        # Partitions finish on the client's loop; their lines are logged from this thread.
+        finished_lines: deque[str] = deque()
 
-        runner = _runner(runcomfy, ledger, key)
-        tally = _Tally(total=total)
-        rows = read_input_rows(
-            in_path,
-            defaults=runcomfy.parameter_defaults(),
-            sign_url=functools.partial(presign, expires=runcomfy.presign_expiry),
-        )
-        writer = ResultsWriter(out_path)
-        ticks = [0]
+        def finish(partition: _Partition) -> PartitionOutcome:
+            finished_lines.append(
+                f"partition {partition.key}: {partition.tally.progress_line()}; results in "
+                f"{partition.out_path}"
+            )
+            return _outcome(keys, partition)
 
         def report_progress() -> None:
+            while finished_lines:
+                context.log.info(finished_lines.popleft())
+            running = [partition for partition in partitions if partition.running]
+            if not running:
+                return
             spent = round(ledger.ledger.spent_usd(), 6)
-            metadata = {**tally.progress_metadata(), "flux2/ledger_spent_usd": spent}
-            context.log_event(
-                AssetObservation(asset_key=keys.edits, partition=key, metadata=metadata)
-            )
+            for partition in running:
+                metadata = {
+                    **partition.tally.progress_metadata(),
+                    "flux2/ledger_spent_usd": spent,
+                }
+                context.log_event(
+                    AssetObservation(
+                        asset_key=keys.edits, partition=partition.key, metadata=metadata
+                    )
+                )
             ticks[0] += 1
             if ticks[0] % LOG_EVERY_TICKS == 0:
-                context.log.info(
-                    f"partition {key}: {tally.progress_line()}, ledger spend {spent:.4f} USD"
-                )
+                for partition in running:
+                    context.log.info(
+                        f"partition {partition.key}: {partition.tally.progress_line()}, ledger "
+                        f"spend {spent:.4f} USD"
+                    )
 
+        ticks = [0]
+        stopped = False
         try:
             runcomfy.run(
-                _run_partition(
-                    runner, rows, writer, tally, AddressPolicy.for_api(runcomfy.base_url)
-                ),
+                _run_partitions(partitions, AddressPolicy.for_api(runcomfy.base_url), finish),
                 on_tick=report_progress,
                 tick_seconds=progress_seconds,
             )
-        except InputTableError as exc:
-            writer.abort()
-            raise Failure(description=f"partition {key}: {exc}", allow_retries=False) from None
         except RunInterrupted:
-            writer.abort()
-            raise Failure(
-                description=f"partition {key}: the run was stopped after {tally.done} of "
-                f"{total} rows; queued jobs were cancelled, running ones are left in the "
-                "ledger for the next run to poll",
-                metadata={INTERRUPTED: True, **tally.progress_metadata()},
-                allow_retries=False,
-            ) from None
+            stopped = True
+            for partition in partitions:
+                # A lone partition reports the stop even if its last row just finished.
+                if partition.outcome is None or len(context.partition_keys) == 1:
+                    partition.outcome = _interrupted(partition)
         except FatalApiError as exc:
-            writer.abort()
-            raise Failure(
-                description=f"partition {key}: the API refused every job: {exc}",
-                allow_retries=False,
-            ) from None
-        except BaseException:
-            writer.abort()
-            raise
-        writer.commit()
-        context.log.info(f"partition {key}: {tally.progress_line()}; results in {out_path}")
-
-        counts = runner.counters.by_status
-        metadata = _metadata(keys, key, in_path, input_sha, row_group, out_path, tally, runner)
-        unfinished = counts["failed"] + counts["cancelled"]
-        if unfinished:
-            # Rows that failed because of their input, the budget or the attempt cap fail
-            # the same way on a step retry: only a re-run after a fix can help.
-            retryable = unfinished > runner.counters.final_failures
-            raise Failure(
-                allow_retries=retryable,
-                description=(
-                    f"partition {key}: {unfinished} of {total} rows did not complete "
-                    f"({counts['failed']} failed, {counts['cancelled']} cancelled, "
-                    f"{counts['completed']} completed, {counts['invalid']} invalid); results "
-                    f"written to {out_path}. First: " + " | ".join(tally.failed_examples)
-                ),
-                metadata=metadata,
-            )
-        return MaterializeResult(metadata=metadata)
+            for partition in partitions:
+                if partition.outcome is None:
+                    partition.outcome = PartitionOutcome(
+                        partition.key,
+                        {},
+                        Failure(
+                            description=f"partition {partition.key}: the API refused every "
+                            f"job: {exc}",
+                            allow_retries=False,
+                        ),
+                    )
+        while finished_lines:
+            context.log.info(finished_lines.popleft())
+        for partition in partitions:
+            assert partition.outcome is not None, "every partition ends with an outcome"
+            outcomes[partition.key] = partition.outcome
+        ordered = [outcomes[key] for key in context.partition_keys]
+        yield from materialize_outcomes(context, keys.edits, ordered, stopped=stopped)
 
     return flux2_edits
 
 
-def _metadata(
-    keys: Flux2Keys,
+def _prepare(
+    context: AssetExecutionContext,
     key: str,
-    in_path: Path,
-    input_sha: str,
-    row_group: int,
-    out_path: UPath,
-    tally: _Tally,
-    runner: EditRunner,
-) -> dict[str, Any]:
+    storage: Flux2Storage,
+    runcomfy: RunComfyResource,
+    ledger: LedgerResource,
+    slots: asyncio.Semaphore,
+) -> _Partition | PartitionOutcome:
+    """A partition ready to run, or the failure of one whose input cannot be read."""
+    in_path, out_path = storage.input_path(key), storage.results_path(key)
+    try:
+        total, row_group = input_shape(in_path)
+        input_sha = file_sha256(in_path)
+    except (InputTableError, OSError) as exc:
+        failure = Failure(description=f"partition {key}: {exc}", allow_retries=False)
+        return PartitionOutcome(key, {}, failure)
+    context.log.info(f"partition {key}: {total} rows from {in_path} (sha256 {input_sha[:12]})")
+    if row_group > LARGE_ROW_GROUP_ROWS:
+        context.log.warning(
+            f"partition {key}: {in_path.name} has a row group of {row_group} rows; it is "
+            "decoded whole while its rows stream out, so memory grows with it. Write input "
+            f"tables with row groups of at most {LARGE_ROW_GROUP_ROWS} rows."
+        )
+    rows = read_input_rows(
+        in_path,
+        defaults=runcomfy.parameter_defaults(),
+        sign_url=functools.partial(presign, expires=runcomfy.presign_expiry),
+    )
+    return _Partition(
+        key,
+        in_path,
+        out_path,
+        input_sha,
+        row_group,
+        _runner(runcomfy, ledger, key, slots),
+        _Tally(total=total),
+        rows,
+    )
+
+
+def _outcome(keys: Flux2Keys, partition: _Partition) -> PartitionOutcome:
+    """A finished partition's metadata; a failure if any valid row did not complete."""
+    runner, tally, key = partition.runner, partition.tally, partition.key
+    counts = runner.counters.by_status
+    metadata = _metadata(keys, partition)
+    unfinished = counts["failed"] + counts["cancelled"]
+    if not unfinished:
+        return PartitionOutcome(key, metadata)
+    # Rows that failed because of their input, the budget or the attempt cap fail
+    # the same way on a step retry: only a re-run after a fix can help.
+    retryable = unfinished > runner.counters.final_failures
+    failure = Failure(
+        allow_retries=retryable,
+        description=(
+            f"partition {key}: {unfinished} of {tally.total} rows did not complete "
+            f"({counts['failed']} failed, {counts['cancelled']} cancelled, "
+            f"{counts['completed']} completed, {counts['invalid']} invalid); results "
+            f"written to {partition.out_path}. First: " + " | ".join(tally.failed_examples)
+        ),
+        metadata=metadata,
+    )
+    return PartitionOutcome(key, metadata, failure)
+
+
+def _interrupted(partition: _Partition) -> PartitionOutcome:
+    tally = partition.tally
+    failure = Failure(
+        description=f"partition {partition.key}: the run was stopped after {tally.done} of "
+        f"{tally.total} rows; queued jobs were cancelled, running ones are left in the "
+        "ledger for the next run to poll",
+        metadata={INTERRUPTED: True, **tally.progress_metadata()},
+        allow_retries=False,
+    )
+    return PartitionOutcome(partition.key, {}, failure)
+
+
+def _metadata(keys: Flux2Keys, partition: _Partition) -> dict[str, Any]:
+    runner, tally, key = partition.runner, partition.tally, partition.key
+    in_path, out_path = partition.in_path, partition.out_path
+    input_sha, row_group = partition.input_sha, partition.row_group
     counts = runner.counters.by_status
     mean, p95 = tally.latency_figures()
     seconds = tally.seconds

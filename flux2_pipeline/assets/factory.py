@@ -48,6 +48,7 @@ from flux2_pipeline.assets.image_checks import build_images_checks
 from flux2_pipeline.assets.images import build_images_asset
 from flux2_pipeline.assets.keys import Flux2Keys
 from flux2_pipeline.assets.prompts import build_prompt_files_sensor, build_prompt_tables
+from flux2_pipeline.assets.ranges import DEFAULT_PARTITIONS_PER_RUN
 from flux2_pipeline.resources import Flux2Storage, LedgerResource, RunComfyResource
 
 
@@ -83,6 +84,7 @@ def build_flux2_definitions(
     retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY,
     pool: str | None = None,
     progress_seconds: float = PROGRESS_SECONDS,
+    partitions_per_run: int = DEFAULT_PARTITIONS_PER_RUN,
 ) -> Definitions:
     """The flux2 assets, checks, sensors and job; with the resources bound when given.
 
@@ -90,7 +92,9 @@ def build_flux2_definitions(
     the keys `Flux2Keys.from_prefix(key_prefix).resource("runcomfy" | "ledger" | "storage")`.
     `pool` is the Dagster concurrency pool of `flux2_edits` steps (limit it with
     `dagster instance concurrency set <pool> N`); `progress_seconds` is how often a running
-    step records an `AssetObservation` with rows done, failed and spend so far.
+    step records an `AssetObservation` with rows done, failed and spend so far;
+    `partitions_per_run` is the most partitions one run of a backfill covers
+    (`BackfillPolicy.multi_run`; `flux2-pipeline materialize` groups partitions the same way).
     """
     keys = Flux2Keys.from_prefix(key_prefix)
     partitions_def = DynamicPartitionsDefinition(name=keys.partitions_name)
@@ -101,9 +105,14 @@ def build_flux2_definitions(
         retry_policy=retry_policy,
         pool=pool,
         progress_seconds=progress_seconds,
+        partitions_per_run=partitions_per_run,
     )
     images = build_images_asset(
-        keys, partitions_def, group_name=group_name, retry_policy=retry_policy
+        keys,
+        partitions_def,
+        group_name=group_name,
+        retry_policy=retry_policy,
+        partitions_per_run=partitions_per_run,
     )
     dataset = build_dataset_asset(keys, group_name=group_name)
     resources = {

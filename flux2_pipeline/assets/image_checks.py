@@ -15,6 +15,7 @@ from dagster import (
 )
 
 from flux2_pipeline.assets.keys import Flux2Keys
+from flux2_pipeline.assets.ranges import check_each_partition
 from flux2_pipeline.media import ImageStore, UndecodableImage, inspect_image, read_manifest
 from flux2_pipeline.paths import read_parquet
 from flux2_pipeline.resources import Flux2Storage
@@ -47,42 +48,45 @@ def build_images_checks(
     )
     def edited_images_stored(context: AssetCheckExecutionContext) -> AssetCheckResult:
         storage: Flux2Storage = getattr(context.resources, keys.resource("storage"))
-        key = context.partition_key
-        results = read_parquet(
-            storage.results_path(key), columns=["row_id", "status", "output_urls"]
-        )
-        completed = results.filter(pc.equal(results["status"], "completed"))
-        store = ImageStore(storage.images_dir(), base=storage.output_root())
-        edited = {
-            (r.row_id, r.index): r
-            for r in read_manifest(storage.image_manifest_path(key))
-            if r.role == "edited"
-        }
-        problems: list[str] = []
-        expected = 0
-        for row_id, urls in zip(
-            completed["row_id"].to_pylist(), completed["output_urls"].to_pylist(), strict=True
-        ):
-            for index in range(len(urls)):
-                expected += 1
-                record = edited.get((row_id, index))
-                if record is None:
-                    problem: str | None = "not in the manifest"
-                elif not record.ok:
-                    problem = record.error or "failed"
-                else:
-                    problem = _problem(store, record.path, record.sha256)
-                if problem:
-                    problems.append(f"{row_id}[{index}]: {problem}")
-        return AssetCheckResult(
-            passed=not problems,
-            severity=AssetCheckSeverity.ERROR,
-            metadata={
-                "edited_images_expected": expected,
-                "missing_or_broken": len(problems),
-                "examples": "; ".join(problems[:EXAMPLES]),
-            },
-        )
+
+        def evaluate(key: str) -> AssetCheckResult:
+            results = read_parquet(
+                storage.results_path(key), columns=["row_id", "status", "output_urls"]
+            )
+            completed = results.filter(pc.equal(results["status"], "completed"))
+            store = ImageStore(storage.images_dir(), base=storage.output_root())
+            edited = {
+                (r.row_id, r.index): r
+                for r in read_manifest(storage.image_manifest_path(key))
+                if r.role == "edited"
+            }
+            problems: list[str] = []
+            expected = 0
+            for row_id, urls in zip(
+                completed["row_id"].to_pylist(), completed["output_urls"].to_pylist(), strict=True
+            ):
+                for index in range(len(urls)):
+                    expected += 1
+                    record = edited.get((row_id, index))
+                    if record is None:
+                        problem: str | None = "not in the manifest"
+                    elif not record.ok:
+                        problem = record.error or "failed"
+                    else:
+                        problem = _problem(store, record.path, record.sha256)
+                    if problem:
+                        problems.append(f"{row_id}[{index}]: {problem}")
+            return AssetCheckResult(
+                passed=not problems,
+                severity=AssetCheckSeverity.ERROR,
+                metadata={
+                    "edited_images_expected": expected,
+                    "missing_or_broken": len(problems),
+                    "examples": "; ".join(problems[:EXAMPLES]),
+                },
+            )
+
+        return check_each_partition(context, evaluate)
 
     @asset_check(
         asset=keys.images,
@@ -93,33 +97,36 @@ def build_images_checks(
     )
     def edited_image_sizes_match_preset(context: AssetCheckExecutionContext) -> AssetCheckResult:
         storage: Flux2Storage = getattr(context.resources, keys.resource("storage"))
-        key = context.partition_key
-        results = read_parquet(storage.results_path(key), columns=["row_id", "image_size"])
-        presets = dict(
-            zip(results["row_id"].to_pylist(), results["image_size"].to_pylist(), strict=True)
-        )
-        mismatched: list[str] = []
-        checked = 0
-        for record in read_manifest(storage.image_manifest_path(key)):
-            if record.role != "edited" or not record.ok:
-                continue
-            checked += 1
-            preset = presets.get(record.row_id)
-            want = IMAGE_SIZE_PIXELS.get(preset or "")
-            got = (record.width, record.height)
-            if want is None or got != want:
-                mismatched.append(
-                    f"{record.row_id}[{record.index}]: {got[0]}x{got[1]}, {preset} is "
-                    + (f"{want[0]}x{want[1]}" if want else "not a known preset")
-                )
-        return AssetCheckResult(
-            passed=not mismatched,
-            severity=AssetCheckSeverity.WARN,
-            metadata={
-                "edited_images_checked": checked,
-                "mismatched": len(mismatched),
-                "examples": "; ".join(mismatched[:EXAMPLES]),
-            },
-        )
+
+        def evaluate(key: str) -> AssetCheckResult:
+            results = read_parquet(storage.results_path(key), columns=["row_id", "image_size"])
+            presets = dict(
+                zip(results["row_id"].to_pylist(), results["image_size"].to_pylist(), strict=True)
+            )
+            mismatched: list[str] = []
+            checked = 0
+            for record in read_manifest(storage.image_manifest_path(key)):
+                if record.role != "edited" or not record.ok:
+                    continue
+                checked += 1
+                preset = presets.get(record.row_id)
+                want = IMAGE_SIZE_PIXELS.get(preset or "")
+                got = (record.width, record.height)
+                if want is None or got != want:
+                    mismatched.append(
+                        f"{record.row_id}[{record.index}]: {got[0]}x{got[1]}, {preset} is "
+                        + (f"{want[0]}x{want[1]}" if want else "not a known preset")
+                    )
+            return AssetCheckResult(
+                passed=not mismatched,
+                severity=AssetCheckSeverity.WARN,
+                metadata={
+                    "edited_images_checked": checked,
+                    "mismatched": len(mismatched),
+                    "examples": "; ".join(mismatched[:EXAMPLES]),
+                },
+            )
+
+        return check_each_partition(context, evaluate)
 
     return [edited_images_stored, edited_image_sizes_match_preset]

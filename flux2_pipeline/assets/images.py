@@ -13,10 +13,12 @@ Example::
 """
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from dagster import (
     AssetExecutionContext,
+    AssetMaterialization,
     AssetsDefinition,
     AutomationCondition,
     Config,
@@ -33,6 +35,12 @@ from pydantic import Field
 
 from flux2_pipeline.assets.edits import EDITS_RETRY_POLICY
 from flux2_pipeline.assets.keys import Flux2Keys
+from flux2_pipeline.assets.ranges import (
+    DEFAULT_PARTITIONS_PER_RUN,
+    PartitionOutcome,
+    materialize_outcomes,
+    ranged_backfills,
+)
 from flux2_pipeline.media import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_BYTES,
@@ -119,6 +127,7 @@ def build_images_asset(
     *,
     group_name: str = "flux2",
     retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY,
+    partitions_per_run: int = DEFAULT_PARTITIONS_PER_RUN,
 ) -> AssetsDefinition:
     """The flux2_images asset; it follows flux2_edits eagerly (each updated partition).
 
@@ -133,6 +142,7 @@ def build_images_asset(
         group_name=group_name,
         code_version=IMAGES_CODE_VERSION,
         retry_policy=retry_policy,
+        backfill_policy=ranged_backfills(partitions_per_run),
         automation_condition=AutomationCondition.eager(),
         required_resource_keys={storage_key, runcomfy_key},
         kinds={"parquet", "png"},
@@ -143,75 +153,81 @@ def build_images_asset(
     )
     def flux2_images(
         context: AssetExecutionContext, config: ImagesConfig
-    ) -> MaterializeResult[None]:
-        """Fetch, verify and store one partition's images; write its manifest and sheet."""
+    ) -> Iterator[AssetMaterialization | MaterializeResult[None]]:
+        """Fetch, verify and store each partition's images; write its manifest and sheet."""
         storage: Flux2Storage = getattr(context.resources, storage_key)
         # The API's address decides the downloader's policy: loopback only for the emulator.
         runcomfy: RunComfyResource = getattr(context.resources, runcomfy_key)
-        key = context.partition_key
-        results_path = storage.results_path(key)
-        if not results_path.is_file():
-            raise Failure(
-                description=f"partition {key}: no results at {results_path}; "
-                "materialize flux2_edits first",
-                allow_retries=False,
-            )
-        results = read_parquet(results_path)
-        refs = image_refs(results)
-        store = ImageStore(storage.images_dir(), base=storage.output_root())
-        manifest_path = storage.image_manifest_path(key)
-        limits = FetchLimits(
-            max_bytes=config.max_image_bytes,
-            attempts=config.attempts,
-            timeout=config.timeout_seconds,
-        )
-        last_log = [time.monotonic()]
 
-        def progress(done: int, total: int) -> None:
-            if time.monotonic() - last_log[0] >= PROGRESS_SECONDS:
-                last_log[0] = time.monotonic()
-                context.log.info(f"partition {key}: {done}/{total} image URLs settled")
-
-        report = sync_images_blocking(
-            refs,
-            store,
-            read_manifest(manifest_path),
-            policy=AddressPolicy.for_api(
-                runcomfy.base_url, allow_private=config.allow_private_networks
-            ),
-            limits=limits,
-            max_concurrency=config.max_concurrency,
-            max_decodes=config.max_decodes,
-            max_pixels=config.max_pixels,
-            on_done=progress,
-        )
-        write_manifest(manifest_path, report.records)
-        sheet = render_contact_sheet(contact_rows(results, report.records, store))
-        sheet_path = storage.contact_sheet_path(key)
-        save_png(sheet, sheet_path)
-        context.log.info(
-            f"partition {key}: {report.stored} images stored ({report.downloaded} downloaded, "
-            f"{report.reused} reused), {report.failed} failed; manifest {manifest_path}"
-        )
-        metadata: dict[str, Any] = {
-            "dagster/row_count": len(report.records),
-            "flux2/images_stored": report.stored,
-            "flux2/images_downloaded": report.downloaded,
-            "flux2/images_reused": report.reused,
-            "flux2/images_failed": report.failed,
-            "flux2/bytes_downloaded": report.bytes_downloaded,
-            "flux2/bytes_stored": report.bytes_stored,
-            "flux2/manifest": MetadataValue.path(str(manifest_path)),
-            "flux2/contact_sheet_path": MetadataValue.path(str(sheet_path)),
-            "flux2/contact_sheet": MetadataValue.md(markdown_preview(sheet)),
-        }
-        if report.failed:
-            raise Failure(
-                description=f"partition {key}: {report.failed} of {len(report.records)} images "
-                f"are missing; manifest written to {manifest_path}, a retry fetches only "
-                "those. First: " + _failure_text(report),
-                metadata=metadata,
+        def one_partition(key: str) -> PartitionOutcome:
+            results_path = storage.results_path(key)
+            if not results_path.is_file():
+                failure = Failure(
+                    description=f"partition {key}: no results at {results_path}; "
+                    "materialize flux2_edits first",
+                    allow_retries=False,
+                )
+                return PartitionOutcome(key, {}, failure)
+            results = read_parquet(results_path)
+            refs = image_refs(results)
+            store = ImageStore(storage.images_dir(), base=storage.output_root())
+            manifest_path = storage.image_manifest_path(key)
+            limits = FetchLimits(
+                max_bytes=config.max_image_bytes,
+                attempts=config.attempts,
+                timeout=config.timeout_seconds,
             )
-        return MaterializeResult(metadata=metadata)
+            last_log = [time.monotonic()]
+
+            def progress(done: int, total: int) -> None:
+                if time.monotonic() - last_log[0] >= PROGRESS_SECONDS:
+                    last_log[0] = time.monotonic()
+                    context.log.info(f"partition {key}: {done}/{total} image URLs settled")
+
+            report = sync_images_blocking(
+                refs,
+                store,
+                read_manifest(manifest_path),
+                policy=AddressPolicy.for_api(
+                    runcomfy.base_url, allow_private=config.allow_private_networks
+                ),
+                limits=limits,
+                max_concurrency=config.max_concurrency,
+                max_decodes=config.max_decodes,
+                max_pixels=config.max_pixels,
+                on_done=progress,
+            )
+            write_manifest(manifest_path, report.records)
+            sheet = render_contact_sheet(contact_rows(results, report.records, store))
+            sheet_path = storage.contact_sheet_path(key)
+            save_png(sheet, sheet_path)
+            context.log.info(
+                f"partition {key}: {report.stored} images stored ({report.downloaded} downloaded, "
+                f"{report.reused} reused), {report.failed} failed; manifest {manifest_path}"
+            )
+            metadata: dict[str, Any] = {
+                "dagster/row_count": len(report.records),
+                "flux2/images_stored": report.stored,
+                "flux2/images_downloaded": report.downloaded,
+                "flux2/images_reused": report.reused,
+                "flux2/images_failed": report.failed,
+                "flux2/bytes_downloaded": report.bytes_downloaded,
+                "flux2/bytes_stored": report.bytes_stored,
+                "flux2/manifest": MetadataValue.path(str(manifest_path)),
+                "flux2/contact_sheet_path": MetadataValue.path(str(sheet_path)),
+                "flux2/contact_sheet": MetadataValue.md(markdown_preview(sheet)),
+            }
+            if report.failed:
+                failure = Failure(
+                    description=f"partition {key}: {report.failed} of {len(report.records)} images "
+                    f"are missing; manifest written to {manifest_path}, a retry fetches only "
+                    "those. First: " + _failure_text(report),
+                    metadata=metadata,
+                )
+                return PartitionOutcome(key, metadata, failure)
+            return PartitionOutcome(key, metadata)
+
+        outcomes = [one_partition(key) for key in context.partition_keys]
+        yield from materialize_outcomes(context, keys.images, outcomes)
 
     return flux2_images

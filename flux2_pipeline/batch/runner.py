@@ -160,6 +160,8 @@ class EditRunner:
         price_per_image_usd: the price reserved per output image (required with a budget).
         account_concurrency: most open jobs over every runner sharing the ledger.
         preflight: checks reference images before a row is paid for.
+        slots: the in-flight limit, when several runners of one process share one
+            (the partitions of one ranged run); else `max_concurrency` of its own.
     """
 
     def __init__(
@@ -177,6 +179,7 @@ class EditRunner:
         price_per_image_usd: float | None = None,
         account_concurrency: int | None = None,
         preflight: ReferenceCheck | None = None,
+        slots: asyncio.Semaphore | None = None,
     ) -> None:
         if budget_usd is not None and price_per_image_usd is None:
             raise ValueError(
@@ -197,7 +200,7 @@ class EditRunner:
         self.holder = f"runner-{uuid.uuid4().hex}"
         self.counters = RunCounters()
         self._write = GroupCommit(ledger)
-        self._slots = asyncio.Semaphore(max_concurrency)
+        self._slots = slots or asyncio.Semaphore(max_concurrency)
 
     async def run(self, batches: Iterable[list[InputRow]]) -> AsyncIterator[RowOutcome]:
         """Yield one outcome per input row, in input order."""

@@ -9,22 +9,35 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance
 
+from flux2_pipeline.assets import Flux2Keys
 from flux2_pipeline.emulator import EmulatorServer
 from tests.conftest import prompt_rows, write_table
 from tests.dagster.test_process_safety import CLI, cli_env
 
 pytestmark = pytest.mark.slow
 
+RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+
 
 def partition_runs(env: dict[str, str]) -> Counter[str]:
-    """How many runs each partition has had, from the Dagster instance."""
+    """How many runs of flux2_edits each partition has had, from the Dagster instance.
+
+    A run covers one partition (`dagster/partition`) or a range of them, in the order the
+    partitions were added.
+    """
     instance = DagsterInstance.from_config(env["DAGSTER_HOME"])
     try:
-        return Counter(
-            run.tags["dagster/partition"]
-            for run in instance.get_runs()
-            if "dagster/partition" in run.tags
-        )
+        order = instance.get_dynamic_partitions(Flux2Keys().partitions_name)
+        counts: Counter[str] = Counter()
+        for run in instance.get_runs():
+            if Flux2Keys().edits not in (run.asset_selection or ()):
+                continue
+            if "dagster/partition" in run.tags:
+                counts[run.tags["dagster/partition"]] += 1
+            elif RANGE_START in run.tags:
+                first, last = order.index(run.tags[RANGE_START]), order.index(run.tags[RANGE_END])
+                counts.update(order[first : last + 1])
+        return counts
     finally:
         instance.dispose()
 

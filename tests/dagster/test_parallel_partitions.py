@@ -32,6 +32,7 @@ def test_partitions_run_side_by_side_each_in_its_own_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("FLUX2_MAX_CONCURRENCY", "2")
+    monkeypatch.setenv("FLUX2_PARTITIONS_PER_RUN", "1")  # ranged runs: test_ranged_runs.py
     settings = Settings.from_env()
     # Each partition needs two rounds of 2 s jobs: they cannot help overlapping.
     emulator.state.update_settings({"latency": 2.0})
@@ -68,7 +69,11 @@ def test_sigterm_stops_every_running_partition_and_starts_no_other(tmp_path: Pat
     with EmulatorServer(config) as emulator:
         counters = emulator.state.counters
         env = cli_env(
-            tmp_path, emulator.base_url, FLUX2_MAX_CONCURRENCY="3", FLUX2_STEP_RETRIES="3"
+            tmp_path,
+            emulator.base_url,
+            FLUX2_MAX_CONCURRENCY="3",
+            FLUX2_STEP_RETRIES="3",
+            FLUX2_PARTITIONS_PER_RUN="1",
         )
         names = ["p1", "p2", "p3", "p4"]
         for name in names:

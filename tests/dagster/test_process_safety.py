@@ -134,6 +134,7 @@ def test_stopping_a_run_cancels_queued_jobs_and_records_them(tmp_path: Path) -> 
             FLUX2_MAX_CONCURRENCY="5",
             FLUX2_STEP_RETRIES="3",
             FLUX2_PARALLEL_PARTITIONS="1",
+            FLUX2_PARTITIONS_PER_RUN="1",
         )
         write_table(tmp_path / "prompts", "stopme", prompt_rows(emulator.base_url, "stop", 5))
         write_table(tmp_path / "prompts", "stopnext", prompt_rows(emulator.base_url, "n", 2))

@@ -63,8 +63,15 @@ def test_a_running_step_records_its_progress(
 
 
 def test_a_stop_ends_one_materialize_and_the_next_runs_everything(
-    settings: Settings, emulator: EmulatorServer, instance: DagsterInstance
+    pipeline_env: dict[str, str],
+    emulator: EmulatorServer,
+    instance: DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # One partition per run, one after another: the second never starts (a stop in a
+    # ranged run is in test_ranged_runs.py).
+    monkeypatch.setenv("FLUX2_PARTITIONS_PER_RUN", "1")
+    settings = Settings.from_env()
     emulator.state.update_settings({"latency": 8.0})  # outlasts the first 5 s observation
     for name in ("first", "second"):
         write_table(Path(settings.storage.input_dir), name, prompt_rows(emulator.base_url, name, 4))

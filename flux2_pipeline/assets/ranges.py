@@ -1,0 +1,208 @@
+"""Steps that run several partitions at once: one outcome, one materialization each.
+
+A backfill's runs cover ranges of partitions (`BackfillPolicy.multi_run`), so Dagster's
+fixed cost per run is paid once per range. What users see stays per partition:
+
+- every partition that succeeded gets its own materialization, with its own metadata;
+- a partition that failed gets none, so Dagster shows it failed while its neighbours
+  show materialized, and the step's `Failure` names each failed partition
+  (`PARTITION_FAILURES` holds their figures);
+- each check reports one evaluation per partition (`check_each_partition`).
+
+A run of one partition behaves exactly as before ranges existed.
+
+Example::
+
+    outcomes = [PartitionOutcome("cats", {"flux2/completed": 3})]
+    yield from materialize_outcomes(context, keys.edits, outcomes)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetExecutionContext,
+    AssetKey,
+    AssetMaterialization,
+    BackfillPolicy,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+)
+
+DEFAULT_PARTITIONS_PER_RUN = 25
+"""Most partitions in one run of a backfill (FLUX2_PARTITIONS_PER_RUN)."""
+MAX_PARTITIONS_PER_RUN = 1000
+INTERRUPTED = "flux2/interrupted"
+"""Failure metadata set when the run was stopped (Ctrl+C, a stop from the UI)."""
+PARTITION_FAILURES = "flux2/partition_failures"
+"""Failure metadata of a ranged step: failed partition -> its error and figures."""
+FAILURES_NAMED = 5
+SUMMARY_FIELDS = (
+    "flux2/completed",
+    "flux2/failed",
+    "flux2/invalid",
+    "flux2/cancelled",
+    "flux2/cost_usd",
+    "flux2/results_path",
+    "flux2/images_stored",
+    "flux2/images_failed",
+    "flux2/interrupted",
+)
+"""The figures of a failed partition kept in `PARTITION_FAILURES` (plain JSON values)."""
+
+
+def ranged_backfills(partitions_per_run: int = DEFAULT_PARTITIONS_PER_RUN) -> BackfillPolicy:
+    """The backfill policy of the partitioned assets: runs of up to `partitions_per_run`.
+
+    >>> ranged_backfills(10).max_partitions_per_run
+    10
+    """
+    return BackfillPolicy.multi_run(max_partitions_per_run=partitions_per_run)
+
+
+@dataclass(frozen=True)
+class PartitionOutcome:
+    """How one partition of a step went: its metadata, and its failure if it failed."""
+
+    key: str
+    metadata: Mapping[str, Any]
+    failure: Failure | None = None
+
+
+def materialize_outcomes(
+    context: AssetExecutionContext,
+    asset_key: AssetKey,
+    outcomes: Sequence[PartitionOutcome],
+    *,
+    stopped: bool = False,
+) -> Iterator[AssetMaterialization | MaterializeResult[None]]:
+    """The step's events for its partitions' outcomes; raises when any partition failed.
+
+    One partition: its `MaterializeResult`, or its own `Failure`. Several, all succeeded:
+    one `MaterializeResult` whose materializations carry each partition's metadata.
+    Several, some failed: a materialization for each one that succeeded, then a `Failure`
+    naming the others (retried by the step's policy only if one of theirs allows it).
+    `stopped`: the run was stopped after every partition had finished; each is
+    materialized, and the step still fails as stopped, so nothing runs after it.
+    """
+    if len(outcomes) == 1:
+        [only] = outcomes
+        if only.failure is not None:
+            raise only.failure
+        yield MaterializeResult(metadata=dict(only.metadata))
+        return
+    failed = [outcome for outcome in outcomes if outcome.failure is not None]
+    if stopped and not failed:
+        for outcome in outcomes:
+            yield AssetMaterialization(
+                asset_key=asset_key, partition=outcome.key, metadata=dict(outcome.metadata)
+            )
+        raise Failure(
+            description="the run was stopped after every partition had finished",
+            metadata={PARTITION_FAILURES: MetadataValue.json({}), INTERRUPTED: True},
+            allow_retries=False,
+        )
+    if not failed:
+        for outcome in outcomes:
+            context.add_asset_metadata(dict(outcome.metadata), partition_key=outcome.key)
+        yield MaterializeResult()
+        return
+    for outcome in outcomes:
+        if outcome.failure is None:
+            yield AssetMaterialization(
+                asset_key=asset_key, partition=outcome.key, metadata=dict(outcome.metadata)
+            )
+    raise ranged_failure(failed, len(outcomes))
+
+
+def ranged_failure(failed: Sequence[PartitionOutcome], total: int) -> Failure:
+    """One `Failure` for the failed partitions of a ranged step.
+
+    >>> outcome = PartitionOutcome("b", {}, Failure(description="partition b: 2 rows failed"))
+    >>> ranged_failure([outcome], 3).description
+    '1 of 3 partitions failed: partition b: 2 rows failed'
+    """
+    details: dict[str, Any] = {}
+    interrupted = False
+    for outcome in failed:
+        assert outcome.failure is not None
+        figures = {**outcome.metadata, **_plain(outcome.failure.metadata)}
+        interrupted = interrupted or bool(figures.get(INTERRUPTED))
+        details[outcome.key] = {
+            "error": outcome.failure.description,
+            **{name: _plain_value(figures[name]) for name in SUMMARY_FIELDS if name in figures},
+        }
+    named = " | ".join(
+        str(outcome.failure.description) for outcome in failed[:FAILURES_NAMED] if outcome.failure
+    )
+    more = f" (and {len(failed) - FAILURES_NAMED} more)" if len(failed) > FAILURES_NAMED else ""
+    metadata: dict[str, Any] = {PARTITION_FAILURES: MetadataValue.json(details)}
+    if interrupted:
+        metadata[INTERRUPTED] = True
+    return Failure(
+        description=f"{len(failed)} of {total} partitions failed: {named}{more}",
+        metadata=metadata,
+        allow_retries=any(outcome.failure.allow_retries for outcome in failed if outcome.failure),
+    )
+
+
+def _plain(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: _plain_value(value) for name, value in metadata.items()}
+
+
+def _plain_value(value: Any) -> Any:
+    inner = getattr(value, "value", value)
+    return inner if isinstance(inner, str | int | float | bool) or inner is None else str(inner)
+
+
+def check_each_partition(
+    context: AssetCheckExecutionContext, evaluate: Callable[[str], AssetCheckResult]
+) -> AssetCheckResult:
+    """Evaluate a check on every partition of the step; one evaluation per partition.
+
+    One partition: `evaluate(key)` as is. Several: each partition's evaluation is logged
+    with its partition key (what the UI shows per partition), and the step's result
+    passes only if every partition passed, naming the first that did not.
+    """
+    keys = context.op_execution_context.partition_keys
+    if len(keys) == 1:
+        return evaluate(keys[0])
+    [spec] = context.check_specs
+    failed: list[str] = []
+    severity = AssetCheckSeverity.ERROR
+    for key in keys:
+        result = evaluate(key)
+        severity = result.severity
+        if not result.passed:
+            failed.append(key)
+        # `log_event` records an AssetCheckEvaluation (Dagster's op context handles that
+        # type explicitly) although its annotation leaves it out.
+        context.op_execution_context.log_event(
+            AssetCheckEvaluation(  # type: ignore[arg-type]
+                asset_key=spec.asset_key,
+                check_name=spec.name,
+                passed=result.passed,
+                metadata=result.metadata,
+                severity=result.severity,
+                description=result.description,
+                partition=key,
+                target_materialization_data=None,
+            )
+        )
+    return AssetCheckResult(
+        passed=not failed,
+        severity=severity,
+        metadata={
+            "partitions_checked": len(keys),
+            "partitions_failed": len(failed),
+            "examples": ", ".join(failed[:FAILURES_NAMED]),
+        },
+    )
