@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.materialize import PartitionSummary, format_report, materialize
-from flux2_pipeline.paths import as_path, read_parquet
+from flux2_pipeline.paths import as_path, iter_parquet
 from flux2_pipeline.resources import Flux2Storage, RunComfyResource, SettingsError
 from flux2_pipeline.settings import Settings
 
@@ -136,19 +136,26 @@ def save_previews(summaries: list[PartitionSummary], folder: Path) -> list[Path]
         for summary in summaries:
             if not summary.results_path:
                 continue
-            table = read_parquet(as_path(summary.results_path), columns=["row_id", "output_urls"])
-            for row_id, urls in zip(
-                table["row_id"].to_pylist(), table["output_urls"].to_pylist(), strict=True
-            ):
-                if urls:
-                    url = urls[0]
-                    target = folder / f"{summary.partition}--{row_id}.{url.rsplit('.', 1)[-1]}"
-                    response = http.get(url)
-                    response.raise_for_status()
-                    target.write_bytes(response.content)
-                    saved.append(target)
-                    break
+            first = _first_output(summary.results_path)
+            if first is not None:
+                row_id, url = first
+                target = folder / f"{summary.partition}--{row_id}.{url.rsplit('.', 1)[-1]}"
+                response = http.get(url)
+                response.raise_for_status()
+                target.write_bytes(response.content)
+                saved.append(target)
     return saved
+
+
+def _first_output(results_path: str) -> tuple[str, str] | None:
+    """The first row with an output image: its id and its first output URL."""
+    for batch in iter_parquet(as_path(results_path), ["row_id", "output_urls"]):
+        for row_id, urls in zip(
+            batch["row_id"].to_pylist(), batch["output_urls"].to_pylist(), strict=True
+        ):
+            if urls:
+                return str(row_id), str(urls[0])
+    return None
 
 
 def demo_folders(workdir: str | Path) -> tuple[Path, Path, Path]:

@@ -15,11 +15,13 @@ Example::
 
 from __future__ import annotations
 
+import json
 import os
+import sqlite3
 import stat
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -106,9 +108,10 @@ for the figures)."""
 
 
 def iter_parquet(
-    path: UPath, columns: Sequence[str], batch_rows: int = STREAM_BATCH_ROWS
+    path: UPath, columns: Sequence[str] | None = None, batch_rows: int = STREAM_BATCH_ROWS
 ) -> Iterator[pa.RecordBatch]:
-    """Stream a Parquet file (local or in an object store) as record batches of `columns`.
+    """Stream a Parquet file (local or in an object store) as record batches of `columns`
+    (every column when None).
 
     Unlike `read_parquet`, memory does not grow with the file: single-threaded, no
     pre-buffering, column chunks read through a small buffer.
@@ -126,10 +129,84 @@ def iter_parquet(
         parquet = pq.ParquetFile(handle, pre_buffer=False, buffer_size=STREAM_BUFFER_BYTES)
         try:
             yield from parquet.iter_batches(
-                batch_size=batch_rows, columns=list(columns), use_threads=False
+                batch_size=batch_rows,
+                columns=None if columns is None else list(columns),
+                use_threads=False,
             )
         finally:
             parquet.close()
+
+
+INDEX_CACHE_KIB = 2048
+"""Page cache of a `DiskIndex`: bounded, so memory does not grow with its entries."""
+INDEX_CHUNK = 1024
+
+IndexKey = tuple[str | int | None, ...]
+
+
+class DiskIndex:
+    """A temporary map from keys to JSON values, kept on disk with a bounded page cache.
+
+    For the lookups a step makes across a whole partition (an image manifest by row, a
+    preset by row id) in memory that does not grow with the rows: the entries live in an
+    SQLite file in a temporary folder, deleted on `close`. A later `put_all` of a key
+    replaces the earlier value, as in a dict.
+
+    Example::
+
+        with DiskIndex() as sizes:
+            sizes.put_all(((row_id,), size) for row_id, size in [("row-1", "square_hd")])
+            sizes.get(("row-1",)), sizes.get(("row-2",))  # ("square_hd", None)
+    """
+
+    def __init__(self) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="flux2-index-")
+        self._db = sqlite3.connect(Path(self._folder.name) / "index.sqlite", isolation_level=None)
+        self._db.executescript(
+            f"""
+            PRAGMA journal_mode = OFF;
+            PRAGMA synchronous = OFF;
+            PRAGMA temp_store = FILE;
+            PRAGMA cache_size = -{INDEX_CACHE_KIB};
+            CREATE TABLE entries (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+            """
+        )
+
+    def put_all(self, items: Iterable[tuple[IndexKey, Any]]) -> None:
+        """Add (key, value) pairs, in order; a key seen before takes the newer value."""
+        chunk: list[tuple[str, str]] = []
+        for key, value in items:
+            chunk.append((repr(key), json.dumps(value)))
+            if len(chunk) >= INDEX_CHUNK:
+                self._insert(chunk)
+                chunk = []
+        self._insert(chunk)
+
+    def _insert(self, rows: list[tuple[str, str]]) -> None:
+        if rows:
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT OR REPLACE INTO entries (key, value) VALUES (?, ?)", rows)
+            self._db.execute("COMMIT")
+
+    def get(self, key: IndexKey) -> Any:
+        """The value stored under `key`, or None when there is none."""
+        found = self._db.execute("SELECT value FROM entries WHERE key = ?", (repr(key),)).fetchone()
+        return None if found is None else json.loads(found[0])
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        self._db.execute("DELETE FROM entries")
+
+    def close(self) -> None:
+        """Close the database and delete its folder."""
+        self._db.close()
+        self._folder.cleanup()
+
+    def __enter__(self) -> DiskIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class AtomicFile:

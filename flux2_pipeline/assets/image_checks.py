@@ -4,7 +4,10 @@ Example: each partition of flux2_images shows these two checks in the Dagster UI
 `flux2-pipeline materialize` runs them right after the asset.
 """
 
-import pyarrow.compute as pc
+from collections.abc import Iterable
+from typing import Any
+
+import pyarrow as pa
 from dagster import (
     AssetCheckExecutionContext,
     AssetCheckResult,
@@ -16,8 +19,16 @@ from dagster import (
 
 from flux2_pipeline.assets.keys import Flux2Keys
 from flux2_pipeline.assets.ranges import check_each_partition
-from flux2_pipeline.media import ImageStore, UndecodableImage, inspect_image, read_manifest
-from flux2_pipeline.paths import read_parquet
+from flux2_pipeline.media import (
+    ImageRecord,
+    ImageStore,
+    ManifestIndex,
+    UndecodableImage,
+    completed_rows,
+    inspect_image,
+    iter_manifest,
+)
+from flux2_pipeline.paths import DiskIndex, iter_parquet
 from flux2_pipeline.resources import Flux2Storage
 from flux2_pipeline.runcomfy.models import IMAGE_SIZE_PIXELS
 
@@ -32,6 +43,60 @@ def _problem(store: ImageStore, path: str | None, sha256: str | None) -> str | N
     except UndecodableImage as exc:
         return str(exc)
     return None if info.sha256 == sha256 else "bytes changed since stored (sha256 differs)"
+
+
+class _Findings:
+    """How many problems were found, and the first `EXAMPLES` of them: bounded at any count."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.examples: list[str] = []
+
+    def add(self, text: str) -> None:
+        self.count += 1
+        if len(self.examples) < EXAMPLES:
+            self.examples.append(text)
+
+
+def _edited_problems(
+    rows: Iterable[dict[str, Any]], manifest: ManifestIndex, store: ImageStore
+) -> tuple[int, _Findings]:
+    """Edited images the completed `rows` expect, and those missing or broken."""
+    problems = _Findings()
+    expected = 0
+    for row in rows:
+        row_id = row["row_id"]
+        for index in range(len(row["output_urls"])):
+            expected += 1
+            record = manifest.get(row_id, "edited", index)
+            if record is None:
+                problem: str | None = "not in the manifest"
+            elif not record.ok:
+                problem = record.error or "failed"
+            else:
+                problem = _problem(store, record.path, record.sha256)
+            if problem:
+                problems.add(f"{row_id}[{index}]: {problem}")
+    return expected, problems
+
+
+def _size_mismatches(records: Iterable[ImageRecord], presets: DiskIndex) -> tuple[int, _Findings]:
+    """Stored edited images checked, and those whose size is not their row's preset's."""
+    mismatched = _Findings()
+    checked = 0
+    for record in records:
+        if record.role != "edited" or not record.ok:
+            continue
+        checked += 1
+        preset = presets.get((record.row_id,))
+        want = IMAGE_SIZE_PIXELS.get(preset or "")
+        got = (record.width, record.height)
+        if want is None or got != want:
+            mismatched.add(
+                f"{record.row_id}[{record.index}]: {got[0]}x{got[1]}, {preset} is "
+                + (f"{want[0]}x{want[1]}" if want else "not a known preset")
+            )
+    return checked, mismatched
 
 
 def build_images_checks(
@@ -50,39 +115,18 @@ def build_images_checks(
         storage: Flux2Storage = getattr(context.resources, keys.resource("storage"))
 
         def evaluate(key: str) -> AssetCheckResult:
-            results = read_parquet(
-                storage.results_path(key), columns=["row_id", "status", "output_urls"]
-            )
-            completed = results.filter(pc.equal(results["status"], "completed"))
+            columns = ["row_id", "status", "output_urls"]
+            rows = completed_rows(iter_parquet(storage.results_path(key), columns), columns)
             store = ImageStore(storage.images_dir(), base=storage.output_root())
-            edited = {
-                (r.row_id, r.index): r
-                for r in read_manifest(storage.image_manifest_path(key))
-                if r.role == "edited"
-            }
-            problems: list[str] = []
-            expected = 0
-            for row_id, urls in zip(
-                completed["row_id"].to_pylist(), completed["output_urls"].to_pylist(), strict=True
-            ):
-                for index in range(len(urls)):
-                    expected += 1
-                    record = edited.get((row_id, index))
-                    if record is None:
-                        problem: str | None = "not in the manifest"
-                    elif not record.ok:
-                        problem = record.error or "failed"
-                    else:
-                        problem = _problem(store, record.path, record.sha256)
-                    if problem:
-                        problems.append(f"{row_id}[{index}]: {problem}")
+            with ManifestIndex(storage.image_manifest_path(key)) as manifest:
+                expected, problems = _edited_problems(rows, manifest, store)
             return AssetCheckResult(
-                passed=not problems,
+                passed=not problems.count,
                 severity=AssetCheckSeverity.ERROR,
                 metadata={
                     "edited_images_expected": expected,
-                    "missing_or_broken": len(problems),
-                    "examples": "; ".join(problems[:EXAMPLES]),
+                    "missing_or_broken": problems.count,
+                    "examples": "; ".join(problems.examples),
                 },
             )
 
@@ -99,31 +143,27 @@ def build_images_checks(
         storage: Flux2Storage = getattr(context.resources, keys.resource("storage"))
 
         def evaluate(key: str) -> AssetCheckResult:
-            results = read_parquet(storage.results_path(key), columns=["row_id", "image_size"])
-            presets = dict(
-                zip(results["row_id"].to_pylist(), results["image_size"].to_pylist(), strict=True)
-            )
-            mismatched: list[str] = []
-            checked = 0
-            for record in read_manifest(storage.image_manifest_path(key)):
-                if record.role != "edited" or not record.ok:
-                    continue
-                checked += 1
-                preset = presets.get(record.row_id)
-                want = IMAGE_SIZE_PIXELS.get(preset or "")
-                got = (record.width, record.height)
-                if want is None or got != want:
-                    mismatched.append(
-                        f"{record.row_id}[{record.index}]: {got[0]}x{got[1]}, {preset} is "
-                        + (f"{want[0]}x{want[1]}" if want else "not a known preset")
+            with DiskIndex() as presets:
+                presets.put_all(
+                    ((row_id,), size)
+                    for batch in iter_parquet(storage.results_path(key), ["row_id", "image_size"])
+                    for row_id, size in zip(
+                        batch["row_id"].to_pylist(), batch["image_size"].to_pylist(), strict=True
                     )
+                )
+                try:
+                    checked, mismatched = _size_mismatches(
+                        iter_manifest(storage.image_manifest_path(key)), presets
+                    )
+                except (pa.ArrowException, OSError):
+                    checked, mismatched = 0, _Findings()  # a damaged manifest lists nothing
             return AssetCheckResult(
-                passed=not mismatched,
+                passed=not mismatched.count,
                 severity=AssetCheckSeverity.WARN,
                 metadata={
                     "edited_images_checked": checked,
-                    "mismatched": len(mismatched),
-                    "examples": "; ".join(mismatched[:EXAMPLES]),
+                    "mismatched": mismatched.count,
+                    "examples": "; ".join(mismatched.examples),
                 },
             )
 

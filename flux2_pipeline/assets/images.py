@@ -61,7 +61,7 @@ from flux2_pipeline.media import (
     sync_images_blocking,
     write_manifest,
 )
-from flux2_pipeline.paths import read_parquet
+from flux2_pipeline.paths import iter_parquet
 from flux2_pipeline.resources import Flux2Storage, RunComfyResource
 
 IMAGES_CODE_VERSION = "1"
@@ -168,8 +168,7 @@ def build_images_asset(
                     allow_retries=False,
                 )
                 return PartitionOutcome(key, {}, failure)
-            results = read_parquet(results_path)
-            refs = image_refs(results)
+            refs = image_refs(iter_parquet(results_path))
             store = ImageStore(storage.images_dir(), base=storage.output_root())
             manifest_path = storage.image_manifest_path(key)
             limits = FetchLimits(
@@ -198,7 +197,9 @@ def build_images_asset(
                 on_done=progress,
             )
             write_manifest(manifest_path, report.records)
-            sheet = render_contact_sheet(contact_rows(results, report.records, store))
+            sheet = render_contact_sheet(
+                contact_rows(iter_parquet(results_path), report.records, store)
+            )
             sheet_path = storage.contact_sheet_path(key)
             save_png(sheet, sheet_path)
             context.log.info(

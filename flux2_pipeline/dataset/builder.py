@@ -56,16 +56,16 @@ from flux2_pipeline.batch.tables import file_sha256
 from flux2_pipeline.dataset.card import CARD_FILE, SPLIT_DIR, render_card
 from flux2_pipeline.dataset.features import DATASET_SCHEMA, value_label
 from flux2_pipeline.dataset.webdataset import WebDatasetExport, export_webdataset
-from flux2_pipeline.media.manifest import ImageRecord, read_manifest
+from flux2_pipeline.media.manifest import ImageRecord, ManifestIndex, completed_rows
 from flux2_pipeline.media.store import ImageStore
 from flux2_pipeline.paths import (
     AtomicFile,
     ensure_upath,
     file_size,
     is_local,
+    iter_parquet,
     local_path,
     make_dirs,
-    read_parquet,
     write_bytes_atomically,
 )
 from flux2_pipeline.runcomfy import PARAMETER_NAMES
@@ -77,6 +77,7 @@ MAX_SHARD_BYTES = 256 * 1024 * 1024
 ROW_GROUP_ROWS = 64
 COUNTED_COLUMNS = ("num_source_images", *PARAMETER_NAMES)
 """The columns whose distinct values the state file and the card count."""
+RESULTS_COLUMNS = ("row_id", "request_id", "prompt", "image_urls", "output_urls", "status")
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,16 +216,27 @@ def _save_state(out_dir: UPath, builds: Sequence[PartitionBuild]) -> None:
 def _examples(
     source: PartitionSource, store: ImageStore, counts: dict[str, int]
 ) -> Iterator[dict[str, Any]]:
-    """The dataset rows of one partition, in order; counts skipped edited images."""
-    images: dict[tuple[str, str, int], ImageRecord] = {
-        (r.row_id, r.role, r.index): r for r in read_manifest(source.manifest_path) if r.ok
-    }
-    results = read_parquet(ensure_upath(source.results_path))
-    for row in results.to_pylist():
-        if row["status"] != "completed":
-            continue
+    """The dataset rows of one partition, in order; counts skipped edited images.
+
+    The results are streamed and the manifest is looked up on disk, so memory does not
+    grow with the partition's rows.
+    """
+    columns = [*RESULTS_COLUMNS, *PARAMETER_NAMES]
+    rows = completed_rows(iter_parquet(ensure_upath(source.results_path), columns), columns)
+    with ManifestIndex(source.manifest_path, ok_only=True) as images:
+        yield from _examples_of(source, rows, images, store, counts)
+
+
+def _examples_of(
+    source: PartitionSource,
+    rows: Iterator[dict[str, Any]],
+    images: ManifestIndex,
+    store: ImageStore,
+    counts: dict[str, int],
+) -> Iterator[dict[str, Any]]:
+    for row in rows:
         outputs = row["output_urls"] or []
-        sources = [images.get((row["row_id"], "source", i)) for i in range(len(row["image_urls"]))]
+        sources = [images.get(row["row_id"], "source", i) for i in range(len(row["image_urls"]))]
         if any(s is None for s in sources):
             counts["skipped"] += len(outputs)
             continue
@@ -234,7 +246,7 @@ def _examples(
             counts["skipped"] += len(outputs)
             continue
         for index in range(len(outputs)):
-            edited = images.get((row["row_id"], "edited", index))
+            edited = images.get(row["row_id"], "edited", index)
             if edited is None:
                 counts["skipped"] += 1
                 continue

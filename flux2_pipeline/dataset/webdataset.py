@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from upath import UPath
 
-from flux2_pipeline.paths import atomic_writer, make_dirs, read_parquet, write_bytes_atomically
+from flux2_pipeline.paths import atomic_writer, iter_parquet, make_dirs, write_bytes_atomically
 
 if TYPE_CHECKING:
     from flux2_pipeline.dataset.builder import PartitionBuild
@@ -45,6 +45,8 @@ WDS_STATE_FILE = ".flux2_webdataset_state.json"
 _IMAGE_COLUMNS = ("input_image", "edited_image", "source_images")
 _TEXT_COLUMNS = ("edit_prompt",)
 _UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
+TAR_BATCH_ROWS = 64
+"""Shard rows read at a time: each carries its images' bytes (the builder's row groups)."""
 
 
 @dataclass
@@ -104,13 +106,15 @@ def _load_state(out_dir: UPath) -> dict[str, str]:
 def _write_tar(parquet: UPath, target: UPath) -> None:
     import webdataset  # type: ignore[import-untyped]  # an optional dependency
 
-    rows = read_parquet(parquet).to_pylist()
     stem = parquet.name.removesuffix(".parquet")
     with atomic_writer(target) as handle:
         # mtime fixed: the same rows give the same tar bytes.
         writer = webdataset.TarWriter(handle, mtime=0.0)
-        for position, row in enumerate(rows):
-            writer.write(sample_of(row, sample_key(stem, position)))
+        position = 0
+        for batch in iter_parquet(parquet, batch_rows=TAR_BATCH_ROWS):
+            for row in batch.to_pylist():
+                writer.write(sample_of(row, sample_key(stem, position)))
+                position += 1
         writer.close()
 
 

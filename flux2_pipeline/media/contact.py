@@ -2,7 +2,7 @@
 
 Example::
 
-    rows = contact_rows(results, report.records, store)
+    rows = contact_rows(iter_parquet(results_path), report.records, store)
     sheet = render_contact_sheet(rows)
     save_png(sheet, Path("data/output/flux2_images/cats.contact.png"))
     markdown = markdown_preview(sheet)   # "![contact sheet](data:image/png;base64,...)"
@@ -17,11 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from upath import UPath
 
-from flux2_pipeline.media.manifest import ImageRecord
+from flux2_pipeline.media.manifest import ImageRecord, Results, completed_rows
 from flux2_pipeline.media.store import ImageStore
 from flux2_pipeline.paths import ensure_upath, write_bytes_atomically
 
@@ -47,21 +46,24 @@ class ContactRow:
 
 
 def contact_rows(
-    results: pa.Table,
+    results: Results,
     records: Sequence[ImageRecord],
     store: ImageStore,
     limit: int = MAX_ROWS,
 ) -> list[ContactRow]:
-    """The first `limit` completed rows that have at least one stored image, in row order."""
+    """The first `limit` completed rows that have at least one stored image, in row order.
+
+    `results` is read only as far as the `limit`-th such row.
+    """
     by_row: dict[str, dict[str, list[tuple[int, UPath]]]] = {}
     for record in records:
         if record.ok and record.path is not None:
             roles = by_row.setdefault(record.row_id, {"source": [], "edited": []})
             roles[record.role].append((record.index, store.resolve(record.path)))
     rows: list[ContactRow] = []
-    for row in results.select(["row_id", "prompt", "status"]).to_pylist():
+    for row in completed_rows(results, ["row_id", "prompt"]):
         found = by_row.get(row["row_id"])
-        if row["status"] != "completed" or not found:
+        if not found:
             continue
         rows.append(
             ContactRow(

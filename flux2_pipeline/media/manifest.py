@@ -7,23 +7,24 @@ failed (`status` "failed", with the reason in `error`).
 
 Example::
 
-    refs = image_refs(pq.read_table("data/output/flux2_edits/cats.parquet"))
+    refs = image_refs(iter_parquet(as_path("data/output/flux2_edits/cats.parquet")))
     write_manifest(Path("data/output/flux2_images/cats.parquet"), records)
     previous = read_manifest(Path("data/output/flux2_images/cats.parquet"))
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from upath import UPath
 
-from flux2_pipeline.paths import atomic_writer, ensure_upath, file_size, read_parquet
+from flux2_pipeline.paths import DiskIndex, atomic_writer, ensure_upath, file_size, iter_parquet
 
 Role = Literal["source", "edited"]
 
@@ -99,16 +100,35 @@ class ImageRecord:
 
     def row(self) -> dict[str, Any]:
         """The record as a dict keyed by `MANIFEST_SCHEMA` names."""
-        return asdict(self)
+        # Every field is a str, int or None: no deep copy (`asdict`) needed, and it took
+        # most of the time of indexing a large manifest.
+        return {name: getattr(self, name) for name in _RECORD_FIELDS}
 
 
-def image_refs(results: pa.Table) -> list[ImageRef]:
+_RECORD_FIELDS = tuple(field.name for field in fields(ImageRecord))
+
+Results: TypeAlias = pa.Table | Iterable[pa.RecordBatch]
+"""A results table, whole or as record batches (`iter_parquet`, which keeps memory flat)."""
+
+
+def completed_rows(results: Results, columns: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """`columns` of each completed results row, in row order, one record batch at a time.
+
+    >>> table = pa.table({"row_id": ["a", "b"], "status": ["failed", "completed"]})
+    >>> list(completed_rows(table, ["row_id"]))
+    [{'row_id': 'b'}]
+    """
+    batches = results.to_batches() if isinstance(results, pa.Table) else results
+    for batch in batches:
+        completed = batch.filter(pc.equal(batch["status"], "completed"))
+        yield from completed.select(list(columns)).to_pylist()
+
+
+def image_refs(results: Results) -> list[ImageRef]:
     """The images of every completed row, in row order: its sources, then its edits."""
     refs: list[ImageRef] = []
-    columns = results.select(["row_id", "request_id", "status", "image_urls", "output_urls"])
-    for row in columns.to_pylist():
-        if row["status"] != "completed":
-            continue
+    columns = ["row_id", "request_id", "image_urls", "output_urls"]
+    for row in completed_rows(results, columns):
         for index, url in enumerate(row["image_urls"] or []):
             refs.append(ImageRef(row["row_id"], row["request_id"], "source", index, url))
         for index, url in enumerate(row["output_urls"] or []):
@@ -116,19 +136,70 @@ def image_refs(results: pa.Table) -> list[ImageRef]:
     return refs
 
 
-def read_manifest(path: Path | UPath) -> list[ImageRecord]:
-    """The manifest's records, or an empty list when there is none (or it is unreadable)."""
+def iter_manifest(path: Path | UPath) -> Iterator[ImageRecord]:
+    """The manifest's records in order, read in record batches; none when there is no file.
+
+    Raises Arrow's or the file system's error on a damaged file, possibly after some
+    records: `read_manifest` and `ManifestIndex` treat a damaged manifest as empty.
+    """
     target = ensure_upath(path)
     if file_size(target) is None:
-        return []
+        return
+    names = set(MANIFEST_SCHEMA.names)
+    for batch in iter_parquet(target):
+        for row in batch.to_pylist():
+            yield ImageRecord(**{k: v for k, v in row.items() if k in names})
+
+
+def read_manifest(path: Path | UPath) -> list[ImageRecord]:
+    """The manifest's records, or an empty list when there is none (or it is unreadable)."""
     try:
-        table = read_parquet(target)
+        return list(iter_manifest(path))
     except (pa.ArrowException, OSError):
         return []  # a damaged manifest only costs a re-download
-    names = set(MANIFEST_SCHEMA.names)
-    return [
-        ImageRecord(**{k: v for k, v in row.items() if k in names}) for row in table.to_pylist()
-    ]
+
+
+class ManifestIndex:
+    """A manifest's records by (row_id, role, index), on disk (a `DiskIndex`).
+
+    Memory does not grow with the manifest. A key listed twice keeps its last record, as a
+    dict built from `read_manifest` would; with `ok_only`, only stored images are kept. A
+    missing or damaged manifest gives an empty index.
+
+    Example::
+
+        with ManifestIndex(Path("data/output/flux2_images/cats.parquet"), ok_only=True) as found:
+            found.get("row-1", "edited", 0)  # an ImageRecord, or None
+    """
+
+    def __init__(self, path: Path | UPath, *, ok_only: bool = False) -> None:
+        self._index = DiskIndex()
+        try:
+            self._index.put_all(
+                ((r.row_id, r.role, r.index), r.row())
+                for r in iter_manifest(path)
+                if r.ok or not ok_only
+            )
+        except (pa.ArrowException, OSError):
+            self._index.clear()  # as read_manifest: a damaged manifest holds nothing
+        except BaseException:
+            self._index.close()
+            raise
+
+    def get(self, row_id: str, role: str, index: int) -> ImageRecord | None:
+        """The record of image `index` of `role` of row `row_id`, or None."""
+        found = self._index.get((row_id, role, index))
+        return None if found is None else ImageRecord(**found)
+
+    def close(self) -> None:
+        """Delete the index."""
+        self._index.close()
+
+    def __enter__(self) -> ManifestIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def write_manifest(path: Path | UPath, records: Sequence[ImageRecord]) -> None:

@@ -1,0 +1,142 @@
+"""Building the training dataset of one partition in memory independent of its row count.
+
+The builder streams the partition's results file and looks its image manifest up in an
+on-disk index. Each size runs in a fresh child process that reports its own peak RSS
+(VmHWM), over a real results file (row groups as the edits step writes them) and a real
+manifest with two records per row. Every row's reference is stored, one edit in a hundred
+is: the builder reads every row and every manifest record, and writes a few shards. The
+peak at LARGE rows must stay within a fixed allowance of the peak at SMALL rows.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from flux2_pipeline.batch import RESULTS_SCHEMA
+from flux2_pipeline.batch.tables import RESULTS_ROW_GROUP_ROWS
+from flux2_pipeline.media import MANIFEST_SCHEMA, ImageStore, inspect_image
+
+SMALL, LARGE = 10_000, 70_000
+EDITS_STORED_EVERY = 100
+ALLOWANCE_MB = 10.0
+"""Measured on 2026-11-24 (2 cores, load 6): +2.5 to +3.4 MB between the two sizes (the
+manifest index's 2 MiB page cache filling up); with the whole results file and manifest
+read into memory, as before: +170 MB (224 -> 394 MB)."""
+KEY = "big"
+
+CHILD = """
+import sys
+from pathlib import Path
+from flux2_pipeline.dataset import PartitionSource, build_training_dataset
+from flux2_pipeline.media import ImageStore
+
+root, key = Path(sys.argv[1]), sys.argv[2]
+source = PartitionSource(
+    key, root / "flux2_edits" / f"{key}.parquet", root / "flux2_images" / f"{key}.parquet"
+)
+store = ImageStore(root / "images", base=root)
+report = build_training_dataset([source], store, root / "flux2_training_dataset")
+peak_kib = next(
+    int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")
+)
+print(report.rows, report.skipped, report.shards, peak_kib)
+"""
+
+pytestmark = pytest.mark.slow
+
+
+def _stored_png(store: ImageStore, shade: int) -> dict[str, object]:
+    """The manifest columns of a small PNG, stored."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 8), (shade, 80, 120)).save(buffer, format="PNG")
+    info = inspect_image(buffer.getvalue())
+    stored = store.put(buffer.getvalue(), info.sha256, info.ext)
+    return {
+        "sha256": info.sha256,
+        "path": stored.relative,
+        "width": info.width,
+        "height": info.height,
+        "format": info.format,
+        "bytes": info.bytes,
+    }
+
+
+def write_partition(root: Path, rows: int) -> None:
+    """A completed results row per id, with one reference and one edit, and its manifest."""
+    store = ImageStore(root / "images", base=root)
+    source, edited = _stored_png(store, 10), _stored_png(store, 200)
+    ids = [f"{KEY}-{i}" for i in range(rows)]
+    results = {
+        "row_id": ids,
+        "prompt": [f"turn the scene into a watercolour, variant {i}" for i in range(rows)],
+        "image_urls": [[f"https://ref.test/{i}.png"] for i in range(rows)],
+        "guidance_scale": [2.5] * rows,
+        "seed": list(range(rows)),
+        "num_inference_steps": [28] * rows,
+        "image_size": ["square_hd"] * rows,
+        "num_images": [1] * rows,
+        "enable_prompt_expansion": [False] * rows,
+        "output_format": ["png"] * rows,
+        "request_id": [f"req-{i}" for i in range(rows)],
+        "status": ["completed"] * rows,
+        "output_urls": [[f"https://out.test/{i}.png"] for i in range(rows)],
+        "attempts": [1] * rows,
+    }
+    results |= {name: [None] * rows for name in RESULTS_SCHEMA.names if name not in results}
+    path = root / "flux2_edits" / f"{KEY}.parquet"
+    path.parent.mkdir(parents=True)
+    table = pa.Table.from_pydict(results, schema=RESULTS_SCHEMA)
+    pq.write_table(table, path, row_group_size=RESULTS_ROW_GROUP_ROWS)
+
+    def image(role: str, i: int) -> dict[str, object]:
+        stored = role == "source" or i % EDITS_STORED_EVERY == 0
+        row = {
+            "row_id": ids[i],
+            "request_id": f"req-{i}",
+            "role": role,
+            "index": 0,
+            "url": f"https://{'ref' if role == 'source' else 'out'}.test/{i}.png",
+        }
+        if not stored:
+            return row | {"status": "failed", "error": "unavailable: 404"}
+        return row | (source if role == "source" else edited) | {"status": "ok"}
+
+    records = [image(role, i) for i in range(rows) for role in ("source", "edited")]
+    manifest = root / "flux2_images" / f"{KEY}.parquet"
+    manifest.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(records, schema=MANIFEST_SCHEMA), manifest)
+
+
+def build_peak_mb(tmp_path: Path, rows: int) -> float:
+    """Build the dataset of a `rows`-row partition in a child process; its peak RSS in MB."""
+    root = tmp_path / str(rows)
+    write_partition(root, rows)
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, str(root), KEY], capture_output=True, text=True
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    built, skipped, shards, peak_kib = (int(part) for part in child.stdout.split())
+    stored = rows // EDITS_STORED_EVERY
+    assert (built, skipped) == (stored, rows - stored)
+    assert shards >= 1
+    dataset = pq.read_table(root / "flux2_training_dataset" / "train", columns=["row_id"])
+    assert dataset["row_id"].to_pylist() == [
+        f"{KEY}-{i}" for i in range(0, rows, EDITS_STORED_EVERY)
+    ]
+    return peak_kib / 1024
+
+
+def test_building_the_dataset_uses_the_same_memory_whatever_the_partition_size(
+    tmp_path: Path,
+) -> None:
+    peaks = {rows: build_peak_mb(tmp_path, rows) for rows in (SMALL, LARGE)}
+    growth = peaks[LARGE] - peaks[SMALL]
+    assert growth <= ALLOWANCE_MB, f"peak RSS {peaks}: +{growth:.1f} MB for 5x the rows"
