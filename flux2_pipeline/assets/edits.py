@@ -244,11 +244,19 @@ async def _run_partitions(
                 partition.runner.preflight = check
                 running.append(asyncio.create_task(_run_one(partition, all_read, finish)))
                 await all_read.wait()
-            await asyncio.gather(*running)
+                if any(task.done() and task.exception() for task in running):
+                    break
+            await asyncio.wait(running, return_when=asyncio.FIRST_EXCEPTION)
+            for task in running:
+                if task.done():
+                    task.result()  # the first failure that ends every partition (FatalApiError)
         finally:
+            # Each task is cancelled once, here (asyncio.wait never cancels): a second
+            # cancel would cut short its cleanup, the API cancels of its queued jobs.
             for task in running:
                 task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
+            if running:
+                await asyncio.wait(running)
 
 
 async def _run_one(
