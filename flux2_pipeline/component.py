@@ -27,8 +27,9 @@ from dagster.components.resolved.context import ResolutionContext
 from pydantic import ValidationError
 
 from flux2_pipeline.assets import StepRetries, build_flux2_definitions
+from flux2_pipeline.assets.ranges import DEFAULT_PARTITIONS_PER_RUN, MAX_PARTITIONS_PER_RUN
 from flux2_pipeline.paths import is_remote_uri
-from flux2_pipeline.resources import build_resources, settings_error
+from flux2_pipeline.resources import SettingsError, build_resources, settings_error
 
 _ENV_TEMPLATE = re.compile(
     r"^\s*\{\{\s*env(?:\.(?P<attr>\w+)|\(\s*['\"](?P<call>\w+)['\"]\s*\))\s*\}\}\s*$"
@@ -93,6 +94,7 @@ class Flux2EditsComponent(Component, Resolvable):
     key_prefix: str | None = None
     group_name: str = "flux2"
     pool: str | None = None
+    partitions_per_run: int = DEFAULT_PARTITIONS_PER_RUN
 
     def build_defs(self, context: ComponentLoadContext) -> Definitions:
         """The factory's `Definitions`, with resources built from the attributes."""
@@ -122,6 +124,11 @@ class Flux2EditsComponent(Component, Resolvable):
         except ValidationError as exc:
             names = {"retries": "step_retries", "delay": "step_retry_delay"}
             raise settings_error(exc, StepRetries, names) from None
+        if not 1 <= self.partitions_per_run <= MAX_PARTITIONS_PER_RUN:
+            raise SettingsError(
+                f"partitions_per_run must be a whole number from 1 to {MAX_PARTITIONS_PER_RUN}, "
+                f"got {self.partitions_per_run!r}"
+            )
         return build_flux2_definitions(
             runcomfy=resources.runcomfy,
             ledger=resources.ledger,
@@ -130,6 +137,7 @@ class Flux2EditsComponent(Component, Resolvable):
             group_name=self.group_name,
             retry_policy=retries.policy(),
             pool=self.pool,
+            partitions_per_run=self.partitions_per_run,
         )
 
 

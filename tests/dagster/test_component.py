@@ -123,6 +123,20 @@ def test_a_bad_attribute_is_one_line_naming_it(project: Path) -> None:
     assert str(problem) == "max_concurrency must be a whole number from 1 to 4096, got '0'"
 
 
+def test_partitions_per_run_sets_the_backfill_ranges(project: Path) -> None:
+    defs = load_project(project, CONTRACT_YAML + "  partitions_per_run: 7\n")
+    keys = Flux2Keys()
+    for asset in (keys.edits, keys.images):
+        policy = defs.resolve_assets_def(asset).backfill_policy
+        assert policy is not None and policy.max_partitions_per_run == 7
+    with pytest.raises(Exception) as caught:
+        load_project(project, CONTRACT_YAML + "  partitions_per_run: 0\n")
+    problem = next(
+        e for e in [caught.value, *_causes(caught.value)] if isinstance(e, SettingsError)
+    )
+    assert str(problem) == "partitions_per_run must be a whole number from 1 to 1000, got 0"
+
+
 def test_a_key_prefix_moves_every_name(project: Path) -> None:
     defs = load_project(project, CONTRACT_YAML + "  key_prefix: team_a\n  pool: runcomfy\n")
     keys = Flux2Keys.from_prefix("team_a")

@@ -62,6 +62,13 @@ def test_a_bad_setting_names_the_variable() -> None:
     with pytest.raises(SettingsError, match=r"^FLUX2_PARALLEL_PARTITIONS must be a whole number"):
         Settings.from_env({"FLUX2_PARALLEL_PARTITIONS": "0"})
     assert Settings.from_env({"FLUX2_PARALLEL_PARTITIONS": "8"}).parallel_partitions == 8
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"FLUX2_PARTITIONS_PER_RUN": "1001"})
+    assert str(caught.value) == (
+        "FLUX2_PARTITIONS_PER_RUN must be a whole number from 1 to 1000, got '1001'"
+    )
+    assert Settings.from_env({"FLUX2_PARTITIONS_PER_RUN": "5"}).partitions_per_run == 5
+    assert Settings.from_env({}).partitions_per_run == 25
 
 
 def test_sigterm_stops_every_running_partition_and_starts_no_other(tmp_path: Path) -> None:
