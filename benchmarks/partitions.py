@@ -1,8 +1,9 @@
 """Partitions: Dagster's fixed cost per partition, and what a single-run backfill would save.
 
 Registers `--partitions` tiny input files (1 row each) and runs `flux2-pipeline
-materialize` over all of them (one Dagster run per partition), with `--parallel 1` (one
-after another) and `--parallel 4` (the default), against the emulator in its own process
+materialize` over all of them, at each `--parallel` value (runs at once, default 4) and
+each `--per-run` value (FLUX2_PARTITIONS_PER_RUN: 1 = one Dagster run per partition,
+session 3's behaviour; 25 = the default ranges), against the emulator in its own process
 (latency 0): wall / partitions is the fixed cost each partition pays. CPU is summed over
 the command and its worker processes. Then a prototype, outside the product: two trivial
 partitioned assets on a throwaway instance, one materialized one run per partition (what
@@ -43,7 +44,8 @@ from _common import (
 )
 from backfill import run_command
 
-DEFAULT_PARALLEL = (1, 4)
+DEFAULT_PARALLEL = (4,)
+DEFAULT_PER_RUN = (25,)
 
 
 def prototype(partitions: int, home: Path) -> dict[str, float]:
@@ -108,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--parallel", type=int, action="append", help=f"--parallel values {DEFAULT_PARALLEL}"
     )
+    parser.add_argument(
+        "--per-run", type=int, action="append", help=f"FLUX2_PARTITIONS_PER_RUN {DEFAULT_PER_RUN}"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI): 3 partitions")
     args = parser.parse_args(argv)
     count = 3 if args.smoke else args.partitions
@@ -117,12 +122,17 @@ def main(argv: list[str] | None = None) -> None:
         tempfile.TemporaryDirectory(prefix="flux2-parts-") as tmp,
     ):
         workdir = Path(tmp)
-        for parallel in args.parallel or DEFAULT_PARALLEL:
+        modes = [
+            (parallel, per_run)
+            for parallel in args.parallel or DEFAULT_PARALLEL
+            for per_run in args.per_run or DEFAULT_PER_RUN
+        ]
+        for parallel, per_run in modes:
             # A fresh output folder and ledger each time, so every run pays for its jobs.
-            rundir = workdir / f"parallel-{parallel}"
+            rundir = workdir / f"parallel-{parallel}-{per_run}"
             for i in range(count):
                 write_prompt_table(rundir / "input" / f"p{i:05d}.parquet", 1, emu, start=i)
-            env = pipeline_env(emu, rundir, 8)
+            env = pipeline_env(emu, rundir, 8, {"FLUX2_PARTITIONS_PER_RUN": str(per_run)})
             command = [*cli_command(), "materialize", "--select", "flux2_edits"]
             wall, cpu, out = run_command([*command, "--parallel", str(parallel)], env)
             done = out.count(" ok")
@@ -130,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"only {done} of {count} partitions succeeded:\n{out[-2000:]}")
             rows.append(
                 {
-                    "what": f"flux2-pipeline materialize --parallel {parallel} (the product)",
+                    "what": f"flux2-pipeline materialize --parallel {parallel}, {per_run}/run",
                     "partitions": count,
                     "wall s": wall,
                     "CPU s": cpu,
