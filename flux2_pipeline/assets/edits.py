@@ -64,6 +64,7 @@ from flux2_pipeline.batch import (
     read_input_rows,
 )
 from flux2_pipeline.batch.latency import LatencySketch
+from flux2_pipeline.batch.wakeup import SlotWakeup
 from flux2_pipeline.net import AddressPolicy, GuardedFetcher
 from flux2_pipeline.paths import presign
 from flux2_pipeline.resources import (
@@ -295,6 +296,7 @@ def _runner(
     ledger: LedgerResource,
     partition: str,
     slots: asyncio.Semaphore | None = None,
+    wakeup: SlotWakeup | None = None,
 ) -> EditRunner:
     """The one place the configured resources become an `EditRunner`.
 
@@ -316,6 +318,7 @@ def _runner(
         max_attempts=runcomfy.max_attempts,
         lease_seconds=ledger.lease_seconds,
         slots=slots,
+        wakeup=wakeup,
         **{name: value for name, value in shared_limits.items() if value is not None},
     )
 
@@ -362,11 +365,11 @@ def build_edits_asset(
         runcomfy: RunComfyResource = getattr(context.resources, runcomfy_key)
         ledger: LedgerResource = getattr(context.resources, ledger_key)
         storage: Flux2Storage = getattr(context.resources, storage_key)
-        slots = asyncio.Semaphore(runcomfy.max_concurrency)
+        slots, wakeup = asyncio.Semaphore(runcomfy.max_concurrency), SlotWakeup()
         outcomes: dict[str, PartitionOutcome] = {}
         partitions: list[_Partition] = []
         for key in context.partition_keys:
-            prepared = _prepare(context, key, storage, runcomfy, ledger, slots)
+            prepared = _prepare(context, key, storage, runcomfy, ledger, slots, wakeup)
             if isinstance(prepared, PartitionOutcome):
                 outcomes[key] = prepared
             else:
@@ -450,6 +453,7 @@ def _prepare(
     runcomfy: RunComfyResource,
     ledger: LedgerResource,
     slots: asyncio.Semaphore,
+    wakeup: SlotWakeup,
 ) -> _Partition | PartitionOutcome:
     """A partition ready to run, or the failure of one whose input cannot be read."""
     in_path, out_path = storage.input_path(key), storage.results_path(key)
@@ -477,7 +481,7 @@ def _prepare(
         out_path,
         input_sha,
         row_group,
-        _runner(runcomfy, ledger, key, slots),
+        _runner(runcomfy, ledger, key, slots, wakeup),
         _Tally(total=total),
         rows,
     )

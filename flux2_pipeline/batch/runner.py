@@ -42,6 +42,7 @@ from enum import Enum
 from flux2_pipeline.batch.group_commit import GroupCommit
 from flux2_pipeline.batch.preflight import ReferenceCheck
 from flux2_pipeline.batch.tables import InputRow, RowOutcome, RowStatus
+from flux2_pipeline.batch.wakeup import SlotWakeup
 from flux2_pipeline.ledger import (
     DEFAULT_LEASE_SECONDS,
     ClaimAction,
@@ -162,6 +163,8 @@ class EditRunner:
         preflight: checks reference images before a row is paid for.
         slots: the in-flight limit, when several runners of one process share one
             (the partitions of one ranged run); else `max_concurrency` of its own.
+        wakeup: wakes rows waiting for an account slot when a job ends, shared the
+            same way; else one of its own.
     """
 
     def __init__(
@@ -180,6 +183,7 @@ class EditRunner:
         account_concurrency: int | None = None,
         preflight: ReferenceCheck | None = None,
         slots: asyncio.Semaphore | None = None,
+        wakeup: SlotWakeup | None = None,
     ) -> None:
         if budget_usd is not None and price_per_image_usd is None:
             raise ValueError(
@@ -201,6 +205,7 @@ class EditRunner:
         self.counters = RunCounters()
         self._write = GroupCommit(ledger)
         self._slots = slots or asyncio.Semaphore(max_concurrency)
+        self._wakeup = wakeup or SlotWakeup()
 
     async def run(self, batches: Iterable[list[InputRow]]) -> AsyncIterator[RowOutcome]:
         """Yield one outcome per input row, in input order."""
@@ -274,6 +279,8 @@ class EditRunner:
             if outcome is _WAIT:
                 await asyncio.sleep(wait)
                 wait = min(WAIT_MAX_S, wait * 1.5)
+            elif outcome is _WAIT_SLOT and not await self._wakeup.wait(wait):
+                wait = min(WAIT_MAX_S, wait * 1.5)
 
     async def _step(
         self, row: InputRow, request: EditRequest, claim: ClaimRequest, state: _RowRun
@@ -307,7 +314,7 @@ class EditRunner:
                 if state.waits == 0 and decision.action is ClaimAction.WAIT:
                     self.counters.waited_for_claim += 1
                 state.waits += 1
-                return _WAIT
+                return _WAIT if decision.action is ClaimAction.WAIT else _WAIT_SLOT
             case ClaimAction.EXHAUSTED:
                 return self._final(row, state, self._exhausted(decision, state))
             case ClaimAction.OVER_BUDGET:
@@ -332,6 +339,8 @@ class EditRunner:
                 outcome, again = await self._submit_and_follow(
                     row, request, decision.attempt, state
                 )
+        if self.account_concurrency is not None:
+            self._wakeup.freed()  # the job it held has ended and is recorded
         if again and state.tries < self.attempts_per_run:
             state.last = outcome
             return _NOW
@@ -564,9 +573,10 @@ async def _first_done(pending: deque[asyncio.Task[RowOutcome]]) -> RowOutcome:
 class _Again(Enum):
     NOW = "now"
     WAIT = "wait"
+    WAIT_SLOT = "wait_slot"
 
 
-_NOW, _WAIT = _Again.NOW, _Again.WAIT
+_NOW, _WAIT, _WAIT_SLOT = _Again.NOW, _Again.WAIT, _Again.WAIT_SLOT
 
 
 def _is_final(outcome: RowOutcome) -> bool:

@@ -211,3 +211,25 @@ async def test_a_followed_job_the_api_forgot_is_resubmitted_and_counted(
         assert runner.counters.polled_known == 1
         assert runner.counters.unknown_resubmitted == 1  # the followed job was lost: counted
         assert state.counters.jobs_created == 2
+
+
+async def test_a_freed_account_slot_wakes_a_waiting_row_at_once(
+    tmp_path: Path,
+    fast_emulator: EmulatorServer,
+    ledger: Ledger,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Rows that find the account full would ask again only after a minute: finishing
+    # well within the test's timeout proves each freed slot woke the next row.
+    monkeypatch.setattr("flux2_pipeline.batch.runner.WAIT_FIRST_S", 60.0)
+    monkeypatch.setattr("flux2_pipeline.batch.runner.WAIT_MAX_S", 60.0)
+    table = write_table(tmp_path, "p", prompt_rows(fast_emulator.base_url, "w", 12))
+    counters = fast_emulator.state.counters
+
+    outcomes, _ = await asyncio.wait_for(
+        _run(fast_emulator, ledger, table, max_concurrency=8, account_concurrency=2), timeout=45
+    )
+
+    assert [outcome.status for outcome in outcomes] == ["completed"] * 12
+    assert counters.jobs_created == 12
+    assert counters.max_in_progress + counters.max_queue_length <= 2
