@@ -374,6 +374,12 @@ def build_edits_asset(
                 outcomes[key] = prepared
             else:
                 partitions.append(prepared)
+        if len(context.partition_keys) > 1:
+            rows = sum(partition.tally.total for partition in partitions)
+            context.log.info(
+                f"{len(context.partition_keys)} partitions ({context.partition_keys[0]} to "
+                f"{context.partition_keys[-1]}), {rows} rows from {storage.input_dir}"
+            )
         # Partitions finish on the client's loop; their lines are logged from this thread.
         finished_lines: deque[str] = deque()
 
@@ -384,9 +390,15 @@ def build_edits_asset(
             )
             return _outcome(keys, partition)
 
+        def log_finished() -> None:
+            # One log event for every partition finished since the last: each event is a
+            # database commit, a real cost over the partitions of a ranged run.
+            lines = [finished_lines.popleft() for _ in range(len(finished_lines))]
+            if lines:
+                context.log.info("\n".join(lines))
+
         def report_progress() -> None:
-            while finished_lines:
-                context.log.info(finished_lines.popleft())
+            log_finished()
             running = [partition for partition in partitions if partition.running]
             if not running:
                 return
@@ -435,8 +447,7 @@ def build_edits_asset(
                             allow_retries=False,
                         ),
                     )
-        while finished_lines:
-            context.log.info(finished_lines.popleft())
+        log_finished()
         for partition in partitions:
             assert partition.outcome is not None, "every partition ends with an outcome"
             outcomes[partition.key] = partition.outcome
@@ -463,7 +474,8 @@ def _prepare(
     except (InputTableError, OSError) as exc:
         failure = Failure(description=f"partition {key}: {exc}", allow_retries=False)
         return PartitionOutcome(key, {}, failure)
-    context.log.info(f"partition {key}: {total} rows from {in_path} (sha256 {input_sha[:12]})")
+    if len(context.partition_keys) == 1:
+        context.log.info(f"partition {key}: {total} rows from {in_path} (sha256 {input_sha[:12]})")
     if row_group > LARGE_ROW_GROUP_ROWS:
         context.log.warning(
             f"partition {key}: {in_path.name} has a row group of {row_group} rows; it is "
