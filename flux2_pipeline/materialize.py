@@ -293,12 +293,10 @@ def materialize(
             f"{storage.input_dir} is not a folder"
         )
     parallel = settings.parallel_partitions if parallel is None else parallel
-    if parallel > 1 and len(partitions) != 1:
-        try:
-            _start_worker_server()  # it imports Dagster while this process scans the inputs
-        except OSError as exc:  # e.g. the server was killed and reaped by someone else
-            logger.warning(f"no worker processes ({exc}); partitions run one after another")
-            parallel = 1
+    files = len(partitions) or sum(1 for _ in Path(storage.input_dir).glob("*.parquet"))
+    if min(parallel, -(-files // settings.partitions_per_run)) > 1:
+        # Started now, the server imports Dagster while this process scans the inputs.
+        parallel = _worker_server_or_one(parallel)
     defs = settings.definitions()
     selection = _select(defs, select)
     instance = instance or open_instance(settings)
@@ -320,6 +318,8 @@ def materialize(
     order = instance.get_dynamic_partitions(Flux2Keys().partitions_name)
     runs = plan_runs(keys, order, settings.partitions_per_run)
     workers = min(parallel, len(runs))
+    if workers > 1:
+        workers = _worker_server_or_one(workers)
     watcher = _ProgressWatcher(instance, progress) if progress is not None else None
     try:
         if workers > 1 and not instance.is_ephemeral:
@@ -543,6 +543,16 @@ def _run_in_workers(
                 if not future.cancelled():
                     keep(futures[future], future)
     return [results[key] for keys in runs for key in keys if key in results]
+
+
+def _worker_server_or_one(workers: int) -> int:
+    """`workers` once the worker server runs; 1 (with a warning) if it cannot start."""
+    try:
+        _start_worker_server()
+    except OSError as exc:  # e.g. the server was killed and reaped by someone else
+        logger.warning(f"no worker processes ({exc}); runs go one after another")
+        return 1
+    return workers
 
 
 def _start_worker_server() -> multiprocessing.context.ForkServerContext:

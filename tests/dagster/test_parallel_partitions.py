@@ -7,6 +7,8 @@ boundaries. A stop reaches every running partition and starts no other.
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -17,7 +19,7 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.ledger import Ledger
-from flux2_pipeline.materialize import RUN_TAG, materialize
+from flux2_pipeline.materialize import RUN_TAG, _start_worker_server, materialize
 from flux2_pipeline.settings import Settings
 from tests.conftest import TEST_TOKEN, prompt_rows, write_table
 from tests.dagster.test_process_safety import CLI, cli_env, start_cli, wait_for
@@ -111,3 +113,40 @@ def test_sigterm_stops_every_running_partition_and_starts_no_other(tmp_path: Pat
         with Ledger.open(tmp_path / "output" / "ledger.sqlite") as ledger:
             for name in names:
                 assert ledger.stats(name)["completed"] == 3
+
+
+def test_a_dead_worker_server_means_one_run_after_another(
+    pipeline_env: dict[str, str],
+    emulator: EmulatorServer,
+    instance: DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import multiprocessing.forkserver as forkserver
+
+    monkeypatch.setenv("FLUX2_PARTITIONS_PER_RUN", "1")
+    settings = Settings.from_env()
+    for name in ("one", "two"):
+        write_table(Path(settings.storage.input_dir), name, prompt_rows(emulator.base_url, name, 2))
+    _start_worker_server()
+    server = forkserver._forkserver  # type: ignore[attr-defined]
+    pid = server._forkserver_pid
+    # Killed and reaped by someone else (a test's cleanup once did): the server cannot
+    # be asked whether it lives any more.
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    try:
+        with caplog.at_level(logging.WARNING, logger="flux2_pipeline.materialize"):
+            report = materialize(settings, select=["flux2_edits"], instance=instance, parallel=2)
+        assert [(s.partition, s.succeeded) for s in report.partitions] == [
+            ("one", True),
+            ("two", True),
+        ]
+        assert "no worker processes" in caplog.text
+        assert "runs go one after another" in caplog.text
+    finally:
+        # Forget the reaped server, so later tests in this process start a fresh one.
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
+        server._forkserver_address = None
+        server._forkserver_pid = None
