@@ -93,9 +93,11 @@ class PartitionSummary:
     images: int = 0
     images_failed: int = 0
     interrupted: bool = False
+    blocked: bool = False
+    """Its own steps succeeded, but another partition of its run failed, which skipped the
+    steps after them (checks, later assets); `materialize` runs those again for it."""
     skipped_assets: tuple[str, ...] = ()
-    """Assets whose steps did not run for this partition, only because another partition
-    of the same run failed; `materialize` runs them again for it."""
+    """The selected assets the blocked partition was not materialized for."""
 
 
 @dataclass(frozen=True)
@@ -330,7 +332,9 @@ def materialize(
             summaries = _run_one_by_one(
                 job, instance, runs, selection.partitioned, run_config, watcher
             )
-        summaries = _run_skipped_steps(job, instance, summaries, order, settings, run_config)
+        summaries = _run_skipped_steps(
+            job, instance, summaries, selection.partitioned, order, settings, run_config
+        )
     finally:
         if watcher is not None:
             watcher.stop()
@@ -374,11 +378,14 @@ def run_partitions(
     run_config: Mapping[str, Any] | None = None,
     run_id: str | None = None,
     progress: Progress | None = None,
+    subset: bool = False,
 ) -> list[PartitionSummary]:
     """One run of `assets` over `keys`, summarized per partition.
 
     `keys` is one partition, or a range: contiguous in the partitions' order, first to
     last (see `plan_runs`). Each partition gets its own materializations or failure.
+    `subset`: `job` is already the subset to run (`JobDefinition.get_subset`), and
+    `assets` only what it materializes.
 
     Example::
 
@@ -397,7 +404,7 @@ def run_partitions(
         result = job.execute_in_process(
             instance=instance,
             partition_key=keys[0] if len(keys) == 1 else None,
-            asset_selection=list(assets),
+            asset_selection=None if subset else list(assets),
             raise_on_error=False,
             run_config=dict(run_config or {}),
             run_id=run_id,
@@ -422,27 +429,33 @@ def _run_skipped_steps(
     job: JobDefinition,
     instance: DagsterInstance,
     summaries: list[PartitionSummary],
+    selected: Sequence[AssetKey],
     order: Sequence[str],
     settings: Settings,
     run_config: Mapping[str, Any],
 ) -> list[PartitionSummary]:
     """Run again, for the partitions that need it, the steps a neighbour's failure skipped.
 
-    In a run over a range, a partition that fails stops the steps after it (flux2_images
-    after flux2_edits) for every partition of the range. Those partitions' own steps
-    succeeded, so their skipped steps run now, in runs of their own.
+    In a run over a range, a partition that fails stops the steps after it (the checks,
+    flux2_images after flux2_edits) for every partition of the range. Those partitions'
+    own steps succeeded, so the skipped ones run now, in runs of their own: the assets
+    they miss, and the checks of every selected asset.
     """
     if any(summary.interrupted for summary in summaries):
         return summaries
     waiting: dict[tuple[str, ...], list[str]] = {}
     for summary in summaries:
-        if summary.skipped_assets:
+        if summary.blocked:
             waiting.setdefault(summary.skipped_assets, []).append(summary.partition)
+    checks = set(job.asset_layer.asset_graph.get_check_keys_for_assets(set(selected)))
     later: dict[str, PartitionSummary] = {}
     for names, keys in waiting.items():
         assets = [AssetKey.from_user_string(name) for name in names]
+        steps = job.get_subset(asset_selection=set(assets), asset_check_selection=checks)
         for run in plan_runs(keys, order, settings.partitions_per_run):
-            for summary in run_partitions(job, instance, run, assets, run_config=run_config):
+            for summary in run_partitions(
+                steps, instance, run, assets, run_config=run_config, subset=True
+            ):
                 later[summary.partition] = summary
     return [_merged(summary, later.get(summary.partition)) for summary in summaries]
 
@@ -459,6 +472,7 @@ def _merged(first: PartitionSummary, later: PartitionSummary | None) -> Partitio
         images=later.images,
         images_failed=later.images_failed,
         interrupted=later.interrupted,
+        blocked=later.blocked,
         skipped_assets=later.skipped_assets,
     )
 
@@ -821,19 +835,26 @@ def _summarize(
     for key in keys:
         error = run.errors.get(key)
         missing = [asset for asset in assets if asset not in run.materialized[key]]
-        done = result.success or (error is None and not run.unattributed and not missing)
-        skipped: tuple[str, ...] = ()
-        if not done and error is None:
-            if run.errors and not run.unattributed:
-                # Its own steps succeeded, but a neighbour's failure in the same run
-                # skipped the steps after them.
-                error = _skipped(run.errors)
-                skipped = tuple(asset.to_user_string() for asset in missing)
-            else:
-                error = run_error  # a step failed for every partition of the run
+        blocked = not result.success and error is None and bool(run.errors)
+        blocked = blocked and not run.unattributed and not run.stopped
+        if result.success:
+            done = True
+        elif blocked:
+            # Its own steps succeeded, but a neighbour's failure in the same run skipped
+            # the steps after them (checks, later assets).
+            done, error = False, _skipped(run.errors)
+        else:
+            done = error is None and not run.unattributed and not missing
+            error = error if done or error is not None else run_error
         summary = _summary(key, run.figures[key], done, error, seconds)
-        stopped = summary.interrupted or run.stopped
-        summaries.append(replace(summary, skipped_assets=skipped, interrupted=stopped))
+        summaries.append(
+            replace(
+                summary,
+                blocked=blocked,
+                skipped_assets=tuple(asset.to_user_string() for asset in missing),
+                interrupted=summary.interrupted or run.stopped,
+            )
+        )
     return summaries
 
 
