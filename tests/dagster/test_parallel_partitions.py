@@ -88,6 +88,9 @@ def test_sigterm_stops_every_running_partition_and_starts_no_other(tmp_path: Pat
         for name in names:
             write_table(tmp_path / "prompts", name, prompt_rows(emulator.base_url, name, 3))
 
+        # Running jobs never finish while held, so however long the stop takes under load,
+        # the queued jobs are still queued when their cancels arrive.
+        emulator.state.faults.update(hold_jobs=True)
         run = start_cli(env, "--parallel", "2")
         # Two partitions of three jobs each: all six submitted, two running, four queued.
         wait_for(lambda: counters.jobs_created == 6 and counters.in_progress_now == 2)
@@ -104,6 +107,7 @@ def test_sigterm_stops_every_running_partition_and_starts_no_other(tmp_path: Pat
         assert counters.cancelled_jobs == 4  # every queued job, none twice
         assert counters.jobs_created == 6  # and no stopped step was retried
 
+        emulator.state.faults.update(hold_jobs=False)
         rerun = subprocess.run(
             [CLI, "materialize"], env=env, capture_output=True, text=True, timeout=180
         )

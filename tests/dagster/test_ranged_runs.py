@@ -249,6 +249,9 @@ def test_a_stop_ends_every_partition_of_a_ranged_run_and_pays_nothing_twice(
         write_table(tmp_path / "prompts", "stopme", prompt_rows(emulator.base_url, "stop", 5))
         write_table(tmp_path / "prompts", "stopnext", prompt_rows(emulator.base_url, "n", 2))
 
+        # Running jobs never finish while held, so however long the stop takes under load,
+        # the queued jobs are still queued when their cancels arrive.
+        emulator.state.faults.update(hold_jobs=True)
         run = start_cli(env)
         # One run over both: stopme's five jobs hold the five slots, stopnext's rows wait.
         wait_for(lambda: counters.jobs_created == 5 and counters.in_progress_now == 1)
@@ -262,6 +265,7 @@ def test_a_stop_ends_every_partition_of_a_ranged_run_and_pays_nothing_twice(
         assert counters.cancelled_jobs == 4
         assert counters.jobs_created == 5  # stopnext paid nothing; the step was not retried
 
+        emulator.state.faults.update(hold_jobs=False)
         rerun = subprocess.run(
             [CLI, "materialize"], env=env, capture_output=True, text=True, timeout=120
         )
