@@ -76,14 +76,19 @@ def make_dirs(path: UPath) -> None:
         local_path(path).mkdir(parents=True, exist_ok=True)
 
 
+def local_file_size(path: str | os.PathLike[str]) -> int | None:
+    """The size in bytes of the local file at `path`, or None when there is no such file."""
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+
 def file_size(path: UPath) -> int | None:
     """The size in bytes of the file at `path`, or None when there is no such file."""
     if is_local(path):
-        try:
-            info = os.stat(local_path(path))
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        return info.st_size if stat.S_ISREG(info.st_mode) else None
+        return local_file_size(local_path(path))
     try:
         details = path.fs.info(path.path)
     except FileNotFoundError:

@@ -63,7 +63,7 @@ from flux2_pipeline.net import (
     redact_url,
     system_resolver,
 )
-from flux2_pipeline.paths import INDEX_CHUNK, DiskIndex, IndexKey, file_size
+from flux2_pipeline.paths import INDEX_CHUNK, DiskIndex, IndexKey
 
 DEFAULT_CONCURRENCY = 16
 DEFAULT_MAX_DECODES = 2
@@ -182,7 +182,7 @@ class _Known:
         if found is None:
             return None
         record = ImageRecord(**found)
-        size = file_size(store.resolve(record.path or ""))
+        size = store.size(record.path or "")
         return record if size is not None and size == record.bytes else None
 
     def settled(self, key: str) -> _Outcome | None:
