@@ -24,7 +24,8 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from types import TracebackType
+from typing import IO, Any, Self
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -75,14 +76,19 @@ def make_dirs(path: UPath) -> None:
         local_path(path).mkdir(parents=True, exist_ok=True)
 
 
+def local_file_size(path: str | os.PathLike[str]) -> int | None:
+    """The size in bytes of the local file at `path`, or None when there is no such file."""
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+
 def file_size(path: UPath) -> int | None:
     """The size in bytes of the file at `path`, or None when there is no such file."""
     if is_local(path):
-        try:
-            info = os.stat(local_path(path))
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        return info.st_size if stat.S_ISREG(info.st_mode) else None
+        return local_file_size(local_path(path))
     try:
         details = path.fs.info(path.path)
     except FileNotFoundError:
@@ -284,6 +290,98 @@ def atomic_writer(path: UPath) -> Iterator[IO[bytes]]:
         target.abort()
         raise
     target.commit()
+
+
+STREAM_FLUSH_ROWS = 1024
+STREAM_ROW_GROUP_ROWS = 16_384
+"""Rows a `ParquetStreamWriter` holds as Python dicts, then as Arrow, before it writes a row
+group: both bounded, so a file of any length is written in the same memory."""
+
+
+class ParquetStreamWriter:
+    """Rows streamed into a Parquet file that appears at `path` only on `commit`.
+
+    The bytes go to an `AtomicFile`, so readers never see a half-written file and `abort`
+    (or an exception in a `with` block) leaves the previous file as it was. A file with no
+    rows still has the schema.
+
+    Example::
+
+        schema = pa.schema([("n", pa.int64())])
+        with ParquetStreamWriter(as_path("out/sizes.parquet"), schema) as out:
+            out.write_row({"n": 1})
+        out.rows_written  # 1
+    """
+
+    def __init__(
+        self,
+        path: UPath,
+        schema: pa.Schema,
+        flush_rows: int = STREAM_FLUSH_ROWS,
+        row_group_rows: int = STREAM_ROW_GROUP_ROWS,
+    ) -> None:
+        self.path, self.schema = path, schema
+        self.rows_written = 0
+        self._flush_rows, self._row_group_rows = flush_rows, row_group_rows
+        self._pending: list[dict[str, Any]] = []
+        self._batches: list[pa.RecordBatch] = []
+        self._batched_rows = 0
+        self._target = AtomicFile(path)
+        self._writer = pq.ParquetWriter(self._target.handle, schema, compression="zstd")
+
+    def write_row(self, row: dict[str, Any]) -> None:
+        """Append one row, keyed by the schema's names."""
+        self._pending.append(row)
+        if len(self._pending) >= self._flush_rows:
+            self._to_arrow()
+            if self._batched_rows >= self._row_group_rows:
+                self._write_row_group()
+
+    def _to_arrow(self) -> None:
+        if self._pending:
+            batch = pa.RecordBatch.from_pylist(self._pending, schema=self.schema)
+            self._batches.append(batch)
+            self._batched_rows += batch.num_rows
+            self._pending = []
+
+    def _write_row_group(self) -> None:
+        if self._batches:
+            table = pa.Table.from_batches(self._batches, schema=self.schema)
+            self._writer.write_table(table, row_group_size=table.num_rows)
+            self.rows_written += table.num_rows
+            self._batches, self._batched_rows = [], 0
+
+    def commit(self) -> None:
+        """Finish the file and move it into place (rename locally, one upload remotely)."""
+        try:
+            self._to_arrow()
+            self._write_row_group()
+            self._writer.close()
+        except BaseException:
+            self._target.abort()
+            raise
+        self._target.commit()
+
+    def abort(self) -> None:
+        """Drop what was written; the file at `path` (if any) stays as it was."""
+        try:
+            self._writer.close()
+        finally:
+            self._target.abort()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
 
 
 def write_bytes_atomically(path: UPath, data: bytes) -> None:

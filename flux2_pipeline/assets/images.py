@@ -46,6 +46,7 @@ from flux2_pipeline.media import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_DECODES,
     DEFAULT_MAX_PIXELS,
+    FAILURES_KEPT,
     MANIFEST_COLUMN_DESCRIPTIONS,
     MANIFEST_SCHEMA,
     AddressPolicy,
@@ -53,19 +54,18 @@ from flux2_pipeline.media import (
     ImageStore,
     SyncReport,
     contact_rows,
-    image_refs,
+    iter_image_refs,
+    iter_manifest,
     markdown_preview,
-    read_manifest,
     render_contact_sheet,
     save_png,
     sync_images_blocking,
-    write_manifest,
 )
 from flux2_pipeline.paths import iter_parquet
 from flux2_pipeline.resources import Flux2Storage, RunComfyResource
 
 IMAGES_CODE_VERSION = "1"
-FAILED_IMAGES_NAMED = 5
+FAILED_IMAGES_NAMED = FAILURES_KEPT
 PROGRESS_SECONDS = 10.0
 
 
@@ -117,7 +117,7 @@ def manifest_table_schema() -> TableSchema:
 
 
 def _failure_text(report: SyncReport) -> str:
-    first = report.failures()[:FAILED_IMAGES_NAMED]
+    first = report.first_failures[:FAILED_IMAGES_NAMED]
     return " | ".join(f"{r.row_id} {r.role}[{r.index}]: {r.error}" for r in first)
 
 
@@ -168,7 +168,7 @@ def build_images_asset(
                     allow_retries=False,
                 )
                 return PartitionOutcome(key, {}, failure)
-            refs = image_refs(iter_parquet(results_path))
+            refs = iter_image_refs(iter_parquet(results_path))
             store = ImageStore(storage.images_dir(), base=storage.output_root())
             manifest_path = storage.image_manifest_path(key)
             limits = FetchLimits(
@@ -178,15 +178,18 @@ def build_images_asset(
             )
             last_log = [time.monotonic()]
 
-            def progress(done: int, total: int) -> None:
+            def progress(done: int, met: int) -> None:
                 if time.monotonic() - last_log[0] >= PROGRESS_SECONDS:
                     last_log[0] = time.monotonic()
-                    context.log.info(f"partition {key}: {done}/{total} image URLs settled")
+                    context.log.info(
+                        f"partition {key}: {done} image URLs settled of the {met} met so far"
+                    )
 
             report = sync_images_blocking(
                 refs,
                 store,
-                read_manifest(manifest_path),
+                manifest_path,
+                previous=manifest_path,
                 policy=AddressPolicy.for_api(
                     runcomfy.base_url, allow_private=config.allow_private_networks
                 ),
@@ -196,9 +199,8 @@ def build_images_asset(
                 max_pixels=config.max_pixels,
                 on_done=progress,
             )
-            write_manifest(manifest_path, report.records)
             sheet = render_contact_sheet(
-                contact_rows(iter_parquet(results_path), report.records, store)
+                contact_rows(iter_parquet(results_path), iter_manifest(manifest_path), store)
             )
             sheet_path = storage.contact_sheet_path(key)
             save_png(sheet, sheet_path)
@@ -207,7 +209,7 @@ def build_images_asset(
                 f"{report.reused} reused), {report.failed} failed; manifest {manifest_path}"
             )
             metadata: dict[str, Any] = {
-                "dagster/row_count": len(report.records),
+                "dagster/row_count": report.images,
                 "flux2/images_stored": report.stored,
                 "flux2/images_downloaded": report.downloaded,
                 "flux2/images_reused": report.reused,
@@ -220,7 +222,7 @@ def build_images_asset(
             }
             if report.failed:
                 failure = Failure(
-                    description=f"partition {key}: {report.failed} of {len(report.records)} images "
+                    description=f"partition {key}: {report.failed} of {report.images} images "
                     f"are missing; manifest written to {manifest_path}, a retry fetches only "
                     "those. First: " + _failure_text(report),
                     metadata=metadata,

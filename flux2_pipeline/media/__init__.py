@@ -3,18 +3,18 @@
 Dagster-free. `sync_images` fetches every image a results table points at into an
 `ImageStore` (content-addressed, atomic writes) through `flux2_pipeline.net`'s guarded
 fetcher (address policy, per-attempt deadline, size cap, retries), with bounded
-concurrency, a pixel cap checked before decoding and bounded decodes; `write_manifest`
-records one row per image; `render_contact_sheet` draws a partition's references beside
-their edits.
+concurrency, a pixel cap checked before decoding and bounded decodes, and streams the
+manifest (one row per image) as it goes, in memory that does not grow with the partition;
+`render_contact_sheet` draws a partition's references beside their edits.
 
 Example::
 
     store = ImageStore(Path("out/images"), base=Path("out"))
     report = sync_images_blocking(
-        image_refs(results), store, read_manifest(manifest),
+        iter_image_refs(iter_parquet(results)), store, manifest, previous=manifest,
         policy=AddressPolicy.for_api(base_url),
     )
-    write_manifest(manifest, report.records)
+    first_rows = list(islice(iter_manifest(manifest), 10))
 """
 
 from flux2_pipeline.media.contact import (
@@ -40,8 +40,10 @@ from flux2_pipeline.media.manifest import (
     ImageRecord,
     ImageRef,
     ManifestIndex,
+    ManifestWriter,
     completed_rows,
     image_refs,
+    iter_image_refs,
     iter_manifest,
     read_manifest,
     write_manifest,
@@ -50,6 +52,7 @@ from flux2_pipeline.media.store import ImageStore, StoredImage
 from flux2_pipeline.media.sync import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_DECODES,
+    FAILURES_KEPT,
     SyncReport,
     sync_images,
     sync_images_blocking,
@@ -68,6 +71,7 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_DECODES",
     "DEFAULT_MAX_PIXELS",
+    "FAILURES_KEPT",
     "MANIFEST_COLUMN_DESCRIPTIONS",
     "MANIFEST_SCHEMA",
     "AddressPolicy",
@@ -86,6 +90,7 @@ __all__ = [
     "ImageUnavailable",
     "InvalidImageUrl",
     "ManifestIndex",
+    "ManifestWriter",
     "NotAnImage",
     "StoredImage",
     "SyncReport",
@@ -95,6 +100,7 @@ __all__ = [
     "contact_rows",
     "image_refs",
     "inspect_image",
+    "iter_image_refs",
     "iter_manifest",
     "markdown_preview",
     "read_manifest",

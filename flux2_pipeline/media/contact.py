@@ -2,7 +2,7 @@
 
 Example::
 
-    rows = contact_rows(iter_parquet(results_path), report.records, store)
+    rows = contact_rows(iter_parquet(results_path), iter_manifest(manifest_path), store)
     sheet = render_contact_sheet(rows)
     save_png(sheet, Path("data/output/flux2_images/cats.contact.png"))
     markdown = markdown_preview(sheet)   # "![contact sheet](data:image/png;base64,...)"
@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import io
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,19 +47,17 @@ class ContactRow:
 
 def contact_rows(
     results: Results,
-    records: Sequence[ImageRecord],
+    records: Iterable[ImageRecord],
     store: ImageStore,
     limit: int = MAX_ROWS,
 ) -> list[ContactRow]:
     """The first `limit` completed rows that have at least one stored image, in row order.
 
-    `results` is read only as far as the `limit`-th such row.
+    `records` are a manifest as the sync writes it (the completed rows' images, a row's
+    images together, rows in results order) and are read only up to the `limit`-th row
+    with a stored image; `results` only as far as that row.
     """
-    by_row: dict[str, dict[str, list[tuple[int, UPath]]]] = {}
-    for record in records:
-        if record.ok and record.path is not None:
-            roles = by_row.setdefault(record.row_id, {"source": [], "edited": []})
-            roles[record.role].append((record.index, store.resolve(record.path)))
+    by_row = _first_stored(records, store, limit)
     rows: list[ContactRow] = []
     for row in completed_rows(results, ["row_id", "prompt"]):
         found = by_row.get(row["row_id"])
@@ -76,6 +74,20 @@ def contact_rows(
         if len(rows) >= limit:
             break
     return rows
+
+
+def _first_stored(
+    records: Iterable[ImageRecord], store: ImageStore, limit: int
+) -> dict[str, dict[str, list[tuple[int, UPath]]]]:
+    """Stored images of the first `limit` rows that have any, by row and role."""
+    by_row: dict[str, dict[str, list[tuple[int, UPath]]]] = {}
+    for record in records:
+        if len(by_row) >= limit and record.row_id not in by_row:
+            break  # a row's records are contiguous: the `limit`-th row is complete
+        if record.ok and record.path is not None:
+            roles = by_row.setdefault(record.row_id, {"source": [], "edited": []})
+            roles[record.role].append((record.index, store.resolve(record.path)))
+    return by_row
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

@@ -5,10 +5,15 @@ role `source`, or an output image, role `edited`); an `ImageRecord` is that refe
 after the sync: stored (`status` "ok", with its sha256 and verified description) or
 failed (`status` "failed", with the reason in `error`).
 
+Both ends stream: `iter_image_refs` reads the results in record batches, and a
+`ManifestWriter` writes records as they come into a file that appears only when complete.
+
 Example::
 
-    refs = image_refs(iter_parquet(as_path("data/output/flux2_edits/cats.parquet")))
-    write_manifest(Path("data/output/flux2_images/cats.parquet"), records)
+    refs = iter_image_refs(iter_parquet(as_path("data/output/flux2_edits/cats.parquet")))
+    with ManifestWriter(Path("data/output/flux2_images/cats.parquet")) as manifest:
+        for record in records:
+            manifest.write(record)
     previous = read_manifest(Path("data/output/flux2_images/cats.parquet"))
 """
 
@@ -21,10 +26,15 @@ from typing import Any, Literal, TypeAlias
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from upath import UPath
 
-from flux2_pipeline.paths import DiskIndex, atomic_writer, ensure_upath, file_size, iter_parquet
+from flux2_pipeline.paths import (
+    DiskIndex,
+    ParquetStreamWriter,
+    ensure_upath,
+    file_size,
+    iter_parquet,
+)
 
 Role = Literal["source", "edited"]
 
@@ -124,16 +134,27 @@ def completed_rows(results: Results, columns: Sequence[str]) -> Iterator[dict[st
         yield from completed.select(list(columns)).to_pylist()
 
 
-def image_refs(results: Results) -> list[ImageRef]:
-    """The images of every completed row, in row order: its sources, then its edits."""
-    refs: list[ImageRef] = []
+def iter_image_refs(results: Results) -> Iterator[ImageRef]:
+    """The images of every completed row, in row order: its sources, then its edits.
+
+    Lazy: with `iter_parquet` batches, memory does not grow with the results.
+
+    >>> table = pa.table({"row_id": ["a"], "request_id": ["r"], "status": ["completed"],
+    ...                   "image_urls": [["https://x/in.png"]], "output_urls": [["https://x/o.png"]]})
+    >>> [(ref.role, ref.url) for ref in iter_image_refs(table)]
+    [('source', 'https://x/in.png'), ('edited', 'https://x/o.png')]
+    """
     columns = ["row_id", "request_id", "image_urls", "output_urls"]
     for row in completed_rows(results, columns):
         for index, url in enumerate(row["image_urls"] or []):
-            refs.append(ImageRef(row["row_id"], row["request_id"], "source", index, url))
+            yield ImageRef(row["row_id"], row["request_id"], "source", index, url)
         for index, url in enumerate(row["output_urls"] or []):
-            refs.append(ImageRef(row["row_id"], row["request_id"], "edited", index, url))
-    return refs
+            yield ImageRef(row["row_id"], row["request_id"], "edited", index, url)
+
+
+def image_refs(results: Results) -> list[ImageRef]:
+    """`iter_image_refs` as a list (small tables; a partition's step streams instead)."""
+    return list(iter_image_refs(results))
 
 
 def iter_manifest(path: Path | UPath) -> Iterator[ImageRecord]:
@@ -202,8 +223,30 @@ class ManifestIndex:
         self.close()
 
 
-def write_manifest(path: Path | UPath, records: Sequence[ImageRecord]) -> None:
+class ManifestWriter(ParquetStreamWriter):
+    """Streams records into a manifest that appears at `path` only on `commit`.
+
+    A `ParquetStreamWriter` of `MANIFEST_SCHEMA`: a reader never sees half a manifest, and
+    an aborted write leaves the previous one as it was. As a context manager it commits
+    when the block succeeds and aborts when it raises.
+
+    Example::
+
+        with ManifestWriter(Path("data/output/flux2_images/cats.parquet")) as manifest:
+            manifest.write(ImageRecord("row-1", None, "edited", 0, "https://x/1.png", "ok"))
+        manifest.rows_written  # 1
+    """
+
+    def __init__(self, path: Path | UPath) -> None:
+        super().__init__(ensure_upath(path), MANIFEST_SCHEMA)
+
+    def write(self, record: ImageRecord) -> None:
+        """Append one record (after those written before it)."""
+        self.write_row(record.row())
+
+
+def write_manifest(path: Path | UPath, records: Iterable[ImageRecord]) -> None:
     """Write the manifest atomically (temporary file, then rename; one upload remotely)."""
-    table = pa.Table.from_pylist([record.row() for record in records], schema=MANIFEST_SCHEMA)
-    with atomic_writer(ensure_upath(path)) as handle:
-        pq.write_table(table, handle, compression="zstd")
+    with ManifestWriter(path) as manifest:
+        for record in records:
+            manifest.write(record)

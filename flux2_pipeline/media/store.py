@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from upath import UPath
 from flux2_pipeline.paths import (
     ensure_upath,
     file_size,
+    is_local,
+    local_file_size,
+    local_path,
     write_bytes_atomically,
 )
 
@@ -47,6 +51,7 @@ class ImageStore:
     def __init__(self, root: Path | UPath, base: Path | UPath | None = None) -> None:
         self.root = ensure_upath(root)
         self.base = ensure_upath(base) if base is not None else self.root.parent
+        self._local_base = str(local_path(self.base)) if is_local(self.base) else None
 
     def locate(self, sha256: str, ext: str) -> StoredImage:
         """Where the image with this digest and extension is (or would be) stored."""
@@ -58,6 +63,14 @@ class ImageStore:
     def resolve(self, relative: str) -> UPath:
         """The absolute path of a manifest's relative `path`."""
         return self.base / relative
+
+    def size(self, relative: str) -> int | None:
+        """The size of a manifest's relative `path`, or None when the file is not there."""
+        if self._local_base is not None:
+            # Checked for every reused image of a partition: a plain string join and stat
+            # take a fifth of the time of building the path object.
+            return local_file_size(os.path.join(self._local_base, relative))
+        return file_size(self.resolve(relative))
 
     def exists(self, relative: str) -> bool:
         """True when the stored file is there."""

@@ -1,39 +1,51 @@
 """Bring a partition's images into the store: fetch what is missing, reuse what is there.
 
 The reuse key is the URL (redacted, as the manifest stores it). An image is not fetched
-again when the partition's previous manifest lists its URL as `ok` and the stored file is
-still there with the recorded size. RunComfy output URLs name one job's output and never
-change; a reference URL is assumed to keep its content too (delete the manifest to force
-a refetch). Within one run each distinct URL is fetched once, however many rows use it.
+again when the previous manifest lists its URL as `ok` and the stored file is still there
+with the recorded size. RunComfy output URLs name one job's output and never change; a
+reference URL is assumed to keep its content too (delete the manifest to force a
+refetch). Within one run each distinct URL is fetched once, however many rows use it.
 Bytes are stored by their sha256, so two URLs with the same content share one file.
 
+Memory does not grow with the partition: references are read as they come, at most
+`WINDOW_REFS` of them wait for their image, each record goes to the manifest (in
+reference order) as soon as the ones before it are written, and what must be remembered
+across the whole partition (the previous manifest by URL, the URLs already settled, the
+stored digests) lives in an on-disk index. The report keeps counts and the first failures.
+
 Untrusted URLs go through `flux2_pipeline.net.GuardedFetcher` under `policy`; at most
-`max_concurrency` downloads and `max_decodes` image decodes run at once, and no image
-with more than `max_pixels` pixels is decoded. Any problem with one URL is a `failed`
-manifest row with a one-line, redacted reason, never an exception.
+`max_concurrency` downloads (each holding its bytes until stored) and `max_decodes` image
+decodes run at once, and no image with more than `max_pixels` pixels is decoded. Any
+problem with one URL is a `failed` manifest row with a one-line, redacted reason, never an
+exception.
 
 Example::
 
     report = sync_images_blocking(
-        image_refs(results), store, read_manifest(manifest_path),
-        policy=AddressPolicy.for_api(base_url),
+        iter_image_refs(iter_parquet(results_path)), store, manifest_path,
+        previous=manifest_path, policy=AddressPolicy.for_api(base_url),
     )
-    write_manifest(manifest_path, report.records)
-    report.downloaded, report.reused, report.failed
+    report.downloaded, report.reused, report.failed, report.first_failures
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 import httpx
+import pyarrow as pa
+from upath import UPath
 
 from flux2_pipeline.media.errors import CorruptImage, ImageFetchError, ImageTooLarge
 from flux2_pipeline.media.fetch import ImageFetcher
-from flux2_pipeline.media.manifest import ImageRecord, ImageRef
+from flux2_pipeline.media.manifest import ImageRecord, ImageRef, ManifestWriter, iter_manifest
 from flux2_pipeline.media.store import ImageStore
 from flux2_pipeline.media.verify import (
     DEFAULT_MAX_PIXELS,
@@ -51,43 +63,48 @@ from flux2_pipeline.net import (
     redact_url,
     system_resolver,
 )
-from flux2_pipeline.paths import file_size
+from flux2_pipeline.paths import INDEX_CHUNK, DiskIndex, IndexKey
 
 DEFAULT_CONCURRENCY = 16
 DEFAULT_MAX_DECODES = 2
 """Image decodes at once: each may hold `max_pixels` x 4 bytes (160 MB at 40 MP)."""
+WINDOW_REFS = 1024
+"""References read ahead of the first one not yet written to the manifest (at least four
+per download slot): a slow image holds back the manifest, and the downloads behind it
+only once this many references wait."""
+FAILURES_KEPT = 5
+"""Failed records a `SyncReport` keeps as examples; the manifest has them all."""
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class SyncReport:
-    """The manifest records of one sync, in reference order, and what it took."""
+    """What one sync wrote to its manifest and what it took: counts, and the first failures.
 
-    records: list[ImageRecord] = field(default_factory=list)
+    Memory does not grow with the partition: the records themselves are in the manifest.
+
+    Example::
+
+        report.stored, report.failed, report.images  # manifest rows: ok, failed, all
+        report.downloaded, report.reused             # distinct URLs fetched, reused
+        [f"{r.row_id}: {r.error}" for r in report.first_failures]
+    """
+
     downloaded: int = 0
     reused: int = 0
     bytes_downloaded: int = 0
+    stored: int = 0
+    failed: int = 0
+    bytes_stored: int = 0
+    """Bytes of the distinct stored images (by sha256) the manifest points at."""
+    first_failures: list[ImageRecord] = field(default_factory=list)
+    """The first `FAILURES_KEPT` failed records, in manifest order."""
 
     @property
-    def stored(self) -> int:
-        """Manifest rows whose image is stored and verified."""
-        return sum(1 for record in self.records if record.ok)
-
-    @property
-    def failed(self) -> int:
-        """Manifest rows whose image is missing."""
-        return sum(1 for record in self.records if not record.ok)
-
-    @property
-    def bytes_stored(self) -> int:
-        """Bytes of the distinct stored images this manifest points at."""
-        sizes = {r.sha256: r.bytes or 0 for r in self.records if r.ok and r.sha256}
-        return sum(sizes.values())
-
-    def failures(self) -> list[ImageRecord]:
-        """The failed records, in order."""
-        return [record for record in self.records if not record.ok]
+    def images(self) -> int:
+        """Manifest rows written: one per image reference."""
+        return self.stored + self.failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +112,14 @@ class _Outcome:
     template: ImageRecord | None = None
     error: str | None = None
     downloaded: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": self.error} if self.template is None else {"record": self.template.row()}
+
+    @staticmethod
+    def from_json(found: dict[str, Any]) -> _Outcome:
+        record = found.get("record")
+        return _Outcome(error=found["error"]) if record is None else _Outcome(ImageRecord(**record))
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,14 +134,73 @@ def _shown_url(url: object) -> str:
     return redact_url(url) if isinstance(url, str) else ""
 
 
-def _reusable(previous: Sequence[ImageRecord], store: ImageStore) -> dict[str, ImageRecord]:
-    found: dict[str, ImageRecord] = {}
-    for record in previous:
-        if not record.ok or record.path is None or record.url in found:
-            continue
-        if file_size(store.resolve(record.path)) == record.bytes:
-            found[record.url] = record
-    return found
+def _url_key(url: object) -> str:
+    # Settled URLs are indexed on disk by digest: a signed URL's secret never lands there.
+    if not isinstance(url, str):
+        return "null"
+    return hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class _Known:
+    """What a sync remembers across the partition, on disk: the previous manifest's stored
+    images by URL, the outcome of each URL settled, and the digests already counted.
+
+    New entries are written in chunks of `INDEX_CHUNK` (one transaction each, not one per
+    URL); the chunk being filled answers lookups too.
+    """
+
+    def __init__(self, previous: Path | UPath | None) -> None:
+        self._index = DiskIndex()
+        self._pending: dict[IndexKey, Any] = {}
+        if previous is None:
+            return
+        try:
+            self._index.put_all(
+                (("previous", record.url), record.row())
+                for record in iter_manifest(previous)
+                if record.ok and record.path is not None
+            )
+        except (pa.ArrowException, OSError):
+            self._index.clear()  # a damaged manifest only costs a re-download
+        except BaseException:
+            self._index.close()
+            raise
+
+    def _get(self, key: IndexKey) -> Any:
+        found = self._pending.get(key)
+        return self._index.get(key) if found is None else found
+
+    def _put(self, key: IndexKey, value: Any) -> None:
+        self._pending[key] = value
+        if len(self._pending) >= INDEX_CHUNK:
+            self._index.put_all(self._pending.items())
+            self._pending = {}
+
+    def reusable(self, shown_url: str, store: ImageStore) -> ImageRecord | None:
+        """The previous record of `shown_url` if its stored file is still whole."""
+        found = self._index.get(("previous", shown_url))
+        if found is None:
+            return None
+        record = ImageRecord(**found)
+        size = store.size(record.path or "")
+        return record if size is not None and size == record.bytes else None
+
+    def settled(self, key: str) -> _Outcome | None:
+        found = self._get(("settled", key))
+        return None if found is None else _Outcome.from_json(found)
+
+    def settle(self, key: str, outcome: _Outcome) -> None:
+        self._put(("settled", key), outcome.to_json())
+
+    def first_sight(self, sha256: str) -> bool:
+        """True the first time a digest is asked about."""
+        if self._get(("sha256", sha256)) is not None:
+            return False
+        self._put(("sha256", sha256), True)
+        return True
+
+    def close(self) -> None:
+        self._index.close()
 
 
 async def _verify(url: str, data: bytes, content_type: str, budget: _Budget) -> ImageInfo:
@@ -133,10 +217,12 @@ async def _download(
     url: str, fetcher: ImageFetcher, store: ImageStore, budget: _Budget
 ) -> _Outcome:
     try:
+        # The slot is held until the bytes are stored: at most `max_concurrency` images
+        # are in memory, however many wait for a decode.
         async with budget.downloads:
             fetched = await fetcher.fetch(url)
-        info = await _verify(url, fetched.data, fetched.content_type, budget)
-        stored = await asyncio.to_thread(store.put, fetched.data, info.sha256, info.ext)
+            info = await _verify(url, fetched.data, fetched.content_type, budget)
+            stored = await asyncio.to_thread(store.put, fetched.data, info.sha256, info.ext)
     except ImageFetchError as exc:
         return _Outcome(error=f"{exc.kind}: {exc.reason}")
     except Exception as exc:  # one URL must never take the step (and its manifest) down
@@ -160,10 +246,120 @@ async def _download(
     return _Outcome(template=template, downloaded=True)
 
 
+def _record(ref: ImageRef, outcome: _Outcome) -> ImageRecord:
+    shown = _shown_url(ref.url)
+    if outcome.template is None:
+        return ImageRecord(
+            ref.row_id, ref.request_id, ref.role, ref.index, shown, "failed", error=outcome.error
+        )
+    return replace(
+        outcome.template,
+        row_id=ref.row_id,
+        request_id=ref.request_id,
+        role=ref.role,
+        index=ref.index,
+        url=shown,
+        error=None,
+    )
+
+
+_Pending = _Outcome | asyncio.Task[_Outcome]
+
+
+class _Sync:
+    """One pass over the references: a bounded window of them, written in order."""
+
+    def __init__(
+        self,
+        store: ImageStore,
+        known: _Known,
+        fetcher: ImageFetcher,
+        budget: _Budget,
+        manifest: ManifestWriter,
+        on_done: Callable[[int, int], None] | None,
+        window_size: int,
+    ) -> None:
+        self.report = SyncReport()
+        self._store, self._known, self._fetcher, self._budget = store, known, fetcher, budget
+        self._manifest, self._on_done = manifest, on_done
+        self._window_size = window_size
+        self._window: deque[tuple[ImageRef, str, _Pending]] = deque()
+        self._inflight: dict[str, asyncio.Task[_Outcome]] = {}
+        self._met = self._settled = 0
+
+    async def run(self, refs: Iterable[ImageRef]) -> None:
+        try:
+            for ref in refs:
+                key = _url_key(ref.url)
+                self._window.append((ref, key, self._start(ref.url, key)))
+                await self._drain(keep=self._window_size)
+            await self._drain(keep=0)
+        finally:
+            for task in self._inflight.values():
+                task.cancel()
+            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+
+    def _start(self, url: str, key: str) -> _Pending:
+        running = self._inflight.get(key)
+        if running is not None:
+            return running
+        settled = self._known.settled(key)
+        if settled is not None:
+            return settled
+        self._met += 1
+        reused = self._known.reusable(_shown_url(url), self._store)
+        if reused is not None:
+            outcome = _Outcome(template=reused)
+            self._settle(key, outcome)
+            return outcome
+        task = asyncio.ensure_future(_download(url, self._fetcher, self._store, self._budget))
+        self._inflight[key] = task
+        return task
+
+    async def _drain(self, keep: int) -> None:
+        """Write the settled head of the window, and wait for it while more than `keep` wait."""
+        while self._window:
+            ref, key, pending = self._window[0]
+            if isinstance(pending, _Outcome):
+                outcome = pending
+            elif pending.done() or len(self._window) > keep:
+                outcome = await pending
+                if self._inflight.pop(key, None) is not None:
+                    self._settle(key, outcome)
+            else:
+                return
+            self._window.popleft()
+            self._write(_record(ref, outcome))
+
+    def _settle(self, key: str, outcome: _Outcome) -> None:
+        self._known.settle(key, outcome)
+        if outcome.downloaded and outcome.template is not None:
+            self.report.downloaded += 1
+            self.report.bytes_downloaded += outcome.template.bytes or 0
+        elif outcome.template is not None:
+            self.report.reused += 1
+        self._settled += 1
+        if self._on_done is not None:
+            self._on_done(self._settled, self._met)
+
+    def _write(self, record: ImageRecord) -> None:
+        self._manifest.write(record)
+        report = self.report
+        if not record.ok:
+            report.failed += 1
+            if len(report.first_failures) < FAILURES_KEPT:
+                report.first_failures.append(record)
+            return
+        report.stored += 1
+        if record.sha256 is not None and self._known.first_sight(record.sha256):
+            report.bytes_stored += record.bytes or 0
+
+
 async def sync_images(
-    refs: Sequence[ImageRef],
+    refs: Iterable[ImageRef],
     store: ImageStore,
-    previous: Sequence[ImageRecord] = (),
+    manifest: Path | UPath,
+    previous: Path | UPath | None = None,
     *,
     policy: AddressPolicy | None = None,
     limits: FetchLimits | None = None,
@@ -174,74 +370,49 @@ async def sync_images(
     resolver: Resolver = system_resolver,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> SyncReport:
-    """Store every image of `refs`; failures become `failed` records, never exceptions.
+    """Store every image of `refs` and write their manifest; failures are `failed` rows.
+
+    `refs` is read once, as it comes (an iterator is fine). The manifest at `manifest`
+    gets one record per reference, in reference order, and appears only when complete: on
+    an exception the file there stays as it was. `previous` is the last manifest, whose
+    stored images are reused; it may be `manifest` itself (it is indexed before the new
+    one replaces it).
 
     `policy` decides which addresses may be fetched (default: public addresses only;
     `AddressPolicy.for_api(base_url)` allows loopback for the emulator). At most
-    `max_concurrency` downloads are in flight. `on_done(done, total)` is called after
-    each distinct URL settles. `resolver` and `transport` are the test seams.
+    `max_concurrency` downloads are in flight. `on_done(settled, met)` is called after
+    each distinct URL settles, with the distinct URLs met so far (the total is known only
+    at the end of `refs`). `resolver` and `transport` are the test seams.
+
+    Example::
+
+        report = await sync_images(refs, store, Path("out/m.parquet"), Path("out/m.parquet"))
     """
-    reusable = _reusable(previous, store)
-    shown = {ref.url: _shown_url(ref.url) for ref in refs}
-    urls = list(dict.fromkeys(ref.url for ref in refs))
-    outcomes: dict[str, _Outcome] = {
-        url: _Outcome(template=reusable[shown[url]]) for url in urls if shown[url] in reusable
-    }
-    todo = [url for url in urls if url not in outcomes]
+    known = _Known(previous)
     budget = _Budget(asyncio.Semaphore(max_concurrency), asyncio.Semaphore(max_decodes), max_pixels)
-    async with GuardedFetcher(
-        policy,
-        limits,
-        resolver=resolver,
-        transport=transport,
-        max_connections=max_concurrency,
-    ) as guarded:
-        fetcher = ImageFetcher(guarded)
-        tasks = {url: asyncio.ensure_future(_download(url, fetcher, store, budget)) for url in todo}
-        done = len(outcomes)
-        for future in asyncio.as_completed(list(tasks.values())):
-            await future
-            done += 1
-            if on_done is not None:
-                on_done(done, len(urls))
-        outcomes.update({url: task.result() for url, task in tasks.items()})
-    report = SyncReport()
-    for outcome in outcomes.values():
-        if outcome.downloaded and outcome.template is not None:
-            report.downloaded += 1
-            report.bytes_downloaded += outcome.template.bytes or 0
-        elif outcome.template is not None:
-            report.reused += 1
-    for ref in refs:
-        outcome = outcomes[ref.url]
-        if outcome.template is not None:
-            record = replace(
-                outcome.template,
-                row_id=ref.row_id,
-                request_id=ref.request_id,
-                role=ref.role,
-                index=ref.index,
-                url=shown[ref.url],
-                error=None,
-            )
-        else:
-            record = ImageRecord(
-                ref.row_id,
-                ref.request_id,
-                ref.role,
-                ref.index,
-                shown[ref.url],
-                "failed",
-                error=outcome.error,
-            )
-        report.records.append(record)
-    return report
+    try:
+        async with GuardedFetcher(
+            policy,
+            limits,
+            resolver=resolver,
+            transport=transport,
+            max_connections=max_concurrency,
+        ) as guarded:
+            with ManifestWriter(manifest) as writer:
+                fetcher = ImageFetcher(guarded)
+                window = max(WINDOW_REFS, 4 * max_concurrency)
+                sync = _Sync(store, known, fetcher, budget, writer, on_done, window)
+                await sync.run(refs)
+                return sync.report
+    finally:
+        known.close()
 
 
 def sync_images_blocking(
-    refs: Sequence[ImageRef],
+    refs: Iterable[ImageRef],
     store: ImageStore,
-    previous: Sequence[ImageRecord] = (),
+    manifest: Path | UPath,
+    previous: Path | UPath | None = None,
     *,
     policy: AddressPolicy | None = None,
     limits: FetchLimits | None = None,
@@ -250,11 +421,17 @@ def sync_images_blocking(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     on_done: Callable[[int, int], None] | None = None,
 ) -> SyncReport:
-    """`sync_images` on a fresh event loop, for synchronous callers (a Dagster step)."""
+    """`sync_images` on a fresh event loop, for synchronous callers (a Dagster step).
+
+    Example::
+
+        report = sync_images_blocking(refs, store, manifest_path, previous=manifest_path)
+    """
     return asyncio.run(
         sync_images(
             refs,
             store,
+            manifest,
             previous,
             policy=policy,
             limits=limits,

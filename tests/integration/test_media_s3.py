@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from flux2_pipeline.media import FetchLimits, ImageRef, ImageStore, sync_images
+from flux2_pipeline.media import FetchLimits, ImageRef, ImageStore, read_manifest, sync_images
 from flux2_pipeline.paths import as_path, write_bytes_atomically
 
 
@@ -30,8 +30,12 @@ async def test_s3_references_are_read_through_fsspec_under_the_size_cap(
         ImageRef("b", "req-b", "source", 0, f"s3://{s3_bucket}/refs/missing.png"),
         ImageRef("c", "req-c", "source", 0, f"s3://{s3_bucket}/refs/big.png"),
     ]
-    report = await sync_images(wanted, store, limits=FetchLimits(max_bytes=4000, attempts=1))
-    stored, missing, too_big = report.records
+    manifest = tmp_path / "manifest.parquet"
+    report = await sync_images(
+        wanted, store, manifest, limits=FetchLimits(max_bytes=4000, attempts=1)
+    )
+    stored, missing, too_big = read_manifest(manifest)
+    assert (report.stored, report.failed) == (1, 2)
     assert stored.ok and stored.sha256 == hashlib.sha256(small).hexdigest()
     assert stored.url == f"s3://{s3_bucket}/refs/small.png"
     assert store.read(stored.path or "") == small

@@ -22,6 +22,7 @@ from PIL import Image
 from flux2_pipeline.media import (
     AddressPolicy,
     FetchLimits,
+    ImageRecord,
     ImageRef,
     ImageStore,
     SyncReport,
@@ -29,7 +30,6 @@ from flux2_pipeline.media import (
     inspect_image,
     read_manifest,
     sync_images,
-    write_manifest,
 )
 
 HOSTS = {
@@ -78,16 +78,21 @@ async def sync(
     handler: httpx.MockTransport,
     policy: AddressPolicy,
     **options: int,
-) -> SyncReport:
-    return await sync_images(
+) -> tuple[SyncReport, list[ImageRecord]]:
+    """Sync into a manifest beside the store, reused by the next sync; its records."""
+    manifest = store.base / "manifest.parquet"
+    report = await sync_images(
         wanted,
         store,
+        manifest,
+        manifest,
         policy=policy,
         resolver=stub_resolver,
         transport=handler,
         limits=FetchLimits(attempts=1, backoff_base=0.0),
         **options,
     )
+    return report, read_manifest(manifest)
 
 
 @pytest.fixture
@@ -108,8 +113,8 @@ async def test_ssrf_targets_are_refused_before_any_request(store: ImageStore) ->
         "http://[::ffff:127.0.0.1]/a.png",
     )
     policy = AddressPolicy.for_api("https://api.runcomfy.net")
-    report = await sync(store, wanted, httpx.MockTransport(refuse_everything), policy)
-    errors = [record.error or "" for record in report.records]
+    _, records = await sync(store, wanted, httpx.MockTransport(refuse_everything), policy)
+    errors = [record.error or "" for record in records]
     assert [error.split(":")[0] for error in errors] == ["refused"] * 5
     assert "link-local address 169.254.169.254 for http://metadata.test/" in errors[0]
     assert "private address 192.168.0.10" in errors[2]
@@ -122,8 +127,9 @@ async def test_a_redirect_to_the_metadata_service_is_refused(store: ImageStore) 
         return httpx.Response(302, headers={"location": "http://metadata.test/creds"})
 
     policy = AddressPolicy.for_api("http://127.0.0.1:8188")
-    report = await sync(store, refs("http://img.test/a.png"), httpx.MockTransport(redirect), policy)
-    (record,) = report.records
+    _, (record,) = await sync(
+        store, refs("http://img.test/a.png"), httpx.MockTransport(redirect), policy
+    )
     assert record.error == (
         "refused: link-local address 169.254.169.254 for http://metadata.test/creds "
         "(redirected from http://img.test/a.png)"
@@ -145,15 +151,15 @@ async def test_malformed_urls_are_failed_rows_and_the_manifest_is_written(
         None,
         "http://img.test/ok.png",
     )
-    report = await sync(
+    report, records = await sync(
         store, wanted, httpx.MockTransport(good), AddressPolicy(allow_loopback=True)
     )
-    kinds = [(record.error or "ok").split(":")[0] for record in report.records]
+    kinds = [(record.error or "ok").split(":")[0] for record in records]
     assert kinds == ["invalid_url"] * 6 + ["ok"]
-    manifest = tmp_path / "manifest.parquet"
-    write_manifest(manifest, report.records)
-    assert [r.status for r in read_manifest(manifest)] == ["failed"] * 6 + ["ok"]
-    assert all("\n" not in (r.error or "") for r in report.records)
+    assert [r.status for r in records] == ["failed"] * 6 + ["ok"]
+    assert (report.failed, report.stored) == (6, 1)
+    assert [r.row_id for r in report.first_failures] == ["r0", "r1", "r2", "r3", "r4"]
+    assert all("\n" not in (r.error or "") for r in records)
 
 
 async def test_signed_urls_are_redacted_in_errors_and_in_the_manifest(
@@ -166,29 +172,27 @@ async def test_signed_urls_are_redacted_in_errors_and_in_the_manifest(
             return httpx.Response(200, content=png(), headers={"content-type": "image/png"})
         return httpx.Response(403)
 
-    report = await sync(
+    report, records = await sync(
         store,
         refs(SIGNED, ok_signed),
         httpx.MockTransport(handler),
         AddressPolicy(allow_loopback=True),
     )
-    manifest = tmp_path / "manifest.parquet"
-    write_manifest(manifest, report.records)
-    assert b"SECRET" not in manifest.read_bytes()
-    failed, stored = report.records
-    assert "SECRET" not in repr(report.records)
+    assert b"SECRET" not in (tmp_path / "manifest.parquet").read_bytes()
+    failed, stored = records
+    assert "SECRET" not in repr(records) and "SECRET" not in repr(report)
     assert failed.error is not None and failed.error.startswith(
         "unavailable: HTTP 403 Forbidden from https://img.test/gone.png?X-Amz-Credential=REDACTED"
     )
     assert stored.ok and stored.url.endswith("X-Amz-Signature=REDACTED")
     # The redacted URL is the reuse key: the next sync does not fetch the image again.
-    again = await sync(
+    again, records = await sync(
         store,
         refs(SIGNED, ok_signed),
         httpx.MockTransport(handler),
         AddressPolicy(allow_loopback=True),
     )
-    assert again.records[1].ok
+    assert records[1].ok and (again.reused, again.downloaded) == (1, 0)
 
 
 async def test_a_pixel_bomb_is_refused_from_its_header(store: ImageStore) -> None:
@@ -199,7 +203,7 @@ async def test_a_pixel_bomb_is_refused_from_its_header(store: ImageStore) -> Non
         body = bomb if request.url.path == "/bomb.png" else png((300, 200))
         return httpx.Response(200, content=body, headers={"content-type": "image/png"})
 
-    report = await sync(
+    _, (bomb_row, wide_row) = await sync(
         store,
         refs("http://img.test/bomb.png", "http://img.test/wide.png"),
         httpx.MockTransport(handler),
@@ -207,7 +211,6 @@ async def test_a_pixel_bomb_is_refused_from_its_header(store: ImageStore) -> Non
         max_pixels=50_000,
         max_decodes=1,
     )
-    bomb_row, wide_row = report.records
     assert (
         bomb_row.error == "too_large: 9400x9400 is 88.4 MP, more than the 0.05 MP cap (not decoded)"
     )
@@ -267,7 +270,7 @@ async def test_decodes_are_bounded_while_downloads_run_wide(
         return httpx.Response(200, content=png((side, side)), headers={"content-type": "image/png"})
 
     urls = [f"http://img.test/img-{i}.png" for i in range(8)]
-    report = await sync(
+    _, records = await sync(
         store,
         refs(*urls),
         httpx.MockTransport(serve),
@@ -275,5 +278,5 @@ async def test_decodes_are_bounded_while_downloads_run_wide(
         max_concurrency=8,
         max_decodes=max_decodes,
     )
-    assert all(record.status == "ok" for record in report.records), report.records
+    assert [record.status for record in records] == ["ok"] * 8, records
     assert peak[0] == max_decodes

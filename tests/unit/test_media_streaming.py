@@ -43,9 +43,15 @@ def test_refs_and_contact_rows_from_batches_equal_those_from_the_table(tmp_path:
     path = tmp_path / "results.parquet"
     write_results(path, 20)
     store = ImageStore(tmp_path / "images", base=tmp_path)
+    # A manifest as the sync writes it: the completed rows' images, in row order; every
+    # image of row-1 failed.
     records = [
-        ImageRecord(f"row-{i}", None, "edited", 0, "u", "ok", path=f"images/{i}.png")
+        ImageRecord(f"row-{i}", None, role, index, "u", "ok", path=f"images/{i}-{role}{index}.png")
+        if i != 1
+        else ImageRecord(f"row-{i}", None, role, index, "u", "failed", error="gone")
         for i in range(20)
+        if i % 3
+        for role, index in (("source", 0), ("source", 1), ("edited", 0))
     ]
     whole = pq.read_table(path)
 
@@ -58,10 +64,24 @@ def test_refs_and_contact_rows_from_batches_equal_those_from_the_table(tmp_path:
             read.append(batch.num_rows)
             yield batch
 
-    sheet = contact_rows(counted(), records, store, limit=3)
+    taken: list[ImageRecord] = []
+
+    def counted_records() -> Iterator[ImageRecord]:
+        for record in records:
+            taken.append(record)
+            yield record
+
+    sheet = contact_rows(counted(), counted_records(), store, limit=3)
     assert sheet == contact_rows(whole, records, store, limit=3)
-    assert [row.row_id for row in sheet] == ["row-1", "row-2", "row-4"]
+    assert [row.row_id for row in sheet] == ["row-2", "row-4", "row-5"]
+    assert sheet[0].sources == (
+        store.resolve("images/2-source0.png"),
+        store.resolve("images/2-source1.png"),
+    )
+    assert sheet[0].edits == (store.resolve("images/2-edited0.png"),)
     assert read == [2, 2, 2]  # stopped at the third completed row, not at the end
+    # The manifest too: rows 1, 2, 4 and 5, and the first record of row 7 that ends row 5.
+    assert len(taken) == 4 * 3 + 1
 
 
 def test_the_manifest_index_answers_as_a_dict_of_the_records_would(tmp_path: Path) -> None:
