@@ -1,13 +1,15 @@
-"""Materialize partitions through the project's `Definitions`, one run per partition.
+"""Materialize partitions through the project's `Definitions`, in runs over ranges of them.
 
 This is what `flux2-pipeline materialize` and the demo call. It registers input files as
-partitions with the sensor's own code, resolves asset names against the `Definitions`, runs
-each selected partition with `run_partition`, and summarizes every run from its
-materialization and failure metadata. Several partitions run at once
-(`Settings.parallel_partitions`, FLUX2_PARALLEL_PARTITIONS), each in its own Dagster run in
-a worker process, so a backfill keeps the account busy across partition boundaries: while
-one partition drains its last jobs, the next one's are already in flight. Threads would not
-do: Dagster's SQLite storages deadlock when several runs execute in one process.
+partitions with the sensor's own code, resolves asset names against the `Definitions`,
+groups the selected partitions into runs (`plan_runs`: contiguous ranges of up to
+`Settings.partitions_per_run`, FLUX2_PARTITIONS_PER_RUN, as the UI's backfills do), and
+summarizes every partition from its materialization and failure metadata. Several runs go
+at once (`Settings.parallel_partitions`, FLUX2_PARALLEL_PARTITIONS), each in a worker
+process. Threads would not do: Dagster's SQLite storages deadlock when several runs
+execute in one process. When a partition of a range fails, the steps after it are skipped
+for the whole range; the partitions whose own steps succeeded then get those steps in
+runs of their own (`_run_skipped_steps`).
 
 The instance is DAGSTER_HOME's, or one kept under a local output folder (or
 `~/.flux2-pipeline/dagster/<digest of the URI>` for an object-store output); its first-time
@@ -274,14 +276,15 @@ def materialize(
     progress: Progress | None = None,
     parallel: int | None = None,
 ) -> MaterializeReport:
-    """Run the selected partitioned assets per partition, then the unpartitioned ones once.
+    """Run the selected partitioned assets over ranges of partitions, then the rest once.
 
-    Up to `parallel` partitions (default `settings.parallel_partitions`) run at once, each
-    in its own Dagster run in a worker process; 1 runs them one after another in this
-    process. The training dataset runs when it is selected (the default selects every
-    asset) and either it was named in `select` or at least one partition ran. A stop
-    (Ctrl+C, SIGTERM) ends the running partitions cleanly and starts no other; the report
-    says so. Raises `SettingsError` for an unknown partition or asset name.
+    Each run covers up to `settings.partitions_per_run` partitions; up to `parallel`
+    (default `settings.parallel_partitions`) runs go at once, in worker processes; 1 runs
+    them one after another in this process. The training dataset runs when it is
+    selected (the default selects every asset) and either it was named in `select` or at
+    least one partition ran. A stop (Ctrl+C, SIGTERM) ends the running partitions cleanly
+    and starts no other run; the report says so. Raises `SettingsError` for an unknown
+    partition or asset name.
 
     Example::
 
