@@ -368,17 +368,20 @@ def build_edits_asset(
         slots, wakeup = asyncio.Semaphore(runcomfy.max_concurrency), SlotWakeup()
         outcomes: dict[str, PartitionOutcome] = {}
         partitions: list[_Partition] = []
-        for key in context.partition_keys:
-            prepared = _prepare(context, key, storage, runcomfy, ledger, slots, wakeup)
+        # Read once: each `context.partition_keys` asks the instance for the partitions.
+        keys_in_run = list(context.partition_keys)
+        ranged = len(keys_in_run) > 1
+        for key in keys_in_run:
+            prepared = _prepare(context, key, ranged, storage, runcomfy, ledger, slots, wakeup)
             if isinstance(prepared, PartitionOutcome):
                 outcomes[key] = prepared
             else:
                 partitions.append(prepared)
-        if len(context.partition_keys) > 1:
+        if ranged:
             rows = sum(partition.tally.total for partition in partitions)
             context.log.info(
-                f"{len(context.partition_keys)} partitions ({context.partition_keys[0]} to "
-                f"{context.partition_keys[-1]}), {rows} rows from {storage.input_dir}"
+                f"{len(keys_in_run)} partitions ({keys_in_run[0]} to {keys_in_run[-1]}), "
+                f"{rows} rows from {storage.input_dir}"
             )
         # Partitions finish on the client's loop; their lines are logged from this thread.
         finished_lines: deque[str] = deque()
@@ -433,7 +436,7 @@ def build_edits_asset(
             stopped = True
             for partition in partitions:
                 # A lone partition reports the stop even if its last row just finished.
-                if partition.outcome is None or len(context.partition_keys) == 1:
+                if partition.outcome is None or not ranged:
                     partition.outcome = _interrupted(partition)
         except FatalApiError as exc:
             for partition in partitions:
@@ -451,7 +454,7 @@ def build_edits_asset(
         for partition in partitions:
             assert partition.outcome is not None, "every partition ends with an outcome"
             outcomes[partition.key] = partition.outcome
-        ordered = [outcomes[key] for key in context.partition_keys]
+        ordered = [outcomes[key] for key in keys_in_run]
         yield from materialize_outcomes(context, keys.edits, ordered, stopped=stopped)
 
     return flux2_edits
@@ -460,6 +463,7 @@ def build_edits_asset(
 def _prepare(
     context: AssetExecutionContext,
     key: str,
+    ranged: bool,
     storage: Flux2Storage,
     runcomfy: RunComfyResource,
     ledger: LedgerResource,
@@ -474,7 +478,7 @@ def _prepare(
     except (InputTableError, OSError) as exc:
         failure = Failure(description=f"partition {key}: {exc}", allow_retries=False)
         return PartitionOutcome(key, {}, failure)
-    if len(context.partition_keys) == 1:
+    if not ranged:
         context.log.info(f"partition {key}: {total} rows from {in_path} (sha256 {input_sha[:12]})")
     if row_group > LARGE_ROW_GROUP_ROWS:
         context.log.warning(
