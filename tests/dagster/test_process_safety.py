@@ -122,9 +122,12 @@ def test_sigkill_mid_partition_then_rerun_pays_each_row_once(
 
 
 def test_stopping_a_run_cancels_queued_jobs_and_records_them(tmp_path: Path) -> None:
-    config = EmulatorConfig(port=0, latency=1.5, max_concurrent=1, token=TEST_TOKEN)
+    config = EmulatorConfig(port=0, latency=0.05, max_concurrent=1, token=TEST_TOKEN)
     with EmulatorServer(config) as emulator:
         counters = emulator.state.counters
+        # The running job cannot finish before the stop has cancelled the queued four,
+        # however slowly the stop travels.
+        emulator.state.faults.update(hold_jobs=True)
         # Step retries stay on: a stop must not be undone by the RetryPolicy.
         # One partition at a time: the second must not start after a stop (the same with
         # partitions side by side is in test_parallel_partitions.py).
@@ -154,6 +157,7 @@ def test_stopping_a_run_cancels_queued_jobs_and_records_them(tmp_path: Path) -> 
             states = sorted(s.state.value for s in ledger.submissions("stopme"))
         assert states == ["cancelled"] * 4 + ["submitted"]  # the running one may still finish
 
+        emulator.state.faults.update(hold_jobs=False)
         rerun = subprocess.run(
             [CLI, "materialize"], env=env, capture_output=True, text=True, timeout=120
         )
