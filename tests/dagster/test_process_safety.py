@@ -83,7 +83,9 @@ def last_metadata(env: dict[str, str]) -> dict[str, object]:
 def test_sigkill_mid_partition_then_rerun_pays_each_row_once(
     tmp_path: Path, slow_emulator: EmulatorServer
 ) -> None:
-    env = cli_env(tmp_path, slow_emulator.base_url)
+    # A short lease: the re-run takes the killed run's open rows over within seconds, not
+    # after the default 60 (only one run is ever alive here).
+    env = cli_env(tmp_path, slow_emulator.base_url, FLUX2_CLAIM_LEASE_SECONDS="3")
     write_table(tmp_path / "prompts", "crash", prompt_rows(slow_emulator.base_url, "crash", 24))
     counters = slow_emulator.state.counters
 

@@ -352,7 +352,10 @@ async def test_model_failure_is_a_failed_result_not_an_exception(
 
 
 async def test_caller_cancellation_cancels_the_queued_job(make_emulator: _Emulators) -> None:
-    server = make_emulator(token=TOKEN, latency=5.0, max_concurrent=1)
+    # The blocker never finishes while jobs are held, so the second job stays queued for
+    # as long as the test needs, however slow the machine is.
+    server = make_emulator(token=TOKEN, latency=0.05, max_concurrent=1)
+    server.state.faults.update(hold_jobs=True)
     counters = server.state.counters
     async with client_for(server) as client:
         blocker = await client.submit(request(server.base_url, 1))
