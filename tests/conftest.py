@@ -18,7 +18,14 @@ from tests._postgres_guard import pytest_runtest_setup
 
 TEST_TOKEN = "tok-ZQ8xv3Lr5Hn0wPq2"
 
-__all__ = ["TEST_TOKEN", "prompt_rows", "pytest_runtest_setup", "refused_port", "write_table"]
+__all__ = [
+    "TEST_TOKEN",
+    "emulator_config",
+    "prompt_rows",
+    "pytest_runtest_setup",
+    "refused_port",
+    "write_table",
+]
 
 
 # No per-example deadline: on a loaded machine Hypothesis's default 200 ms flakes, and
@@ -65,13 +72,17 @@ def prompt_rows(base_url: str, prefix: str, count: int, **extra: Any) -> list[di
     ]
 
 
+def emulator_config() -> EmulatorConfig:
+    """The settings of the `emulator` fixture, for a module-scoped emulator of a test's own."""
+    return EmulatorConfig(
+        port=0, latency=0.05, max_concurrent=32, token=TEST_TOKEN, retry_after="0.05", seed=1
+    )
+
+
 @pytest.fixture
 def emulator() -> Iterator[EmulatorServer]:
     """A token-protected emulator on a free loopback port; tests adjust `state.faults`."""
-    config = EmulatorConfig(
-        port=0, latency=0.05, max_concurrent=32, token=TEST_TOKEN, retry_after="0.05", seed=1
-    )
-    with EmulatorServer(config) as server:
+    with EmulatorServer(emulator_config()) as server:
         yield server
 
 

@@ -1,7 +1,9 @@
 """Each of the six asset checks, made to fail, with its severity and its message.
 
 The partition is built by `flux2-pipeline materialize` in a subprocess (the contract's
-surface) and its check evaluations are read back from the Dagster instance's event log.
+surface), once for the module; each test gets its own copy of the folders it wrote (the
+Dagster instance, the ledger, the results) and reads the check evaluations back from
+that copy's event log.
 Checks the pipeline cannot fail on its own (duplicate request ids, a short output list,
 a tampered image) are then re-run alone, through the `Definitions` that `dagster dev`
 loads, against files changed the way a broken writer or a bad disk would change them.
@@ -10,6 +12,7 @@ loads, against files changed the way a broken writer or a bad disk would change 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -32,7 +35,7 @@ from dagster._utils.error import SerializableErrorInfo
 
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.settings import Settings
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
+from tests.conftest import TEST_TOKEN, emulator_config, prompt_rows, write_table
 
 CLI = str(Path(sys.executable).parent / "flux2-pipeline")
 KEY = "checked"
@@ -105,31 +108,60 @@ def metadata(evaluation: AssetCheckEvaluation) -> dict[str, Any]:
     return {key: value.value for key, value in evaluation.metadata.items()}
 
 
-@pytest.fixture
-def built(tmp_path: Path, emulator: EmulatorServer) -> Iterator[Built]:
-    """Partition `checked`: four good rows and one invalid; `broken`: a reference 404s."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+def cli_env(root: Path, base_url: str) -> dict[str, str]:
+    """The CLI's environment for the folders under `root`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNCOMFY_", "FLUX2_"))}
     env.update(
-        RUNCOMFY_BASE_URL=emulator.base_url,
+        RUNCOMFY_BASE_URL=base_url,
         RUNCOMFY_API_TOKEN=TEST_TOKEN,
-        FLUX2_INPUT_DIR=str(tmp_path / "prompts"),
-        FLUX2_OUTPUT_DIR=str(tmp_path / "output"),
+        FLUX2_INPUT_DIR=str(root / "prompts"),
+        FLUX2_OUTPUT_DIR=str(root / "output"),
         FLUX2_STEP_RETRIES="0",
-        DAGSTER_HOME=str(home),
+        DAGSTER_HOME=str(root / "dagster_home"),
     )
-    rows = prompt_rows(emulator.base_url, KEY, 4, guidance_scale=None)
-    rows.append({**prompt_rows(emulator.base_url, "bad", 1)[0], "guidance_scale": 99.0})
-    write_table(tmp_path / "prompts", KEY, rows)
-    broken = prompt_rows(emulator.base_url, "broken", 2)
-    broken[1]["image_urls"] = [f"{emulator.base_url}/v1/outputs/none/0.png"]  # a 404
-    write_table(tmp_path / "prompts", "broken", broken)
-    cli = subprocess.run([CLI, "materialize"], env=env, capture_output=True, text=True, timeout=300)
-    instance = DagsterInstance.from_config(str(home))
+    return env
+
+
+@dataclass
+class Pristine:
+    """The module's partitions as the CLI left them, never changed by a test."""
+
+    root: Path
+    base_url: str
+    cli: subprocess.CompletedProcess[str]
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pristine]:
+    """Partition `checked`: four good rows and one invalid; `broken`: a reference 404s."""
+    root = tmp_path_factory.mktemp("built")
+    home = root / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    with EmulatorServer(emulator_config()) as emulator:
+        rows = prompt_rows(emulator.base_url, KEY, 4, guidance_scale=None)
+        rows.append({**prompt_rows(emulator.base_url, "bad", 1)[0], "guidance_scale": 99.0})
+        write_table(root / "prompts", KEY, rows)
+        broken = prompt_rows(emulator.base_url, "broken", 2)
+        broken[1]["image_urls"] = [f"{emulator.base_url}/v1/outputs/none/0.png"]  # a 404
+        write_table(root / "prompts", "broken", broken)
+        env = cli_env(root, emulator.base_url)
+        cli = subprocess.run(
+            [CLI, "materialize"], env=env, capture_output=True, text=True, timeout=300
+        )
+        yield Pristine(root, emulator.base_url, cli)
+
+
+@pytest.fixture
+def built(pristine: Pristine, tmp_path: Path) -> Iterator[Built]:
+    """A copy of the module's partitions (instance, ledger, results, images) for one test
+    to break as it likes."""
+    root = tmp_path / "built"
+    shutil.copytree(pristine.root, root)
+    env = cli_env(root, pristine.base_url)
+    instance = DagsterInstance.from_config(env["DAGSTER_HOME"])
     try:
-        yield Built(env, tmp_path / "output", instance, cli)
+        yield Built(env, root / "output", instance, pristine.cli)
     finally:
         instance.dispose()
 

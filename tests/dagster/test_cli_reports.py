@@ -91,37 +91,41 @@ def test_innermost_error_follows_causes_to_the_bottom() -> None:
     assert innermost_error(info) == "ConnectionError: server closed the connection unexpectedly"
 
 
-def _open_fresh_instance(output_dir: str, barrier: Any, results: Any) -> None:
+def _open_fresh_instances(outputs: list[str], barrier: Any, results: Any) -> None:
+    """Per output folder: wait for the other process, then set up its new instance."""
     from flux2_pipeline.materialize import open_instance
     from flux2_pipeline.resources import Flux2Storage, RunComfyResource
     from flux2_pipeline.settings import Settings
 
-    settings = Settings.of(
-        RunComfyResource(base_url="http://127.0.0.1:9"), Flux2Storage(output_dir=output_dir)
-    )
-    barrier.wait()  # both processes have imported everything: start together
-    try:
-        instance = open_instance(settings)
-        instance.get_runs(limit=1)
-        instance.dispose()
-        results.put("ok")
-    except Exception as exc:
-        results.put(f"{type(exc).__name__}: {exc}".splitlines()[0])
+    for round_, output_dir in enumerate(outputs):
+        settings = Settings.of(
+            RunComfyResource(base_url="http://127.0.0.1:9"), Flux2Storage(output_dir=output_dir)
+        )
+        barrier.wait()  # both processes are at this round's folder: start together
+        try:
+            instance = open_instance(settings)
+            instance.get_runs(limit=1)
+            instance.dispose()
+            results.put((round_, "ok"))
+        except Exception as exc:
+            results.put((round_, f"{type(exc).__name__}: {exc}".splitlines()[0]))
 
 
 def test_two_processes_set_up_a_new_instance_at_once(tmp_path: Path) -> None:
     # Without the setup lock, 3 of 8 rounds failed with "table runs already exists" or
-    # "alembic_version has more than one head".
+    # "alembic_version has more than one head". The two processes start (and import
+    # Dagster) once, then race on a brand-new folder in each of the six rounds.
+    rounds = 6
     context = multiprocessing.get_context("spawn")
-    for round_ in range(6):
-        barrier, results = context.Barrier(2), context.Queue()
-        output = str(tmp_path / f"fresh-{round_}")
-        processes = [
-            context.Process(target=_open_fresh_instance, args=(output, barrier, results))
-            for _ in range(2)
-        ]
-        for process in processes:
-            process.start()
-        for process in processes:
-            process.join(timeout=120)
-        assert sorted(results.get(timeout=10) for _ in processes) == ["ok", "ok"]
+    barrier, results = context.Barrier(2), context.Queue()
+    outputs = [str(tmp_path / f"fresh-{round_}") for round_ in range(rounds)]
+    processes = [
+        context.Process(target=_open_fresh_instances, args=(outputs, barrier, results))
+        for _ in range(2)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=240)
+    outcomes = sorted(results.get(timeout=10) for _ in range(2 * rounds))
+    assert outcomes == [(round_, "ok") for round_ in range(rounds) for _ in range(2)]

@@ -11,6 +11,8 @@ import logging
 import os
 import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -36,19 +38,35 @@ def test_partitions_run_side_by_side_each_in_its_own_run(
     monkeypatch.setenv("FLUX2_MAX_CONCURRENCY", "2")
     monkeypatch.setenv("FLUX2_PARTITIONS_PER_RUN", "1")  # ranged runs: test_ranged_runs.py
     settings = Settings.from_env()
-    # Each partition needs two rounds of 2 s jobs: they cannot help overlapping.
-    emulator.state.update_settings({"latency": 2.0})
     names = ["alpha", "beta", "gamma"]
     for name in names:
         write_table(Path(settings.storage.input_dir), name, prompt_rows(emulator.base_url, name, 4))
+    # The emulator holds every job until all three partitions have their two in flight:
+    # run side by side, they get there; one after another, never (the release comes late
+    # and the peak below stays at 2).
+    counters, faults = emulator.state.counters, emulator.state.faults
+    faults.update(hold_jobs=True)
+    stop = threading.Event()
 
-    report = materialize(settings, select=["flux2_edits"], instance=instance, parallel=3)
+    def release_once_all_run() -> None:
+        deadline = time.monotonic() + 120
+        while counters.in_progress_now < 6 and time.monotonic() < deadline and not stop.is_set():
+            time.sleep(0.02)
+        faults.update(hold_jobs=False)
+
+    releaser = threading.Thread(target=release_once_all_run, daemon=True)
+    releaser.start()
+    try:
+        report = materialize(settings, select=["flux2_edits"], instance=instance, parallel=3)
+    finally:
+        stop.set()
+        releaser.join()
 
     assert [(s.partition, s.succeeded, s.completed) for s in report.partitions] == [
         (name, True, 4) for name in names
     ]
-    # More than one partition's jobs were in flight at once: one after another peaks at 2.
-    assert emulator.state.counters.max_in_progress > 2
+    # Every partition's two jobs were in flight at once.
+    assert emulator.state.counters.max_in_progress == 6
     assert emulator.state.counters.jobs_created == 12
     runs = instance.get_runs(RunsFilter(tags={RUN_TAG: "flux2-pipeline materialize"}))
     assert sorted(run.tags["dagster/partition"] for run in runs) == names
@@ -74,9 +92,12 @@ def test_a_bad_setting_names_the_variable() -> None:
 
 
 def test_sigterm_stops_every_running_partition_and_starts_no_other(tmp_path: Path) -> None:
-    config = EmulatorConfig(port=0, latency=1.5, max_concurrent=2, token=TEST_TOKEN)
+    config = EmulatorConfig(port=0, latency=0.05, max_concurrent=2, token=TEST_TOKEN)
     with EmulatorServer(config) as emulator:
         counters = emulator.state.counters
+        # The two running jobs cannot finish before the stop has cancelled the queued four,
+        # however slowly the partitions start or the stop travels.
+        emulator.state.faults.update(hold_jobs=True)
         env = cli_env(
             tmp_path,
             emulator.base_url,

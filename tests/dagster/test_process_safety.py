@@ -83,7 +83,9 @@ def last_metadata(env: dict[str, str]) -> dict[str, object]:
 def test_sigkill_mid_partition_then_rerun_pays_each_row_once(
     tmp_path: Path, slow_emulator: EmulatorServer
 ) -> None:
-    env = cli_env(tmp_path, slow_emulator.base_url)
+    # A short lease: the re-run takes the killed run's open rows over within seconds, not
+    # after the default 60 (only one run is ever alive here).
+    env = cli_env(tmp_path, slow_emulator.base_url, FLUX2_CLAIM_LEASE_SECONDS="3")
     write_table(tmp_path / "prompts", "crash", prompt_rows(slow_emulator.base_url, "crash", 24))
     counters = slow_emulator.state.counters
 
@@ -122,9 +124,12 @@ def test_sigkill_mid_partition_then_rerun_pays_each_row_once(
 
 
 def test_stopping_a_run_cancels_queued_jobs_and_records_them(tmp_path: Path) -> None:
-    config = EmulatorConfig(port=0, latency=1.5, max_concurrent=1, token=TEST_TOKEN)
+    config = EmulatorConfig(port=0, latency=0.05, max_concurrent=1, token=TEST_TOKEN)
     with EmulatorServer(config) as emulator:
         counters = emulator.state.counters
+        # The running job cannot finish before the stop has cancelled the queued four,
+        # however slowly the stop travels.
+        emulator.state.faults.update(hold_jobs=True)
         # Step retries stay on: a stop must not be undone by the RetryPolicy.
         # One partition at a time: the second must not start after a stop (the same with
         # partitions side by side is in test_parallel_partitions.py).

@@ -1,7 +1,7 @@
 """The one window no client can close, for real: killed after the API created a job,
 before its answer arrived. The re-run pays again and counts it, exactly.
 
-The emulator creates each job, then holds its answer (`submit_delay`); the CLI is
+The emulator creates each job, then holds its answer (`hold_submits`); the CLI is
 SIGKILLed once the emulator has created every job, so each row is an intent without a
 request id in the ledger.
 """
@@ -29,22 +29,30 @@ def test_killed_before_the_answer_then_rerun_counts_each_duplicate(
     tmp_path: Path, emulator: EmulatorServer
 ) -> None:
     counters = emulator.state.counters
-    env = cli_env(tmp_path, emulator.base_url, FLUX2_MAX_CONCURRENCY=str(ROWS))
+    # A short lease: the re-run takes the killed run's open intents over within seconds,
+    # not after the default 60 (only one run is ever alive here).
+    env = cli_env(
+        tmp_path,
+        emulator.base_url,
+        FLUX2_MAX_CONCURRENCY=str(ROWS),
+        FLUX2_CLAIM_LEASE_SECONDS="3",
+    )
     write_table(tmp_path / "prompts", "lost", prompt_rows(emulator.base_url, "lost", ROWS))
-    emulator.state.faults.update(submit_delay=60.0)  # jobs are created, answers held
+    emulator.state.faults.update(hold_submits=True)  # jobs are created, answers held
 
     victim = start_cli(env)
     wait_for(lambda: counters.jobs_created == ROWS, timeout=120)
     victim.send_signal(signal.SIGKILL)
     victim.communicate(timeout=30)
     assert victim.returncode == -signal.SIGKILL
+    assert counters.held_submits_now == ROWS  # no answer ever left the emulator
     assert counters.jobs_created == ROWS and counters.duplicate_bodies == 0
 
     with Ledger.open(tmp_path / "output" / "ledger.sqlite") as ledger:
         lost = ledger.submissions("lost")
     assert sorted((s.state.value, s.request_id) for s in lost) == [("intent", None)] * ROWS
 
-    emulator.state.faults.update(submit_delay=0.0)
+    emulator.state.faults.update(hold_submits=False)
     rerun = subprocess.run(
         [CLI, "materialize"], env=env, capture_output=True, text=True, timeout=300
     )

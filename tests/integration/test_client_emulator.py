@@ -119,8 +119,19 @@ async def test_many_jobs_survive_429_and_5xx_without_duplicates(
         async with slots:
             return await client.wait(request_id)
 
-    async with client_for(server) as client:
-        request_ids = await asyncio.gather(*(submit(req) for req in requests))
+    counters = server.state.counters
+    # Read timeout: the held submits wait for the test, however slow the machine is.
+    async with client_for(server, timeout=httpx.Timeout(10.0, read=60.0)) as client:
+        # Answers and jobs are held until 16 submits are in flight at once (the client's
+        # 16 connections), each with its job running: the calls overlap for certain.
+        server.state.faults.update(hold_submits=True, hold_jobs=True)
+        try:
+            submitting = asyncio.gather(*(submit(req) for req in requests))
+            await eventually(lambda: counters.held_submits_now == 16, timeout=30)
+            assert counters.jobs_created == counters.in_progress_now == 16
+        finally:
+            server.state.faults.update(hold_submits=False, hold_jobs=False)
+        request_ids = await submitting
         submit_retries = client.stats.retries
         assert server.state.counters.rejected_429 == submit_retries > 0
         server.state.faults.update(fault_5xx=0.1)
@@ -140,11 +151,10 @@ async def test_many_jobs_survive_429_and_5xx_without_duplicates(
                 image.load()
                 assert image.format == "PNG" and image.size == (512, 512)
 
-    counters = server.state.counters
     assert counters.jobs_created == 200 and counters.completed_jobs == 200
     assert counters.duplicate_bodies == 0
     assert len(counters.body_submissions) == 200
-    assert 1 < counters.max_in_progress <= 32  # the emulator runs at most 32 at once
+    assert 16 <= counters.max_in_progress <= 32  # the emulator runs at most 32 at once
     assert counters.rejected_429 > 0 and counters.rejected_5xx > 0
     assert counters.rejected_401 == 0
     # Every injected fault cost the client exactly one retry, and nothing else did.
@@ -273,24 +283,50 @@ async def test_dropped_submit_is_outcome_unknown_and_never_resubmitted(
     assert len(jobs_by_seed(server, 7)) == 1
 
 
+class _ReadsOnceHeld(httpx.AsyncBaseTransport):
+    """httpx's own pool over real sockets; a request's wait for its answer (the read
+    timeout's clock) starts only once the emulator holds a submit's answer.
+
+    httpcore awaits the `trace` extension before it reads the answer's headers, so however
+    slowly a loaded machine runs the emulator's thread, the job exists before the client
+    can give up on it: the read timeout then ends the call for certain.
+    """
+
+    def __init__(self, held: Callable[[], bool]) -> None:
+        self.held = held
+        self.inner = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        async def trace(event: str, _info: dict[str, Any]) -> None:
+            if event == "http11.receive_response_headers.started":
+                await eventually(self.held, timeout=30)
+
+        request.extensions["trace"] = trace
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 async def test_slow_submit_is_outcome_unknown_and_never_resubmitted(
     make_emulator: _Emulators,
 ) -> None:
-    # The emulator creates the job, then withholds the answer until told: the client's
-    # own read timeout, not a race with a server-side delay, certainly ends the call.
+    # The emulator creates the job, then withholds the answer until told; the client reads
+    # only once the answer is held, so its own read timeout certainly ends the call.
     server = make_emulator(token=TOKEN)
     server.state.faults.update(hold_submits=True)
     counters = server.state.counters
     req = request(server.base_url, 8)
-    # Connecting and sending get all the time a loaded machine needs; only the wait for
-    # the answer is short (and a second is still ample for loopback to deliver the body).
-    timeout = httpx.Timeout(30.0, read=1.0)
+    transport = _ReadsOnceHeld(lambda: counters.held_submits_now == 1)
+    # Connecting and sending get all the time a loaded machine needs (a slow connect must
+    # not pass for a read timeout); the wait for the held answer is short.
+    timeout = httpx.Timeout(30.0, read=0.2)
     try:
-        async with client_for(server, timeout=timeout) as client:
-            with pytest.raises(SubmissionOutcomeUnknown):
+        async with client_for(server, timeout=timeout, transport=transport) as client:
+            with pytest.raises(SubmissionOutcomeUnknown) as caught:
                 await client.submit(req)
             assert client.stats.submits == 1 and client.stats.retries == 0
-        await eventually(lambda: counters.jobs_created == 1, timeout=30)
+        assert isinstance(caught.value.__cause__, httpx.ReadTimeout)
         assert counters.held_submits_now == 1, "the answer was still held: no server reply"
     finally:
         server.state.faults.update(hold_submits=False)
@@ -316,7 +352,10 @@ async def test_model_failure_is_a_failed_result_not_an_exception(
 
 
 async def test_caller_cancellation_cancels_the_queued_job(make_emulator: _Emulators) -> None:
-    server = make_emulator(token=TOKEN, latency=5.0, max_concurrent=1)
+    # The blocker never finishes while jobs are held, so the second job stays queued for
+    # as long as the test needs, however slow the machine is.
+    server = make_emulator(token=TOKEN, latency=0.05, max_concurrent=1)
+    server.state.faults.update(hold_jobs=True)
     counters = server.state.counters
     async with client_for(server) as client:
         blocker = await client.submit(request(server.base_url, 1))

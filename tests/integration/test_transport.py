@@ -202,6 +202,27 @@ async def test_dropped_submit_is_outcome_unknown_and_sent_once(handler: Handler)
     assert requests == 1
 
 
+async def test_submit_without_answer_in_time_is_outcome_unknown_and_sent_once() -> None:
+    # The default (aiohttp) transport's read timeout on a submit whose request the server
+    # read in full; the emulator test does the same through httpx's pool.
+    requests = 0
+
+    async def counting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        requests += 1
+        await _never_answer(reader, writer)
+
+    async with _serve(counting) as base_url:
+        retry = RetryPolicy(max_attempts=5, base_delay=0.0, max_delay=0.0)
+        timeout = httpx.Timeout(30.0, read=0.2)
+        async with AsyncRunComfyClient(None, base_url, retry=retry, timeout=timeout) as client:
+            with pytest.raises(SubmissionOutcomeUnknown) as caught:
+                await client.submit(_request())
+            assert client.stats.retries == 0
+    assert isinstance(caught.value.__cause__, httpx.ReadTimeout)
+    assert requests == 1
+
+
 async def test_refused_submit_is_not_sent() -> None:
     retry = RetryPolicy(max_attempts=2, base_delay=0.0, max_delay=0.0)
     async with AsyncRunComfyClient(None, f"http://127.0.0.1:{_free_port()}", retry=retry) as client:

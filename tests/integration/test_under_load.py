@@ -1,0 +1,129 @@
+"""`tests/under_load.py`, the runner of issue 13's proof, on a tiny test file of its own:
+rounds stop at the first failure, pytest sees CI=true, and the busy processes (and pytest)
+never outlive the runner, whether it finishes, fails or is stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+RUNNER = Path(__file__).resolve().parents[1] / "under_load.py"
+BUSY_CODE = "while True: pass"
+# The runner passes its environment on: without plugins (dagster's, hypothesis') each inner
+# pytest starts in a fraction of a second.
+QUICK = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+
+# Fails in its third round (the count lives in a file beside it); asserts what pytest sees.
+COUNTING_TEST = """
+import os
+from pathlib import Path
+
+def test_counted() -> None:
+    counter = Path(__file__).with_name("rounds.txt")
+    runs = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(runs))
+    assert os.environ["CI"] == "true"
+    assert runs != 3, "the third round fails"
+"""
+
+SLEEPING_TEST = """
+import os
+import time
+from pathlib import Path
+
+def test_sleeps() -> None:
+    Path(__file__).with_name("pytest.pid").write_text(str(os.getpid()))
+    time.sleep(120)
+"""
+
+
+def runner(tmp_path: Path, name: str, code: str, *args: str) -> list[str]:
+    test_file = tmp_path / name
+    test_file.write_text(code)
+    pytest_args = f"{test_file} -p no:cacheprovider"
+    return [sys.executable, str(RUNNER), "--pytest-args", pytest_args, *args]
+
+
+def busy_pids(output: str) -> list[int]:
+    line = next(line for line in output.splitlines() if "busy processes (pids" in line)
+    listed = line.split("(pids ", 1)[1].split(")", 1)[0]
+    return [int(pid) for pid in listed.split(", ")]
+
+
+def alive(pid: int, marker: str) -> bool:
+    """True while `pid` is a live process whose command line holds `marker`."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return marker in cmdline and state != "Z"
+
+
+def assert_ended(pids: list[int], marker: str) -> None:
+    """Fail if any of `pids` still runs `marker`, after killing it (no leftover spinners)."""
+    leftovers = [pid for pid in pids if alive(pid, marker)]
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    assert not leftovers, f"processes {leftovers} outlived the runner"
+
+
+def test_rounds_stop_at_the_first_failure_and_the_busy_processes_end(tmp_path: Path) -> None:
+    command = runner(tmp_path, "test_counting.py", COUNTING_TEST, "--rounds", "4")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=150, env=QUICK)
+    out = done.stdout
+    pids = busy_pids(out)
+    assert_ended(pids, BUSY_CODE)
+    assert done.returncode == 1, out + done.stderr
+    assert "under_load: 2 busy processes" in out
+    assert "round 1/4 passed in " in out and "(1 passed in " in out
+    assert "round 2/4 passed in " in out
+    assert "round 3/4 FAILED (exit 1) in " in out and "(1 failed in " in out
+    assert "round 4/4" not in out
+    assert "2 of 4 rounds passed in a row" in out
+    assert (tmp_path / "rounds.txt").read_text() == "3"
+    assert len(pids) == 2
+
+
+def test_every_round_passing_exits_zero(tmp_path: Path) -> None:
+    command = runner(tmp_path, "test_counting.py", COUNTING_TEST, "--rounds", "2", "--busy", "1")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=150, env=QUICK)
+    pids = busy_pids(done.stdout)
+    assert_ended(pids, BUSY_CODE)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 of 2 rounds passed in a row" in done.stdout
+    assert len(pids) == 1
+
+
+def test_sigterm_stops_pytest_and_the_busy_processes(tmp_path: Path) -> None:
+    command = runner(tmp_path, "test_sleeping.py", SLEEPING_TEST, "--rounds", "3")
+    pid_file = tmp_path / "pytest.pid"
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=QUICK) as child:
+        try:
+            assert child.stdout is not None
+            first = child.stdout.readline()
+            deadline = time.monotonic() + 120
+            while not pid_file.exists():  # pytest is inside the sleeping test
+                assert time.monotonic() < deadline, "pytest never reached the test"
+                time.sleep(0.05)
+            os.kill(child.pid, signal.SIGTERM)
+            assert child.wait(30) == 130
+        finally:
+            if child.poll() is None:
+                child.kill()
+    pytest_pid = int(pid_file.read_text())
+    try:
+        assert_ended(busy_pids(first), BUSY_CODE)
+    finally:
+        deadline = time.monotonic() + 10  # pytest is the runner's child, reaped by it
+        while alive(pytest_pid, "pytest") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert_ended([pytest_pid], "pytest")
