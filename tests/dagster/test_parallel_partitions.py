@@ -109,9 +109,6 @@ def test_sigterm_stops_every_running_partition_and_starts_no_other(tmp_path: Pat
         for name in names:
             write_table(tmp_path / "prompts", name, prompt_rows(emulator.base_url, name, 3))
 
-        # Running jobs never finish while held, so however long the stop takes under load,
-        # the queued jobs are still queued when their cancels arrive.
-        emulator.state.faults.update(hold_jobs=True)
         run = start_cli(env, "--parallel", "2")
         # Two partitions of three jobs each: all six submitted, two running, four queued.
         wait_for(lambda: counters.jobs_created == 6 and counters.in_progress_now == 2)
