@@ -162,7 +162,11 @@ class ChildRun:
 
 
 def run_child(command: Sequence[str], env: Mapping[str, str], timeout: float = 3600) -> ChildRun:
-    """Run a command and read its own rusage with wait4 (CPU and ru_maxrss of that child)."""
+    """Run a command and read its own rusage with wait4 (CPU and ru_maxrss of that child).
+
+    Raises `TimeoutError` naming the limit if the command runs over `timeout` seconds (it
+    is killed): a silent kill once looked like an outside one.
+    """
     started = time.perf_counter()
     with (
         open(os.devnull, "rb") as stdin,
@@ -173,13 +177,17 @@ def run_child(command: Sequence[str], env: Mapping[str, str], timeout: float = 3
             list(command), env=dict(env), stdin=stdin, stdout=out, stderr=err
         )
         deadline = started + timeout
+        timed_out = False
         while True:
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
             if pid:
                 break
-            if time.perf_counter() > deadline:
+            if not timed_out and time.perf_counter() > deadline:
                 process.kill()
+                timed_out = True
             time.sleep(0.01)
+        if timed_out:
+            raise TimeoutError(f"{' '.join(command)} ran over its {timeout:.0f} s limit")
         wall = time.perf_counter() - started
         process.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)

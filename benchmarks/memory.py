@@ -108,7 +108,8 @@ def measure(
         children = []
         for _ in range(runs):
             emu.reset()
-            child = run_child(command, env)
+            # A 1M-row first run takes 40 to 100 minutes on 2 cores: the limit grows with it.
+            child = run_child(command, env, timeout=max(3600.0, size * 0.05))
             # Invalid rows make the command exit 1 (rows need attention), never 2 or worse.
             if child.returncode not in ((0, 1) if invalid else (0,)):
                 failure = f"materialize failed ({child.returncode}):\n{child.stderr[-3000:]}"
