@@ -23,15 +23,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Literal, NamedTuple, Self, get_args, get_origin
+from typing import Any, Literal, NamedTuple, get_args, get_origin
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from upath import UPath
 
 from flux2_pipeline.batch.ids import RowIdRegistry
-from flux2_pipeline.paths import AtomicFile, ensure_upath
+from flux2_pipeline.paths import ParquetStreamWriter, ensure_upath
 from flux2_pipeline.runcomfy import PARAMETER_NAMES, EditRequest, InvalidEditRequest
 
 READ_BATCH_ROWS = 1024
@@ -360,8 +359,12 @@ footer is written: with 1,024-row groups its peak RSS grew from 180 to 191 MB be
 until a group is written), measured 2026-11-24 on invalid rows, reader and writer alone."""
 
 
-class ResultsWriter:
+class ResultsWriter(ParquetStreamWriter):
     """Streams results into a Parquet file that appears only when complete.
+
+    A `ParquetStreamWriter` of `RESULTS_SCHEMA`: the bytes go to an `AtomicFile` (a local
+    temporary file, renamed or uploaded in one put on commit), so readers never see a
+    half-written file.
 
     Example::
 
@@ -376,75 +379,13 @@ class ResultsWriter:
         flush_rows: int = READ_BATCH_ROWS,
         row_group_rows: int = RESULTS_ROW_GROUP_ROWS,
     ) -> None:
-        self.path = ensure_upath(path)
-        self.rows_written = 0
-        self._flush_rows = flush_rows
-        self._row_group_rows = row_group_rows
-        self._pending: list[dict[str, Any]] = []
-        self._batches: list[pa.RecordBatch] = []
-        self._batched_rows = 0
-        # The bytes stream into an `AtomicFile` (a local temporary file, renamed or
-        # uploaded in one put on commit), so readers never see a half-written file.
-        self._target = AtomicFile(self.path)
-        self._writer = pq.ParquetWriter(self._target.handle, RESULTS_SCHEMA, compression="zstd")
+        super().__init__(ensure_upath(path), RESULTS_SCHEMA, flush_rows, row_group_rows)
 
     def write(self, outcomes: Sequence[RowOutcome]) -> None:
         """Buffer outcomes; turn them into Arrow every `flush_rows` rows, and write a row
         group every `row_group_rows` rows."""
-        self._pending.extend(outcome.record() for outcome in outcomes)
-        if len(self._pending) >= self._flush_rows:
-            self._to_arrow()
-            if self._batched_rows >= self._row_group_rows:
-                self._write_row_group()
-
-    def _to_arrow(self) -> None:
-        if self._pending:
-            batch = pa.RecordBatch.from_pylist(self._pending, schema=RESULTS_SCHEMA)
-            self._batches.append(batch)
-            self._batched_rows += batch.num_rows
-            self._pending = []
-
-    def _write_row_group(self) -> None:
-        if self._batches:
-            table = pa.Table.from_batches(self._batches, schema=RESULTS_SCHEMA)
-            self._writer.write_table(table, row_group_size=table.num_rows)
-            self.rows_written += table.num_rows
-            self._batches, self._batched_rows = [], 0
-
-    def _flush(self) -> None:
-        self._to_arrow()
-        self._write_row_group()
-
-    def commit(self) -> None:
-        """Finish the file and move it into place (rename locally, one upload remotely)."""
-        try:
-            self._flush()
-            self._writer.close()
-        except BaseException:
-            self._target.abort()
-            raise
-        self._target.commit()
-
-    def abort(self) -> None:
-        """Drop the temporary file; the previous results (if any) stay as they were."""
-        try:
-            self._writer.close()
-        finally:
-            self._target.abort()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
+        for outcome in outcomes:
+            self.write_row(outcome.record())
 
 
 def file_sha256(path: Path | UPath, chunk: int = 1 << 20) -> str:
