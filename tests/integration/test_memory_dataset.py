@@ -10,7 +10,6 @@ peak at LARGE rows must stay within a fixed allowance of the peak at SMALL rows.
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 from pathlib import Path
@@ -18,11 +17,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
-from flux2_pipeline.batch import RESULTS_SCHEMA
-from flux2_pipeline.batch.tables import RESULTS_ROW_GROUP_ROWS
-from flux2_pipeline.media import MANIFEST_SCHEMA, ImageStore, inspect_image
+from flux2_pipeline.media import MANIFEST_SCHEMA, ImageStore
+from tests.integration.partition_files import stored_png, write_completed_results
 
 SMALL, LARGE = 10_000, 70_000
 EDITS_STORED_EVERY = 100
@@ -53,26 +50,10 @@ print(report.rows, report.skipped, report.shards, peak_kib)
 pytestmark = pytest.mark.slow
 
 
-def _stored_png(store: ImageStore, shade: int) -> dict[str, object]:
-    """The manifest columns of a small PNG, stored."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (16, 8), (shade, 80, 120)).save(buffer, format="PNG")
-    info = inspect_image(buffer.getvalue())
-    stored = store.put(buffer.getvalue(), info.sha256, info.ext)
-    return {
-        "sha256": info.sha256,
-        "path": stored.relative,
-        "width": info.width,
-        "height": info.height,
-        "format": info.format,
-        "bytes": info.bytes,
-    }
-
-
 def write_partition(root: Path, rows: int) -> None:
     """A completed results row per id, with one reference and one edit, and its manifest."""
     store = ImageStore(root / "images", base=root)
-    source, edited = _stored_png(store, 10), _stored_png(store, 200)
+    source, edited = stored_png(store, 10), stored_png(store, 200)
     ids = [f"{KEY}-{i}" for i in range(rows)]
     results = {
         "row_id": ids,
@@ -90,11 +71,7 @@ def write_partition(root: Path, rows: int) -> None:
         "output_urls": [[f"https://out.test/{i}.png"] for i in range(rows)],
         "attempts": [1] * rows,
     }
-    results |= {name: [None] * rows for name in RESULTS_SCHEMA.names if name not in results}
-    path = root / "flux2_edits" / f"{KEY}.parquet"
-    path.parent.mkdir(parents=True)
-    table = pa.Table.from_pydict(results, schema=RESULTS_SCHEMA)
-    pq.write_table(table, path, row_group_size=RESULTS_ROW_GROUP_ROWS)
+    write_completed_results(root / "flux2_edits" / f"{KEY}.parquet", results, rows)
 
     def image(role: str, i: int) -> dict[str, object]:
         stored = role == "source" or i % EDITS_STORED_EVERY == 0

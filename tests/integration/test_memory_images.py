@@ -12,7 +12,6 @@ allowance of the peak at SMALL rows.
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 from pathlib import Path
@@ -20,11 +19,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
-from flux2_pipeline.batch import RESULTS_SCHEMA
-from flux2_pipeline.batch.tables import RESULTS_ROW_GROUP_ROWS
-from flux2_pipeline.media import MANIFEST_SCHEMA, ImageStore, inspect_image, iter_manifest
+from flux2_pipeline.media import MANIFEST_SCHEMA, ImageStore, iter_manifest
+from tests.integration.partition_files import stored_png, write_completed_results
 
 SMALL, LARGE = 10_000, 50_000
 REFUSED_EVERY = 10
@@ -55,22 +52,6 @@ print(report.stored, report.failed, report.reused, report.downloaded, report.byt
 pytestmark = pytest.mark.slow
 
 
-def _stored_png(store: ImageStore, shade: int) -> dict[str, object]:
-    """The manifest columns of a small PNG, stored."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (16, 8), (shade, 80, 120)).save(buffer, format="PNG")
-    info = inspect_image(buffer.getvalue())
-    stored = store.put(buffer.getvalue(), info.sha256, info.ext)
-    return {
-        "sha256": info.sha256,
-        "path": stored.relative,
-        "width": info.width,
-        "height": info.height,
-        "format": info.format,
-        "bytes": info.bytes,
-    }
-
-
 def _edit_url(i: int) -> str:
     if i % REFUSED_EVERY == 0:
         return f"http://10.0.{i // 250 % 250}.{i % 250}/out-{i}.png"  # refused, no request
@@ -81,7 +62,7 @@ def write_partition(root: Path, rows: int) -> int:
     """Completed rows with one reference and one edit each, and the previous manifest
     (every reference and every edit that can be stored, stored). Returns the bytes stored."""
     store = ImageStore(root / "images", base=root)
-    source, edited = _stored_png(store, 10), _stored_png(store, 200)
+    source, edited = stored_png(store, 10), stored_png(store, 200)
     ids = [f"{KEY}-{i}" for i in range(rows)]
     results = {
         "row_id": ids,
@@ -92,11 +73,7 @@ def write_partition(root: Path, rows: int) -> int:
         "output_urls": [[_edit_url(i)] for i in range(rows)],
         "attempts": [1] * rows,
     }
-    results |= {name: [None] * rows for name in RESULTS_SCHEMA.names if name not in results}
-    path = root / "flux2_edits" / f"{KEY}.parquet"
-    path.parent.mkdir(parents=True)
-    table = pa.Table.from_pydict(results, schema=RESULTS_SCHEMA)
-    pq.write_table(table, path, row_group_size=RESULTS_ROW_GROUP_ROWS)
+    write_completed_results(root / "flux2_edits" / f"{KEY}.parquet", results, rows)
     previous = [
         {"row_id": ids[i], "request_id": f"req-{i}", "role": role, "index": 0, "url": url}
         | (source if role == "source" else edited)
