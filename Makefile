@@ -41,13 +41,15 @@ test: lint typecheck check-defs
 
 # Issue 13's proof that no test passes by timing luck: `CI=true pytest -q` ROUNDS times in
 # a row beside BUSY processes spinning a core each (2 cores: the suite gets a third of
-# the machine); stops at the first failing round. PYTEST_ARGS narrows it, e.g.
-# make test-under-load ROUNDS=2 PYTEST_ARGS="tests/unit -x"
+# the machine); stops at the first failing round. SHARDS=2 runs each round as two pytest
+# processes at once, splitting the test files (more load, half the wall time). PYTEST_ARGS
+# narrows it, e.g. make test-under-load ROUNDS=2 PYTEST_ARGS="tests/unit -x"
 ROUNDS ?= 5
 BUSY ?= 2
+SHARDS ?= 1
 PYTEST_ARGS ?=
 test-under-load: $(STAMP)
-	$(BIN)/python tests/under_load.py --rounds $(ROUNDS) --busy $(BUSY) --pytest-args="$(PYTEST_ARGS)"
+	$(BIN)/python tests/under_load.py --rounds $(ROUNDS) --busy $(BUSY) --shards $(SHARDS) --pytest-args="$(PYTEST_ARGS)"
 
 # Benchmarks at the issue's sizes (about 12 minutes on 2 cores) and at tiny sizes (CI).
 BENCHMARKS := throughput transport memory partitions backfill

@@ -21,14 +21,17 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import IO
 
 BUSY_CODE = "while True: pass"
+TESTS = Path(__file__).resolve().parent
 SUMMARY = re.compile(r"\b\d+ (passed|failed|errors?|skipped|deselected)\b")
 
 
@@ -69,6 +72,13 @@ def busy_processes(count: int) -> Iterator[list[int]]:
             child.wait()
 
 
+def described(commands: Sequence[Sequence[str]]) -> str:
+    """`CI=true pytest -q ...`, or how many such commands split the test files."""
+    if len(commands) == 1:
+        return f"`CI=true {shlex.join(commands[0])}`"
+    return f"{len(commands)} `CI=true pytest -q` processes at once, splitting the test files"
+
+
 def pytest_command(extra: Sequence[str]) -> list[str]:
     """The README's `pytest -q`, from this interpreter's environment, plus `extra`."""
     script = Path(sys.executable).with_name("pytest")
@@ -76,29 +86,88 @@ def pytest_command(extra: Sequence[str]) -> list[str]:
     return [*base, "-q", *extra]
 
 
-def run_round(number: int, command: Sequence[str]) -> Round:
-    """Run pytest once with CI=true, passing its output through; keep its closing line."""
+def shard_commands(extra: Sequence[str], shards: int, tests: Path) -> list[list[str]]:
+    """One pytest command, or `shards` of them splitting the test files of `tests` in turn.
+
+    Every test still runs once a round; the shards run at once, so the suite also loads
+    itself (and a round takes about half the time on 2 cores beside the busy processes).
+    """
+    if shards == 1:
+        return [pytest_command(extra)]
+    files = sorted(str(path) for path in tests.rglob("test_*.py"))
+    return [pytest_command([*files[index::shards], *extra]) for index in range(shards)]
+
+
+def run_round(number: int, commands: Sequence[Sequence[str]]) -> Round:
+    """Run the pytest commands at once with CI=true; the round fails if any of them fails.
+
+    One command's output passes through as it comes; several commands' outputs are kept
+    apart and written out one after another, each as its command ends.
+    """
     env = {**os.environ, "CI": "true", "PYTHONUNBUFFERED": "1"}
-    summary = ""
     started = time.monotonic()
-    with subprocess.Popen(
-        command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True
-    ) as child:
+    with ExitStack() as stack:
+        outputs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in commands]
+        children = [
+            stack.enter_context(
+                subprocess.Popen(
+                    command,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE if len(commands) == 1 else output,
+                    stderr=None if len(commands) == 1 else subprocess.STDOUT,
+                    text=True,
+                )
+            )
+            for command, output in zip(commands, outputs, strict=True)
+        ]
+        summaries = [""] * len(children)
         try:
-            assert child.stdout is not None
-            for line in child.stdout:
-                sys.stdout.write(line)
-                if SUMMARY.search(line):
-                    summary = line.strip(" =\n")
-            returncode = child.wait()
+            if len(children) == 1:
+                summaries[0] = _pass_through(children[0])
+            for index, child in enumerate(children):
+                child.wait()
+                if len(children) > 1:
+                    summaries[index] = _write_out(index, len(children), outputs[index])
         finally:
-            if child.poll() is None:  # interrupted: pytest goes with us
-                child.terminate()
-                try:
-                    child.wait(10)
-                except subprocess.TimeoutExpired:
-                    child.kill()
+            for child in children:
+                _end(child)
+    codes = [child.returncode for child in children]
+    returncode = next((code for code in codes if code != 0), 0)
+    summary = "; ".join(text for text in summaries if text)
     return Round(number, returncode, time.monotonic() - started, summary)
+
+
+def _pass_through(child: subprocess.Popen[str]) -> str:
+    """Copy the child's output to ours as it comes; return pytest's closing line."""
+    summary = ""
+    assert child.stdout is not None
+    for line in child.stdout:
+        sys.stdout.write(line)
+        if SUMMARY.search(line):
+            summary = line.strip(" =\n")
+    return summary
+
+
+def _write_out(index: int, shards: int, output: IO[str]) -> str:
+    """Write a finished shard's output to ours under a header; return its closing line."""
+    output.seek(0)
+    text = output.read()
+    sys.stdout.write(f"under_load: shard {index + 1}/{shards}\n{text}")
+    sys.stdout.flush()
+    closing = [line.strip(" =") for line in text.splitlines() if SUMMARY.search(line)]
+    return closing[-1] if closing else ""
+
+
+def _end(child: subprocess.Popen[str]) -> None:
+    """An interrupted round's pytest goes with us."""
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
 
 
 def _stop(signum: int, _frame: FrameType | None) -> None:
@@ -116,20 +185,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--pytest-args", default="", help='more pytest arguments, one string: "tests/unit -x"'
     )
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="pytest processes at once, splitting the test files of --tests (default 1)",
+    )
+    parser.add_argument(
+        "--tests", type=Path, default=TESTS, help=f"the folder --shards splits (default {TESTS})"
+    )
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.busy < 0:
-        parser.error("--rounds must be at least 1 and --busy at least 0")
+    if args.rounds < 1 or args.busy < 0 or args.shards < 1:
+        parser.error("--rounds and --shards must be at least 1 and --busy at least 0")
     signal.signal(signal.SIGTERM, _stop)
-    command = pytest_command(shlex.split(args.pytest_args))
+    commands = shard_commands(shlex.split(args.pytest_args), args.shards, args.tests)
     rounds: list[Round] = []
     with busy_processes(args.busy) as pids:
         print(
             f"under_load: {args.busy} busy processes (pids {', '.join(map(str, pids)) or '-'}) "
-            f"beside `CI=true {shlex.join(command)}`, {args.rounds} rounds",
+            f"beside {described(commands)}, {args.rounds} rounds",
             flush=True,
         )
         for number in range(1, args.rounds + 1):
-            done = run_round(number, command)
+            done = run_round(number, commands)
             rounds.append(done)
             verdict = "passed" if done.passed else f"FAILED (exit {done.returncode})"
             print(

@@ -127,3 +127,58 @@ def test_sigterm_stops_pytest_and_the_busy_processes(tmp_path: Path) -> None:
         while alive(pytest_pid, "pytest") and time.monotonic() < deadline:
             time.sleep(0.05)
         assert_ended([pytest_pid], "pytest")
+
+
+# Each waits for the other to have started: it passes only when the two run at once.
+MEETING_TEST = """
+import os
+import time
+from pathlib import Path
+
+def test_meets_the_other_shard() -> None:
+    here = Path(__file__)
+    here.with_suffix(".started").write_text(str(os.getpid()))
+    other = here.with_name("{other}.started")
+    deadline = time.monotonic() + 60
+    while not other.exists():
+        assert time.monotonic() < deadline, "the other shard never started"
+        time.sleep(0.05)
+    assert {fail} == 0
+"""
+
+
+def test_shards_split_the_files_run_at_once_and_any_failure_fails_the_round(
+    tmp_path: Path,
+) -> None:
+    tests = tmp_path / "suite"
+    tests.mkdir()
+    (tests / "test_a.py").write_text(
+        MEETING_TEST.replace("{other}", "test_b").replace("{fail}", "0")
+    )
+    (tests / "test_b.py").write_text(
+        MEETING_TEST.replace("{other}", "test_a").replace("{fail}", "1")
+    )
+    command = [
+        sys.executable,
+        str(RUNNER),
+        "--rounds",
+        "2",
+        "--busy",
+        "1",
+        "--shards",
+        "2",
+        "--tests",
+        str(tests),
+        "--pytest-args",
+        "-p no:cacheprovider",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=150, env=QUICK)
+    out = done.stdout
+    assert_ended(busy_pids(out), BUSY_CODE)
+    assert done.returncode == 1, out + done.stderr
+    assert "2 `CI=true pytest -q` processes at once" in out
+    assert "under_load: shard 1/2" in out and "under_load: shard 2/2" in out
+    assert "round 1/2 FAILED (exit 1)" in out and "1 passed" in out and "1 failed" in out
+    assert "round 2/2" not in out
+    pids = {(tests / f"test_{name}.started").read_text() for name in "ab"}
+    assert len(pids) == 2, "each shard is its own pytest process"
