@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -108,6 +109,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("flux2-pipeline: interrupted", file=sys.stderr)
         code = 130
+    # Python's exit would walk every object Dagster loaded, looking for cycles to free just
+    # before the process frees everything anyway: 0.4 to 1 s of every command's wall time.
+    gc.freeze()
     raise SystemExit(code)
 
 
@@ -152,6 +156,8 @@ def _materialize(args: argparse.Namespace) -> int:
     from flux2_pipeline.progress import progress_view
     from flux2_pipeline.settings import Settings
 
+    # What the imports built lives as long as the command: full collections need not walk it.
+    gc.freeze()
     settings = Settings.from_env()
     with progress_view(sys.stdout) as progress:
         report = materialize(
