@@ -13,6 +13,15 @@ server" is the most jobs the server ever ran at once, "peak queued" the most tha
     python benchmarks/backfill.py                           # the issue's two scenarios
     python benchmarks/backfill.py --scenario 8x40:1:32 --parallel 1 --per-run 1 --per-run 25
     python benchmarks/backfill.py --scenario 8x40:1:32 --parallel 8 --account-cap
+    python benchmarks/backfill.py --per-run 25 --postgres   # + instance and ledger on PostgreSQL
+
+With `--existing-instance`, each command finds its Dagster instance already made, as a
+team's second command does: one `materialize` of the still-empty input folder
+runs first, untimed. Without it, each command creates them (Dagster's schema migrations).
+With `--postgres`, each mode also runs with the Dagster instance's storage and the ledger
+in a fresh database of the local PostgreSQL server (`--postgres-admin`), as the deploy
+profile has them; the default instance is SQLite files in DAGSTER_HOME, where each event
+is a commit of its own.
     python benchmarks/backfill.py --smoke
 """
 
@@ -26,6 +35,9 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +60,7 @@ SCENARIOS = ("8x40:1:32", "100x20:0.5:64")
 SMOKE_SCENARIO = "3x4:0.2:4"
 DEFAULT_PARALLEL = (4,)
 DEFAULT_PER_RUN = (1, 25)
+PG_ADMIN = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 
 
 def scenario(text: str) -> tuple[int, int, float, int]:
@@ -108,6 +121,26 @@ def run_command(command: list[str], env: dict[str, str]) -> tuple[float, float, 
     return wall, total, out
 
 
+@contextmanager
+def postgres_database(admin_url: str | None) -> Iterator[str | None]:
+    """A fresh database on the server of `admin_url` (its URL), dropped after; None: none."""
+    if admin_url is None:
+        yield None
+        return
+    from sqlalchemy import create_engine, text
+
+    name = f"flux2_backfill_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 def measure(
     emu: Emulator,
     partitions: int,
@@ -117,20 +150,26 @@ def measure(
     per_run: int,
     verbose: bool,
     account_cap: bool,
+    postgres_admin: str | None = None,
+    existing_instance: bool = False,
 ) -> dict[str, float]:
-    with tempfile.TemporaryDirectory(prefix="flux2-backfill-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="flux2-backfill-") as tmp,
+        postgres_database(postgres_admin) as database,
+    ):
         workdir = Path(tmp)
-        for index in range(partitions):
-            write_prompt_table_in_child(
-                workdir / "input" / f"part-{index:04d}.parquet",
-                rows,
-                emu.base_url,
-                row_group_rows=rows,
-            )
+        (workdir / "input").mkdir()
         extra = {"FLUX2_PARTITIONS_PER_RUN": str(per_run)}
         if account_cap:
             extra["FLUX2_ACCOUNT_CONCURRENCY"] = str(concurrency)
+        if database is not None:
+            extra["FLUX2_LEDGER_URL"] = database
         env = pipeline_env(emu, workdir, concurrency, extra)
+        if database is not None:
+            (workdir / "dagster_home" / "dagster.yaml").write_text(
+                "telemetry:\n  enabled: false\n"
+                f"storage:\n  postgres:\n    postgres_url: {database}\n"
+            )
         command = [
             *cli_command(),
             "materialize",
@@ -139,6 +178,15 @@ def measure(
             "--parallel",
             str(parallel),
         ]
+        if existing_instance:
+            run_command(command, env)  # nothing to materialize yet: makes the instance
+        for index in range(partitions):
+            write_prompt_table_in_child(
+                workdir / "input" / f"part-{index:04d}.parquet",
+                rows,
+                emu.base_url,
+                row_group_rows=rows,
+            )
         emu.reset()
         emu_cpu = emu.cpu_seconds()
         wall, cpu, out = run_command(command, env)
@@ -190,6 +238,21 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="also run each --parallel value with FLUX2_ACCOUNT_CONCURRENCY = C",
     )
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="also run each mode with the instance and the ledger on PostgreSQL",
+    )
+    parser.add_argument(
+        "--postgres-admin",
+        default=PG_ADMIN,
+        help=f"a URL that may create databases (default {PG_ADMIN})",
+    )
+    parser.add_argument(
+        "--existing-instance",
+        action="store_true",
+        help="make each command's Dagster instance first, untimed (a team's second command)",
+    )
     args = parser.parse_args(argv)
     scenarios = args.scenario or [
         scenario(text) for text in ((SMOKE_SCENARIO,) if args.smoke else SCENARIOS)
@@ -204,16 +267,27 @@ def main(argv: list[str] | None = None) -> None:
         with emulator(latency, max_concurrent=concurrency) as emu:
             results = [("plain", measure_plain(emu, partitions * rows, concurrency))]
             modes = [
-                (parallel, per_run, capped)
+                (parallel, per_run, capped, postgres)
                 for parallel in parallels
                 for per_run in per_runs
                 for capped in ((False, True) if args.account_cap else (False,))
+                for postgres in ((False, True) if args.postgres else (False,))
             ]
-            for parallel, per_run, capped in modes:
+            for parallel, per_run, capped, postgres in modes:
                 figures = measure(
-                    emu, partitions, rows, concurrency, parallel, per_run, args.verbose, capped
+                    emu,
+                    partitions,
+                    rows,
+                    concurrency,
+                    parallel,
+                    per_run,
+                    args.verbose,
+                    capped,
+                    args.postgres_admin if postgres else None,
+                    args.existing_instance,
                 )
                 mode = f"--parallel {parallel}, {per_run}/run" + (", account cap C" * capped)
+                mode += ", PostgreSQL" * postgres
                 results.append((mode, figures))
                 print(f"{name} {mode}: {figures['wall']:.2f} s", flush=True)
         plain = results[0][1]
@@ -232,7 +306,8 @@ def main(argv: list[str] | None = None) -> None:
                     "emulator CPU s": figures["emu_cpu"],
                 }
             )
-    print_table("backfill", table)
+    made = "existed before" if args.existing_instance else "was created by"
+    print_table(f"backfill (the Dagster instance {made} each command)", table)
     print(f"(2 cores here: os.cpu_count() = {os.cpu_count()})")
 
 
