@@ -3,12 +3,14 @@ timing luck (issue 13: five rounds in a row beside two busy processes, on 2 core
 
 Starts `--busy` processes that each spin one core (`while True: pass`), then runs
 `CI=true pytest -q` (plus `--pytest-args`) `--rounds` times, printing each round's result
-and duration. It stops at the first failing round and exits with pytest's code; the busy
+and duration; with `--shards N` each round is N such processes at once, each given every
+Nth test file. It stops at the first failing round and exits with pytest's code; the busy
 processes are killed whatever happens (a failure, Ctrl+C, SIGTERM).
 
 Example::
 
     python tests/under_load.py --rounds 5                       # what `make test-under-load` runs
+    python tests/under_load.py --rounds 5 --shards 2            # each round as 2 pytest processes
     python tests/under_load.py --rounds 2 --pytest-args "tests/unit/test_ids.py"
 """
 
