@@ -60,7 +60,7 @@ from dagster_shared.error import SerializableErrorInfo
 from filelock import FileLock
 
 from flux2_pipeline.assets import INTERRUPTED, Flux2Keys, register_input_files
-from flux2_pipeline.assets.ranges import PARTITION_FAILURES
+from flux2_pipeline.assets.ranges import PARTITION_FAILURES, plan_runs
 from flux2_pipeline.paths import is_local, local_path
 from flux2_pipeline.resources import InputScan
 from flux2_pipeline.settings import Settings, SettingsError
@@ -198,38 +198,6 @@ def failed_partitions(
         ):
             unfinished.append(key)
     return unfinished
-
-
-def plan_runs(keys: Sequence[str], order: Sequence[str], per_run: int) -> list[list[str]]:
-    """Group partitions into runs: contiguous in the partitions' order, at most `per_run`.
-
-    A run covers a range of the partitions definition, so partitions not chosen split
-    the ranges. Runs of a range are made about equal in size.
-
-    >>> plan_runs(["a", "b", "c", "e"], ["a", "b", "c", "d", "e"], 2)
-    [['a', 'b'], ['c'], ['e']]
-    >>> plan_runs(list("abcde"), list("abcde"), 3)
-    [['a', 'b', 'c'], ['d', 'e']]
-    """
-    chosen = set(keys)
-    ranges: list[list[str]] = [[]]
-    for key in order:
-        if key in chosen:
-            ranges[-1].append(key)
-        elif ranges[-1]:
-            ranges.append([])
-    runs = []
-    for block in ranges:
-        if not block:
-            continue
-        count = -(-len(block) // per_run)
-        size, extra = divmod(len(block), count)
-        start = 0
-        for index in range(count):
-            end = start + size + (1 if index < extra else 0)
-            runs.append(block[start:end])
-            start = end
-    return runs
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,7 @@ def build_flux2_definitions(
             *build_images_checks(keys, partitions_def),
         ],
         sensors=[
-            build_prompt_files_sensor(keys, partitions_def, [keys.edits]),
+            build_prompt_files_sensor(keys, partitions_def, [keys.edits], partitions_per_run),
             AutomationConditionSensorDefinition(
                 keys.automation_sensor_name,
                 target=AssetSelection.assets(keys.images, keys.training_dataset),

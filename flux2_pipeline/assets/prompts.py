@@ -4,7 +4,10 @@ A file `<key>.parquet` in the input folder is partition `<key>`. The sensor
 registers new files as partitions and asks for a run of each new or changed file;
 its run key holds the file's sha256 and how many times the file changed (see
 `input_run_key`), so an unchanged file never runs twice, an edited one runs again, and
-so does one changed back to content it had before (A, B, then A).
+so does one changed back to content it had before (A, B, then A). Files that arrive
+together, neighbours in the partitions' order, share ranged runs of up to
+`partitions_per_run` (as the UI's backfills do): a folder of 100 new files is 4 runs,
+not 100, each keyed by the versions of the files it covers (`ranged_run_key`).
 `flux2-pipeline materialize` registers partitions with the same `register_input_files`.
 
 Example::
@@ -13,6 +16,7 @@ Example::
     result = sensor(build_sensor_context(instance=instance, resources={"storage": storage}))
 """
 
+import hashlib
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -33,8 +37,13 @@ from dagster import (
     observable_source_asset,
     sensor,
 )
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
 
 from flux2_pipeline.assets.keys import Flux2Keys
+from flux2_pipeline.assets.ranges import DEFAULT_PARTITIONS_PER_RUN, plan_runs
 from flux2_pipeline.batch import file_sha256
 from flux2_pipeline.resources import Flux2Storage, InputScan
 
@@ -94,6 +103,19 @@ def input_run_key(key: str, sha256: str, version: int) -> str:
     return f"{key}:{sha256}" if version <= 1 else f"{key}:{sha256}:v{version}"
 
 
+def ranged_run_key(first: str, last: str, file_run_keys: Sequence[str]) -> str:
+    """The run key of a run over several files: its range and a hash of their run keys.
+
+    Any file of the range changing gives the range a new key, as `input_run_key` does for
+    one file; the same versions of the same files never run twice.
+
+    >>> ranged_run_key("a", "c", ["a:11", "b:22", "c:33"])
+    'a..c:894a5f63b7175eab'
+    """
+    digest = hashlib.sha256("\n".join(file_run_keys).encode()).hexdigest()[:16]
+    return f"{first}..{last}:{digest}"
+
+
 def _load_cursor(raw: str | None) -> dict[str, dict[str, Any]]:
     if not raw:
         return {}
@@ -108,6 +130,7 @@ def build_prompt_files_sensor(
     keys: Flux2Keys,
     partitions_def: DynamicPartitionsDefinition,
     asset_selection: Sequence[AssetKey],
+    partitions_per_run: int = DEFAULT_PARTITIONS_PER_RUN,
 ) -> SensorDefinition:
     """The sensor that turns new or changed input files into partitions and runs."""
 
@@ -118,7 +141,8 @@ def build_prompt_files_sensor(
         default_status=DefaultSensorStatus.STOPPED,
         required_resource_keys={keys.resource("storage")},
         description="Registers each Parquet file in FLUX2_INPUT_DIR as a partition and "
-        "requests a run for every new or changed file.",
+        "requests runs of the new or changed files, up to "
+        f"{partitions_per_run} neighbouring files a run.",
     )
     def prompt_files_sensor(context: SensorEvaluationContext, **_given: Any) -> SensorResult:
         """New file: add a partition and a run. Changed file: a run. Unchanged: nothing."""
@@ -129,9 +153,10 @@ def build_prompt_files_sensor(
         for line in scan.skipped_lines():
             context.log.warning(line)
         new_keys = new_partition_keys(context.instance, keys, scan)
-        known = set(context.instance.get_dynamic_partitions(keys.partitions_name))
+        order = [*context.instance.get_dynamic_partitions(keys.partitions_name), *new_keys]
+        known = set(order) - set(new_keys)
         cursor = _load_cursor(context.cursor)
-        run_requests = []
+        changed: dict[str, tuple[str, int]] = {}
         for key, path in scan.found.items():
             stat = path.stat()
             signature = f"{stat.st_size}:{stat.st_mtime_ns}"
@@ -143,20 +168,17 @@ def build_prompt_files_sensor(
             # New content for a file already seen is a new version, with a run key of its own.
             version = int(seen.get("version", 1)) + ("sha256" in seen and not unchanged)
             cursor[key] = {"signature": signature, "sha256": digest, "version": version}
-            if unchanged:
-                continue
-            run_requests.append(
-                RunRequest(
-                    run_key=input_run_key(key, digest, version),
-                    partition_key=key,
-                    tags={"flux2/input_sha256": digest},
-                )
-            )
+            if not unchanged:
+                changed[key] = (digest, version)
         for key, seen in list(cursor.items()):
             if key not in scan.found and "sha256" in seen:
                 # Gone: forget the content, keep the count, so the file coming back (even
                 # with content it had before) is a new version with a run key of its own.
                 cursor[key] = {"version": int(seen.get("version", 1)) + 1}
+        run_requests = [
+            _run_request(run, changed)
+            for run in plan_runs(list(changed), order, partitions_per_run)
+        ]
         return SensorResult(
             run_requests=run_requests,
             dynamic_partitions_requests=(
@@ -166,3 +188,24 @@ def build_prompt_files_sensor(
         )
 
     return prompt_files_sensor
+
+
+def _run_request(run: Sequence[str], changed: dict[str, tuple[str, int]]) -> RunRequest:
+    """One file: a run of its partition. Several: a run of their range (Dagster's tags)."""
+    if len(run) == 1:
+        [key] = run
+        digest, version = changed[key]
+        return RunRequest(
+            run_key=input_run_key(key, digest, version),
+            partition_key=key,
+            tags={"flux2/input_sha256": digest},
+        )
+    file_keys = [input_run_key(key, *changed[key]) for key in run]
+    return RunRequest(
+        run_key=ranged_run_key(run[0], run[-1], file_keys),
+        tags={
+            ASSET_PARTITION_RANGE_START_TAG: run[0],
+            ASSET_PARTITION_RANGE_END_TAG: run[-1],
+            "flux2/input_files": str(len(run)),
+        },
+    )

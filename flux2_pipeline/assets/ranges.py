@@ -77,6 +77,38 @@ class PartitionOutcome:
     failure: Failure | None = None
 
 
+def plan_runs(keys: Sequence[str], order: Sequence[str], per_run: int) -> list[list[str]]:
+    """Group partitions into runs: contiguous in the partitions' order, at most `per_run`.
+
+    A run covers a range of the partitions definition, so partitions not chosen split
+    the ranges. Runs of a range are made about equal in size.
+
+    >>> plan_runs(["a", "b", "c", "e"], ["a", "b", "c", "d", "e"], 2)
+    [['a', 'b'], ['c'], ['e']]
+    >>> plan_runs(list("abcde"), list("abcde"), 3)
+    [['a', 'b', 'c'], ['d', 'e']]
+    """
+    chosen = set(keys)
+    ranges: list[list[str]] = [[]]
+    for key in order:
+        if key in chosen:
+            ranges[-1].append(key)
+        elif ranges[-1]:
+            ranges.append([])
+    runs = []
+    for block in ranges:
+        if not block:
+            continue
+        count = -(-len(block) // per_run)
+        size, extra = divmod(len(block), count)
+        start = 0
+        for index in range(count):
+            end = start + size + (1 if index < extra else 0)
+            runs.append(block[start:end])
+            start = end
+    return runs
+
+
 def materialize_outcomes(
     context: AssetExecutionContext,
     asset_key: AssetKey,

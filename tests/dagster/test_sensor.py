@@ -19,8 +19,13 @@ from dagster import (
     SensorResult,
     build_sensor_context,
 )
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
 
 from flux2_pipeline.assets import Flux2Keys, build_flux2_definitions
+from flux2_pipeline.assets.prompts import ranged_run_key
 from flux2_pipeline.batch import file_sha256
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.materialize import materialize_partitions
@@ -211,3 +216,47 @@ def test_content_changed_back_or_a_file_restored_gets_a_run_key_of_its_own(
     (restored,) = run_requests(daemon.tick())
     assert restored.run_key is not None and restored.run_key not in keys
     assert run_requests(daemon.tick()) == []
+
+
+def test_files_arriving_together_share_ranged_runs_keyed_by_their_versions(
+    daemon: Daemon,
+) -> None:
+    folder = Path(daemon.storage.input_dir)
+    for name in ("a", "b", "c"):
+        write_table(folder, name, prompt_rows(BASE, name, 2))
+    digests = {name: file_sha256(folder / f"{name}.parquet") for name in "abc"}
+
+    # Three new neighbours: one run of their range, as a UI backfill would launch.
+    first = daemon.tick()
+    assert added_keys(first) == ["a", "b", "c"]
+    (ranged,) = run_requests(first)
+    assert ranged.partition_key is None
+    assert ranged.tags[ASSET_PARTITION_RANGE_START_TAG] == "a"
+    assert ranged.tags[ASSET_PARTITION_RANGE_END_TAG] == "c"
+    assert ranged.tags["flux2/input_files"] == "3"
+    file_keys = [f"{name}:{digests[name]}" for name in "abc"]
+    assert ranged.run_key == ranged_run_key("a", "c", file_keys)
+    assert run_requests(daemon.tick()) == []
+
+    # One of them changes: a run of that file alone, under its own versioned key.
+    write_table(folder, "b", prompt_rows(BASE, "b", 3))
+    bump_mtime(folder / "b.parquet")
+    (single,) = run_requests(daemon.tick())
+    assert single.partition_key == "b"
+    assert single.run_key == f"b:{file_sha256(folder / 'b.parquet')}:v2"
+
+    # Two that are not neighbours (b, unchanged, lies between): a run each, no range
+    # that would run b again.
+    for step, name in enumerate("ac", start=2):
+        write_table(folder, name, prompt_rows(BASE, name, 4))
+        bump_mtime(folder / f"{name}.parquet", 5 * step)
+    requests = run_requests(daemon.tick())
+    assert sorted(request.partition_key or "" for request in requests) == ["a", "c"]
+    assert run_requests(daemon.tick()) == []
+
+
+def test_a_ranged_run_key_changes_with_any_file_of_its_range() -> None:
+    keys = ["a:1", "b:2", "c:3"]
+    assert ranged_run_key("a", "c", keys) == ranged_run_key("a", "c", list(keys))
+    assert ranged_run_key("a", "c", keys) != ranged_run_key("a", "c", ["a:1", "b:2:v2", "c:3"])
+    assert ranged_run_key("a", "c", keys).startswith("a..c:")

@@ -27,8 +27,21 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-from dagster import AssetKey, DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
-from dagster._core.storage.tags import PARTITION_NAME_TAG, RUN_KEY_TAG, SENSOR_NAME_TAG
+from dagster import (
+    AssetKey,
+    AssetRecordsFilter,
+    DagsterInstance,
+    DagsterRun,
+    DagsterRunStatus,
+    RunsFilter,
+)
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+    PARTITION_NAME_TAG,
+    RUN_KEY_TAG,
+    SENSOR_NAME_TAG,
+)
 from dagster._core.test_utils import freeze_time
 from dagster._core.workspace.context import WorkspaceProcessContext, WorkspaceRequestContext
 from dagster._core.workspace.load_target import WorkspaceFileTarget
@@ -385,3 +398,48 @@ def test_a_file_changed_back_to_earlier_content_runs_again(
 
     daemon.tick()  # unchanged since: nothing more
     assert len(sensor_runs(instance)) == 3
+
+
+def test_files_dropped_together_are_one_ranged_run_launched_by_the_daemon(
+    settings: Settings,
+    emulator: EmulatorServer,
+    instance: DagsterInstance,
+    workspace: WorkspaceProcessContext,
+) -> None:
+    folder = Path(settings.storage.input_dir)
+    names = ["drop-a", "drop-b", "drop-c"]
+    digests = {
+        name: file_sha256(write_table(folder, name, prompt_rows(emulator.base_url, name, 2)))
+        for name in names
+    }
+    daemon = SensorDaemon(workspace)
+    daemon.start_sensor()
+    daemon.tick()
+
+    assert instance.get_dynamic_partitions(KEYS.partitions_name) == names
+    (run,) = sensor_runs(instance)
+    assert run.tags[ASSET_PARTITION_RANGE_START_TAG] == "drop-a"
+    assert run.tags[ASSET_PARTITION_RANGE_END_TAG] == "drop-c"
+    assert PARTITION_NAME_TAG not in run.tags
+    dequeue(workspace, run.run_id)
+    run = finished_run(instance, run.run_id)
+    assert run.status is DagsterRunStatus.SUCCESS
+    assert run.asset_selection == {EDITS}
+    # Each file is a partition of its own in the UI: its own materialization and results.
+    materialized = instance.get_materialized_partitions(EDITS)
+    assert materialized == set(names)
+    for name in names:
+        results = pq.read_table(settings.storage.results_path(name)).to_pylist()
+        assert [r["status"] for r in results] == ["completed", "completed"]
+        record = instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=EDITS, asset_partitions=[name]), limit=1
+        ).records[0]
+        assert record.asset_materialization is not None
+        metadata = record.asset_materialization.metadata
+        assert metadata["flux2/input_sha256"].value == digests[name]
+    assert emulator.state.counters.jobs_created == 6
+
+    # Nothing changed: no second run, nothing paid twice.
+    daemon.tick()
+    assert [r.run_id for r in sensor_runs(instance)] == [run.run_id]
+    assert emulator.state.counters.jobs_created == 6
