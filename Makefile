@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo ui test test-under-load lint typecheck check-defs unit bench bench-smoke clean
+.PHONY: demo ui test test-under-load test-durations lint typecheck check-defs unit bench bench-smoke clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 2; }
@@ -42,14 +42,19 @@ test: lint typecheck check-defs
 # Issue 13's proof that no test passes by timing luck: `CI=true pytest -q` ROUNDS times in
 # a row beside BUSY processes spinning a core each (2 cores: the suite gets a third of
 # the machine); stops at the first failing round. SHARDS=2 runs each round as two pytest
-# processes at once, splitting the test files (more load, half the wall time). PYTEST_ARGS
-# narrows it, e.g. make test-under-load ROUNDS=2 PYTEST_ARGS="tests/unit -x"
+# processes at once, each a share of the tests (pytest-split, balanced on
+# tests/.test_durations, which `make test-durations` writes); more load, half the wall
+# time. PYTEST_ARGS narrows it, e.g. make test-under-load ROUNDS=2 PYTEST_ARGS="tests/unit -x"
 ROUNDS ?= 5
 BUSY ?= 2
 SHARDS ?= 1
 PYTEST_ARGS ?=
 test-under-load: $(STAMP)
 	$(BIN)/python tests/under_load.py --rounds $(ROUNDS) --busy $(BUSY) --shards $(SHARDS) --pytest-args="$(PYTEST_ARGS)"
+
+# Each test's duration, for the shards of test-under-load (one whole run of the suite).
+test-durations: $(STAMP)
+	CI=true $(BIN)/pytest -q --store-durations --durations-path tests/.test_durations
 
 # Benchmarks at the issue's sizes (about 12 minutes on 2 cores) and at tiny sizes (CI).
 BENCHMARKS := throughput transport memory partitions backfill

@@ -3,8 +3,8 @@ timing luck (issue 13: five rounds in a row beside two busy processes, on 2 core
 
 Starts `--busy` processes that each spin one core (`while True: pass`), then runs
 `CI=true pytest -q` (plus `--pytest-args`) `--rounds` times, printing each round's result
-and duration; with `--shards N` each round is N such processes at once, each given every
-Nth test file. It stops at the first failing round and exits with pytest's code; the busy
+and duration; with `--shards N` each round is N such processes at once, each running a
+share of the tests chosen by pytest-split (balanced on `tests/.test_durations`). It stops at the first failing round and exits with pytest's code; the busy
 processes are killed whatever happens (a failure, Ctrl+C, SIGTERM).
 
 Example::
@@ -33,7 +33,7 @@ from types import FrameType
 from typing import IO
 
 BUSY_CODE = "while True: pass"
-TESTS = Path(__file__).resolve().parent
+DURATIONS = Path(__file__).resolve().parent / ".test_durations"
 SUMMARY = re.compile(r"\b\d+ (passed|failed|errors?|skipped|deselected)\b")
 
 
@@ -78,7 +78,7 @@ def described(commands: Sequence[Sequence[str]]) -> str:
     """`CI=true pytest -q ...`, or how many such commands split the test files."""
     if len(commands) == 1:
         return f"`CI=true {shlex.join(commands[0])}`"
-    return f"{len(commands)} `CI=true pytest -q` processes at once, splitting the test files"
+    return f"{len(commands)} `CI=true pytest -q` processes at once, splitting the tests"
 
 
 def pytest_command(extra: Sequence[str]) -> list[str]:
@@ -88,16 +88,21 @@ def pytest_command(extra: Sequence[str]) -> list[str]:
     return [*base, "-q", *extra]
 
 
-def shard_commands(extra: Sequence[str], shards: int, tests: Path) -> list[list[str]]:
-    """One pytest command, or `shards` of them splitting the test files of `tests` in turn.
+def shard_commands(extra: Sequence[str], shards: int, durations: Path) -> list[list[str]]:
+    """One pytest command, or `shards` of them splitting the suite's tests (pytest-split).
 
     Every test still runs once a round; the shards run at once, so the suite also loads
-    itself (and a round takes about half the time on 2 cores beside the busy processes).
+    itself. pytest-split balances the groups by the test durations stored in `durations`
+    (`make test-durations` refreshes them), or by the count of tests when there are none.
     """
     if shards == 1:
         return [pytest_command(extra)]
-    files = sorted(str(path) for path in tests.rglob("test_*.py"))
-    return [pytest_command([*files[index::shards], *extra]) for index in range(shards)]
+    split = ["--splits", str(shards), "--splitting-algorithm", "least_duration"]
+    if durations.exists():
+        split += ["--durations-path", str(durations)]
+    return [
+        pytest_command([*split, "--group", str(group), *extra]) for group in range(1, shards + 1)
+    ]
 
 
 def run_round(number: int, commands: Sequence[Sequence[str]]) -> Round:
@@ -191,16 +196,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--shards",
         type=int,
         default=1,
-        help="pytest processes at once, splitting the test files of --tests (default 1)",
+        help="pytest processes at once, each running a share of the tests (default 1)",
     )
     parser.add_argument(
-        "--tests", type=Path, default=TESTS, help=f"the folder --shards splits (default {TESTS})"
+        "--durations",
+        type=Path,
+        default=DURATIONS,
+        help=f"the test durations --shards balances on, if present (default {DURATIONS})",
     )
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.busy < 0 or args.shards < 1:
         parser.error("--rounds and --shards must be at least 1 and --busy at least 0")
     signal.signal(signal.SIGTERM, _stop)
-    commands = shard_commands(shlex.split(args.pytest_args), args.shards, args.tests)
+    commands = shard_commands(shlex.split(args.pytest_args), args.shards, args.durations)
     rounds: list[Round] = []
     with busy_processes(args.busy) as pids:
         print(

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.under_load import shard_commands
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 RUNNER = Path(__file__).resolve().parents[1] / "under_load.py"
@@ -147,7 +149,7 @@ def test_meets_the_other_shard() -> None:
 """
 
 
-def test_shards_split_the_files_run_at_once_and_any_failure_fails_the_round(
+def test_shards_split_the_tests_run_at_once_and_any_failure_fails_the_round(
     tmp_path: Path,
 ) -> None:
     tests = tmp_path / "suite"
@@ -167,12 +169,13 @@ def test_shards_split_the_files_run_at_once_and_any_failure_fails_the_round(
         "1",
         "--shards",
         "2",
-        "--tests",
-        str(tests),
+        "--durations",
+        str(tmp_path / "none.json"),
         "--pytest-args",
-        "-p no:cacheprovider",
+        f"{tests} -p no:cacheprovider",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=150, env=QUICK)
+    # pytest-split is a plugin: this run keeps plugin autoloading on.
+    done = subprocess.run(command, capture_output=True, text=True, timeout=150)
     out = done.stdout
     assert_ended(busy_pids(out), BUSY_CODE)
     assert done.returncode == 1, out + done.stderr
@@ -182,3 +185,17 @@ def test_shards_split_the_files_run_at_once_and_any_failure_fails_the_round(
     assert "round 2/2" not in out
     pids = {(tests / f"test_{name}.started").read_text() for name in "ab"}
     assert len(pids) == 2, "each shard is its own pytest process"
+
+
+def test_shards_balance_on_the_stored_durations(tmp_path: Path) -> None:
+    durations = tmp_path / "durations.json"
+    durations.write_text("{}")
+    commands = shard_commands(["-x"], 3, durations)
+    assert len(commands) == 3
+    for group, command in enumerate(commands, start=1):
+        assert command[command.index("--group") + 1] == str(group)
+        assert command[command.index("--splits") + 1] == "3"
+        assert command[command.index("--durations-path") + 1] == str(durations)
+        assert command[-1] == "-x"
+    assert "--splits" not in shard_commands([], 1, durations)[0]
+    assert "--durations-path" not in shard_commands([], 2, tmp_path / "absent")[0]
