@@ -185,33 +185,32 @@ def _request() -> EditRequest:
     return EditRequest.parse({"prompt": "snow", "image_urls": ["http://127.0.0.1/a.png"]})
 
 
-@pytest.mark.parametrize("handler", [_close_at_once, _half_body], ids=["closed", "cut-off"])
-async def test_dropped_submit_is_outcome_unknown_and_sent_once(handler: Handler) -> None:
-    requests = 0
+def _counted(handler: Handler) -> tuple[Handler, list[int]]:
+    """`handler`, counting the connections it serves in the returned one-item list."""
+    requests = [0]
 
     async def counting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal requests
-        requests += 1
+        requests[0] += 1
         await handler(reader, writer)
 
+    return counting, requests
+
+
+@pytest.mark.parametrize("handler", [_close_at_once, _half_body], ids=["closed", "cut-off"])
+async def test_dropped_submit_is_outcome_unknown_and_sent_once(handler: Handler) -> None:
+    counting, requests = _counted(handler)
     async with _serve(counting) as base_url:
         retry = RetryPolicy(max_attempts=5, base_delay=0.0, max_delay=0.0)
         async with AsyncRunComfyClient(None, base_url, retry=retry) as client:
             with pytest.raises(SubmissionOutcomeUnknown):
                 await client.submit(_request())
-    assert requests == 1
+    assert requests == [1]
 
 
 async def test_submit_without_answer_in_time_is_outcome_unknown_and_sent_once() -> None:
     # The default (aiohttp) transport's read timeout on a submit whose request the server
     # read in full; the emulator test does the same through httpx's pool.
-    requests = 0
-
-    async def counting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal requests
-        requests += 1
-        await _never_answer(reader, writer)
-
+    counting, requests = _counted(_never_answer)
     async with _serve(counting) as base_url:
         retry = RetryPolicy(max_attempts=5, base_delay=0.0, max_delay=0.0)
         timeout = httpx.Timeout(30.0, read=0.2)
@@ -220,7 +219,7 @@ async def test_submit_without_answer_in_time_is_outcome_unknown_and_sent_once() 
                 await client.submit(_request())
             assert client.stats.retries == 0
     assert isinstance(caught.value.__cause__, httpx.ReadTimeout)
-    assert requests == 1
+    assert requests == [1]
 
 
 async def test_refused_submit_is_not_sent() -> None:
