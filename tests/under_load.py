@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -124,6 +124,8 @@ def run_round(number: int, commands: Sequence[Sequence[str]]) -> Round:
                     stdout=subprocess.PIPE if len(commands) == 1 else output,
                     stderr=None if len(commands) == 1 else subprocess.STDOUT,
                     text=True,
+                    # Its own process group: what it starts (servers, Celery workers) ends with it.
+                    start_new_session=True,
                 )
             )
             for command, output in zip(commands, outputs, strict=True)
@@ -167,14 +169,28 @@ def _write_out(index: int, shards: int, output: IO[str]) -> str:
 
 
 def _end(child: subprocess.Popen[str]) -> None:
-    """An interrupted round's pytest goes with us."""
+    """An interrupted round's pytest goes with us, and so does anything it started that is
+    still running (a Celery worker, a server): its whole process group, SIGTERM then SIGKILL."""
+    for signum, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        if _ended(child):
+            return
+        with suppress(ProcessLookupError):
+            os.killpg(child.pid, signum)
+        deadline = time.monotonic() + grace
+        while not _ended(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    child.wait()
+
+
+def _ended(child: subprocess.Popen[str]) -> bool:
+    """True once pytest has exited (and been reaped) and nothing of its group runs."""
     if child.poll() is None:
-        child.terminate()
-        try:
-            child.wait(10)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+        return False
+    try:
+        os.killpg(child.pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
 
 
 def _stop(signum: int, _frame: FrameType | None) -> None:

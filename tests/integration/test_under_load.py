@@ -38,10 +38,14 @@ def test_counted() -> None:
 
 SLEEPING_TEST = """
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 def test_sleeps() -> None:
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(119)"])
+    Path(__file__).with_name("helper.pid").write_text(str(helper.pid))
     Path(__file__).with_name("pytest.pid").write_text(str(os.getpid()))
     time.sleep(120)
 """
@@ -105,7 +109,7 @@ def test_every_round_passing_exits_zero(tmp_path: Path) -> None:
     assert len(pids) == 1
 
 
-def test_sigterm_stops_pytest_and_the_busy_processes(tmp_path: Path) -> None:
+def test_sigterm_stops_pytest_what_it_started_and_the_busy_processes(tmp_path: Path) -> None:
     command = runner(tmp_path, "test_sleeping.py", SLEEPING_TEST, "--rounds", "3")
     pid_file = tmp_path / "pytest.pid"
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=QUICK) as child:
@@ -129,6 +133,12 @@ def test_sigterm_stops_pytest_and_the_busy_processes(tmp_path: Path) -> None:
         while alive(pytest_pid, "pytest") and time.monotonic() < deadline:
             time.sleep(0.05)
         assert_ended([pytest_pid], "pytest")
+        # What pytest started (a server, a Celery worker) would outlive it; its group does not.
+        deadline = time.monotonic() + 10
+        helper_pid = int((tmp_path / "helper.pid").read_text())
+        while alive(helper_pid, "sleep(119)") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert_ended([helper_pid], "sleep(119)")
 
 
 # Each waits for the other to have started: it passes only when the two run at once.
