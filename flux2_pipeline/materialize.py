@@ -410,7 +410,7 @@ def _run_skipped_steps(
     In a run over a range, a partition that fails stops the steps after it (the checks,
     flux2_images after flux2_edits) for every partition of the range. Those partitions'
     own steps succeeded, so the skipped ones run now, in runs of their own: the assets
-    they miss, and the checks of every selected asset.
+    they miss, and the checks of every selected asset but those its own step evaluated.
     """
     if any(summary.interrupted for summary in summaries):
         return summaries
@@ -418,10 +418,17 @@ def _run_skipped_steps(
     for summary in summaries:
         if summary.blocked:
             waiting.setdefault(summary.skipped_assets, []).append(summary.partition)
-    checks = set(job.asset_layer.asset_graph.get_check_keys_for_assets(set(selected)))
+    graph = job.asset_layer.asset_graph
     later: dict[str, PartitionSummary] = {}
     for names, keys in waiting.items():
         assets = [AssetKey.from_user_string(name) for name in names]
+        # A check evaluated in its asset's own step (flux2_edits') already ran with it.
+        checks = {
+            check
+            for check in graph.get_check_keys_for_assets(set(selected))
+            if check.asset_key in assets
+            or check not in graph.get(check.asset_key).assets_def.check_keys
+        }
         steps = job.get_subset(asset_selection=set(assets), asset_check_selection=checks)
         for run in plan_runs(keys, order, settings.partitions_per_run):
             for summary in run_partitions(

@@ -1,4 +1,9 @@
-"""Asset checks on `flux2_edits`, each read back from the written results file.
+"""Asset checks on `flux2_edits`, each read back from a partition's written results file.
+
+They run inside the `flux2_edits` step (`check_specs`): a partition's checks are evaluated
+as soon as its results file is written, while the other partitions of a ranged run still
+wait on the API, so they add no step of their own. Selected alone (the UI's "Execute" on a
+check), the step only evaluates them.
 
 Each check streams the file in record batches and keeps only counts and its first
 examples; request ids are checked for repeats in a temporary on-disk index. So a check
@@ -6,27 +11,26 @@ runs in the same memory whatever the partition's row count (reading whole column
 the peak RSS of `flux2-pipeline materialize` from 281 to 338 MB between 10k and 100k rows).
 
 Example: in the Dagster UI each partition of flux2_edits shows these four checks;
-`flux2-pipeline materialize` runs them right after the asset.
+`evaluate_edits_checks(storage, keys.edits, "cats", {"no_invalid_rows"})` evaluates one.
 """
 
 import sqlite3
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from dagster import (
-    AssetCheckExecutionContext,
     AssetCheckResult,
-    AssetChecksDefinition,
     AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetKey,
     DynamicPartitionsDefinition,
-    asset_check,
 )
 
 from flux2_pipeline.assets.keys import Flux2Keys
-from flux2_pipeline.assets.ranges import check_each_partition
 from flux2_pipeline.paths import iter_parquet
 from flux2_pipeline.resources import Flux2Storage
 
@@ -98,111 +102,133 @@ def repeated_values(values: Iterable[pa.Array]) -> tuple[int, list[str]]:
     return int(repeated), [value for (value,) in first]
 
 
-def build_edits_checks(
+def _all_valid_rows_completed(storage: Flux2Storage, key: str) -> AssetCheckResult:
+    batches = _results(storage, key, ["row_id", "status", "error"])
+    unfinished, head = _matching(
+        batches,
+        lambda batch: pc.and_(
+            pc.not_equal(batch["status"], "completed"),
+            pc.not_equal(batch["status"], "invalid"),
+        ),
+    )
+    return AssetCheckResult(
+        passed=unfinished == 0,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={"not_completed": unfinished, "examples": _examples(head)},
+    )
+
+
+def _request_ids_unique(storage: Flux2Storage, key: str) -> AssetCheckResult:
+    batches = _results(storage, key, ["request_id"])
+    repeated, first = repeated_values(batch["request_id"] for batch in batches)
+    return AssetCheckResult(
+        passed=repeated == 0,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={"repeated": repeated, "examples": ", ".join(first)},
+    )
+
+
+def _no_invalid_rows(storage: Flux2Storage, key: str) -> AssetCheckResult:
+    batches = _results(storage, key, ["row_id", "status", "error"])
+    invalid, head = _matching(batches, lambda batch: pc.equal(batch["status"], "invalid"))
+    return AssetCheckResult(
+        passed=invalid == 0,
+        severity=AssetCheckSeverity.WARN,
+        metadata={"invalid_rows": invalid, "examples": _examples(head)},
+    )
+
+
+def _completed_rows_have_all_images(storage: Flux2Storage, key: str) -> AssetCheckResult:
+    batches = _results(storage, key, ["row_id", "status", "num_images", "output_urls"])
+    short, head = _matching(
+        batches,
+        lambda batch: pc.and_(
+            pc.equal(batch["status"], "completed"),
+            pc.not_equal(pc.list_value_length(batch["output_urls"]), batch["num_images"]),
+        ),
+    )
+    examples = head["row_id"].to_pylist() if head is not None else []
+    return AssetCheckResult(
+        passed=short == 0,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={"rows_missing_images": short, "examples": ", ".join(examples)},
+    )
+
+
+@dataclass(frozen=True)
+class EditsCheck:
+    """One check on a partition's results file: its name, what it says, how it is evaluated."""
+
+    name: str
+    description: str
+    evaluate: Callable[[Flux2Storage, str], AssetCheckResult]
+
+
+EDITS_CHECKS: tuple[EditsCheck, ...] = (
+    EditsCheck(
+        "all_valid_rows_completed",
+        "Every row that passed validation completed (ERROR).",
+        _all_valid_rows_completed,
+    ),
+    EditsCheck(
+        "request_ids_unique",
+        "No request_id appears on two rows: no job was paid for twice (ERROR).",
+        _request_ids_unique,
+    ),
+    EditsCheck(
+        "no_invalid_rows",
+        "Reports rows that break the input schema, with the reason (WARN).",
+        _no_invalid_rows,
+    ),
+    EditsCheck(
+        "completed_rows_have_all_images",
+        "Every completed row has num_images output URLs (ERROR).",
+        _completed_rows_have_all_images,
+    ),
+)
+
+
+def edits_check_specs(
     keys: Flux2Keys, partitions_def: DynamicPartitionsDefinition
-) -> list[AssetChecksDefinition]:
-    """The checks on flux2_edits, one result per partition."""
-
-    @asset_check(
-        asset=keys.edits,
-        required_resource_keys={keys.resource("storage")},
-        name="all_valid_rows_completed",
-        partitions_def=partitions_def,
-        description="Every row that passed validation completed (ERROR).",
-    )
-    def all_valid_rows_completed(context: AssetCheckExecutionContext) -> AssetCheckResult:
-        storage: Flux2Storage = getattr(context.resources, keys.resource("storage"))
-
-        def evaluate(key: str) -> AssetCheckResult:
-            batches = _results(storage, key, ["row_id", "status", "error"])
-            unfinished, head = _matching(
-                batches,
-                lambda batch: pc.and_(
-                    pc.not_equal(batch["status"], "completed"),
-                    pc.not_equal(batch["status"], "invalid"),
-                ),
-            )
-            return AssetCheckResult(
-                passed=unfinished == 0,
-                severity=AssetCheckSeverity.ERROR,
-                metadata={"not_completed": unfinished, "examples": _examples(head)},
-            )
-
-        return check_each_partition(context, evaluate)
-
-    @asset_check(
-        asset=keys.edits,
-        required_resource_keys={keys.resource("storage")},
-        name="request_ids_unique",
-        partitions_def=partitions_def,
-        description="No request_id appears on two rows: no job was paid for twice (ERROR).",
-    )
-    def request_ids_unique(context: AssetCheckExecutionContext) -> AssetCheckResult:
-        storage: Flux2Storage = getattr(context.resources, keys.resource("storage"))
-
-        def evaluate(key: str) -> AssetCheckResult:
-            batches = _results(storage, key, ["request_id"])
-            repeated, first = repeated_values(batch["request_id"] for batch in batches)
-            return AssetCheckResult(
-                passed=repeated == 0,
-                severity=AssetCheckSeverity.ERROR,
-                metadata={"repeated": repeated, "examples": ", ".join(first)},
-            )
-
-        return check_each_partition(context, evaluate)
-
-    @asset_check(
-        asset=keys.edits,
-        required_resource_keys={keys.resource("storage")},
-        name="no_invalid_rows",
-        partitions_def=partitions_def,
-        description="Reports rows that break the input schema, with the reason (WARN).",
-    )
-    def no_invalid_rows(context: AssetCheckExecutionContext) -> AssetCheckResult:
-        storage: Flux2Storage = getattr(context.resources, keys.resource("storage"))
-
-        def evaluate(key: str) -> AssetCheckResult:
-            batches = _results(storage, key, ["row_id", "status", "error"])
-            invalid, head = _matching(batches, lambda batch: pc.equal(batch["status"], "invalid"))
-            return AssetCheckResult(
-                passed=invalid == 0,
-                severity=AssetCheckSeverity.WARN,
-                metadata={"invalid_rows": invalid, "examples": _examples(head)},
-            )
-
-        return check_each_partition(context, evaluate)
-
-    @asset_check(
-        asset=keys.edits,
-        required_resource_keys={keys.resource("storage")},
-        name="completed_rows_have_all_images",
-        partitions_def=partitions_def,
-        description="Every completed row has num_images output URLs (ERROR).",
-    )
-    def completed_rows_have_all_images(context: AssetCheckExecutionContext) -> AssetCheckResult:
-        storage: Flux2Storage = getattr(context.resources, keys.resource("storage"))
-
-        def evaluate(key: str) -> AssetCheckResult:
-            batches = _results(storage, key, ["row_id", "status", "num_images", "output_urls"])
-            short, head = _matching(
-                batches,
-                lambda batch: pc.and_(
-                    pc.equal(batch["status"], "completed"),
-                    pc.not_equal(pc.list_value_length(batch["output_urls"]), batch["num_images"]),
-                ),
-            )
-            examples = head["row_id"].to_pylist() if head is not None else []
-            return AssetCheckResult(
-                passed=short == 0,
-                severity=AssetCheckSeverity.ERROR,
-                metadata={"rows_missing_images": short, "examples": ", ".join(examples)},
-            )
-
-        return check_each_partition(context, evaluate)
-
+) -> list[AssetCheckSpec]:
+    """The specs of the checks `flux2_edits` evaluates in its own step, one per partition."""
     return [
-        all_valid_rows_completed,
-        request_ids_unique,
-        no_invalid_rows,
-        completed_rows_have_all_images,
+        AssetCheckSpec(
+            check.name,
+            asset=keys.edits,
+            description=check.description,
+            partitions_def=partitions_def,
+        )
+        for check in EDITS_CHECKS
     ]
+
+
+def evaluate_edits_checks(
+    storage: Flux2Storage, asset_key: AssetKey, key: str, names: Collection[str]
+) -> list[AssetCheckResult]:
+    """The results of the checks `names` on partition `key`'s results file, in `EDITS_CHECKS` order.
+
+    Raises the error of a results file that cannot be read (it names the file).
+
+    Example::
+
+        [result] = evaluate_edits_checks(storage, keys.edits, "cats", {"no_invalid_rows"})
+        result.passed, result.metadata["invalid_rows"]
+    """
+    return [
+        _for_check(check.evaluate(storage, key), asset_key, check.name)
+        for check in EDITS_CHECKS
+        if check.name in names
+    ]
+
+
+def _for_check(result: AssetCheckResult, asset_key: AssetKey, name: str) -> AssetCheckResult:
+    # A step that evaluates several checks must name the check each result belongs to.
+    return AssetCheckResult(
+        passed=result.passed,
+        asset_key=asset_key,
+        check_name=name,
+        metadata=result.metadata,
+        severity=result.severity,
+        description=result.description,
+    )

@@ -14,6 +14,7 @@ still gets its own results file, materialization or failure.
 
 import asyncio
 import functools
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -22,10 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from dagster import (
+    AssetCheckKey,
+    AssetCheckResult,
+    AssetCheckSeverity,
     AssetExecutionContext,
     AssetMaterialization,
     AssetObservation,
     AssetsDefinition,
+    AssetSpec,
     Backoff,
     DynamicPartitionsDefinition,
     Failure,
@@ -37,17 +42,20 @@ from dagster import (
     TableColumnDep,
     TableColumnLineage,
     TableSchema,
-    asset,
+    multi_asset,
 )
 from upath import UPath
 
+from flux2_pipeline.assets.checks import EDITS_CHECKS, edits_check_specs, evaluate_edits_checks
 from flux2_pipeline.assets.keys import Flux2Keys
 from flux2_pipeline.assets.ranges import (
     DEFAULT_PARTITIONS_PER_RUN,
     INTERRUPTED,
     PartitionOutcome,
     materialize_outcomes,
+    partition_check_evaluation,
     ranged_backfills,
+    ranged_check_summary,
 )
 from flux2_pipeline.batch import (
     LARGE_ROW_GROUP_ROWS,
@@ -218,6 +226,8 @@ class _Partition:
     rows: Iterable[list[Any]]
     writer: ResultsWriter | None = None
     outcome: PartitionOutcome | None = None
+    checks: list[AssetCheckResult] | None = None
+    """The selected checks' results on the written file (None until evaluated)."""
 
     @property
     def running(self) -> bool:
@@ -228,12 +238,15 @@ async def _run_partitions(
     partitions: Sequence[_Partition],
     policy: AddressPolicy,
     finish: Callable[[_Partition], PartitionOutcome],
+    evaluate_checks: Callable[[_Partition], None],
 ) -> None:
     """Run the partitions' rows under one in-flight limit, each written to its own file.
 
     A partition starts as soon as the one before it has read its last input row, so the
     limit stays full across partition boundaries while only a few partitions are open.
-    A partition whose input turns out to be unreadable fails alone.
+    A partition whose input turns out to be unreadable fails alone. Once a partition's
+    file is written, `finish` gives its outcome and `evaluate_checks` (on a worker thread, so the
+    other partitions' rows go on) evaluates its checks.
     """
     # Reference images are checked through the one guarded fetcher before rows are paid.
     async with GuardedFetcher(policy) as fetcher:
@@ -243,7 +256,9 @@ async def _run_partitions(
             for partition in partitions:
                 all_read = asyncio.Event()
                 partition.runner.preflight = check
-                running.append(asyncio.create_task(_run_one(partition, all_read, finish)))
+                running.append(
+                    asyncio.create_task(_run_one(partition, all_read, finish, evaluate_checks))
+                )
                 await all_read.wait()
                 if any(task.done() and task.exception() for task in running):
                     break
@@ -261,7 +276,10 @@ async def _run_partitions(
 
 
 async def _run_one(
-    partition: _Partition, all_read: asyncio.Event, finish: Callable[[_Partition], PartitionOutcome]
+    partition: _Partition,
+    all_read: asyncio.Event,
+    finish: Callable[[_Partition], PartitionOutcome],
+    evaluate_checks: Callable[[_Partition], None],
 ) -> None:
     def rows() -> Iterator[list[Any]]:
         try:
@@ -289,6 +307,7 @@ async def _run_one(
         all_read.set()
     writer.commit()
     partition.outcome = finish(partition)
+    await asyncio.to_thread(evaluate_checks, partition)
 
 
 def _runner(
@@ -343,34 +362,50 @@ def build_edits_asset(
         keys.resource("storage"),
     )
 
-    @asset(
-        key=keys.edits,
+    @multi_asset(
+        name=keys.edits.to_python_identifier(),
+        specs=[
+            AssetSpec(
+                keys.edits,
+                deps=[keys.prompt_tables],
+                group_name=group_name,
+                code_version=CODE_VERSION,
+                kinds={"parquet"},
+                metadata={"dagster/column_schema": results_table_schema()},
+                description="FLUX.2 [dev] edits of one prompt table: one row per input row with "
+                "the request id, status, result image URLs and effective parameters.",
+            )
+        ],
+        check_specs=edits_check_specs(keys, partitions_def),
+        can_subset=True,
         partitions_def=partitions_def,
-        deps=[keys.prompt_tables],
-        group_name=group_name,
-        code_version=CODE_VERSION,
         retry_policy=retry_policy,
         backfill_policy=ranged_backfills(partitions_per_run),
         pool=pool,
         required_resource_keys={runcomfy_key, ledger_key, storage_key},
-        kinds={"parquet"},
-        metadata={"dagster/column_schema": results_table_schema()},
-        description="FLUX.2 [dev] edits of one prompt table: one row per input row with the "
-        "request id, status, result image URLs and effective parameters.",
     )
     def flux2_edits(
         context: AssetExecutionContext,
-    ) -> Iterator[AssetMaterialization | MaterializeResult[None]]:
-        """Run the partitions' edit jobs and write each one's results dataset."""
+    ) -> Iterator[AssetMaterialization | MaterializeResult[None] | AssetCheckResult]:
+        """Run the partitions' edit jobs and write each one's results dataset and checks."""
         runcomfy: RunComfyResource = getattr(context.resources, runcomfy_key)
         ledger: LedgerResource = getattr(context.resources, ledger_key)
         storage: Flux2Storage = getattr(context.resources, storage_key)
-        slots, wakeup = asyncio.Semaphore(runcomfy.max_concurrency), SlotWakeup()
-        outcomes: dict[str, PartitionOutcome] = {}
-        partitions: list[_Partition] = []
         # Read once: each `context.partition_keys` asks the instance for the partitions.
         keys_in_run = list(context.partition_keys)
         ranged = len(keys_in_run) > 1
+        check_names = [
+            check.name
+            for check in EDITS_CHECKS
+            if AssetCheckKey(keys.edits, check.name) in context.selected_asset_check_keys
+        ]
+        if keys.edits not in context.selected_asset_keys:
+            # Checks selected alone (the UI's "Execute" on a check): evaluate, pay nothing.
+            yield from _checks_alone(context, keys, storage, keys_in_run, check_names)
+            return
+        slots, wakeup = asyncio.Semaphore(runcomfy.max_concurrency), SlotWakeup()
+        outcomes: dict[str, PartitionOutcome] = {}
+        partitions: list[_Partition] = []
         for key in keys_in_run:
             prepared = _prepare(context, key, ranged, storage, runcomfy, ledger, slots, wakeup)
             if isinstance(prepared, PartitionOutcome):
@@ -383,8 +418,12 @@ def build_edits_asset(
                 f"{len(keys_in_run)} partitions ({keys_in_run[0]} to {keys_in_run[-1]}), "
                 f"{rows} rows from {storage.input_dir}"
             )
-        # Partitions finish on the client's loop; their lines are logged from this thread.
+        # Partitions finish on the client's loop; their lines and check evaluations are
+        # logged from this thread, woken as soon as one is ready.
         finished_lines: deque[str] = deque()
+        checked: deque[_Partition] = deque()
+        check_results: dict[str, dict[str, AssetCheckResult]] = {name: {} for name in check_names}
+        ready = threading.Event()
 
         def finish(partition: _Partition) -> PartitionOutcome:
             finished_lines.append(
@@ -393,15 +432,28 @@ def build_edits_asset(
             )
             return _outcome(keys, partition)
 
+        def evaluate_checks(partition: _Partition) -> None:
+            partition.checks = _evaluate_checks(storage, keys, partition, check_names)
+            checked.append(partition)
+            ready.set()
+
         def log_finished() -> None:
             # One log event for every partition finished since the last: each event is a
             # database commit, a real cost over the partitions of a ranged run.
             lines = [finished_lines.popleft() for _ in range(len(finished_lines))]
             if lines:
                 context.log.info("\n".join(lines))
+            while checked:
+                partition = checked.popleft()
+                for result in partition.checks or []:
+                    name = str(result.check_name)
+                    check_results[name][partition.key] = result
+                    if ranged:
+                        context.log_event(
+                            partition_check_evaluation(result, keys.edits, name, partition.key)
+                        )
 
         def report_progress() -> None:
-            log_finished()
             running = [partition for partition in partitions if partition.running]
             if not running:
                 return
@@ -424,13 +476,23 @@ def build_edits_asset(
                         f"spend {spent:.4f} USD"
                     )
 
+        def on_tick() -> None:
+            log_finished()
+            if time.monotonic() >= next_progress[0]:
+                next_progress[0] = time.monotonic() + progress_seconds
+                report_progress()
+
         ticks = [0]
+        next_progress = [time.monotonic() + progress_seconds]
         stopped = False
         try:
             runcomfy.run(
-                _run_partitions(partitions, AddressPolicy.for_api(runcomfy.base_url), finish),
-                on_tick=report_progress,
+                _run_partitions(
+                    partitions, AddressPolicy.for_api(runcomfy.base_url), finish, evaluate_checks
+                ),
+                on_tick=on_tick,
                 tick_seconds=progress_seconds,
+                wake=ready,
             )
         except RunInterrupted:
             stopped = True
@@ -455,9 +517,68 @@ def build_edits_asset(
             assert partition.outcome is not None, "every partition ends with an outcome"
             outcomes[partition.key] = partition.outcome
         ordered = [outcomes[key] for key in keys_in_run]
-        yield from materialize_outcomes(context, keys.edits, ordered, stopped=stopped)
+        yield from materialize_outcomes(
+            context,
+            keys.edits,
+            ordered,
+            stopped=stopped,
+            check_results=_step_check_results(keys, check_results, ranged),
+        )
 
     return flux2_edits
+
+
+def _evaluate_checks(
+    storage: Flux2Storage, keys: Flux2Keys, partition: _Partition, names: Sequence[str]
+) -> list[AssetCheckResult]:
+    """The checks' results on a partition's file just written; a check that cannot read it
+    fails with the error (the partition's rows are already paid for and written)."""
+    try:
+        return evaluate_edits_checks(storage, keys.edits, partition.key, names)
+    except Exception as exc:  # an unreadable file fails its checks, not the paid-for rows
+        return [
+            AssetCheckResult(
+                passed=False,
+                asset_key=keys.edits,
+                check_name=name,
+                severity=AssetCheckSeverity.ERROR,
+                description=f"partition {partition.key}: the check could not read "
+                f"{partition.out_path}: {exc}",
+            )
+            for name in names
+        ]
+
+
+def _step_check_results(
+    keys: Flux2Keys, results: dict[str, dict[str, AssetCheckResult]], ranged: bool
+) -> list[AssetCheckResult]:
+    """The step's own result of each check: the partition's, or a ranged step's summary."""
+    if not ranged:
+        return [only for by_key in results.values() for only in by_key.values()]
+    return [
+        ranged_check_summary(by_key, asset_key=keys.edits, check_name=name)
+        for name, by_key in results.items()
+        if by_key
+    ]
+
+
+def _checks_alone(
+    context: AssetExecutionContext,
+    keys: Flux2Keys,
+    storage: Flux2Storage,
+    keys_in_run: Sequence[str],
+    names: Sequence[str],
+) -> Iterator[AssetCheckResult]:
+    """The checks evaluated on results files already written (a file that cannot be read
+    fails the step, naming it)."""
+    by_name: dict[str, dict[str, AssetCheckResult]] = {name: {} for name in names}
+    for key in keys_in_run:
+        for result in evaluate_edits_checks(storage, keys.edits, key, names):
+            name = str(result.check_name)
+            by_name[name][key] = result
+            if len(keys_in_run) > 1:
+                context.log_event(partition_check_evaluation(result, keys.edits, name, key))
+    yield from _step_check_results(keys, by_name, len(keys_in_run) > 1)
 
 
 def _prepare(

@@ -36,7 +36,6 @@ from dagster import (
 )
 from pydantic import BaseModel, Field
 
-from flux2_pipeline.assets.checks import build_edits_checks
 from flux2_pipeline.assets.dataset import build_dataset_asset
 from flux2_pipeline.assets.edits import (
     EDITS_RETRY_POLICY,
@@ -122,10 +121,7 @@ def build_flux2_definitions(
     }
     return Definitions(
         assets=[build_prompt_tables(keys, partitions_def, group_name), edits, images, dataset],
-        asset_checks=[
-            *build_edits_checks(keys, partitions_def),
-            *build_images_checks(keys, partitions_def),
-        ],
+        asset_checks=build_images_checks(keys, partitions_def),
         sensors=[
             build_prompt_files_sensor(keys, partitions_def, [keys.edits], partitions_per_run),
             AutomationConditionSensorDefinition(

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from dagster import (
+    AssetCheckResult,
     AssetExecutionContext,
     AssetMaterialization,
     AssetsDefinition,
@@ -153,7 +154,7 @@ def build_images_asset(
     )
     def flux2_images(
         context: AssetExecutionContext, config: ImagesConfig
-    ) -> Iterator[AssetMaterialization | MaterializeResult[None]]:
+    ) -> Iterator[AssetMaterialization | MaterializeResult[None] | AssetCheckResult]:
         """Fetch, verify and store each partition's images; write its manifest and sheet."""
         storage: Flux2Storage = getattr(context.resources, storage_key)
         # The API's address decides the downloader's policy: loopback only for the emulator.

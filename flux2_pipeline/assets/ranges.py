@@ -115,7 +115,8 @@ def materialize_outcomes(
     outcomes: Sequence[PartitionOutcome],
     *,
     stopped: bool = False,
-) -> Iterator[AssetMaterialization | MaterializeResult[None]]:
+    check_results: Sequence[AssetCheckResult] = (),
+) -> Iterator[AssetMaterialization | MaterializeResult[None] | AssetCheckResult]:
     """The step's events for its partitions' outcomes; raises when any partition failed.
 
     One partition: its `MaterializeResult`, or its own `Failure`. Several, all succeeded:
@@ -124,12 +125,15 @@ def materialize_outcomes(
     naming the others (retried by the step's policy only if one of theirs allows it).
     `stopped`: the run was stopped after every partition had finished; each is
     materialized, and the step still fails as stopped, so nothing runs after it.
+    `check_results` (the step's own checks) come after the materializations and before
+    any failure, so a failed partition's checks are recorded too.
     """
     if len(outcomes) == 1:
         [only] = outcomes
         if only.failure is not None:
+            yield from check_results
             raise only.failure
-        yield MaterializeResult(metadata=dict(only.metadata))
+        yield MaterializeResult(metadata=dict(only.metadata), check_results=list(check_results))
         return
     failed = [outcome for outcome in outcomes if outcome.failure is not None]
     if stopped and not failed:
@@ -137,6 +141,7 @@ def materialize_outcomes(
             yield AssetMaterialization(
                 asset_key=asset_key, partition=outcome.key, metadata=dict(outcome.metadata)
             )
+        yield from check_results
         raise Failure(
             description="the run was stopped after every partition had finished",
             metadata={PARTITION_FAILURES: MetadataValue.json({}), INTERRUPTED: True},
@@ -145,13 +150,14 @@ def materialize_outcomes(
     if not failed:
         for outcome in outcomes:
             context.add_asset_metadata(dict(outcome.metadata), partition_key=outcome.key)
-        yield MaterializeResult()
+        yield MaterializeResult(check_results=list(check_results))
         return
     for outcome in outcomes:
         if outcome.failure is None:
             yield AssetMaterialization(
                 asset_key=asset_key, partition=outcome.key, metadata=dict(outcome.metadata)
             )
+    yield from check_results
     raise ranged_failure(failed, len(outcomes))
 
 
@@ -195,6 +201,53 @@ def _plain_value(value: Any) -> Any:
     return inner if isinstance(inner, str | int | float | bool) or inner is None else str(inner)
 
 
+def partition_check_evaluation(
+    result: AssetCheckResult, asset_key: AssetKey, check_name: str, partition: str
+) -> AssetCheckEvaluation:
+    """One partition's evaluation of a check in a ranged step, as the UI shows it per partition.
+
+    `result` is what the check found on that partition alone.
+    """
+    return AssetCheckEvaluation(
+        asset_key=asset_key,
+        check_name=check_name,
+        passed=result.passed,
+        metadata=result.metadata,
+        severity=result.severity,
+        description=result.description,
+        partition=partition,
+        target_materialization_data=None,
+    )
+
+
+def ranged_check_summary(
+    results: Mapping[str, AssetCheckResult],
+    *,
+    asset_key: AssetKey | None = None,
+    check_name: str | None = None,
+) -> AssetCheckResult:
+    """The step's own result of a check over its partitions' results: it passes only if
+    every partition passed, and names the first that did not.
+
+    >>> found = {"a": AssetCheckResult(passed=True), "b": AssetCheckResult(passed=False)}
+    >>> ranged_check_summary(found).metadata["examples"].value
+    'b'
+    """
+    failed = [key for key, result in results.items() if not result.passed]
+    severities = [result.severity for result in results.values()]
+    return AssetCheckResult(
+        passed=not failed,
+        asset_key=asset_key,
+        check_name=check_name,
+        severity=severities[-1] if severities else AssetCheckSeverity.ERROR,
+        metadata={
+            "partitions_checked": len(results),
+            "partitions_failed": len(failed),
+            "examples": ", ".join(failed[:FAILURES_NAMED]),
+        },
+    )
+
+
 def check_each_partition(
     context: AssetCheckExecutionContext, evaluate: Callable[[str], AssetCheckResult]
 ) -> AssetCheckResult:
@@ -208,33 +261,12 @@ def check_each_partition(
     if len(keys) == 1:
         return evaluate(keys[0])
     [spec] = context.check_specs
-    failed: list[str] = []
-    severity = AssetCheckSeverity.ERROR
+    results: dict[str, AssetCheckResult] = {}
     for key in keys:
-        result = evaluate(key)
-        severity = result.severity
-        if not result.passed:
-            failed.append(key)
+        result = results[key] = evaluate(key)
         # `log_event` records an AssetCheckEvaluation (Dagster's op context handles that
         # type explicitly) although its annotation leaves it out.
         context.op_execution_context.log_event(
-            AssetCheckEvaluation(  # type: ignore[arg-type]
-                asset_key=spec.asset_key,
-                check_name=spec.name,
-                passed=result.passed,
-                metadata=result.metadata,
-                severity=result.severity,
-                description=result.description,
-                partition=key,
-                target_materialization_data=None,
-            )
+            partition_check_evaluation(result, spec.asset_key, spec.name, key)  # type: ignore[arg-type]
         )
-    return AssetCheckResult(
-        passed=not failed,
-        severity=severity,
-        metadata={
-            "partitions_checked": len(keys),
-            "partitions_failed": len(failed),
-            "examples": ", ".join(failed[:FAILURES_NAMED]),
-        },
-    )
+    return ranged_check_summary(results)

@@ -233,25 +233,33 @@ class RunComfyResource(ConfigurableResource):  # type: ignore[type-arg]
         *,
         on_tick: Callable[[], None] | None = None,
         tick_seconds: float = 10.0,
+        wake: threading.Event | None = None,
     ) -> T:
         """Run `coroutine` on the client's loop and wait for it.
 
         `on_tick` is called every `tick_seconds` on the calling thread (the step's),
-        which is where Dagster logging belongs. If the waiting thread is interrupted
-        (Dagster stopping the run), the coroutine is cancelled and given
-        `CLEANUP_SECONDS` to cancel its jobs.
+        which is where Dagster logging belongs, and also as soon as `wake` is set (the
+        coroutine sets it when it has something to report; it is cleared before the call).
+        If the waiting thread is interrupted (Dagster stopping the run), the coroutine is
+        cancelled and given `CLEANUP_SECONDS` to cancel its jobs.
         """
         finished = threading.Event()
+        attention = wake if wake is not None else threading.Event()
 
         async def guarded() -> T:
             try:
                 return await coroutine
             finally:
                 finished.set()
+                attention.set()
 
         future = self._submit(guarded())
         try:
-            while not finished.wait(tick_seconds):
+            while True:
+                attention.wait(tick_seconds)
+                if finished.is_set():
+                    break
+                attention.clear()
                 if on_tick is not None:
                     on_tick()
             return future.result()

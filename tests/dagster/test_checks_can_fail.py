@@ -56,8 +56,8 @@ class Built:
     def results(self) -> Path:
         return self.output / "flux2_edits" / f"{KEY}.parquet"
 
-    def evaluations(self) -> dict[str, AssetCheckEvaluation]:
-        """The latest evaluation of each check, from the instance's event log."""
+    def evaluations(self, key: str = KEY) -> dict[str, AssetCheckEvaluation]:
+        """The latest evaluation of each check on partition `key`, from the event log."""
         entries = [
             entry
             for run in self.instance.get_runs()
@@ -71,8 +71,22 @@ class Built:
             assert event is not None
             evaluation = event.event_specific_data
             assert isinstance(evaluation, AssetCheckEvaluation)
-            latest[evaluation.check_name] = evaluation
+            if evaluation.partition == key:
+                latest[evaluation.check_name] = evaluation
         return latest
+
+    def evaluation_runs(self, name: str, key: str) -> list[str]:
+        """The runs that evaluated check `name` on partition `key`."""
+        return [
+            run.run_id
+            for run in self.instance.get_runs()
+            for entry in self.instance.all_logs(
+                run.run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION
+            )
+            if entry.dagster_event is not None
+            and entry.dagster_event.event_specific_data.check_name == name  # type: ignore[union-attr]
+            and entry.dagster_event.event_specific_data.partition == key  # type: ignore[union-attr]
+        ]
 
     def run_check(
         self, asset: str, name: str, monkeypatch: pytest.MonkeyPatch, key: str = KEY
@@ -168,7 +182,7 @@ def built(pristine: Pristine, tmp_path: Path) -> Iterator[Built]:
 
 def test_an_invalid_row_fails_no_invalid_rows_through_the_cli(built: Built) -> None:
     assert built.cli.returncode == 1, built.cli.stdout + built.cli.stderr  # `broken` failed
-    evaluations = built.evaluations()  # the failed `broken` step ran no checks
+    evaluations = built.evaluations()
     assert set(evaluations) == {
         "all_valid_rows_completed",
         "request_ids_unique",
@@ -188,13 +202,17 @@ def test_an_invalid_row_fails_no_invalid_rows_through_the_cli(built: Built) -> N
 def test_a_failed_row_fails_all_valid_rows_completed(
     built: Built, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The CLI's step evaluated `broken`'s checks too: its file was written, its step failed.
+    through_the_cli = built.evaluations(key="broken")["all_valid_rows_completed"]
     built.run_check("flux2_edits", "all_valid_rows_completed", monkeypatch, key="broken")
 
-    evaluation = built.evaluations()["all_valid_rows_completed"]
-    assert not evaluation.passed and evaluation.severity is AssetCheckSeverity.ERROR
-    assert metadata(evaluation)["not_completed"] == 1
-    example = metadata(evaluation)["examples"]
-    assert example.startswith("broken-1: ") and "/v1/outputs/none/0.png" in example
+    alone = built.evaluations(key="broken")["all_valid_rows_completed"]
+    assert len(built.evaluation_runs("all_valid_rows_completed", "broken")) == 2
+    for evaluation in (through_the_cli, alone):
+        assert not evaluation.passed and evaluation.severity is AssetCheckSeverity.ERROR
+        assert metadata(evaluation)["not_completed"] == 1
+        example = metadata(evaluation)["examples"]
+        assert example.startswith("broken-1: ") and "/v1/outputs/none/0.png" in example
 
 
 def rewrite_results(path: Path, **columns: list[Any]) -> None:

@@ -142,10 +142,31 @@ def test_a_failed_partition_fails_alone_and_retry_failed_runs_what_did_not_finis
     follow_ups = [run for run in _runs(instance) if RANGE_START not in run.tags]  # type: ignore[attr-defined]
     assert ranged.status == DagsterRunStatus.FAILURE  # type: ignore[attr-defined]
     assert sorted(run.tags["dagster/partition"] for run in follow_ups) == ["alpha", "gamma"]  # type: ignore[attr-defined]
-    # The follow-ups also ran every check the failed range skipped, flux2_edits' too.
+    # flux2_edits' checks ran in its own step, once for each partition, beta's too (its
+    # file was written): the failed check names the row. The follow-ups did not run them
+    # again; they ran the checks of the images the failed range skipped.
     for check in ("all_valid_rows_completed", "no_invalid_rows"):
         history = instance.event_log_storage.get_asset_check_execution_history(
             AssetCheckKey(KEYS.edits, check), limit=10
+        )
+        evaluated = {
+            str(r.partition): r.event.dagster_event.event_specific_data  # type: ignore[union-attr]
+            for r in history
+            if r.status.value in ("SUCCEEDED", "FAILED")
+        }
+        assert len(evaluated) == len(history) == 4  # alpha, beta, gamma, the range's summary
+        assert {key: e.passed for key, e in evaluated.items()} == {
+            "alpha": True,
+            "beta": check == "no_invalid_rows",
+            "gamma": True,
+            "None": check == "no_invalid_rows",
+        }
+        assert {r.run_id for r in history} == {ranged.run_id}  # type: ignore[attr-defined]
+        if check == "all_valid_rows_completed":
+            assert evaluated["beta"].metadata["examples"].value.startswith("beta-1: ")
+    for check in ("edited_images_stored", "edited_image_sizes_match_preset"):
+        history = instance.event_log_storage.get_asset_check_execution_history(
+            AssetCheckKey(KEYS.images, check), limit=10
         )
         evaluated = [r for r in history if r.status.value in ("SUCCEEDED", "FAILED")]
         assert sorted(str(r.partition) for r in evaluated) == ["alpha", "gamma"]
