@@ -51,11 +51,10 @@ from flux2_pipeline.assets.keys import Flux2Keys
 from flux2_pipeline.assets.ranges import (
     DEFAULT_PARTITIONS_PER_RUN,
     INTERRUPTED,
+    PartitionChecks,
     PartitionOutcome,
     materialize_outcomes,
-    partition_check_evaluation,
     ranged_backfills,
-    ranged_check_summary,
 )
 from flux2_pipeline.batch import (
     LARGE_ROW_GROUP_ROWS,
@@ -226,8 +225,6 @@ class _Partition:
     rows: Iterable[list[Any]]
     writer: ResultsWriter | None = None
     outcome: PartitionOutcome | None = None
-    checks: list[AssetCheckResult] | None = None
-    """The selected checks' results on the written file (None until evaluated)."""
 
     @property
     def running(self) -> bool:
@@ -421,8 +418,8 @@ def build_edits_asset(
         # Partitions finish on the client's loop; their lines and check evaluations are
         # logged from this thread, woken as soon as one is ready.
         finished_lines: deque[str] = deque()
-        checked: deque[_Partition] = deque()
-        check_results: dict[str, dict[str, AssetCheckResult]] = {name: {} for name in check_names}
+        checked: deque[tuple[str, list[AssetCheckResult]]] = deque()
+        found = PartitionChecks(keys.edits, ranged=ranged, log_event=context.log_event)
         ready = threading.Event()
 
         def finish(partition: _Partition) -> PartitionOutcome:
@@ -433,8 +430,7 @@ def build_edits_asset(
             return _outcome(keys, partition)
 
         def evaluate_checks(partition: _Partition) -> None:
-            partition.checks = _evaluate_checks(storage, keys, partition, check_names)
-            checked.append(partition)
+            checked.append((partition.key, _evaluate_checks(storage, keys, partition, check_names)))
             ready.set()
 
         def log_finished() -> None:
@@ -444,14 +440,9 @@ def build_edits_asset(
             if lines:
                 context.log.info("\n".join(lines))
             while checked:
-                partition = checked.popleft()
-                for result in partition.checks or []:
-                    name = str(result.check_name)
-                    check_results[name][partition.key] = result
-                    if ranged:
-                        context.log_event(
-                            partition_check_evaluation(result, keys.edits, name, partition.key)
-                        )
+                key, results = checked.popleft()
+                for result in results:
+                    found.add(key, str(result.check_name), result)
 
         def report_progress() -> None:
             running = [partition for partition in partitions if partition.running]
@@ -522,7 +513,7 @@ def build_edits_asset(
             keys.edits,
             ordered,
             stopped=stopped,
-            check_results=_step_check_results(keys, check_results, ranged),
+            check_results=found.step_results(),
         )
 
     return flux2_edits
@@ -549,19 +540,6 @@ def _evaluate_checks(
         ]
 
 
-def _step_check_results(
-    keys: Flux2Keys, results: dict[str, dict[str, AssetCheckResult]], ranged: bool
-) -> list[AssetCheckResult]:
-    """The step's own result of each check: the partition's, or a ranged step's summary."""
-    if not ranged:
-        return [only for by_key in results.values() for only in by_key.values()]
-    return [
-        ranged_check_summary(by_key, asset_key=keys.edits, check_name=name)
-        for name, by_key in results.items()
-        if by_key
-    ]
-
-
 def _checks_alone(
     context: AssetExecutionContext,
     keys: Flux2Keys,
@@ -571,14 +549,11 @@ def _checks_alone(
 ) -> Iterator[AssetCheckResult]:
     """The checks evaluated on results files already written (a file that cannot be read
     fails the step, naming it)."""
-    by_name: dict[str, dict[str, AssetCheckResult]] = {name: {} for name in names}
+    found = PartitionChecks(keys.edits, ranged=len(keys_in_run) > 1, log_event=context.log_event)
     for key in keys_in_run:
         for result in evaluate_edits_checks(storage, keys.edits, key, names):
-            name = str(result.check_name)
-            by_name[name][key] = result
-            if len(keys_in_run) > 1:
-                context.log_event(partition_check_evaluation(result, keys.edits, name, key))
-    yield from _step_check_results(keys, by_name, len(keys_in_run) > 1)
+            found.add(key, str(result.check_name), result)
+    yield from found.step_results()
 
 
 def _prepare(

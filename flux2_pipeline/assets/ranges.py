@@ -248,6 +248,50 @@ def ranged_check_summary(
     )
 
 
+class PartitionChecks:
+    """A step's check results, partition by partition, as the UI shows them.
+
+    In a ranged step, each partition's result is logged as its own evaluation when it is
+    added, and the step's own result of each check passes only if every partition passed
+    (`ranged_check_summary`). In a one-partition step, the step's result is the partition's.
+
+    Example::
+
+        found = PartitionChecks(keys.edits, ranged=True, log_event=context.log_event)
+        found.add("cats", "no_invalid_rows", AssetCheckResult(passed=True))
+        yield from found.step_results()
+    """
+
+    def __init__(
+        self,
+        asset_key: AssetKey,
+        *,
+        ranged: bool,
+        log_event: Callable[[AssetCheckEvaluation], object],
+    ) -> None:
+        self.asset_key = asset_key
+        self.ranged = ranged
+        self._log_event = log_event
+        self._by_check: dict[str, dict[str, AssetCheckResult]] = {}
+
+    def add(self, partition: str, check_name: str, result: AssetCheckResult) -> None:
+        """Record `result`, what check `check_name` found on `partition` alone."""
+        self._by_check.setdefault(check_name, {})[partition] = result
+        if self.ranged:
+            self._log_event(
+                partition_check_evaluation(result, self.asset_key, check_name, partition)
+            )
+
+    def step_results(self) -> list[AssetCheckResult]:
+        """The step's own result of each check added, in the order they were first added."""
+        if not self.ranged:
+            return [result for found in self._by_check.values() for result in found.values()]
+        return [
+            ranged_check_summary(found, asset_key=self.asset_key, check_name=name)
+            for name, found in self._by_check.items()
+        ]
+
+
 def check_each_partition(
     context: AssetCheckExecutionContext, evaluate: Callable[[str], AssetCheckResult]
 ) -> AssetCheckResult:
@@ -258,15 +302,15 @@ def check_each_partition(
     passes only if every partition passed, naming the first that did not.
     """
     keys = context.op_execution_context.partition_keys
-    if len(keys) == 1:
-        return evaluate(keys[0])
     [spec] = context.check_specs
-    results: dict[str, AssetCheckResult] = {}
-    for key in keys:
-        result = results[key] = evaluate(key)
+    found = PartitionChecks(
+        spec.asset_key,
+        ranged=len(keys) > 1,
         # `log_event` records an AssetCheckEvaluation (Dagster's op context handles that
         # type explicitly) although its annotation leaves it out.
-        context.op_execution_context.log_event(
-            partition_check_evaluation(result, spec.asset_key, spec.name, key)  # type: ignore[arg-type]
-        )
-    return ranged_check_summary(results)
+        log_event=context.op_execution_context.log_event,  # type: ignore[arg-type]
+    )
+    for key in keys:
+        found.add(key, spec.name, evaluate(key))
+    [result] = found.step_results()
+    return result
