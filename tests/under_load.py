@@ -4,8 +4,9 @@ timing luck (issue 13: five rounds in a row beside two busy processes, on 2 core
 Starts `--busy` processes that each spin one core (`while True: pass`), then runs
 `CI=true pytest -q` (plus `--pytest-args`) `--rounds` times, printing each round's result
 and duration; with `--shards N` each round is N such processes at once, each running a
-share of the tests chosen by pytest-split (balanced on `tests/.test_durations`). It stops at the first failing round and exits with pytest's code; the busy
-processes are killed whatever happens (a failure, Ctrl+C, SIGTERM).
+share of the tests chosen by pytest-split (balanced on `tests/.test_durations`). It stops
+at the first failing round and exits with pytest's code; the busy processes, and each
+pytest's process group, are ended whatever happens (a failure, Ctrl+C, SIGTERM).
 
 Example::
 
@@ -75,7 +76,7 @@ def busy_processes(count: int) -> Iterator[list[int]]:
 
 
 def described(commands: Sequence[Sequence[str]]) -> str:
-    """`CI=true pytest -q ...`, or how many such commands split the test files."""
+    """`CI=true pytest -q ...`, or how many such commands split the tests."""
     if len(commands) == 1:
         return f"`CI=true {shlex.join(commands[0])}`"
     return f"{len(commands)} `CI=true pytest -q` processes at once, splitting the tests"
