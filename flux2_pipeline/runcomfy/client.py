@@ -49,13 +49,14 @@ from flux2_pipeline.runcomfy.models import (
     EditRequest,
     EditResult,
     JobHandle,
+    JobState,
     JobStatus,
     parse_cancel,
     parse_result,
     parse_status,
     parse_submit,
 )
-from flux2_pipeline.runcomfy.polling import PollSchedule
+from flux2_pipeline.runcomfy.polling import FinishForecast, PollSchedule
 from flux2_pipeline.runcomfy.retry import RetryPolicy, is_retryable, parse_retry_after
 from flux2_pipeline.runcomfy.security import require_secure_base_url
 from flux2_pipeline.runcomfy.transport import (
@@ -91,6 +92,10 @@ class ClientStats:
     result_calls: int = 0
     cancel_calls: int = 0
     retries: int = 0
+    aimed_polls: int = 0
+    """Status calls aimed at a job's forecast end (see `polling.FinishForecast`)."""
+    aimed_hits: int = 0
+    """Aimed status calls that found the job ended."""
 
 
 class AsyncRunComfyClient:
@@ -138,6 +143,8 @@ class AsyncRunComfyClient:
         self.max_concurrency = max_concurrency
         self.retry = retry or RetryPolicy()
         self.poll = poll or PollSchedule()
+        self.forecast = FinishForecast()
+        """When new jobs are expected to end, learned from this client's completed jobs."""
         self.stats = ClientStats()
         headers = {"Accept": "application/json", "User-Agent": "flux2-pipeline"}
         if token:
@@ -225,6 +232,8 @@ class AsyncRunComfyClient:
     ) -> EditResult:
         """Poll a job to a terminal state and return its result.
 
+        Status calls follow `poll`, with one aimed just after the job's forecast end
+        (`forecast`, counted from `submitted_at`, else from now).
         On deadline (default `job_deadline`) or when the caller cancels this
         coroutine, a cancel is sent for the job before the error propagates.
         A 404 for the job (on status or result) is not taken at its word: polling
@@ -237,6 +246,10 @@ class AsyncRunComfyClient:
         calls = 0
         unknown_since: float | None = None
         missing_since: float | None = None
+        # The forecast end, in seconds after `started`; None once its call was made.
+        aim = self.forecast.seconds()
+        if aim is not None and submitted_at is not None:
+            aim -= max(0.0, (datetime.now(UTC) - submitted_at).total_seconds())
         try:
             while True:
                 elapsed = loop.time() - started
@@ -247,7 +260,13 @@ class AsyncRunComfyClient:
                         f"job did not finish within {budget:g} s; cancel requested",
                         request_id=request_id,
                     )
-                await asyncio.sleep(min(self.poll.interval(elapsed), remaining))
+                delay = self.poll.interval(elapsed)
+                aimed = aim is not None and aim - elapsed < delay
+                if aimed:
+                    assert aim is not None
+                    delay, aim = max(0.0, aim - elapsed), None
+                    self.stats.aimed_polls += 1
+                await asyncio.sleep(min(delay, remaining))
                 calls += 1
                 try:
                     status = await self.status(request_id)
@@ -273,6 +292,10 @@ class AsyncRunComfyClient:
                     continue
                 missing_since = None
                 if result.state.is_terminal:
+                    if aimed and status is not None:
+                        self.stats.aimed_hits += 1
+                    if result.state is JobState.COMPLETED:
+                        self.forecast.observe(result.created_at, result.finished_at)
                     return replace(result, status_calls=calls, submitted_at=submitted_at)
         except asyncio.CancelledError:
             await self._cancel_quietly(request_id)

@@ -375,3 +375,23 @@ async def test_caller_cancellation_cancels_the_queued_job(make_emulator: _Emulat
     assert server.state.jobs[queued.request_id].state is JobState.CANCELLED
     assert counters.cancelled_jobs == 1 and counters.cancel_calls == 1
     assert counters.jobs_created == 2
+
+
+async def test_the_emulator_stamps_teach_the_client_when_its_jobs_end(
+    make_emulator: _Emulators,
+) -> None:
+    # 0.4 s jobs, polled every 0.3 s by the schedule alone: noticed at 0.6 s. Once three
+    # jobs completed, the emulator's created_at/finished_at put the forecast at 0.4 s.
+    server = make_emulator(token=TOKEN, latency=0.4, max_concurrent=4)
+    every_300_ms = PollSchedule(min_interval=0.3, max_interval=0.3, fraction=0)
+    async with client_for(server, poll=every_300_ms) as client:
+        for seed in range(3):
+            assert (await client.run(request(server.base_url, seed))).ok
+        assert client.stats.aimed_polls == 0
+        forecast = client.forecast.seconds()
+        assert forecast is not None and 0.4 <= forecast < 0.5
+        calls_before = server.state.counters.status_calls
+        result = await client.run(request(server.base_url, 3))
+    assert result.ok and result.status_calls == 2  # 0.3 s, then the forecast's 0.4 s
+    assert server.state.counters.status_calls - calls_before == 2
+    assert (client.stats.aimed_polls, client.stats.aimed_hits) == (1, 1)
