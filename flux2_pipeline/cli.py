@@ -17,9 +17,6 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from flux2_pipeline.ledger import LedgerConfigError
-from flux2_pipeline.resources import SettingsError
-
 USAGE_ERROR = 2
 
 
@@ -98,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `flux2-pipeline` console script."""
     args = build_parser().parse_args(argv)
+    if args.command == "materialize":
+        # Before Dagster is imported here: the server imports its own copy meanwhile.
+        from flux2_pipeline.workers import start_early
+
+        start_early(args.partition, args.parallel)
+    from flux2_pipeline.ledger import LedgerConfigError
+    from flux2_pipeline.resources import SettingsError
+
     # Beta/preview notices about Dagster APIs are for this project's developers, not its users.
     warnings.filterwarnings("ignore", category=Warning, module=r"dagster\..*")
     warnings.filterwarnings("ignore", message=r".*(is currently in (beta|preview)|superseded).*")
@@ -131,6 +136,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _emulator(args: argparse.Namespace) -> int:
     from flux2_pipeline.emulator import EmulatorConfig, run_emulator
+    from flux2_pipeline.resources import SettingsError
 
     config = EmulatorConfig(
         host=args.host,

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import multiprocessing
-import multiprocessing.forkserver
 import os
 import re
 import signal
@@ -64,6 +62,7 @@ from flux2_pipeline.assets.ranges import PARTITION_FAILURES, plan_runs
 from flux2_pipeline.paths import is_local, local_path
 from flux2_pipeline.resources import InputScan
 from flux2_pipeline.settings import Settings, SettingsError
+from flux2_pipeline.workers import start_worker_server
 
 logger = logging.getLogger(__name__)
 
@@ -489,12 +488,13 @@ def _run_in_workers(
 ) -> list[PartitionSummary]:
     """`workers` processes take the runs in order, one Dagster run of a range each.
 
-    The processes fork from a server that has imported this module once, so each starts
-    in milliseconds rather than re-importing Dagster. A stop sets `stop`; each worker then
+    The processes fork from a server that has imported this module once (see
+    `flux2_pipeline.workers`), so each starts in milliseconds rather than re-importing
+    Dagster. A stop sets `stop`; each worker then
     interrupts its own run (Dagster's clean stop: queued jobs cancelled) and takes no
     other, and runs not yet started are dropped from the report.
     """
-    context = _start_worker_server()
+    context = start_worker_server()
     stop = context.Event()
     run_ids = [str(uuid.uuid4()) for _ in runs]
     results: dict[str, PartitionSummary] = {}
@@ -540,19 +540,11 @@ def _run_in_workers(
 def _worker_server_or_one(workers: int) -> int:
     """`workers` once the worker server runs; 1 (with a warning) if it cannot start."""
     try:
-        _start_worker_server()
+        start_worker_server()
     except OSError as exc:  # e.g. the server was killed and reaped by someone else
         logger.warning(f"no worker processes ({exc}); runs go one after another")
         return 1
     return workers
-
-
-def _start_worker_server() -> multiprocessing.context.ForkServerContext:
-    """Start (once per process) the server the workers fork from, with this module loaded."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    multiprocessing.forkserver.ensure_running()
-    return context
 
 
 def _outcome(

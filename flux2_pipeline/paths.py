@@ -28,6 +28,9 @@ from types import TracebackType
 from typing import IO, Any, Self
 from urllib.parse import urlsplit
 
+# pyarrow imports pandas the first time it turns Python rows into a batch: imported here,
+# that 0.1 s is paid at start, not on the event loop, where it would stall every job.
+import pandas  # noqa: F401
 import pyarrow as pa
 import pyarrow.parquet as pq
 from upath import UPath

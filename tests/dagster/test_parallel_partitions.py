@@ -21,8 +21,9 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.ledger import Ledger
-from flux2_pipeline.materialize import RUN_TAG, _start_worker_server, materialize
+from flux2_pipeline.materialize import RUN_TAG, materialize
 from flux2_pipeline.settings import Settings
+from flux2_pipeline.workers import start_worker_server
 from tests.conftest import TEST_TOKEN, prompt_rows, write_table
 from tests.dagster.test_process_safety import CLI, cli_env, start_cli, wait_for
 
@@ -150,7 +151,7 @@ def test_a_dead_worker_server_means_one_run_after_another(
     settings = Settings.from_env()
     for name in ("one", "two"):
         write_table(Path(settings.storage.input_dir), name, prompt_rows(emulator.base_url, name, 2))
-    _start_worker_server()
+    start_worker_server()
     server = forkserver._forkserver  # type: ignore[attr-defined]
     pid = server._forkserver_pid
     # Killed and reaped by someone else (a test's cleanup once did): the server cannot

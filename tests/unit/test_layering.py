@@ -40,6 +40,7 @@ LAYERS: dict[str, int] = {
     "progress": 8,
     "demo": 8,
     "ui": 8,
+    "workers": 8,
 }
 APART = {"emulator"}
 """Stands apart: imports only `runcomfy` (the schema it serves); only the CLI imports it."""
