@@ -418,7 +418,8 @@ def build_edits_asset(
         # Partitions finish on the client's loop; their lines and check evaluations are
         # logged from this thread, woken as soon as one is ready.
         finished_lines: deque[str] = deque()
-        checked: deque[tuple[str, list[AssetCheckResult]]] = deque()
+        checked: deque[tuple[_Partition, list[AssetCheckResult]]] = deque()
+        noted: set[str] = set()
         found = PartitionChecks(keys.edits, ranged=ranged, log_event=context.log_event)
         ready = threading.Event()
 
@@ -430,7 +431,7 @@ def build_edits_asset(
             return _outcome(keys, partition)
 
         def evaluate_checks(partition: _Partition) -> None:
-            checked.append((partition.key, _evaluate_checks(storage, keys, partition, check_names)))
+            checked.append((partition, _evaluate_checks(storage, keys, partition, check_names)))
             ready.set()
 
         def log_finished() -> None:
@@ -440,9 +441,16 @@ def build_edits_asset(
             if lines:
                 context.log.info("\n".join(lines))
             while checked:
-                key, results = checked.popleft()
+                partition, results = checked.popleft()
                 for result in results:
-                    found.add(key, str(result.check_name), result)
+                    found.add(partition.key, str(result.check_name), result)
+                outcome = partition.outcome
+                if ranged and outcome is not None and outcome.failure is None:
+                    # Dagster checks the key against the run's partitions, a query of the
+                    # instance, on every call: made now, while other partitions' jobs
+                    # still run, rather than for them all at the step's end.
+                    context.add_asset_metadata(dict(outcome.metadata), partition_key=partition.key)
+                    noted.add(partition.key)
 
         def report_progress() -> None:
             running = [partition for partition in partitions if partition.running]
@@ -514,6 +522,7 @@ def build_edits_asset(
             ordered,
             stopped=stopped,
             check_results=found.step_results(),
+            metadata_added=noted,
         )
 
     return flux2_edits

@@ -19,7 +19,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +116,7 @@ def materialize_outcomes(
     *,
     stopped: bool = False,
     check_results: Sequence[AssetCheckResult] = (),
+    metadata_added: Collection[str] = (),
 ) -> Iterator[AssetMaterialization | MaterializeResult[None] | AssetCheckResult]:
     """The step's events for its partitions' outcomes; raises when any partition failed.
 
@@ -126,7 +127,8 @@ def materialize_outcomes(
     `stopped`: the run was stopped after every partition had finished; each is
     materialized, and the step still fails as stopped, so nothing runs after it.
     `check_results` (the step's own checks) come after the materializations and before
-    any failure, so a failed partition's checks are recorded too.
+    any failure, so a failed partition's checks are recorded too. `metadata_added`: the
+    partitions whose metadata the step already gave `context.add_asset_metadata`.
     """
     if len(outcomes) == 1:
         [only] = outcomes
@@ -149,7 +151,8 @@ def materialize_outcomes(
         )
     if not failed:
         for outcome in outcomes:
-            context.add_asset_metadata(dict(outcome.metadata), partition_key=outcome.key)
+            if outcome.key not in metadata_added:
+                context.add_asset_metadata(dict(outcome.metadata), partition_key=outcome.key)
         yield MaterializeResult(check_results=list(check_results))
         return
     for outcome in outcomes:
