@@ -42,6 +42,7 @@ PRELOAD = (
     "pandas",
     "httpcore",
     "anyio",
+    "anyio._backends._asyncio",
 )
 """What the server imports before it forks any worker."""
 
