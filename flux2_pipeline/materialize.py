@@ -371,15 +371,16 @@ def run_partitions(
         tags[ASSET_PARTITION_RANGE_START_TAG] = keys[0]
         tags[ASSET_PARTITION_RANGE_END_TAG] = keys[-1]
     try:
-        result = job.execute_in_process(
-            instance=instance,
-            partition_key=keys[0] if len(keys) == 1 else None,
-            asset_selection=None if subset else list(assets),
-            raise_on_error=False,
-            run_config=dict(run_config or {}),
-            run_id=run_id,
-            tags=tags,
-        )
+        with sigterm_kept():
+            result = job.execute_in_process(
+                instance=instance,
+                partition_key=keys[0] if len(keys) == 1 else None,
+                asset_selection=None if subset else list(assets),
+                raise_on_error=False,
+                run_config=dict(run_config or {}),
+                run_id=run_id,
+                tags=tags,
+            )
     except KeyboardInterrupt:
         seconds = time.monotonic() - started
         return [
@@ -558,6 +559,29 @@ def _outcome(
 
 
 @contextmanager
+def sigterm_kept() -> Iterator[None]:
+    """SIGTERM's handler as it was before a Dagster run in this process, once it has ended.
+
+    A run copies SIGINT's handler to SIGTERM as it ends (`setup_interrupt_handlers`). In a
+    command started in the background from a script, SIGINT is ignored: after its first
+    run it would ignore SIGTERM too, and could not be stopped between runs.
+
+    Example::
+
+        with sigterm_kept():
+            job.execute_in_process(instance=instance)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM stops the command the way Ctrl+C does (what `kill` and orchestrators send)."""
     if threading.current_thread() is not threading.main_thread():
@@ -704,13 +728,14 @@ def _run_dataset(
 ) -> DatasetSummary:
     started = time.monotonic()
     try:
-        result = job.execute_in_process(
-            instance=instance,
-            asset_selection=list(assets),
-            raise_on_error=False,
-            run_config=dict(run_config),
-            tags={RUN_TAG: "flux2-pipeline materialize"},
-        )
+        with sigterm_kept():
+            result = job.execute_in_process(
+                instance=instance,
+                asset_selection=list(assets),
+                raise_on_error=False,
+                run_config=dict(run_config),
+                tags={RUN_TAG: "flux2-pipeline materialize"},
+            )
     except KeyboardInterrupt:
         return DatasetSummary(False, time.monotonic() - started, error="stopped")
     seconds = time.monotonic() - started
