@@ -156,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="300 rows, 3 kills (CI)")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.rows, args.kills, args.concurrency, args.latency = 300, 3, 16, 0.05
+        # Enough work that the third kill still finds jobs in flight: a killed run ends at
+        # most 1.25 s after its first submit (spread + one look), about 50 jobs at 8 x 0.2 s,
+        # so 200 rows are left for it. At 16 x 0.05 s each killed run could finish 400 and
+        # the third run, with a handful of rows left, ended before its kill.
+        args.rows, args.kills, args.concurrency, args.latency = 300, 3, 8, 0.2
         args.kill_spread = 1.0
     plan = Plan(
         rows=args.rows,
