@@ -46,6 +46,7 @@ from dagster import (
     DagsterEventType,
     DagsterInstance,
     Definitions,
+    EventLogEntry,
     ExecuteInProcessResult,
     JobDefinition,
 )
@@ -62,7 +63,7 @@ from flux2_pipeline.assets.ranges import PARTITION_FAILURES, plan_runs
 from flux2_pipeline.paths import is_local, local_path
 from flux2_pipeline.resources import InputScan
 from flux2_pipeline.settings import Settings, SettingsError
-from flux2_pipeline.workers import start_worker_server
+from flux2_pipeline.workers import StartGate, start_worker_server
 
 logger = logging.getLogger(__name__)
 
@@ -503,7 +504,14 @@ def _run_in_workers(
         workers,
         mp_context=context,
         initializer=_worker_start,
-        initargs=(settings, instance.get_ref(), dict(os.environ), list(warnings.filters), stop),
+        initargs=(
+            settings,
+            instance.get_ref(),
+            dict(os.environ),
+            list(warnings.filters),
+            stop,
+            StartGate(context),
+        ),
     )
 
     def keep(index: int, future: Future[list[PartitionSummary] | None]) -> None:
@@ -599,6 +607,7 @@ class _Worker:
     job: JobDefinition
     instance: DagsterInstance
     stopping: threading.Event
+    gate: StartGate
 
 
 _worker: _Worker | None = None
@@ -611,6 +620,7 @@ def _worker_start(
     environ: dict[str, str],
     warning_filters: list[Any],
     stop: Any,
+    gate: StartGate,
 ) -> None:
     global _worker
     # The server the workers fork from started with the environment of its time, and
@@ -637,7 +647,7 @@ def _worker_start(
 
     threading.Thread(target=relay, name="flux2-stop-relay", daemon=True).start()
     job = settings.definitions().resolve_implicit_global_asset_job_def()
-    _worker = _Worker(job, DagsterInstance.from_ref(instance_ref), stopping)
+    _worker = _Worker(job, DagsterInstance.from_ref(instance_ref), stopping, gate)
 
 
 def _pattern(text: re.Pattern[str] | str | None) -> str:
@@ -654,9 +664,23 @@ def _worker_run(
     assert worker is not None, "_worker_start runs first"
     if worker.stopping.is_set():
         return None  # handed out before the stop, never started
-    return run_partitions(
-        worker.job, worker.instance, keys, assets, run_config=run_config, run_id=run_id
-    )
+    with worker.gate.held(cancel=worker.stopping) as passed:
+        if worker.stopping.is_set():
+            return None  # stopped while it waited to start
+        worker.instance.add_event_listener(run_id, _on_step_start(passed))
+        return run_partitions(
+            worker.job, worker.instance, keys, assets, run_config=run_config, run_id=run_id
+        )
+
+
+def _on_step_start(call: Callable[[], None]) -> Callable[[EventLogEntry], None]:
+    """An event listener that calls `call` when the run's step starts."""
+
+    def listen(event: EventLogEntry) -> None:
+        if event.dagster_event_type == DagsterEventType.STEP_START:
+            call()
+
+    return listen
 
 
 class _ProgressWatcher:

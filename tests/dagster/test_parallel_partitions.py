@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.ledger import Ledger
@@ -173,3 +173,32 @@ def test_a_dead_worker_server_means_one_run_after_another(
         server._forkserver_alive_fd = None
         server._forkserver_address = None
         server._forkserver_pid = None
+
+
+def test_no_more_runs_start_at_once_than_the_gate_lets_in(
+    settings: Settings,
+    emulator: EmulatorServer,
+    instance: DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Starting a run is CPU work (its planned and start events): on 2 cores, 4 runs
+    # starting together each took twice as long. A run holds its place at the gate from
+    # before it is created until its step starts.
+    monkeypatch.setenv("FLUX2_PARTITIONS_PER_RUN", "1")
+    settings = Settings.from_env()
+    names = ["a", "b", "c", "d", "e"]
+    for name in names:
+        write_table(Path(settings.storage.input_dir), name, prompt_rows(emulator.base_url, name, 1))
+    report = materialize(settings, select=["flux2_edits"], instance=instance, parallel=5)
+    assert all(summary.succeeded for summary in report.partitions)
+    starting = []  # each run: from its first event to its step's start
+    for run in instance.get_runs(RunsFilter(tags={RUN_TAG: "flux2-pipeline materialize"})):
+        events = instance.all_logs(run.run_id)
+        step_start = next(e for e in events if e.dagster_event_type == DagsterEventType.STEP_START)
+        starting.append((events[0].timestamp, step_start.timestamp))
+    assert len(starting) == 5
+    width = max(1, os.cpu_count() or 1)
+    most_at_once = max(
+        sum(1 for begin, end in starting if begin <= moment < end) for moment, _ in starting
+    )
+    assert most_at_once <= min(width, 5)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import multiprocessing
+import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -64,3 +68,112 @@ def test_the_server_is_started_early_only_when_several_runs_are_likely(
 def test_no_input_folder_means_no_guess(tmp_path: Path) -> None:
     assert not workers.likely_needed([], None, {})
     assert not workers.likely_needed([], None, {"FLUX2_INPUT_DIR": str(tmp_path / "missing")})
+
+
+SERVER_THEN_EXIT = """
+import multiprocessing, multiprocessing.forkserver
+context = multiprocessing.get_context("forkserver")
+context.set_forkserver_preload({preload!r})
+multiprocessing.forkserver.ensure_running()
+print("command done", flush=True)
+"""
+
+LOUD_TEARDOWN = """
+import atexit, sys
+
+def say() -> None:
+    print("server teardown ran", flush=True)
+
+if sys.argv[:1] == ["-c"]:
+    atexit.register(say)
+"""
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_the_worker_server_skips_its_teardown_when_the_command_exits(
+    tmp_path: Path, quick: bool
+) -> None:
+    # The server holds the command's stdout: its teardown (0.6 s once Dagster is loaded)
+    # kept a reader of the command's output waiting after the command had exited. An exit
+    # handler registered before the quick exit stands for that teardown: it runs only
+    # without `worker_server_exit`.
+    (tmp_path / "loud_teardown.py").write_text(LOUD_TEARDOWN)
+    preload = ["loud_teardown", *(["flux2_pipeline.worker_server_exit"] if quick else [])]
+    script = SERVER_THEN_EXIT.format(preload=preload)
+    # The server finds its preloaded modules on PYTHONPATH, not the command's sys.path.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env=env,
+    )
+    assert "command done" in done.stdout
+    assert ("server teardown ran" in done.stdout) is not quick
+
+
+def test_the_quick_exit_is_only_for_the_server() -> None:
+    code = "import atexit, flux2_pipeline.worker_server_exit; print(atexit._ncallbacks())"
+    baseline = "import atexit; print(atexit._ncallbacks())"
+    run = [sys.executable, "-c"]
+    with_module = subprocess.run([*run, code], capture_output=True, text=True, check=True)
+    without = subprocess.run([*run, baseline], capture_output=True, text=True, check=True)
+    # A plain `python -c` is not the server (no multiprocessing.forkserver imported).
+    assert with_module.stdout == without.stdout
+
+
+def _gate(width: int) -> workers.StartGate:
+    return workers.StartGate(multiprocessing.get_context("spawn"), width=width)
+
+
+def test_the_start_gate_lets_the_next_run_in_when_the_first_passes() -> None:
+    gate = _gate(1)
+    entered = threading.Event()
+    with gate.held() as passed:
+
+        def second() -> None:
+            with gate.held():
+                entered.set()
+
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        assert not entered.wait(0.3)  # one place, taken: the second run waits
+        passed()
+        assert entered.wait(10)  # the first run's step started: the second goes in
+        passed()  # a second call (the block's end is a third) gives nothing back twice
+    waiter.join()
+    # Both places are free again: a BoundedSemaphore would have refused an extra release.
+    with gate.held(timeout=0) as passed, gate.held(timeout=0):
+        pass
+
+
+def test_a_run_waits_at_most_the_timeout_then_goes_ahead() -> None:
+    gate = _gate(1)
+    with gate.held():
+        started = time.monotonic()
+        with gate.held(timeout=0.2) as passed:
+            waited = time.monotonic() - started
+            passed()  # went ahead without a place: gives none back
+    assert waited >= 0.2
+    # The run that went ahead gave back no place it had not taken: still one place.
+    with gate.held(timeout=0):
+        started = time.monotonic()
+        with gate.held(timeout=0.1):
+            assert time.monotonic() - started >= 0.1
+
+
+def test_the_gate_is_one_place_per_core_by_default() -> None:
+    gate = workers.StartGate(multiprocessing.get_context("spawn"))
+    assert gate.width == max(1, os.cpu_count() or 1)
+
+
+def test_a_stop_ends_the_wait_at_the_gate() -> None:
+    gate, stop = _gate(1), threading.Event()
+    with gate.held():
+        threading.Timer(0.2, stop.set).start()
+        started = time.monotonic()
+        with gate.held(timeout=60, cancel=stop):
+            waited = time.monotonic() - started
+    assert 0.2 <= waited < 5
