@@ -34,13 +34,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-PRELOAD = (
-    # First, so that a server whose later imports fail still ends quickly.
-    "flux2_pipeline.worker_server_exit",
+MODULES = (
     "flux2_pipeline.materialize",
     # A worker opens the instance, writes Parquet and fetches images: without these here,
     # each would import them after its fork, 0.25 s of CPU apiece. A name this Dagster
-    # does not have is skipped (the server ignores ImportError).
+    # does not have is skipped.
     "dagster._core.storage.sqlite_storage",
     "dagster_postgres",
     "pandas",
@@ -48,7 +46,10 @@ PRELOAD = (
     "anyio",
     "anyio._backends._asyncio",
 )
-"""What the server imports before it forks any worker."""
+"""What the server imports before it forks any worker (through `worker_server`)."""
+
+PRELOAD = ("flux2_pipeline.worker_server",)
+"""The server's preload list: `worker_server` imports `MODULES` its own way."""
 
 PARALLEL_VARIABLE = "FLUX2_PARALLEL_PARTITIONS"
 PER_RUN_VARIABLE = "FLUX2_PARTITIONS_PER_RUN"

@@ -41,7 +41,7 @@ LAYERS: dict[str, int] = {
     "demo": 8,
     "ui": 8,
     "workers": 8,
-    "worker_server_exit": 8,
+    "worker_server": 8,
 }
 APART = {"emulator"}
 """Stands apart: imports only `runcomfy` (the schema it serves); only the CLI imports it."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import multiprocessing
 import os
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ def test_the_guess_uses_the_settings_defaults() -> None:
     assert workers.DEFAULT_PARALLEL == DEFAULT_PARALLEL_PARTITIONS
 
 
-@pytest.mark.parametrize("name", workers.PRELOAD)
+@pytest.mark.parametrize("name", [*workers.PRELOAD, *workers.MODULES])
 def test_every_preloaded_module_exists(name: str) -> None:
     # The server skips a name that does not import: a Dagster upgrade that moved one
     # would quietly make every worker import it again after its fork.
@@ -96,9 +98,9 @@ def test_the_worker_server_skips_its_teardown_when_the_command_exits(
     # The server holds the command's stdout: its teardown (0.6 s once Dagster is loaded)
     # kept a reader of the command's output waiting after the command had exited. An exit
     # handler registered before the quick exit stands for that teardown: it runs only
-    # without `worker_server_exit`.
+    # without `worker_server`.
     (tmp_path / "loud_teardown.py").write_text(LOUD_TEARDOWN)
-    preload = ["loud_teardown", *(["flux2_pipeline.worker_server_exit"] if quick else [])]
+    preload = ["loud_teardown", *(["flux2_pipeline.worker_server"] if quick else [])]
     script = SERVER_THEN_EXIT.format(preload=preload)
     # The server finds its preloaded modules on PYTHONPATH, not the command's sys.path.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
@@ -115,12 +117,18 @@ def test_the_worker_server_skips_its_teardown_when_the_command_exits(
 
 
 def test_the_quick_exit_is_only_for_the_server() -> None:
-    code = "import atexit, flux2_pipeline.worker_server_exit; print(atexit._ncallbacks())"
-    baseline = "import atexit; print(atexit._ncallbacks())"
+    code = (
+        "import atexit, gc, flux2_pipeline.worker_server; "
+        "print(atexit._ncallbacks(), gc.get_freeze_count(), gc.isenabled())"
+    )
+    baseline = (
+        "import atexit, gc, flux2_pipeline.workers; "
+        "print(atexit._ncallbacks(), gc.get_freeze_count(), gc.isenabled())"
+    )
     run = [sys.executable, "-c"]
     with_module = subprocess.run([*run, code], capture_output=True, text=True, check=True)
     without = subprocess.run([*run, baseline], capture_output=True, text=True, check=True)
-    # A plain `python -c` is not the server (no multiprocessing.forkserver imported).
+    # Imported anywhere but the server's preload loop, it changes nothing.
     assert with_module.stdout == without.stdout
 
 
@@ -177,3 +185,17 @@ def test_a_stop_ends_the_wait_at_the_gate() -> None:
         with gate.held(timeout=60, cancel=stop):
             waited = time.monotonic() - started
     assert 0.2 <= waited < 5
+
+
+def _collector_state() -> tuple[bool, int, bool]:
+    return gc.isenabled(), gc.get_freeze_count(), "flux2_pipeline.materialize" in sys.modules
+
+
+def test_workers_start_with_the_imports_done_frozen_and_the_collector_on() -> None:
+    # The server imports `MODULES` with the collector off, then freezes them: a worker
+    # forked from it has them loaded, never walks them, and collects its own garbage.
+    with ProcessPoolExecutor(1, mp_context=workers.start_worker_server()) as pool:
+        enabled, frozen, loaded = pool.submit(_collector_state).result(timeout=120)
+    assert enabled
+    assert loaded
+    assert frozen > 100_000  # Dagster and the rest: hundreds of thousands of objects
