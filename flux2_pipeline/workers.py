@@ -10,7 +10,9 @@ Started after them, it made every backfill wait for it. `start_early` starts it 
 the command imports anything heavy, whenever the command is likely to need it, so the
 two import side by side on two cores. It imports more than the command, too: what a
 worker would otherwise import after its fork, each worker for itself (the instance's
-storages, pandas for pyarrow, httpx's connection pool).
+storages, pandas for pyarrow, httpx's connection pool), through `worker_server`, which
+also ends the server at once when the command exits. `StartGate` lets at most one run per
+core start at a time, so the first runs reach the API sooner.
 
 This module imports nothing but the standard library: it runs before Dagster is loaded.
 
