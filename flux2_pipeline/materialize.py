@@ -662,11 +662,11 @@ def _worker_run(
 ) -> list[PartitionSummary] | None:
     worker = _worker
     assert worker is not None, "_worker_start runs first"
-    if worker.stopping.is_set():
-        return None  # handed out before the stop, never started
     with worker.gate.held(cancel=worker.stopping) as passed:
         if worker.stopping.is_set():
-            return None  # stopped while it waited to start
+            # Stopped before it was handed out or while it waited at the gate (a stop
+            # ends that wait at once): never started.
+            return None
         worker.instance.add_event_listener(run_id, _on_step_start(passed))
         return run_partitions(
             worker.job, worker.instance, keys, assets, run_config=run_config, run_id=run_id
