@@ -66,6 +66,7 @@ from flux2_pipeline.runcomfy import (
     NotFoundError,
     RunComfyError,
     SubmissionOutcomeUnknown,
+    failure_blames_input,
 )
 
 logger = logging.getLogger(__name__)
@@ -84,32 +85,15 @@ WAIT_FIRST_S = 0.05
 WAIT_MAX_S = 1.0
 """How often a row waiting for another runner's claim or an account slot asks again."""
 
-INPUT_FAULT_CODES = frozenset(
-    {
-        "IMAGE_FETCH_FAILED",
-        "INVALID_IMAGE",
-        "INVALID_INPUT",
-        "BAD_INPUT",
-        "UNSUPPORTED_IMAGE",
-        "CONTENT_POLICY_VIOLATION",
-        "NSFW_CONTENT_DETECTED",
-    }
-)
-"""Job error codes that blame the input: submitting the same row again cannot help."""
-
-
 def is_input_fault(error: str | None) -> bool:
-    """True when a failed job's error says its input is at fault.
+    """True when a failed job's error says its input is at fault (see `failure_blames_input`).
 
     >>> is_input_fault("IMAGE_FETCH_FAILED: http://x/a.png answered 404")
     True
     >>> is_input_fault("MODEL_ERROR: the model failed on this input (emulated)")
     False
     """
-    if not error:
-        return False
-    code = error.split(":", 1)[0].strip().upper()
-    return code in INPUT_FAULT_CODES
+    return failure_blames_input(error)
 
 
 class FatalApiError(RuntimeError):

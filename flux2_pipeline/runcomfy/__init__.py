@@ -8,13 +8,17 @@ Example::
         result = await client.run(EditRequest(prompt="add snow", image_urls=[image_url]))
 """
 
+from flux2_pipeline.runcomfy.account import Balance, ModelPrice
 from flux2_pipeline.runcomfy.client import (
+    DEFAULT_ACCOUNT_BASE_URL,
     DEFAULT_BASE_URL,
     DEFAULT_LOST_JOB_GRACE,
     AsyncRunComfyClient,
     ClientStats,
 )
+from flux2_pipeline.runcomfy.codes import failure_blames_input
 from flux2_pipeline.runcomfy.errors import (
+    AccountRefusedError,
     APIError,
     AuthenticationError,
     BadRequestError,
@@ -27,11 +31,13 @@ from flux2_pipeline.runcomfy.errors import (
     NotFoundError,
     RateLimitError,
     RequestRejectedError,
+    ResultNotReadyError,
     RunComfyError,
     ServerError,
     SubmissionOutcomeUnknown,
     TransportError,
     UnknownJobStateError,
+    is_account_refusal,
     submit_error_proves_no_job,
 )
 from flux2_pipeline.runcomfy.models import (
@@ -46,7 +52,7 @@ from flux2_pipeline.runcomfy.models import (
     JobState,
     JobStatus,
 )
-from flux2_pipeline.runcomfy.polling import PollSchedule
+from flux2_pipeline.runcomfy.polling import LOCAL_POLL, REMOTE_POLL, PollSchedule
 from flux2_pipeline.runcomfy.retry import RetryPolicy
 from flux2_pipeline.runcomfy.transport import (
     AiohttpTransport,
@@ -56,17 +62,22 @@ from flux2_pipeline.runcomfy.transport import (
 )
 
 __all__ = [
+    "DEFAULT_ACCOUNT_BASE_URL",
     "DEFAULT_BASE_URL",
     "DEFAULT_LOST_JOB_GRACE",
     "IMAGE_SIZE_PIXELS",
+    "LOCAL_POLL",
     "MODEL_PATH",
     "PARAMETER_DEFAULTS",
     "PARAMETER_NAMES",
+    "REMOTE_POLL",
     "APIError",
+    "AccountRefusedError",
     "AiohttpTransport",
     "AsyncRunComfyClient",
     "AuthenticationError",
     "BadRequestError",
+    "Balance",
     "CancelOutcome",
     "ClientStats",
     "EditRequest",
@@ -82,16 +93,20 @@ __all__ = [
     "JobState",
     "JobStatus",
     "MalformedResponseError",
+    "ModelPrice",
     "NotFoundError",
     "PollSchedule",
     "RateLimitError",
     "RawResponse",
     "RequestRejectedError",
+    "ResultNotReadyError",
     "RetryPolicy",
     "RunComfyError",
     "ServerError",
     "SubmissionOutcomeUnknown",
     "TransportError",
     "UnknownJobStateError",
+    "failure_blames_input",
+    "is_account_refusal",
     "submit_error_proves_no_job",
 ]

@@ -30,13 +30,17 @@ from urllib.parse import quote
 
 import httpx
 
+from flux2_pipeline.runcomfy.account import Balance, ModelPrice, parse_balance, parse_model_price
 from flux2_pipeline.runcomfy.errors import (
     APIError,
     JobDeadlineExceeded,
     JobLostError,
     MalformedResponseError,
     NotFoundError,
+    RateLimitError,
+    ResultNotReadyError,
     RunComfyError,
+    ServerError,
     SubmissionOutcomeUnknown,
     TransportError,
     UnknownJobStateError,
@@ -67,10 +71,14 @@ from flux2_pipeline.runcomfy.transport import (
 )
 
 DEFAULT_BASE_URL = "https://model-api.runcomfy.net"
+DEFAULT_ACCOUNT_BASE_URL = "https://api.runcomfy.net"
+"""Root of RunComfy's account API (one wallet for every product): the balance lives there."""
+BALANCE_PATH = "/prod/v2/balance"
 DEFAULT_JOB_DEADLINE = 30 * 60.0
 """Seconds a job may take from submit to a terminal state before it is cancelled."""
-DEFAULT_UNKNOWN_STATE_GRACE = 60.0
-"""Seconds a job may keep reporting a state this client does not know before it gives up."""
+RESULT_LAG_GRACE = 30.0
+"""Seconds `/result` may answer "not ready" (400005) after `/status` said the job failed or
+was cancelled, before the status's own word is taken as the job's end."""
 DEFAULT_LOST_JOB_GRACE = 60.0
 """Seconds an acknowledged job may answer 404 (on status and result) before `wait` gives it up."""
 CANCEL_BUDGET = 10.0
@@ -78,6 +86,10 @@ CANCEL_BUDGET = 10.0
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# A poll that fails this way after the call's own retries is not a reason to give a paid
+# job up: `wait` polls on, to the job's deadline.
+_TRANSIENT_POLL_ERRORS = (ServerError, RateLimitError, TransportError, MalformedResponseError)
 
 # Errors raised before any byte of the request left this process.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
@@ -96,6 +108,10 @@ class ClientStats:
     """Status calls aimed at a job's forecast end (see `polling.FinishForecast`)."""
     aimed_hits: int = 0
     """Aimed status calls that found the job ended."""
+    not_ready_results: int = 0
+    """`/result` calls answered "not ready yet" (400005)."""
+    transient_poll_errors: int = 0
+    """Polls that failed after their retries and were followed by another poll."""
 
 
 class AsyncRunComfyClient:
@@ -104,14 +120,16 @@ class AsyncRunComfyClient:
     Args:
         token: the API token; None only for an emulator started without one.
         base_url: API root; the model path is appended for submits.
+        account_base_url: root of the account API (`balance`); default RunComfy's.
         timeout: per-HTTP-call timeout in seconds (or an `httpx.Timeout`).
-        job_deadline: seconds from submit to a terminal state before `wait` cancels the job.
-        unknown_state_grace: seconds a job may report a state this client does not know.
+        job_deadline: seconds from submit to a terminal state before `wait` cancels the job;
+            a job that reports a state this client does not know is polled to it too.
         lost_job_grace: seconds a job may answer 404 on status and result before `wait`
             raises `JobLostError` (default `DEFAULT_LOST_JOB_GRACE`, 60).
         max_concurrency: jobs the caller keeps in flight; sizes the connection pool.
         retry: the retry policy for each HTTP call.
-        poll: the adaptive poll schedule.
+        poll: the adaptive poll schedule; default `PollSchedule.for_base_url(base_url)`
+            (quick on loopback, about once a second and slower against a real host).
         transport: an `httpx.AsyncBaseTransport` (wrapped in `HttpxTransport`) or an
             `HttpTransport`; default: aiohttp's pool (`default_transport`), with the
             environment's proxy for `base_url`.
@@ -122,10 +140,10 @@ class AsyncRunComfyClient:
         token: str | None = None,
         base_url: str = DEFAULT_BASE_URL,
         *,
+        account_base_url: str = DEFAULT_ACCOUNT_BASE_URL,
         model_path: str = MODEL_PATH,
         timeout: float | httpx.Timeout = 30.0,
         job_deadline: float = DEFAULT_JOB_DEADLINE,
-        unknown_state_grace: float = DEFAULT_UNKNOWN_STATE_GRACE,
         lost_job_grace: float = DEFAULT_LOST_JOB_GRACE,
         max_concurrency: int = 8,
         retry: RetryPolicy | None = None,
@@ -135,14 +153,15 @@ class AsyncRunComfyClient:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
         require_secure_base_url(base_url, has_token=bool(token))
+        require_secure_base_url(account_base_url, has_token=bool(token))
         self.base_url = base_url.rstrip("/")
+        self.account_base_url = account_base_url.rstrip("/")
         self.model_path = "/" + model_path.strip("/")
         self.job_deadline = job_deadline
-        self.unknown_state_grace = unknown_state_grace
         self.lost_job_grace = lost_job_grace
         self.max_concurrency = max_concurrency
         self.retry = retry or RetryPolicy()
-        self.poll = poll or PollSchedule()
+        self.poll = poll or PollSchedule.for_base_url(self.base_url)
         self.forecast = FinishForecast()
         """When new jobs are expected to end, learned from this client's completed jobs."""
         self.stats = ClientStats()
@@ -221,6 +240,19 @@ class AsyncRunComfyClient:
         parse = partial(parse_cancel, request_id=request_id)
         return await self._call("POST", path, parse, request_id=request_id)
 
+    # -- the model's price and the account's balance ----------------------------------
+
+    async def model_price(self) -> ModelPrice:
+        """The model's published price (`GET` on the model's own path: `base_price_usd`).
+
+        Raises `MalformedResponseError` when the answer carries no usable price.
+        """
+        return await self._call("GET", self.model_path, parse_model_price)
+
+    async def balance(self) -> Balance:
+        """The account's balance (`GET {account_base_url}/prod/v2/balance`); may be 0 or less."""
+        return await self._call("GET", BALANCE_PATH, parse_balance, base=self.account_base_url)
+
     # -- whole jobs --------------------------------------------------------------------
 
     async def wait(
@@ -244,8 +276,9 @@ class AsyncRunComfyClient:
         started = loop.time()
         budget = self.job_deadline if deadline is None else deadline
         calls = 0
-        unknown_since: float | None = None
+        unknown_state: str | None = None
         missing_since: float | None = None
+        not_ready_since: float | None = None
         # The forecast end, in seconds after `started`; None once its call was made.
         aim = self.forecast.seconds()
         if aim is not None and submitted_at is not None:
@@ -257,8 +290,7 @@ class AsyncRunComfyClient:
                 if remaining <= 0:
                     await self._cancel_quietly(request_id)
                     raise JobDeadlineExceeded(
-                        f"job did not finish within {budget:g} s; cancel requested",
-                        request_id=request_id,
+                        _deadline_message(budget, unknown_state), request_id=request_id
                     )
                 delay = self.poll.interval(elapsed)
                 aimed = aim is not None and aim - elapsed < delay
@@ -270,17 +302,18 @@ class AsyncRunComfyClient:
                 calls += 1
                 try:
                     status = await self.status(request_id)
-                except UnknownJobStateError:
-                    now = loop.time()
-                    unknown_since = unknown_since if unknown_since is not None else now
-                    if now - unknown_since >= self.unknown_state_grace:
-                        raise
+                except UnknownJobStateError as unknown:
+                    # Never a reason to give a paid job up: poll on, to the deadline.
+                    unknown_state = unknown.state
                     continue
                 except NotFoundError:
                     status = None  # perhaps a transient 404: /result decides below
-                unknown_since = None
+                except _TRANSIENT_POLL_ERRORS as error:
+                    self._note_transient(request_id, error)
+                    continue
+                unknown_state = None
                 if status is not None and not status.state.is_terminal:
-                    missing_since = None
+                    missing_since = not_ready_since = None
                     continue
                 try:
                     result = await self.result(request_id)
@@ -290,12 +323,28 @@ class AsyncRunComfyClient:
                     if now - missing_since >= self.lost_job_grace:
                         raise _job_lost(request_id, now - missing_since, missing) from missing
                     continue
-                missing_since = None
+                except ResultNotReadyError:
+                    self.stats.not_ready_results += 1
+                    now = loop.time()
+                    not_ready_since = not_ready_since if not_ready_since is not None else now
+                    if _status_may_end_it(status) and now - not_ready_since >= RESULT_LAG_GRACE:
+                        assert status is not None
+                        return _result_from_status(status, calls, submitted_at)
+                    continue
+                except UnknownJobStateError as unknown:
+                    unknown_state = unknown.state
+                    continue
+                except _TRANSIENT_POLL_ERRORS as error:
+                    self._note_transient(request_id, error)
+                    continue
+                missing_since = not_ready_since = None
                 if result.state.is_terminal:
                     if aimed and status is not None:
                         self.stats.aimed_hits += 1
                     if result.state is JobState.COMPLETED:
                         self.forecast.observe(result.created_at, result.finished_at)
+                    if result.error is None and status is not None and status.error:
+                        result = replace(result, error=status.error)
                     return replace(result, status_calls=calls, submitted_at=submitted_at)
         except asyncio.CancelledError:
             await self._cancel_quietly(request_id)
@@ -307,6 +356,10 @@ class AsyncRunComfyClient:
         return await self.wait(handle.request_id, deadline=deadline, submitted_at=datetime.now(UTC))
 
     # -- plumbing ----------------------------------------------------------------------
+
+    def _note_transient(self, request_id: str, error: RunComfyError) -> None:
+        self.stats.transient_poll_errors += 1
+        logger.info("poll of %s failed (%s); polling on", request_id, error)
 
     async def _cancel_quietly(self, request_id: str) -> None:
         try:
@@ -325,9 +378,10 @@ class AsyncRunComfyClient:
         json: Any = None,
         submit: bool = False,
         request_id: str | None = None,
+        base: str | None = None,
     ) -> T:
         """One API call with retries; `path` is escaped already (and may carry a query)."""
-        url = self.base_url + path
+        url = (base or self.base_url) + path
         content = None if json is None else _json_bytes(json)
         headers = self._headers[content is not None]
         attempts = 0
@@ -379,7 +433,10 @@ class AsyncRunComfyClient:
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s %s -> HTTP %d", method, path, code)
         body = _decode(answer)
-        if 200 <= code < 300 and not (isinstance(body, dict) and body.get("error_code")):
+        # RunComfy sends some errors with HTTP 200: a body with an error code is an error.
+        if 200 <= code < 300 and not (
+            isinstance(body, dict) and body.get("error_code") is not None
+        ):
             if isinstance(body, dict):
                 return code, body
             what = f"{method} {path}: expected a JSON object, got HTTP {code}"
@@ -394,7 +451,7 @@ class AsyncRunComfyClient:
             request_id=request_id,
             retry_after=parse_retry_after(answer.headers.get("Retry-After")),
         )
-        if submit and (code < 300 or not submit_error_proves_no_job(code)):
+        if submit and not submit_error_proves_no_job(code, error.error_code):
             raise SubmissionOutcomeUnknown(
                 f"{method} {path}: {error}; the API may have created a job",
                 request_id=request_id,
@@ -414,6 +471,28 @@ def _job_lost(request_id: str, seconds: float, last: NotFoundError) -> JobLostEr
         status_code=404,
         error_code=last.error_code,
         request_id=request_id,
+    )
+
+
+def _deadline_message(budget: float, unknown_state: str | None) -> str:
+    message = f"job did not finish within {budget:g} s; cancel requested"
+    if unknown_state is not None:
+        message += f"; it last reported the state {unknown_state[:40]!r}, unknown to this client"
+    return message
+
+
+def _status_may_end_it(status: JobStatus | None) -> bool:
+    # Only a failed or cancelled job can end without its /result: a completed one needs it.
+    return status is not None and status.state in (JobState.FAILED, JobState.CANCELLED)
+
+
+def _result_from_status(status: JobStatus, calls: int, submitted_at: datetime | None) -> EditResult:
+    return EditResult(
+        request_id=status.request_id,
+        state=status.state,
+        error=status.error or f"the job ended {status.state.value}",
+        status_calls=calls,
+        submitted_at=submitted_at,
     )
 
 

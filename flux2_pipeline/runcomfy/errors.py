@@ -8,14 +8,20 @@
     ├── TransportError              no usable HTTP answer (refused, timed out, dropped)
     │   └── SubmissionOutcomeUnknown  a submit's answer does not prove that no job exists
     └── APIError                    the API answered with an error (status, error code, request id)
-        ├── BadRequestError         400
-        ├── AuthenticationError     401 / 403: the token is missing, wrong or not allowed
-        ├── InsufficientCreditError 402
-        ├── NotFoundError           404: unknown request id or route
+        ├── BadRequestError         400 / code family 400
+        ├── ResultNotReadyError     400005 on /result: the job's result is not there yet
+        ├── AccountRefusedError     the account, not the row, is refused: stop submitting
+        │   ├── AuthenticationError 401 / 403, 400004, 401xxx, 403001, 403003
+        │   └── InsufficientCreditError 402, 400002: the balance cannot pay for the job
+        ├── NotFoundError           404 / 404001: unknown request id or route
         │   └── JobLostError        404 on status and result for longer than the grace
-        ├── RequestRejectedError    422: the API's own schema validation (see `detail`)
-        ├── RateLimitError          429 (may carry `retry_after`)
-        └── ServerError             408 and 5xx
+        ├── RequestRejectedError    422 / 422001: the API's own schema validation (see `detail`)
+        ├── RateLimitError          429 / family 429 (may carry `retry_after`)
+        └── ServerError             408 and 5xx / family 500 (often as HTTP 200 with 500001)
+
+RunComfy's numeric codes (`flux2_pipeline.runcomfy.codes`) decide before the HTTP status:
+an answer whose body holds an `error_code` is an error whatever its status, and its
+class follows the code's family (`APIError.family`).
 
 Every `APIError` carries `status_code`, `error_code`, `message` and `request_id`;
 none of them ever contains the API token (the client never puts it anywhere but the
@@ -25,11 +31,13 @@ becomes an exception.
 What a submit's answer proves (the rule `submit_error_proves_no_job` states; a submit
 is a paid call, so this decides whether money may have been spent):
 
-- HTTP 400, 401, 402, 403, 404, 422 and 429, and a transport error raised before any
-  byte of the request left (connection refused, connect or pool timeout): no job
-  exists. The submit raises the ordinary error (`TransportError(sent=False)` for the
-  transport case); only the refused connection and 429 are retried.
-- Everything else: a 5xx or 408 (with or without the API's error body), any other
+- An error whose numeric code is of family 400, 401, 402, 403, 404, 422 or 429 (whatever
+  the HTTP status, 200 included); without a numeric code, HTTP 400, 401, 402, 403, 404,
+  422 and 429; and a transport error raised before any byte of the request left
+  (connection refused, connect or pool timeout): no job exists. The submit raises the
+  ordinary error (`TransportError(sent=False)` for the transport case); only the refused
+  connection and 429 are retried.
+- Everything else: a code of family 500 or above, a 5xx or 408 without a code, any other
   status, a 2xx without a usable request id or whose body is not a JSON object, a
   dropped or reset connection or a read timeout after the request was sent. A job
   may exist and be billed: the submit raises `SubmissionOutcomeUnknown` (its
@@ -41,6 +49,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from flux2_pipeline.runcomfy.codes import (
+    ACCOUNT_HTTP_STATUSES,
+    INSUFFICIENT_BALANCE,
+    NO_JOB_FAMILIES,
+    RESULT_NOT_READY,
+    code_family,
+    describe_code,
+    is_account_code,
+    numeric_code,
+)
 
 
 class RunComfyError(Exception):
@@ -147,6 +166,15 @@ class APIError(RunComfyError):
         self.detail = detail
         self.retry_after = retry_after
 
+    @property
+    def family(self) -> int:
+        """The error's HTTP-like family: its numeric code's (`400002` -> 400), else the status.
+
+        >>> ServerError("boom", status_code=200, error_code="500001").family
+        500
+        """
+        return code_family(self.error_code) or self.status_code
+
     def __str__(self) -> str:
         code = f" {self.error_code}" if self.error_code else ""
         base = f"HTTP {self.status_code}{code}: {self.message}"
@@ -157,12 +185,40 @@ class BadRequestError(APIError):
     """400: the API refused the request as malformed."""
 
 
-class AuthenticationError(APIError):
-    """401/403: the API token is missing, wrong, or not allowed to do this."""
+class ResultNotReadyError(APIError):
+    """400005 on `/result`: the job has not ended, or its result is not written yet; poll again."""
 
 
-class InsufficientCreditError(APIError):
-    """402: the account has no credit left for this job."""
+class AccountRefusedError(APIError):
+    """The account, not this row, is refused: no other job can succeed until a person acts.
+
+    `action` says what happened and what to do, in words a person can act on::
+
+        >>> error = InsufficientCreditError("Insufficient resources", status_code=400,
+        ...                                 error_code="400002")
+        >>> error.action
+        'account balance too low (400002): top up the account and re-run'
+    """
+
+    @property
+    def action(self) -> str:
+        described = describe_code(self.error_code)
+        if described is not None:
+            return described
+        if self.status_code == 402:
+            return "account balance too low (HTTP 402): top up the account and re-run"
+        return (
+            f"token or account refused (HTTP {self.status_code}): check RUNCOMFY_API_TOKEN "
+            "and the account, then re-run"
+        )
+
+
+class AuthenticationError(AccountRefusedError):
+    """401/403, 400004, 401xxx, 403001, 403003: the token is missing, wrong, or not allowed."""
+
+
+class InsufficientCreditError(AccountRefusedError):
+    """402 or 400002: the account's balance cannot pay for this job."""
 
 
 class NotFoundError(APIError):
@@ -190,23 +246,41 @@ class ServerError(APIError):
     """408 or 5xx: the API failed or timed out on its side."""
 
 
-SUBMIT_NO_JOB_STATUS_CODES = frozenset({400, 401, 402, 403, 404, 422, 429})
-"""HTTP answers to a submit that prove the API created no job (see the module docstring)."""
+SUBMIT_NO_JOB_STATUS_CODES = NO_JOB_FAMILIES
+"""HTTP answers (and code families) to a submit that prove the API created no job."""
 
 
-def submit_error_proves_no_job(status_code: int) -> bool:
-    """Whether a submit answered with this HTTP error status surely created no job.
+def submit_error_proves_no_job(status_code: int, error_code: Any = None) -> bool:
+    """Whether a submit answered with this error surely created no job.
 
-    Any status not listed in `SUBMIT_NO_JOB_STATUS_CODES` (5xx, 408, 409, 3xx, a 2xx
-    carrying an error body) leaves the outcome unknown.
+    A numeric RunComfy code decides by its family, whatever the HTTP status (RunComfy
+    sends some errors with HTTP 200); without one, the HTTP status decides. Anything not
+    in `SUBMIT_NO_JOB_STATUS_CODES` (5xx, 408, 409, 3xx, a 2xx without a code) leaves the
+    outcome unknown.
 
     >>> submit_error_proves_no_job(422), submit_error_proves_no_job(429)
     (True, True)
     >>> submit_error_proves_no_job(502), submit_error_proves_no_job(200)
     (False, False)
+    >>> submit_error_proves_no_job(200, 400002), submit_error_proves_no_job(200, "500001")
+    (True, False)
     """
+    family = code_family(error_code)
+    if family is not None:
+        return family in SUBMIT_NO_JOB_STATUS_CODES
     return status_code in SUBMIT_NO_JOB_STATUS_CODES
 
+
+_BY_FAMILY: dict[int, type[APIError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    402: InsufficientCreditError,
+    403: AuthenticationError,
+    404: NotFoundError,
+    408: ServerError,
+    422: RequestRejectedError,
+    429: RateLimitError,
+}
 
 _BY_STATUS: dict[int, type[APIError]] = {
     400: BadRequestError,
@@ -241,24 +315,35 @@ def error_for_response(
     request_id: str | None = None,
     retry_after: float | None = None,
 ) -> APIError:
-    """Map an HTTP error answer (or a 200 whose body holds `error_code`) to an `APIError`.
+    """Map an HTTP error answer (or any answer whose body holds `error_code`) to an `APIError`.
+
+    A numeric RunComfy code decides first (see `flux2_pipeline.runcomfy.codes`), then the
+    HTTP status, then a textual code.
 
     Example::
 
         >>> body = {"error_code": "INSUFFICIENT_CREDIT", "error_message": "top up"}
         >>> type(error_for_response(402, body)).__name__
         'InsufficientCreditError'
+        >>> type(error_for_response(200, {"error_code": 500001})).__name__
+        'ServerError'
+        >>> type(error_for_response(400, {"error_code": 400005})).__name__
+        'ResultNotReadyError'
     """
     data: Mapping[str, Any] = body if isinstance(body, Mapping) else {}
     error_code = data.get("error_code")
     code_text = str(error_code) if error_code is not None else None
     message = data.get("error_message") or data.get("message")
+    if not message and isinstance(data.get("error"), str):
+        message = data["error"]
     if not message:
         message = body.strip()[:200] if isinstance(body, str) and body.strip() else "no message"
     detail = data.get("detail")
     rid = request_id or (str(data["request_id"]) if data.get("request_id") else None)
 
-    cls: type[APIError] | None = _BY_STATUS.get(status_code)
+    cls = _class_for_code(error_code)
+    if cls is None:
+        cls = _BY_STATUS.get(status_code)
     if cls is None and status_code >= 500:
         cls = ServerError
     if cls is None and code_text:
@@ -273,3 +358,32 @@ def error_for_response(
         detail=detail,
         retry_after=retry_after,
     )
+
+
+def _class_for_code(error_code: Any) -> type[APIError] | None:
+    code = numeric_code(error_code)
+    family = code_family(code)
+    if code is None or family is None:
+        return None
+    if code == RESULT_NOT_READY:
+        return ResultNotReadyError
+    if code == INSUFFICIENT_BALANCE:
+        return InsufficientCreditError
+    if is_account_code(code):
+        return AuthenticationError
+    if family >= 500:
+        return ServerError
+    return _BY_FAMILY.get(family, BadRequestError)
+
+
+def is_account_refusal(error: APIError) -> bool:
+    """True when the error refuses the account (codes or HTTP 401/402/403), not one row.
+
+    >>> is_account_refusal(error_for_response(200, {"error_code": 403003}))
+    True
+    >>> is_account_refusal(error_for_response(422, {"error_code": 422001}))
+    False
+    """
+    if isinstance(error, AccountRefusedError):
+        return True
+    return code_family(error.error_code) is None and error.status_code in ACCOUNT_HTTP_STATUSES

@@ -177,7 +177,11 @@ def _issues_from(exc: ValidationError) -> list[FieldIssue]:
 
 
 class JobState(StrEnum):
-    """Every state a job can report. `failed` is undocumented but seen."""
+    """Every state a job can be in; `STATE_SPELLINGS` maps the service's other words onto them.
+
+    >>> [parse_state(word).value for word in ("succeeded", "Canceled", "processing")]
+    ['completed', 'cancelled', 'in_progress']
+    """
 
     IN_QUEUE = "in_queue"
     IN_PROGRESS = "in_progress"
@@ -190,12 +194,33 @@ class JobState(StrEnum):
         return self in (JobState.COMPLETED, JobState.CANCELLED, JobState.FAILED)
 
 
+STATE_SPELLINGS: dict[str, JobState] = {
+    "succeeded": JobState.COMPLETED,
+    "canceled": JobState.CANCELLED,
+    "pending": JobState.IN_QUEUE,
+    "waiting": JobState.IN_QUEUE,
+    "queued": JobState.IN_QUEUE,
+    "starting": JobState.IN_PROGRESS,
+    "processing": JobState.IN_PROGRESS,
+}
+"""Other words RunComfy's own clients accept for a state (its CLI, MCP server and nodes)."""
+
+
 def parse_state(raw: Any, request_id: str | None = None) -> JobState:
-    """The one place a state string becomes a `JobState`; unknown ones raise."""
+    """The one place a state string becomes a `JobState`; unknown ones raise.
+
+    An unknown state is never a reason to give a paid job up: `AsyncRunComfyClient.wait`
+    keeps polling it to the job's deadline.
+    """
+    text = str(raw).strip().lower()
     try:
-        return JobState(str(raw).strip().lower())
+        return JobState(text)
     except ValueError:
-        raise UnknownJobStateError(str(raw), request_id=request_id) from None
+        pass
+    state = STATE_SPELLINGS.get(text)
+    if state is None:
+        raise UnknownJobStateError(str(raw), request_id=request_id)
+    return state
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,11 +235,12 @@ class JobHandle:
 
 @dataclass(frozen=True, slots=True)
 class JobStatus:
-    """One status poll: the state and, while queued, the queue position."""
+    """One status poll: the state, while queued the queue position, and a failed job's error."""
 
     request_id: str
     state: JobState
     queue_position: int | None = None
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +324,7 @@ def parse_status(body: Any, request_id: str | None = None) -> JobStatus:
         request_id=rid,
         state=parse_state(data.get("status"), rid),
         queue_position=int(position) if isinstance(position, int | float) else None,
+        error=error_text(data.get("error")),
     )
 
 
@@ -324,9 +351,11 @@ def parse_result(body: Any, request_id: str | None = None) -> EditResult:
     """
     data = _require_mapping(body, "result")
     rid = _request_id(data, "result", request_id)
-    state = parse_state(data.get("status"), rid)
     urls = _output_urls(data.get("output"))
-    error = _error_text(data.get("error"))
+    error = error_text(data.get("error"))
+    state = (
+        parse_state(data.get("status"), rid) if "status" in data else _implied_state(urls, error)
+    )
     if state is JobState.COMPLETED and not error and not urls:
         error = "the job completed without any output image"
     return EditResult(
@@ -342,6 +371,15 @@ def parse_result(body: Any, request_id: str | None = None) -> EditResult:
 
 
 _RESULT_FIELDS = {"request_id", "status", "output", "error", "created_at", "finished_at"}
+
+
+def _implied_state(urls: tuple[str, ...], error: str | None) -> JobState:
+    # A result without a status: its images or its error say how it ended.
+    if error:
+        return JobState.FAILED
+    if urls:
+        return JobState.COMPLETED
+    raise MalformedResponseError("result response has no status, output or error")
 
 
 def _output_urls(output: Any) -> tuple[str, ...]:
@@ -361,23 +399,45 @@ def _output_urls(output: Any) -> tuple[str, ...]:
     return tuple(urls)
 
 
-def _error_text(error: Any) -> str | None:
-    if error is None or error == "" or error == {}:
+ERROR_TEXT_LIMIT = 2000
+"""Longest job error kept: a service may quote a whole traceback."""
+
+
+def error_text(error: Any) -> str | None:
+    """A failed job's `error` in words: a string, an object or a list of either.
+
+    >>> error_text({"error_code": 422001, "error_message": "bad image"})
+    '422001: bad image'
+    >>> error_text(["first", {"message": "second"}])
+    'first; second'
+    """
+    if error is None or error == "" or error == {} or error == []:
         return None
+    if isinstance(error, list | tuple):
+        parts = [text for item in error if (text := error_text(item))]
+        return "; ".join(parts)[:ERROR_TEXT_LIMIT] or None
     if isinstance(error, Mapping):
         message = error.get("error_message") or error.get("message") or error.get("detail")
         code = error.get("error_code") or error.get("code")
-        text = str(message) if message else json.dumps(dict(error), sort_keys=True)
-        return f"{code}: {text}" if code else text
-    return str(error)
+        if message is not None and not isinstance(message, str):
+            message = error_text(message)
+        text = str(message) if message else json.dumps(dict(error), sort_keys=True, default=str)
+        return (f"{code}: {text}" if code else text)[:ERROR_TEXT_LIMIT]
+    return str(error)[:ERROR_TEXT_LIMIT]
 
 
 def _cost(data: Mapping[str, Any]) -> float | None:
-    for key in ("cost_usd", "cost"):
+    # RunComfy reports `cost` (USD) when asked with include_cost=true.
+    for key in ("cost", "cost_usd"):
         value = data.get(key)
         if isinstance(value, Mapping):
             value = value.get("usd") or value.get("amount")
-        if isinstance(value, int | float) and math.isfinite(value):
+        if (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and value >= 0
+        ):
             return float(value)
     return None
 

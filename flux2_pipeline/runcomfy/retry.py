@@ -91,9 +91,11 @@ def is_retryable(error: RunComfyError, *, submit: bool) -> bool:
     if isinstance(error, RateLimitError):
         return True
     if isinstance(error, ServerError):
+        # A RunComfy code's family stands for the status: 500001 under HTTP 200 is a 500.
+        status = error.family
         if submit:
-            return error.status_code in SUBMIT_RETRYABLE_STATUS_CODES
-        return error.status_code in RETRYABLE_STATUS_CODES
+            return status in SUBMIT_RETRYABLE_STATUS_CODES
+        return status in RETRYABLE_STATUS_CODES
     return False
 
 

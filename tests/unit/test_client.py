@@ -26,7 +26,6 @@ from flux2_pipeline.runcomfy import (
     ServerError,
     SubmissionOutcomeUnknown,
     TransportError,
-    UnknownJobStateError,
 )
 
 TOKEN = "sk-test-7f3a9c1d2e4b6a8f"
@@ -340,13 +339,25 @@ async def test_caller_cancellation_cancels_the_job() -> None:
     assert api.calls["/v1/requests/job-1/cancel"] == 1
 
 
-async def test_unknown_state_is_an_error_after_a_bounded_wait() -> None:
+async def test_an_unknown_state_is_polled_to_the_deadline_and_named() -> None:
+    # A paid job is never given up for a word the client does not know: it is polled to
+    # its deadline, then cancelled, and the error names the state.
     api = FakeApi()
     api.states = ["warming_up"]
-    async with make_client(api, unknown_state_grace=0.05) as client:
-        with pytest.raises(UnknownJobStateError, match="warming_up"):
-            await client.wait("job-1")
-    assert api.calls["/v1/requests/job-1/status"] >= 2
+    async with make_client(api) as client:
+        with pytest.raises(JobDeadlineExceeded, match="warming_up") as caught:
+            await client.wait("job-1", deadline=0.1)
+    assert api.calls["/v1/requests/job-1/status"] >= 5
+    assert api.calls["/v1/requests/job-1/cancel"] == 1
+    assert "unknown to this client" in str(caught.value)
+
+
+async def test_an_unknown_state_that_turns_into_a_known_one_completes() -> None:
+    api = FakeApi()
+    api.states = ["warming_up", "warming_up", "completed"]
+    async with make_client(api) as client:
+        result = await client.wait("job-1", deadline=5.0)
+    assert result.ok
 
 
 def not_found(_: httpx.Request) -> httpx.Response:

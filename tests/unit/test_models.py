@@ -166,6 +166,15 @@ def test_every_preset_has_a_pixel_size() -> None:
         ("failed", JobState.FAILED, True),
         ("COMPLETED", JobState.COMPLETED, True),
         (" in_queue ", JobState.IN_QUEUE, False),
+        # RunComfy's own clients (CLI poll.rs, partner nodes execution.py) accept these too.
+        ("succeeded", JobState.COMPLETED, True),
+        ("Succeeded", JobState.COMPLETED, True),
+        ("canceled", JobState.CANCELLED, True),
+        ("pending", JobState.IN_QUEUE, False),
+        ("waiting", JobState.IN_QUEUE, False),
+        ("queued", JobState.IN_QUEUE, False),
+        ("starting", JobState.IN_PROGRESS, False),
+        ("processing", JobState.IN_PROGRESS, False),
     ],
 )
 def test_state_parser_knows_every_state(raw: str, state: JobState, terminal: bool) -> None:
@@ -173,7 +182,7 @@ def test_state_parser_knows_every_state(raw: str, state: JobState, terminal: boo
     assert state.is_terminal is terminal
 
 
-@pytest.mark.parametrize("raw", ["queued", "", None, "done", 3])
+@pytest.mark.parametrize("raw", ["warming_up", "", None, "done", 3])
 def test_state_parser_refuses_unknown_states(raw: Any) -> None:
     with pytest.raises(UnknownJobStateError):
         parse_state(raw, "rid")
