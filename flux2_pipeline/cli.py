@@ -186,6 +186,8 @@ def _materialize(args: argparse.Namespace) -> int:
 
     _imports_done()
     settings = Settings.from_env()
+    if not _estimate_allows_start(settings, args):
+        return 1
     with progress_view(sys.stdout) as progress:
         report = materialize(
             settings,
@@ -201,3 +203,22 @@ def _materialize(args: argparse.Namespace) -> int:
         return 0
     print(format_report(report))
     return 0 if report.succeeded else 1
+
+
+def _estimate_allows_start(settings: Any, args: argparse.Namespace) -> bool:
+    """Print the price, the estimate and the balance; False when the balance cannot cover it
+    under FLUX2_BALANCE_CHECK=stop (nothing is submitted then)."""
+    if args.select and "flux2_edits" not in args.select:
+        return True  # no edit job is paid for by this command
+    from flux2_pipeline.command_estimate import estimate_for_command
+
+    settings.runcomfy.check_token()
+    estimate = estimate_for_command(settings, args.partition)
+    print(estimate.line(), flush=True)
+    if not estimate.balance_short:
+        return True
+    if settings.runcomfy.balance_check == "stop":
+        print(f"flux2-pipeline: not started: {estimate.shortfall_error()}", flush=True)
+        return False
+    print(f"flux2-pipeline: warning: {estimate.shortfall_error()}", flush=True)
+    return True

@@ -40,6 +40,8 @@ from flux2_pipeline.resources import (
 ENVIRONMENT: dict[str, str] = {
     "api_token": "RUNCOMFY_API_TOKEN",
     "base_url": "RUNCOMFY_BASE_URL",
+    "account_base_url": "RUNCOMFY_ACCOUNT_BASE_URL",
+    "balance_check": "FLUX2_BALANCE_CHECK",
     "input_dir": "FLUX2_INPUT_DIR",
     "output_dir": "FLUX2_OUTPUT_DIR",
     "max_concurrency": "FLUX2_MAX_CONCURRENCY",

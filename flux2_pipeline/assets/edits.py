@@ -17,7 +17,7 @@ import functools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,8 +60,8 @@ from flux2_pipeline.batch import (
     LARGE_ROW_GROUP_ROWS,
     RESULT_COLUMN_DESCRIPTIONS,
     RESULTS_SCHEMA,
+    AccountStop,
     EditRunner,
-    FatalApiError,
     InputTableError,
     ReferenceCheck,
     ResultsWriter,
@@ -69,6 +69,12 @@ from flux2_pipeline.batch import (
     file_sha256,
     input_shape,
     read_input_rows,
+)
+from flux2_pipeline.batch.estimate import (
+    RunEstimate,
+    estimate_run,
+    quote_price,
+    unpaid_work,
 )
 from flux2_pipeline.batch.latency import LatencySketch
 from flux2_pipeline.batch.wakeup import SlotWakeup
@@ -211,6 +217,16 @@ def _markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class _Shared:
+    """What the partitions of one step share: the in-flight limit, the slot wakeup and the
+    account's refusal."""
+
+    slots: asyncio.Semaphore
+    wakeup: SlotWakeup
+    account_stop: AccountStop
+
+
 @dataclass
 class _Partition:
     """One partition of the step: where its rows come from and go, and how it went."""
@@ -223,8 +239,12 @@ class _Partition:
     runner: EditRunner
     tally: _Tally
     rows: Iterable[list[Any]]
+    recount: Callable[[], Iterable[list[Any]]]
+    """Reads the input again, for the run's estimate before its first submit."""
     writer: ResultsWriter | None = None
     outcome: PartitionOutcome | None = None
+    estimate: dict[str, Any] = field(default_factory=dict)
+    """The run's price, estimate and balance (`RunEstimate.metadata`), on every partition."""
 
     @property
     def running(self) -> bool:
@@ -262,7 +282,7 @@ async def _run_partitions(
             await asyncio.wait(running, return_when=asyncio.FIRST_EXCEPTION)
             for task in running:
                 if task.done():
-                    task.result()  # the first failure that ends every partition (FatalApiError)
+                    task.result()  # an unexpected failure ends every partition
         finally:
             # Each task is cancelled once, here (asyncio.wait never cancels): a second
             # cancel would cut short its cleanup, the API cancels of its queued jobs.
@@ -270,6 +290,59 @@ async def _run_partitions(
                 task.cancel()
             if running:
                 await asyncio.wait(running)
+
+
+async def _estimate_then_run(
+    partitions: Sequence[_Partition],
+    runcomfy: RunComfyResource,
+    ledger: LedgerResource,
+    note: Callable[[str], None],
+    run: Callable[[], Awaitable[None]],
+) -> None:
+    """Price, estimate and balance first (see `flux2_pipeline.batch.estimate`); then the rows,
+    unless the balance cannot cover them under FLUX2_BALANCE_CHECK=stop."""
+    if not partitions:
+        return
+    price = await quote_price(runcomfy.client, runcomfy.price_per_image_usd)
+    work = await asyncio.to_thread(
+        unpaid_work,
+        [(partition.key, partition.recount()) for partition in partitions],
+        ledger.ledger,
+    )
+    estimate = await estimate_run(runcomfy.client, work, price, runcomfy.balance_check)
+    note(f"before the first submit: {estimate.line()}")
+    figures = estimate.metadata()
+    for partition in partitions:
+        partition.estimate = figures
+        partition.runner.price_per_image_usd = price.price_usd
+    problem = _start_problem(estimate, runcomfy, ledger)
+    if problem is None and estimate.balance_short:
+        note(f"warning: {estimate.shortfall_error()} (FLUX2_BALANCE_CHECK=warn: going on)")
+    if problem is None:
+        await run()
+        return
+    note(f"not started: {problem}")
+    for partition in partitions:
+        failure = Failure(
+            description=f"partition {partition.key}: not started: {problem}",
+            metadata=figures,
+            allow_retries=False,
+        )
+        partition.outcome = PartitionOutcome(partition.key, {}, failure)
+
+
+def _start_problem(
+    estimate: RunEstimate, runcomfy: RunComfyResource, ledger: LedgerResource
+) -> str | None:
+    """Why the run must not submit anything, or None."""
+    if estimate.balance_short and runcomfy.balance_check == "stop":
+        return estimate.shortfall_error()
+    if ledger.budget_usd is not None and estimate.price.price_usd is None and estimate.work.rows:
+        return (
+            f"FLUX2_BUDGET_USD needs a price per image and the model's published price could "
+            f"not be read ({estimate.price.source}); set FLUX2_PRICE_PER_IMAGE_USD"
+        )
+    return None
 
 
 async def _run_one(
@@ -313,6 +386,7 @@ def _runner(
     partition: str,
     slots: asyncio.Semaphore | None = None,
     wakeup: SlotWakeup | None = None,
+    account_stop: AccountStop | None = None,
 ) -> EditRunner:
     """The one place the configured resources become an `EditRunner`.
 
@@ -335,6 +409,7 @@ def _runner(
         lease_seconds=ledger.lease_seconds,
         slots=slots,
         wakeup=wakeup,
+        account_stop=account_stop,
         **{name: value for name, value in shared_limits.items() if value is not None},
     )
 
@@ -401,10 +476,11 @@ def build_edits_asset(
             yield from _checks_alone(context, keys, storage, keys_in_run, check_names)
             return
         slots, wakeup = asyncio.Semaphore(runcomfy.max_concurrency), SlotWakeup()
+        shared = _Shared(slots, wakeup, AccountStop())
         outcomes: dict[str, PartitionOutcome] = {}
         partitions: list[_Partition] = []
         for key in keys_in_run:
-            prepared = _prepare(context, key, ranged, storage, runcomfy, ledger, slots, wakeup)
+            prepared = _prepare(context, key, ranged, storage, runcomfy, ledger, shared)
             if isinstance(prepared, PartitionOutcome):
                 outcomes[key] = prepared
             else:
@@ -484,10 +560,24 @@ def build_edits_asset(
         ticks = [0]
         next_progress = [time.monotonic() + progress_seconds]
         stopped = False
+
+        def note(line: str) -> None:
+            finished_lines.append(line)
+            ready.set()
+
         try:
             runcomfy.run(
-                _run_partitions(
-                    partitions, AddressPolicy.for_api(runcomfy.base_url), finish, evaluate_checks
+                _estimate_then_run(
+                    partitions,
+                    runcomfy,
+                    ledger,
+                    note,
+                    lambda: _run_partitions(
+                        partitions,
+                        AddressPolicy.for_api(runcomfy.base_url),
+                        finish,
+                        evaluate_checks,
+                    ),
                 ),
                 on_tick=on_tick,
                 tick_seconds=progress_seconds,
@@ -499,18 +589,6 @@ def build_edits_asset(
                 # A lone partition reports the stop even if its last row just finished.
                 if partition.outcome is None or not ranged:
                     partition.outcome = _interrupted(partition)
-        except FatalApiError as exc:
-            for partition in partitions:
-                if partition.outcome is None:
-                    partition.outcome = PartitionOutcome(
-                        partition.key,
-                        {},
-                        Failure(
-                            description=f"partition {partition.key}: the API refused every "
-                            f"job: {exc}",
-                            allow_retries=False,
-                        ),
-                    )
         log_finished()
         for partition in partitions:
             assert partition.outcome is not None, "every partition ends with an outcome"
@@ -572,8 +650,7 @@ def _prepare(
     storage: Flux2Storage,
     runcomfy: RunComfyResource,
     ledger: LedgerResource,
-    slots: asyncio.Semaphore,
-    wakeup: SlotWakeup,
+    shared: "_Shared",
 ) -> _Partition | PartitionOutcome:
     """A partition ready to run, or the failure of one whose input cannot be read."""
     in_path, out_path = storage.input_path(key), storage.results_path(key)
@@ -591,7 +668,8 @@ def _prepare(
             "decoded whole while its rows stream out, so memory grows with it. Write input "
             f"tables with row groups of at most {LARGE_ROW_GROUP_ROWS} rows."
         )
-    rows = read_input_rows(
+    read = functools.partial(
+        read_input_rows,
         in_path,
         defaults=runcomfy.parameter_defaults(),
         sign_url=functools.partial(presign, expires=runcomfy.presign_expiry),
@@ -602,9 +680,10 @@ def _prepare(
         out_path,
         input_sha,
         row_group,
-        _runner(runcomfy, ledger, key, slots, wakeup),
+        _runner(runcomfy, ledger, key, shared.slots, shared.wakeup, shared.account_stop),
         _Tally(total=total),
-        rows,
+        read(),
+        read,
     )
 
 
@@ -619,10 +698,13 @@ def _outcome(keys: Flux2Keys, partition: _Partition) -> PartitionOutcome:
     # Rows that failed because of their input, the budget or the attempt cap fail
     # the same way on a step retry: only a re-run after a fix can help.
     retryable = unfinished > runner.counters.final_failures
+    refusal = runner.account_stop.reason
     failure = Failure(
         allow_retries=retryable,
         description=(
-            f"partition {key}: {unfinished} of {tally.total} rows did not complete "
+            f"partition {key}: "
+            + (f"the account refused further jobs: {refusal}; " if refusal else "")
+            + f"{unfinished} of {tally.total} rows did not complete "
             f"({counts['failed']} failed, {counts['cancelled']} cancelled, "
             f"{counts['completed']} completed, {counts['invalid']} invalid); results "
             f"written to {partition.out_path}. First: " + " | ".join(tally.failed_examples)
@@ -670,6 +752,7 @@ def _metadata(keys: Flux2Keys, partition: _Partition) -> dict[str, Any]:
         "flux2/waited_for_claim": runner.counters.waited_for_claim,
         "flux2/not_submitted_references": runner.counters.not_submitted_references,
         "flux2/over_budget": runner.counters.over_budget,
+        "flux2/account_refused": runner.counters.account_refused,
         "flux2/new_spend_usd": round(runner.counters.new_cost_usd, 6),
         "flux2/ledger_spent_usd": round(runner.ledger.spent_usd(), 6),
         "flux2/seconds": round(seconds, 3),
@@ -680,5 +763,8 @@ def _metadata(keys: Flux2Keys, partition: _Partition) -> dict[str, Any]:
         "flux2/results_path": MetadataValue.path(str(out_path)),
         "flux2/preview": MetadataValue.md(_markdown_table(tally.preview)),
         "flux2/partition": key,
+        **partition.estimate,
     }
+    if runner.account_stop.reason is not None:
+        metadata["flux2/account_refusal"] = runner.account_stop.reason
     return {name: value for name, value in metadata.items() if value is not None}

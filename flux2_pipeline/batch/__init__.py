@@ -8,11 +8,11 @@ Example::
             writer.write([outcome])
 """
 
+from flux2_pipeline.batch.account_stop import AccountStop
 from flux2_pipeline.batch.preflight import ReferenceCheck
 from flux2_pipeline.batch.runner import (
     STATUSES,
     EditRunner,
-    FatalApiError,
     RunCounters,
     is_input_fault,
 )
@@ -36,8 +36,8 @@ __all__ = [
     "RESULTS_SCHEMA",
     "RESULT_COLUMN_DESCRIPTIONS",
     "STATUSES",
+    "AccountStop",
     "EditRunner",
-    "FatalApiError",
     "InputRow",
     "InputShape",
     "InputTableError",

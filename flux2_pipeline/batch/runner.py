@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
 
+from flux2_pipeline.batch.account_stop import AccountStop
 from flux2_pipeline.batch.group_commit import GroupCommit
 from flux2_pipeline.batch.preflight import ReferenceCheck
 from flux2_pipeline.batch.tables import InputRow, RowOutcome, RowStatus
@@ -56,17 +57,18 @@ from flux2_pipeline.ledger import (
 )
 from flux2_pipeline.net import redact_text
 from flux2_pipeline.runcomfy import (
+    AccountRefusedError,
+    APIError,
     AsyncRunComfyClient,
-    AuthenticationError,
     EditRequest,
     EditResult,
-    InsufficientCreditError,
     JobDeadlineExceeded,
     JobState,
     NotFoundError,
     RunComfyError,
     SubmissionOutcomeUnknown,
     failure_blames_input,
+    is_account_refusal,
 )
 
 logger = logging.getLogger(__name__)
@@ -85,6 +87,7 @@ WAIT_FIRST_S = 0.05
 WAIT_MAX_S = 1.0
 """How often a row waiting for another runner's claim or an account slot asks again."""
 
+
 def is_input_fault(error: str | None) -> bool:
     """True when a failed job's error says its input is at fault (see `failure_blames_input`).
 
@@ -94,10 +97,6 @@ def is_input_fault(error: str | None) -> bool:
     False
     """
     return failure_blames_input(error)
-
-
-class FatalApiError(RuntimeError):
-    """An API answer that will fail every row the same way (bad token, no credit)."""
 
 
 @dataclass(slots=True)
@@ -112,6 +111,8 @@ class RunCounters:
     outcome_unknown: int = 0
     not_submitted_references: int = 0
     over_budget: int = 0
+    account_refused: int = 0
+    """Rows not sent because the account was refused (no balance, token, permission)."""
     new_cost_usd: float = 0.0
     """What the jobs this run submitted cost, as the API reported (reused jobs excluded)."""
     final_failures: int = 0
@@ -142,13 +143,16 @@ class EditRunner:
         max_attempts: paid submissions per row across all runs.
         lease_seconds: how long this runner's claims outlive its last heartbeat.
         budget_usd: most the ledger may spend, over every run sharing it.
-        price_per_image_usd: the price reserved per output image (required with a budget).
+        price_per_image_usd: the price reserved per output image (required with a budget, by
+            the time `run` starts).
         account_concurrency: most open jobs over every runner sharing the ledger.
         preflight: checks reference images before a row is paid for.
         slots: the in-flight limit, when several runners of one process share one
             (the partitions of one ranged run); else `max_concurrency` of its own.
         wakeup: wakes rows waiting for an account slot when a job ends, shared the
             same way; else one of its own.
+        account_stop: once the account is refused, no runner sharing it submits again;
+            shared the same way; else one of its own.
     """
 
     def __init__(
@@ -168,12 +172,8 @@ class EditRunner:
         preflight: ReferenceCheck | None = None,
         slots: asyncio.Semaphore | None = None,
         wakeup: SlotWakeup | None = None,
+        account_stop: AccountStop | None = None,
     ) -> None:
-        if budget_usd is not None and price_per_image_usd is None:
-            raise ValueError(
-                "FLUX2_BUDGET_USD needs FLUX2_PRICE_PER_IMAGE_USD: a job's price must be "
-                "reserved when it is submitted, before the API reports its cost"
-            )
         self.client = client
         self.ledger = ledger
         self.partition = partition
@@ -190,9 +190,19 @@ class EditRunner:
         self._write = GroupCommit(ledger)
         self._slots = slots or asyncio.Semaphore(max_concurrency)
         self._wakeup = wakeup or SlotWakeup()
+        self.account_stop = account_stop or AccountStop()
 
     async def run(self, batches: Iterable[list[InputRow]]) -> AsyncIterator[RowOutcome]:
-        """Yield one outcome per input row, in input order."""
+        """Yield one outcome per input row, in input order.
+
+        Under a budget the price must be known by now (set `price_per_image_usd`, from the
+        setting or the model's published price): a job's price is reserved as it leaves.
+        """
+        if self.budget_usd is not None and self.price_per_image_usd is None:
+            raise ValueError(
+                "FLUX2_BUDGET_USD needs a price per image: the model's published price could "
+                "not be read; set FLUX2_PRICE_PER_IMAGE_USD"
+            )
         pending: deque[asyncio.Task[RowOutcome]] = deque()
         heartbeat = asyncio.ensure_future(self._heartbeat())
         try:
@@ -358,6 +368,14 @@ class EditRunner:
                 await self.client.cancel(known.request_id)
             await self._settle_after_cancel(known)
 
+    async def _not_sent_account_refused(
+        self, row: InputRow, intent: Submission, state: _RowRun
+    ) -> RowOutcome:
+        error = self.account_stop.not_sent_error()
+        await self._write(lambda: self.ledger.record_rejected(intent.id, error))
+        self.counters.account_refused += 1
+        return RowOutcome(row, FAILED, attempts=state.paid, error=error)
+
     def _release_unsent(self, intent: Submission) -> None:
         with contextlib.suppress(Exception):
             self.ledger.record_rejected(intent.id, NOT_SENT_STOPPED)
@@ -403,6 +421,8 @@ class EditRunner:
                 self.counters.not_submitted_references += 1
                 error = f"not submitted: {problem}"
                 return RowOutcome(row, FAILED, attempts=state.paid, error=error), False
+        if self.account_stop.refused:
+            return await self._not_sent_account_refused(row, intent, state), False
         # Taken as the request leaves: the job cannot have started, nor ended, before it.
         submitted_at = datetime.now(UTC)
         try:
@@ -415,10 +435,19 @@ class EditRunner:
             why = redact_text(str(exc))
             error = f"{why}; a re-run will submit it again and count a possible duplicate"
             return RowOutcome(row, FAILED, attempts=state.paid, error=error), False
-        except (AuthenticationError, InsufficientCreditError) as exc:
+        except APIError as exc:
+            # The client raises an APIError on a submit only for answers that prove no job.
             why = redact_text(str(exc))
             await self._write(lambda: self.ledger.record_rejected(intent.id, why))
-            raise FatalApiError(why) from exc
+            if not is_account_refusal(exc):
+                refused = RowOutcome(
+                    row, FAILED, attempts=state.paid, error=f"submit refused: {why}"
+                )
+                return refused, False
+            self.account_stop.refuse(_account_reason(exc))
+            self.counters.account_refused += 1
+            error = self.account_stop.not_sent_error()
+            return RowOutcome(row, FAILED, attempts=state.paid, error=error), False
         except RunComfyError as exc:
             # The client raises anything but SubmissionOutcomeUnknown only for answers that
             # prove no job was created (see runcomfy.errors).
@@ -567,6 +596,17 @@ def _is_final(outcome: RowOutcome) -> bool:
     """A failure that another try cannot fix: the input is at fault, or it was never sent."""
     error = outcome.error or ""
     return is_input_fault(error) or error.startswith("not submitted")
+
+
+def _account_reason(error: APIError) -> str:
+    """What every row kept from the API by an account refusal says, with the service's words."""
+    action = (
+        error.action
+        if isinstance(error, AccountRefusedError)
+        else (f"account refused (HTTP {error.status_code}): check the token and the account")
+    )
+    said = redact_text(error.message)[:200]
+    return f"{action} (the service said: {said})" if said and said != "no message" else action
 
 
 def _fingerprint(row: InputRow, request: EditRequest) -> str:

@@ -34,6 +34,8 @@ SETTINGS: dict[str, tuple[type[BaseModel], str]] = {
     "input_dir": (Flux2Storage, "input_dir"),
     "output_dir": (Flux2Storage, "output_dir"),
     "base_url": (RunComfyResource, "base_url"),
+    "account_base_url": (RunComfyResource, "account_base_url"),
+    "balance_check": (RunComfyResource, "balance_check"),
     "api_token": (RunComfyResource, "api_token"),
     "max_concurrency": (RunComfyResource, "max_concurrency"),
     "account_concurrency": (RunComfyResource, "account_concurrency"),
@@ -149,12 +151,6 @@ def build_resources(
             raise settings_error(exc, model, labels, secret_fields) from None
         return model(**fields(model, plain=False), **extra)
 
-    if given.get("budget_usd") is not None and given.get("price_per_image_usd") is None:
-        raise SettingsError(
-            f"{names.get('budget_usd', 'budget_usd')} needs "
-            f"{names.get('price_per_image_usd', 'price_per_image_usd')} (the price reserved "
-            "for each image when its job is submitted), e.g. 0.025"
-        )
     storage: Flux2Storage = build(Flux2Storage)
     runcomfy: RunComfyResource = build(RunComfyResource)
     ledger: LedgerResource = build(LedgerResource, storage=storage)

@@ -20,7 +20,7 @@ import asyncio
 import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from dagster import ConfigurableResource, DagsterExecutionInterruptedError, InitResourceContext
@@ -28,6 +28,7 @@ from pydantic import Field, PrivateAttr, field_validator
 
 from flux2_pipeline.resources.errors import SettingsError
 from flux2_pipeline.runcomfy import (
+    DEFAULT_ACCOUNT_BASE_URL,
     DEFAULT_BASE_URL,
     MODEL_PATH,
     PARAMETER_NAMES,
@@ -46,6 +47,14 @@ _PROBE_ROW = {"prompt": "defaults check", "image_urls": ["https://example.test/a
 
 CLEANUP_SECONDS = 30.0
 """How long a stopped run waits for in-flight jobs to be cancelled and recorded."""
+
+
+def _http_url(value: str, default: str) -> str:
+    value = value.strip() or default
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http(s) URL such as {default}, got {value!r}")
+    return value.rstrip("/")
 
 
 def is_loopback(url: str) -> bool:
@@ -93,6 +102,17 @@ class RunComfyResource(ConfigurableResource):  # type: ignore[type-arg]
         default=DEFAULT_BASE_URL,
         description="RUNCOMFY_BASE_URL: API root; the model path is appended.",
     )
+    account_base_url: str = Field(
+        default=DEFAULT_ACCOUNT_BASE_URL,
+        description="RUNCOMFY_ACCOUNT_BASE_URL: root of RunComfy's account API; the balance "
+        "is GET /prod/v2/balance there.",
+    )
+    balance_check: Literal["stop", "warn", "off"] = Field(
+        default="stop",
+        description="FLUX2_BALANCE_CHECK: before the first submit, the estimated cost of the "
+        "rows still to pay against the account's balance: stop (do not start when it cannot "
+        "be covered), warn, or off (no call).",
+    )
     model_path: str = Field(default=MODEL_PATH, description="Path of the edit model endpoint.")
     max_concurrency: int = Field(
         default=8,
@@ -106,10 +126,19 @@ class RunComfyResource(ConfigurableResource):  # type: ignore[type-arg]
         gt=0,
         description="Seconds from submit to a terminal state before the job is cancelled.",
     )
-    poll_min_interval: float = Field(default=0.1, gt=0, description="Shortest poll wait (s).")
-    poll_max_interval: float = Field(default=5.0, gt=0, description="Longest poll wait (s).")
-    poll_fraction: float = Field(
-        default=0.15, ge=0, description="Poll wait as a fraction of the job's age."
+    poll_min_interval: float | None = Field(
+        default=None,
+        gt=0,
+        description="Shortest poll wait (s); default 0.1 on loopback, 1.0 against a real host.",
+    )
+    poll_max_interval: float | None = Field(
+        default=None, gt=0, description="Longest poll wait (s); default 5."
+    )
+    poll_fraction: float | None = Field(
+        default=None,
+        ge=0,
+        description="Poll wait as a fraction of the job's age; default 0.15 on loopback, 0.4 "
+        "against a real host.",
     )
     http_attempts: int = Field(
         default=6, ge=1, description="Tries per HTTP call for retryable failures."
@@ -135,8 +164,9 @@ class RunComfyResource(ConfigurableResource):  # type: ignore[type-arg]
     price_per_image_usd: float | None = Field(
         default=None,
         ge=0,
-        description="FLUX2_PRICE_PER_IMAGE_USD: the price of one output image, used where "
-        "the API reports no cost.",
+        description="FLUX2_PRICE_PER_IMAGE_USD: the price of one output image, reserved "
+        "under a budget and used for estimates until the API reports a job's cost; default: "
+        "the model's published base_price_usd.",
     )
     defaults: dict[str, Any] = Field(
         default_factory=dict,
@@ -166,11 +196,12 @@ class RunComfyResource(ConfigurableResource):  # type: ignore[type-arg]
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        value = value.strip() or DEFAULT_BASE_URL
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"must be an http(s) URL such as {DEFAULT_BASE_URL}, got {value!r}")
-        return value.rstrip("/")
+        return _http_url(value, DEFAULT_BASE_URL)
+
+    @field_validator("account_base_url")
+    @classmethod
+    def _account_http_url(cls, value: str) -> str:
+        return _http_url(value, DEFAULT_ACCOUNT_BASE_URL)
 
     @field_validator("defaults")
     @classmethod
@@ -195,18 +226,29 @@ class RunComfyResource(ConfigurableResource):  # type: ignore[type-arg]
         thread = threading.Thread(target=loop.run_forever, name="runcomfy-client", daemon=True)
         thread.start()
         self._loop, self._thread = loop, thread
-        self._client = self._submit(self._make_client()).result()
+        self._client = self._submit(self.create_client()).result()
 
-    async def _make_client(self) -> AsyncRunComfyClient:
+    async def create_client(self) -> AsyncRunComfyClient:
+        """A new client with these settings, on the running event loop; the caller closes it."""
         return AsyncRunComfyClient(
             self.api_token,
             self.base_url,
+            account_base_url=self.account_base_url,
             model_path=self.model_path,
             timeout=self.request_timeout,
             job_deadline=self.job_deadline,
             max_concurrency=self.max_concurrency,
             retry=RetryPolicy(max_attempts=self.http_attempts),
-            poll=PollSchedule(self.poll_min_interval, self.poll_max_interval, self.poll_fraction),
+            poll=self.poll_schedule(),
+        )
+
+    def poll_schedule(self) -> PollSchedule:
+        """The poll schedule: the fields set, the rest from the API host's default."""
+        default = PollSchedule.for_base_url(self.base_url)
+        return PollSchedule(
+            self.poll_min_interval or default.min_interval,
+            self.poll_max_interval or default.max_interval,
+            default.fraction if self.poll_fraction is None else self.poll_fraction,
         )
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
