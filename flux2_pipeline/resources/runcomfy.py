@@ -23,7 +23,12 @@ from concurrent.futures import Future
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from dagster import ConfigurableResource, DagsterExecutionInterruptedError, InitResourceContext
+from dagster import (
+    ConfigurableResource,
+    DagsterExecutionInterruptedError,
+    EnvVar,
+    InitResourceContext,
+)
 from pydantic import Field, PrivateAttr, field_validator
 
 from flux2_pipeline.resources.errors import SettingsError
@@ -229,9 +234,13 @@ class RunComfyResource(ConfigurableResource):  # type: ignore[type-arg]
         self._client = self._submit(self.create_client()).result()
 
     async def create_client(self) -> AsyncRunComfyClient:
-        """A new client with these settings, on the running event loop; the caller closes it."""
+        """A new client with these settings, on the running event loop; the caller closes it.
+
+        Outside a step (the command line), a token given as an `EnvVar` is read here.
+        """
+        token = self.api_token.get_value() if isinstance(self.api_token, EnvVar) else self.api_token
         return AsyncRunComfyClient(
-            self.api_token,
+            token or None,
             self.base_url,
             account_base_url=self.account_base_url,
             model_path=self.model_path,

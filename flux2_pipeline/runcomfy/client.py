@@ -126,6 +126,8 @@ class AsyncRunComfyClient:
             a job that reports a state this client does not know is polled to it too.
         lost_job_grace: seconds a job may answer 404 on status and result before `wait`
             raises `JobLostError` (default `DEFAULT_LOST_JOB_GRACE`, 60).
+        result_lag_grace: seconds `/result` may answer "not ready" after `/status` said the
+            job failed or was cancelled (default `RESULT_LAG_GRACE`, 30).
         max_concurrency: jobs the caller keeps in flight; sizes the connection pool.
         retry: the retry policy for each HTTP call.
         poll: the adaptive poll schedule; default `PollSchedule.for_base_url(base_url)`
@@ -145,6 +147,7 @@ class AsyncRunComfyClient:
         timeout: float | httpx.Timeout = 30.0,
         job_deadline: float = DEFAULT_JOB_DEADLINE,
         lost_job_grace: float = DEFAULT_LOST_JOB_GRACE,
+        result_lag_grace: float = RESULT_LAG_GRACE,
         max_concurrency: int = 8,
         retry: RetryPolicy | None = None,
         poll: PollSchedule | None = None,
@@ -159,6 +162,7 @@ class AsyncRunComfyClient:
         self.model_path = "/" + model_path.strip("/")
         self.job_deadline = job_deadline
         self.lost_job_grace = lost_job_grace
+        self.result_lag_grace = result_lag_grace
         self.max_concurrency = max_concurrency
         self.retry = retry or RetryPolicy()
         self.poll = poll or PollSchedule.for_base_url(self.base_url)
@@ -168,6 +172,8 @@ class AsyncRunComfyClient:
         headers = {"Accept": "application/json", "User-Agent": "flux2-pipeline"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
+        # Kept only to scrub it from the service's words: some answers echo it.
+        self._scrub = token
         # Built once: every call of a shape sends the same headers.
         self._headers = {False: headers, True: {**headers, "Content-Type": "application/json"}}
         self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
@@ -327,7 +333,8 @@ class AsyncRunComfyClient:
                     self.stats.not_ready_results += 1
                     now = loop.time()
                     not_ready_since = not_ready_since if not_ready_since is not None else now
-                    if _status_may_end_it(status) and now - not_ready_since >= RESULT_LAG_GRACE:
+                    lagging = now - not_ready_since
+                    if _status_may_end_it(status) and lagging >= self.result_lag_grace:
                         assert status is not None
                         return _result_from_status(status, calls, submitted_at)
                     continue
@@ -356,6 +363,16 @@ class AsyncRunComfyClient:
         return await self.wait(handle.request_id, deadline=deadline, submitted_at=datetime.now(UTC))
 
     # -- plumbing ----------------------------------------------------------------------
+
+    def _scrubbed(self, body: Any) -> Any:
+        """The answer with the token cut out of its words (a service may echo it back)."""
+        if not self._scrub:
+            return body
+        text = jsonlib.dumps(body) if not isinstance(body, str) else body
+        if self._scrub not in text:
+            return body
+        cleaned = text.replace(self._scrub, "[token]")
+        return cleaned if isinstance(body, str) else jsonlib.loads(cleaned)
 
     def _note_transient(self, request_id: str, error: RunComfyError) -> None:
         self.stats.transient_poll_errors += 1
@@ -447,7 +464,7 @@ class AsyncRunComfyClient:
             raise MalformedResponseError(what, request_id=request_id)
         error = error_for_response(
             code,
-            body,
+            self._scrubbed(body),
             request_id=request_id,
             retry_after=parse_retry_after(answer.headers.get("Retry-After")),
         )

@@ -70,10 +70,17 @@ def test_a_budget_stops_spending_and_a_raised_budget_pays_only_the_rest(
     assert metadata["flux2/new_spend_usd"] == pytest.approx(0.05 * (30 - paid))
 
 
-def test_a_budget_without_a_price_is_a_one_line_setting_error(tmp_path: Path) -> None:
+def test_a_budget_whose_price_cannot_be_read_starts_nothing_and_says_what_to_set(
+    tmp_path: Path,
+) -> None:
+    # Nothing listens on port 9: neither the model's price nor any job can be had.
     env = cli_env(tmp_path, "http://127.0.0.1:9", FLUX2_BUDGET_USD="5")
-    (tmp_path / "prompts").mkdir()
+    write_table(tmp_path / "prompts", "priced", prompt_rows("http://127.0.0.1:9", "p", 2))
     run = _materialize(env)
-    assert run.returncode == 2
-    assert run.stderr.strip().count("\n") == 0
-    assert "FLUX2_BUDGET_USD needs FLUX2_PRICE_PER_IMAGE_USD" in run.stderr
+    assert run.returncode == 1, run.stdout + run.stderr
+    first = run.stdout.splitlines()[0]
+    assert first.startswith("price unknown (the model route failed")
+    assert "2 rows still to pay" in first
+    assert "FLUX2_BUDGET_USD needs a price per image" in run.stdout
+    assert "set FLUX2_PRICE_PER_IMAGE_USD" in run.stdout
+    assert "Traceback" not in run.stdout + run.stderr
