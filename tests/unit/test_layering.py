@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "component": 7,
     # The command line and what only it uses.
     "cli": 8,
+    "command_estimate": 8,
     "materialize": 8,
     "progress": 8,
     "demo": 8,
