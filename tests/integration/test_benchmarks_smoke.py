@@ -17,6 +17,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 EXPECTED = {
     "throughput": ("### throughput", "| plain ", "| client ", "| pipeline-net "),
     "transport": ("### transport", "| httpx ", "| aiohttp "),
+    "polling": ("### polling", "| plain 3 s ", "| remote ", "| loopback "),
     "memory": ("### memory", "peak RSS MB", "re-run:"),
     "partitions": ("### partitions", "s/partition", "single_run()"),
     "backfill": ("### backfill", "| plain ", "| --parallel 4, 25/run "),
