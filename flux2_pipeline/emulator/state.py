@@ -83,6 +83,7 @@ class EmulatorConfig:
     max_body_bytes: int = 1024 * 1024
     max_queue: int = 10_000
     max_tracked_bodies: int = 100_000
+    keep_alive: float = 5.0
 
 
 @dataclass
