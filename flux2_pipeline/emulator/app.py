@@ -394,6 +394,7 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error},
     )
+    app.router.redirect_slashes = False  # RunComfy's clients never follow redirects
     app.state.emulator = state
     return app
 
