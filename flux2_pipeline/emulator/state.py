@@ -432,6 +432,7 @@ class EmulatorState:
         self.jobs: dict[str, Job] = {}
         self._queue: deque[Job] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._own_hosts: set[str] = set()
         self._client: httpx.AsyncClient | None = None
         self._references: AsyncMemo[str] = AsyncMemo(256 * 1024 * 1024, 4096)
@@ -511,6 +512,8 @@ class EmulatorState:
     def pump(self) -> None:
         """Start queued jobs while slots are free."""
         counters = self.counters
+        if self._queue:
+            self._loop = asyncio.get_running_loop()
         while self._queue and counters.in_progress_now < self.max_concurrent:
             job = self._queue.popleft()
             job.state = JobState.IN_PROGRESS
@@ -520,6 +523,17 @@ class EmulatorState:
             task = asyncio.get_running_loop().create_task(self._run(job))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _pump_soon(self) -> None:
+        # Settings also change from other threads (tests, the CLI's caller): a job can only
+        # start on the server's loop.
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self.pump)
+            return
+        self.pump()
 
     async def hold_answer(self) -> None:
         """Wait while `faults.hold_submits` is set, counted in `held_submits_now`.
@@ -562,7 +576,7 @@ class EmulatorState:
             self.latency = float(latency)
         if concurrency is not None:
             self.max_concurrent = concurrency
-            self.pump()
+            self._pump_soon()
 
     def settings(self) -> dict[str, Any]:
         """Faults plus `latency`, `max_concurrent` and the balance, JSON-ready."""
