@@ -38,7 +38,10 @@ would be unknown. Two guards, both before a byte leaves: the pool keeps an idle 
 `POOL_KEEPALIVE_SECONDS` (below what servers commonly keep, so the client drops it first),
 and a reused connection whose socket already has something to read (the server's FIN or
 reset, which the event loop may not have handled yet) is closed and another one taken
-(`_FreshConnector`). A failure after the request was written stays "maybe sent".
+(`_FreshConnector`). A failure after the request was written stays "maybe sent": the
+client cannot tell a request the server dropped unread from one it acted on. httpx's pool
+(httpcore) checks an idle socket the same way; give a transport of your own
+`httpx.Limits(keepalive_expiry=POOL_KEEPALIVE_SECONDS)` too (httpx's default is 5 s).
 
 Proxy variables (HTTPS_PROXY, HTTP_PROXY, NO_PROXY) are read once, when the default
 transport is made for a base URL (`proxy_for`), not on every request: aiohttp's

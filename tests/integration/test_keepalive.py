@@ -14,6 +14,7 @@ import asyncio
 import statistics
 import time
 
+import httpx
 import pytest
 
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
@@ -50,12 +51,15 @@ def _emulator(keep_alive: float) -> EmulatorServer:
     return EmulatorServer(config)
 
 
-def test_a_busy_loop_never_writes_on_connections_the_server_closed_meanwhile() -> None:
+@pytest.mark.parametrize("pool", ["aiohttp", "httpx"])
+def test_a_busy_loop_never_writes_on_connections_the_server_closed_meanwhile(pool: str) -> None:
     """The client's event loop is busy (a CPU-bound stretch) past the server's keep-alive:
-    the server's closes arrive unprocessed, so aiohttp still believes the connections open."""
+    the server's closes arrive unprocessed, so aiohttp still believes the connections open.
+    httpx's pool (httpcore) checks an idle socket's readability itself."""
 
     async def run(base_url: str) -> int:
-        async with AsyncRunComfyClient("token", base_url) as client:
+        transport = httpx.AsyncHTTPTransport() if pool == "httpx" else None
+        async with AsyncRunComfyClient("token", base_url, transport=transport) as client:
             unknown = await _wave(client, base_url, 0, [])
             time.sleep(1.5)  # blocks the loop, as a long synchronous step does
             return unknown + await _wave(client, base_url, WAVE, [])
