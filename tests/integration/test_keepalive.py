@@ -61,7 +61,7 @@ def test_a_busy_loop_never_writes_on_connections_the_server_closed_meanwhile(poo
         transport = httpx.AsyncHTTPTransport() if pool == "httpx" else None
         async with AsyncRunComfyClient("token", base_url, transport=transport) as client:
             unknown = await _wave(client, base_url, 0, [])
-            time.sleep(1.5)  # blocks the loop, as a long synchronous step does
+            time.sleep(2.0)  # blocks the loop, as a long synchronous step does
             return unknown + await _wave(client, base_url, WAVE, [])
 
     with _emulator(keep_alive=1.0) as emulator:
