@@ -41,6 +41,8 @@ _probability = _bounded(float, 0.0, 1.0, "a probability from 0 to 1")
 _seconds = _bounded(float, 0.0, 86400.0, "a number of seconds from 0 to 86400")
 _positive_int = _bounded(int, 1, 1_000_000, "a whole number >= 1")
 _port = _bounded(int, 0, 65535, "a port from 0 to 65535")
+_usd = _bounded(float, -1e9, 1e9, "an amount in USD")
+_price = _bounded(float, 0.0, 1000.0, "a price in USD from 0 to 1000")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,14 +59,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default="flux2-demo", help="where the demo writes (wiped)")
 
     emulator = commands.add_parser("emulator", help="serve the RunComfy-compatible emulator")
-    emulator.add_argument("--host", default="127.0.0.1")
-    emulator.add_argument("--port", type=_port, default=8188)
-    emulator.add_argument("--latency", type=_seconds, default=0.0, metavar="SECONDS")
-    emulator.add_argument("--max-concurrent", type=_positive_int, default=8, metavar="N")
-    emulator.add_argument("--fault-429", type=_probability, default=0.0, metavar="P")
-    emulator.add_argument("--fault-5xx", type=_probability, default=0.0, metavar="P")
-    emulator.add_argument("--fail-rate", type=_probability, default=0.0, metavar="P")
+    emulator.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    emulator.add_argument("--port", type=_port, default=8188, help="port (0: any free one)")
+    emulator.add_argument(
+        "--latency", type=_seconds, default=0.0, metavar="SECONDS", help="how long a job runs"
+    )
+    emulator.add_argument(
+        "--max-concurrent", type=_positive_int, default=8, metavar="N", help="jobs run at once"
+    )
+    emulator.add_argument(
+        "--fault-429", type=_probability, default=0.0, metavar="P", help="share of calls given 429"
+    )
+    emulator.add_argument(
+        "--fault-5xx", type=_probability, default=0.0, metavar="P", help="share of calls given 5xx"
+    )
+    emulator.add_argument(
+        "--fail-rate", type=_probability, default=0.0, metavar="P", help="share of jobs that fail"
+    )
     emulator.add_argument("--token", default=None, metavar="T", help="require this Bearer token")
+    _emulator_dialect_flags(emulator)
 
     materialize = commands.add_parser(
         "materialize", help="materialize partitions of the input folder through Dagster"
@@ -90,6 +103,90 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=_port, default=3000, help="the UI's port")
     ui.add_argument("--emulator-port", type=_port, default=8188, help="the emulator's port")
     return parser
+
+
+def _emulator_dialect_flags(emulator: argparse.ArgumentParser) -> None:
+    """The emulator's flags for RunComfy's dialect, its account and its connections."""
+    emulator.add_argument(
+        "--keep-alive",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="close idle client connections after this long (default 5, as uvicorn)",
+    )
+    emulator.add_argument(
+        "--dialect",
+        choices=("documented", "seed"),
+        default="documented",
+        help="documented: RunComfy's numeric error codes, 202 submits, succeeded/canceled, "
+        "400005 for a result not ready, cost; seed: the first emulator's answers "
+        "(default: documented)",
+    )
+    emulator.add_argument(
+        "--fault-200-error",
+        type=_probability,
+        default=0.0,
+        metavar="P",
+        help="answer this share of status/result polls with HTTP 200 and error 500001",
+    )
+    emulator.add_argument(
+        "--result-lag",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="/result answers 400005 for this long after a job ended",
+    )
+    emulator.add_argument(
+        "--succeeded-rate",
+        type=_probability,
+        default=0.0,
+        metavar="P",
+        help="share of completed jobs whose /status says 'succeeded'",
+    )
+    emulator.add_argument(
+        "--extra-states",
+        action="store_true",
+        help="queued jobs sometimes say pending/waiting, running ones starting/processing",
+    )
+    emulator.add_argument(
+        "--error-shape",
+        choices=("string", "object", "list"),
+        default="string",
+        help="a failed job's error: a text, an {error_code, error_message} object or a list",
+    )
+    emulator.add_argument(
+        "--price-usd",
+        type=_price,
+        default=0.025,
+        metavar="USD",
+        help="price per output image: the model route's base_price_usd and each job's cost "
+        "(default 0.025)",
+    )
+    emulator.add_argument(
+        "--model-route",
+        choices=("ok", "missing", "error"),
+        default="ok",
+        help="GET on the model's route answers its price and schema, 404 or 500",
+    )
+    emulator.add_argument(
+        "--balance-usd",
+        type=_usd,
+        default=None,
+        metavar="USD",
+        help="the account's balance: completed jobs are charged to it and a submit it "
+        "cannot cover is refused with 400002 (default: no balance kept)",
+    )
+    emulator.add_argument(
+        "--balance-route",
+        choices=("ok", "missing", "error", "denied"),
+        default="ok",
+        help="GET /prod/v2/balance answers the balance, 404, 500 or HTTP 200 with 403003",
+    )
+    emulator.add_argument(
+        "--balance-error-http-200",
+        action="store_true",
+        help="refuse a submit the balance cannot cover with HTTP 200 instead of 400",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -169,6 +266,18 @@ def _emulator(args: argparse.Namespace) -> int:
         fault_5xx=args.fault_5xx,
         fail_rate=args.fail_rate,
         token=args.token,
+        keep_alive=args.keep_alive,
+        dialect=args.dialect,
+        fault_200_error=args.fault_200_error,
+        result_lag=args.result_lag,
+        succeeded_rate=args.succeeded_rate,
+        extra_states=args.extra_states,
+        error_shape=args.error_shape,
+        price_usd=args.price_usd,
+        model_route=args.model_route,
+        balance_usd=args.balance_usd,
+        balance_route=args.balance_route,
+        balance_error_http_200=args.balance_error_http_200,
     )
     try:
         run_emulator(config)

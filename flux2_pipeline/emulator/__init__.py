@@ -5,13 +5,16 @@
     ...     print(emulator.base_url)  # point RUNCOMFY_BASE_URL here
     http://127.0.0.1:40123
 
-`flux2-pipeline emulator` serves it in the foreground through `run_emulator`.
+`flux2-pipeline emulator` serves it in the foreground through `run_emulator`. It speaks
+RunComfy's documented dialect unless `EmulatorConfig(dialect="seed")`.
 """
 
-from flux2_pipeline.emulator.app import COST_PER_IMAGE_USD, create_app
+from flux2_pipeline.emulator.app import BALANCE_PATH, COST_PER_IMAGE_USD, MODEL_ID, create_app
+from flux2_pipeline.emulator.dialect import DIALECTS, ERROR_CODES
 from flux2_pipeline.emulator.render import check_reference, render_edit, render_sample
 from flux2_pipeline.emulator.server import EmulatorServer, run_emulator
 from flux2_pipeline.emulator.state import (
+    UNLIMITED_BALANCE_USD,
     Counters,
     EmulatorConfig,
     EmulatorState,
@@ -20,7 +23,12 @@ from flux2_pipeline.emulator.state import (
 )
 
 __all__ = [
+    "BALANCE_PATH",
     "COST_PER_IMAGE_USD",
+    "DIALECTS",
+    "ERROR_CODES",
+    "MODEL_ID",
+    "UNLIMITED_BALANCE_USD",
     "Counters",
     "EmulatorConfig",
     "EmulatorServer",

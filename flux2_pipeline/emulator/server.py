@@ -36,6 +36,8 @@ def _uvicorn_config(app: Starlette, config: EmulatorConfig, **extra: Any) -> uvi
         access_log=False,
         log_level="warning",
         timeout_graceful_shutdown=2,
+        # uvicorn's type says int; it only hands the value to loop.call_later.
+        timeout_keep_alive=config.keep_alive,  # type: ignore[arg-type]
         **extra,
     )
 

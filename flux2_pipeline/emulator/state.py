@@ -28,6 +28,14 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from flux2_pipeline.emulator.dialect import (
+    BALANCE_ROUTES,
+    DIALECTS,
+    DOCUMENTED,
+    ERROR_SHAPES,
+    MODEL_FAILED,
+    MODEL_ROUTES,
+)
 from flux2_pipeline.emulator.fetch import (
     AsyncMemo,
     ReferenceFetchError,
@@ -42,6 +50,13 @@ MAX_RETAINED_JOBS = 100_000
 
 LATENCY_RECHECK_SECONDS = 1.0
 """How often a running job looks again at `latency`, which may have changed."""
+
+UNLIMITED_BALANCE_USD = 1000.0
+"""What the balance route reports while `balance_usd` is None (no balance is kept)."""
+
+MICRO = 1_000_000
+"""Microdollars per dollar: the balance is kept in whole microdollars, so that 0.25 USD at
+0.025 a job is exactly ten jobs."""
 
 MODEL_ERROR = {
     "error_code": "MODEL_ERROR",
@@ -60,6 +75,12 @@ class EmulatorConfig:
     routes. Limits: request bodies over `max_body_bytes` get 413; a submit while
     `max_queue` jobs wait gets 429 with Retry-After (no job is created); at most
     `max_tracked_bodies` request-body hashes are counted (the oldest are forgotten).
+    `keep_alive` is how long the server keeps an idle connection open (uvicorn's 5 s).
+
+    `dialect` and the settings after it are described on `Faults`, except the account:
+    `balance_usd` None keeps no balance (the balance route reports
+    `UNLIMITED_BALANCE_USD`); a number is the account's balance, which each completed
+    job's cost lowers and which refuses a submit it cannot cover (400002).
 
     Example::
 
@@ -83,6 +104,18 @@ class EmulatorConfig:
     max_body_bytes: int = 1024 * 1024
     max_queue: int = 10_000
     max_tracked_bodies: int = 100_000
+    keep_alive: float = 5.0
+    dialect: str = DOCUMENTED
+    fault_200_error: float = 0.0
+    result_lag: float = 0.0
+    succeeded_rate: float = 0.0
+    extra_states: bool = False
+    error_shape: str = "string"
+    price_usd: float | None = None
+    model_route: str = "ok"
+    balance_usd: float | None = None
+    balance_route: str = "ok"
+    balance_error_http_200: bool = False
 
 
 @dataclass
@@ -114,6 +147,36 @@ class Faults:
     hold_jobs: bool = False
     """While true, running jobs do not finish (their latency still runs out); the queue,
     positions and cancels hold still for as long as a test needs to look at them."""
+    dialect: str = DOCUMENTED
+    """"documented" (RunComfy's: numeric codes, `succeeded`, `canceled`, 202 submits,
+    400005 for a result not ready, `cost`) or "seed" (string codes, `completed`,
+    `cancelled`, 200 submits, an unfinished job's result answers its state, `cost_usd`)."""
+    fault_200_error: float = 0.0
+    """Probability that a status or result poll answers HTTP 200 with an error body
+    (500001) instead of the job; nothing changes."""
+    result_lag: float = 0.0
+    """Seconds after a job ended during which `/result` still answers 400005 although
+    `/status` already says it ended (documented dialect)."""
+    succeeded_rate: float = 0.0
+    """Probability, drawn once per completed job, that `/status` says `succeeded` rather
+    than `completed` (`/result` always says `succeeded` in the documented dialect)."""
+    extra_states: bool = False
+    """While true, about half the status answers say `pending`/`waiting` for a queued job
+    and `starting`/`processing` for a running one (documented dialect)."""
+    error_shape: str = "string"
+    """A failed job's `error` in the documented dialect: "string", "object" or "list"."""
+    price_usd: float | None = None
+    """Price per output image: the model route's `base_price_usd`, the `cost` of a
+    completed job, what a submit reserves from the balance. None: `COST_PER_IMAGE_USD`
+    (0.025)."""
+    model_route: str = "ok"
+    """`GET` on the model's route: "ok", "missing" (404) or "error" (500)."""
+    balance_route: str = "ok"
+    """`GET /prod/v2/balance`: "ok", "missing" (404), "error" (500) or "denied" (HTTP 200
+    with error 403003, as RunComfy's clients have seen)."""
+    balance_error_http_200: bool = False
+    """True: a submit the balance cannot cover is refused with HTTP 200 and the 400002
+    body instead of HTTP 400."""
     _rng: random.Random = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -123,16 +186,34 @@ class Faults:
         """Validate and apply changes; a `seed` change restarts the random sequence."""
         clean: dict[str, Any] = {}
         for name, value in changes.items():
-            if name in ("fault_429", "fault_5xx", "fail_rate"):
+            if name in (
+                "fault_429",
+                "fault_5xx",
+                "fail_rate",
+                "fault_200_error",
+                "succeeded_rate",
+            ):
                 clean[name] = _number(name, value, 0.0, 1.0)
-            elif name == "submit_delay":
+            elif name in ("submit_delay", "result_lag"):
                 clean[name] = _number(name, value, 0.0, 3600.0)
+            elif name == "price_usd":
+                clean[name] = None if value is None else _number(name, value, 0.0, 1000.0)
+            elif name in _CHOICES:
+                if value not in _CHOICES[name]:
+                    raise ValueError(f"{name} must be one of {', '.join(_CHOICES[name])}")
+                clean[name] = value
             elif name == "retry_after":
                 _number(name, value, 0.0, 86400.0)
                 clean[name] = str(value)
             elif name in ("drop_submits", "fail_next"):
                 clean[name] = int(_number(name, value, 0, 1_000_000, integer=True))
-            elif name in ("fault_5xx_on_submit", "hold_submits", "hold_jobs"):
+            elif name in (
+                "fault_5xx_on_submit",
+                "hold_submits",
+                "hold_jobs",
+                "extra_states",
+                "balance_error_http_200",
+            ):
                 if not isinstance(value, bool):
                     raise ValueError(f"{name} must be true or false, got {value!r}")
                 clean[name] = value
@@ -155,6 +236,11 @@ class Faults:
         """One of `options`, drawn from the fault RNG."""
         return options[self._rng.randrange(len(options))]
 
+    @property
+    def documented(self) -> bool:
+        """True in RunComfy's documented dialect."""
+        return self.dialect == DOCUMENTED
+
     def take_failure(self) -> bool:
         """True if this finishing job must fail: a pending `fail_next`, else `fail_rate`."""
         if self.fail_next > 0:
@@ -174,11 +260,25 @@ class Faults:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
 
 
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "dialect": DIALECTS,
+    "error_shape": ERROR_SHAPES,
+    "model_route": MODEL_ROUTES,
+    "balance_route": BALANCE_ROUTES,
+}
+
+
 async def _while(condition: Callable[[], bool]) -> None:
     # Polled, not an asyncio.Event: faults are changed from other threads (tests, the
     # control route), and a flag read is safe across threads where an Event is not.
     while condition():
         await asyncio.sleep(0.01)
+
+
+def _microdollars(usd: Any) -> int | None:
+    if usd is None:
+        return None
+    return round(_number("balance_usd", usd, -1e9, 1e9) * MICRO)
 
 
 def _number(name: str, value: Any, low: float, high: float, integer: bool = False) -> float:
@@ -221,6 +321,13 @@ class Counters:
     rejected_413: int = 0
     rejected_queue_full: int = 0
     rejected_control_401: int = 0
+    rejected_400001: int = 0
+    rejected_400002: int = 0
+    errors_200: int = 0
+    results_not_ready: int = 0
+    model_calls: int = 0
+    balance_calls: int = 0
+    charged_microdollars: int = 0
     forgotten_bodies: int = 0
     image_fetches: int = 0
     in_progress_now: int = 0
@@ -257,7 +364,9 @@ class Counters:
 
 @dataclass(eq=False)
 class Job:
-    """One emulated job; `references` holds the fetched reference bytes once started."""
+    """One emulated job; `references` holds the fetched reference bytes once started.
+
+    `error` is the failure in the seed dialect's shape; `failure` in RunComfy's words."""
 
     request_id: str
     request: EditRequest
@@ -267,6 +376,12 @@ class Job:
     finished_at: datetime | None = None
     error: dict[str, str] | None = None
     references: tuple[bytes, ...] = ()
+    cost_micro: int = 0
+    """What the job costs (price x images, in microdollars), reserved at submit."""
+    says_succeeded: bool = False
+    """`/status` spells this completed job `succeeded` (documented dialect)."""
+    failure: str | None = None
+    """The failure in RunComfy's words, for the documented dialect's `error`."""
 
 
 class EmulatorState:
@@ -300,11 +415,24 @@ class EmulatorState:
             drop_submits=config.drop_submits,
             seed=config.seed,
             fault_5xx_on_submit=config.fault_5xx_on_submit,
+            dialect=config.dialect,
+            fault_200_error=config.fault_200_error,
+            result_lag=config.result_lag,
+            succeeded_rate=config.succeeded_rate,
+            extra_states=config.extra_states,
+            error_shape=config.error_shape,
+            price_usd=config.price_usd,
+            model_route=config.model_route,
+            balance_route=config.balance_route,
+            balance_error_http_200=config.balance_error_http_200,
         )
+        self.balance_micro: int | None = _microdollars(config.balance_usd)
+        self.reserved_micro = 0
         self.counters = Counters()
         self.jobs: dict[str, Job] = {}
         self._queue: deque[Job] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._own_hosts: set[str] = set()
         self._client: httpx.AsyncClient | None = None
         self._references: AsyncMemo[str] = AsyncMemo(256 * 1024 * 1024, 4096)
@@ -331,9 +459,27 @@ class EmulatorState:
         """True while `max_queue` jobs wait: a submit now is refused with 429."""
         return len(self._queue) >= self.config.max_queue
 
-    def submit(self, request: EditRequest, body_hash: str) -> Job:
-        """Create a queued job and start it if a slot is free."""
-        job = Job(str(uuid.uuid4()), request, JobState.IN_QUEUE, datetime.now(UTC))
+    @property
+    def balance_usd(self) -> float | None:
+        """The account's balance (completed jobs' costs taken off); None: not kept."""
+        return None if self.balance_micro is None else self.balance_micro / MICRO
+
+    def can_afford(self, cost_micro: int) -> bool:
+        """True if the balance, less what queued and running jobs reserve, covers a job."""
+        if self.balance_micro is None:
+            return True
+        return self.balance_micro - self.reserved_micro >= cost_micro
+
+    def submit(self, request: EditRequest, body_hash: str, cost_micro: int = 0) -> Job:
+        """Create a queued job, reserving its cost, and start it if a slot is free."""
+        job = Job(
+            str(uuid.uuid4()),
+            request,
+            JobState.IN_QUEUE,
+            datetime.now(UTC),
+            cost_micro=cost_micro,
+        )
+        self.reserved_micro += cost_micro
         self.jobs[job.request_id] = job
         counters = self.counters
         counters.jobs_created += 1
@@ -366,6 +512,8 @@ class EmulatorState:
     def pump(self) -> None:
         """Start queued jobs while slots are free."""
         counters = self.counters
+        if self._queue:
+            self._loop = asyncio.get_running_loop()
         while self._queue and counters.in_progress_now < self.max_concurrent:
             job = self._queue.popleft()
             job.state = JobState.IN_PROGRESS
@@ -375,6 +523,17 @@ class EmulatorState:
             task = asyncio.get_running_loop().create_task(self._run(job))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _pump_soon(self) -> None:
+        # Settings also change from other threads (tests, the CLI's caller): a job can only
+        # start on the server's loop.
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self.pump)
+            return
+        self.pump()
 
     async def hold_answer(self) -> None:
         """Wait while `faults.hold_submits` is set, counted in `held_submits_now`.
@@ -402,6 +561,8 @@ class EmulatorState:
         changes = dict(changes)
         latency = changes.pop("latency", None)
         concurrency = changes.pop("max_concurrent", None)
+        has_balance = "balance_usd" in changes
+        balance = _microdollars(changes.pop("balance_usd", None))
         if latency is not None and not (
             isinstance(latency, int | float) and math.isfinite(latency) and latency >= 0
         ):
@@ -409,18 +570,22 @@ class EmulatorState:
         if concurrency is not None and not (isinstance(concurrency, int) and concurrency >= 1):
             raise ValueError(f"max_concurrent must be an integer >= 1, got {concurrency!r}")
         self.faults.update(**changes)
+        if has_balance:
+            self.balance_micro = balance
         if latency is not None:
             self.latency = float(latency)
         if concurrency is not None:
             self.max_concurrent = concurrency
-            self.pump()
+            self._pump_soon()
 
     def settings(self) -> dict[str, Any]:
-        """Faults plus `latency` and `max_concurrent`, JSON-ready."""
+        """Faults plus `latency`, `max_concurrent` and the balance, JSON-ready."""
         return {
             **self.faults.to_dict(),
             "latency": self.latency,
             "max_concurrent": self.max_concurrent,
+            "balance_usd": self.balance_usd,
+            "reserved_usd": self.reserved_micro / MICRO,
         }
 
     def stats(self) -> dict[str, Any]:
@@ -474,6 +639,7 @@ class EmulatorState:
                 job.references = await self._fetch_all(job.request.image_urls)
             except ReferenceFetchError as exc:
                 error = {"error_code": "IMAGE_FETCH_FAILED", "error_message": str(exc)}
+                job.failure = f"failed to load image from {exc.url}: {exc.reason}"
             # The latency in force decides, so a lowered latency also ends running jobs
             # sooner (a test can hold jobs running, then let them finish). Settings may
             # change from another thread, hence a bounded wait instead of an event.
@@ -482,11 +648,14 @@ class EmulatorState:
             await _while(lambda: self.faults.hold_jobs)
             if error is None and self.faults.take_failure():
                 error = dict(MODEL_ERROR)
+                job.failure = MODEL_FAILED
         except Exception as exc:  # a bug here must fail the job, never strand it
             error = {"error_code": "INTERNAL_ERROR", "error_message": f"emulator error: {exc!r}"}
+            job.failure = error["error_message"]
         finally:
             self.counters.in_progress_now -= 1
         if error is None:
+            job.says_succeeded = self.faults.roll(self.faults.succeeded_rate)
             self._finish(job, JobState.COMPLETED, None)
             self.counters.completed_jobs += 1
         else:
@@ -505,6 +674,12 @@ class EmulatorState:
         job.state = state
         job.error = error
         job.finished_at = datetime.now(UTC)
+        # Only a completed job is charged; a failed or cancelled one gives its reservation back.
+        self.reserved_micro -= job.cost_micro
+        if state is JobState.COMPLETED:
+            self.counters.charged_microdollars += job.cost_micro
+            if self.balance_micro is not None:
+                self.balance_micro -= job.cost_micro
 
     async def _fetch_all(self, urls: Sequence[str]) -> tuple[bytes, ...]:
         results = await asyncio.gather(

@@ -31,6 +31,18 @@ InvalidURL, NonHttpUrlClientError    UnsupportedProtocol           no
 any other ClientError                TransportError                maybe
 ===================================  ============================  ==============
 
+A pooled connection the server has closed is never written to: servers close idle
+connections (uvicorn after 5 s, many load balancers sooner), and a request written to such
+a connection fails with no sign of whether the server read it, so a submit's outcome
+would be unknown. Two guards, both before a byte leaves: the pool keeps an idle connection
+`POOL_KEEPALIVE_SECONDS` (below what servers commonly keep, so the client drops it first),
+and a reused connection whose socket already has something to read (the server's FIN or
+reset, which the event loop may not have handled yet) is closed and another one taken
+(`_FreshConnector`). A failure after the request was written stays "maybe sent": the
+client cannot tell a request the server dropped unread from one it acted on. httpx's pool
+(httpcore) checks an idle socket the same way; give a transport of your own
+`httpx.Limits(keepalive_expiry=POOL_KEEPALIVE_SECONDS)` too (httpx's default is 5 s).
+
 Proxy variables (HTTPS_PROXY, HTTP_PROXY, NO_PROXY) are read once, when the default
 transport is made for a base URL (`proxy_for`), not on every request: aiohttp's
 `trust_env=True` looks them (and ~/.netrc) up per request, which doubled the client's
@@ -47,17 +59,25 @@ Example::
 
 from __future__ import annotations
 
+import select
 import urllib.request
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
 from yarl import URL
 
+if TYPE_CHECKING:
+    from aiohttp.client_reqrep import ClientRequest
+    from aiohttp.connector import Connection
+    from aiohttp.tracing import Trace
+
 __all__ = [
+    "POOL_KEEPALIVE_SECONDS",
     "AiohttpTransport",
     "HttpTransport",
     "HttpxTransport",
@@ -66,6 +86,11 @@ __all__ = [
     "httpx_error_for",
     "proxy_for",
 ]
+
+POOL_KEEPALIVE_SECONDS = 4.0
+"""How long the aiohttp pool keeps an idle connection for reuse: less than servers commonly
+keep one open (uvicorn 5 s, nginx 75 s, cloud load balancers 5 to 60 s), so the client
+drops it before the server closes it under a request. aiohttp's own default is 15 s."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +153,58 @@ def httpx_error_for(exc: BaseException) -> type[httpx.TransportError]:
     return httpx.TransportError
 
 
+def _has_input(transport: object) -> bool:
+    """True if an idle connection's socket is readable: the server closed or reset it, or
+    sent what no request asked for. Either way the connection must not carry a request."""
+    get_extra_info = getattr(transport, "get_extra_info", None)
+    sock = get_extra_info("socket") if get_extra_info is not None else None
+    if sock is None:
+        return False
+    fd = sock.fileno()
+    if fd < 0:
+        return True
+    if hasattr(select, "poll"):  # no FD_SETSIZE limit, unlike select()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(0))  # POLLHUP and POLLERR are reported unasked
+    readable, _, _ = select.select([fd], [], [], 0)
+    return bool(readable)
+
+
+class _FreshConnector(aiohttp.TCPConnector):
+    """A `TCPConnector` that never hands out a pooled connection the server has closed.
+
+    aiohttp checks `is_connected()`, which only knows what the event loop has processed:
+    a FIN that arrived while the loop was busy still looks connected. Checking the socket
+    itself before the request is written proves the request was not sent on it, so taking
+    another connection is safe even for a paid POST. New connections are not checked: a
+    TLS server may send session tickets right after the handshake.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._handed_out: weakref.WeakSet[object] = weakref.WeakSet()
+        self.stale_discarded = 0
+        """Pooled connections found closed by the server and dropped unused."""
+
+    async def connect(
+        self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
+    ) -> Connection:
+        # Each stale connection is closed, so the pool shrinks on every pass; the bound
+        # only guards against a server that closes every new connection at once.
+        for _ in range(self.limit + 1):
+            conn = await super().connect(req, traces, timeout)
+            protocol = conn.protocol
+            reused = protocol is not None and protocol in self._handed_out
+            if not (reused and _has_input(conn.transport)):
+                if protocol is not None:
+                    self._handed_out.add(protocol)
+                return conn
+            self.stale_discarded += 1
+            conn.close()
+        return conn
+
+
 class AiohttpTransport:
     """`HttpTransport` on aiohttp's connection pool (the client's default).
 
@@ -162,7 +239,12 @@ class AiohttpTransport:
         return f"AiohttpTransport(max_connections={self.max_connections})"
 
     def _open(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0)
+        connector = _FreshConnector(
+            limit=self.max_connections,
+            limit_per_host=0,
+            keepalive_timeout=POOL_KEEPALIVE_SECONDS,
+            enable_cleanup_closed=True,
+        )
         # trust_env=False: the proxy was read once (see `proxy_for`); a dummy cookie jar
         # because the API sets no cookies and the default jar costs CPU on every answer;
         # no automatic Content-Type, so a POST without a body carries none (as with httpx).

@@ -1,5 +1,7 @@
 """The emulator over real loopback HTTP: API shapes, queue model, auth, validation,
-rendered outputs, faults and counters."""
+rendered outputs, faults and counters, in RunComfy's documented dialect (the default).
+The dialect's own settings (seed dialect, 400005, HTTP 200 errors, prices, the balance)
+are in test_emulator_dialect.py."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from flux2_pipeline.runcomfy.models import (
 )
 from tests.conftest import refused_port
 
-TERMINAL = {"completed", "failed", "cancelled"}
+TERMINAL = {"completed", "succeeded", "failed", "canceled"}
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +49,13 @@ def emulator(shared: EmulatorServer) -> EmulatorServer:
         fault_5xx_on_submit=True,
         hold_submits=False,
         hold_jobs=False,
+        dialect="documented",
+        fault_200_error=0,
+        result_lag=0,
+        succeeded_rate=0,
+        extra_states=False,
+        error_shape="string",
+        price_usd=None,
     )
     shared.state.reset_counters()
     return shared
@@ -84,25 +93,27 @@ def wait_done(client: httpx.Client, request_id: str, timeout: float = 5.0) -> di
 
 def test_submit_status_result_shapes(emulator: EmulatorServer, client: httpx.Client) -> None:
     response = client.post(MODEL_PATH, json=body(emulator.base_url, num_images=2))
-    assert response.status_code == 200
+    assert response.status_code == 202
     handle = response.json()
     rid = handle["request_id"]
     assert len(rid) == 36 and rid.count("-") == 4
     assert handle == {
         "request_id": rid,
+        "status": "in_queue",
         "status_url": f"{emulator.base_url}/v1/requests/{rid}/status",
         "result_url": f"{emulator.base_url}/v1/requests/{rid}/result",
         "cancel_url": f"{emulator.base_url}/v1/requests/{rid}/cancel",
     }
     result = wait_done(client, rid)
     assert set(result) == {"request_id", "status", "output", "error", "created_at", "finished_at"}
-    assert result["status"] == "completed" and result["error"] is None
+    assert result["status"] == "succeeded" and result["error"] is None
     assert len(result["output"]["images"]) == 2
     created = datetime.fromisoformat(result["created_at"])
     finished = datetime.fromisoformat(result["finished_at"])
     assert created.utcoffset() is not None and finished >= created
     costed = client.get(f"/v1/requests/{rid}/result", params={"include_cost": "true"}).json()
-    assert costed["cost_usd"] == pytest.approx(0.05)
+    assert costed["cost"] == pytest.approx(0.05) and "cost_usd" not in costed
+    assert "cost" not in result
     status = client.get(f"/v1/requests/{rid}/status").json()
     assert status == {"request_id": rid, "status": "completed"}
 
@@ -128,14 +139,15 @@ def test_queue_positions_latency_and_cancel() -> None:
             "outcome": "not_cancellable",
         }
         queued = client.post(f"/v1/requests/{ids[3]}/cancel").json()
-        assert queued == {"request_id": ids[3], "status": "cancelled", "outcome": "cancelled"}
+        assert queued == {"request_id": ids[3], "status": "canceled", "outcome": "cancelled"}
+        assert client.get(f"/v1/requests/{ids[3]}/status").json()["status"] == "canceled"
         assert client.get(f"/v1/requests/{ids[4]}/status").json()["queue_position"] == 1
-        pending = client.get(f"/v1/requests/{ids[2]}/result").json()
-        assert pending["status"] == "in_queue" and pending["output"] is None
+        pending = client.get(f"/v1/requests/{ids[2]}/result")
+        assert pending.status_code == 400 and pending.json()["error_code"] == 400005
 
         server.state.faults.update(hold_jobs=False)
         results = [wait_done(client, rid, timeout=60) for rid in ids]
-        assert [r["status"] for r in results] == ["completed"] * 3 + ["cancelled", "completed"]
+        assert [r["status"] for r in results] == ["succeeded"] * 3 + ["canceled", "succeeded"]
         done = client.post(f"/v1/requests/{ids[0]}/cancel").json()
         assert done["outcome"] == "not_cancellable" and done["status"] == "completed"
 
@@ -176,7 +188,7 @@ def test_bearer_auth_and_token_never_echoed() -> None:
             response = client.post(MODEL_PATH, json=body(server.base_url), headers=headers)
             assert response.status_code == 401
             assert response.json() == {
-                "error_code": "UNAUTHORIZED",
+                "error_code": 400004,
                 "error_message": "missing or invalid API token",
             }
             assert wrong not in response.text and "s3cret" not in response.text
@@ -215,7 +227,7 @@ def test_invalid_bodies_get_422(
     response = client.post(MODEL_PATH, json=payload)
     assert response.status_code == 422
     data = response.json()
-    assert data["error_code"] == "VALIDATION_ERROR"
+    assert data["error_code"] == 422001
     assert field in data["error_message"]
     assert [entry["loc"][:2] for entry in data["detail"]] == [["body", field]]
     assert all(entry["msg"] and entry["type"] for entry in data["detail"])
@@ -225,6 +237,7 @@ def test_invalid_bodies_get_422(
 def test_malformed_json_gets_422(client: httpx.Client) -> None:
     response = client.post(MODEL_PATH, content=b"{not json", headers={"content-type": "json"})
     assert response.status_code == 422
+    assert response.json()["error_code"] == 422001
     assert response.json()["detail"][0]["loc"] == ["body"]
 
 
@@ -232,12 +245,13 @@ def test_unknown_ids_get_404(client: httpx.Client) -> None:
     for method, path in (("GET", "status"), ("GET", "result"), ("POST", "cancel")):
         response = client.request(method, f"/v1/requests/nope/{path}")
         assert response.status_code == 404
-        assert response.json()["error_code"] == "NOT_FOUND"
+        assert response.json()["error_code"] == 404001
     assert client.get("/v1/outputs/nope/0.png").status_code == 404
     assert client.get("/samples/Bad Name.png").status_code == 404
     unknown = client.get("/v2/nothing")
-    assert unknown.status_code == 404 and unknown.json()["error_code"] == "NOT_FOUND"
-    assert client.get(MODEL_PATH).status_code == 405
+    assert unknown.status_code == 404 and unknown.json()["error_code"] == 404001
+    wrong_method = client.put(MODEL_PATH)
+    assert wrong_method.status_code == 405 and wrong_method.json()["error_code"] == 405001
 
 
 @pytest.mark.parametrize(
@@ -302,11 +316,13 @@ def test_unusable_references_fail_the_job(emulator: EmulatorServer, client: http
         (missing, "HTTP 404"),
     ):
         payload = body(emulator.base_url, image_urls=[f"{emulator.base_url}/samples/a.png", url])
-        result = wait_done(client, client.post(MODEL_PATH, json=payload).json()["request_id"])
+        rid = client.post(MODEL_PATH, json=payload).json()["request_id"]
+        result = wait_done(client, rid)
         assert result["status"] == "failed" and result["output"] is None
-        assert result["error"]["error_code"] == "IMAGE_FETCH_FAILED"
-        assert url in result["error"]["error_message"]
-        assert reason in result["error"]["error_message"]
+        assert result["error"].startswith(f"failed to load image from {url}: ")
+        assert reason in result["error"]
+        status = client.get(f"/v1/requests/{rid}/status").json()
+        assert status == {"request_id": rid, "status": "failed", "error": result["error"]}
 
 
 def test_fault_429_sets_retry_after_and_creates_no_job(
@@ -316,7 +332,7 @@ def test_fault_429_sets_retry_after_and_creates_no_job(
     response = client.post(MODEL_PATH, json=body(emulator.base_url))
     assert response.status_code == 429
     assert response.headers["retry-after"] == "0.05"
-    assert response.json()["error_code"] == "RATE_LIMITED"
+    assert response.json()["error_code"] == 429001
     assert client.get("/v1/requests/any/status").status_code == 429
     counters = emulator.state.counters
     assert counters.jobs_created == 0 and counters.submits_total == 1
@@ -327,9 +343,11 @@ def test_fault_5xx_creates_no_job(emulator: EmulatorServer, client: httpx.Client
     emulator.state.faults.update(fault_5xx=1.0)
     response = client.post(MODEL_PATH, json=body(emulator.base_url))
     assert response.status_code == 503
-    assert response.json()["error_code"] == "SERVICE_UNAVAILABLE"
-    codes = {client.get("/v1/requests/any/status").status_code for _ in range(20)}
+    assert response.json()["error_code"] == 500001
+    answers = [client.get("/v1/requests/any/status") for _ in range(20)]
+    codes = {answer.status_code for answer in answers}
     assert codes <= {500, 502, 503} and len(codes) > 1
+    assert {answer.json()["error_code"] for answer in answers} == {500001}
     assert emulator.state.counters.jobs_created == 0
 
 
@@ -339,10 +357,7 @@ def test_fail_rate_one_fails_every_job(emulator: EmulatorServer, client: httpx.C
         client, client.post(MODEL_PATH, json=body(emulator.base_url)).json()["request_id"]
     )
     assert result["status"] == "failed"
-    assert result["error"] == {
-        "error_code": "MODEL_ERROR",
-        "error_message": "the model failed on this input (emulated)",
-    }
+    assert result["error"] == "Model run failed"
     assert emulator.state.counters.failed_jobs == 1
 
 
@@ -354,7 +369,7 @@ def test_dropped_submit_is_a_transport_error_but_the_job_exists(
         client.post(MODEL_PATH, json=body(emulator.base_url))
     counters = emulator.state.counters
     assert counters.jobs_created == 1 and counters.dropped_submits == 1
-    assert client.post(MODEL_PATH, json=body(emulator.base_url)).status_code == 200
+    assert client.post(MODEL_PATH, json=body(emulator.base_url)).status_code == 202
     assert counters.jobs_created == 2 and counters.duplicate_bodies == 1
 
 
@@ -375,7 +390,7 @@ def test_a_held_submit_answers_only_after_its_job_exists(emulator: EmulatorServe
         finally:
             emulator.state.faults.update(hold_submits=False)
         response = answer.result(timeout=60)
-    assert response.status_code == 200 and response.json()["request_id"] == job.request_id
+    assert response.status_code == 202 and response.json()["request_id"] == job.request_id
     assert counters.held_submits_now == 0 and counters.jobs_created == 1
 
 
@@ -386,7 +401,7 @@ def test_submit_delay_withholds_the_answer_for_at_least_that_long(
     started = time.monotonic()
     response = client.post(MODEL_PATH, json=body(emulator.base_url))
     assert time.monotonic() - started >= 0.3  # a lower bound only: load only adds to it
-    assert response.status_code == 200
+    assert response.status_code == 202
     assert emulator.state.counters.jobs_created == 1
 
 
@@ -436,9 +451,11 @@ def test_server_lifecycle_frees_the_port() -> None:
         assert again.base_url.endswith(f":{port}")
 
 
+@pytest.mark.parametrize("dialect", ["documented", "seed"])
 def test_bodies_parse_with_the_client_models(
-    emulator: EmulatorServer, client: httpx.Client
+    emulator: EmulatorServer, client: httpx.Client, dialect: str
 ) -> None:
+    emulator.state.faults.update(dialect=dialect)
     handle = parse_submit(client.post(MODEL_PATH, json=body(emulator.base_url)).json())
     wait_done(client, handle.request_id)
     status = parse_status(client.get(f"/v1/requests/{handle.request_id}/status").json())
@@ -446,6 +463,7 @@ def test_bodies_parse_with_the_client_models(
     raw = client.get(f"/v1/requests/{handle.request_id}/result?include_cost=true").json()
     result = parse_result(raw)
     assert result.ok and result.cost_usd == pytest.approx(0.025)
+    assert raw["cost" if dialect == "documented" else "cost_usd"] == pytest.approx(0.025)
     assert result.finished_at is not None and result.created_at is not None
     cancel = parse_cancel(client.post(f"/v1/requests/{handle.request_id}/cancel").json())
     assert not cancel.cancelled and cancel.state is JobState.COMPLETED
@@ -454,7 +472,7 @@ def test_bodies_parse_with_the_client_models(
 def test_fault_5xx_can_spare_submits(emulator: EmulatorServer, client: httpx.Client) -> None:
     emulator.state.faults.update(fault_5xx=1.0, fault_5xx_on_submit=False)
     submitted = client.post(MODEL_PATH, json=body(emulator.base_url))
-    assert submitted.status_code == 200
+    assert submitted.status_code == 202
     request_id = submitted.json()["request_id"]
     status = client.get(f"/v1/requests/{request_id}/status")
     assert status.status_code in (500, 502, 503)

@@ -39,7 +39,8 @@ def body(base_url: str, prompt: str = "night") -> dict[str, Any]:
 
 def test_control_routes_need_the_token(server: EmulatorServer) -> None:
     with httpx.Client(base_url=server.base_url, timeout=10) as anonymous:
-        assert anonymous.get("/_emulator/stats").status_code == 401
+        refused = anonymous.get("/_emulator/stats")
+        assert refused.status_code == 401 and refused.json()["error_code"] == 400004
         assert anonymous.post("/_emulator/faults", json={"fault_429": 1}).status_code == 401
         assert anonymous.post("/_emulator/reset").status_code == 401
         wrong = {"Authorization": "Bearer nope"}
@@ -68,7 +69,7 @@ def test_a_body_over_the_limit_is_refused_without_being_read(server: EmulatorSer
         faults = client.post("/_emulator/faults", content=b"{" + b" " * 5000 + b"}")
     for answer in (declared, chunked, faults):
         assert answer.status_code == 413
-        assert answer.json()["error_code"] == "PAYLOAD_TOO_LARGE"
+        assert answer.json()["error_code"] == 413001
     assert server.state.counters.jobs_created == 0
 
 
@@ -78,9 +79,9 @@ def test_a_full_queue_answers_429_with_retry_after_and_creates_no_job(
     with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=10) as client:
         accepted = [client.post(MODEL_PATH, json=body(server.base_url, f"p{i}")) for i in range(3)]
         refused = client.post(MODEL_PATH, json=body(server.base_url, "p3"))
-    assert [a.status_code for a in accepted] == [200, 200, 200]  # 1 running + 2 queued
+    assert [a.status_code for a in accepted] == [202, 202, 202]  # 1 running + 2 queued
     assert refused.status_code == 429 and refused.headers["retry-after"] == "0.5"
-    assert refused.json()["error_code"] == "QUEUE_FULL"
+    assert refused.json()["error_code"] == 429001
     counters = server.state.counters
     assert (counters.jobs_created, counters.rejected_queue_full) == (3, 1)
     assert server.state.queue_length == 2
@@ -90,7 +91,7 @@ def test_body_hashes_kept_for_duplicate_counting_are_bounded(server: EmulatorSer
     server.state.update_settings({"max_concurrent": 10})
     with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=10) as client:
         for i in range(5):
-            assert client.post(MODEL_PATH, json=body(server.base_url, f"q{i}")).status_code == 200
+            assert client.post(MODEL_PATH, json=body(server.base_url, f"q{i}")).status_code == 202
         client.post(MODEL_PATH, json=body(server.base_url, "q4"))
     counters = server.state.counters
     assert len(counters.body_submissions) == 3 and counters.forgotten_bodies == 2
