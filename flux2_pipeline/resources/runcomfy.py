@@ -107,10 +107,11 @@ class RunComfyResource(ConfigurableResource):  # type: ignore[type-arg]
         default=DEFAULT_BASE_URL,
         description="RUNCOMFY_BASE_URL: API root; the model path is appended.",
     )
-    account_base_url: str = Field(
-        default=DEFAULT_ACCOUNT_BASE_URL,
+    account_base_url: str | None = Field(
+        default=None,
         description="RUNCOMFY_ACCOUNT_BASE_URL: root of RunComfy's account API; the balance "
-        "is GET /prod/v2/balance there.",
+        "is GET /prod/v2/balance there. Default https://api.runcomfy.net, or base_url itself "
+        "when that is a loopback emulator.",
     )
     balance_check: Literal["stop", "warn", "off"] = Field(
         default="stop",
@@ -205,8 +206,8 @@ class RunComfyResource(ConfigurableResource):  # type: ignore[type-arg]
 
     @field_validator("account_base_url")
     @classmethod
-    def _account_http_url(cls, value: str) -> str:
-        return _http_url(value, DEFAULT_ACCOUNT_BASE_URL)
+    def _account_http_url(cls, value: str | None) -> str | None:
+        return _http_url(value, DEFAULT_ACCOUNT_BASE_URL) if value and value.strip() else None
 
     @field_validator("defaults")
     @classmethod

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from functools import partial
 from types import TracebackType
 from typing import Any, Self, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 
@@ -62,7 +62,7 @@ from flux2_pipeline.runcomfy.models import (
 )
 from flux2_pipeline.runcomfy.polling import FinishForecast, PollSchedule
 from flux2_pipeline.runcomfy.retry import RetryPolicy, is_retryable, parse_retry_after
-from flux2_pipeline.runcomfy.security import require_secure_base_url
+from flux2_pipeline.runcomfy.security import is_loopback_host, require_secure_base_url
 from flux2_pipeline.runcomfy.transport import (
     HttpTransport,
     HttpxTransport,
@@ -120,7 +120,8 @@ class AsyncRunComfyClient:
     Args:
         token: the API token; None only for an emulator started without one.
         base_url: API root; the model path is appended for submits.
-        account_base_url: root of the account API (`balance`); default RunComfy's.
+        account_base_url: root of the account API (`balance`); default RunComfy's, or
+            `base_url` itself when that is on loopback (the emulator serves both).
         timeout: per-HTTP-call timeout in seconds (or an `httpx.Timeout`).
         job_deadline: seconds from submit to a terminal state before `wait` cancels the job;
             a job that reports a state this client does not know is polled to it too.
@@ -142,7 +143,7 @@ class AsyncRunComfyClient:
         token: str | None = None,
         base_url: str = DEFAULT_BASE_URL,
         *,
-        account_base_url: str = DEFAULT_ACCOUNT_BASE_URL,
+        account_base_url: str | None = None,
         model_path: str = MODEL_PATH,
         timeout: float | httpx.Timeout = 30.0,
         job_deadline: float = DEFAULT_JOB_DEADLINE,
@@ -155,6 +156,7 @@ class AsyncRunComfyClient:
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
+        account_base_url = account_base_url or default_account_base_url(base_url)
         require_secure_base_url(base_url, has_token=bool(token))
         require_secure_base_url(account_base_url, has_token=bool(token))
         self.base_url = base_url.rstrip("/")
@@ -475,6 +477,19 @@ class AsyncRunComfyClient:
                 status_code=code,
             ) from error
         raise error
+
+
+def default_account_base_url(base_url: str) -> str:
+    """RunComfy's account API, or the API root itself when that is on loopback: an emulator
+    serves the balance too, and a local setup must never reach out to the real account.
+
+    >>> default_account_base_url("http://127.0.0.1:8188")
+    'http://127.0.0.1:8188'
+    >>> default_account_base_url("https://model-api.runcomfy.net")
+    'https://api.runcomfy.net'
+    """
+    host = urlsplit(base_url).hostname or ""
+    return base_url.rstrip("/") if is_loopback_host(host) else DEFAULT_ACCOUNT_BASE_URL
 
 
 def _job_path(request_id: str, action: str) -> str:

@@ -158,7 +158,7 @@ def test_failed_jobs_are_resubmitted_within_bounds_and_a_retry_clears_them(
     assert "4 of 4 rows did not complete" in failed.error and "flaky-0" in failed.error
     rows = pq.read_table(failed.results_path).to_pylist()  # written before the step failed
     assert {row["attempts"] for row in rows} == {3}
-    assert all("MODEL_ERROR" in row["error"] for row in rows)
+    assert all(row["error"] == "Model run failed" for row in rows)
     assert emulator.state.counters.jobs_created == 12
 
     emulator.state.faults.update(fail_rate=0.0)

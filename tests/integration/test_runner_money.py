@@ -124,7 +124,8 @@ async def test_a_job_that_blames_its_input_is_not_submitted_again_in_the_run(
     # Without the pre-flight check the API accepts the job, fails it, and bills it once.
     outcomes, runner = await _run(fast_emulator, ledger, table, check_references=False)
     assert [o.status for o in outcomes] == ["failed", "completed"]
-    assert (outcomes[0].error or "").startswith("IMAGE_FETCH_FAILED")
+    # The service's own words blame the input: paid once, never again in the run.
+    assert (outcomes[0].error or "").startswith("failed to load image from ")
     assert outcomes[0].attempts == 1
     assert fast_emulator.state.counters.jobs_created == 2
     assert runner.counters.final_failures == 1
@@ -137,11 +138,11 @@ async def test_the_attempt_cap_keeps_the_last_real_error(
     fast_emulator.state.faults.update(fail_rate=1.0)
     outcomes, _ = await _run(fast_emulator, ledger, table, attempts_per_run=2, max_attempts=2)
     assert outcomes[0].status == "failed" and outcomes[0].attempts == 2
-    assert "MODEL_ERROR" in (outcomes[0].error or "")
+    assert "Model run failed" in (outcomes[0].error or "")
 
     outcomes, runner = await _run(fast_emulator, ledger, table, max_attempts=2)
     error = outcomes[0].error or ""
-    assert "MODEL_ERROR" in error and "2 of 2 paid attempts" in error
+    assert "Model run failed" in error and "2 of 2 paid attempts" in error
     assert fast_emulator.state.counters.jobs_created == 2
     assert runner.counters.final_failures == 1
 
