@@ -351,3 +351,18 @@ def test_the_remote_schedule_keeps_a_20_s_job_to_about_ten_status_calls() -> Non
     assert remote.calls_needed(20.0) <= 10
     local = PollSchedule.for_base_url("http://127.0.0.1:8188")
     assert local.interval(0.0) < remote.interval(0.0)
+
+
+@pytest.mark.parametrize(
+    ("base", "account"),
+    [
+        ("http://127.0.0.1:8188", "http://127.0.0.1:8188"),
+        ("http://localhost:9/", "http://localhost:9"),
+        ("http://[::1]:8188", "http://[::1]:8188"),
+        ("https://model-api.runcomfy.net", "https://api.runcomfy.net"),
+    ],
+)
+async def test_an_emulator_on_loopback_serves_the_balance_too(base: str, account: str) -> None:
+    # A local setup must never reach out to the real account API for its balance.
+    async with AsyncRunComfyClient(None, base) as client:
+        assert client.account_base_url == account
