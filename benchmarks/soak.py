@@ -1,10 +1,13 @@
 """Soak: the pipeline SIGKILLed again and again under faults, then re-run until done.
 
-The emulator runs in its own process with 10% 429s, 10% 5xx (submits included) and 15%
-of jobs ending failed (seeded). `flux2-pipeline materialize --select flux2_edits` runs
-over a prompt table of N rows (one or a few partitions) as a child process and is
-SIGKILLed K times: each run waits until the emulator sees its submits, then a random,
-seeded delay, then the kill lands while jobs are in flight. After the K kills it is
+The emulator runs in its own process, in RunComfy's documented dialect, with 10% 429s,
+10% 5xx (submits included), 5% of polls answered HTTP 200 with a `500001` error body,
+half the jobs saying `succeeded` on `/status`, `/result` answering `400005` for 0.1 s after
+a job ends, and 15% of jobs ending failed (seeded). `flux2-pipeline materialize --select
+flux2_edits` runs over a prompt table of N rows (one or a few partitions) as a child
+process and is SIGKILLed K times: each run is killed once the emulator has seen a drawn
+number of its submits (at most the rows left over the kills left, so the last kill still
+finds work), at the first look that finds jobs in flight. After the K kills it is
 re-run (no kills) until every row is completed or `--max-runs` is reached: rows whose
 jobs failed in every try of a run, and rows whose submit outcome was unknown (a 5xx, a
 dropped answer, a killed run's open intent), are only resubmitted by a later run.
@@ -93,17 +96,23 @@ class Plan:
     fault_429: float = 0.10
     fault_5xx: float = 0.10
     fail_rate: float = 0.15
+    fault_200_error: float = 0.05
+    succeeded_rate: float = 0.5
+    result_lag: float = 0.1
 
 
 class KillTimer:
-    """Decides when to SIGKILL one run: once the emulator has seen this run submit,
-    wait a drawn delay, then kill at the first look that finds jobs in flight."""
+    """Decides when to SIGKILL one run: once the emulator has seen `after_submits` of this
+    run's submits, at the first look that finds jobs in flight.
 
-    def __init__(self, emu: Emulator, delay: float) -> None:
+    A count of submits, not a delay: how far a run gets in a given time depends on the
+    machine and on how much the runs before it left, and a run that ends before its delay
+    runs out is a kill that never lands."""
+
+    def __init__(self, emu: Emulator, after_submits: int) -> None:
         self.emu = emu
-        self.delay = delay
+        self.after_submits = max(1, after_submits)
         self.baseline = int(emu.stats()["submits_total"])
-        self.kill_at: float | None = None
         self.next_look = 0.0
         self.in_flight_at_kill = 0
 
@@ -112,13 +121,9 @@ class KillTimer:
         if now < self.next_look:
             return False
         self.next_look = now + STATS_EVERY
-        if self.kill_at is None:
-            if int(self.emu.stats()["submits_total"]) > self.baseline:
-                self.kill_at = now + self.delay
-            return False
-        if now < self.kill_at:
-            return False
         stats = self.emu.stats()
+        if int(stats["submits_total"]) - self.baseline < self.after_submits:
+            return False
         in_flight = int(stats["in_progress_now"]) + int(stats["queue_length_now"])
         if in_flight == 0:
             return False
@@ -149,19 +154,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=64, help="FLUX2_MAX_CONCURRENCY")
     parser.add_argument("--latency", type=float, default=0.2, help="emulator job latency (s)")
     parser.add_argument(
-        "--kill-spread", type=float, default=8.0, help="kill delays are drawn in [0, this] s"
+        "--kill-spread",
+        type=float,
+        default=1.0,
+        help="each kill comes after a drawn number of the run's submits, up to this fraction "
+        "of the rows left over the kills left (default 1.0)",
     )
     parser.add_argument("--lease", type=float, default=3.0, help="FLUX2_CLAIM_LEASE_SECONDS")
     parser.add_argument("--seed", type=int, default=11, help="seeds kill delays and faults")
     parser.add_argument("--smoke", action="store_true", help="300 rows, 3 kills (CI)")
     args = parser.parse_args(argv)
     if args.smoke:
-        # Enough work that the third kill still finds jobs in flight: a killed run ends at
-        # most 1.25 s after its first submit (spread + one look), about 50 jobs at 8 x 0.2 s,
-        # so 200 rows are left for it. At 16 x 0.05 s each killed run could finish 400 and
-        # the third run, with a handful of rows left, ended before its kill.
         args.rows, args.kills, args.concurrency, args.latency = 300, 3, 8, 0.2
-        args.kill_spread = 1.0
     plan = Plan(
         rows=args.rows,
         partitions=args.partitions,
@@ -196,6 +200,9 @@ def soak(plan: Plan) -> bool:
             fault_429=plan.fault_429,
             fault_5xx=plan.fault_5xx,
             fail_rate=plan.fail_rate,
+            fault_200_error=plan.fault_200_error,
+            succeeded_rate=plan.succeeded_rate,
+            result_lag=plan.result_lag,
             retry_after="0.05",
             seed=plan.seed,
         )
@@ -245,7 +252,9 @@ def drive(
     while len(record.runs) < plan.max_runs:
         kills_left = plan.kills - sum(record.killed)
         if kills_left > 0:
-            timer = KillTimer(emu, draw.uniform(0.0, plan.kill_spread))
+            left = max(1, plan.rows - int(emu.stats()["completed_jobs"]))
+            most = max(1, int(plan.kill_spread * left / (kills_left + 1)))
+            timer = KillTimer(emu, draw.randint(1, most))
             child, killed = run_child_until(command, env, timer)
             if killed:
                 record.in_flight_at_kills.append(timer.in_flight_at_kill)
