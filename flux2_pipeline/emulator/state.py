@@ -114,6 +114,11 @@ class Faults:
     hold_jobs: bool = False
     """While true, running jobs do not finish (their latency still runs out); the queue,
     positions and cancels hold still for as long as a test needs to look at them."""
+    expire_outputs: tuple[str, ...] = ()
+    """Request ids whose output URLs answer 410, as RunComfy's do once an output expires."""
+    refresh_outputs: bool = False
+    """While true, `/result` of a job in `expire_outputs` gives fresh output URLs that work
+    (`?fresh=1`); while false it gives the expired ones again."""
     _rng: random.Random = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -132,7 +137,9 @@ class Faults:
                 clean[name] = str(value)
             elif name in ("drop_submits", "fail_next"):
                 clean[name] = int(_number(name, value, 0, 1_000_000, integer=True))
-            elif name in ("fault_5xx_on_submit", "hold_submits", "hold_jobs"):
+            elif name == "expire_outputs":
+                clean[name] = _request_ids(name, value)
+            elif name in ("fault_5xx_on_submit", "hold_submits", "hold_jobs", "refresh_outputs"):
                 if not isinstance(value, bool):
                     raise ValueError(f"{name} must be true or false, got {value!r}")
                 clean[name] = value
@@ -179,6 +186,14 @@ async def _while(condition: Callable[[], bool]) -> None:
     # control route), and a flag read is safe across threads where an Event is not.
     while condition():
         await asyncio.sleep(0.01)
+
+
+def _request_ids(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, list | tuple | set | frozenset):
+        raise ValueError(f"{name} must be a list of request ids, got {value!r}")
+    if not all(isinstance(item, str) for item in value):
+        raise ValueError(f"{name} must hold request ids (strings), got {value!r}")
+    return tuple(value)
 
 
 def _number(name: str, value: Any, low: float, high: float, integer: bool = False) -> float:
