@@ -30,8 +30,6 @@ from flux2_pipeline.settings import Settings
 from tests.conftest import prompt_rows, write_table
 from tests.dagster.test_sensor import Daemon, run_requests
 
-pytestmark = pytest.mark.slow
-
 OLD_ROWS = 20
 WAIT_S = 120.0
 
