@@ -80,9 +80,10 @@ class _Run:
         return self.summary
 
 
-@pytest.fixture(autouse=True)
-def _runs_end(emulator: EmulatorServer) -> Iterator[None]:
-    """A failed assertion still lets every held job go and waits for the runs' threads."""
+@pytest.fixture
+def runs_end(emulator: EmulatorServer, instance: DagsterInstance) -> Iterator[None]:
+    """A failed assertion still lets every held job go and waits for the runs' threads,
+    before the instance and the emulator they use go away."""
     yield
     emulator.state.faults.update(hold_jobs=False, hold_submits=False)
     for run in _Run.started:
@@ -127,7 +128,7 @@ def test_an_older_run_ending_last_leaves_the_newer_results(
     emulator: EmulatorServer,
     instance: DagsterInstance,
     monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
+    runs_end: None,
 ) -> None:
     old, new = _versions(emulator.base_url)
     state, counters = emulator.state, emulator.state.counters
@@ -154,10 +155,10 @@ def test_an_older_run_ending_last_leaves_the_newer_results(
     state.faults.update(hold_submits=False)
 
     first_summary = first.result()
+    _assert_new_version_won(second_settings, instance, new, new_sha)
     assert not first_summary.succeeded
     assert first_summary.error is not None
     assert "input changed while this run was working" in first_summary.error
-    _assert_new_version_won(second_settings, instance, new, new_sha)
     assert counters.jobs_created == OLD_ROWS + 6
     assert counters.duplicate_bodies == 0
 
@@ -167,6 +168,7 @@ def test_an_older_run_ending_first_fails_without_writing(
     emulator: EmulatorServer,
     instance: DagsterInstance,
     monkeypatch: pytest.MonkeyPatch,
+    runs_end: None,
 ) -> None:
     old, new = _versions(emulator.base_url)
     state, counters = emulator.state, emulator.state.counters
