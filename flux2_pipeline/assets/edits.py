@@ -76,6 +76,7 @@ from flux2_pipeline.batch.estimate import (
     quote_price,
     unpaid_work,
 )
+from flux2_pipeline.batch.freshness import InputChanged, InputRead, commit_for_input, superseded
 from flux2_pipeline.batch.latency import LatencySketch
 from flux2_pipeline.batch.wakeup import SlotWakeup
 from flux2_pipeline.net import AddressPolicy, GuardedFetcher
@@ -234,7 +235,8 @@ class _Partition:
     key: str
     in_path: Path
     out_path: UPath
-    input_sha: str
+    read: InputRead
+    """The input version this run works on; its results are committed only while it is current."""
     row_group: int
     runner: EditRunner
     tally: _Tally
@@ -375,7 +377,12 @@ async def _run_one(
         raise
     finally:
         all_read.set()
-    writer.commit()
+    try:
+        # Off the loop: the input is hashed again, and another run's commit may hold the lock.
+        await asyncio.to_thread(commit_for_input, writer, partition.in_path, partition.read)
+    except InputChanged as exc:
+        partition.outcome = _input_changed(partition, exc)
+        return
     partition.outcome = finish(partition)
     await asyncio.to_thread(evaluate_checks, partition)
 
@@ -592,6 +599,11 @@ def build_edits_asset(
         log_finished()
         for partition in partitions:
             assert partition.outcome is not None, "every partition ends with an outcome"
+            if partition.outcome.failure is None:
+                # A newer run's commit since ours: its materialization, not ours, is the latest.
+                changed = superseded(partition.out_path, partition.read)
+                if changed is not None:
+                    partition.outcome = _input_changed(partition, changed)
             outcomes[partition.key] = partition.outcome
         ordered = [outcomes[key] for key in keys_in_run]
         yield from materialize_outcomes(
@@ -678,7 +690,7 @@ def _prepare(
         key,
         in_path,
         out_path,
-        input_sha,
+        InputRead.now(input_sha),
         row_group,
         _runner(runcomfy, ledger, key, shared.slots, shared.wakeup, shared.account_stop),
         _Tally(total=total),
@@ -714,6 +726,23 @@ def _outcome(keys: Flux2Keys, partition: _Partition) -> PartitionOutcome:
     return PartitionOutcome(key, metadata, failure)
 
 
+def _input_changed(partition: _Partition, exc: InputChanged) -> PartitionOutcome:
+    """The partition's input was replaced while it ran: fail it without writing its results.
+
+    Its paid rows are in the ledger; the run for the new version reuses the unchanged ones.
+    """
+    failure = Failure(
+        description=f"partition {partition.key}: {exc}",
+        metadata={
+            "flux2/input_sha256": exc.old,
+            "flux2/input_sha256_now": exc.new or "",
+            **partition.tally.progress_metadata(),
+        },
+        allow_retries=False,
+    )
+    return PartitionOutcome(partition.key, {}, failure)
+
+
 def _interrupted(partition: _Partition) -> PartitionOutcome:
     tally = partition.tally
     failure = Failure(
@@ -729,7 +758,7 @@ def _interrupted(partition: _Partition) -> PartitionOutcome:
 def _metadata(keys: Flux2Keys, partition: _Partition) -> dict[str, Any]:
     runner, tally, key = partition.runner, partition.tally, partition.key
     in_path, out_path = partition.in_path, partition.out_path
-    input_sha, row_group = partition.input_sha, partition.row_group
+    input_sha, row_group = partition.read.sha256, partition.row_group
     counts = runner.counters.by_status
     mean, p95 = tally.latency_figures()
     seconds = tally.seconds

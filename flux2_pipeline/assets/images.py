@@ -7,6 +7,10 @@ sheet `flux2_images/<key>.contact.png`, and then fails if any image is missing, 
 the first ones. Its `RetryPolicy` runs it again; images already stored are not fetched
 again, so a retry downloads only what is missing.
 
+An edited image whose URL is gone (403/404/410) is fetched from the fresh URLs the API's
+`/result` gives for its job (asked once per job); if the API no longer serves it, its
+manifest row is `expired`: the step warns and goes on, and never submits the row again.
+
 Example::
 
     flux2-pipeline materialize --select flux2_images --partition cats
@@ -47,12 +51,14 @@ from flux2_pipeline.media import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_DECODES,
     DEFAULT_MAX_PIXELS,
+    EXPIRED_ERROR,
     FAILURES_KEPT,
     MANIFEST_COLUMN_DESCRIPTIONS,
     MANIFEST_SCHEMA,
     AddressPolicy,
     FetchLimits,
     ImageStore,
+    OutputRefresh,
     SyncReport,
     contact_rows,
     iter_image_refs,
@@ -64,6 +70,7 @@ from flux2_pipeline.media import (
 )
 from flux2_pipeline.paths import iter_parquet
 from flux2_pipeline.resources import Flux2Storage, RunComfyResource
+from flux2_pipeline.runcomfy import NotFoundError
 
 IMAGES_CODE_VERSION = "1"
 FAILED_IMAGES_NAMED = FAILURES_KEPT
@@ -120,6 +127,19 @@ def manifest_table_schema() -> TableSchema:
 def _failure_text(report: SyncReport) -> str:
     first = report.first_failures[:FAILED_IMAGES_NAMED]
     return " | ".join(f"{r.row_id} {r.role}[{r.index}]: {r.error}" for r in first)
+
+
+def _fresh_output_urls(runcomfy: RunComfyResource) -> OutputRefresh:
+    """Asks the API's `/result` for a job's output URLs; None when it no longer has them."""
+
+    async def refresh(request_id: str) -> tuple[str, ...] | None:
+        try:
+            result = await runcomfy.result_elsewhere(request_id)
+        except NotFoundError:
+            return None
+        return result.output_urls or None
+
+    return refresh
 
 
 def build_images_asset(
@@ -199,6 +219,7 @@ def build_images_asset(
                 max_decodes=config.max_decodes,
                 max_pixels=config.max_pixels,
                 on_done=progress,
+                refresh=_fresh_output_urls(runcomfy),
             )
             sheet = render_contact_sheet(
                 contact_rows(iter_parquet(results_path), iter_manifest(manifest_path), store)
@@ -209,12 +230,21 @@ def build_images_asset(
                 f"partition {key}: {report.stored} images stored ({report.downloaded} downloaded, "
                 f"{report.reused} reused), {report.failed} failed; manifest {manifest_path}"
             )
+            if report.expired:
+                first = report.first_expired[0]
+                context.log.warning(
+                    f"partition {key}: {report.expired} edited images expired at the API "
+                    f"(first: row {first.row_id}, request {first.request_id}): {EXPIRED_ERROR}. "
+                    "Nothing was submitted again; their manifest rows say 'expired'."
+                )
             metadata: dict[str, Any] = {
                 "dagster/row_count": report.images,
                 "flux2/images_stored": report.stored,
                 "flux2/images_downloaded": report.downloaded,
                 "flux2/images_reused": report.reused,
                 "flux2/images_failed": report.failed,
+                "flux2/images_expired": report.expired,
+                "flux2/result_refreshes": report.refreshed,
                 "flux2/bytes_downloaded": report.bytes_downloaded,
                 "flux2/bytes_stored": report.bytes_stored,
                 "flux2/manifest": MetadataValue.path(str(manifest_path)),

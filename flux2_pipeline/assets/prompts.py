@@ -8,6 +8,10 @@ so does one changed back to content it had before (A, B, then A). Files that arr
 together, neighbours in the partitions' order, share ranged runs of up to
 `partitions_per_run` (as the UI's backfills do): a folder of 100 new files is 4 runs,
 not 100, each keyed by the versions of the files it covers (`ranged_run_key`).
+A changed file whose partition a run not yet finished covers waits: the sensor asks for
+its run once that run has ended, so two runs never race to write one partition's results
+(an older run that ends after its input changed fails without writing, see
+`flux2_pipeline.batch.freshness`), and the new version is not forgotten meanwhile.
 `flux2-pipeline materialize` registers partitions with the same `register_input_files`.
 
 Example::
@@ -18,7 +22,7 @@ Example::
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dagster import (
@@ -30,6 +34,7 @@ from dagster import (
     DynamicPartitionsDefinition,
     ObserveResult,
     RunRequest,
+    RunsFilter,
     SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
@@ -37,9 +42,11 @@ from dagster import (
     observable_source_asset,
     sensor,
 )
+from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
+    PARTITION_NAME_TAG,
 )
 
 from flux2_pipeline.assets.keys import Flux2Keys
@@ -116,6 +123,36 @@ def ranged_run_key(first: str, last: str, file_run_keys: Sequence[str]) -> str:
     return f"{first}..{last}:{digest}"
 
 
+def busy_partitions(
+    instance: DagsterInstance, keys: Flux2Keys, order: Sequence[str]
+) -> dict[str, str]:
+    """The partitions that a run not yet finished (queued or running) covers, with its id.
+
+    Only runs that materialize the edits asset count; a ranged run covers its whole range
+    in the partitions' `order`.
+    """
+    position = {key: index for index, key in enumerate(order)}
+    busy: dict[str, str] = {}
+    for run in instance.get_runs(filters=RunsFilter(statuses=NOT_FINISHED_STATUSES)):
+        if run.asset_selection is not None and keys.edits not in run.asset_selection:
+            continue
+        for key in _run_partitions(run.tags, order, position):
+            busy.setdefault(key, run.run_id)
+    return busy
+
+
+def _run_partitions(
+    tags: Mapping[str, str], order: Sequence[str], position: Mapping[str, int]
+) -> Sequence[str]:
+    if PARTITION_NAME_TAG in tags:
+        return [tags[PARTITION_NAME_TAG]]
+    first = position.get(tags.get(ASSET_PARTITION_RANGE_START_TAG, ""))
+    last = position.get(tags.get(ASSET_PARTITION_RANGE_END_TAG, ""))
+    if first is None or last is None:
+        return []
+    return order[first : last + 1]
+
+
 def _load_cursor(raw: str | None) -> dict[str, dict[str, Any]]:
     if not raw:
         return {}
@@ -156,6 +193,7 @@ def build_prompt_files_sensor(
         order = [*context.instance.get_dynamic_partitions(keys.partitions_name), *new_keys]
         known = set(order) - set(new_keys)
         cursor = _load_cursor(context.cursor)
+        busy = busy_partitions(context.instance, keys, order) if known else {}
         changed: dict[str, tuple[str, int]] = {}
         for key, path in scan.found.items():
             stat = path.stat()
@@ -165,6 +203,14 @@ def build_prompt_files_sensor(
                 continue  # same size and mtime: skip hashing a file we already ran
             digest = file_sha256(path)
             unchanged = seen.get("sha256") == digest and key in known
+            if not unchanged and key in busy:
+                # The cursor keeps the version before: the next tick after that run sees
+                # the change again and asks for its run then.
+                context.log.info(
+                    f"{key}: changed (sha256 {digest[:12]}); its run is requested once run "
+                    f"{busy[key]}, which covers this partition, has ended"
+                )
+                continue
             # New content for a file already seen is a new version, with a run key of its own.
             version = int(seen.get("version", 1)) + ("sha256" in seen and not unchanged)
             cursor[key] = {"signature": signature, "sha256": digest, "version": version}

@@ -41,6 +41,8 @@ cancel, and 500, 502 or 503 (drawn at random) for status and result
 result poll with HTTP 200 and a 500001 error body. A rejected submit never creates a job.
 `submit_delay` (seconds) and `hold_submits` (until cleared) withhold a submit's answer
 after its job exists; `hold_jobs` keeps running jobs from finishing until cleared.
+`expire_outputs` (request ids) makes those jobs' output URLs answer 410; with
+`refresh_outputs`, their `/result` gives fresh URLs that work.
 Every `*_calls` / `submits_total` counter counts requests
 received, rejected ones included; `body_submissions` counts jobs created per body;
 `image_fetches` counts HTTP requests for output and sample images.
@@ -339,6 +341,8 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
         index, ext = int(match.group(1)), match.group(2).replace("jpg", "jpeg")
         if index >= job.request.num_images or ext != job.request.output_format:
             return _not_found(state, request)
+        if _expired_output(state, request):
+            return _gone(request)
         data = await state.output_image(job, index)
         return Response(data, media_type=CONTENT_TYPES[ext], headers=_IMMUTABLE)
 
@@ -561,7 +565,21 @@ def _base_url(request: Request) -> str:
 def _output_urls(request: Request, job: Job) -> list[str]:
     base = f"{_base_url(request)}/v1/outputs/{job.request_id}"
     ext = job.request.output_format
-    return [f"{base}/{index}.{ext}" for index in range(job.request.num_images)]
+    faults = request.app.state.emulator.faults
+    fresh = "?fresh=1" if faults.refresh_outputs and job.request_id in faults.expire_outputs else ""
+    return [f"{base}/{index}.{ext}{fresh}" for index in range(job.request.num_images)]
+
+
+def _expired_output(state: EmulatorState, request: Request) -> bool:
+    """An output of a job in `expire_outputs`, not asked through a refreshed URL."""
+    expired = request.path_params["request_id"] in state.faults.expire_outputs
+    return expired and request.query_params.get("fresh") != "1"
+
+
+def _gone(request: Request) -> JSONResponse:
+    rid = request.path_params["request_id"]
+    message = f"the outputs of request_id {rid!r} have expired (emulated)"
+    return JSONResponse({"error_code": "OUTPUT_EXPIRED", "error_message": message}, status_code=410)
 
 
 def _iso(moment: Any) -> str | None:

@@ -177,6 +177,11 @@ class Faults:
     balance_error_http_200: bool = False
     """True: a submit the balance cannot cover is refused with HTTP 200 and the 400002
     body instead of HTTP 400."""
+    expire_outputs: tuple[str, ...] = ()
+    """Request ids whose output URLs answer 410, as RunComfy's do once an output expires."""
+    refresh_outputs: bool = False
+    """While true, `/result` of a job in `expire_outputs` gives fresh output URLs that work
+    (`?fresh=1`); while false it gives the expired ones again."""
     _rng: random.Random = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -207,12 +212,15 @@ class Faults:
                 clean[name] = str(value)
             elif name in ("drop_submits", "fail_next"):
                 clean[name] = int(_number(name, value, 0, 1_000_000, integer=True))
+            elif name == "expire_outputs":
+                clean[name] = _request_ids(name, value)
             elif name in (
                 "fault_5xx_on_submit",
                 "hold_submits",
                 "hold_jobs",
                 "extra_states",
                 "balance_error_http_200",
+                "refresh_outputs",
             ):
                 if not isinstance(value, bool):
                     raise ValueError(f"{name} must be true or false, got {value!r}")
@@ -279,6 +287,14 @@ def _microdollars(usd: Any) -> int | None:
     if usd is None:
         return None
     return round(_number("balance_usd", usd, -1e9, 1e9) * MICRO)
+
+
+def _request_ids(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, list | tuple | set | frozenset):
+        raise ValueError(f"{name} must be a list of request ids, got {value!r}")
+    if not all(isinstance(item, str) for item in value):
+        raise ValueError(f"{name} must hold request ids (strings), got {value!r}")
+    return tuple(value)
 
 
 def _number(name: str, value: Any, low: float, high: float, integer: bool = False) -> float:

@@ -2,8 +2,9 @@
 
 An `ImageRef` is an image the results table points at (a reference image the row sent,
 role `source`, or an output image, role `edited`); an `ImageRecord` is that reference
-after the sync: stored (`status` "ok", with its sha256 and verified description) or
-failed (`status` "failed", with the reason in `error`).
+after the sync: stored (`status` "ok", with its sha256 and verified description),
+failed (`status` "failed", with the reason in `error`), or, for an output the API no
+longer serves, `expired`.
 
 Both ends stream: `iter_image_refs` reads the results in record batches, and a
 `ManifestWriter` writes records as they come into a file that appears only when complete.
@@ -69,7 +70,7 @@ MANIFEST_COLUMN_DESCRIPTIONS: dict[str, str] = {
     "height": "pixels, from decoding the stored bytes",
     "format": "Pillow's format name (PNG, JPEG, WEBP)",
     "bytes": "size of the stored file",
-    "status": "ok, or failed",
+    "status": "ok, failed, or expired (an output the API no longer serves; paid, not resubmitted)",
     "error": "why the image is missing, when failed",
 }
 

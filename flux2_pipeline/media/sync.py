@@ -19,6 +19,13 @@ decodes run at once, and no image with more than `max_pixels` pixels is decoded.
 problem with one URL is a `failed` manifest row with a one-line, redacted reason, never an
 exception.
 
+Outputs expire: the API keeps an output for days, not forever. When an edited image's URL
+answers 403, 404 or 410 and a `refresh` is given, the API is asked once per job for fresh
+URLs (its `/result`), and the image is fetched from there through the same fetcher; the
+manifest records the URL it came from. If the API no longer serves it either, the row is
+`expired` (`EXPIRED_ERROR`): the job was paid and nothing here submits it again. Reference
+images (role `source`) are not the API's outputs and are never refreshed.
+
 Example::
 
     report = sync_images_blocking(
@@ -34,7 +41,7 @@ import asyncio
 import hashlib
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,7 +50,12 @@ import httpx
 import pyarrow as pa
 from upath import UPath
 
-from flux2_pipeline.media.errors import CorruptImage, ImageFetchError, ImageTooLarge
+from flux2_pipeline.media.errors import (
+    CorruptImage,
+    ImageFetchError,
+    ImageTooLarge,
+    ImageUnavailable,
+)
 from flux2_pipeline.media.fetch import ImageFetcher
 from flux2_pipeline.media.manifest import ImageRecord, ImageRef, ManifestWriter, iter_manifest
 from flux2_pipeline.media.store import ImageStore
@@ -74,6 +86,18 @@ per download slot): a slow image holds back the manifest, and the downloads behi
 only once this many references wait."""
 FAILURES_KEPT = 5
 """Failed records a `SyncReport` keeps as examples; the manifest has them all."""
+GONE_STATUSES = frozenset({403, 404, 410})
+"""HTTP statuses with which an output URL says it is gone (signed URL or storage expired)."""
+EXPIRED = "expired"
+"""The manifest status of an output image the API no longer serves."""
+EXPIRED_ERROR = (
+    "the output expired at the API (its URL and a fresh one from /result are gone); the "
+    "row's job was paid; to get a new image the row must be submitted again, which is new "
+    "spend"
+)
+
+OutputRefresh = Callable[[str], Awaitable[Sequence[str] | None]]
+"""Fresh output URLs of a job, by request id, from the API; None when it has none any more."""
 
 logger = logging.getLogger(__name__)
 
@@ -96,15 +120,22 @@ class SyncReport:
     bytes_downloaded: int = 0
     stored: int = 0
     failed: int = 0
+    """Manifest rows `failed` (not counting `expired` ones)."""
+    expired: int = 0
+    """Manifest rows `expired`: outputs the API no longer serves (paid, not resubmitted)."""
+    refreshed: int = 0
+    """Jobs whose fresh output URLs were asked of the API (one `/result` each)."""
     bytes_stored: int = 0
     """Bytes of the distinct stored images (by sha256) the manifest points at."""
     first_failures: list[ImageRecord] = field(default_factory=list)
     """The first `FAILURES_KEPT` failed records, in manifest order."""
+    first_expired: list[ImageRecord] = field(default_factory=list)
+    """The first `FAILURES_KEPT` expired records, in manifest order."""
 
     @property
     def images(self) -> int:
         """Manifest rows written: one per image reference."""
-        return self.stored + self.failed
+        return self.stored + self.failed + self.expired
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,14 +143,21 @@ class _Outcome:
     template: ImageRecord | None = None
     error: str | None = None
     downloaded: bool = False
+    gone: bool = False
+    """The URL answered one of `GONE_STATUSES` (for an output: perhaps expired)."""
+    expired: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"error": self.error} if self.template is None else {"record": self.template.row()}
+        if self.template is None:
+            return {"error": self.error, "expired": self.expired}
+        return {"record": self.template.row()}
 
     @staticmethod
     def from_json(found: dict[str, Any]) -> _Outcome:
         record = found.get("record")
-        return _Outcome(error=found["error"]) if record is None else _Outcome(ImageRecord(**record))
+        if record is None:
+            return _Outcome(error=found["error"], expired=bool(found.get("expired")))
+        return _Outcome(ImageRecord(**record))
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,9 +194,10 @@ class _Known:
             return
         try:
             self._index.put_all(
-                (("previous", record.url), record.row())
+                (key, record.row())
                 for record in iter_manifest(previous)
                 if record.ok and record.path is not None
+                for key in _previous_keys(record)
             )
         except (pa.ArrowException, OSError):
             self._index.clear()  # a damaged manifest only costs a re-download
@@ -176,9 +215,13 @@ class _Known:
             self._index.put_all(self._pending.items())
             self._pending = {}
 
-    def reusable(self, shown_url: str, store: ImageStore) -> ImageRecord | None:
-        """The previous record of `shown_url` if its stored file is still whole."""
-        found = self._index.get(("previous", shown_url))
+    def reusable(self, ref: ImageRef, store: ImageStore) -> ImageRecord | None:
+        """The previous record of `ref`'s URL (or, for an output, of the same job's output
+        at the same index, which may have come from a refreshed URL) if its stored file is
+        still whole."""
+        found = self._index.get(("previous", _shown_url(ref.url)))
+        if found is None and ref.role == "edited" and ref.request_id is not None:
+            found = self._index.get(("output", ref.request_id, str(ref.index)))
         if found is None:
             return None
         record = ImageRecord(**found)
@@ -203,6 +246,13 @@ class _Known:
         self._index.close()
 
 
+def _previous_keys(record: ImageRecord) -> list[IndexKey]:
+    keys: list[IndexKey] = [("previous", record.url)]
+    if record.role == "edited" and record.request_id is not None:
+        keys.append(("output", record.request_id, str(record.index)))
+    return keys
+
+
 async def _verify(url: str, data: bytes, content_type: str, budget: _Budget) -> ImageInfo:
     try:
         async with budget.decodes:
@@ -224,7 +274,8 @@ async def _download(
             info = await _verify(url, fetched.data, fetched.content_type, budget)
             stored = await asyncio.to_thread(store.put, fetched.data, info.sha256, info.ext)
     except ImageFetchError as exc:
-        return _Outcome(error=f"{exc.kind}: {exc.reason}")
+        gone = isinstance(exc, ImageUnavailable) and exc.status in GONE_STATUSES
+        return _Outcome(error=f"{exc.kind}: {exc.reason}", gone=gone)
     except Exception as exc:  # one URL must never take the step (and its manifest) down
         logger.warning("image %s failed unexpectedly", _shown_url(url), exc_info=True)
         detail = " ".join(redact_text(str(exc)).split()) or "no detail"
@@ -249,8 +300,9 @@ async def _download(
 def _record(ref: ImageRef, outcome: _Outcome) -> ImageRecord:
     shown = _shown_url(ref.url)
     if outcome.template is None:
+        status = EXPIRED if outcome.expired else "failed"
         return ImageRecord(
-            ref.row_id, ref.request_id, ref.role, ref.index, shown, "failed", error=outcome.error
+            ref.row_id, ref.request_id, ref.role, ref.index, shown, status, error=outcome.error
         )
     return replace(
         outcome.template,
@@ -258,7 +310,8 @@ def _record(ref: ImageRef, outcome: _Outcome) -> ImageRecord:
         request_id=ref.request_id,
         role=ref.role,
         index=ref.index,
-        url=shown,
+        # A refreshed output keeps the URL it was fetched from.
+        url=outcome.template.url if outcome.template.url else shown,
         error=None,
     )
 
@@ -278,8 +331,11 @@ class _Sync:
         manifest: ManifestWriter,
         on_done: Callable[[int, int], None] | None,
         window_size: int,
+        refresh: OutputRefresh | None = None,
     ) -> None:
         self.report = SyncReport()
+        self._refresh = refresh
+        self._fresh_urls: dict[str, asyncio.Task[Sequence[str] | str | None]] = {}
         self._store, self._known, self._fetcher, self._budget = store, known, fetcher, budget
         self._manifest, self._on_done = manifest, on_done
         self._window_size = window_size
@@ -291,15 +347,16 @@ class _Sync:
         try:
             for ref in refs:
                 key = _url_key(ref.url)
-                self._window.append((ref, key, self._start(ref.url, key)))
+                self._window.append((ref, key, self._start(ref, key)))
                 await self._drain(keep=self._window_size)
             await self._drain(keep=0)
         finally:
-            for task in self._inflight.values():
+            tasks = [*self._inflight.values(), *self._fresh_urls.values()]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _start(self, url: str, key: str) -> _Pending:
+    def _start(self, ref: ImageRef, key: str) -> _Pending:
         running = self._inflight.get(key)
         if running is not None:
             return running
@@ -307,14 +364,49 @@ class _Sync:
         if settled is not None:
             return settled
         self._met += 1
-        reused = self._known.reusable(_shown_url(url), self._store)
+        reused = self._known.reusable(ref, self._store)
         if reused is not None:
             outcome = _Outcome(template=reused)
             self._settle(key, outcome)
             return outcome
-        task = asyncio.ensure_future(_download(url, self._fetcher, self._store, self._budget))
+        task = asyncio.ensure_future(self._fetch(ref))
         self._inflight[key] = task
         return task
+
+    async def _fetch(self, ref: ImageRef) -> _Outcome:
+        """The image of `ref`; an output whose URL is gone is fetched from a fresh URL."""
+        outcome = await _download(ref.url, self._fetcher, self._store, self._budget)
+        if not outcome.gone or ref.role != "edited" or ref.request_id is None:
+            return outcome
+        if self._refresh is None:
+            return outcome
+        fresh = await self._fresh(ref.request_id)
+        if isinstance(fresh, str):
+            return _Outcome(
+                error=f"{outcome.error}; asking the API for a fresh URL failed: {fresh}"
+            )
+        if fresh is None or ref.index >= len(fresh):
+            return _Outcome(error=EXPIRED_ERROR, expired=True)
+        again = await _download(fresh[ref.index], self._fetcher, self._store, self._budget)
+        return replace(again, error=EXPIRED_ERROR, expired=True) if again.gone else again
+
+    def _fresh(self, request_id: str) -> asyncio.Task[Sequence[str] | str | None]:
+        """One `/result` per job however many of its outputs are gone: its fresh URLs, None
+        when the API has none, or why asking failed."""
+        task = self._fresh_urls.get(request_id)
+        if task is None:
+            task = asyncio.ensure_future(self._ask(request_id))
+            self._fresh_urls[request_id] = task
+        return task
+
+    async def _ask(self, request_id: str) -> Sequence[str] | str | None:
+        assert self._refresh is not None
+        self.report.refreshed += 1
+        try:
+            return await self._refresh(request_id)
+        except Exception as exc:  # a failed ask leaves the image failed, never the step
+            detail = " ".join(redact_text(str(exc)).split()) or "no detail"
+            return f"{type(exc).__name__}: {detail}"
 
     async def _drain(self, keep: int) -> None:
         """Write the settled head of the window, and wait for it while more than `keep` wait."""
@@ -345,6 +437,11 @@ class _Sync:
     def _write(self, record: ImageRecord) -> None:
         self._manifest.write(record)
         report = self.report
+        if record.status == EXPIRED:
+            report.expired += 1
+            if len(report.first_expired) < FAILURES_KEPT:
+                report.first_expired.append(record)
+            return
         if not record.ok:
             report.failed += 1
             if len(report.first_failures) < FAILURES_KEPT:
@@ -369,6 +466,7 @@ async def sync_images(
     on_done: Callable[[int, int], None] | None = None,
     resolver: Resolver = system_resolver,
     transport: httpx.AsyncBaseTransport | None = None,
+    refresh: OutputRefresh | None = None,
 ) -> SyncReport:
     """Store every image of `refs` and write their manifest; failures are `failed` rows.
 
@@ -382,7 +480,9 @@ async def sync_images(
     `AddressPolicy.for_api(base_url)` allows loopback for the emulator). At most
     `max_concurrency` downloads are in flight. `on_done(settled, met)` is called after
     each distinct URL settles, with the distinct URLs met so far (the total is known only
-    at the end of `refs`). `resolver` and `transport` are the test seams.
+    at the end of `refs`). `resolver` and `transport` are the test seams. `refresh` asks
+    the API for a job's fresh output URLs when an output's URL is gone (403/404/410);
+    without it such an image is `failed`.
 
     Example::
 
@@ -401,7 +501,7 @@ async def sync_images(
             with ManifestWriter(manifest) as writer:
                 fetcher = ImageFetcher(guarded)
                 window = max(WINDOW_REFS, 4 * max_concurrency)
-                sync = _Sync(store, known, fetcher, budget, writer, on_done, window)
+                sync = _Sync(store, known, fetcher, budget, writer, on_done, window, refresh)
                 await sync.run(refs)
                 return sync.report
     finally:
@@ -420,6 +520,7 @@ def sync_images_blocking(
     max_decodes: int = DEFAULT_MAX_DECODES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     on_done: Callable[[int, int], None] | None = None,
+    refresh: OutputRefresh | None = None,
 ) -> SyncReport:
     """`sync_images` on a fresh event loop, for synchronous callers (a Dagster step).
 
@@ -439,5 +540,6 @@ def sync_images_blocking(
             max_decodes=max_decodes,
             max_pixels=max_pixels,
             on_done=on_done,
+            refresh=refresh,
         )
     )

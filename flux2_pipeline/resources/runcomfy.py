@@ -39,6 +39,7 @@ from flux2_pipeline.runcomfy import (
     PARAMETER_NAMES,
     AsyncRunComfyClient,
     EditRequest,
+    EditResult,
     InvalidEditRequest,
     PollSchedule,
     RetryPolicy,
@@ -278,6 +279,19 @@ class RunComfyResource(ConfigurableResource):  # type: ignore[type-arg]
         if self._client is None:
             raise RuntimeError("RunComfyResource is not set up (use it inside a Dagster step)")
         return self._client
+
+    async def result_elsewhere(self, request_id: str) -> EditResult:
+        """`client.result(request_id)` awaited from a coroutine on another event loop.
+
+        The client belongs to this resource's loop; a step that runs its own loop (the
+        images step's downloads) asks through this.
+
+        Example::
+
+            result = await runcomfy.result_elsewhere("c1a2...")
+            result.output_urls
+        """
+        return await asyncio.wrap_future(self._submit(self.client.result(request_id)))
 
     def run(
         self,

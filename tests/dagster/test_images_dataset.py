@@ -14,7 +14,7 @@ from PIL import Image
 from flux2_pipeline.assets import Flux2Keys
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.materialize import materialize
-from flux2_pipeline.media import MANIFEST_SCHEMA
+from flux2_pipeline.media import EXPIRED, EXPIRED_ERROR, MANIFEST_SCHEMA
 from flux2_pipeline.settings import Settings
 from tests.conftest import prompt_rows, write_table
 
@@ -155,7 +155,7 @@ def test_image_checks_pass_on_the_happy_path(
     )
 
 
-def test_an_expired_output_url_fails_the_step_after_writing_the_manifest(
+def test_an_output_the_api_deleted_is_an_expired_row_and_the_rest_is_stored(
     settings: Settings, emulator: EmulatorServer, instance: DagsterInstance
 ) -> None:
     write_table(
@@ -164,31 +164,33 @@ def test_an_expired_output_url_fails_the_step_after_writing_the_manifest(
     (edits,) = materialize(settings, instance=instance, select=["flux2_edits"]).partitions
     assert edits.succeeded and edits.results_path is not None
     gone = pq.read_table(edits.results_path).to_pylist()[0]
-    del emulator.state.jobs[gone["request_id"]]  # its output URL now answers 404
+    del emulator.state.jobs[gone["request_id"]]  # its output URL and /result now answer 404
+    submits = emulator.state.counters.submits_total
 
     report = materialize(settings, instance=instance, select=["flux2_images"], log_level="CRITICAL")
     (summary,) = report.partitions
-    assert not summary.succeeded and report.dataset is None
-    assert summary.error is not None
-    assert "1 of 4 images are missing" in summary.error
-    assert "expiry-0 edited[0]: unavailable: HTTP 404" in summary.error
-    assert (summary.images, summary.images_failed) == (3, 1)
+    # An expired output is not a failure a retry could mend: the step stores the rest.
+    assert summary.succeeded, summary.error
+    assert (summary.images, summary.images_failed) == (3, 0)
     rows = pq.read_table(
         settings.storage.output_root() / "flux2_images" / "expiry.parquet"
     ).to_pylist()
-    (failed,) = [r for r in rows if r["status"] == "failed"]
-    assert failed["row_id"] == "expiry-0" and failed["role"] == "edited"
-    assert failed["sha256"] is None and failed["path"] is None
+    (expired,) = [r for r in rows if r["status"] != "ok"]
+    assert expired["status"] == EXPIRED and expired["error"] == EXPIRED_ERROR
+    assert expired["row_id"] == "expiry-0" and expired["role"] == "edited"
+    assert expired["sha256"] is None and expired["path"] is None
     files = [p for p in (settings.storage.output_root() / "images").rglob("*") if p.is_file()]
     assert len(files) == 3 and not [p for p in files if p.name.startswith(".")]
+    assert emulator.state.counters.submits_total == submits  # never submitted again
 
-    # A retry fetches only what is missing (and still fails on the expired one).
+    # A re-run fetches only what is missing (the gone URL, and one /result again).
     emulator.state.reset_counters()
-    (retry,) = materialize(
+    (again,) = materialize(
         settings, instance=instance, select=["flux2_images"], log_level="CRITICAL"
     ).partitions
-    assert not retry.succeeded
-    assert emulator.state.counters.image_fetches == 1
+    assert again.succeeded
+    counters = emulator.state.counters
+    assert (counters.image_fetches, counters.result_calls, counters.submits_total) == (1, 1, 0)
 
 
 def test_a_small_size_cap_fails_every_image_and_leaves_nothing_behind(
