@@ -3,11 +3,11 @@
 `helm` cannot be installed here (Debian has no package of it, the package index no wheel)
 and the chart itself is in no package registry, so the chart's templates cannot be
 rendered. Instead: deploy/kubernetes/values.yaml is checked against the part of the chart's
-values schema that carries the limits (dagster_chart_values_subset.schema.json beside
-this file, its source named inside), and
-what the chart's templates write into the instance's dagster.yaml from those values is
-derived by their own conditions (`chart_instance_config`) and validated with the installed
-Dagster's instance schema, beside both dagster.yaml profiles.
+values schema that carries the limits (dagster_chart_values_subset.schema.json beside this
+file, its source named inside), and what the chart's templates write into the instance's
+dagster.yaml from those values is derived by their own conditions (`chart_instance_config`)
+and validated with the installed Dagster's instance schema, beside both dagster.yaml
+profiles.
 """
 
 from __future__ import annotations
