@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from flux2_pipeline.assets import StepRetries, build_flux2_definitions
 from flux2_pipeline.assets.ranges import DEFAULT_PARTITIONS_PER_RUN, MAX_PARTITIONS_PER_RUN
-from flux2_pipeline.paths import is_remote_uri
+from flux2_pipeline.paths import is_fsspec_uri, is_remote_uri
 from flux2_pipeline.resources import SettingsError, build_resources, settings_error
 
 _ENV_TEMPLATE = re.compile(
@@ -142,6 +142,6 @@ class Flux2EditsComponent(Component, Resolvable):
 
 
 def _under(root: Path, folder: str) -> str:
-    if is_remote_uri(folder) or Path(folder).expanduser().is_absolute():
+    if is_remote_uri(folder) or is_fsspec_uri(folder) or Path(folder).expanduser().is_absolute():
         return folder
     return str(root / folder)

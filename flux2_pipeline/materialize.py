@@ -61,7 +61,7 @@ from filelock import FileLock
 from flux2_pipeline.assets import INTERRUPTED, Flux2Keys, register_input_files
 from flux2_pipeline.assets.ranges import PARTITION_FAILURES, plan_runs
 from flux2_pipeline.paths import is_local, local_path
-from flux2_pipeline.resources import InputScan
+from flux2_pipeline.resources import Flux2Storage, InputScan
 from flux2_pipeline.settings import Settings, SettingsError
 from flux2_pipeline.workers import StartGate, start_worker_server
 
@@ -207,6 +207,13 @@ class _Selection:
     explicit: bool
 
 
+def _input_file_count(storage: Flux2Storage) -> int:
+    """How many tables the input folder holds, without reading any (a guess at the runs)."""
+    if storage.input_is_remote:
+        return len(storage.scan_inputs().found)  # one listing call
+    return sum(1 for _ in Path(storage.input_dir).glob("*.parquet"))
+
+
 def _select(defs: Definitions, names: Sequence[str]) -> _Selection:
     graph = defs.resolve_asset_graph()
     materializable = {
@@ -260,13 +267,11 @@ def materialize(
     """
     settings.runcomfy.check_token()
     storage = settings.storage
-    if not Path(storage.input_dir).is_dir():
-        raise SettingsError(
-            "FLUX2_INPUT_DIR must be a folder of Parquet files; "
-            f"{storage.input_dir} is not a folder"
-        )
+    problem = storage.input_dir_problem()
+    if problem:
+        raise SettingsError(f"FLUX2_INPUT_DIR must be a folder of Parquet files; {problem}")
     parallel = settings.parallel_partitions if parallel is None else parallel
-    files = len(partitions) or sum(1 for _ in Path(storage.input_dir).glob("*.parquet"))
+    files = len(partitions) or _input_file_count(storage)
     if min(parallel, -(-files // settings.partitions_per_run)) > 1:
         # Started now, the server imports Dagster while this process scans the inputs.
         parallel = _worker_server_or_one(parallel)

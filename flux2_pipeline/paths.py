@@ -23,6 +23,7 @@ import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
@@ -30,6 +31,7 @@ from urllib.parse import urlsplit
 
 # pyarrow imports pandas the first time it turns Python rows into a batch: imported here,
 # that 0.1 s is paid at start, not on the event loop, where it would stall every job.
+import fsspec
 import pandas  # noqa: F401
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,11 +39,27 @@ from upath import UPath
 
 REMOTE_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "memory"})
 PRESIGNABLE_SCHEMES = frozenset({"s3", "s3a"})
+_LOCAL_SCHEMES = frozenset({"", "file", "local"})
 
 
 def is_remote_uri(text: str) -> bool:
     """True for object-store URIs such as `s3://bucket/key`."""
     return urlsplit(text).scheme.lower() in REMOTE_SCHEMES
+
+
+def is_fsspec_uri(text: str) -> bool:
+    """True for a `scheme://...` URI of any filesystem fsspec knows, other than local files.
+
+    >>> is_fsspec_uri("s3://bucket/prompts"), is_fsspec_uri("memory://prompts")
+    (True, True)
+    >>> is_fsspec_uri("data/prompts"), is_fsspec_uri("file:///data/prompts")
+    (False, False)
+    """
+    scheme, separator, _ = text.partition("://")
+    scheme = scheme.lower()
+    return (
+        bool(separator) and scheme not in _LOCAL_SCHEMES and scheme in fsspec.available_protocols()
+    )
 
 
 def as_path(location: str | os.PathLike[str]) -> UPath:
@@ -53,7 +71,7 @@ def as_path(location: str | os.PathLike[str]) -> UPath:
     's3'
     """
     text = os.fspath(location)
-    if is_remote_uri(text):
+    if is_remote_uri(text) or is_fsspec_uri(text):
         return UPath(text)
     return UPath(Path(text).expanduser().absolute())
 
@@ -99,6 +117,101 @@ def file_size(path: UPath) -> int | None:
     if details.get("type") != "file":
         return None
     return int(details.get("size") or 0)
+
+
+REMOTE_READ_BLOCK_BYTES = 4 << 20
+"""Reads from an object store fetch byte ranges of 4 MiB: fsspec's own default (50 MiB for
+s3fs, with read-ahead) would hold a whole 50 MiB of a large table in memory at once."""
+
+
+def open_for_reading(path: UPath) -> IO[bytes]:
+    """A binary file handle on a local file or an object (ranged reads of
+    `REMOTE_READ_BLOCK_BYTES`), so a caller streams it in bounded memory.
+
+    Example::
+
+        with open_for_reading(as_path("s3://bucket/prompts/cats.parquet")) as handle:
+            magic = handle.read(4)  # b"PAR1"
+    """
+    if is_local(path):
+        return open(local_path(path), "rb")
+    handle: IO[bytes] = path.fs.open(path.path, "rb", block_size=REMOTE_READ_BLOCK_BYTES)
+    return handle
+
+
+@dataclass(frozen=True)
+class ListedFile:
+    """A file found by `list_files`: its path, size, and a signature of its version."""
+
+    path: UPath
+    size: int
+    signature: str | None
+    """Changes whenever the content may have: size and mtime locally; size and the
+    object's version, ETag or modification time in a store. None when the store reports
+    none of them (the caller must then read the content to know)."""
+
+
+# Object metadata that changes with the content, the most precise first (S3, GCS, Azure,
+# then modification times; fsspec's memory filesystem only has `created`).
+_VERSION_FIELDS = (
+    "VersionId",
+    "generation",
+    "ETag",
+    "etag",
+    "md5Hash",
+    "LastModified",
+    "last_modified",
+    "updated",
+    "mtime",
+    "created",
+)
+
+
+def list_files(folder: UPath, suffix: str) -> list[ListedFile]:
+    """The files directly in `folder` whose names end with `suffix`, sorted by name.
+
+    One listing call for an object store, asked afresh each time (fsspec caches listings
+    in long-lived processes, such as a code server evaluating a sensor); an absent folder
+    or prefix has no files. Names starting with a dot are left out.
+
+    Example::
+
+        [f.path.name for f in list_files(as_path("s3://bucket/prompts"), ".parquet")]
+    """
+    if is_local(folder):
+        return _list_local(local_path(folder), suffix)
+    fs = folder.fs
+    fs.invalidate_cache(folder.path)
+    try:
+        entries = fs.ls(folder.path, detail=True)
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in entries:
+        name = str(entry.get("name", "")).rstrip("/").rsplit("/", 1)[-1]
+        if entry.get("type") != "file" or name.startswith(".") or not name.endswith(suffix):
+            continue
+        size = int(entry.get("size") or 0)
+        version = next((f"{k}={entry[k]}" for k in _VERSION_FIELDS if entry.get(k)), None)
+        found.append(ListedFile(folder / name, size, version and f"{size}:{version}"))
+    return sorted(found, key=lambda listed: listed.path.name)
+
+
+def _list_local(folder: Path, suffix: str) -> list[ListedFile]:
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.glob(f"*{suffix}")):
+        if path.name.startswith("."):
+            continue
+        try:
+            info = path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # removed since the listing
+        if stat.S_ISREG(info.st_mode):
+            signature = f"{info.st_size}:{info.st_mtime_ns}"
+            found.append(ListedFile(as_path(path), info.st_size, signature))
+    return found
 
 
 def read_parquet(path: UPath, columns: Sequence[str] | None = None) -> pa.Table:

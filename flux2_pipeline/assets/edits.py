@@ -19,7 +19,6 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from dagster import (
@@ -233,7 +232,7 @@ class _Partition:
     """One partition of the step: where its rows come from and go, and how it went."""
 
     key: str
-    in_path: Path
+    in_path: UPath
     out_path: UPath
     read: InputRead
     """The input version this run works on; its results are committed only while it is current."""

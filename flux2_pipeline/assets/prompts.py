@@ -196,11 +196,10 @@ def build_prompt_files_sensor(
         busy = busy_partitions(context.instance, keys, order) if known else {}
         changed: dict[str, tuple[str, int]] = {}
         for key, path in scan.found.items():
-            stat = path.stat()
-            signature = f"{stat.st_size}:{stat.st_mtime_ns}"
+            signature = scan.signatures.get(key)
             seen = cursor.get(key, {})
-            if seen.get("signature") == signature and key in known:
-                continue  # same size and mtime: skip hashing a file we already ran
+            if signature is not None and seen.get("signature") == signature and key in known:
+                continue  # same size and mtime (or object version): skip hashing it again
             digest = file_sha256(path)
             unchanged = seen.get("sha256") == digest and key in known
             if not unchanged and key in busy:

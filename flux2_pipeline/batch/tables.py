@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -30,7 +31,14 @@ import pyarrow.parquet as pq
 from upath import UPath
 
 from flux2_pipeline.batch.ids import RowIdRegistry
-from flux2_pipeline.paths import ParquetStreamWriter, ensure_upath
+from flux2_pipeline.paths import (
+    ParquetStreamWriter,
+    ensure_upath,
+    file_size,
+    is_local,
+    local_path,
+    open_for_reading,
+)
 from flux2_pipeline.runcomfy import PARAMETER_NAMES, EditRequest, InvalidEditRequest
 
 READ_BATCH_ROWS = 1024
@@ -140,12 +148,12 @@ RESULT_COLUMN_DESCRIPTIONS: dict[str, str] = {
 
 
 def read_input_rows(
-    path: Path,
+    path: Path | UPath,
     batch_rows: int = READ_BATCH_ROWS,
     defaults: Mapping[str, Any] | None = None,
     sign_url: Callable[[str], str] | None = None,
 ) -> Iterator[list[InputRow]]:
-    """Stream a prompt table as batches of validated `InputRow`s.
+    """Stream a prompt table (a local file or an object) as batches of validated `InputRow`s.
 
     `defaults` fills parameters a row leaves null (the API schema's defaults apply
     after that). `sign_url` turns `s3://` reference URIs into URLs the API can fetch;
@@ -155,15 +163,25 @@ def read_input_rows(
     whose given id is taken is invalid; one without an id whose derived id is taken gets
     the next numbered derived id (see `flux2_pipeline.batch.ids`).
     """
-    parquet = open_parquet(path)
+    with opened_parquet(path) as parquet:
+        yield from _validated_rows(parquet, path.name, batch_rows, defaults, sign_url)
+
+
+def _validated_rows(
+    parquet: pq.ParquetFile,
+    name: str,
+    batch_rows: int,
+    defaults: Mapping[str, Any] | None,
+    sign_url: Callable[[str], str] | None,
+) -> Iterator[list[InputRow]]:
     columns = set(parquet.schema_arrow.names)
-    missing = [name for name in REQUIRED_COLUMNS if name not in columns]
+    missing = [column for column in REQUIRED_COLUMNS if column not in columns]
     if missing:
         raise InputTableError(
-            f"{path.name}: missing required column(s) {', '.join(missing)} "
+            f"{name}: missing required column(s) {', '.join(missing)} "
             f"(found: {', '.join(sorted(columns)) or 'none'})"
         )
-    wanted = [name for name in parquet.schema_arrow.names if name in KNOWN_COLUMNS]
+    wanted = [column for column in parquet.schema_arrow.names if column in KNOWN_COLUMNS]
     position = 0
     with RowIdRegistry(KNOWN_COLUMNS) as ids:
         try:
@@ -176,19 +194,46 @@ def read_input_rows(
                     position += 1
                 yield rows
         except (pa.ArrowException, OSError) as exc:
-            raise InputTableError(f"{path.name}: unreadable after row {position}: {exc}") from exc
+            raise InputTableError(f"{name}: unreadable after row {position}: {exc}") from exc
 
 
-def open_parquet(path: Path) -> pq.ParquetFile:
-    """Open a Parquet file, turning every way it can be broken into `InputTableError`."""
+@contextmanager
+def opened_parquet(path: Path | UPath) -> Iterator[pq.ParquetFile]:
+    """A Parquet file (local or in an object store) open for streaming, closed on exit;
+    every way it can be broken becomes `InputTableError`.
+
+    Example::
+
+        with opened_parquet(as_path("s3://bucket/prompts/cats.parquet")) as parquet:
+            print(parquet.metadata.num_rows)
+    """
+    target = ensure_upath(path)
     try:
-        if path.stat().st_size == 0:
+        size = file_size(target)
+        if size is None:
+            raise FileNotFoundError(target.name)
+        if size == 0:
             raise InputTableError(f"{path.name}: the file is empty (0 bytes), not a Parquet table")
-        return pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
+        # Locally pyarrow reads the file itself (no Python in its read path); a store's
+        # object is read through fsspec in ranges of bounded size.
+        handle = None if is_local(target) else open_for_reading(target)
     except FileNotFoundError as exc:
         raise InputTableError(f"{path.name}: no such input file") from exc
-    except (pa.ArrowException, OSError) as exc:
-        raise InputTableError(f"{path.name}: not a readable Parquet file ({exc})") from exc
+    except OSError as exc:
+        raise InputTableError(f"{path.name}: cannot be opened ({exc})") from exc
+    try:
+        source = local_path(target) if handle is None else handle
+        try:
+            parquet = pq.ParquetFile(source, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
+        except (pa.ArrowException, OSError) as exc:
+            raise InputTableError(f"{path.name}: not a readable Parquet file ({exc})") from exc
+        try:
+            yield parquet
+        finally:
+            parquet.close()
+    finally:
+        if handle is not None:
+            handle.close()
 
 
 LARGE_ROW_GROUP_ROWS = 100_000
@@ -204,7 +249,7 @@ class InputShape(NamedTuple):
     huge row group is read in bounded memory."""
 
 
-def input_shape(path: Path) -> InputShape:
+def input_shape(path: Path | UPath) -> InputShape:
     """Read the footer once: how many rows, and how big the largest row group is.
 
     Example::
@@ -212,7 +257,8 @@ def input_shape(path: Path) -> InputShape:
         shape = input_shape(Path("data/prompts/cats.parquet"))
         print(shape.rows, shape.largest_row_group)
     """
-    metadata = open_parquet(path).metadata
+    with opened_parquet(path) as parquet:
+        metadata = parquet.metadata
     groups = (metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
     return InputShape(int(metadata.num_rows), max(groups, default=0))
 
@@ -391,7 +437,7 @@ class ResultsWriter(ParquetStreamWriter):
 def file_sha256(path: Path | UPath, chunk: int = 1 << 20) -> str:
     """The sha256 hex digest of a file's bytes (local or in an object store), in chunks."""
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with open_for_reading(ensure_upath(path)) as handle:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()

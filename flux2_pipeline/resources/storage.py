@@ -7,10 +7,12 @@ Example::
     storage.results_path("cats")    # data/output/flux2_edits/cats.parquet
     storage.image_manifest_path("cats")  # data/output/flux2_images/cats.parquet
 
-`output_dir` may be an object-store URI (`s3://bucket/prefix`, the `s3` extra, credentials
-from the usual AWS_* variables): the output paths are `UPath`s (see `flux2_pipeline.paths`),
-local folders absolute paths. Inputs stay local. A file whose stem cannot be a Dagster
-partition key is not a partition; `scan_inputs` says why (see `partition_key_problem`).
+`input_dir` and `output_dir` may be object-store URIs (`s3://bucket/prefix`, the `s3` extra,
+credentials from the usual AWS_* variables; `input_dir` any fsspec URL): the paths are
+`UPath`s (see `flux2_pipeline.paths`), local folders absolute paths. A URL never carries
+credentials (no `user:password@`, no query string such as a signature), so it can be shown
+in logs and metadata. A file whose stem cannot be a Dagster partition key is not a
+partition; `scan_inputs` says why (see `partition_key_problem`).
 """
 
 from __future__ import annotations
@@ -20,11 +22,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import fsspec
 from dagster import ConfigurableResource
 from pydantic import Field, field_validator
 from upath import UPath
 
-from flux2_pipeline.paths import as_path, is_remote_uri
+from flux2_pipeline.paths import (
+    as_path,
+    is_fsspec_uri,
+    is_local,
+    is_remote_uri,
+    list_files,
+    local_path,
+)
 
 MAX_KEY_LENGTH = 200
 _FORBIDDEN_IN_KEYS = {
@@ -65,10 +75,16 @@ def partition_key_problem(key: str) -> str | None:
 
 @dataclass(frozen=True)
 class InputScan:
-    """The input folder's partitions, and the files that cannot be one (name -> reason)."""
+    """The input folder's partitions, and the files that cannot be one (name -> reason).
 
-    found: dict[str, Path] = field(default_factory=dict)
+    `signatures` holds, per partition key, what changes whenever the file's content may
+    have (size and mtime, or an object's version or ETag): a file whose signature is
+    unchanged need not be read again. None when the store reports nothing of the kind.
+    """
+
+    found: dict[str, UPath] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    signatures: dict[str, str | None] = field(default_factory=dict)
 
     def skipped_lines(self) -> list[str]:
         """One line per skipped file, saying why and what to do."""
@@ -84,7 +100,8 @@ class Flux2Storage(ConfigurableResource):  # type: ignore[type-arg]
     input_dir: str = Field(
         default="data/prompts",
         validate_default=True,
-        description="FLUX2_INPUT_DIR: folder of input Parquet tables, one per partition.",
+        description="FLUX2_INPUT_DIR: folder of input Parquet tables, one per partition "
+        "(a folder, or an object-store URL such as s3://bucket/prefix).",
     )
     output_dir: str = Field(
         default="data/output",
@@ -94,11 +111,13 @@ class Flux2Storage(ConfigurableResource):  # type: ignore[type-arg]
 
     @field_validator("input_dir")
     @classmethod
-    def _local_folder(cls, value: str) -> str:
+    def _folder_or_url(cls, value: str) -> str:
         value = value.strip() or "data/prompts"
         if "\x00" in value:
             raise ValueError("must be a directory path, got a value with a NUL byte")
-        return str(Path(value).expanduser().absolute())
+        if not (is_remote_uri(value) or is_fsspec_uri(value)):
+            return str(Path(value).expanduser().absolute())
+        return _store_url(value)
 
     @field_validator("output_dir")
     @classmethod
@@ -123,13 +142,36 @@ class Flux2Storage(ConfigurableResource):  # type: ignore[type-arg]
         return value.rstrip("/")
 
     @property
+    def input_is_remote(self) -> bool:
+        """True when the input tables are in an object store rather than a local folder."""
+        return not is_local(self.input_root())
+
+    def input_root(self) -> UPath:
+        """The folder or object-store prefix of the input tables (FLUX2_INPUT_DIR)."""
+        return as_path(self.input_dir)
+
+    def input_dir_problem(self) -> str | None:
+        """Why the input tables cannot be listed, or None when they can (an empty prefix
+        of an object store is an empty folder)."""
+        root = self.input_root()
+        if is_local(root):
+            return None if local_path(root).is_dir() else f"{self.input_dir} is not a folder"
+        bucket = urlsplit(self.input_dir).netloc
+        try:
+            if list_files(root, ".parquet") or root.protocol == "memory" or root.fs.exists(bucket):
+                return None
+        except Exception as exc:  # the store's own errors: credentials, network, access
+            return f"{self.input_dir} cannot be listed ({type(exc).__name__})"
+        return f"{self.input_dir} names no existing bucket or container ({bucket})"
+
+    @property
     def output_is_remote(self) -> bool:
         """True when the output root is an object store rather than a local folder."""
         return is_remote_uri(self.output_dir)
 
-    def input_path(self, key: str) -> Path:
-        """The input table of partition `key`."""
-        return Path(self.input_dir) / f"{key}.parquet"
+    def input_path(self, key: str) -> UPath:
+        """The input table of partition `key` (a `pathlib.Path` too when it is local)."""
+        return self.input_root() / f"{key}.parquet"
 
     def results_path(self, key: str) -> UPath:
         """The results dataset file of partition `key`."""
@@ -156,17 +198,47 @@ class Flux2Storage(ConfigurableResource):  # type: ignore[type-arg]
         return self.output_root() / "flux2_training_dataset"
 
     def scan_inputs(self) -> InputScan:
-        """Input files by partition key, and the files skipped with the reason."""
-        folder = Path(self.input_dir)
+        """Input files by partition key, and the files skipped with the reason.
+
+        One listing of the folder or prefix; nothing is read.
+        """
         scan = InputScan()
-        if not folder.is_dir():
-            return scan
-        for path in sorted(folder.glob("*.parquet")):
-            if not path.is_file() or path.name.startswith("."):
-                continue
+        for listed in list_files(self.input_root(), ".parquet"):
+            path = listed.path
             problem = partition_key_problem(path.stem)
             if problem:
                 scan.skipped[path.name] = problem
             else:
                 scan.found[path.stem] = path
+                scan.signatures[path.stem] = listed.signature
         return scan
+
+
+def _store_url(value: str) -> str:
+    """An object-store URL checked: it names a bucket, carries no credentials, and its
+    filesystem can be loaded. Error messages never repeat the URL (it may hold a secret)."""
+    parts = urlsplit(value)
+    scheme = parts.scheme.lower()
+    if parts.username or parts.password or parts.query:
+        raise ValueError(
+            f"must be a {scheme}:// URL without credentials or a query string (such as a "
+            "signature); give the store's credentials in its own variables (AWS_* for s3://)"
+        )
+    if not parts.netloc and scheme != "memory":
+        raise ValueError(f"must name a bucket, such as {scheme}://bucket/prefix")
+    module, install = _FILESYSTEM_MODULES.get(scheme, ("", ""))
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise ValueError(
+                f"points at an object store ({scheme}://), which needs {module} ({install})"
+            ) from None
+    else:
+        try:
+            fsspec.get_filesystem_class(scheme)
+        except (ImportError, ValueError):
+            raise ValueError(
+                f"points at {scheme}://, whose fsspec filesystem cannot be loaded here"
+            ) from None
+    return value.rstrip("/")

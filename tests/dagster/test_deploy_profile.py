@@ -100,6 +100,8 @@ def _assert_concurrency_limits(instance: DagsterInstance, max_runs: int = 4) -> 
     assert config.pool_config.pool_granularity is PoolGranularity.RUN
     assert instance.run_monitoring_settings["free_slots_after_run_end_seconds"] == 300
     assert instance.run_retries_enabled and instance.run_retries_max_retries == 1
+    # A step failure is not re-run as a run: the assets' own retry policy retried it.
+    assert instance.run_retries_retry_on_asset_or_op_failure is False
 
 
 def test_the_celery_profile_loads_on_postgresql(
@@ -125,6 +127,7 @@ def test_the_helm_values_carry_the_same_limits_and_secrets() -> None:
     values = yaml.safe_load((REPO / "deploy" / "kubernetes" / "values.yaml").read_text())
     runs, pools = profile["concurrency"]["runs"], profile["concurrency"]["pools"]
     assert values["concurrency"] == {
+        "enabled": True,
         "runs": {
             "maxConcurrentRuns": runs["max_concurrent_runs"],
             "tagConcurrencyLimits": runs["tag_concurrency_limits"],
@@ -136,7 +139,10 @@ def test_the_helm_values_carry_the_same_limits_and_secrets() -> None:
         daemon["runMonitoring"]["freeSlotsAfterRunEndSeconds"]
         == (profile["run_monitoring"]["free_slots_after_run_end_seconds"])
     )
-    assert daemon["runRetries"] == {"enabled": True, "maxRetries": 1}
+    # The chart's runRetries block cannot say retry_on_asset_or_op_failure: the profile's
+    # run_retries goes into the instance as written instead.
+    assert daemon["runRetries"] == {"enabled": False}
+    assert values["additionalInstanceConfig"]["run_retries"] == profile["run_retries"]
     assert values["runLauncher"]["type"] == "K8sRunLauncher"
     # The ledger URL and the token reach the code server and every run pod from a secret.
     [deployment] = values["dagster-user-deployments"]["deployments"]
@@ -190,8 +196,9 @@ def test_the_daemon_queue_keeps_the_deploy_profile_limits(
     the runs the daemon started cannot end: exactly four are in progress, and a second
     run of a partition waits although it was queued before others that started. Then
     everything finishes, and the run records show no moment with more than four runs,
-    nor two runs of one partition. Last, a run that fails is re-run once by
-    `run_retries` (the event-log consumer daemon), and the re-run succeeds."""
+    nor two runs of one partition. Last, a run whose step failed is not re-run by
+    `run_retries` (the event-log consumer daemon): the assets' own retry policy already
+    retried the step (tests/dagster/test_deploy_chart.py: a run failed otherwise is)."""
     instance = deploy_home
     for key in (*QUEUED_PARTITIONS, "retried"):
         rows = prompt_rows(emulator.base_url, key, ROWS_PER_RUN)
@@ -241,7 +248,8 @@ def test_the_daemon_queue_keeps_the_deploy_profile_limits(
         assert spans[second_q0][0] >= spans[first][1]
         assert emulator.state.counters.jobs_created == 5 * ROWS_PER_RUN  # q0 ran twice, paid once
 
-        # run_retries: a run that fails (the API refuses the token) is queued again once.
+        # run_retries: a run whose step failed (the API refuses the token, after the
+        # assets' own step retries) is not queued again: retry_on_asset_or_op_failure is off.
         real_token = emulator.state.config.token
         emulator.state.config.token = "a-revoked-token"
         try:
@@ -251,17 +259,10 @@ def test_the_daemon_queue_keeps_the_deploy_profile_limits(
         finally:
             emulator.state.config.token = real_token
         _tick(retries, daemon_context)
-        retry_records = instance.get_run_records(
-            RunsFilter(tags={"dagster/parent_run_id": failing})
-        )
-        assert len(retry_records) == 1
-        retry = retry_records[0].dagster_run
-        assert retry.tags["dagster/retry_number"] == "1"
-        assert retry.tags["dagster/partition"] == "retried"
-        _tick_until_finished(queue, daemon_context, instance, [retry.run_id])
-        assert _status(instance, retry.run_id) is DagsterRunStatus.SUCCESS
-        _tick(retries, daemon_context)  # a success is never re-run
-        assert len(instance.get_run_records()) == len(run_ids) + 2
+        assert not instance.get_run_records(RunsFilter(tags={"dagster/parent_run_id": failing}))
+        failed_run = instance.get_run_by_id(failing)
+        assert failed_run is not None and failed_run.tags["dagster/will_retry"] == "false"
+        assert len(instance.get_run_records()) == len(run_ids) + 1
 
 
 @contextmanager
