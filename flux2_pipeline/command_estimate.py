@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Iterator, Sequence
-from pathlib import Path
+
+from upath import UPath
 
 from flux2_pipeline.batch import InputRow, InputTableError, read_input_rows
 from flux2_pipeline.batch.estimate import RunEstimate, estimate_run, quote_price, unpaid_work
 from flux2_pipeline.ledger import Ledger
-from flux2_pipeline.paths import presign
+from flux2_pipeline.paths import list_files, presign
 from flux2_pipeline.settings import Settings
 
 
@@ -50,16 +51,15 @@ async def _estimate(settings: Settings, partitions: Sequence[str]) -> RunEstimat
 def _readable_inputs(
     settings: Settings, partitions: Sequence[str]
 ) -> list[tuple[str, Iterator[list[InputRow]]]]:
-    folder = Path(settings.storage.input_dir)
-    paths = (
-        [folder / f"{key}.parquet" for key in partitions]
-        if partitions
-        else sorted(folder.glob("*.parquet"))
-    )
+    storage = settings.storage
+    if partitions:
+        paths = [storage.input_path(key) for key in partitions]
+    else:
+        paths = [found.path for found in list_files(storage.input_root(), ".parquet")]
     return [(path.stem, _rows_while_readable(settings, path)) for path in paths]
 
 
-def _rows_while_readable(settings: Settings, path: Path) -> Iterator[list[InputRow]]:
+def _rows_while_readable(settings: Settings, path: UPath) -> Iterator[list[InputRow]]:
     # Streamed, so memory stays flat; an unreadable file is the run's to report.
     try:
         yield from read_input_rows(

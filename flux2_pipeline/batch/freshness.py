@@ -89,7 +89,9 @@ def read_marker(results: UPath) -> InputRead | None:
         return None
 
 
-def commit_for_input(writer: ParquetStreamWriter, input_path: Path, read: InputRead) -> None:
+def commit_for_input(
+    writer: ParquetStreamWriter, input_path: Path | UPath, read: InputRead
+) -> None:
     """Commit `writer`'s file if the input is still the version `read`, else abort it.
 
     Raises `InputChanged` (after aborting the writer, so the file in place stays) when the
