@@ -50,7 +50,10 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.schema import CreateIndex, CreateSchema, CreateTable
 
 from flux2_pipeline.ledger.claims import (
+    ACCOUNT_REFUSAL_TTL_SECONDS,
     DEFAULT_LEASE_SECONDS,
+    ORPHANED_JOB_SLOT_SECONDS,
+    AccountRefusal,
     ClaimAction,
     ClaimDecision,
     ClaimRequest,
@@ -70,6 +73,7 @@ from flux2_pipeline.ledger.schema import (
     FINISHED_STATES,
     OPEN_STATES,
     SubmissionState,
+    account_refusals,
     ledger_account,
     submissions,
 )
@@ -85,6 +89,14 @@ INTENT_RETRIES = 32
 """`record_intent` retries when a concurrent writer took the same attempt number."""
 
 PG_CONNECT_TIMEOUT_S = 10
+
+PG_LOCK_TIMEOUT_MS = 30_000
+"""How long a PostgreSQL statement waits for a lock (a row, an advisory lock) before it
+fails: the counterpart of SQLite's busy timeout, so a stuck lock surfaces as a
+`LedgerUnavailableError` that the caller can retry instead of a hang."""
+
+PG_STATEMENT_TIMEOUT_MS = 60_000
+"""Most any one PostgreSQL statement may run; past it the server cancels it (an error)."""
 # Serializes table creation across processes: concurrent CREATE TABLE IF NOT EXISTS on
 # PostgreSQL can still fail on the catalog's unique index.
 _PG_DDL_LOCK_KEY = 0x464C5832_4C454447  # "FLX2LEDG"
@@ -94,6 +106,7 @@ _CONFLICT_CODES = frozenset({"40P01", "40001"})
 
 _t = submissions
 _a = ledger_account
+_r = account_refusals
 _NO_REQUEST_ID = _t.c.request_id.is_(None)
 _ACCOUNT_ROW = _a.c.id == 1
 
@@ -161,8 +174,25 @@ _INSERT_INTENT = (
     .returning(*_t.c)
 )
 _OPEN_SLOTS = select(func.count()).where(
-    _states(*sorted(OPEN_STATES)), _t.c.lease_until > bindparam("now")
+    _states(*sorted(OPEN_STATES)),
+    (_t.c.lease_until > bindparam("now"))
+    | (
+        (_t.c.state == bindparam("slot_submitted", SubmissionState.SUBMITTED.value))
+        & (_t.c.submitted_at > bindparam("orphaned_before"))
+    ),
 )
+"""Taken account slots: open attempts with a live lease, and submitted jobs (whoever
+holds them) until they end or `ORPHANED_JOB_SLOT_SECONDS` after their submit."""
+_LATEST_REFUSAL = (
+    select(_r.c.reason, _r.c.recorded_at, _r.c.expires_at)
+    .where(_r.c.expires_at > bindparam("now"))
+    .order_by(_r.c.recorded_at.desc(), _r.c.id.desc())
+    .limit(1)
+)
+
+
+def _slot_params(now: datetime) -> dict[str, Any]:
+    return {"now": now, "orphaned_before": now - timedelta(seconds=ORPHANED_JOB_SLOT_SECONDS)}
 
 
 @dataclass(frozen=True)
@@ -311,6 +341,8 @@ class Ledger:
                 connect_args={
                     "connect_timeout": PG_CONNECT_TIMEOUT_S,
                     "application_name": "flux2-pipeline-ledger",
+                    "options": f"-c lock_timeout={int(PG_LOCK_TIMEOUT_MS)} "
+                    f"-c statement_timeout={int(PG_STATEMENT_TIMEOUT_MS)}",
                 },
             )
         ledger = cls(engine, parsed, schema=schema)
@@ -337,6 +369,9 @@ class Ledger:
                 charges = func.coalesce(_t.c.charge_usd, _t.c.cost_usd)
                 spent = conn.execute(select(func.coalesce(func.sum(charges), 0))).scalar_one()
                 conn.execute(insert(_a).values(id=1, spent_usd=float(spent), updated_at=_now()))
+            conn.execute(CreateTable(_r, if_not_exists=True))
+            for index in sorted(_r.indexes, key=lambda i: str(i.name)):
+                conn.execute(CreateIndex(index, if_not_exists=True))
 
     def close(self) -> None:
         """Close every pooled connection; later calls raise `LedgerError`."""
@@ -540,6 +575,7 @@ class Ledger:
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         budget_usd: float | None = None,
         account_concurrency: int | None = None,
+        refused_since: datetime | None = None,
     ) -> list[ClaimDecision]:
         """Decide, for each row, who pays: one transaction for the whole list.
 
@@ -547,8 +583,11 @@ class Ledger:
         lock no other runner can hold at the same time. A SUBMIT decision has already
         written the new intent, held by `holder` until ``now + lease_seconds`` (renew with
         `renew`), and reserved its price against `budget_usd`; with
-        `account_concurrency`, it also took one of the account's slots (open attempts
-        with a live lease, over every partition and runner sharing the ledger).
+        `account_concurrency`, it also took one of the account's slots (over every
+        partition and runner sharing the ledger: intents with a live lease, and submitted
+        jobs until they end). With `refused_since` (the run's start), a row that would be
+        submitted gets ACCOUNT_REFUSED instead while an account refusal recorded since
+        then is live (`record_account_refusal`); rows to follow or reuse are unaffected.
         Decisions come back in the order of `requests`.
 
         Example::
@@ -579,7 +618,13 @@ class Ledger:
             open_slots = 0
             if account_concurrency is not None:
                 slots = prepared(conn, "open_slots", _OPEN_SLOTS)
-                open_slots = int(slots.scalar(conn, {"now": now}))
+                open_slots = int(slots.scalar(conn, _slot_params(now)))
+            refusal: AccountRefusal | None = None
+            if refused_since is not None:
+                since = _aware(refused_since, "refused_since")
+                refusal = self._live_refusal(conn, now)
+                if refusal is not None and not refusal.applies_to(now, since):
+                    refusal = None
             history: dict[str, list[Submission]] = {key: [] for key in keys}
             if len(keys) == 1:
                 # The runner claims one row at a time: an indexed look-up, prepared once.
@@ -609,7 +654,9 @@ class Ledger:
                         )
                 elif action is ClaimAction.SUBMIT:
                     price = request.price_usd or 0.0
-                    if account_concurrency is not None and open_slots >= account_concurrency:
+                    if refusal is not None:
+                        action = ClaimAction.ACCOUNT_REFUSED
+                    elif account_concurrency is not None and open_slots >= account_concurrency:
                         action = ClaimAction.WAIT_FOR_SLOT
                     elif budget_usd is not None and spent + price > budget_usd + 1e-9:
                         action = ClaimAction.OVER_BUDGET
@@ -640,7 +687,9 @@ class Ledger:
                         attempt,
                         paid_attempts=verdict.paid_attempts,
                         took_over=took_over,
-                        last_error=verdict.last_error,
+                        last_error=refusal.reason
+                        if action is ClaimAction.ACCOUNT_REFUSED and refusal is not None
+                        else verdict.last_error,
                         spent_usd=spent if accounted else None,
                     )
                 )
@@ -699,9 +748,56 @@ class Ledger:
         return float(value)
 
     def open_attempts(self) -> int:
-        """Attempts holding a live claim right now (the account's taken slots)."""
+        """The account's taken slots right now: intents with a live lease, and jobs
+        submitted and not yet recorded finished (whether or not their runner lives)."""
         with self._begin("cannot read the ledger") as conn:
-            return int(conn.execute(_OPEN_SLOTS, {"now": _now()}).scalar_one())
+            return int(conn.execute(_OPEN_SLOTS, _slot_params(_now())).scalar_one())
+
+    def record_account_refusal(
+        self, reason: str, ttl_seconds: float = ACCOUNT_REFUSAL_TTL_SECONDS
+    ) -> AccountRefusal:
+        """Record that the API refused the account itself (no balance, bad token).
+
+        Every run sharing the ledger that was running at this moment stops submitting
+        (see `claim`'s `refused_since`) until `ttl_seconds` have passed; a run started
+        later (after a top-up) tries again. Committed before returning.
+
+        Example::
+
+            ledger.record_account_refusal("account balance too low (400002): top up")
+        """
+        if not isinstance(reason, str) or not reason.strip():
+            raise ValueError("reason must be a non-empty string")
+        if not ttl_seconds > 0:
+            raise ValueError(f"ttl_seconds must be positive, got {ttl_seconds!r}")
+        now = _now()
+        refusal = AccountRefusal(reason, now, now + timedelta(seconds=ttl_seconds))
+        with self._begin("cannot record the account's refusal") as conn:
+            conn.execute(
+                insert(_r).values(
+                    reason=reason, recorded_at=refusal.recorded_at, expires_at=refusal.expires_at
+                )
+            )
+        return refusal
+
+    def account_refusal(self) -> AccountRefusal | None:
+        """The latest account refusal that has not expired, or None.
+
+        Example::
+
+            if (refusal := ledger.account_refusal()) is not None:
+                print(refusal.reason, "until", refusal.expires_at)
+        """
+        with self._begin("cannot read the ledger") as conn:
+            return self._live_refusal(conn, _now())
+
+    def _live_refusal(self, conn: Connection, now: datetime) -> AccountRefusal | None:
+        row = self._prepared.get(conn, "latest_refusal", _LATEST_REFUSAL).one_or_none(
+            conn, {"now": now}
+        )
+        if row is None:
+            return None
+        return AccountRefusal(str(row["reason"]), row["recorded_at"], row["expires_at"])
 
     def record_submitted(
         self, submission_id: int, request_id: str, submitted_at: datetime | None = None
@@ -782,6 +878,10 @@ class Ledger:
         if cost_usd is not None:
             # The API's own figure replaces the reserved price in the ledger's spend.
             values["charge_usd"] = float(cost_usd)
+        elif parsed is SubmissionState.CANCELLED:
+            # Cancelled with no cost reported: the API cancelled it before it ran (only
+            # queued jobs can be cancelled), so it cost nothing and its price goes back.
+            values["charge_usd"] = 0.0
         return self._update(where, "finish", values, f"mark {parsed.value}", subject)
 
     def record_finished(
