@@ -4,8 +4,8 @@ Every row's task hands its write (a claim, a request id, an outcome) to `GroupCo
 and waits. Everything handed in during one turn of the event loop is written in one
 `Ledger.transaction` and committed (one fsync on SQLite instead of one per write); only
 then does each task get its answer. So an intent is durable before its request leaves,
-a request id before the job is polled, exactly as with one commit per write, at a
-fraction of the cost when many jobs are in flight.
+exactly as with one commit per write, at a fraction of the cost when many jobs are in
+flight.
 
 The transaction runs in a worker thread, one at a time and in the order the writes were
 handed in: a ledger that waits for a lock (SQLite's busy timeout, PostgreSQL's lock
@@ -93,11 +93,6 @@ class GroupCommit:
         if self._drainer is None or self._drainer.done():
             self._drainer = loop.create_task(self._drain())
         return await future
-
-    @property
-    def pending(self) -> int:
-        """Writes handed in and not yet committed (or given up)."""
-        return len(self._queue) + (0 if self._drainer is None or self._drainer.done() else 1)
 
     async def _drain(self) -> None:
         while self._queue:

@@ -470,7 +470,7 @@ class EditRunner:
             outcome, again = await self._follow(row, known, state)
             await asyncio.shield(recording)  # the row ends once its request id is durable
         except asyncio.CancelledError:
-            await self._keep_request_id(row, recording, request_id)
+            await self._keep_request_id(row, recording, known)
             raise
         if outcome.cost_usd is not None:
             self.counters.new_cost_usd += outcome.cost_usd
@@ -560,13 +560,14 @@ class EditRunner:
         )
 
     async def _keep_request_id(
-        self, row: InputRow, recording: asyncio.Future[Submission], request_id: str
+        self, row: InputRow, recording: asyncio.Future[Submission], known: Submission
     ) -> None:
         """The run stopped while its job's request id was not yet durable.
 
         The write gets `STOP_WRITE_GRACE_S` more to commit (then the job, cancelled by the
-        stop if still queued, is recorded so); if the ledger still fails, the request id is
-        logged, the one place left that does not depend on the failing ledger.
+        stop if still queued, is recorded so). If the ledger still fails, the request id
+        goes to the ledger's spill file, which the next `Ledger.open` records (a locked
+        SQLite ledger), and always to the log, the one record that needs no disk of ours.
         """
         if not recording.done():
             with contextlib.suppress(Exception, TimeoutError):
@@ -574,13 +575,20 @@ class EditRunner:
                     await self._cancel_new_job(asyncio.shield(recording))
         if recording.done() and not recording.cancelled() and recording.exception() is None:
             return
+        # The write goes on while the loop lives; its later failure has nobody to tell.
+        recording.add_done_callback(lambda done: done.cancelled() or done.exception())
+        assert known.request_id is not None and known.submitted_at is not None
+        spilled = self.ledger.spill_submitted(known.id, known.request_id, known.submitted_at)
         logger.error(
             "the ledger could not record request id %s of row %r (partition %r) before the "
-            "run stopped: the job may run and be paid; a re-run will count that row as a "
-            "possible duplicate unless the ledger records it first",
-            request_id,
+            "run stopped; %s",
+            known.request_id,
             row.row_id,
             self.partition,
+            f"kept in {self.ledger.spill_path}: the next run records it and polls that job"
+            if spilled
+            else "the job may run and be paid, and a re-run will count that row as a "
+            "possible duplicate",
         )
 
     async def _settle_after_cancel(self, known: Submission) -> JobState | None:

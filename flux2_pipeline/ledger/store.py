@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import os
 import sqlite3
 import threading
 import time
@@ -78,6 +80,8 @@ from flux2_pipeline.ledger.schema import (
     submissions,
 )
 from flux2_pipeline.ledger.url import parse_ledger_url, redact_url
+
+logger = logging.getLogger(__name__)
 
 LOOKUP_CHUNK_SIZE = 500
 """Row keys per ``IN (...)`` query in `Ledger.lookup` (well under SQLite's variable limit)."""
@@ -351,6 +355,7 @@ class Ledger:
         except BaseException:
             engine.dispose()
             raise
+        ledger._replay_spill()
         return ledger
 
     def _create_tables(self) -> None:
@@ -395,6 +400,71 @@ class Ledger:
         state = " closed" if self._closed else ""
         schema = f" schema={self._schema!r}" if self._schema else ""
         return f"<Ledger {redact_url(self._url)}{schema}{state}>"
+
+    # -- request ids the database could not take --------------------------------------
+
+    @property
+    def spill_path(self) -> Path | None:
+        """Where `spill_submitted` keeps request ids: beside a SQLite file; None on PostgreSQL."""
+        if self.backend != "sqlite" or not self._url.database:
+            return None
+        return Path(f"{self._url.database}.unrecorded.jsonl")
+
+    def spill_submitted(self, submission_id: int, request_id: str, submitted_at: datetime) -> bool:
+        """Keep a request id the database failed to record, for the next `Ledger.open`.
+
+        For a run that must stop while its ledger is locked: the line is appended (and
+        fsynced) to `spill_path`, and whoever opens the ledger next records it, so a re-run
+        polls that job instead of paying for the row again. False when there is no such
+        file (PostgreSQL) or it cannot be written (a full disk): the caller must log it.
+
+        Example::
+
+            if not ledger.spill_submitted(intent.id, request_id, submitted_at):
+                logger.error("request id %s is recorded nowhere", request_id)
+        """
+        path = self.spill_path
+        if path is None:
+            return False
+        line = json.dumps(
+            {
+                "submission_id": submission_id,
+                "request_id": request_id,
+                "submitted_at": _aware(submitted_at, "submitted_at").isoformat(),
+            }
+        )
+        try:
+            with path.open("a", encoding="utf-8") as spill:
+                spill.write(line + "\n")
+                spill.flush()
+                os.fsync(spill.fileno())
+        except OSError as exc:
+            logger.error("cannot keep request id %s in %s: %s", request_id, path, exc.strerror)
+            return False
+        return True
+
+    def _replay_spill(self) -> None:
+        """Record the request ids an earlier run spilled; keep the file if any fails."""
+        path = self.spill_path
+        if path is None or not path.exists():
+            return
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return  # another process replayed and removed it
+        for line in lines:
+            try:
+                kept = json.loads(line)
+                at = datetime.fromisoformat(kept["submitted_at"])
+                self.record_submitted(int(kept["submission_id"]), str(kept["request_id"]), at)
+            except LedgerStateError:
+                continue  # recorded already (the write landed after all), or it moved on
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a crash while it was written
+            except LedgerUnavailableError as exc:
+                logger.warning("cannot record the request ids kept in %s yet: %s", path, exc)
+                return
+        path.unlink(missing_ok=True)
 
     @property
     def url(self) -> str:

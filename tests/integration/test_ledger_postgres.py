@@ -214,3 +214,9 @@ def test_a_stuck_lock_is_an_error_to_retry_not_a_hang(
         [decision] = ledger.claim([request], holder="A", max_attempts=9, budget_usd=1.0)
         assert decision.action is ClaimAction.SUBMIT
         assert ledger.spent_usd() == pytest.approx(0.05)
+
+
+def test_there_is_no_spill_file_beside_a_postgresql_ledger(ledger: Ledger) -> None:
+    intent = ledger.record_intent(make_row_key("p", "r", "h"), "p", "r", "h")
+    assert ledger.spill_path is None
+    assert not ledger.spill_submitted(intent.id, "job-1", T0)

@@ -182,3 +182,49 @@ async def test_a_full_disk_loses_no_request_id(
             _assert_paid_once(slow_emulator, ledger, outcomes)
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+async def test_a_run_stopped_while_its_ledger_is_locked_keeps_its_request_ids(
+    tmp_path: Path,
+    slow_emulator: EmulatorServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr("flux2_pipeline.ledger.store.SQLITE_BUSY_TIMEOUT_MS", 300)
+    monkeypatch.setattr("flux2_pipeline.batch.runner.STOP_WRITE_GRACE_S", 1.0)
+    table = write_table(tmp_path, "p", prompt_rows(slow_emulator.base_url, "stop", ROWS))
+    path = tmp_path / "ledger.sqlite"
+    faults = slow_emulator.state.faults
+    with Ledger.open(path) as ledger:
+        faults.update(hold_submits=True)
+        running = asyncio.ensure_future(_run(slow_emulator, ledger, table))
+        counters = slow_emulator.state.counters
+        await _wait_until(lambda: counters.held_submits_now == ROWS, "all held")
+        with subprocess.Popen(
+            [sys.executable, "-c", LOCKER, str(path), "60"], stdout=subprocess.PIPE, text=True
+        ) as holder:
+            assert holder.stdout is not None
+            assert await asyncio.to_thread(holder.stdout.readline) == "locked\n"
+            faults.update(hold_submits=False)
+            await _wait_until(lambda: counters.held_submits_now == 0, "answered")
+            await asyncio.sleep(1.0)  # the request ids meet the locked ledger
+            running.cancel()  # the user stops the run while the lock is still held
+            stopping = time.monotonic()
+            with pytest.raises(asyncio.CancelledError):
+                await running
+            stopped_in = time.monotonic() - stopping
+            holder.kill()
+    assert stopped_in < 10  # a clean stop: the writes got their grace, then were kept
+    kept = [
+        r.getMessage() for r in caplog.records if "could not record request id" in r.getMessage()
+    ]
+    assert len(kept) == ROWS and all("the next run records it" in m for m in kept)
+    spill = Path(f"{path}.unrecorded.jsonl")
+    assert len(spill.read_text().splitlines()) == ROWS
+
+    # The jobs run on at the API. The next run records the kept ids, and follows them.
+    with Ledger.open(path) as ledger:
+        assert not spill.exists()
+        assert all(a.request_id is not None for a in ledger.submissions("p"))
+        outcomes = await _run(slow_emulator, ledger, table)
+        _assert_paid_once(slow_emulator, ledger, outcomes)
