@@ -113,6 +113,11 @@ async def test_cancelled_queued_jobs_give_their_budget_back(
             await _wait_until(
                 lambda: (state.counters.jobs_created, state.in_progress) == (8, 2), "8 in flight"
             )
+            # Every answer arrived (no submit is cut short by the stop): 8 ids recorded.
+            await _wait_until(
+                lambda: sum(a.request_id is not None for a in ledger.submissions("p")) == 8,
+                "8 request ids in the ledger",
+            )
             running.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await running
