@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import uuid
 from collections import deque
@@ -230,8 +231,8 @@ class EditRunner:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
-            try:
-                self.ledger.renew(self.holder, self.lease_seconds)
+            try:  # off the loop: a ledger waiting for a lock must not stop polls
+                await asyncio.to_thread(self.ledger.renew, self.holder, self.lease_seconds)
             except Exception as exc:  # the next beat may succeed; claims outlive one miss
                 logger.warning("could not renew this run's ledger claims: %s", exc)
 
@@ -461,17 +462,29 @@ class EditRunner:
             self.ledger.record_unknown(intent.id, "the run stopped while the submit was in flight")
             raise
         request_id = handle.request_id
+        # The job exists and is paid for: its request id must never be dropped. The write
+        # is tried until it commits (`keep`) while the job is polled, so a locked or full
+        # ledger only delays the row; every later write of the row queues behind it.
         recording = asyncio.ensure_future(
-            self._write(lambda: self.ledger.record_submitted(intent.id, request_id, submitted_at))
+            self._write(
+                lambda: self.ledger.record_submitted(intent.id, request_id, submitted_at),
+                keep=True,
+            )
         )
-        try:
-            known = await asyncio.shield(recording)
-        except asyncio.CancelledError:
-            await self._cancel_new_job(recording)
-            raise
+        known = dataclasses.replace(
+            intent,
+            state=SubmissionState.SUBMITTED,
+            request_id=request_id,
+            submitted_at=submitted_at,
+        )
         self.counters.submitted += 1
         state.paid += 1
-        outcome, again = await self._follow(row, known, state)
+        try:
+            outcome, again = await self._follow(row, known, state)
+            await asyncio.shield(recording)  # the row ends once its request id is durable
+        except asyncio.CancelledError:
+            await self._keep_request_id(row, recording, known)
+            raise
         if outcome.cost_usd is not None:
             self.counters.new_cost_usd += outcome.cost_usd
         return outcome, again
@@ -534,6 +547,8 @@ class EditRunner:
         error = None if error is None else redact_text(error)
         finished_at = result.finished_at or datetime.now(UTC)
         urls = result.output_urls if result.ok else ()
+        # Kept like the request id: a paid result is recorded however long the ledger
+        # fails (until then a re-run would poll the job again, never pay for it again).
         await self._write(
             lambda: self.ledger.record_finished(
                 known.id,
@@ -542,7 +557,8 @@ class EditRunner:
                 error=error,
                 cost_usd=result.cost_usd,
                 output_urls=urls,
-            )
+            ),
+            keep=True,
         )
         return RowOutcome(
             row,
@@ -554,6 +570,38 @@ class EditRunner:
             submitted_at=known.submitted_at,
             finished_at=finished_at,
             cost_usd=result.cost_usd,
+        )
+
+    async def _keep_request_id(
+        self, row: InputRow, recording: asyncio.Future[Submission], known: Submission
+    ) -> None:
+        """The run stopped while its job's request id was not yet durable.
+
+        The write gets `STOP_WRITE_GRACE_S` more to commit (then the job, cancelled by the
+        stop if still queued, is recorded so). If the ledger still fails, the request id
+        goes to the ledger's spill file, which the next `Ledger.open` records (a locked
+        SQLite ledger), and always to the log, the one record that needs no disk of ours.
+        """
+        if not recording.done():
+            with contextlib.suppress(Exception, TimeoutError):
+                async with asyncio.timeout(STOP_WRITE_GRACE_S):
+                    await self._cancel_new_job(asyncio.shield(recording))
+        if recording.done() and not recording.cancelled() and recording.exception() is None:
+            return
+        # The write goes on while the loop lives; its later failure has nobody to tell.
+        recording.add_done_callback(lambda done: done.cancelled() or done.exception())
+        assert known.request_id is not None and known.submitted_at is not None
+        spilled = self.ledger.spill_submitted(known.id, known.request_id, known.submitted_at)
+        logger.error(
+            "the ledger could not record request id %s of row %r (partition %r) before the "
+            "run stopped; %s",
+            known.request_id,
+            row.row_id,
+            self.partition,
+            f"kept in {self.ledger.spill_path}: the next run records it and polls that job"
+            if spilled
+            else "the job may run and be paid, and a re-run will count that row as a "
+            "possible duplicate",
         )
 
     async def _settle_after_cancel(self, known: Submission) -> JobState | None:
@@ -570,6 +618,10 @@ class EditRunner:
                     known.id, SubmissionState.CANCELLED, error="cancelled: the run stopped waiting"
                 )
         return status.state
+
+
+STOP_WRITE_GRACE_S = 10.0
+"""How long a stopped run still tries to record a request id the API gave it."""
 
 
 async def _first_done(pending: deque[asyncio.Task[RowOutcome]]) -> RowOutcome:

@@ -13,7 +13,10 @@ Example::
 """
 
 from flux2_pipeline.ledger.claims import (
+    ACCOUNT_REFUSAL_TTL_SECONDS,
     DEFAULT_LEASE_SECONDS,
+    ORPHANED_JOB_SLOT_SECONDS,
+    AccountRefusal,
     ClaimAction,
     ClaimDecision,
     ClaimRequest,
@@ -40,13 +43,16 @@ from flux2_pipeline.ledger.store import LOOKUP_CHUNK_SIZE, Ledger
 from flux2_pipeline.ledger.url import parse_ledger_url, redact_url
 
 __all__ = [
+    "ACCOUNT_REFUSAL_TTL_SECONDS",
     "DEFAULT_LEASE_SECONDS",
     "FINISHED_STATES",
     "LIVE_STATES",
     "LOOKUP_CHUNK_SIZE",
     "OPEN_STATES",
+    "ORPHANED_JOB_SLOT_SECONDS",
     "TABLE_NAME",
     "UNPAID_STATES",
+    "AccountRefusal",
     "ClaimAction",
     "ClaimDecision",
     "ClaimRequest",

@@ -32,6 +32,17 @@ from flux2_pipeline.ledger.schema import SubmissionState
 DEFAULT_LEASE_SECONDS = 60.0
 """How long a claim outlives its holder's last heartbeat (holders renew every third of it)."""
 
+ORPHANED_JOB_SLOT_SECONDS = 1800.0
+"""How long a `submitted` job nobody holds keeps its account slot, from its submit.
+
+A job whose runner died still runs at the API, so it keeps its slot after its holder's
+lease ran out, until a run that follows it (the partition's re-run) records its end.
+Only a job nobody follows again gives its slot back, this long after it was submitted
+(the API client's default job deadline), so that it cannot block the account for ever."""
+
+ACCOUNT_REFUSAL_TTL_SECONDS = 600.0
+"""How long an account-level refusal recorded in the ledger stops new submits."""
+
 
 class ClaimAction(StrEnum):
     """What a runner must do with a row after asking the ledger."""
@@ -50,6 +61,9 @@ class ClaimAction(StrEnum):
     """The row used every paid attempt it is allowed."""
     OVER_BUDGET = "over_budget"
     """Paying for this row would take the ledger's spend over its budget."""
+    ACCOUNT_REFUSED = "account_refused"
+    """The API refused the account (no balance, bad token) since this run began: do not
+    submit; `ClaimDecision.last_error` is the refusal's reason."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +97,35 @@ class ClaimDecision:
     took_over: bool = False
     last_error: str | None = None
     spent_usd: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AccountRefusal:
+    """An account-level refusal shared through the ledger, live until `expires_at`.
+
+    Example::
+
+        refusal = ledger.account_refusal()
+        if refusal is not None:
+            print(f"the account was refused at {refusal.recorded_at}: {refusal.reason}")
+    """
+
+    reason: str
+    recorded_at: datetime
+    expires_at: datetime
+
+    def applies_to(self, now: datetime, refused_since: datetime) -> bool:
+        """True while live, for a run that began at or before the refusal was recorded.
+
+        >>> from datetime import UTC, timedelta
+        >>> t = datetime(2026, 1, 1, 12, tzinfo=UTC)
+        >>> refusal = AccountRefusal("no balance", t, t + timedelta(minutes=10))
+        >>> refusal.applies_to(t + timedelta(minutes=1), refused_since=t - timedelta(hours=1))
+        True
+        >>> refusal.applies_to(t + timedelta(minutes=1), refused_since=t + timedelta(seconds=1))
+        False
+        """
+        return self.expires_at > now and self.recorded_at >= refused_since
 
 
 @dataclass(frozen=True, slots=True)

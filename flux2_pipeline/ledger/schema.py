@@ -156,8 +156,36 @@ ledger_account = Table(
     Column("updated_at", UTCDateTime(), nullable=False),
 )
 
+REFUSALS_TABLE_NAME = "flux2_account_refusals"
+
+account_refusals = Table(
+    REFUSALS_TABLE_NAME,
+    metadata,
+    # One row per refusal the API gave for the whole account (no balance, bad token...),
+    # so every runner sharing the ledger stops submitting until it expires. Rows are only
+    # added: the latest one that has not expired is the account's state.
+    Column(
+        "id",
+        BigInteger().with_variant(Integer(), "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    Column("reason", Text(), nullable=False),
+    Column("recorded_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+    Index(f"ix_{REFUSALS_TABLE_NAME}_expires_at", "expires_at"),
+)
+
 OPEN_STATES = frozenset({SubmissionState.INTENT, SubmissionState.SUBMITTED})
-"""States of an attempt that holds a claim on its row and a slot of the account."""
+"""States of an attempt that holds a claim on its row and a slot of the account.
+
+An `intent` holds its slot while its holder's lease is live (its request may never have
+left: when the holder dies, the slot is free once the lease runs out). A `submitted` job
+holds its slot until it is recorded finished, whoever polls it: the API runs it whether
+or not its runner is alive (see `claims.ORPHANED_JOB_SLOT_SECONDS` for the one bound)."""
 
 ADDED_COLUMNS = ("holder", "lease_until", "charge_usd")
-"""Columns added after the first release; `Ledger.open` adds them to older ledgers."""
+"""Columns added after the first release; `Ledger.open` adds them to older ledgers.
+
+Tables added later (`ledger_account`, `account_refusals`) are created by `Ledger.open`
+when missing, so a ledger written by any older release opens and migrates in place."""

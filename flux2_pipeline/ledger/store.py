@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import os
 import sqlite3
 import threading
 import time
@@ -50,7 +52,10 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.schema import CreateIndex, CreateSchema, CreateTable
 
 from flux2_pipeline.ledger.claims import (
+    ACCOUNT_REFUSAL_TTL_SECONDS,
     DEFAULT_LEASE_SECONDS,
+    ORPHANED_JOB_SLOT_SECONDS,
+    AccountRefusal,
     ClaimAction,
     ClaimDecision,
     ClaimRequest,
@@ -70,10 +75,13 @@ from flux2_pipeline.ledger.schema import (
     FINISHED_STATES,
     OPEN_STATES,
     SubmissionState,
+    account_refusals,
     ledger_account,
     submissions,
 )
 from flux2_pipeline.ledger.url import parse_ledger_url, redact_url
+
+logger = logging.getLogger(__name__)
 
 LOOKUP_CHUNK_SIZE = 500
 """Row keys per ``IN (...)`` query in `Ledger.lookup` (well under SQLite's variable limit)."""
@@ -85,6 +93,14 @@ INTENT_RETRIES = 32
 """`record_intent` retries when a concurrent writer took the same attempt number."""
 
 PG_CONNECT_TIMEOUT_S = 10
+
+PG_LOCK_TIMEOUT_MS = 30_000
+"""How long a PostgreSQL statement waits for a lock (a row, an advisory lock) before it
+fails: the counterpart of SQLite's busy timeout, so a stuck lock surfaces as a
+`LedgerUnavailableError` that the caller can retry instead of a hang."""
+
+PG_STATEMENT_TIMEOUT_MS = 60_000
+"""Most any one PostgreSQL statement may run; past it the server cancels it (an error)."""
 # Serializes table creation across processes: concurrent CREATE TABLE IF NOT EXISTS on
 # PostgreSQL can still fail on the catalog's unique index.
 _PG_DDL_LOCK_KEY = 0x464C5832_4C454447  # "FLX2LEDG"
@@ -94,6 +110,7 @@ _CONFLICT_CODES = frozenset({"40P01", "40001"})
 
 _t = submissions
 _a = ledger_account
+_r = account_refusals
 _NO_REQUEST_ID = _t.c.request_id.is_(None)
 _ACCOUNT_ROW = _a.c.id == 1
 
@@ -161,8 +178,25 @@ _INSERT_INTENT = (
     .returning(*_t.c)
 )
 _OPEN_SLOTS = select(func.count()).where(
-    _states(*sorted(OPEN_STATES)), _t.c.lease_until > bindparam("now")
+    _states(*sorted(OPEN_STATES)),
+    (_t.c.lease_until > bindparam("now"))
+    | (
+        (_t.c.state == bindparam("slot_submitted", SubmissionState.SUBMITTED.value))
+        & (_t.c.submitted_at > bindparam("orphaned_before"))
+    ),
 )
+"""Taken account slots: open attempts with a live lease, and submitted jobs (whoever
+holds them) until they end or `ORPHANED_JOB_SLOT_SECONDS` after their submit."""
+_LATEST_REFUSAL = (
+    select(_r.c.reason, _r.c.recorded_at, _r.c.expires_at)
+    .where(_r.c.expires_at > bindparam("now"))
+    .order_by(_r.c.recorded_at.desc(), _r.c.id.desc())
+    .limit(1)
+)
+
+
+def _slot_params(now: datetime) -> dict[str, Any]:
+    return {"now": now, "orphaned_before": now - timedelta(seconds=ORPHANED_JOB_SLOT_SECONDS)}
 
 
 @dataclass(frozen=True)
@@ -311,6 +345,8 @@ class Ledger:
                 connect_args={
                     "connect_timeout": PG_CONNECT_TIMEOUT_S,
                     "application_name": "flux2-pipeline-ledger",
+                    "options": f"-c lock_timeout={int(PG_LOCK_TIMEOUT_MS)} "
+                    f"-c statement_timeout={int(PG_STATEMENT_TIMEOUT_MS)}",
                 },
             )
         ledger = cls(engine, parsed, schema=schema)
@@ -319,6 +355,7 @@ class Ledger:
         except BaseException:
             engine.dispose()
             raise
+        ledger._replay_spill()
         return ledger
 
     def _create_tables(self) -> None:
@@ -337,6 +374,9 @@ class Ledger:
                 charges = func.coalesce(_t.c.charge_usd, _t.c.cost_usd)
                 spent = conn.execute(select(func.coalesce(func.sum(charges), 0))).scalar_one()
                 conn.execute(insert(_a).values(id=1, spent_usd=float(spent), updated_at=_now()))
+            conn.execute(CreateTable(_r, if_not_exists=True))
+            for index in sorted(_r.indexes, key=lambda i: str(i.name)):
+                conn.execute(CreateIndex(index, if_not_exists=True))
 
     def close(self) -> None:
         """Close every pooled connection; later calls raise `LedgerError`."""
@@ -360,6 +400,71 @@ class Ledger:
         state = " closed" if self._closed else ""
         schema = f" schema={self._schema!r}" if self._schema else ""
         return f"<Ledger {redact_url(self._url)}{schema}{state}>"
+
+    # -- request ids the database could not take --------------------------------------
+
+    @property
+    def spill_path(self) -> Path | None:
+        """Where `spill_submitted` keeps request ids: beside a SQLite file; None on PostgreSQL."""
+        if self.backend != "sqlite" or not self._url.database:
+            return None
+        return Path(f"{self._url.database}.unrecorded.jsonl")
+
+    def spill_submitted(self, submission_id: int, request_id: str, submitted_at: datetime) -> bool:
+        """Keep a request id the database failed to record, for the next `Ledger.open`.
+
+        For a run that must stop while its ledger is locked: the line is appended (and
+        fsynced) to `spill_path`, and whoever opens the ledger next records it, so a re-run
+        polls that job instead of paying for the row again. False when there is no such
+        file (PostgreSQL) or it cannot be written (a full disk): the caller must log it.
+
+        Example::
+
+            if not ledger.spill_submitted(intent.id, request_id, submitted_at):
+                logger.error("request id %s is recorded nowhere", request_id)
+        """
+        path = self.spill_path
+        if path is None:
+            return False
+        line = json.dumps(
+            {
+                "submission_id": submission_id,
+                "request_id": request_id,
+                "submitted_at": _aware(submitted_at, "submitted_at").isoformat(),
+            }
+        )
+        try:
+            with path.open("a", encoding="utf-8") as spill:
+                spill.write(line + "\n")
+                spill.flush()
+                os.fsync(spill.fileno())
+        except OSError as exc:
+            logger.error("cannot keep request id %s in %s: %s", request_id, path, exc.strerror)
+            return False
+        return True
+
+    def _replay_spill(self) -> None:
+        """Record the request ids an earlier run spilled; keep the file if any fails."""
+        path = self.spill_path
+        if path is None or not path.exists():
+            return
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return  # another process replayed and removed it
+        for line in lines:
+            try:
+                kept = json.loads(line)
+                at = datetime.fromisoformat(kept["submitted_at"])
+                self.record_submitted(int(kept["submission_id"]), str(kept["request_id"]), at)
+            except LedgerStateError:
+                continue  # recorded already (the write landed after all), or it moved on
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a crash while it was written
+            except LedgerUnavailableError as exc:
+                logger.warning("cannot record the request ids kept in %s yet: %s", path, exc)
+                return
+        path.unlink(missing_ok=True)
 
     @property
     def url(self) -> str:
@@ -540,6 +645,7 @@ class Ledger:
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         budget_usd: float | None = None,
         account_concurrency: int | None = None,
+        refused_since: datetime | None = None,
     ) -> list[ClaimDecision]:
         """Decide, for each row, who pays: one transaction for the whole list.
 
@@ -547,8 +653,11 @@ class Ledger:
         lock no other runner can hold at the same time. A SUBMIT decision has already
         written the new intent, held by `holder` until ``now + lease_seconds`` (renew with
         `renew`), and reserved its price against `budget_usd`; with
-        `account_concurrency`, it also took one of the account's slots (open attempts
-        with a live lease, over every partition and runner sharing the ledger).
+        `account_concurrency`, it also took one of the account's slots (over every
+        partition and runner sharing the ledger: intents with a live lease, and submitted
+        jobs until they end). With `refused_since` (the run's start), a row that would be
+        submitted gets ACCOUNT_REFUSED instead while an account refusal recorded since
+        then is live (`record_account_refusal`); rows to follow or reuse are unaffected.
         Decisions come back in the order of `requests`.
 
         Example::
@@ -579,7 +688,13 @@ class Ledger:
             open_slots = 0
             if account_concurrency is not None:
                 slots = prepared(conn, "open_slots", _OPEN_SLOTS)
-                open_slots = int(slots.scalar(conn, {"now": now}))
+                open_slots = int(slots.scalar(conn, _slot_params(now)))
+            refusal: AccountRefusal | None = None
+            if refused_since is not None:
+                since = _aware(refused_since, "refused_since")
+                refusal = self._live_refusal(conn, now)
+                if refusal is not None and not refusal.applies_to(now, since):
+                    refusal = None
             history: dict[str, list[Submission]] = {key: [] for key in keys}
             if len(keys) == 1:
                 # The runner claims one row at a time: an indexed look-up, prepared once.
@@ -609,7 +724,9 @@ class Ledger:
                         )
                 elif action is ClaimAction.SUBMIT:
                     price = request.price_usd or 0.0
-                    if account_concurrency is not None and open_slots >= account_concurrency:
+                    if refusal is not None:
+                        action = ClaimAction.ACCOUNT_REFUSED
+                    elif account_concurrency is not None and open_slots >= account_concurrency:
                         action = ClaimAction.WAIT_FOR_SLOT
                     elif budget_usd is not None and spent + price > budget_usd + 1e-9:
                         action = ClaimAction.OVER_BUDGET
@@ -640,7 +757,9 @@ class Ledger:
                         attempt,
                         paid_attempts=verdict.paid_attempts,
                         took_over=took_over,
-                        last_error=verdict.last_error,
+                        last_error=refusal.reason
+                        if action is ClaimAction.ACCOUNT_REFUSED and refusal is not None
+                        else verdict.last_error,
                         spent_usd=spent if accounted else None,
                     )
                 )
@@ -699,9 +818,56 @@ class Ledger:
         return float(value)
 
     def open_attempts(self) -> int:
-        """Attempts holding a live claim right now (the account's taken slots)."""
+        """The account's taken slots right now: intents with a live lease, and jobs
+        submitted and not yet recorded finished (whether or not their runner lives)."""
         with self._begin("cannot read the ledger") as conn:
-            return int(conn.execute(_OPEN_SLOTS, {"now": _now()}).scalar_one())
+            return int(conn.execute(_OPEN_SLOTS, _slot_params(_now())).scalar_one())
+
+    def record_account_refusal(
+        self, reason: str, ttl_seconds: float = ACCOUNT_REFUSAL_TTL_SECONDS
+    ) -> AccountRefusal:
+        """Record that the API refused the account itself (no balance, bad token).
+
+        Every run sharing the ledger that was running at this moment stops submitting
+        (see `claim`'s `refused_since`) until `ttl_seconds` have passed; a run started
+        later (after a top-up) tries again. Committed before returning.
+
+        Example::
+
+            ledger.record_account_refusal("account balance too low (400002): top up")
+        """
+        if not isinstance(reason, str) or not reason.strip():
+            raise ValueError("reason must be a non-empty string")
+        if not ttl_seconds > 0:
+            raise ValueError(f"ttl_seconds must be positive, got {ttl_seconds!r}")
+        now = _now()
+        refusal = AccountRefusal(reason, now, now + timedelta(seconds=ttl_seconds))
+        with self._begin("cannot record the account's refusal") as conn:
+            conn.execute(
+                insert(_r).values(
+                    reason=reason, recorded_at=refusal.recorded_at, expires_at=refusal.expires_at
+                )
+            )
+        return refusal
+
+    def account_refusal(self) -> AccountRefusal | None:
+        """The latest account refusal that has not expired, or None.
+
+        Example::
+
+            if (refusal := ledger.account_refusal()) is not None:
+                print(refusal.reason, "until", refusal.expires_at)
+        """
+        with self._begin("cannot read the ledger") as conn:
+            return self._live_refusal(conn, _now())
+
+    def _live_refusal(self, conn: Connection, now: datetime) -> AccountRefusal | None:
+        row = self._prepared.get(conn, "latest_refusal", _LATEST_REFUSAL).one_or_none(
+            conn, {"now": now}
+        )
+        if row is None:
+            return None
+        return AccountRefusal(str(row["reason"]), row["recorded_at"], row["expires_at"])
 
     def record_submitted(
         self, submission_id: int, request_id: str, submitted_at: datetime | None = None
@@ -782,6 +948,10 @@ class Ledger:
         if cost_usd is not None:
             # The API's own figure replaces the reserved price in the ledger's spend.
             values["charge_usd"] = float(cost_usd)
+        elif parsed is SubmissionState.CANCELLED:
+            # Cancelled with no cost reported: the API cancelled it before it ran (only
+            # queued jobs can be cancelled), so it cost nothing and its price goes back.
+            values["charge_usd"] = 0.0
         return self._update(where, "finish", values, f"mark {parsed.value}", subject)
 
     def record_finished(

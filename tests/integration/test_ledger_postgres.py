@@ -16,8 +16,11 @@ from sqlalchemy.engine import make_url
 
 from flux2_pipeline.ledger import (
     LOOKUP_CHUNK_SIZE,
+    ClaimAction,
+    ClaimRequest,
     Ledger,
     LedgerStateError,
+    LedgerUnavailableError,
     SubmissionState,
     make_row_key,
     parse_ledger_url,
@@ -181,3 +184,39 @@ def test_repr_and_errors_hide_a_real_password(pg_url: str, schema: str) -> None:
         with pytest.raises(LedgerStateError) as info:
             ledger.record_finished(12345, "failed")
         assert "s3cret-pg" not in str(info.value)
+
+
+def test_a_stuck_lock_is_an_error_to_retry_not_a_hang(
+    pg_url: str, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another session holds the account row (as a stuck process would) past the timeout.
+    monkeypatch.setattr("flux2_pipeline.ledger.store.PG_LOCK_TIMEOUT_MS", 300)
+    with Ledger.open(pg_url, schema=schema) as ledger:
+        request = ClaimRequest(make_row_key("p", "r", "h"), "p", "r", "h", price_usd=0.05)
+        other = create_engine(parse_ledger_url(pg_url))
+        try:
+            with other.connect() as conn, ThreadPoolExecutor(1) as pool:
+                held = conn.begin()
+                conn.execute(
+                    text(f'SELECT * FROM "{schema}".flux2_ledger_account WHERE id = 1 FOR UPDATE')
+                )
+                claiming = pool.submit(
+                    ledger.claim, [request], holder="A", max_attempts=9, budget_usd=1.0
+                )
+                try:
+                    with pytest.raises(LedgerUnavailableError, match="lock timeout"):
+                        claiming.result(timeout=20)
+                finally:
+                    held.rollback()
+        finally:
+            other.dispose()
+        # Nothing was written; once the lock is gone the same claim goes through.
+        [decision] = ledger.claim([request], holder="A", max_attempts=9, budget_usd=1.0)
+        assert decision.action is ClaimAction.SUBMIT
+        assert ledger.spent_usd() == pytest.approx(0.05)
+
+
+def test_there_is_no_spill_file_beside_a_postgresql_ledger(ledger: Ledger) -> None:
+    intent = ledger.record_intent(make_row_key("p", "r", "h"), "p", "r", "h")
+    assert ledger.spill_path is None
+    assert not ledger.spill_submitted(intent.id, "job-1", T0)

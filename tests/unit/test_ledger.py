@@ -463,3 +463,24 @@ def test_concurrent_first_open_from_threads(tmp_path: Path) -> None:
     assert errors == []
     with Ledger.open(db) as ledger:
         assert len(ledger.submissions()) == 6
+
+
+def test_spilled_request_ids_are_recorded_by_the_next_open(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    now = datetime.now(UTC)
+    with Ledger.open(path) as ledger:
+        first = ledger.record_intent(make_row_key("p", "a", "h"), "p", "a", "h")
+        second = ledger.record_intent(make_row_key("p", "b", "h"), "p", "b", "h")
+        ledger.record_submitted(second.id, "job-b", now)
+        assert ledger.spill_path == Path(f"{path}.unrecorded.jsonl")
+        assert ledger.spill_submitted(first.id, "job-a", now)
+        assert ledger.spill_submitted(second.id, "job-b", now)  # it landed after all
+        with ledger.spill_path.open("a") as spill:
+            spill.write('{"submission_id": 1, "requ')  # a line a crash cut short
+    with Ledger.open(path) as ledger:
+        recorded = {a.row_id: (a.state, a.request_id) for a in ledger.submissions("p")}
+        assert recorded == {
+            "a": (SubmissionState.SUBMITTED, "job-a"),
+            "b": (SubmissionState.SUBMITTED, "job-b"),
+        }
+        assert not Path(f"{path}.unrecorded.jsonl").exists()
