@@ -187,6 +187,8 @@ class EditRunner:
         self.account_concurrency = account_concurrency
         self.preflight = preflight
         self.holder = f"runner-{uuid.uuid4().hex}"
+        self.started_at = datetime.now(UTC)
+        """Account refusals recorded in the ledger since then stop this runner's submits."""
         self.counters = RunCounters()
         self._write = GroupCommit(ledger)
         self._slots = slots or asyncio.Semaphore(max_concurrency)
@@ -290,6 +292,7 @@ class EditRunner:
                     lease_seconds=self.lease_seconds,
                     budget_usd=self.budget_usd,
                     account_concurrency=self.account_concurrency,
+                    refused_since=self.started_at,
                 )
             )
         )
@@ -312,6 +315,11 @@ class EditRunner:
                 return _WAIT if decision.action is ClaimAction.WAIT else _WAIT_SLOT
             case ClaimAction.EXHAUSTED:
                 return self._final(row, state, self._exhausted(decision, state))
+            case ClaimAction.ACCOUNT_REFUSED:
+                # Another run sharing the ledger found the account refused while this one ran.
+                self.account_stop.refuse(decision.last_error or "the account was refused")
+                self.counters.account_refused += 1
+                return self._final(row, state, self.account_stop.not_sent_error())
             case ClaimAction.OVER_BUDGET:
                 self.counters.over_budget += 1
                 spent = decision.spent_usd or 0.0
@@ -445,7 +453,10 @@ class EditRunner:
                     row, FAILED, attempts=state.paid, error=f"submit refused: {why}"
                 )
                 return refused, False
-            self.account_stop.refuse(_account_reason(exc))
+            reason = _account_reason(exc)
+            self.account_stop.refuse(reason)
+            # Every run sharing the ledger learns it, instead of spending its own refusals.
+            await self._write(lambda: self.ledger.record_account_refusal(reason))
             self.counters.account_refused += 1
             error = self.account_stop.not_sent_error()
             return RowOutcome(row, FAILED, attempts=state.paid, error=error), False
