@@ -84,6 +84,9 @@ STATUSES = tuple(RowStatus)
 
 NOT_SENT_STOPPED = "not sent: the run stopped before this row's request left"
 
+ADOPT_EVERY_S = 1.0
+"""How often a runner whose rows wait for an account slot looks for jobs of dead runs."""
+
 WAIT_FIRST_S = 0.05
 WAIT_MAX_S = 1.0
 """How often a row waiting for another runner's claim or an account slot asks again."""
@@ -114,6 +117,8 @@ class RunCounters:
     over_budget: int = 0
     account_refused: int = 0
     """Rows not sent because the account was refused (no balance, token, permission)."""
+    adopted_orphans: int = 0
+    """Jobs of runs that died, followed here to their end to free their account slots."""
     new_cost_usd: float = 0.0
     """What the jobs this run submitted cost, as the API reported (reused jobs excluded)."""
     final_failures: int = 0
@@ -194,6 +199,8 @@ class EditRunner:
         self._slots = slots or asyncio.Semaphore(max_concurrency)
         self._wakeup = wakeup or SlotWakeup()
         self.account_stop = account_stop or AccountStop()
+        self._orphans: set[asyncio.Task[None]] = set()
+        self._next_adoption = 0.0
 
     async def run(self, batches: Iterable[list[InputRow]]) -> AsyncIterator[RowOutcome]:
         """Yield one outcome per input row, in input order.
@@ -220,11 +227,13 @@ class EditRunner:
                 await asyncio.sleep(0)
             while pending:
                 yield self._count(await _first_done(pending))
+            # Jobs adopted from dead runs hold account slots: see them to their end.
+            await asyncio.gather(*self._orphans, return_exceptions=True)
         finally:
             heartbeat.cancel()
-            for task in pending:
+            for task in (*pending, *self._orphans):
                 task.cancel()
-            await asyncio.gather(heartbeat, *pending, return_exceptions=True)
+            await asyncio.gather(heartbeat, *pending, *self._orphans, return_exceptions=True)
 
     def _count(self, outcome: RowOutcome) -> RowOutcome:
         self.counters.by_status[outcome.status] += 1
@@ -311,6 +320,8 @@ class EditRunner:
             case ClaimAction.WAIT | ClaimAction.WAIT_FOR_SLOT:
                 if state.waits == 0 and decision.action is ClaimAction.WAIT:
                     self.counters.waited_for_claim += 1
+                if decision.action is ClaimAction.WAIT_FOR_SLOT:
+                    await self._adopt_orphans()
                 state.waits += 1
                 return _WAIT if decision.action is ClaimAction.WAIT else _WAIT_SLOT
             case ClaimAction.EXHAUSTED:
@@ -350,6 +361,62 @@ class EditRunner:
         if outcome.status == FAILED and not again and _is_final(outcome):
             self.counters.final_failures += 1
         return outcome
+
+    async def _adopt_orphans(self) -> None:
+        """While rows wait for an account slot, take over the jobs of runs that died.
+
+        A dead run's submitted jobs keep their slots until someone records their end (the
+        API still runs them); polled here to their end and recorded, they free their
+        slots, and their rows' re-runs find them done instead of paying again.
+        """
+        now = asyncio.get_running_loop().time()
+        if now < self._next_adoption:
+            return
+        self._next_adoption = now + ADOPT_EVERY_S
+        try:
+            adopted = await self._write(
+                lambda: self.ledger.adopt_orphaned_jobs(self.holder, self.lease_seconds)
+            )
+        except Exception as exc:  # the next wait tries again
+            logger.warning("could not look for jobs of runs that died: %s", exc)
+            return
+        for job in adopted:
+            self.counters.adopted_orphans += 1
+            task = asyncio.ensure_future(self._finish_orphan(job))
+            self._orphans.add(task)
+            task.add_done_callback(self._orphans.discard)
+
+    async def _finish_orphan(self, job: Submission) -> None:
+        assert job.request_id is not None
+        try:
+            result = await self.client.wait(job.request_id, submitted_at=job.submitted_at)
+        except asyncio.CancelledError:
+            await self._settle_after_cancel(job)
+            raise
+        except RunComfyError as exc:
+            # Left `submitted`: its lease lapses and a later run follows it again.
+            logger.info("an adopted job %s: %s", job.request_id, redact_text(str(exc)))
+            return
+        if result.ok:
+            state = SubmissionState.COMPLETED
+        elif result.state is JobState.CANCELLED:
+            state = SubmissionState.CANCELLED
+        else:
+            state = SubmissionState.FAILED
+        error = None if result.ok else redact_text(result.error or f"the job ended {result.state}")
+        await self._write(
+            lambda: self.ledger.record_finished(
+                job.id,
+                state,
+                finished_at=result.finished_at or datetime.now(UTC),
+                error=error,
+                cost_usd=result.cost_usd,
+                output_urls=result.output_urls if result.ok else (),
+            ),
+            keep=True,
+        )
+        if self.account_concurrency is not None:
+            self._wakeup.freed()
 
     async def _withdraw_claim(self, claiming: asyncio.Future[list[ClaimDecision]]) -> None:
         """The run stopped while claiming: an intent it got was never sent, so release it.

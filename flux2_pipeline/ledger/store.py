@@ -811,6 +811,43 @@ class Ledger:
         with self._begin("cannot renew the runner's claims") as conn:
             return int(conn.execute(stmt).rowcount or 0)
 
+    def adopt_orphaned_jobs(
+        self, holder: str, lease_seconds: float = DEFAULT_LEASE_SECONDS, limit: int = 8
+    ) -> list[Submission]:
+        """Take over up to `limit` submitted jobs whose runner's lease has lapsed.
+
+        Such a job still runs at the API and holds an account slot until someone records
+        its end; a runner waiting for a slot adopts it (renewed by its heartbeat from now
+        on), polls it to its end and records that, so a dead run's jobs cannot starve the
+        account. One transaction: no two runners adopt the same job.
+
+        Example::
+
+            for job in ledger.adopt_orphaned_jobs(holder, lease_seconds=60):
+                ...  # poll job.request_id, then record_finished(job.id, ...)
+        """
+        now = _now()
+        lapsed = (
+            _states(SubmissionState.SUBMITTED),
+            _t.c.request_id.is_not(None),
+            (_t.c.lease_until.is_(None)) | (_t.c.lease_until <= now),
+        )
+        with self._begin("cannot adopt orphaned jobs") as conn:
+            ids = list(
+                conn.execute(select(_t.c.id).where(*lapsed).order_by(_t.c.id).limit(limit))
+                .scalars()
+                .all()
+            )
+            if not ids:
+                return []
+            adopted = conn.execute(
+                update(_t)
+                .where(_t.c.id.in_(ids), *lapsed)
+                .values(holder=holder, lease_until=now + timedelta(seconds=lease_seconds))
+                .returning(*_t.c)
+            ).mappings()
+            return [submission_from_row(row) for row in adopted]
+
     def spent_usd(self) -> float:
         """The ledger's spend: every attempt's cost when reported, else its reserved price."""
         with self._begin("cannot read the ledger") as conn:
