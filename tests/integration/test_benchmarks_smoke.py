@@ -18,6 +18,7 @@ EXPECTED = {
     "throughput": ("### throughput", "| plain ", "| client ", "| pipeline-net "),
     "transport": ("### transport", "| httpx ", "| aiohttp "),
     "memory": ("### memory", "peak RSS MB", "re-run:"),
+    "photos": ("### photos", "peak RSS MB", "largest peak RSS"),
     "partitions": ("### partitions", "s/partition", "single_run()"),
     "backfill": ("### backfill", "| plain ", "| --parallel 4, 25/run "),
 }

@@ -108,3 +108,19 @@ def test_contact_sheet_thumbnails_decode_little_and_skip_images_above_the_ceilin
     bomb_cell = sheet.getpixel((PAD + TEXT_WIDTH + THUMB + PAD + THUMB - 4, top + THUMB - 4))
     assert photo_cell == pytest.approx((0, 90, 200), abs=3)
     assert bomb_cell == (110, 110, 120)  # the "not decoded" cell, not a thumbnail
+
+
+def test_the_decode_ceiling_is_a_setting() -> None:
+    from flux2_pipeline.media import DEFAULT_MAX_PIXELS
+    from flux2_pipeline.settings import Settings, SettingsError
+
+    assert DEFAULT_MAX_PIXELS >= 100_000_000  # 100-102 MP camera photos are decoded
+    assert Settings.from_env({}).storage.max_decode_pixels == DEFAULT_MAX_PIXELS
+    chosen = Settings.from_env({"FLUX2_MAX_DECODE_PIXELS": "50000000"})
+    assert chosen.storage.max_decode_pixels == 50_000_000
+    for bad in ("0", "lots"):
+        with pytest.raises(SettingsError) as caught:
+            Settings.from_env({"FLUX2_MAX_DECODE_PIXELS": bad})
+        assert str(caught.value).startswith("FLUX2_MAX_DECODE_PIXELS") and "\n" not in str(
+            caught.value
+        )
