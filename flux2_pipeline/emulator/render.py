@@ -46,6 +46,8 @@ _BIG_DECODE_PIXELS = 16_000_000
 _BIG_DECODES = threading.Lock()
 """One reference of more than `_BIG_DECODE_PIXELS` decoded at a time (up to 480 MB each)."""
 _NO_LOCK = contextlib.nullcontext()
+_REDUCIBLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "CMYK", "I", "F"})
+"""Modes `Image.reduce` takes (not "1", "P" or "I;16")."""
 
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
@@ -197,7 +199,7 @@ def _decode_fit(data: bytes, size: tuple[int, int]) -> Image.Image:
         # JPEG can decode at a reduced scale directly, which is much cheaper.
         source.draft("RGB", size)
         factor = min(source.width // size[0], source.height // size[1])
-        if factor < 2:
+        if factor < 2 or source.mode not in _REDUCIBLE_MODES:
             rgb = ImageOps.exif_transpose(source).convert("RGB")
         else:
             with _BIG_DECODES if source.width * source.height > _BIG_DECODE_PIXELS else _NO_LOCK:
