@@ -95,6 +95,7 @@ class Flux2EditsComponent(Component, Resolvable):
     group_name: str = "flux2"
     pool: str | None = None
     partitions_per_run: int = DEFAULT_PARTITIONS_PER_RUN
+    max_decode_pixels: int | None = None
 
     def build_defs(self, context: ComponentLoadContext) -> Definitions:
         """The factory's `Definitions`, with resources built from the attributes."""
@@ -108,6 +109,7 @@ class Flux2EditsComponent(Component, Resolvable):
             "budget_usd": self.budget_usd,
             "price_per_image_usd": self.price_per_image_usd,
             "defaults": self.defaults,
+            "max_decode_pixels": self.max_decode_pixels,
         }
         env_names: dict[str, str] = {}
         for name, secret in (("api_token", self.api_token), ("ledger_url", self.ledger_url)):

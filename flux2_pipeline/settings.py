@@ -50,6 +50,7 @@ ENVIRONMENT: dict[str, str] = {
     "budget_usd": "FLUX2_BUDGET_USD",
     "price_per_image_usd": "FLUX2_PRICE_PER_IMAGE_USD",
     "claim_lease_seconds": "FLUX2_CLAIM_LEASE_SECONDS",
+    "max_decode_pixels": "FLUX2_MAX_DECODE_PIXELS",
 }
 """Each resource setting and the variable that sets it."""
 

@@ -50,7 +50,6 @@ from flux2_pipeline.media import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_DECODES,
-    DEFAULT_MAX_PIXELS,
     EXPIRED_ERROR,
     FAILURES_KEPT,
     MANIFEST_COLUMN_DESCRIPTIONS,
@@ -59,6 +58,7 @@ from flux2_pipeline.media import (
     FetchLimits,
     ImageStore,
     OutputRefresh,
+    PixelBudget,
     SyncReport,
     contact_rows,
     iter_image_refs,
@@ -94,13 +94,18 @@ class ImagesConfig(Config):
         gt=0,
         description="Total seconds of one download attempt (redirects and body included).",
     )
-    max_pixels: int = Field(
-        default=DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = Field(
+        default=None,
         ge=1,
-        description="Largest image decoded, in pixels (width x height, read from the header).",
+        description="The decode ceiling and budget, in pixels (width x height, read from the "
+        "header); default: the storage resource's max_decode_pixels (FLUX2_MAX_DECODE_PIXELS). "
+        "Larger images are stored undecoded, without a thumbnail.",
     )
     max_decodes: int = Field(
-        default=DEFAULT_MAX_DECODES, ge=1, description="Most image decodes running at once."
+        default=DEFAULT_MAX_DECODES,
+        ge=1,
+        description="Most image verifications running at once (their decodes share the "
+        "pixel budget).",
     )
     allow_private_networks: bool = Field(
         default=False,
@@ -198,6 +203,9 @@ def build_images_asset(
                 timeout=config.timeout_seconds,
             )
             last_log = [time.monotonic()]
+            max_pixels = config.max_pixels or storage.max_decode_pixels
+            # One budget for the sync's decodes and the contact sheet's.
+            budget = PixelBudget(max_pixels)
 
             def progress(done: int, met: int) -> None:
                 if time.monotonic() - last_log[0] >= PROGRESS_SECONDS:
@@ -217,12 +225,15 @@ def build_images_asset(
                 limits=limits,
                 max_concurrency=config.max_concurrency,
                 max_decodes=config.max_decodes,
-                max_pixels=config.max_pixels,
+                max_pixels=max_pixels,
+                budget=budget,
                 on_done=progress,
                 refresh=_fresh_output_urls(runcomfy),
             )
             sheet = render_contact_sheet(
-                contact_rows(iter_parquet(results_path), iter_manifest(manifest_path), store)
+                contact_rows(iter_parquet(results_path), iter_manifest(manifest_path), store),
+                max_pixels=max_pixels,
+                budget=budget,
             )
             sheet_path = storage.contact_sheet_path(key)
             save_png(sheet, sheet_path)
@@ -237,6 +248,12 @@ def build_images_asset(
                     f"(first: row {first.row_id}, request {first.request_id}): {EXPIRED_ERROR}. "
                     "Nothing was submitted again; their manifest rows say 'expired'."
                 )
+            if report.not_decoded:
+                context.log.info(
+                    f"partition {key}: {report.not_decoded} stored images are above the "
+                    f"{max_pixels / 1e6:g} MP decode ceiling: described from their header, "
+                    "no thumbnail (see the manifest's note column)"
+                )
             metadata: dict[str, Any] = {
                 "dagster/row_count": report.images,
                 "flux2/images_stored": report.stored,
@@ -245,6 +262,7 @@ def build_images_asset(
                 "flux2/images_failed": report.failed,
                 "flux2/images_expired": report.expired,
                 "flux2/result_refreshes": report.refreshed,
+                "flux2/images_not_decoded": report.not_decoded,
                 "flux2/bytes_downloaded": report.bytes_downloaded,
                 "flux2/bytes_stored": report.bytes_stored,
                 "flux2/manifest": MetadataValue.path(str(manifest_path)),

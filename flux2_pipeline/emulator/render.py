@@ -12,15 +12,18 @@ Both are pure functions of their inputs, so identical jobs give identical bytes:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import random
 import re
+import struct
 import textwrap
+import threading
 from collections.abc import Sequence
 from functools import lru_cache
 
-from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFile, ImageFont, ImageOps, UnidentifiedImageError
 
 from flux2_pipeline.runcomfy.models import IMAGE_SIZE_PIXELS
 
@@ -34,9 +37,17 @@ CONTENT_TYPES: dict[str, str] = {
 }
 """MIME type of each `output_format`."""
 
-# Pillow's decompression-bomb guard is per process; references are capped at 10 MiB
-# of bytes but a tiny PNG can still claim gigapixels, so refuse those explicitly.
-_MAX_REFERENCE_PIXELS = 40_000_000
+# References are capped at 10 MiB of bytes but a tiny PNG can still claim gigapixels, so
+# refuse those explicitly; camera photos (48-102 MP) are accepted, as the API accepts them.
+# Pillow's own guard (Image.MAX_IMAGE_PIXELS, 89 MP) would warn on a 102 MP photo and refuse
+# a 200 MP one, so references are opened past it and this cap decides.
+_MAX_REFERENCE_PIXELS = 120_000_000
+_BIG_DECODE_PIXELS = 16_000_000
+_BIG_DECODES = threading.Lock()
+"""One reference of more than `_BIG_DECODE_PIXELS` decoded at a time (up to 480 MB each)."""
+_NO_LOCK = contextlib.nullcontext()
+_REDUCIBLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "CMYK", "I", "F"})
+"""Modes `Image.reduce` takes (not "1", "P" or "I;16")."""
 
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
@@ -54,7 +65,7 @@ def check_reference(data: bytes) -> tuple[int, int]:
         (512, 512)
     """
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with _open(data) as image:
             size = image.size
             if size[0] * size[1] > _MAX_REFERENCE_PIXELS:
                 raise ReferenceImageError(f"image is too large ({size[0]}x{size[1]} pixels)")
@@ -166,11 +177,36 @@ def _font(size: int) -> Font:
     return ImageFont.load_default(size)
 
 
+def _open(data: bytes) -> ImageFile.ImageFile:
+    # `Image.open` without its process-wide pixel guard (see `_MAX_REFERENCE_PIXELS`).
+    handle = io.BytesIO(data)
+    Image.init()
+    for name in Image.ID:
+        factory, accept = Image.OPEN[name]
+        verdict = accept(data[:16]) if accept is not None else True
+        if isinstance(verdict, str) or not verdict:
+            continue
+        handle.seek(0)
+        try:
+            return factory(handle, "")
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            continue
+    raise UnidentifiedImageError("cannot identify image file")
+
+
 def _decode_fit(data: bytes, size: tuple[int, int]) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as source:
+    with _open(data) as source:
         # JPEG can decode at a reduced scale directly, which is much cheaper.
         source.draft("RGB", size)
-        rgb = ImageOps.exif_transpose(source).convert("RGB")
+        factor = min(source.width // size[0], source.height // size[1])
+        if factor < 2 or source.mode not in _REDUCIBLE_MODES:
+            rgb = ImageOps.exif_transpose(source).convert("RGB")
+        else:
+            with _BIG_DECODES if source.width * source.height > _BIG_DECODE_PIXELS else _NO_LOCK:
+                # A camera photo: reduce it before any full-size copy is made.
+                reduced = source.reduce(factor)
+            reduced.info = dict(source.info)
+            rgb = ImageOps.exif_transpose(reduced).convert("RGB")
     return ImageOps.fit(rgb, size, method=Image.Resampling.BILINEAR)
 
 

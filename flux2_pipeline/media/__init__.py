@@ -3,7 +3,8 @@
 Dagster-free. `sync_images` fetches every image a results table points at into an
 `ImageStore` (content-addressed, atomic writes) through `flux2_pipeline.net`'s guarded
 fetcher (address policy, per-attempt deadline, size cap, retries), with bounded
-concurrency, a pixel cap checked before decoding and bounded decodes, and streams the
+concurrency, structure checks that decode as little as the format allows, a decode
+budget counted in pixels and a decode ceiling above which nothing is decoded, and streams the
 manifest (one row per image) as it goes, in memory that does not grow with the partition;
 `render_contact_sheet` draws a partition's references beside their edits.
 
@@ -17,6 +18,7 @@ Example::
     first_rows = list(islice(iter_manifest(manifest), 10))
 """
 
+from flux2_pipeline.media.budget import PixelBudget
 from flux2_pipeline.media.contact import (
     ContactRow,
     contact_rows,
@@ -66,6 +68,7 @@ from flux2_pipeline.media.verify import (
     TooManyPixels,
     UndecodableImage,
     inspect_image,
+    open_image,
 )
 from flux2_pipeline.net import DEFAULT_MAX_BYTES, AddressPolicy, FetchLimits
 
@@ -98,6 +101,7 @@ __all__ = [
     "ManifestWriter",
     "NotAnImage",
     "OutputRefresh",
+    "PixelBudget",
     "StoredImage",
     "SyncReport",
     "TooManyPixels",
@@ -109,6 +113,7 @@ __all__ = [
     "iter_image_refs",
     "iter_manifest",
     "markdown_preview",
+    "open_image",
     "read_manifest",
     "render_contact_sheet",
     "save_png",

@@ -1,5 +1,9 @@
 """Contact sheets: reference thumbnails beside their edits, with the prompt, as one PNG.
 
+Thumbnails decode as little as they can: a JPEG in draft mode (at 1/2 to 1/8 scale), then
+`Image.thumbnail`'s `reduce`. Each decode holds its pixels from a `PixelBudget`, and an
+image above the decode ceiling is not decoded at all: its cell says so.
+
 Example::
 
     rows = contact_rows(iter_parquet(results_path), iter_manifest(manifest_path), store)
@@ -17,11 +21,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 from upath import UPath
 
+from flux2_pipeline.media.budget import PixelBudget
 from flux2_pipeline.media.manifest import ImageRecord, Results, completed_rows
 from flux2_pipeline.media.store import ImageStore
+from flux2_pipeline.media.verify import DEFAULT_MAX_PIXELS, describe_pixels, open_image
 from flux2_pipeline.paths import ensure_upath, write_bytes_atomically
 
 MAX_ROWS = 24
@@ -97,19 +103,49 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def _thumbnail(path: Path | UPath, size: int) -> Image.Image:
+_REDUCING_GAP = 2.0
+"""`Image.thumbnail`'s: draft and `reduce` down to twice the thumbnail, then resample."""
+_NEEDS_CONVERSION = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+"""Modes `Image.thumbnail` cannot resize: converted first (a second full-size buffer)."""
+
+
+def _cell(size: int, colour: tuple[int, int, int], lines: Sequence[str]) -> Image.Image:
+    cell = Image.new("RGB", (size, size), colour)
+    ImageDraw.Draw(cell).multiline_text((PAD, PAD), "\n".join(lines), fill="white")
+    return cell
+
+
+def _thumbnail(path: Path | UPath, size: int, max_pixels: int, budget: PixelBudget) -> Image.Image:
     try:
-        with path.open("rb") as handle, Image.open(handle) as image:
-            image.load()
-            return ImageOps.contain(image.convert("RGB"), (size, size))
-    except (OSError, ValueError):
-        broken = Image.new("RGB", (size, size), (200, 60, 60))
-        ImageDraw.Draw(broken).text((PAD, PAD), "unreadable", fill="white")
-        return broken
+        with path.open("rb") as handle, open_image(handle) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                shown = describe_pixels(width, height).replace(" (", "\n(")
+                return _cell(size, (110, 110, 120), ["not decoded:", shown, "above the", "ceiling"])
+            image.draft(None, (int(size * _REDUCING_GAP), int(size * _REDUCING_GAP)))
+            decoded = image.size[0] * image.size[1]
+            converted = image.mode in _NEEDS_CONVERSION
+            with budget.hold(decoded * (2 if converted else 1)):
+                source = image.convert("I") if converted else image
+                source.thumbnail((size, size), reducing_gap=_REDUCING_GAP)
+                return source.convert("RGB")
+    except (OSError, ValueError, SyntaxError):
+        return _cell(size, (200, 60, 60), ["unreadable"])
 
 
-def render_contact_sheet(rows: Sequence[ContactRow], thumb: int = THUMB) -> Image.Image:
-    """A white grid: prompt text, then reference thumbnails, then edit thumbnails, per row."""
+def render_contact_sheet(
+    rows: Sequence[ContactRow],
+    thumb: int = THUMB,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    budget: PixelBudget | None = None,
+) -> Image.Image:
+    """A white grid: prompt text, then reference thumbnails, then edit thumbnails, per row.
+
+    Images above `max_pixels` (the decode ceiling) get a cell saying so instead of a
+    thumbnail; decodes hold their pixels from `budget` (default: one of `max_pixels`).
+    """
+    budget = budget if budget is not None else PixelBudget(max_pixels)
     font = _font(_FONT_SIZE)
     small = _font(_FONT_SIZE - 2)
     sources = max((len(row.sources) for row in rows), default=1) or 1
@@ -133,11 +169,14 @@ def render_contact_sheet(rows: Sequence[ContactRow], thumb: int = THUMB) -> Imag
         lines = textwrap.wrap(row.prompt, _WRAP)[:_MAX_LINES] or ["(empty prompt)"]
         draw.multiline_text((PAD, top + _FONT_SIZE + 6), "\n".join(lines), fill="black", font=small)
         for column, path in enumerate(row.sources):
-            sheet.paste(_thumbnail(path, thumb), (PAD + TEXT_WIDTH + column * cell, top))
+            sheet.paste(
+                _thumbnail(path, thumb, max_pixels, budget),
+                (PAD + TEXT_WIDTH + column * cell, top),
+            )
         arrow_x = edits_x - 2 * PAD
         draw.text((arrow_x, top + thumb // 2), ">", fill=(120, 120, 120), font=font)
         for column, path in enumerate(row.edits):
-            sheet.paste(_thumbnail(path, thumb), (edits_x + column * cell, top))
+            sheet.paste(_thumbnail(path, thumb, max_pixels, budget), (edits_x + column * cell, top))
     return sheet
 
 

@@ -6,9 +6,9 @@
     ├── ImageUnavailable       HTTP error status (404/410: expired URL), a missing
     │                          object, or transient errors that outlasted every retry
     ├── NotAnImage             the response's content type is not image/*
-    ├── ImageTooLarge          more bytes than the size cap, or more pixels than the
-    │                          pixel cap (checked from the header, before decoding)
-    └── CorruptImage           the bytes do not decode as an image
+    ├── ImageTooLarge          more bytes than the size cap (an image with more pixels
+    │                          than the decode ceiling is stored, not refused)
+    └── CorruptImage           no header Pillow can read, or a broken structure
 
 Reasons and URLs are redacted (no signed-URL secrets) and fit on one line.
 
@@ -62,12 +62,14 @@ class NotAnImage(ImageFetchError):
 
 
 class ImageTooLarge(ImageFetchError):
-    """The image is bigger than the size cap or has more pixels than the pixel cap."""
+    """The image has more bytes than the size cap."""
 
     kind = "too_large"
 
 
 class CorruptImage(ImageFetchError):
-    """The bytes claim to be an image but Pillow cannot decode them."""
+    """The bytes claim to be an image but Pillow cannot read their header, or their
+    structure is broken (a bad CRC, a pixel stream that ends early or inflates beyond its
+    declared size, a truncated scan)."""
 
     kind = "corrupt"

@@ -54,6 +54,8 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("bytes", pa.int64()),
         pa.field("status", pa.string(), nullable=False),
         pa.field("error", pa.string()),
+        pa.field("verified", pa.string()),
+        pa.field("note", pa.string()),
     ]
 )
 """The manifest's schema (see CONTRACT.md, "Downstream datasets")."""
@@ -66,12 +68,16 @@ MANIFEST_COLUMN_DESCRIPTIONS: dict[str, str] = {
     "url": "where the image was fetched from",
     "sha256": "sha256 of the stored bytes; null if the image failed",
     "path": "the stored file, relative to FLUX2_OUTPUT_DIR",
-    "width": "pixels, from decoding the stored bytes",
-    "height": "pixels, from decoding the stored bytes",
+    "width": "pixels, from the image's header",
+    "height": "pixels, from the image's header",
     "format": "Pillow's format name (PNG, JPEG, WEBP)",
     "bytes": "size of the stored file",
     "status": "ok, failed, or expired (an output the API no longer serves; paid, not resubmitted)",
     "error": "why the image is missing, when failed",
+    "verified": "how the stored bytes were checked: png-stream (chunk CRCs, pixel stream "
+    "inflated and counted), jpeg-draft (every scan decoded at 1/8 scale), pixels (fully "
+    "decoded) or header (above the decode ceiling: dimensions only)",
+    "note": "why a stored image was not decoded (and has no thumbnail)",
 }
 
 
@@ -103,6 +109,8 @@ class ImageRecord:
     format: str | None = None
     bytes: int | None = None
     error: str | None = None
+    verified: str | None = None
+    note: str | None = None
 
     @property
     def ok(self) -> bool:

@@ -14,10 +14,12 @@ across the whole partition (the previous manifest by URL, the URLs already settl
 stored digests) lives in an on-disk index. The report keeps counts and the first failures.
 
 Untrusted URLs go through `flux2_pipeline.net.GuardedFetcher` under `policy`; at most
-`max_concurrency` downloads (each holding its bytes until stored) and `max_decodes` image
-decodes run at once, and no image with more than `max_pixels` pixels is decoded. Any
-problem with one URL is a `failed` manifest row with a one-line, redacted reason, never an
-exception.
+`max_concurrency` downloads (each holding its bytes until stored) and `max_decodes`
+verifications run at once, and the decodes among them share one `PixelBudget` (default:
+`max_pixels`), so memory is bounded by pixels, not by a number of images. An image with
+more than `max_pixels` pixels (the decode ceiling) is stored without any decode, its
+manifest row saying why (`note`). Any problem with one URL is a `failed` manifest row
+with a one-line, redacted reason, never an exception.
 
 Outputs expire: the API keeps an output for days, not forever. When an edited image's URL
 answers 403, 404 or 410 and a `refresh` is given, the API is asked once per job for fresh
@@ -50,10 +52,10 @@ import httpx
 import pyarrow as pa
 from upath import UPath
 
+from flux2_pipeline.media.budget import PixelBudget
 from flux2_pipeline.media.errors import (
     CorruptImage,
     ImageFetchError,
-    ImageTooLarge,
     ImageUnavailable,
 )
 from flux2_pipeline.media.fetch import ImageFetcher
@@ -62,7 +64,6 @@ from flux2_pipeline.media.store import ImageStore
 from flux2_pipeline.media.verify import (
     DEFAULT_MAX_PIXELS,
     ImageInfo,
-    TooManyPixels,
     UndecodableImage,
     inspect_image,
 )
@@ -79,7 +80,7 @@ from flux2_pipeline.paths import INDEX_CHUNK, DiskIndex, IndexKey
 
 DEFAULT_CONCURRENCY = 16
 DEFAULT_MAX_DECODES = 2
-"""Image decodes at once: each may hold `max_pixels` x 4 bytes (160 MB at 40 MP)."""
+"""Image verifications at once (CPU); the memory of their decodes is the pixel budget's."""
 WINDOW_REFS = 1024
 """References read ahead of the first one not yet written to the manifest (at least four
 per download slot): a slow image holds back the manifest, and the downloads behind it
@@ -117,6 +118,8 @@ class SyncReport:
 
     downloaded: int = 0
     reused: int = 0
+    not_decoded: int = 0
+    """Stored images above the decode ceiling: described from their header, no thumbnail."""
     bytes_downloaded: int = 0
     stored: int = 0
     failed: int = 0
@@ -165,6 +168,7 @@ class _Budget:
     downloads: asyncio.Semaphore
     decodes: asyncio.Semaphore
     max_pixels: int
+    pixels: PixelBudget
 
 
 def _shown_url(url: object) -> str:
@@ -256,9 +260,7 @@ def _previous_keys(record: ImageRecord) -> list[IndexKey]:
 async def _verify(url: str, data: bytes, content_type: str, budget: _Budget) -> ImageInfo:
     try:
         async with budget.decodes:
-            return await asyncio.to_thread(inspect_image, data, budget.max_pixels)
-    except TooManyPixels as exc:
-        raise ImageTooLarge(url, str(exc)) from None
+            return await asyncio.to_thread(inspect_image, data, budget.max_pixels, budget.pixels)
     except UndecodableImage as exc:
         raise CorruptImage(url, f"{exc} (content type {content_type})") from None
 
@@ -293,6 +295,8 @@ async def _download(
         height=info.height,
         format=info.format,
         bytes=info.bytes,
+        verified=info.verified,
+        note=info.note,
     )
     return _Outcome(template=template, downloaded=True)
 
@@ -448,6 +452,8 @@ class _Sync:
                 report.first_failures.append(record)
             return
         report.stored += 1
+        if record.verified == "header":
+            report.not_decoded += 1
         if record.sha256 is not None and self._known.first_sight(record.sha256):
             report.bytes_stored += record.bytes or 0
 
@@ -463,6 +469,7 @@ async def sync_images(
     max_concurrency: int = DEFAULT_CONCURRENCY,
     max_decodes: int = DEFAULT_MAX_DECODES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    budget: PixelBudget | None = None,
     on_done: Callable[[int, int], None] | None = None,
     resolver: Resolver = system_resolver,
     transport: httpx.AsyncBaseTransport | None = None,
@@ -478,7 +485,9 @@ async def sync_images(
 
     `policy` decides which addresses may be fetched (default: public addresses only;
     `AddressPolicy.for_api(base_url)` allows loopback for the emulator). At most
-    `max_concurrency` downloads are in flight. `on_done(settled, met)` is called after
+    `max_concurrency` downloads are in flight. Decodes share `budget` (pass one budget to
+    share it with other decodes of the process, such as the contact sheet's); above
+    `max_pixels` an image is stored undecoded. `on_done(settled, met)` is called after
     each distinct URL settles, with the distinct URLs met so far (the total is known only
     at the end of `refs`). `resolver` and `transport` are the test seams. `refresh` asks
     the API for a job's fresh output URLs when an output's URL is gone (403/404/410);
@@ -489,7 +498,12 @@ async def sync_images(
         report = await sync_images(refs, store, Path("out/m.parquet"), Path("out/m.parquet"))
     """
     known = _Known(previous)
-    budget = _Budget(asyncio.Semaphore(max_concurrency), asyncio.Semaphore(max_decodes), max_pixels)
+    slots = _Budget(
+        asyncio.Semaphore(max_concurrency),
+        asyncio.Semaphore(max_decodes),
+        max_pixels,
+        budget if budget is not None else PixelBudget(max_pixels),
+    )
     try:
         async with GuardedFetcher(
             policy,
@@ -501,7 +515,7 @@ async def sync_images(
             with ManifestWriter(manifest) as writer:
                 fetcher = ImageFetcher(guarded)
                 window = max(WINDOW_REFS, 4 * max_concurrency)
-                sync = _Sync(store, known, fetcher, budget, writer, on_done, window, refresh)
+                sync = _Sync(store, known, fetcher, slots, writer, on_done, window, refresh)
                 await sync.run(refs)
                 return sync.report
     finally:
@@ -519,6 +533,7 @@ def sync_images_blocking(
     max_concurrency: int = DEFAULT_CONCURRENCY,
     max_decodes: int = DEFAULT_MAX_DECODES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    budget: PixelBudget | None = None,
     on_done: Callable[[int, int], None] | None = None,
     refresh: OutputRefresh | None = None,
 ) -> SyncReport:
@@ -539,6 +554,7 @@ def sync_images_blocking(
             max_concurrency=max_concurrency,
             max_decodes=max_decodes,
             max_pixels=max_pixels,
+            budget=budget,
             on_done=on_done,
             refresh=refresh,
         )

@@ -33,6 +33,7 @@ from flux2_pipeline.resources.storage import Flux2Storage
 SETTINGS: dict[str, tuple[type[BaseModel], str]] = {
     "input_dir": (Flux2Storage, "input_dir"),
     "output_dir": (Flux2Storage, "output_dir"),
+    "max_decode_pixels": (Flux2Storage, "max_decode_pixels"),
     "base_url": (RunComfyResource, "base_url"),
     "account_base_url": (RunComfyResource, "account_base_url"),
     "balance_check": (RunComfyResource, "balance_check"),

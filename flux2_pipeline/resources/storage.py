@@ -27,6 +27,7 @@ from dagster import ConfigurableResource
 from pydantic import Field, field_validator
 from upath import UPath
 
+from flux2_pipeline.media import DEFAULT_MAX_PIXELS
 from flux2_pipeline.paths import (
     as_path,
     is_fsspec_uri,
@@ -107,6 +108,14 @@ class Flux2Storage(ConfigurableResource):  # type: ignore[type-arg]
         default="data/output",
         validate_default=True,
         description="FLUX2_OUTPUT_DIR: root of every dataset written (a folder or s3://...).",
+    )
+    max_decode_pixels: int = Field(
+        default=DEFAULT_MAX_PIXELS,
+        ge=1,
+        description="FLUX2_MAX_DECODE_PIXELS: the decode ceiling and budget, in pixels. "
+        "Images above it are stored and described from their header without any decode "
+        "(no thumbnail); the decodes of one step process hold at most this many pixels "
+        "at once (about 4 bytes each).",
     )
 
     @field_validator("input_dir")

@@ -19,6 +19,7 @@ EXPECTED = {
     "transport": ("### transport", "| httpx ", "| aiohttp "),
     "polling": ("### polling", "| plain 3 s ", "| remote ", "| loopback "),
     "memory": ("### memory", "peak RSS MB", "re-run:"),
+    "photos": ("### photos", "peak RSS MB", "largest peak RSS"),
     "partitions": ("### partitions", "s/partition", "single_run()"),
     "backfill": ("### backfill", "| plain ", "| --parallel 4, 25/run "),
 }

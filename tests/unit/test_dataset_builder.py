@@ -153,3 +153,27 @@ def test_rows_with_a_missing_image_are_left_out_and_counted(tmp_path: Path) -> N
     write_manifest(source.manifest_path, [ImageRecord(**r) for r in records])
     report = build_training_dataset([source], store, tmp_path / "ds")
     assert (report.rows, report.skipped) == (3, 3)
+
+
+def test_row_groups_are_bounded_by_image_bytes_as_well_as_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rows embedding camera photos are held until their row group is written: a group
+    # closes at ROW_GROUP_BYTES of images, long before ROW_GROUP_ROWS such rows.
+    from flux2_pipeline.dataset import builder
+
+    store = ImageStore(tmp_path / "images", base=tmp_path)
+    source = _partition(tmp_path, store, "photos", 10)
+    row_bytes = builder._row_bytes(
+        {
+            "input_image": {"bytes": _png(0)},
+            "source_images": [{"bytes": _png(0)}],
+            "edited_image": {"bytes": _png(100)},
+        }
+    )
+    monkeypatch.setattr(builder, "ROW_GROUP_BYTES", 3 * row_bytes)
+    report = build_training_dataset([source], store, tmp_path / "dataset")
+    shard = pq.ParquetFile(tmp_path / "dataset" / "train" / "photos-00000.parquet")
+    groups = [shard.metadata.row_group(i).num_rows for i in range(shard.metadata.num_row_groups)]
+    assert report.rows == 10 and sum(groups) == 10
+    assert max(groups) <= 3 and len(groups) >= 4, groups

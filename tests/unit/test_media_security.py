@@ -26,11 +26,12 @@ from flux2_pipeline.media import (
     ImageRef,
     ImageStore,
     SyncReport,
-    TooManyPixels,
+    UndecodableImage,
     inspect_image,
     read_manifest,
     sync_images,
 )
+from flux2_pipeline.media import verify as verify_module
 
 HOSTS = {
     "img.test": ["127.0.0.1"],
@@ -195,7 +196,9 @@ async def test_signed_urls_are_redacted_in_errors_and_in_the_manifest(
     assert records[1].ok and (again.reused, again.downloaded) == (1, 0)
 
 
-async def test_a_pixel_bomb_is_refused_from_its_header(store: ImageStore) -> None:
+async def test_an_image_above_the_decode_ceiling_is_stored_from_its_header(
+    store: ImageStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     bomb = pixel_bomb(9400, 9400)
     assert len(bomb) < 400_000
 
@@ -203,7 +206,12 @@ async def test_a_pixel_bomb_is_refused_from_its_header(store: ImageStore) -> Non
         body = bomb if request.url.path == "/bomb.png" else png((300, 200))
         return httpx.Response(200, content=body, headers={"content-type": "image/png"})
 
-    _, (bomb_row, wide_row) = await sync(
+    # Above the ceiling nothing decodes or inflates: any attempt fails the test.
+    def no_inflating(*args: object) -> None:
+        raise AssertionError("an image above the ceiling was inflated")
+
+    monkeypatch.setattr(verify_module, "check_png_stream", no_inflating)
+    report, (bomb_row, wide_row) = await sync(
         store,
         refs("http://img.test/bomb.png", "http://img.test/wide.png"),
         httpx.MockTransport(handler),
@@ -211,32 +219,99 @@ async def test_a_pixel_bomb_is_refused_from_its_header(store: ImageStore) -> Non
         max_pixels=50_000,
         max_decodes=1,
     )
-    assert (
-        bomb_row.error == "too_large: 9400x9400 is 88.4 MP, more than the 0.05 MP cap (not decoded)"
+    assert (bomb_row.status, bomb_row.width, bomb_row.height) == ("ok", 9400, 9400)
+    assert (bomb_row.verified, bomb_row.error) == ("header", None)
+    assert bomb_row.note == (
+        "not decoded: 9400x9400 (88.4 MP) is above the 0.05 MP decode ceiling; "
+        "stored and described from its header, no thumbnail"
     )
-    assert wide_row.error == "too_large: 300x200 is 0.1 MP, more than the 0.05 MP cap (not decoded)"
+    assert (wide_row.width, wide_row.height, wide_row.verified) == (300, 200, "header")
+    assert store.read(bomb_row.path or "") == bomb
+    assert (report.stored, report.not_decoded, report.failed) == (2, 2, 0)
 
 
-def test_the_default_pixel_cap_stops_a_bomb_before_it_takes_memory(tmp_path: Path) -> None:
+def test_the_default_path_verifies_a_bomb_without_taking_its_memory(tmp_path: Path) -> None:
     bomb_path = tmp_path / "bomb.png"
     bomb_path.write_bytes(pixel_bomb(9400, 9400))
-    with pytest.raises(TooManyPixels, match=r"9400x9400 is 88\.4 MP, more than the 40 MP cap"):
-        inspect_image(bomb_path.read_bytes())
-    # In a fresh process, refusing the bomb costs almost nothing; decoding it would take
-    # 9400 * 9400 * 3 = 265 MB.
+    info = inspect_image(bomb_path.read_bytes())
+    assert (info.width, info.height, info.verified, info.note) == (9400, 9400, "png-stream", None)
+    # In a fresh process, checking the bomb's whole pixel stream costs almost nothing;
+    # decoding it would take 9400 * 9400 * 4 = 353 MB (Pillow keeps RGB in 4 bytes).
     script = (
         "import resource, sys\n"
-        "from flux2_pipeline.media import inspect_image, TooManyPixels\n"
+        "from flux2_pipeline.media import inspect_image\n"
         f"data = open({str(bomb_path)!r}, 'rb').read()\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "try:\n    inspect_image(data)\nexcept TooManyPixels:\n    pass\n"
+        "assert inspect_image(data).verified == 'png-stream'\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
     )
     grown_kib = int(result.stdout.strip())
-    assert grown_kib < 20 * 1024, f"refusing the bomb grew the process by {grown_kib} KiB"
+    assert grown_kib < 20 * 1024, f"checking the bomb grew the process by {grown_kib} KiB"
+
+
+def test_pillows_own_pixel_guard_does_not_decide(recwarn: pytest.WarningsRecorder) -> None:
+    # 102 MP: Pillow warns (more than 89 MP); 210 MP: Pillow refuses to open (179 MP).
+    photo = inspect_image(pixel_bomb(12000, 8500))
+    huge = inspect_image(pixel_bomb(15000, 14000))
+    assert (photo.width, photo.height, photo.verified) == (12000, 8500, "png-stream")
+    assert (huge.width, huge.height, huge.verified) == (15000, 14000, "header")
+    assert huge.note is not None and "(210.0 MP) is above the 120 MP decode ceiling" in huge.note
+    assert not recwarn.list
+
+
+def png_with_stream(width: int, height: int, raw: bytes, *, colour: int = 2) -> bytes:
+    """A PNG whose header declares width x height and whose IDAT holds `raw`, deflated."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)
+    idat = zlib.compress(raw, 9)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        # A 64x64 header over 100 MB of pixel data: stopped as soon as it passes 12,352 bytes.
+        (b"\0" * 100_000_000, "inflates beyond the 12352 bytes its header declares"),
+        (b"\0" * 6000, "the pixel data ends after 6000 of the 12352 bytes"),
+        ((b"\0" + b"\0" * 192) * 63 + b"\x07" + b"\0" * 192, "row filter type 7 is unknown"),
+    ],
+    ids=["inflates-beyond", "ends-early", "bad-filter"],
+)
+def test_a_png_stream_that_does_not_match_its_header_is_corrupt(raw: bytes, reason: str) -> None:
+    with pytest.raises(UndecodableImage, match=reason):
+        inspect_image(png_with_stream(64, 64, raw))
+
+
+def test_structure_checks_catch_what_a_full_decode_caught() -> None:
+    good = png((640, 480))
+    assert inspect_image(good).verified == "png-stream"
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF
+    with pytest.raises(UndecodableImage, match="checksum"):
+        inspect_image(bytes(flipped))
+    buffer = io.BytesIO()
+    Image.effect_noise((640, 480), 40).convert("RGB").save(buffer, format="JPEG")
+    jpeg = buffer.getvalue()
+    assert inspect_image(jpeg).verified == "jpeg-draft"
+    with pytest.raises(UndecodableImage, match="truncated"):
+        inspect_image(jpeg[: len(jpeg) // 2])
+    interlaced = io.BytesIO()
+    Image.new("RGBA", (33, 17), "blue").save(interlaced, format="PNG", interlace=1)
+    assert inspect_image(interlaced.getvalue()).verified == "png-stream"
+    gif = io.BytesIO()
+    Image.new("P", (40, 30)).save(gif, format="GIF")
+    assert inspect_image(gif.getvalue()).verified == "pixels"
+    with pytest.raises(UndecodableImage, match="no header Pillow knows"):
+        inspect_image(b"GIF89a but not really an image")
 
 
 @pytest.mark.parametrize("max_decodes", [1, 2])
@@ -251,14 +326,14 @@ async def test_decodes_are_bounded_while_downloads_run_wide(
     real = sync_module.inspect_image
     running, peak, overlapped = [0], [0], threading.Condition()
 
-    def held(data: bytes, max_pixels: int) -> object:
+    def held(data: bytes, *limits: object) -> object:
         with overlapped:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
             overlapped.notify_all()
             overlapped.wait_for(lambda: peak[0] >= max_decodes, timeout=5)
         try:
-            return real(data, max_pixels)
+            return real(data, *limits)
         finally:
             with overlapped:
                 running[0] -= 1

@@ -56,3 +56,13 @@ def test_check_reference() -> None:
         check_reference(b"<html>not an image</html>")
     with pytest.raises(ValueError):
         render_edit([], "p")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "P", "1", "I;16"])
+def test_a_reference_four_times_the_output_renders_in_any_mode(mode: str) -> None:
+    # Camera-sized references are reduced before any full-size copy; modes `reduce`
+    # does not take go the plain way.
+    buffer = io.BytesIO()
+    Image.new(mode, (2048, 2048)).save(buffer, format="PNG")
+    out = render_edit([buffer.getvalue()], "brighter", image_size="square")
+    assert Image.open(io.BytesIO(out)).size == (512, 512)
