@@ -39,7 +39,8 @@ Example::
     start_early(partitions=[], parallel=None)      # first thing in the command
     ...
     context = start_worker_server()                 # when the runs are planned
-    pool = ProcessPoolExecutor(4, mp_context=context)
+    mine, theirs = context.Pipe()
+    context.Process(target=run_one, args=(theirs,)).start()   # run_one: watch_command(theirs, ...)
 """
 
 from __future__ import annotations

@@ -14,15 +14,18 @@ import os
 import signal
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.ledger import Ledger
+from flux2_pipeline.materialize import RUN_TAG
 from tests.conftest import TEST_TOKEN, prompt_rows, write_table
 from tests.dagster.test_process_safety import CLI, cli_env, wait_for
 from tests.dagster.test_ui import BIN, free_port
@@ -206,7 +209,8 @@ def test_sigkill_of_the_worker_server_stops_the_runs_and_the_command_outlives_th
 
 
 def test_a_dead_worker_fails_its_own_run_alone(tmp_path: Path, emulator: EmulatorServer) -> None:
-    command = start(tmp_path, backfill(tmp_path, emulator))
+    env = backfill(tmp_path, emulator)
+    command = start(tmp_path, env)
     workers: list[psutil.Process] = []
     try:
         wait_for(running_partitions(emulator, command))
@@ -233,6 +237,17 @@ def test_a_dead_worker_fails_its_own_run_alone(tmp_path: Path, emulator: Emulato
         # The dead run's rows finished before the kill are reported, as the ledger has them.
         for key in failed:
             assert results[key][1] == results[key][2] == str(ledger.stats(key)["completed"])
+    # The dead worker's run is marked failed, not left running in the UI.
+    instance = DagsterInstance.from_config(env["DAGSTER_HOME"])
+    try:
+        statuses = [
+            run.status
+            for run in instance.get_runs(RunsFilter(tags={RUN_TAG: "flux2-pipeline materialize"}))
+        ]
+    finally:
+        instance.dispose()
+    runs = len(PARTITIONS) // PER_RUN
+    assert Counter(statuses) == {DagsterRunStatus.FAILURE: 1, DagsterRunStatus.SUCCESS: runs - 1}
 
 
 def test_the_ui_started_from_a_script_stops_on_sigterm_within_5_s(tmp_path: Path) -> None:
