@@ -569,7 +569,7 @@ def _run_in_workers(
                     if _read(entry):
                         del running[channel]
                         keep(entry)
-                if not server_lost and not server_alive():
+                if not server_lost and (_orphaned(ready, running) or not server_alive()):
                     server_lost = True
                     logger.error(
                         "the worker server died: stopping the running runs, starting no other"
@@ -603,6 +603,18 @@ def _start_waiting(
             return True
         waiting.popleft()
     return False
+
+
+def _orphaned(ready: Sequence[Any], running: Mapping[Channel, _Running]) -> bool:
+    """Whether a worker's exit status came while it still runs: its server has died.
+
+    The server reports each worker's exit on the worker's sentinel, and a server that
+    dies makes every sentinel readable at once; a worker that really ended has closed
+    its pipe first (end-of-file, read above).
+    """
+    return any(
+        entry.process.sentinel in ready and not entry.channel.poll(0) for entry in running.values()
+    )
 
 
 def _wait_for_all(running: dict[Channel, _Running]) -> None:

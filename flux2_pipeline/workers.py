@@ -104,8 +104,11 @@ def server_alive() -> bool:
     if pid is None:
         return False
     try:
+        if not hasattr(os, "waitid"):  # macOS: a zombie would count as alive
+            os.kill(pid, 0)
+            return True
         state = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:  # reaped by someone else: gone all the same
+    except (ChildProcessError, ProcessLookupError):  # reaped by someone else: gone as well
         return False
     return state is None
 
