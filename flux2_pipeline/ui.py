@@ -17,8 +17,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 import pyarrow.parquet as pq
 
@@ -26,8 +30,11 @@ from flux2_pipeline.demo import MARKER, demo_folders, demo_settings, sample_tabl
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.resources import SettingsError
 
-STOP_SECONDS = 60.0
-"""How long a stop waits for dagster dev's processes before killing them."""
+STOP_SECONDS = 3.0
+"""How long a stop waits for dagster dev's processes to end on their SIGTERM before it
+kills them: the whole stop takes under 5 s. A run launched from the UI gets the SIGTERM
+too and stops cleanly (queued jobs cancelled, running ones kept in the ledger) within it;
+one cut short still has every job in the ledger, polled by the next run."""
 
 
 def _tables_point_at(folder: Path, base_url: str) -> bool:
@@ -43,23 +50,70 @@ def _tables_point_at(folder: Path, base_url: str) -> bool:
 
 
 def _stop_group(child: subprocess.Popen[bytes]) -> None:
-    """SIGTERM `child`'s process group (dagster dev shuts down on it), wait until every
-    process of the group is gone, SIGKILL what is left after `STOP_SECONDS`."""
+    """SIGTERM `child`'s process group (dagster dev and each process it started shut down
+    on it), wait until every process of the group is gone, SIGKILL what is left after
+    `STOP_SECONDS`."""
     group = child.pid
     with contextlib.suppress(ProcessLookupError):
         os.killpg(group, signal.SIGTERM)
     deadline = time.monotonic() + STOP_SECONDS
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        child.wait(timeout=STOP_SECONDS)
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(group, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(group, signal.SIGKILL)
+    while time.monotonic() < deadline and _group_alive(group):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=0.1)
+    if _group_alive(group):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
     child.wait()
+
+
+def _group_alive(group: int) -> bool:
+    """Whether a process of the group still runs; a zombie waiting for its reaper does not.
+
+    Where /proc is missing, any member counts, zombie or not.
+    """
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    stats = list(Path("/proc").glob("[0-9]*/stat"))
+    if not stats:
+        return True
+    for stat in stats:
+        with contextlib.suppress(OSError):
+            # After the command's name: state, parent, process group, ...
+            state, _parent, member_of = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            if member_of == str(group) and state != "Z":
+                return True
+    return False
+
+
+def _ignore(_signal: int, _frame: FrameType | None) -> None:
+    """A SIGINT handler that does nothing (unlike SIG_IGN, an exec does not pass it on)."""
+
+
+@contextmanager
+def _sigint_not_ignored_by_children() -> Iterator[None]:
+    """Children started in this block get SIGINT's default disposition, not SIG_IGN.
+
+    A command started in the background from a script has SIGINT ignored, and a child
+    inherits that through its exec. Every Dagster process maps SIGTERM to SIGINT's
+    handler when it starts, so `dagster dev`, its code server, webserver and daemon would
+    then ignore SIGTERM too, and only SIGKILL could stop them. A handler of this process
+    (unlike SIG_IGN) is reset to the default by the exec, so each child starts with
+    Python's own, and SIGTERM stops it. This process keeps ignoring SIGINT, as the shell
+    chose (a SIGINT during the block is dropped all the same).
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+    ):
+        yield
+        return
+    signal.signal(signal.SIGINT, _ignore)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_ui(
@@ -99,7 +153,8 @@ def run_ui(
         command += ["-h", "127.0.0.1", "-p", str(port)]
         # Its own process group, so a stop can wait for the webserver and daemon it starts
         # (they outlive `dagster dev` itself by a moment) and never leave them behind.
-        child = subprocess.Popen(command, env=env, start_new_session=True)
+        with _sigint_not_ignored_by_children():
+            child = subprocess.Popen(command, env=env, start_new_session=True)
         # A SIGTERM to this process must not orphan dagster dev: stop it like Ctrl+C does.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:

@@ -5,6 +5,24 @@ workers fork from one server (multiprocessing's forkserver) that imported what a
 needs once, so a worker starts in milliseconds instead of importing Dagster again, and
 forks from a process with no threads, which forking the command itself would not be.
 
+Each Dagster run gets a worker process of its own, which ends with its run; the command
+starts the next run's worker when one ends, so a worker that dies (killed, out of memory)
+fails only its own run. The command and each worker share one pipe (`Channel`): the
+worker sends its run's summaries back on it, the command sends `STOP` on it to stop the
+run. The pipe is also how a worker learns that the command has died, whatever killed it
+(SIGKILL, the OOM killer, a CI timeout): the kernel closes the command's end, and the
+worker's `watch_command` thread reads end-of-file. The worker then stops its run as a
+stop from the command would (queued jobs cancelled, running ones kept in the ledger) and
+ends within `ORPHAN_GRACE_S` at the latest, so an orphan never keeps paying and never
+starts another run (only the command starts runs).
+
+Why a pipe and not Linux's PR_SET_PDEATHSIG: the death signal fires on the death of the
+parent *thread* that forked the child, and a worker's parent is the worker server, not
+the command; the server would have to watch the command and the workers the server, and
+a server killed on its own would take every worker with it without a clean stop. It is
+Linux-only, too. End-of-file on a pipe whose write end only the command holds (the
+server gets the worker's end for the fork alone, and closes its copy) needs neither.
+
 The server needs as long for its imports as the command does for its own (0.8 s here).
 Started after them, it made every backfill wait for it. `start_early` starts it before
 the command imports anything heavy, whenever the command is likely to need it, so the
@@ -21,13 +39,15 @@ Example::
     start_early(partitions=[], parallel=None)      # first thing in the command
     ...
     context = start_worker_server()                 # when the runs are planned
-    pool = ProcessPoolExecutor(4, mp_context=context)
+    mine, theirs = context.Pipe()
+    context.Process(target=run_one, args=(theirs,)).start()   # run_one: watch_command(theirs, ...)
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.context
 import multiprocessing.forkserver
 import os
@@ -35,6 +55,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 MODULES = (
     "flux2_pipeline.materialize",
@@ -67,6 +88,78 @@ def start_worker_server() -> multiprocessing.context.ForkServerContext:
     context.set_forkserver_preload(list(PRELOAD))
     multiprocessing.forkserver.ensure_running()
     return context
+
+
+def server_alive() -> bool:
+    """Whether the worker server of this process runs (a dead one is left unreaped).
+
+    The server is this process's child: `waitid` with WNOWAIT sees its death without
+    reaping it, so multiprocessing can still start a new one later.
+
+    >>> server_alive() in (True, False)
+    True
+    """
+    server: Any = getattr(multiprocessing.forkserver, "_forkserver", None)
+    pid = getattr(server, "_forkserver_pid", None)
+    if pid is None:
+        return False
+    try:
+        if not hasattr(os, "waitid"):  # macOS: a zombie would count as alive
+            os.kill(pid, 0)
+            return True
+        state = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except (ChildProcessError, ProcessLookupError):  # reaped by someone else: gone as well
+        return False
+    return state is None
+
+
+Channel = multiprocessing.connection.Connection
+"""One end of the pipe between the command and one worker (`multiprocessing.Pipe()`)."""
+
+STOP = b"stop"
+"""What the command sends a worker to stop its run (end-of-file means the command died)."""
+
+ORPHAN_GRACE_S = 10.0
+"""How long a worker whose command died has to stop its run cleanly before it exits anyway."""
+
+
+def tell_stop(channel: Channel) -> None:
+    """Ask the worker at the other end of `channel` to stop its run (if it still runs)."""
+    with contextlib.suppress(OSError):
+        channel.send_bytes(STOP)
+
+
+def watch_command(
+    channel: Channel,
+    on_stop: Callable[[], None],
+    grace: float = ORPHAN_GRACE_S,
+    exit_process: Callable[[int], None] = os._exit,
+) -> threading.Thread:
+    """In a worker: call `on_stop` when the command says `STOP` or dies; return the thread.
+
+    The thread blocks on the worker's end of `channel`. `STOP` is a stop the command
+    waits for. End-of-file is the command's death (the kernel closed its end): after
+    `on_stop`, the worker has `grace` seconds to stop its run cleanly, then
+    `exit_process(1)` ends it, so no worker outlives its command by more.
+
+    Example::
+
+        watch_command(channel, on_stop=lambda: os.kill(os.getpid(), signal.SIGINT))
+    """
+
+    def watch() -> None:
+        try:
+            channel.recv_bytes()
+        except (EOFError, OSError):
+            on_stop()
+            time.sleep(grace)
+            exit_process(1)
+        else:
+            on_stop()
+
+    thread = threading.Thread(target=watch, name="flux2-command-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def likely_needed(

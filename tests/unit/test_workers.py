@@ -201,3 +201,42 @@ def test_workers_start_with_the_imports_done_frozen_and_the_collector_on() -> No
     assert enabled
     assert loaded
     assert frozen > 100_000  # Dagster and the rest: hundreds of thousands of objects
+
+
+def test_a_worker_hears_the_command_stop_it_and_stays() -> None:
+    mine, theirs = multiprocessing.Pipe()
+    stopped, exits = threading.Event(), []
+    watcher = workers.watch_command(theirs, stopped.set, grace=0.05, exit_process=exits.append)
+    workers.tell_stop(mine)
+    assert stopped.wait(5)
+    watcher.join(5)
+    assert exits == []  # the command waits for its clean stop, however long
+
+
+def test_a_worker_whose_command_died_stops_then_exits_after_the_grace() -> None:
+    mine, theirs = multiprocessing.Pipe()
+    stopped, exits = threading.Event(), []
+    watcher = workers.watch_command(theirs, stopped.set, grace=0.2, exit_process=exits.append)
+    mine.close()  # what the kernel does to every end the command held when it dies
+    assert stopped.wait(5)
+    assert exits == []  # the grace: time to stop the run cleanly
+    watcher.join(5)
+    assert exits == [1]
+    workers.tell_stop(mine)  # a stop to a worker already gone is no error
+
+
+def test_the_server_is_alive_until_killed_and_not_reaped_by_asking() -> None:
+    import multiprocessing.forkserver as forkserver
+
+    workers.start_worker_server()
+    server = forkserver._forkserver  # type: ignore[attr-defined]
+    pid = server._forkserver_pid
+    assert workers.server_alive()
+    os.kill(pid, 9)
+    deadline = time.monotonic() + 10
+    while workers.server_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not workers.server_alive()
+    # Still this process's child to reap: multiprocessing starts a new server on demand.
+    workers.start_worker_server()
+    assert server._forkserver_pid != pid and workers.server_alive()
