@@ -13,37 +13,41 @@ not 100, each keyed by the versions of the files it covers (`ranged_run_key`).
 Example::
 
     sensor = defs.get_sensor_def(Flux2Keys().sensor_name)
-    result = sensor(build_sensor_context(instance=instance, resources={"storage": storage}))
+    result = sensor(build_sensor_context(instance=instance, resources={"flux2_storage": storage}))
 """
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from dagster import (
+    AssetExecutionContext,
     AssetKey,
+    AssetsDefinition,
+    AssetSpec,
     DagsterInstance,
     DataVersion,
     DataVersionsByPartition,
     DefaultSensorStatus,
     DynamicPartitionsDefinition,
+    MetadataValue,
     ObserveResult,
     RunRequest,
     SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
-    SourceAsset,
-    observable_source_asset,
+    multi_observable_source_asset,
     sensor,
-)
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
 )
 
 from flux2_pipeline.assets.keys import Flux2Keys
-from flux2_pipeline.assets.ranges import DEFAULT_PARTITIONS_PER_RUN, plan_runs
+from flux2_pipeline.assets.ranges import (
+    DEFAULT_PARTITIONS_PER_RUN,
+    RANGE_END_TAG,
+    RANGE_START_TAG,
+    plan_runs,
+)
 from flux2_pipeline.batch import file_sha256
 from flux2_pipeline.resources import Flux2Storage, InputScan
 
@@ -67,25 +71,51 @@ def register_input_files(
 
 def build_prompt_tables(
     keys: Flux2Keys, partitions_def: DynamicPartitionsDefinition, group_name: str
-) -> SourceAsset:
-    """The observable source asset whose partitions are the input files."""
+) -> AssetsDefinition:
+    """The observable prompt tables: one partition per input file, versioned by its sha256.
 
-    @observable_source_asset(
-        key=keys.prompt_tables,
+    An observation of one partition hashes its file; one without a partition (the UI's
+    "Observe" on the whole asset) hashes every file. The observation sensor
+    (`build_observation_sensor`) records the same versions without a run.
+    """
+
+    # Dagster leaves this decorator unannotated; it returns an `AssetsDefinition`.
+    @multi_observable_source_asset(  # type: ignore[untyped-decorator]
+        name=keys.prompt_tables.to_python_identifier(),
+        specs=[
+            AssetSpec(
+                keys.prompt_tables,
+                group_name=group_name,
+                kinds={"parquet"},
+                description="Input prompt tables: one Parquet file per partition in "
+                "FLUX2_INPUT_DIR. The data version of a partition is the sha256 of its file, "
+                "so a changed file makes its flux2_edits partition stale.",
+            )
+        ],
         partitions_def=partitions_def,
-        group_name=group_name,
         required_resource_keys={keys.resource("storage")},
-        description="Input prompt tables: one Parquet file per partition in FLUX2_INPUT_DIR. "
-        "The data version of a partition is the sha256 of its file.",
     )
-    def prompt_tables(context: Any) -> ObserveResult | DataVersionsByPartition:
-        """Observe every input file's content hash as its partition's data version."""
+    def prompt_tables(
+        context: AssetExecutionContext,
+    ) -> Iterator[ObserveResult | DataVersionsByPartition]:
+        """Observe the input files' content hashes as their partitions' data versions."""
         storage: Flux2Storage = getattr(context.resources, keys.resource("storage"))
+        if context.has_partition_key:
+            path = storage.input_path(context.partition_key)
+            yield ObserveResult(
+                asset_key=keys.prompt_tables,
+                data_version=DataVersion(file_sha256(path)),
+                metadata={"flux2/input_path": MetadataValue.path(str(path))},
+            )
+            return
         found = storage.scan_inputs().found
-        return DataVersionsByPartition(
+        if context.has_partition_key_range:
+            found = {key: found[key] for key in context.partition_keys if key in found}
+        yield DataVersionsByPartition(
             {key: DataVersion(file_sha256(path)) for key, path in found.items()}
         )
 
+    assert isinstance(prompt_tables, AssetsDefinition)
     return prompt_tables
 
 
@@ -204,8 +234,8 @@ def _run_request(run: Sequence[str], changed: dict[str, tuple[str, int]]) -> Run
     return RunRequest(
         run_key=ranged_run_key(run[0], run[-1], file_keys),
         tags={
-            ASSET_PARTITION_RANGE_START_TAG: run[0],
-            ASSET_PARTITION_RANGE_END_TAG: run[-1],
+            RANGE_START_TAG: run[0],
+            RANGE_END_TAG: run[-1],
             "flux2/input_files": str(len(run)),
         },
     )

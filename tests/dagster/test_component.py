@@ -90,8 +90,8 @@ def test_a_contract_defs_yaml_materializes_with_its_defaults_and_rows_winning(
 def test_the_yaml_secrets_stay_environment_references(project: Path) -> None:
     defs = load_project(project, CONTRACT_YAML + LIMITS_YAML)
     resources = defs.resources or {}
-    runcomfy = resources["runcomfy"]
-    ledger = resources["ledger"]
+    runcomfy = resources["flux2_runcomfy"]
+    ledger = resources["flux2_ledger"]
     assert isinstance(runcomfy, RunComfyResource) and isinstance(ledger, LedgerResource)
     assert isinstance(runcomfy.api_token, EnvVar)
     assert runcomfy.api_token.env_var_name == "RUNCOMFY_API_TOKEN"
@@ -142,7 +142,7 @@ def test_a_key_prefix_moves_every_name(project: Path) -> None:
     keys = Flux2Keys.from_prefix("team_a")
     assert keys.edits == AssetKey(["team_a", "flux2_edits"])
     assert keys.edits in set(defs.resolve_all_asset_keys())
-    assert set(defs.resources or {}) == {"team_a__runcomfy", "team_a__ledger", "team_a__storage"}
+    assert set(defs.resources or {}) == {"team_a__flux2_runcomfy", "team_a__flux2_ledger", "team_a__flux2_storage"}
     edits = defs.resolve_assets_def(keys.edits)
     assert edits.partitions_def is not None
     assert edits.partitions_def.name == "team_a__flux2_prompt_tables"  # type: ignore[attr-defined]
