@@ -383,13 +383,14 @@ class Flux2EditsComponent(Component, Resolvable):
                     spec = super().get_asset_spec(name, spec)
                     return spec.merge_attributes(owners=["team:ml"])
         """
+        partitions_def = spec.partitions_def
         if self.translation is not None:
             spec = self.translation(spec, name)
         if name in self.assets:
             spec = self.assets[name](spec, name)
-        if spec.partitions_def is not None:
+        if spec.partitions_def != partitions_def:
             raise SettingsError(
-                f"{name}: partitions_def cannot be set: the input files are the partitions"
+                f"{name}: partitions_def cannot be changed: the input files are the partitions"
             )
         return spec
 
