@@ -142,7 +142,11 @@ def test_a_key_prefix_moves_every_name(project: Path) -> None:
     keys = Flux2Keys.from_prefix("team_a")
     assert keys.edits == AssetKey(["team_a", "flux2_edits"])
     assert keys.edits in set(defs.resolve_all_asset_keys())
-    assert set(defs.resources or {}) == {"team_a__flux2_runcomfy", "team_a__flux2_ledger", "team_a__flux2_storage"}
+    assert set(defs.resources or {}) == {
+        "team_a__flux2_runcomfy",
+        "team_a__flux2_ledger",
+        "team_a__flux2_storage",
+    }
     edits = defs.resolve_assets_def(keys.edits)
     assert edits.partitions_def is not None
     assert edits.partitions_def.name == "team_a__flux2_prompt_tables"  # type: ignore[attr-defined]

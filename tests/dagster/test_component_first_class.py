@@ -17,8 +17,8 @@ import pytest
 from dagster import (
     AssetExecutionContext,
     AssetKey,
-    AssetSpec,
     AssetsDefinition,
+    AssetSpec,
     DagsterInstance,
     Definitions,
     build_defs_for_component,
@@ -38,7 +38,6 @@ from flux2_pipeline.resources import (
     RunComfyResource,
     SettingsError,
 )
-from flux2_pipeline.resources.ledger import LedgerResource as _Ledger
 from flux2_pipeline.runcomfy.models import PARAMETER_NAMES
 from tests.conftest import TEST_TOKEN, prompt_rows, write_table
 from tests.dagster.test_component import _causes, load_project
@@ -49,8 +48,8 @@ BOUNDED = {
     "max_concurrency": (RunComfyResource, "max_concurrency"),
     "account_concurrency": (RunComfyResource, "account_concurrency"),
     "price_per_image_usd": (RunComfyResource, "price_per_image_usd"),
-    "budget_usd": (_Ledger, "budget_usd"),
-    "claim_lease_seconds": (_Ledger, "lease_seconds"),
+    "budget_usd": (LedgerResource, "budget_usd"),
+    "claim_lease_seconds": (LedgerResource, "lease_seconds"),
 }
 
 
