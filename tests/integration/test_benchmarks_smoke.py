@@ -20,6 +20,7 @@ EXPECTED = {
     "memory": ("### memory", "peak RSS MB", "re-run:"),
     "partitions": ("### partitions", "s/partition", "single_run()"),
     "backfill": ("### backfill", "| plain ", "| --parallel 4, 25/run "),
+    "load": ("### load", "| no DAGSTER_HOME (baseline) ", "| later (nothing new) "),
 }
 
 
