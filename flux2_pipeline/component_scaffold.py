@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import textwrap
@@ -134,9 +135,10 @@ class Flux2EditsScaffolder(Scaffolder):
         if request.scaffold_format != "yaml":
             scaffold_component(request)
             return
-        from flux2_pipeline.component import Flux2EditsComponent
-
-        model = Flux2EditsComponent.model()
+        # The type being scaffolded (a subclass gets its own attributes), by name: this
+        # module sits under the component, which uses it.
+        module, _, name = request.type_name.rpartition(".")
+        model = getattr(importlib.import_module(module), name).model()
         descriptions = {name: info.description or "" for name, info in model.model_fields.items()}
         target = Path(request.target_path)
         target.mkdir(parents=True, exist_ok=True)
