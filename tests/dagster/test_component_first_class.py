@@ -309,3 +309,17 @@ def test_the_package_imports_no_private_dagster_module() -> None:
                 names = [alias.name for alias in node.names]
             found += [f"{path.name}: {name}" for name in names if name.startswith("dagster._")]
     assert found == []
+
+
+def test_post_processing_reaches_the_prompt_tables(project: Path) -> None:
+    post = """\
+post_processing:
+  assets:
+    - target: "key:flux2_prompt_tables"
+      attributes:
+        owners: ["team:data"]
+"""
+    defs = load_project(project, YAML + post)
+    specs = {spec.key: spec for spec in defs.resolve_all_asset_specs()}
+    assert specs[AssetKey("flux2_prompt_tables")].owners == ["team:data"]
+    assert specs[AssetKey("flux2_edits")].owners == []
