@@ -49,8 +49,11 @@ logger = logging.getLogger(__name__)
 
 
 def _signature(path: Any) -> str:
+    """Size and modification time: what decides whether a file is hashed again (an
+    object store's listing may give the time in seconds only)."""
     stat = path.stat()
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
+    modified = getattr(stat, "st_mtime_ns", None) or getattr(stat, "st_mtime", "")
+    return f"{stat.st_size}:{modified}"
 
 
 def build_observation_sensor(
