@@ -37,12 +37,14 @@ from dagster import (
 )
 
 from flux2_pipeline.assets.keys import Flux2Keys
-from flux2_pipeline.assets.prompts import new_partition_keys, register_input_files
+from flux2_pipeline.assets.prompts import (
+    DATA_VERSION_TAG,
+    new_partition_keys,
+    register_input_files,
+)
 from flux2_pipeline.batch import file_sha256
 from flux2_pipeline.resources import Flux2Storage
 
-DATA_VERSION_TAG = "dagster/data_version"
-"""Dagster's tag for the data version an observation records."""
 OBSERVATION_INTERVAL_SECONDS = 60
 
 logger = logging.getLogger(__name__)

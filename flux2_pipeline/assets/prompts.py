@@ -24,11 +24,11 @@ from typing import Any
 from dagster import (
     AssetExecutionContext,
     AssetKey,
+    AssetObservation,
     AssetsDefinition,
     AssetSpec,
     DagsterInstance,
     DataVersion,
-    DataVersionsByPartition,
     DefaultSensorStatus,
     DynamicPartitionsDefinition,
     MetadataValue,
@@ -50,6 +50,9 @@ from flux2_pipeline.assets.ranges import (
 )
 from flux2_pipeline.batch import file_sha256
 from flux2_pipeline.resources import Flux2Storage, InputScan
+
+DATA_VERSION_TAG = "dagster/data_version"
+"""Dagster's tag for the data version an observation records."""
 
 
 def new_partition_keys(instance: DagsterInstance, keys: Flux2Keys, scan: InputScan) -> list[str]:
@@ -74,8 +77,8 @@ def build_prompt_tables(
 ) -> AssetsDefinition:
     """The observable prompt tables: one partition per input file, versioned by its sha256.
 
-    An observation of one partition hashes its file; one without a partition (the UI's
-    "Observe" on the whole asset) hashes every file. The observation sensor
+    An observation of one partition hashes its file; one of a range hashes each file of
+    it, and one without a partition every file. The observation sensor
     (`build_observation_sensor`) records the same versions without a run.
     """
 
@@ -87,6 +90,8 @@ def build_prompt_tables(
                 keys.prompt_tables,
                 group_name=group_name,
                 kinds={"parquet"},
+                # A range's observations are logged one per partition, with no result.
+                skippable=True,
                 description="Input prompt tables: one Parquet file per partition in "
                 "FLUX2_INPUT_DIR. The data version of a partition is the sha256 of its file, "
                 "so a changed file makes its flux2_edits partition stale.",
@@ -97,7 +102,7 @@ def build_prompt_tables(
     )
     def prompt_tables(
         context: AssetExecutionContext,
-    ) -> Iterator[ObserveResult | DataVersionsByPartition]:
+    ) -> Iterator[ObserveResult]:
         """Observe the input files' content hashes as their partitions' data versions."""
         storage: Flux2Storage = getattr(context.resources, keys.resource("storage"))
         if context.has_partition_key:
@@ -111,9 +116,16 @@ def build_prompt_tables(
         found = storage.scan_inputs().found
         if context.has_partition_key_range:
             found = {key: found[key] for key in context.partition_keys if key in found}
-        yield DataVersionsByPartition(
-            {key: DataVersion(file_sha256(path)) for key, path in found.items()}
-        )
+        for key, path in found.items():
+            # One observation per partition of the range: an `ObserveResult` names none.
+            context.log_event(
+                AssetObservation(
+                    asset_key=keys.prompt_tables,
+                    partition=key,
+                    tags={DATA_VERSION_TAG: file_sha256(path)},
+                    metadata={"flux2/input_path": MetadataValue.path(str(path))},
+                )
+            )
 
     assert isinstance(prompt_tables, AssetsDefinition)
     return prompt_tables

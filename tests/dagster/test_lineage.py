@@ -198,3 +198,28 @@ def test_the_prompt_tables_are_an_asset_spec_with_kinds(defs: Definitions) -> No
     )
     assert spec.kinds == {"parquet"}
     assert spec.partitions_def is not None
+
+
+def test_a_ranged_observation_versions_each_file_of_the_range(
+    storage: Flux2Storage, defs: Definitions, emulator: EmulatorServer, instance: DagsterInstance
+) -> None:
+    folder = Path(storage.input_dir)
+    for key in ("a", "b", "c"):
+        write_table(folder, key, prompt_rows(emulator.base_url, key, 1 + len(key)))
+    register_input_files(instance, KEYS, storage)
+    job = defs.resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(
+        instance=instance,
+        asset_selection=[KEYS.prompt_tables],
+        tags={
+            "dagster/asset_partition_range_start": "a",
+            "dagster/asset_partition_range_end": "b",
+        },
+    )
+    assert result.success
+    found = {
+        record.partition_key: record.asset_observation.tags["dagster/data_version"]
+        for record in instance.fetch_observations(KEYS.prompt_tables, limit=10).records
+        if record.asset_observation is not None
+    }
+    assert found == {key: sha256(folder / f"{key}.parquet") for key in ("a", "b")}
