@@ -57,7 +57,7 @@ test-durations: $(STAMP)
 	CI=true $(BIN)/pytest -q --store-durations --durations-path tests/.test_durations
 
 # Benchmarks at the issue's sizes (about 12 minutes on 2 cores) and at tiny sizes (CI).
-BENCHMARKS := throughput transport polling memory partitions backfill photos
+BENCHMARKS := throughput transport polling memory partitions backfill photos load
 
 bench: $(STAMP)
 	@for b in $(BENCHMARKS); do $(BIN)/python benchmarks/$$b.py || exit 1; done

@@ -54,16 +54,16 @@ from dagster import (
     ExecuteInProcessResult,
     JobDefinition,
 )
-from dagster._core.instance.ref import InstanceRef
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
-)
 from dagster_shared.error import SerializableErrorInfo
 from filelock import FileLock
 
 from flux2_pipeline.assets import INTERRUPTED, Flux2Keys, register_input_files
-from flux2_pipeline.assets.ranges import PARTITION_FAILURES, plan_runs
+from flux2_pipeline.assets.ranges import (
+    PARTITION_FAILURES,
+    RANGE_END_TAG,
+    RANGE_START_TAG,
+    plan_runs,
+)
 from flux2_pipeline.ledger import Ledger
 from flux2_pipeline.paths import is_local, local_path
 from flux2_pipeline.resources import Flux2Storage, InputScan
@@ -386,8 +386,8 @@ def run_partitions(
         watcher.follow({run_id: keys[0]})
     tags = {RUN_TAG: "flux2-pipeline materialize"}
     if len(keys) > 1:
-        tags[ASSET_PARTITION_RANGE_START_TAG] = keys[0]
-        tags[ASSET_PARTITION_RANGE_END_TAG] = keys[-1]
+        tags[RANGE_START_TAG] = keys[0]
+        tags[RANGE_END_TAG] = keys[-1]
     try:
         with sigterm_kept():
             result = job.execute_in_process(
@@ -821,7 +821,7 @@ class _WorkerSetup:
     """What a worker process needs besides its run: the command's settings and state."""
 
     settings: Settings
-    instance_ref: InstanceRef
+    instance_ref: Any  # `DagsterInstance.get_ref()`'s value; Dagster exports no name for it
     environ: dict[str, str]
     warning_filters: list[Any]
     gate: StartGate

@@ -162,6 +162,8 @@ class EditsCheck:
     name: str
     description: str
     evaluate: Callable[[Flux2Storage, str], AssetCheckResult]
+    blocking: bool = False
+    """A failure stops the assets downstream (flux2_images) from running on the partition."""
 
 
 EDITS_CHECKS: tuple[EditsCheck, ...] = (
@@ -169,11 +171,13 @@ EDITS_CHECKS: tuple[EditsCheck, ...] = (
         "all_valid_rows_completed",
         "Every row that passed validation completed (ERROR).",
         _all_valid_rows_completed,
+        blocking=True,
     ),
     EditsCheck(
         "request_ids_unique",
         "No request_id appears on two rows: no job was paid for twice (ERROR).",
         _request_ids_unique,
+        blocking=True,
     ),
     EditsCheck(
         "no_invalid_rows",
@@ -184,6 +188,7 @@ EDITS_CHECKS: tuple[EditsCheck, ...] = (
         "completed_rows_have_all_images",
         "Every completed row has num_images output URLs (ERROR).",
         _completed_rows_have_all_images,
+        blocking=True,
     ),
 )
 
@@ -198,6 +203,7 @@ def edits_check_specs(
             asset=keys.edits,
             description=check.description,
             partitions_def=partitions_def,
+            blocking=check.blocking,
         )
         for check in EDITS_CHECKS
     ]

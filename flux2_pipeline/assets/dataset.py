@@ -27,7 +27,9 @@ from dagster import (
 )
 from upath import UPath
 
+from flux2_pipeline.assets.hooks import ExecuteHook, with_execute
 from flux2_pipeline.assets.keys import Flux2Keys
+from flux2_pipeline.assets.uri import URI, storage_uri
 from flux2_pipeline.dataset import (
     COLUMN_DESCRIPTIONS,
     DATASET_SCHEMA,
@@ -72,7 +74,9 @@ def _load_example(out_dir: UPath) -> str:
     return f'```python\n{load_snippet(out_dir)}\nds[0]["edited_image"]  # a PIL image\n```'
 
 
-def build_dataset_asset(keys: Flux2Keys, *, group_name: str = "flux2") -> AssetsDefinition:
+def build_dataset_asset(
+    keys: Flux2Keys, *, group_name: str = "flux2", execute: ExecuteHook | None = None
+) -> AssetsDefinition:
     """The flux2_training_dataset asset (unpartitioned, across every partition).
 
     Use `build_flux2_definitions`, which names it; this builds the asset alone.
@@ -94,6 +98,7 @@ def build_dataset_asset(keys: Flux2Keys, *, group_name: str = "flux2") -> Assets
         "datasets.load_dataset('parquet', data_dir=...) loads with images decoded, with a "
         "dataset card (README.md) at its root.",
     )
+    @with_execute("flux2_training_dataset", execute)
     def flux2_training_dataset(context: AssetExecutionContext) -> MaterializeResult[None]:
         """Rebuild the changed partitions' shards of the training dataset."""
         storage: Flux2Storage = getattr(context.resources, storage_key)
@@ -121,6 +126,7 @@ def build_dataset_asset(keys: Flux2Keys, *, group_name: str = "flux2") -> Assets
             "flux2/partitions_removed": MetadataValue.json(report.removed),
             "flux2/images_skipped": report.skipped,
             "flux2/path": MetadataValue.path(str(out_dir)),
+            URI: storage_uri(out_dir),
             "flux2/features": MetadataValue.json(FEATURES),
             "flux2/features_md": MetadataValue.md(
                 "```json\n" + json.dumps(FEATURES, indent=1) + "\n```"

@@ -46,6 +46,7 @@ from dagster import (
 from upath import UPath
 
 from flux2_pipeline.assets.checks import EDITS_CHECKS, edits_check_specs, evaluate_edits_checks
+from flux2_pipeline.assets.hooks import ExecuteHook, with_execute
 from flux2_pipeline.assets.keys import Flux2Keys
 from flux2_pipeline.assets.ranges import (
     DEFAULT_PARTITIONS_PER_RUN,
@@ -55,6 +56,7 @@ from flux2_pipeline.assets.ranges import (
     materialize_outcomes,
     ranged_backfills,
 )
+from flux2_pipeline.assets.uri import URI, storage_uri
 from flux2_pipeline.batch import (
     LARGE_ROW_GROUP_ROWS,
     RESULT_COLUMN_DESCRIPTIONS,
@@ -429,6 +431,8 @@ def build_edits_asset(
     pool: str | None = None,
     progress_seconds: float = PROGRESS_SECONDS,
     partitions_per_run: int = DEFAULT_PARTITIONS_PER_RUN,
+    single_run_backfills: bool = False,
+    execute: ExecuteHook | None = None,
 ) -> AssetsDefinition:
     """The flux2_edits asset: one partition's prompt table in, its results dataset out.
 
@@ -458,10 +462,11 @@ def build_edits_asset(
         can_subset=True,
         partitions_def=partitions_def,
         retry_policy=retry_policy,
-        backfill_policy=ranged_backfills(partitions_per_run),
+        backfill_policy=ranged_backfills(partitions_per_run, single_run=single_run_backfills),
         pool=pool,
         required_resource_keys={runcomfy_key, ledger_key, storage_key},
     )
+    @with_execute("flux2_edits", execute)
     def flux2_edits(
         context: AssetExecutionContext,
     ) -> Iterator[AssetMaterialization | MaterializeResult[None] | AssetCheckResult]:
@@ -789,6 +794,7 @@ def _metadata(keys: Flux2Keys, partition: _Partition) -> dict[str, Any]:
         "flux2/input_sha256": input_sha,
         "flux2/input_largest_row_group": row_group,
         "flux2/results_path": MetadataValue.path(str(out_path)),
+        URI: storage_uri(out_path),
         "flux2/preview": MetadataValue.md(_markdown_table(tally.preview)),
         "flux2/partition": key,
         **partition.estimate,

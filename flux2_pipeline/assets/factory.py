@@ -23,10 +23,11 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from dagster import (
     AssetSelection,
+    AssetSpec,
     AutomationConditionSensorDefinition,
     DefaultSensorStatus,
     Definitions,
@@ -43,12 +44,19 @@ from flux2_pipeline.assets.edits import (
     build_edits_asset,
     edits_retry_policy,
 )
+from flux2_pipeline.assets.hooks import ExecuteHook
 from flux2_pipeline.assets.image_checks import build_images_checks
 from flux2_pipeline.assets.images import build_images_asset
-from flux2_pipeline.assets.keys import Flux2Keys
+from flux2_pipeline.assets.keys import ASSET_NAMES, Flux2Keys
+from flux2_pipeline.assets.observe import build_observation_sensor
 from flux2_pipeline.assets.prompts import build_prompt_files_sensor, build_prompt_tables
 from flux2_pipeline.assets.ranges import DEFAULT_PARTITIONS_PER_RUN
-from flux2_pipeline.resources import Flux2Storage, LedgerResource, RunComfyResource
+from flux2_pipeline.resources import (
+    Flux2Storage,
+    LedgerResource,
+    RunComfyResource,
+    SettingsError,
+)
 
 
 class StepRetries(BaseModel):
@@ -84,18 +92,40 @@ def build_flux2_definitions(
     pool: str | None = None,
     progress_seconds: float = PROGRESS_SECONDS,
     partitions_per_run: int = DEFAULT_PARTITIONS_PER_RUN,
+    resource_keys: Mapping[str, str] | None = None,
+    single_run_backfills: bool = False,
+    asset_spec: Callable[[str, AssetSpec], AssetSpec] | None = None,
+    execute: ExecuteHook | None = None,
 ) -> Definitions:
     """The flux2 assets, checks, sensors and job; with the resources bound when given.
 
     Resources left out must be supplied by the `Definitions` this is merged into, under
-    the keys `Flux2Keys.from_prefix(key_prefix).resource("runcomfy" | "ledger" | "storage")`.
+    the keys `Flux2Keys.from_prefix(key_prefix).resource("runcomfy" | "ledger" | "storage")`:
+    `flux2_runcomfy`, `flux2_ledger`, `flux2_storage` by default, namespaced so that they
+    never collide with a project's own; `resource_keys` chooses others by role
+    (`resource_keys=LEGACY_RESOURCE_KEYS` keeps the plain `runcomfy`, `ledger`, `storage`
+    of earlier versions, for code that binds them itself).
     `pool` is the Dagster concurrency pool of `flux2_edits` steps (limit it with
     `dagster instance concurrency set <pool> N`); `progress_seconds` is how often a running
     step records an `AssetObservation` with rows done, failed and spend so far;
     `partitions_per_run` is the most partitions one run of a backfill covers
-    (`BackfillPolicy.multi_run`; `flux2-pipeline materialize` groups partitions the same way).
+    (`BackfillPolicy.multi_run`; `flux2-pipeline materialize` groups partitions the same way);
+    `single_run_backfills` makes a backfill one run over its whole range instead
+    (`BackfillPolicy.single_run`, which `dg launch --partition-range` requires).
+
+    `asset_spec(name, spec)` returns the spec each asset should have, from the one the
+    factory made (`name` is `flux2_prompt_tables`, `flux2_edits`, `flux2_images` or
+    `flux2_training_dataset`): a new key, group, owners, tags, kinds, description,
+    metadata, freshness policy or automation condition. Keys are settled first, so every
+    dependency, check and lineage entry follows a renamed asset. `execute(name, context,
+    step)` runs each materializing step; the default is `yield from step()`, and a hook
+    may log around it, add events, or refuse to run.
     """
-    keys = Flux2Keys.from_prefix(key_prefix)
+    keys = plain = Flux2Keys.from_prefix(key_prefix, resource_keys)
+    if asset_spec is not None:
+        keys = plain.with_asset_keys(
+            {name: asset_spec(name, AssetSpec(keys.asset(name))).key for name in ASSET_NAMES}
+        )
     partitions_def = DynamicPartitionsDefinition(name=keys.partitions_name)
     edits = build_edits_asset(
         keys,
@@ -105,6 +135,8 @@ def build_flux2_definitions(
         pool=pool,
         progress_seconds=progress_seconds,
         partitions_per_run=partitions_per_run,
+        single_run_backfills=single_run_backfills,
+        execute=execute,
     )
     images = build_images_asset(
         keys,
@@ -112,18 +144,21 @@ def build_flux2_definitions(
         group_name=group_name,
         retry_policy=retry_policy,
         partitions_per_run=partitions_per_run,
+        single_run_backfills=single_run_backfills,
+        execute=execute,
     )
-    dataset = build_dataset_asset(keys, group_name=group_name)
+    dataset = build_dataset_asset(keys, group_name=group_name, execute=execute)
     resources = {
         keys.resource(name): resource
         for name, resource in (("runcomfy", runcomfy), ("ledger", ledger), ("storage", storage))
         if resource is not None
     }
-    return Definitions(
+    defs = Definitions(
         assets=[build_prompt_tables(keys, partitions_def, group_name), edits, images, dataset],
         asset_checks=build_images_checks(keys, partitions_def),
         sensors=[
             build_prompt_files_sensor(keys, partitions_def, [keys.edits], partitions_per_run),
+            build_observation_sensor(keys, partitions_def),
             AutomationConditionSensorDefinition(
                 keys.automation_sensor_name,
                 target=AssetSelection.assets(keys.images, keys.training_dataset),
@@ -141,3 +176,27 @@ def build_flux2_definitions(
         ],
         resources=resources,
     )
+    if asset_spec is None:
+        return defs
+    names = {keys.asset(name): name for name in ASSET_NAMES}
+    return defs.map_asset_specs(
+        func=lambda spec: _translated(asset_spec, names[spec.key], spec, plain)
+    )
+
+
+def _translated(
+    asset_spec: Callable[[str, AssetSpec], AssetSpec],
+    name: str,
+    spec: AssetSpec,
+    plain: Flux2Keys,
+) -> AssetSpec:
+    """The hook's spec for a built asset: given under the key the factory would have used
+    (as on the first call), it must give the key it gave then."""
+    final = spec.key
+    translated = asset_spec(name, spec.replace_attributes(key=plain.asset(name)))
+    if translated.key != final:
+        raise SettingsError(
+            f"{name}: the asset spec hook gave the key {translated.key.to_user_string()!r}, "
+            f"then {final.to_user_string()!r}: it must name each asset the same way every time"
+        )
+    return translated

@@ -39,6 +39,7 @@ from dagster import (
 from pydantic import Field
 
 from flux2_pipeline.assets.edits import EDITS_RETRY_POLICY
+from flux2_pipeline.assets.hooks import ExecuteHook, with_execute
 from flux2_pipeline.assets.keys import Flux2Keys
 from flux2_pipeline.assets.ranges import (
     DEFAULT_PARTITIONS_PER_RUN,
@@ -46,6 +47,7 @@ from flux2_pipeline.assets.ranges import (
     materialize_outcomes,
     ranged_backfills,
 )
+from flux2_pipeline.assets.uri import URI, storage_uri
 from flux2_pipeline.media import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_BYTES,
@@ -154,6 +156,8 @@ def build_images_asset(
     group_name: str = "flux2",
     retry_policy: RetryPolicy | None = EDITS_RETRY_POLICY,
     partitions_per_run: int = DEFAULT_PARTITIONS_PER_RUN,
+    single_run_backfills: bool = False,
+    execute: ExecuteHook | None = None,
 ) -> AssetsDefinition:
     """The flux2_images asset; it follows flux2_edits eagerly (each updated partition).
 
@@ -168,7 +172,7 @@ def build_images_asset(
         group_name=group_name,
         code_version=IMAGES_CODE_VERSION,
         retry_policy=retry_policy,
-        backfill_policy=ranged_backfills(partitions_per_run),
+        backfill_policy=ranged_backfills(partitions_per_run, single_run=single_run_backfills),
         automation_condition=AutomationCondition.eager(),
         required_resource_keys={storage_key, runcomfy_key},
         kinds={"parquet", "png"},
@@ -177,6 +181,7 @@ def build_images_asset(
         "stored by sha256 under images/, with a manifest (one row per image) and a "
         "contact sheet.",
     )
+    @with_execute("flux2_images", execute)
     def flux2_images(
         context: AssetExecutionContext, config: ImagesConfig
     ) -> Iterator[AssetMaterialization | MaterializeResult[None] | AssetCheckResult]:
@@ -266,6 +271,7 @@ def build_images_asset(
                 "flux2/bytes_downloaded": report.bytes_downloaded,
                 "flux2/bytes_stored": report.bytes_stored,
                 "flux2/manifest": MetadataValue.path(str(manifest_path)),
+                URI: storage_uri(manifest_path),
                 "flux2/contact_sheet_path": MetadataValue.path(str(sheet_path)),
                 "flux2/contact_sheet": MetadataValue.md(markdown_preview(sheet)),
             }

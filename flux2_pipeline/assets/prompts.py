@@ -17,42 +17,59 @@ its run once that run has ended, so two runs never race to write one partition's
 Example::
 
     sensor = defs.get_sensor_def(Flux2Keys().sensor_name)
-    result = sensor(build_sensor_context(instance=instance, resources={"storage": storage}))
+    result = sensor(build_sensor_context(instance=instance, resources={"flux2_storage": storage}))
 """
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from dagster import (
+    AssetExecutionContext,
     AssetKey,
+    AssetObservation,
+    AssetsDefinition,
+    AssetSpec,
     DagsterInstance,
+    DagsterRunStatus,
     DataVersion,
-    DataVersionsByPartition,
     DefaultSensorStatus,
     DynamicPartitionsDefinition,
+    MetadataValue,
     ObserveResult,
     RunRequest,
     RunsFilter,
     SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
-    SourceAsset,
-    observable_source_asset,
+    multi_observable_source_asset,
     sensor,
-)
-from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
-    PARTITION_NAME_TAG,
 )
 
 from flux2_pipeline.assets.keys import Flux2Keys
-from flux2_pipeline.assets.ranges import DEFAULT_PARTITIONS_PER_RUN, plan_runs
+from flux2_pipeline.assets.ranges import (
+    DEFAULT_PARTITIONS_PER_RUN,
+    PARTITION_TAG,
+    RANGE_END_TAG,
+    RANGE_START_TAG,
+    plan_runs,
+)
 from flux2_pipeline.batch import file_sha256
 from flux2_pipeline.resources import Flux2Storage, InputScan
+
+DATA_VERSION_TAG = "dagster/data_version"
+
+UNFINISHED_RUN_STATUSES = [
+    DagsterRunStatus.QUEUED,
+    DagsterRunStatus.NOT_STARTED,
+    DagsterRunStatus.STARTING,
+    DagsterRunStatus.STARTED,
+    DagsterRunStatus.CANCELING,
+    DagsterRunStatus.SUSPENDED,
+]
+"""Runs that may still write a partition's results (what the sensor waits for)."""
+"""Dagster's tag for the data version an observation records."""
 
 
 def new_partition_keys(instance: DagsterInstance, keys: Flux2Keys, scan: InputScan) -> list[str]:
@@ -74,25 +91,60 @@ def register_input_files(
 
 def build_prompt_tables(
     keys: Flux2Keys, partitions_def: DynamicPartitionsDefinition, group_name: str
-) -> SourceAsset:
-    """The observable source asset whose partitions are the input files."""
+) -> AssetsDefinition:
+    """The observable prompt tables: one partition per input file, versioned by its sha256.
 
-    @observable_source_asset(
-        key=keys.prompt_tables,
+    An observation of one partition hashes its file; one of a range hashes each file of
+    it, and one without a partition every file. The observation sensor
+    (`build_observation_sensor`) records the same versions without a run.
+    """
+
+    # Dagster leaves this decorator unannotated; it returns an `AssetsDefinition`.
+    @multi_observable_source_asset(  # type: ignore[untyped-decorator]
+        name=keys.prompt_tables.to_python_identifier(),
+        specs=[
+            AssetSpec(
+                keys.prompt_tables,
+                group_name=group_name,
+                kinds={"parquet"},
+                # A range's observations are logged one per partition, with no result.
+                skippable=True,
+                description="Input prompt tables: one Parquet file per partition in "
+                "FLUX2_INPUT_DIR. The data version of a partition is the sha256 of its file, "
+                "so a changed file makes its flux2_edits partition stale.",
+            )
+        ],
         partitions_def=partitions_def,
-        group_name=group_name,
         required_resource_keys={keys.resource("storage")},
-        description="Input prompt tables: one Parquet file per partition in FLUX2_INPUT_DIR. "
-        "The data version of a partition is the sha256 of its file.",
     )
-    def prompt_tables(context: Any) -> ObserveResult | DataVersionsByPartition:
-        """Observe every input file's content hash as its partition's data version."""
+    def prompt_tables(
+        context: AssetExecutionContext,
+    ) -> Iterator[ObserveResult]:
+        """Observe the input files' content hashes as their partitions' data versions."""
         storage: Flux2Storage = getattr(context.resources, keys.resource("storage"))
+        if context.has_partition_key:
+            path = storage.input_path(context.partition_key)
+            yield ObserveResult(
+                asset_key=keys.prompt_tables,
+                data_version=DataVersion(file_sha256(path)),
+                metadata={"flux2/input_path": MetadataValue.path(str(path))},
+            )
+            return
         found = storage.scan_inputs().found
-        return DataVersionsByPartition(
-            {key: DataVersion(file_sha256(path)) for key, path in found.items()}
-        )
+        if context.has_partition_key_range:
+            found = {key: found[key] for key in context.partition_keys if key in found}
+        for key, path in found.items():
+            # One observation per partition of the range: an `ObserveResult` names none.
+            context.log_event(
+                AssetObservation(
+                    asset_key=keys.prompt_tables,
+                    partition=key,
+                    tags={DATA_VERSION_TAG: file_sha256(path)},
+                    metadata={"flux2/input_path": MetadataValue.path(str(path))},
+                )
+            )
 
+    assert isinstance(prompt_tables, AssetsDefinition)
     return prompt_tables
 
 
@@ -133,7 +185,7 @@ def busy_partitions(
     """
     position = {key: index for index, key in enumerate(order)}
     busy: dict[str, str] = {}
-    for run in instance.get_runs(filters=RunsFilter(statuses=NOT_FINISHED_STATUSES)):
+    for run in instance.get_runs(filters=RunsFilter(statuses=UNFINISHED_RUN_STATUSES)):
         if run.asset_selection is not None and keys.edits not in run.asset_selection:
             continue
         for key in _run_partitions(run.tags, order, position):
@@ -144,10 +196,10 @@ def busy_partitions(
 def _run_partitions(
     tags: Mapping[str, str], order: Sequence[str], position: Mapping[str, int]
 ) -> Sequence[str]:
-    if PARTITION_NAME_TAG in tags:
-        return [tags[PARTITION_NAME_TAG]]
-    first = position.get(tags.get(ASSET_PARTITION_RANGE_START_TAG, ""))
-    last = position.get(tags.get(ASSET_PARTITION_RANGE_END_TAG, ""))
+    if PARTITION_TAG in tags:
+        return [tags[PARTITION_TAG]]
+    first = position.get(tags.get(RANGE_START_TAG, ""))
+    last = position.get(tags.get(RANGE_END_TAG, ""))
     if first is None or last is None:
         return []
     return order[first : last + 1]
@@ -249,8 +301,8 @@ def _run_request(run: Sequence[str], changed: dict[str, tuple[str, int]]) -> Run
     return RunRequest(
         run_key=ranged_run_key(run[0], run[-1], file_keys),
         tags={
-            ASSET_PARTITION_RANGE_START_TAG: run[0],
-            ASSET_PARTITION_RANGE_END_TAG: run[-1],
+            RANGE_START_TAG: run[0],
+            RANGE_END_TAG: run[-1],
             "flux2/input_files": str(len(run)),
         },
     )

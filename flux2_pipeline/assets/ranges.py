@@ -40,6 +40,11 @@ from dagster import (
 DEFAULT_PARTITIONS_PER_RUN = 25
 """Most partitions in one run of a backfill (FLUX2_PARTITIONS_PER_RUN)."""
 MAX_PARTITIONS_PER_RUN = 1000
+PARTITION_TAG = "dagster/partition"
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
+"""The run tags of a run of one partition or over a range of partitions: Dagster's own
+names, spelled here so that nothing imports them from Dagster's private modules."""
 INTERRUPTED = "flux2/interrupted"
 """Failure metadata set when the run was stopped (Ctrl+C, a stop from the UI)."""
 PARTITION_FAILURES = "flux2/partition_failures"
@@ -59,12 +64,20 @@ SUMMARY_FIELDS = (
 """The figures of a failed partition kept in `PARTITION_FAILURES` (plain JSON values)."""
 
 
-def ranged_backfills(partitions_per_run: int = DEFAULT_PARTITIONS_PER_RUN) -> BackfillPolicy:
-    """The backfill policy of the partitioned assets: runs of up to `partitions_per_run`.
+def ranged_backfills(
+    partitions_per_run: int = DEFAULT_PARTITIONS_PER_RUN, *, single_run: bool = False
+) -> BackfillPolicy:
+    """The backfill policy of the partitioned assets: runs of up to `partitions_per_run`,
+    or (`single_run`) one run over the whole range, which `dg launch --partition-range`
+    requires.
 
     >>> ranged_backfills(10).max_partitions_per_run
     10
+    >>> ranged_backfills(10, single_run=True).max_partitions_per_run is None
+    True
     """
+    if single_run:
+        return BackfillPolicy.single_run()
     return BackfillPolicy.multi_run(max_partitions_per_run=partitions_per_run)
 
 

@@ -12,7 +12,7 @@ Example::
         {"input_dir": "data/prompts", "api_token": "sk-..."},
         env_names={"api_token": "RUNCOMFY_API_TOKEN"},
     )
-    resources.as_dict()  # {"runcomfy": ..., "ledger": ..., "storage": ...}
+    resources.as_dict()  # {"flux2_runcomfy": ..., "flux2_ledger": ..., "flux2_storage": ...}
 """
 
 from __future__ import annotations
@@ -60,9 +60,13 @@ class Flux2Resources:
     ledger: LedgerResource
     storage: Flux2Storage
 
-    def as_dict(self) -> dict[str, ConfigurableResource]:  # type: ignore[type-arg]
-        """By the resource keys the assets ask for."""
-        return {"runcomfy": self.runcomfy, "ledger": self.ledger, "storage": self.storage}
+    def as_dict(self, prefix: str = "flux2_") -> dict[str, ConfigurableResource]:  # type: ignore[type-arg]
+        """By the resource keys the assets ask for (`prefix=""`: the keys of earlier versions)."""
+        return {
+            f"{prefix}runcomfy": self.runcomfy,
+            f"{prefix}ledger": self.ledger,
+            f"{prefix}storage": self.storage,
+        }
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # Dagster's resources do not survive pickling (their config schema does not), and

@@ -3,9 +3,9 @@
 Example::
 
     storage = Flux2Storage(output_dir="data/output")
-    resources = {"ledger": LedgerResource(url=EnvVar("FLUX2_LEDGER_URL"), storage=storage)}
+    resources = {"flux2_ledger": LedgerResource(url=EnvVar("FLUX2_LEDGER_URL"), storage=storage)}
     # or, by default, a SQLite file under the storage's output directory:
-    resources = {"ledger": LedgerResource(storage=storage)}
+    resources = {"flux2_ledger": LedgerResource(storage=storage)}
 """
 
 from dagster import ConfigurableResource, EnvVar, InitResourceContext, ResourceDependency

@@ -10,7 +10,7 @@ Example::
 
     defs = Definitions(
         assets=[flux2_edits],
-        resources={"runcomfy": RunComfyResource(api_token=EnvVar("RUNCOMFY_API_TOKEN"))},
+        resources={"flux2_runcomfy": RunComfyResource(api_token=EnvVar("RUNCOMFY_API_TOKEN"))},
     )
 """
 

@@ -30,6 +30,7 @@ from dagster import (
     AssetKey,
     DagsterEventType,
     DagsterInstance,
+    ExecuteInProcessResult,
 )
 from dagster._utils.error import SerializableErrorInfo
 
@@ -89,9 +90,19 @@ class Built:
         ]
 
     def run_check(
-        self, asset: str, name: str, monkeypatch: pytest.MonkeyPatch, key: str = KEY
-    ) -> None:
-        """Run one check alone through the project's `defs`, as the UI's "Execute" does."""
+        self,
+        asset: str,
+        name: str,
+        monkeypatch: pytest.MonkeyPatch,
+        key: str = KEY,
+        *,
+        blocking: bool = False,
+        downstream: frozenset[AssetKey] = frozenset(),
+    ) -> ExecuteInProcessResult:
+        """Run one check alone through the project's `defs`, as the UI's "Execute" does.
+
+        `blocking`: the check fails, and being blocking it fails its step, so nothing of
+        `downstream` (selected with it) runs."""
         for variable, value in self.env.items():
             if variable.startswith(("RUNCOMFY_", "FLUX2_")):
                 monkeypatch.setenv(variable, value)
@@ -99,14 +110,29 @@ class Built:
         job = Settings.from_env().definitions().resolve_implicit_global_asset_job_def()
         check = AssetCheckKey(AssetKey(asset), name)
         result = job.get_subset(
-            asset_selection=set(), asset_check_selection={check}
+            asset_selection=set(downstream), asset_check_selection={check}
         ).execute_in_process(instance=self.instance, partition_key=key, raise_on_error=False)
         failures = [
             error_messages(event.step_failure_data.error)
             for event in result.all_events
             if event.is_step_failure
         ]
-        assert result.success, failures
+        if not blocking:
+            assert result.success, failures
+            return result
+        assert not result.success
+        assert [f"1 blocking asset check failed with ERROR severity: {asset}: {name}"] == [
+            " ".join(failure.split()).removeprefix(
+                "dagster._core.errors.DagsterAssetCheckFailedError: "
+            )
+            for failure in failures
+        ]
+        assert not result.get_asset_materialization_events()  # downstream never ran
+        planned = {node.name for node in result.job_def.nodes_in_topological_order}
+        started = {event.step_key for event in result.all_events if event.is_step_start}
+        assert planned == {asset, *(key.to_python_identifier() for key in downstream)}
+        assert started == {asset}
+        return result
 
 
 def error_messages(error: SerializableErrorInfo | None) -> str:
@@ -204,7 +230,9 @@ def test_a_failed_row_fails_all_valid_rows_completed(
 ) -> None:
     # The CLI's step evaluated `broken`'s checks too: its file was written, its step failed.
     through_the_cli = built.evaluations(key="broken")["all_valid_rows_completed"]
-    built.run_check("flux2_edits", "all_valid_rows_completed", monkeypatch, key="broken")
+    built.run_check(
+        "flux2_edits", "all_valid_rows_completed", monkeypatch, key="broken", blocking=True
+    )
 
     alone = built.evaluations(key="broken")["all_valid_rows_completed"]
     assert len(built.evaluation_runs("all_valid_rows_completed", "broken")) == 2
@@ -231,7 +259,14 @@ def test_a_request_id_on_two_rows_fails_request_ids_unique(
     ids = pq.read_table(built.results).column("request_id").to_pylist()
     assert ids[1] is not None and ids[2] is not None
     rewrite_results(built.results, request_id=[ids[0], ids[1], ids[1], *ids[3:]])
-    built.run_check("flux2_edits", "request_ids_unique", monkeypatch)
+    # Blocking: a job paid twice stops the partition's images.
+    built.run_check(
+        "flux2_edits",
+        "request_ids_unique",
+        monkeypatch,
+        blocking=True,
+        downstream=frozenset({AssetKey("flux2_images")}),
+    )
 
     evaluation = built.evaluations()["request_ids_unique"]
     assert not evaluation.passed and evaluation.severity is AssetCheckSeverity.ERROR
@@ -244,7 +279,7 @@ def test_a_completed_row_short_of_images_fails_completed_rows_have_all_images(
     urls = pq.read_table(built.results).column("output_urls").to_pylist()
     assert len(urls[1]) == 1
     rewrite_results(built.results, output_urls=[urls[0], [], *urls[2:]])
-    built.run_check("flux2_edits", "completed_rows_have_all_images", monkeypatch)
+    built.run_check("flux2_edits", "completed_rows_have_all_images", monkeypatch, blocking=True)
 
     evaluation = built.evaluations()["completed_rows_have_all_images"]
     assert not evaluation.passed and evaluation.severity is AssetCheckSeverity.ERROR

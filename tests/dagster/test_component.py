@@ -5,6 +5,7 @@ The YAML's `defaults` fill the parameters a row leaves null, and a row's own val
 
 from __future__ import annotations
 
+import re
 import uuid
 from pathlib import Path
 
@@ -90,8 +91,8 @@ def test_a_contract_defs_yaml_materializes_with_its_defaults_and_rows_winning(
 def test_the_yaml_secrets_stay_environment_references(project: Path) -> None:
     defs = load_project(project, CONTRACT_YAML + LIMITS_YAML)
     resources = defs.resources or {}
-    runcomfy = resources["runcomfy"]
-    ledger = resources["ledger"]
+    runcomfy = resources["flux2_runcomfy"]
+    ledger = resources["flux2_ledger"]
     assert isinstance(runcomfy, RunComfyResource) and isinstance(ledger, LedgerResource)
     assert isinstance(runcomfy.api_token, EnvVar)
     assert runcomfy.api_token.env_var_name == "RUNCOMFY_API_TOKEN"
@@ -111,9 +112,26 @@ def test_a_literal_token_in_yaml_is_refused(project: Path) -> None:
     assert "sk-literal-999" not in str(problem)
 
 
-def test_a_bad_attribute_is_one_line_naming_it(project: Path) -> None:
+def test_a_bad_attribute_is_refused_by_the_schema_at_its_line(project: Path) -> None:
     yaml = CONTRACT_YAML.replace("max_concurrency: 8", "max_concurrency: 0").replace(
         "num_inference_steps: 20", "num_inference_steps: 200"
+    )
+    with pytest.raises(Exception) as caught:
+        load_project(project, yaml)
+    text = "\n".join(str(e) for e in [caught.value, *_causes(caught.value)])
+    assert re.search(r"attributes\.max_concurrency\S* at \S+defs\.yaml:7`", text), text
+    assert "greater than or equal to 1" in text
+    assert re.search(r"attributes\.defaults\.EditDefaults\.num_inference_steps at \S+:10`", text)
+    assert "less than or equal to 50" in text
+
+
+def test_a_bad_templated_attribute_is_one_line_naming_it(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A template passes the schema; its value is checked once resolved.
+    monkeypatch.setenv("FLUX2_MAX_CONCURRENCY", "0")
+    yaml = CONTRACT_YAML.replace(
+        "max_concurrency: 8", 'max_concurrency: "{{ env.FLUX2_MAX_CONCURRENCY }}"'
     )
     with pytest.raises(Exception) as caught:
         load_project(project, yaml)
@@ -131,10 +149,8 @@ def test_partitions_per_run_sets_the_backfill_ranges(project: Path) -> None:
         assert policy is not None and policy.max_partitions_per_run == 7
     with pytest.raises(Exception) as caught:
         load_project(project, CONTRACT_YAML + "  partitions_per_run: 0\n")
-    problem = next(
-        e for e in [caught.value, *_causes(caught.value)] if isinstance(e, SettingsError)
-    )
-    assert str(problem) == "partitions_per_run must be a whole number from 1 to 1000, got 0"
+    text = "\n".join(str(e) for e in [caught.value, *_causes(caught.value)])
+    assert re.search(r"attributes\.partitions_per_run\S* at \S+defs\.yaml:11`", text), text
 
 
 def test_max_decode_pixels_sets_the_decode_ceiling(project: Path) -> None:
@@ -149,7 +165,11 @@ def test_a_key_prefix_moves_every_name(project: Path) -> None:
     keys = Flux2Keys.from_prefix("team_a")
     assert keys.edits == AssetKey(["team_a", "flux2_edits"])
     assert keys.edits in set(defs.resolve_all_asset_keys())
-    assert set(defs.resources or {}) == {"team_a__runcomfy", "team_a__ledger", "team_a__storage"}
+    assert set(defs.resources or {}) == {
+        "team_a__flux2_runcomfy",
+        "team_a__flux2_ledger",
+        "team_a__flux2_storage",
+    }
     edits = defs.resolve_assets_def(keys.edits)
     assert edits.partitions_def is not None
     assert edits.partitions_def.name == "team_a__flux2_prompt_tables"  # type: ignore[attr-defined]

@@ -47,7 +47,7 @@ class Daemon:
 
     def tick(self) -> SensorResult:
         context = build_sensor_context(
-            instance=self.instance, resources={"storage": self.storage}, cursor=self.cursor
+            instance=self.instance, resources={"flux2_storage": self.storage}, cursor=self.cursor
         )
         if self.log_handler is not None:
             context.log.addHandler(self.log_handler)  # the sensor's logger is not global

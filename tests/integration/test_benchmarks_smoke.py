@@ -22,6 +22,7 @@ EXPECTED = {
     "photos": ("### photos", "peak RSS MB", "largest peak RSS"),
     "partitions": ("### partitions", "s/partition", "single_run()"),
     "backfill": ("### backfill", "| plain ", "| --parallel 4, 25/run "),
+    "load": ("### load", "| no DAGSTER_HOME (baseline) ", "| later (nothing new) "),
 }
 
 

@@ -34,6 +34,8 @@ LAYERS: dict[str, int] = {
     "settings": 6,
     "definitions": 7,
     "component": 7,
+    # The scaffolder of the component (dg scaffold defs), beside the settings.
+    "component_scaffold": 6,
     # The command line and what only it uses.
     "cli": 8,
     "command_estimate": 8,
