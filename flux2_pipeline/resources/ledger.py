@@ -81,9 +81,13 @@ class LedgerResource(ConfigurableResource):  # type: ignore[type-arg]
 
     @property
     def effective_url(self) -> str:
-        """The configured URL, or the default SQLite file (only for a local output_dir)."""
-        if self.url:
-            return self.url
+        """The configured URL, or the default SQLite file (only for a local output_dir).
+
+        Outside a step (the command line), a URL given as an `EnvVar` is read here.
+        """
+        url = self.url.get_value() if isinstance(self.url, EnvVar) else self.url
+        if url:
+            return url
         if self.storage.output_is_remote:
             raise SettingsError(REMOTE_LEDGER_REQUIRED)
         folder = local_path(self.storage.output_root())
