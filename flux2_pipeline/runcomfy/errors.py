@@ -271,17 +271,6 @@ def submit_error_proves_no_job(status_code: int, error_code: Any = None) -> bool
     return status_code in SUBMIT_NO_JOB_STATUS_CODES
 
 
-_BY_FAMILY: dict[int, type[APIError]] = {
-    400: BadRequestError,
-    401: AuthenticationError,
-    402: InsufficientCreditError,
-    403: AuthenticationError,
-    404: NotFoundError,
-    408: ServerError,
-    422: RequestRejectedError,
-    429: RateLimitError,
-}
-
 _BY_STATUS: dict[int, type[APIError]] = {
     400: BadRequestError,
     401: AuthenticationError,
@@ -373,7 +362,8 @@ def _class_for_code(error_code: Any) -> type[APIError] | None:
         return AuthenticationError
     if family >= 500:
         return ServerError
-    return _BY_FAMILY.get(family, BadRequestError)
+    # A code's family reads as an HTTP status would.
+    return _BY_STATUS.get(family, BadRequestError)
 
 
 def is_account_refusal(error: APIError) -> bool:

@@ -7,9 +7,7 @@ balance, and a balance that runs out (`400002`, as HTTP 400 or HTTP 200).
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,28 +17,9 @@ import pytest
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.ledger import Ledger
 from tests.conftest import TEST_TOKEN, prompt_rows, write_table
+from tests.dagster.test_process_safety import CLI, cli_env
 
 pytestmark = pytest.mark.slow
-
-CLI = str(Path(sys.executable).parent / "flux2-pipeline")
-
-
-def _env(tmp_path: Path, base_url: str, **extra: str) -> dict[str, str]:
-    home = tmp_path / "dagster_home"
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNCOMFY_", "FLUX2_"))}
-    env.update(
-        RUNCOMFY_BASE_URL=base_url,
-        RUNCOMFY_API_TOKEN=TEST_TOKEN,
-        FLUX2_INPUT_DIR=str(tmp_path / "prompts"),
-        FLUX2_OUTPUT_DIR=str(tmp_path / "output"),
-        FLUX2_MAX_CONCURRENCY="8",
-        FLUX2_STEP_RETRIES="0",
-        DAGSTER_HOME=str(home),
-        **extra,
-    )
-    return env
 
 
 def _materialize(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -69,7 +48,7 @@ def test_succeeded_not_ready_and_http_200_errors_all_complete_each_paid_once(
 ) -> None:
     service.state.faults.update(succeeded_rate=0.5, result_lag=0.3, fault_200_error=0.05)
     write_table(tmp_path / "prompts", "real", prompt_rows(service.base_url, "real", 40))
-    run = _materialize(_env(tmp_path, service.base_url))
+    run = _materialize(cli_env(tmp_path, service.base_url))
     assert run.returncode == 0, run.stdout + run.stderr
     counters = service.state.counters
     assert counters.jobs_created == 40 and counters.duplicate_bodies == 0
@@ -88,7 +67,7 @@ def test_a_balance_that_runs_out_stops_the_run_and_a_top_up_pays_only_the_rest(
     # so the refusal comes from the service mid-run.
     service.state.update_settings({"balance_usd": 0.25, "balance_error_http_200": http_200})
     write_table(tmp_path / "prompts", "broke", prompt_rows(service.base_url, "broke", 30))
-    env = _env(tmp_path, service.base_url, FLUX2_BALANCE_CHECK="warn")
+    env = cli_env(tmp_path, service.base_url, FLUX2_BALANCE_CHECK="warn")
     run = _materialize(env)
     assert run.returncode == 1, run.stdout + run.stderr
     first = run.stdout.splitlines()[0]
@@ -125,7 +104,7 @@ def test_a_balance_that_cannot_cover_the_run_stops_it_before_the_first_submit(
 ) -> None:
     service.state.update_settings({"balance_usd": 0.1})
     write_table(tmp_path / "prompts", "short", prompt_rows(service.base_url, "short", 10))
-    run = _materialize(_env(tmp_path, service.base_url))
+    run = _materialize(cli_env(tmp_path, service.base_url))
     assert run.returncode == 1, run.stdout + run.stderr
     lines = run.stdout.splitlines()
     assert lines[0] == (
@@ -143,7 +122,7 @@ def test_a_budget_alone_takes_the_models_published_price(
 ) -> None:
     service.state.faults.update(price_usd=0.05)
     write_table(tmp_path / "prompts", "budget", prompt_rows(service.base_url, "budget", 10))
-    run = _materialize(_env(tmp_path, service.base_url, FLUX2_BUDGET_USD="0.2"))
+    run = _materialize(cli_env(tmp_path, service.base_url, FLUX2_BUDGET_USD="0.2"))
     assert run.returncode == 1, run.stdout + run.stderr
     assert run.stdout.startswith("price 0.05 USD/image (the model's published price)")
     assert service.state.counters.jobs_created == 4  # 0.2 USD at 0.05 a job
