@@ -319,8 +319,11 @@ def _estimate_allows_start(settings: Any, args: argparse.Namespace) -> bool:
     under FLUX2_BALANCE_CHECK=stop (nothing is submitted then)."""
     if args.select and "flux2_edits" not in args.select:
         return True  # no edit job is paid for by this command
-    if settings.storage.input_dir_problem() is not None:
-        return True  # `materialize` says what is wrong with the folder, in one line
+    storage = settings.storage
+    if storage.input_dir_problem() is not None or not all(
+        storage.input_path(key).exists() for key in args.partition
+    ):
+        return True  # `materialize` says what is wrong with the folder or names, in one line
     from flux2_pipeline.command_estimate import estimate_for_command
 
     settings.runcomfy.check_token()

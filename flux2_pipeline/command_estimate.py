@@ -17,11 +17,17 @@ import asyncio
 import functools
 from collections.abc import Iterator, Sequence
 
-from upath import UPath
-
-from flux2_pipeline.batch import InputRow, InputTableError, read_input_rows
-from flux2_pipeline.batch.estimate import RunEstimate, estimate_run, quote_price, unpaid_work
-from flux2_pipeline.ledger import Ledger
+from flux2_pipeline.batch import InputRow, read_input_rows
+from flux2_pipeline.batch.estimate import (
+    RunEstimate,
+    UnpaidWork,
+    estimate_run,
+    quote_price,
+    rows_while_readable,
+    unpaid_work,
+)
+from flux2_pipeline.ledger import Ledger, LedgerUnavailableError
+from flux2_pipeline.net import redact_text
 from flux2_pipeline.paths import list_files, presign
 from flux2_pipeline.settings import Settings
 
@@ -36,16 +42,20 @@ async def _estimate(settings: Settings, partitions: Sequence[str]) -> RunEstimat
     client = await runcomfy.create_client()
     try:
         price = await quote_price(client, runcomfy.price_per_image_usd)
-        ledger = Ledger.open(settings.ledger.effective_url)
         try:
-            work = await asyncio.to_thread(
-                unpaid_work, _readable_inputs(settings, partitions), ledger
-            )
-        finally:
-            ledger.close()
+            work = await asyncio.to_thread(_unpaid, settings, partitions)
+        except LedgerUnavailableError as exc:
+            # The run says so in its own words; the estimate only notes it.
+            note = f"the ledger could not be read: {redact_text(str(exc))[:160]}"
+            return RunEstimate(price, UnpaidWork(), balance_note=note)
         return await estimate_run(client, work, price, runcomfy.balance_check)
     finally:
         await client.aclose()
+
+
+def _unpaid(settings: Settings, partitions: Sequence[str]) -> UnpaidWork:
+    with Ledger.open(settings.ledger.effective_url) as ledger:
+        return unpaid_work(_readable_inputs(settings, partitions), ledger)
 
 
 def _readable_inputs(
@@ -56,16 +66,9 @@ def _readable_inputs(
         paths = [storage.input_path(key) for key in partitions]
     else:
         paths = [found.path for found in list_files(storage.input_root(), ".parquet")]
-    return [(path.stem, _rows_while_readable(settings, path)) for path in paths]
-
-
-def _rows_while_readable(settings: Settings, path: UPath) -> Iterator[list[InputRow]]:
-    # Streamed, so memory stays flat; an unreadable file is the run's to report.
-    try:
-        yield from read_input_rows(
-            path,
-            defaults=settings.runcomfy.parameter_defaults(),
-            sign_url=functools.partial(presign, expires=settings.runcomfy.presign_expiry),
-        )
-    except (InputTableError, OSError):
-        return
+    read = functools.partial(
+        read_input_rows,
+        defaults=settings.runcomfy.parameter_defaults(),
+        sign_url=functools.partial(presign, expires=settings.runcomfy.presign_expiry),
+    )
+    return [(path.stem, rows_while_readable(functools.partial(read, path))) for path in paths]

@@ -75,6 +75,7 @@ from flux2_pipeline.batch.estimate import (
     RunEstimate,
     estimate_run,
     quote_price,
+    rows_while_readable,
     unpaid_work,
 )
 from flux2_pipeline.batch.freshness import InputChanged, InputRead, commit_for_input, superseded
@@ -309,7 +310,7 @@ async def _estimate_then_run(
     price = await quote_price(runcomfy.client, runcomfy.price_per_image_usd)
     work = await asyncio.to_thread(
         unpaid_work,
-        [(partition.key, partition.recount()) for partition in partitions],
+        [(partition.key, rows_while_readable(partition.recount)) for partition in partitions],
         ledger.ledger,
     )
     estimate = await estimate_run(runcomfy.client, work, price, runcomfy.balance_check)

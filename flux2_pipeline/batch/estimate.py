@@ -17,11 +17,11 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-from flux2_pipeline.batch.tables import InputRow
+from flux2_pipeline.batch.tables import InputRow, InputTableError
 from flux2_pipeline.ledger import Ledger, make_row_key
 from flux2_pipeline.net import redact_text
 from flux2_pipeline.runcomfy import AsyncRunComfyClient, RunComfyError
@@ -135,6 +135,15 @@ async def read_balance(client: AsyncRunComfyClient) -> tuple[float | None, str |
     except RunComfyError as exc:
         return None, f"the balance route failed: {redact_text(str(exc))[:160]}"
     return balance.usd, None
+
+
+def rows_while_readable(read: Callable[[], Iterable[list[InputRow]]]) -> Iterator[list[InputRow]]:
+    """The batches `read()` gives, ending quietly where the table cannot be read: an
+    unreadable table fails its own partition, with its own words, not the estimate."""
+    try:
+        yield from read()
+    except (InputTableError, OSError):
+        return
 
 
 def unpaid_work(
