@@ -49,7 +49,9 @@ from flux2_pipeline.runcomfy import AsyncRunComfyClient, EditRequest, PollSchedu
 
 MODES = ("plain", "client", "pipeline", "pipeline-capped")
 DEFAULT_MODES = ("plain", "client", "pipeline")
-TERMINAL = frozenset({"completed", "failed", "cancelled"})
+TERMINAL = frozenset({"completed", "succeeded", "failed", "cancelled", "canceled"})
+"""The words RunComfy's own CLI takes as a job's end (its `src/poll.rs`)."""
+DONE = frozenset({"completed", "succeeded"})
 PLAIN_POLL_SECONDS = 0.1
 
 
@@ -75,7 +77,7 @@ async def plain_aiohttp(base_url: str, bodies: list[dict[str, Any]], concurrency
                             break
                 url = f"{base_url}/v1/requests/{request_id}/result?include_cost=true"
                 async with http.get(url) as answer:
-                    if (await answer.json())["status"] == "completed":
+                    if (await answer.json())["status"] in DONE:
                         completed += 1
 
         await asyncio.gather(*(one(payload) for payload in bodies))

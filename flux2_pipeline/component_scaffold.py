@@ -56,6 +56,9 @@ SET = {
 """Attributes written set: what a first project needs, ready for `dg launch`."""
 
 EXAMPLES: dict[str, Any] = {
+    "account_base_url": "{{ env.RUNCOMFY_ACCOUNT_BASE_URL }}",
+    "balance_check": "stop",
+    "max_decode_pixels": 120_000_000,
     "account_concurrency": 32,
     "budget_usd": 100,
     "price_per_image_usd": 0.025,

@@ -328,5 +328,5 @@ def test_undecodable_and_missing_files_fail_edited_images_stored(
     found = metadata(evaluation)
     assert found["edited_images_expected"] == 4 and found["missing_or_broken"] == 2
     first, second = found["examples"].split("; ")
-    assert first.startswith(f"{KEY}-1[0]: ") and "decod" in first
+    assert first.startswith(f"{KEY}-1[0]: ") and "not a readable image" in first
     assert second == f"{KEY}-3[0]: file missing"

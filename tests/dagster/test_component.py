@@ -155,9 +155,9 @@ def test_partitions_per_run_sets_the_backfill_ranges(project: Path) -> None:
 
 def test_max_decode_pixels_sets_the_decode_ceiling(project: Path) -> None:
     default = load_project(project, CONTRACT_YAML).resources or {}
-    assert default["storage"].max_decode_pixels == 120_000_000
+    assert default["flux2_storage"].max_decode_pixels == 120_000_000
     chosen = load_project(project, CONTRACT_YAML + "  max_decode_pixels: 50000000\n")
-    assert (chosen.resources or {})["storage"].max_decode_pixels == 50_000_000
+    assert (chosen.resources or {})["flux2_storage"].max_decode_pixels == 50_000_000
 
 
 def test_a_key_prefix_moves_every_name(project: Path) -> None:
