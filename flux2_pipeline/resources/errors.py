@@ -86,6 +86,8 @@ def _kind(annotation: Any) -> str:
         return "a number"
     if typing.get_origin(annotation) is dict:
         return "a mapping"
+    if typing.get_origin(annotation) is typing.Literal:
+        return "one of " + ", ".join(str(choice) for choice in typing.get_args(annotation))
     return "text"
 
 

@@ -308,3 +308,31 @@ def test_progress_is_a_bar_on_a_terminal() -> None:
         show("cats", {**FIGURES, "flux2/rows_done": 100, "flux2/seconds": 20.0})
     screen = out.getvalue()
     assert "cats" in screen and "100/100" in screen and "$1.25" in screen
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (
+            {"FLUX2_BALANCE_CHECK": "maybe"},
+            "FLUX2_BALANCE_CHECK must be one of stop, warn, off, got 'maybe'",
+        ),
+        (
+            {"RUNCOMFY_ACCOUNT_BASE_URL": "ftp://x"},
+            "RUNCOMFY_ACCOUNT_BASE_URL must be an http(s) URL such as https://api.runcomfy.net, "
+            "got 'ftp://x'",
+        ),
+    ],
+)
+def test_the_real_apis_settings_are_one_line_errors(env: dict[str, str], expected: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env(env)
+    assert str(caught.value) == expected
+
+
+def test_the_balance_check_and_the_account_api_reach_the_resource() -> None:
+    settings = Settings.from_env(
+        {"FLUX2_BALANCE_CHECK": "warn", "RUNCOMFY_ACCOUNT_BASE_URL": "http://127.0.0.1:9/"}
+    )
+    assert settings.runcomfy.balance_check == "warn"
+    assert settings.runcomfy.account_base_url == "http://127.0.0.1:9"
