@@ -43,7 +43,9 @@ async def _estimate(settings: Settings, partitions: Sequence[str]) -> RunEstimat
     try:
         price = await quote_price(client, runcomfy.price_per_image_usd)
         try:
-            work = await asyncio.to_thread(_unpaid, settings, partitions)
+            # On this thread: the command does nothing else meanwhile, and a worker thread's
+            # malloc arena would keep what the read allocated, a peak the run then adds to.
+            work = _unpaid(settings, partitions)
         except LedgerUnavailableError as exc:
             # The run says so in its own words; the estimate only notes it.
             note = f"the ledger could not be read: {redact_text(str(exc))[:160]}"

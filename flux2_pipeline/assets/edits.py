@@ -308,8 +308,10 @@ async def _estimate_then_run(
     if not partitions:
         return
     price = await quote_price(runcomfy.client, runcomfy.price_per_image_usd)
-    work = await asyncio.to_thread(
-        unpaid_work,
+    # On the loop's own thread, before any job of the step exists: read on another thread,
+    # the tables would be decoded into that thread's malloc arena, a peak the rows' own
+    # read then adds to instead of reusing.
+    work = unpaid_work(
         [(partition.key, rows_while_readable(partition.recount)) for partition in partitions],
         ledger.ledger,
     )
