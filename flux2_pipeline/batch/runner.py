@@ -397,24 +397,7 @@ class EditRunner:
             # Left `submitted`: its lease lapses and a later run follows it again.
             logger.info("an adopted job %s: %s", job.request_id, redact_text(str(exc)))
             return
-        if result.ok:
-            state = SubmissionState.COMPLETED
-        elif result.state is JobState.CANCELLED:
-            state = SubmissionState.CANCELLED
-        else:
-            state = SubmissionState.FAILED
-        error = None if result.ok else redact_text(result.error or f"the job ended {result.state}")
-        await self._write(
-            lambda: self.ledger.record_finished(
-                job.id,
-                state,
-                finished_at=result.finished_at or datetime.now(UTC),
-                error=error,
-                cost_usd=result.cost_usd,
-                output_urls=result.output_urls if result.ok else (),
-            ),
-            keep=True,
-        )
+        await self._record_end(job, result)
         if self.account_concurrency is not None:
             self._wakeup.freed()
 
@@ -614,6 +597,23 @@ class EditRunner:
     async def _record_result(
         self, row: InputRow, known: Submission, paid: int, result: EditResult
     ) -> RowOutcome:
+        status, error, finished_at = await self._record_end(known, result)
+        return RowOutcome(
+            row,
+            status,
+            request_id=known.request_id,
+            output_urls=result.output_urls if result.ok else (),
+            error=error,
+            attempts=paid,
+            submitted_at=known.submitted_at,
+            finished_at=finished_at,
+            cost_usd=result.cost_usd,
+        )
+
+    async def _record_end(
+        self, known: Submission, result: EditResult
+    ) -> tuple[RowStatus, str | None, datetime]:
+        """Record a job's end in the ledger; the row's status, error and end time."""
         if result.ok:
             state, status = SubmissionState.COMPLETED, COMPLETED
         elif result.state is JobState.CANCELLED:
@@ -638,17 +638,7 @@ class EditRunner:
             ),
             keep=True,
         )
-        return RowOutcome(
-            row,
-            status,
-            request_id=known.request_id,
-            output_urls=result.output_urls if result.ok else (),
-            error=error,
-            attempts=paid,
-            submitted_at=known.submitted_at,
-            finished_at=finished_at,
-            cost_usd=result.cost_usd,
-        )
+        return status, error, finished_at
 
     async def _keep_request_id(
         self, row: InputRow, recording: asyncio.Future[Submission], known: Submission
