@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import fsspec
 from dagster import ConfigurableResource
@@ -137,17 +137,8 @@ class Flux2Storage(ConfigurableResource):  # type: ignore[type-arg]
         if not is_remote_uri(value):
             return str(Path(value).expanduser().absolute())
         parts = urlsplit(value)
-        scheme = parts.scheme.lower()
-        if not parts.netloc:
-            raise ValueError(f"must name a bucket, such as {scheme}://bucket/prefix")
-        module, install = _FILESYSTEM_MODULES.get(scheme, ("", ""))
-        if module:
-            try:
-                importlib.import_module(module)
-            except ImportError:
-                raise ValueError(
-                    f"points at an object store ({scheme}://), which needs {module} ({install})"
-                ) from None
+        _require_bucket(parts)
+        _require_store_module(parts.scheme.lower())
         return value.rstrip("/")
 
     @property
@@ -223,6 +214,26 @@ class Flux2Storage(ConfigurableResource):  # type: ignore[type-arg]
         return scan
 
 
+def _require_bucket(parts: SplitResult) -> None:
+    if not parts.netloc:
+        scheme = parts.scheme.lower()
+        raise ValueError(f"must name a bucket, such as {scheme}://bucket/prefix")
+
+
+def _require_store_module(scheme: str) -> bool:
+    """Check that the known object store's client library imports; False for other schemes."""
+    module, install = _FILESYSTEM_MODULES.get(scheme, ("", ""))
+    if not module:
+        return False
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ValueError(
+            f"points at an object store ({scheme}://), which needs {module} ({install})"
+        ) from None
+    return True
+
+
 def _store_url(value: str) -> str:
     """An object-store URL checked: it names a bucket, carries no credentials, and its
     filesystem can be loaded. Error messages never repeat the URL (it may hold a secret)."""
@@ -233,17 +244,9 @@ def _store_url(value: str) -> str:
             f"must be a {scheme}:// URL without credentials or a query string (such as a "
             "signature); give the store's credentials in its own variables (AWS_* for s3://)"
         )
-    if not parts.netloc and scheme != "memory":
-        raise ValueError(f"must name a bucket, such as {scheme}://bucket/prefix")
-    module, install = _FILESYSTEM_MODULES.get(scheme, ("", ""))
-    if module:
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            raise ValueError(
-                f"points at an object store ({scheme}://), which needs {module} ({install})"
-            ) from None
-    else:
+    if scheme != "memory":
+        _require_bucket(parts)
+    if not _require_store_module(scheme):
         try:
             fsspec.get_filesystem_class(scheme)
         except (ImportError, ValueError):
