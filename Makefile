@@ -39,7 +39,7 @@ check-defs: $(STAMP)
 test: lint typecheck check-defs
 	$(BIN)/pytest -q
 
-# Issue 13's proof that no test passes by timing luck: `CI=true pytest -q` ROUNDS times in
+# The proof that no test passes by timing luck: `CI=true pytest -q` ROUNDS times in
 # a row beside BUSY processes spinning a core each (2 cores: the suite gets a third of
 # the machine); stops at the first failing round. SHARDS=2 runs each round as two pytest
 # processes at once, each a share of the tests (pytest-split, balanced on
@@ -56,7 +56,7 @@ test-under-load: $(STAMP)
 test-durations: $(STAMP)
 	CI=true $(BIN)/pytest -q --store-durations --durations-path tests/.test_durations
 
-# Benchmarks at the issue's sizes (about 12 minutes on 2 cores) and at tiny sizes (CI).
+# Benchmarks at their default sizes (see benchmarks/README.md) and at tiny sizes (CI).
 BENCHMARKS := throughput transport polling memory partitions backfill photos load
 
 bench: $(STAMP)

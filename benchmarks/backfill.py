@@ -5,12 +5,12 @@ C jobs at once and queueing the rest): (a) the plain aiohttp script of `throughp
 doing all P*R jobs C at a time, in this process; (b) `flux2-pipeline materialize --select
 flux2_edits` over the P fresh partitions (Dagster's start included), with
 `FLUX2_MAX_CONCURRENCY` = C, at each `--parallel` value (Dagster runs at once) and each
-`--per-run` value (FLUX2_PARTITIONS_PER_RUN: 1 = one run per partition, session 3's
+`--per-run` value (FLUX2_PARTITIONS_PER_RUN: 1 = one run per partition, the old
 behaviour; 25 = the default ranges). Wall is the command's; CPU is summed over the command and
 every process it started (sampled from /proc, so the worker processes count); "peak
 server" is the most jobs the server ever ran at once, "peak queued" the most that waited.
 
-    python benchmarks/backfill.py                           # the issue's two scenarios
+    python benchmarks/backfill.py                           # the two default scenarios
     python benchmarks/backfill.py --scenario 8x40:1:32 --parallel 1 --per-run 1 --per-run 25
     python benchmarks/backfill.py --scenario 8x40:1:32 --parallel 8 --account-cap
     python benchmarks/backfill.py --per-run 25 --postgres   # + instance and ledger on PostgreSQL

@@ -3,7 +3,7 @@
 Registers `--partitions` tiny input files (1 row each) and runs `flux2-pipeline
 materialize` over all of them, at each `--parallel` value (runs at once, default 4) and
 each `--per-run` value (FLUX2_PARTITIONS_PER_RUN: 1 = one Dagster run per partition,
-session 3's behaviour; 25 = the default ranges), against the emulator in its own process
+the old behaviour; 25 = the default ranges), against the emulator in its own process
 (latency 0): wall / partitions is the fixed cost each partition pays. CPU is summed over
 the command and its worker processes. Then a prototype, outside the product: two trivial
 partitioned assets on a throwaway instance, one materialized one run per partition (what

@@ -12,7 +12,7 @@ the `pipeline-net` row subtracts it. The `pipeline-capped` mode (not in the defa
 runs the pipeline again with `FLUX2_ACCOUNT_CONCURRENCY` = C: what taking and giving back
 an account slot in the ledger costs per job.
 
-    python benchmarks/throughput.py                      # the sizes
+    python benchmarks/throughput.py                      # the default sizes
     python benchmarks/throughput.py --scenario 2000:0.5:64 --modes pipeline,pipeline-capped
     python benchmarks/throughput.py --scenario 600:0.5:32 --modes plain,client
     python benchmarks/throughput.py --smoke

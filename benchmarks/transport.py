@@ -4,7 +4,7 @@ aiohttp's pool (`AiohttpTransport`).
 Same jobs (`--rounds` x C of them, latency L) at C = 1, 32 and 256 against the emulator
 in its own process; prints wall and CPU seconds of this process, CPU ms per job and
 ratios to the ideal ceil(N/C)*L. The client's default transport is chosen by these
-figures (see README.md, "Benchmarks").
+figures (see benchmarks/README.md).
 
     python benchmarks/transport.py
     python benchmarks/transport.py --concurrency 64 --rounds 30

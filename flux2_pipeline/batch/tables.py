@@ -125,7 +125,7 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("warning", pa.string()),
     ]
 )
-"""The results dataset's schema (see CONTRACT.md); `cost_usd` and `warning` are extras."""
+"""The results dataset's schema (docs/data.md); `cost_usd` and `warning` are extras."""
 
 RESULT_COLUMN_DESCRIPTIONS: dict[str, str] = {
     "row_id": "the input id, or one derived from the row's content",
@@ -346,7 +346,7 @@ def _as_url_tuple(value: Any) -> tuple[str, ...]:
 
 
 class RowStatus(StrEnum):
-    """A results row's `status` (see CONTRACT.md); a `str`, so it is stored as its value."""
+    """A results row's `status` (docs/data.md); a `str`, so it is stored as its value."""
 
     COMPLETED = "completed"
     """The job finished with at least one image URL."""

@@ -58,7 +58,7 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("note", pa.string()),
     ]
 )
-"""The manifest's schema (see CONTRACT.md, "Downstream datasets")."""
+"""The manifest's schema (docs/data.md, "Images")."""
 
 MANIFEST_COLUMN_DESCRIPTIONS: dict[str, str] = {
     "row_id": "the results row the image belongs to",

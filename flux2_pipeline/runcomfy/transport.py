@@ -7,7 +7,7 @@ and the JSON bytes itself; a transport only moves bytes.
 - `AiohttpTransport` (the default) sends on aiohttp's connection pool, through its
   public API. httpx's own pool (httpcore) spends milliseconds of CPU per call
   (encode/httpx#3215); polling thousands of jobs on two cores, that is most of the run.
-  The figures are in README.md, "Benchmarks".
+  The figures are in benchmarks/README.md.
 - `HttpxTransport` adapts any `httpx.AsyncBaseTransport`: `httpx.MockTransport` in tests,
   `httpx.AsyncHTTPTransport(proxy=..., verify=...)` for httpx's pool and its options.
   The client wraps an httpx transport given as `transport=` in it.

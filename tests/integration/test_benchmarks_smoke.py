@@ -1,6 +1,6 @@
 """Every benchmark runs end to end at tiny sizes (`--smoke`) and prints its figures.
 
-Nothing here asserts timing: the figures live in README.md, "Benchmarks".
+Nothing here asserts timing: the figures live in benchmarks/README.md.
 """
 
 from __future__ import annotations
