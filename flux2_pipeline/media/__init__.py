@@ -35,7 +35,7 @@ from flux2_pipeline.media.errors import (
     InvalidImageUrl,
     NotAnImage,
 )
-from flux2_pipeline.media.fetch import Fetched, ImageFetcher
+from flux2_pipeline.media.download import Fetched, ImageFetcher
 from flux2_pipeline.media.manifest import (
     MANIFEST_COLUMN_DESCRIPTIONS,
     MANIFEST_SCHEMA,

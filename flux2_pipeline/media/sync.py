@@ -58,7 +58,7 @@ from flux2_pipeline.media.errors import (
     ImageFetchError,
     ImageUnavailable,
 )
-from flux2_pipeline.media.fetch import ImageFetcher
+from flux2_pipeline.media.download import ImageFetcher
 from flux2_pipeline.media.manifest import ImageRecord, ImageRef, ManifestWriter, iter_manifest
 from flux2_pipeline.media.store import ImageStore
 from flux2_pipeline.media.verify import (
