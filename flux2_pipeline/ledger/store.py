@@ -79,7 +79,7 @@ from flux2_pipeline.ledger.schema import (
     ledger_account,
     submissions,
 )
-from flux2_pipeline.ledger.url import parse_ledger_url, redact_url
+from flux2_pipeline.ledger.url import parse_ledger_url, redact_database_url
 
 logger = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ class Ledger:
         the database cannot be reached.
         """
         parsed = parse_ledger_url(url)
-        shown = redact_url(parsed)
+        shown = redact_database_url(parsed)
         if parsed.get_backend_name() == "sqlite":
             if schema is not None:
                 raise LedgerConfigError("ledger schema is only supported on PostgreSQL")
@@ -359,7 +359,7 @@ class Ledger:
         return ledger
 
     def _create_tables(self) -> None:
-        with self._begin(f"cannot open the ledger at {redact_url(self._url)}") as conn:
+        with self._begin(f"cannot open the ledger at {redact_database_url(self._url)}") as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_DDL_LOCK_KEY})
                 if self._schema is not None:
@@ -399,7 +399,7 @@ class Ledger:
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""
         schema = f" schema={self._schema!r}" if self._schema else ""
-        return f"<Ledger {redact_url(self._url)}{schema}{state}>"
+        return f"<Ledger {redact_database_url(self._url)}{schema}{state}>"
 
     # -- request ids the database could not take --------------------------------------
 
@@ -469,7 +469,7 @@ class Ledger:
     @property
     def url(self) -> str:
         """The ledger URL with any password hidden."""
-        return redact_url(self._url)
+        return redact_database_url(self._url)
 
     @property
     def backend(self) -> str:
