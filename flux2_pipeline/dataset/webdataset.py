@@ -30,16 +30,13 @@ import importlib.util
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from upath import UPath
 
+from flux2_pipeline.dataset.report import PartitionBuild, WebDatasetExport
 from flux2_pipeline.paths import atomic_writer, iter_parquet, make_dirs, write_bytes_atomically
-
-if TYPE_CHECKING:
-    from flux2_pipeline.dataset.builder import PartitionBuild
 
 WDS_STATE_FILE = ".flux2_webdataset_state.json"
 _IMAGE_COLUMNS = ("input_image", "edited_image", "source_images")
@@ -47,16 +44,6 @@ _TEXT_COLUMNS = ("edit_prompt",)
 _UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
 TAR_BATCH_ROWS = 64
 """Shard rows read at a time: each carries its images' bytes (the builder's row groups)."""
-
-
-@dataclass
-class WebDatasetExport:
-    """What `export_webdataset` wrote: every tar of the export, and which it rewrote."""
-
-    out_dir: UPath
-    tars: list[str] = field(default_factory=list)
-    rewritten: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
 
 
 def sample_key(shard_stem: str, position: int) -> str:
