@@ -1073,21 +1073,12 @@ class Ledger:
 
         Keys never attempted are absent from the result.
         """
-        keys = list(dict.fromkeys(row_keys))
-        grouped: dict[str, list[Submission]] = {}
+        keys = sorted(set(row_keys))
         if not keys:
             return {}
         with self._begin("cannot read the ledger") as conn:
-            for start in range(0, len(keys), LOOKUP_CHUNK_SIZE):
-                chunk = keys[start : start + LOOKUP_CHUNK_SIZE]
-                stmt = (
-                    select(*_t.c)
-                    .where(_t.c.row_key.in_(chunk))
-                    .order_by(_t.c.row_key, _t.c.attempt)
-                )
-                for row in conn.execute(stmt).mappings():
-                    grouped.setdefault(row["row_key"], []).append(submission_from_row(row))
-        return {key: RowHistory(tuple(attempts)) for key, attempts in grouped.items()}
+            history = self._attempts_of(conn, keys)
+        return {key: RowHistory(tuple(attempts)) for key, attempts in history.items() if attempts}
 
     def submissions(self, partition: str | None = None) -> list[Submission]:
         """Every attempt (of one partition, if given), oldest first."""
