@@ -26,7 +26,7 @@ from flux2_pipeline.media.contact import (
     render_contact_sheet,
     save_png,
 )
-from flux2_pipeline.media.download import Fetched, ImageFetcher
+from flux2_pipeline.media.download import FetchedImage, ImageFetcher
 from flux2_pipeline.media.errors import (
     CorruptImage,
     ImageFetchError,
@@ -86,7 +86,7 @@ __all__ = [
     "ContactRow",
     "CorruptImage",
     "FetchLimits",
-    "Fetched",
+    "FetchedImage",
     "ImageFetchError",
     "ImageFetcher",
     "ImageInfo",
