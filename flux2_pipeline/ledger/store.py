@@ -394,7 +394,7 @@ class Ledger:
     def _create_tables(self) -> None:
         with self._begin(f"cannot open the ledger at {redact_database_url(self._url)}") as conn:
             if conn.dialect.name == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_DDL_LOCK_KEY})
+                conn.execute(_ADVISORY_LOCK, {"key": _PG_DDL_LOCK_KEY})
                 if self._schema is not None:
                     conn.execute(CreateSchema(self._schema, if_not_exists=True))
             conn.execute(CreateTable(_t, if_not_exists=True))
