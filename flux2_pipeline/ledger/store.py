@@ -255,6 +255,38 @@ def _update_statements(column: str, guard: str, names: tuple[str, ...]) -> _Upda
     )
 
 
+def _sqlite_engine(url: URL) -> Engine:
+    assert url.database is not None
+    try:
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        shown = redact_database_url(url)
+        raise LedgerUnavailableError(
+            f"cannot create the ledger directory for {shown}: {exc.strerror}"
+        ) from exc
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+    event.listen(engine, "connect", _sqlite_pragmas)
+    event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
+def _postgres_engine(url: URL, schema: str | None) -> Engine:
+    options: dict[str, Any] = {}
+    if schema is not None:
+        options["schema_translate_map"] = {None: schema}
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        execution_options=options,
+        connect_args={
+            "connect_timeout": PG_CONNECT_TIMEOUT_S,
+            "application_name": "flux2-pipeline-ledger",
+            "options": f"-c lock_timeout={int(PG_LOCK_TIMEOUT_MS)} "
+            f"-c statement_timeout={int(PG_STATEMENT_TIMEOUT_MS)}",
+        },
+    )
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # The driver must not open transactions on its own: `_sqlite_begin` opens each one
     # with BEGIN IMMEDIATE.
@@ -353,35 +385,12 @@ class Ledger:
         the database cannot be reached.
         """
         parsed = parse_ledger_url(url)
-        shown = redact_database_url(parsed)
         if parsed.get_backend_name() == "sqlite":
             if schema is not None:
                 raise LedgerConfigError("ledger schema is only supported on PostgreSQL")
-            assert parsed.database is not None
-            try:
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise LedgerUnavailableError(
-                    f"cannot create the ledger directory for {shown}: {exc.strerror}"
-                ) from exc
-            engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-            event.listen(engine, "connect", _sqlite_pragmas)
-            event.listen(engine, "begin", _sqlite_begin)
+            engine = _sqlite_engine(parsed)
         else:
-            options: dict[str, Any] = {}
-            if schema is not None:
-                options["schema_translate_map"] = {None: schema}
-            engine = create_engine(
-                parsed,
-                pool_pre_ping=True,
-                execution_options=options,
-                connect_args={
-                    "connect_timeout": PG_CONNECT_TIMEOUT_S,
-                    "application_name": "flux2-pipeline-ledger",
-                    "options": f"-c lock_timeout={int(PG_LOCK_TIMEOUT_MS)} "
-                    f"-c statement_timeout={int(PG_STATEMENT_TIMEOUT_MS)}",
-                },
-            )
+            engine = _postgres_engine(parsed, schema)
         ledger = cls(engine, parsed, schema=schema)
         try:
             ledger._create_tables()
