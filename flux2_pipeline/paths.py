@@ -25,7 +25,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any, Self
 from urllib.parse import urlsplit
 
@@ -214,14 +213,6 @@ def _list_local(folder: Path, suffix: str) -> list[ListedFile]:
     return found
 
 
-def read_parquet(path: UPath, columns: Sequence[str] | None = None) -> pa.Table:
-    """Read a Parquet file from a local folder or an object store."""
-    wanted = list(columns) if columns is not None else None
-    if is_local(path):
-        return pq.read_table(local_path(path), columns=wanted)
-    return pq.read_table(path.path, columns=wanted, filesystem=path.fs)
-
-
 STREAM_BATCH_ROWS = 1024
 STREAM_BUFFER_BYTES = 1 << 16
 """`iter_parquet` reads column chunks through a 64 KiB buffer, page by page: memory then
@@ -235,7 +226,7 @@ def iter_parquet(
     """Stream a Parquet file (local or in an object store) as record batches of `columns`
     (every column when None).
 
-    Unlike `read_parquet`, memory does not grow with the file: single-threaded, no
+    Unlike `pq.read_table`, memory does not grow with the file: single-threaded, no
     pre-buffering, column chunks read through a small buffer.
 
     Example::
@@ -511,12 +502,7 @@ class ParquetStreamWriter:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if exc_type is None:
             self.commit()
         else:
