@@ -13,7 +13,9 @@ never both be told to submit.
 
 Example::
 
-    decision = ledger.claim(ClaimRequest(key, "cats", "42", fingerprint), holder="run-7")
+    [decision] = ledger.claim(
+        [ClaimRequest(key, "cats", "42", fingerprint)], holder="run-7", max_attempts=9
+    )
     match decision.action:
         case ClaimAction.SUBMIT: ...   # decision.attempt is our intent: send the request
         case ClaimAction.FOLLOW: ...   # poll decision.attempt.request_id, never resubmit
