@@ -40,7 +40,6 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import json
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -55,7 +54,13 @@ from upath import UPath
 from flux2_pipeline.batch.tables import file_sha256
 from flux2_pipeline.dataset.card import render_card
 from flux2_pipeline.dataset.features import DATASET_SCHEMA
-from flux2_pipeline.dataset.report import SPLIT_DIR, BuildReport, PartitionBuild
+from flux2_pipeline.dataset.report import (
+    SPLIT_DIR,
+    BuildReport,
+    PartitionBuild,
+    read_state,
+    write_state,
+)
 from flux2_pipeline.dataset.webdataset import export_webdataset
 from flux2_pipeline.media.manifest import ImageRecord, ManifestIndex, completed_rows
 from flux2_pipeline.media.store import ImageStore
@@ -104,15 +109,6 @@ def fingerprint(source: PartitionSource, max_rows: int, max_bytes: int) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _load_state(out_dir: UPath) -> dict[str, dict[str, Any]]:
-    try:
-        data = json.loads((out_dir / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    partitions = data.get("partitions") if isinstance(data, dict) else None
-    return partitions if isinstance(partitions, dict) else {}
-
-
 def _counts_from_state(raw: Any) -> dict[str, dict[str, int]]:
     if not isinstance(raw, dict):
         return {}
@@ -131,8 +127,7 @@ def _save_state(out_dir: UPath, builds: Sequence[PartitionBuild]) -> None:
             for b in builds
         },
     }
-    text = json.dumps(state, indent=1, sort_keys=True)
-    write_bytes_atomically(out_dir / STATE_FILE, text.encode())
+    write_state(out_dir / STATE_FILE, state)
 
 
 def _examples(
@@ -383,7 +378,7 @@ def _build(
     tar_dir = None if webdataset_dir is None else _outside(root, ensure_upath(webdataset_dir))
     folder = root / SPLIT_DIR
     make_dirs(folder)
-    state = _load_state(root)
+    state = read_state(root / STATE_FILE, "partitions")
     report = BuildReport(root)
     for source in sorted(sources, key=lambda s: s.key):
         digest = fingerprint(source, max_rows, max_bytes)

@@ -1,6 +1,7 @@
 """What a dataset build holds: each partition's shards and counts, and the whole build's.
 
-`build_training_dataset` fills these; the dataset card and the WebDataset export read them.
+`build_training_dataset` fills these, the dataset card and the WebDataset export read them,
+and `read_state`/`write_state` keep the builder's and the export's record between builds.
 
 Example::
 
@@ -10,12 +11,14 @@ Example::
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from upath import UPath
 
 from flux2_pipeline.dataset.features import value_label
+from flux2_pipeline.paths import write_bytes_atomically
 from flux2_pipeline.runcomfy import PARAMETER_NAMES
 
 CARD_FILE = "README.md"
@@ -116,3 +119,18 @@ class BuildReport:
                 for label, count in counts.items():
                     merged[label] = merged.get(label, 0) + count
         return {name: counts for name, counts in total.items() if counts}
+
+
+def read_state(path: UPath, table: str) -> dict[str, Any]:
+    """The `table` object of the state file at `path`; empty when missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    found = data.get(table) if isinstance(data, dict) else None
+    return found if isinstance(found, dict) else {}
+
+
+def write_state(path: UPath, state: dict[str, Any]) -> None:
+    """Replace the state file at `path` with `state` in one atomic write."""
+    write_bytes_atomically(path, json.dumps(state, indent=1, sort_keys=True).encode())

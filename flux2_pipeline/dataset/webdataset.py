@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import re
 from collections.abc import Sequence
 from pathlib import PurePosixPath
@@ -35,8 +34,8 @@ from typing import Any
 
 from upath import UPath
 
-from flux2_pipeline.dataset.report import PartitionBuild, WebDatasetExport
-from flux2_pipeline.paths import atomic_writer, iter_parquet, make_dirs, write_bytes_atomically
+from flux2_pipeline.dataset.report import PartitionBuild, WebDatasetExport, read_state, write_state
+from flux2_pipeline.paths import atomic_writer, iter_parquet, make_dirs
 
 WDS_STATE_FILE = ".flux2_webdataset_state.json"
 _IMAGE_COLUMNS = ("input_image", "edited_image", "source_images")
@@ -81,15 +80,6 @@ def sample_of(row: dict[str, Any], key: str) -> dict[str, Any]:
     return sample
 
 
-def _load_state(out_dir: UPath) -> dict[str, str]:
-    try:
-        data = json.loads((out_dir / WDS_STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    tars = data.get("tars") if isinstance(data, dict) else None
-    return {str(k): str(v) for k, v in tars.items()} if isinstance(tars, dict) else {}
-
-
 def _write_tar(parquet: UPath, target: UPath) -> None:
     import webdataset  # type: ignore[import-untyped]  # an optional dependency
 
@@ -115,7 +105,7 @@ def export_webdataset(
             "(pip install 'flux2-pipeline[webdataset]')"
         )
     make_dirs(out_dir)
-    state = _load_state(out_dir)
+    state = {str(k): str(v) for k, v in read_state(out_dir / WDS_STATE_FILE, "tars").items()}
     export = WebDatasetExport(out_dir)
     current: dict[str, str] = {}
     for build in builds:
@@ -137,6 +127,5 @@ def export_webdataset(
             path.unlink(missing_ok=True)
             if path.name.endswith(".tar"):
                 export.removed.append(path.name)
-    text = json.dumps({"tars": current}, indent=1, sort_keys=True)
-    write_bytes_atomically(out_dir / WDS_STATE_FILE, text.encode())
+    write_state(out_dir / WDS_STATE_FILE, {"tars": current})
     return export
