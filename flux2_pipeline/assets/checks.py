@@ -32,8 +32,6 @@ from flux2_pipeline.paths import ScratchDatabase, iter_parquet
 from flux2_pipeline.resources import Flux2Storage
 
 EXAMPLES = 5
-REPEATS_CACHE_KIB = 2048
-"""Page cache of the request-id index: bounded, so memory does not grow with the rows."""
 
 
 def _results(storage: Flux2Storage, key: str, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
@@ -71,7 +69,7 @@ def repeated_values(values: Iterable[pa.Array]) -> tuple[int, list[str]]:
     (1, ['b'])
     """
     schema = "CREATE TABLE seen (value TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID"
-    with ScratchDatabase("repeats", schema, REPEATS_CACHE_KIB) as db:
+    with ScratchDatabase("repeats", schema) as db:
         for array in values:
             db.write_many(
                 "INSERT INTO seen (value, n) VALUES (?, 1) "
