@@ -25,7 +25,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any, Self
 from urllib.parse import urlsplit
 
@@ -214,14 +213,6 @@ def _list_local(folder: Path, suffix: str) -> list[ListedFile]:
     return found
 
 
-def read_parquet(path: UPath, columns: Sequence[str] | None = None) -> pa.Table:
-    """Read a Parquet file from a local folder or an object store."""
-    wanted = list(columns) if columns is not None else None
-    if is_local(path):
-        return pq.read_table(local_path(path), columns=wanted)
-    return pq.read_table(path.path, columns=wanted, filesystem=path.fs)
-
-
 STREAM_BATCH_ROWS = 1024
 STREAM_BUFFER_BYTES = 1 << 16
 """`iter_parquet` reads column chunks through a 64 KiB buffer, page by page: memory then
@@ -235,7 +226,7 @@ def iter_parquet(
     """Stream a Parquet file (local or in an object store) as record batches of `columns`
     (every column when None).
 
-    Unlike `read_parquet`, memory does not grow with the file: single-threaded, no
+    Unlike `pq.read_table`, memory does not grow with the file: single-threaded, no
     pre-buffering, column chunks read through a small buffer.
 
     Example::
@@ -259,20 +250,63 @@ def iter_parquet(
             parquet.close()
 
 
-INDEX_CACHE_KIB = 2048
-"""Page cache of a `DiskIndex`: bounded, so memory does not grow with its entries."""
+SCRATCH_CACHE_KIB = 2048
+"""Page cache of a `ScratchDatabase`: bounded, so memory does not grow with its rows."""
 INDEX_CHUNK = 1024
 
 IndexKey = tuple[str | int | None, ...]
 
 
-class DiskIndex:
-    """A temporary map from keys to JSON values, kept on disk with a bounded page cache.
+class ScratchDatabase:
+    """An SQLite file in a private temporary folder, for lookups too big for memory.
+
+    Never synced (whatever it holds is rebuilt on every run), with a page cache bounded
+    to `cache_kib`, so memory does not grow with its rows; `close` deletes the folder.
+    `schema` is the SQL that creates its tables; `name` names the folder and the file.
+
+    Example::
+
+        with ScratchDatabase("seen", "CREATE TABLE seen (v TEXT PRIMARY KEY)") as db:
+            db.write_many("INSERT OR IGNORE INTO seen (v) VALUES (?)", [("a",), ("a",)])
+            db.execute("SELECT count(*) FROM seen").fetchone()  # (1,)
+    """
+
+    def __init__(self, name: str, schema: str, cache_kib: int = SCRATCH_CACHE_KIB) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix=f"flux2-{name}-")
+        self._db = sqlite3.connect(Path(self._folder.name) / f"{name}.sqlite", isolation_level=None)
+        self._db.executescript(
+            "PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA temp_store = FILE; "
+            f"PRAGMA cache_size = -{int(cache_kib)};\n{schema}"
+        )
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ()) -> sqlite3.Cursor:
+        """Run one statement on its own (autocommitted)."""
+        return self._db.execute(sql, parameters)
+
+    def write_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        """Run `sql` once for each row of parameters, all in one transaction."""
+        self._db.execute("BEGIN")
+        self._db.executemany(sql, rows)
+        self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close the database and delete its folder."""
+        self._db.close()
+        self._folder.cleanup()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class DiskIndex(ScratchDatabase):
+    """A temporary map from keys to JSON values, in a `ScratchDatabase`.
 
     For the lookups a step makes across a whole partition (an image manifest by row, a
-    preset by row id) in memory that does not grow with the rows: the entries live in an
-    SQLite file in a temporary folder, deleted on `close`. A later `put_all` of a key
-    replaces the earlier value, as in a dict.
+    preset by row id) in memory that does not grow with the rows. A later `put_all` of a
+    key replaces the earlier value, as in a dict.
 
     Example::
 
@@ -282,16 +316,9 @@ class DiskIndex:
     """
 
     def __init__(self) -> None:
-        self._folder = tempfile.TemporaryDirectory(prefix="flux2-index-")
-        self._db = sqlite3.connect(Path(self._folder.name) / "index.sqlite", isolation_level=None)
-        self._db.executescript(
-            f"""
-            PRAGMA journal_mode = OFF;
-            PRAGMA synchronous = OFF;
-            PRAGMA temp_store = FILE;
-            PRAGMA cache_size = -{INDEX_CACHE_KIB};
-            CREATE TABLE entries (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-            """
+        super().__init__(
+            "index",
+            "CREATE TABLE entries (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
         )
 
     def put_all(self, items: Iterable[tuple[IndexKey, Any]]) -> None:
@@ -306,29 +333,16 @@ class DiskIndex:
 
     def _insert(self, rows: list[tuple[str, str]]) -> None:
         if rows:
-            self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR REPLACE INTO entries (key, value) VALUES (?, ?)", rows)
-            self._db.execute("COMMIT")
+            self.write_many("INSERT OR REPLACE INTO entries (key, value) VALUES (?, ?)", rows)
 
     def get(self, key: IndexKey) -> Any:
         """The value stored under `key`, or None when there is none."""
-        found = self._db.execute("SELECT value FROM entries WHERE key = ?", (repr(key),)).fetchone()
+        found = self.execute("SELECT value FROM entries WHERE key = ?", (repr(key),)).fetchone()
         return None if found is None else json.loads(found[0])
 
     def clear(self) -> None:
         """Drop every entry."""
-        self._db.execute("DELETE FROM entries")
-
-    def close(self) -> None:
-        """Close the database and delete its folder."""
-        self._db.close()
-        self._folder.cleanup()
-
-    def __enter__(self) -> DiskIndex:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.execute("DELETE FROM entries")
 
 
 class AtomicFile:
@@ -488,12 +502,7 @@ class ParquetStreamWriter:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if exc_type is None:
             self.commit()
         else:

@@ -14,11 +14,8 @@ Example: in the Dagster UI each partition of flux2_edits shows these four checks
 `evaluate_edits_checks(storage, keys.edits, "cats", {"no_invalid_rows"})` evaluates one.
 """
 
-import sqlite3
-import tempfile
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,12 +28,10 @@ from dagster import (
 )
 
 from flux2_pipeline.assets.keys import Flux2Keys
-from flux2_pipeline.paths import iter_parquet
+from flux2_pipeline.paths import ScratchDatabase, iter_parquet
 from flux2_pipeline.resources import Flux2Storage
 
 EXAMPLES = 5
-REPEATS_CACHE_KIB = 2048
-"""Page cache of the request-id index: bounded, so memory does not grow with the rows."""
 
 
 def _results(storage: Flux2Storage, key: str, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
@@ -73,32 +68,18 @@ def repeated_values(values: Iterable[pa.Array]) -> tuple[int, list[str]]:
     >>> repeated_values([pa.array(["a", "b", None]), pa.array(["b", None, "c", "b"])])
     (1, ['b'])
     """
-    with tempfile.TemporaryDirectory(prefix="flux2-repeats-") as folder:
-        db = sqlite3.connect(Path(folder) / "seen.sqlite", isolation_level=None)
-        try:
-            db.executescript(
-                f"""
-                PRAGMA journal_mode = OFF;
-                PRAGMA synchronous = OFF;
-                PRAGMA temp_store = FILE;
-                PRAGMA cache_size = -{REPEATS_CACHE_KIB};
-                CREATE TABLE seen (value TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
-                """
+    schema = "CREATE TABLE seen (value TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID"
+    with ScratchDatabase("repeats", schema) as db:
+        for array in values:
+            db.write_many(
+                "INSERT INTO seen (value, n) VALUES (?, 1) "
+                "ON CONFLICT (value) DO UPDATE SET n = n + 1",
+                ((value,) for value in array.drop_null().to_pylist()),
             )
-            for array in values:
-                db.execute("BEGIN")
-                db.executemany(
-                    "INSERT INTO seen (value, n) VALUES (?, 1) "
-                    "ON CONFLICT (value) DO UPDATE SET n = n + 1",
-                    ((value,) for value in array.drop_null().to_pylist()),
-                )
-                db.execute("COMMIT")
-            (repeated,) = db.execute("SELECT count(*) FROM seen WHERE n > 1").fetchone()
-            first = db.execute(
-                "SELECT value FROM seen WHERE n > 1 ORDER BY value LIMIT ?", (EXAMPLES,)
-            ).fetchall()
-        finally:
-            db.close()
+        (repeated,) = db.execute("SELECT count(*) FROM seen WHERE n > 1").fetchone()
+        first = db.execute(
+            "SELECT value FROM seen WHERE n > 1 ORDER BY value LIMIT ?", (EXAMPLES,)
+        ).fetchall()
     return int(repeated), [value for (value,) in first]
 
 

@@ -22,12 +22,10 @@ import hashlib
 import json
 import math
 import reprlib
-import sqlite3
-import tempfile
 from collections.abc import Iterable, Sequence
-from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
+
+from flux2_pipeline.paths import ScratchDatabase
 
 # Beyond 2**53 a float no longer holds every integer: such an id may have lost digits.
 _EXACT_FLOAT_INTEGERS = 2**53
@@ -86,28 +84,22 @@ def numbered(base: str, occurrence: int) -> str:
     return base if occurrence == 0 else f"{base}-{occurrence + 1}"
 
 
-class RowIdRegistry:
+class RowIdRegistry(ScratchDatabase):
     """Assigns unique row ids in file order, exactly, with taken ids kept on disk.
 
-    The SQLite file lives in a private temporary directory, is never synced (it is
-    rebuilt from the file on every run) and is deleted by `close()`. Its page cache is
-    bounded (`cache_kib`), so memory does not grow with the number of ids.
+    The ids live in a `ScratchDatabase` (never synced: it is rebuilt from the file on
+    every run; deleted by `close()`) whose page cache is bounded (`cache_kib`), so memory
+    does not grow with the number of ids.
     """
 
     def __init__(self, columns: Iterable[str], cache_kib: int = 4096) -> None:
         self._columns = tuple(sorted(set(columns) - {"id"}))
-        self._folder = tempfile.TemporaryDirectory(prefix="flux2-ids-")
-        self._db = sqlite3.connect(Path(self._folder.name) / "ids.sqlite", isolation_level=None)
-        self._db.executescript(
-            f"""
-            PRAGMA journal_mode = OFF;
-            PRAGMA synchronous = OFF;
-            PRAGMA temp_store = FILE;
-            PRAGMA cache_size = -{int(cache_kib)};
-            -- next_occurrence: for a derived base id, how many rows with its content
-            -- have been numbered so far; NULL for every other id.
-            CREATE TABLE taken (id TEXT PRIMARY KEY, next_occurrence INTEGER) WITHOUT ROWID;
-            """
+        # next_occurrence: for a derived base id, how many rows with its content have been
+        # numbered so far; NULL for every other id.
+        super().__init__(
+            "ids",
+            "CREATE TABLE taken (id TEXT PRIMARY KEY, next_occurrence INTEGER) WITHOUT ROWID",
+            cache_kib,
         )
 
     def assign_batch(self, records: Sequence[dict[str, Any]]) -> list[tuple[str, str | None]]:
@@ -138,11 +130,9 @@ class RowIdRegistry:
             else:
                 assert base is not None
                 assigned.append((self._take_derived(base, batch, known), None))
-        self._db.execute("BEGIN")
-        self._db.executemany(
+        self.write_many(
             "INSERT OR REPLACE INTO taken (id, next_occurrence) VALUES (?, ?)", batch.items()
         )
-        self._db.execute("COMMIT")
         return assigned
 
     def _take_derived(
@@ -171,24 +161,8 @@ class RowIdRegistry:
             chunk = pending[start : start + _LOOKUP_CHUNK]
             marks = ",".join("?" * len(chunk))
             query = f"SELECT id, next_occurrence FROM taken WHERE id IN ({marks})"
-            found.update(self._db.execute(query, chunk).fetchall())
+            found.update(self.execute(query, chunk).fetchall())
         return found
-
-    def close(self) -> None:
-        """Delete the temporary index."""
-        self._db.close()
-        self._folder.cleanup()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _duplicate(row_id: str) -> str:

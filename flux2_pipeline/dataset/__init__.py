@@ -15,14 +15,10 @@ from flux2_pipeline.dataset.builder import (
     MAX_SHARD_BYTES,
     MAX_SHARD_ROWS,
     STATE_FILE,
-    BuildReport,
-    PartitionBuild,
     PartitionSource,
     build_training_dataset,
 )
 from flux2_pipeline.dataset.card import (
-    CARD_FILE,
-    SPLIT_DIR,
     load_snippet,
     render_card,
     storage_options,
@@ -38,6 +34,7 @@ from flux2_pipeline.dataset.features import (
     Column,
     parameter_column,
 )
+from flux2_pipeline.dataset.report import CARD_FILE, SPLIT_DIR, BuildReport, PartitionBuild
 
 __all__ = [
     "CARD_FILE",

@@ -40,10 +40,9 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import json
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -53,9 +52,16 @@ from filelock import FileLock
 from upath import UPath
 
 from flux2_pipeline.batch.tables import file_sha256
-from flux2_pipeline.dataset.card import CARD_FILE, SPLIT_DIR, render_card
-from flux2_pipeline.dataset.features import DATASET_SCHEMA, value_label
-from flux2_pipeline.dataset.webdataset import WebDatasetExport, export_webdataset
+from flux2_pipeline.dataset.card import render_card
+from flux2_pipeline.dataset.features import DATASET_SCHEMA
+from flux2_pipeline.dataset.report import (
+    SPLIT_DIR,
+    BuildReport,
+    PartitionBuild,
+    read_state,
+    write_state,
+)
+from flux2_pipeline.dataset.webdataset import export_webdataset
 from flux2_pipeline.media.manifest import ImageRecord, ManifestIndex, completed_rows
 from flux2_pipeline.media.store import ImageStore
 from flux2_pipeline.paths import (
@@ -81,8 +87,6 @@ ROW_GROUP_BYTES = 16 * 1024 * 1024
 reference twice: `input_image` and `source_images`) and compressed, about 4x their image
 bytes at peak. 48 rows of 3.3 MB photos took the step from 195 to 982 MB at 64 rows a group,
 to 468 MB at 64 MB a group and to 309 MB at 16 MB."""
-COUNTED_COLUMNS = ("num_source_images", *PARAMETER_NAMES)
-"""The columns whose distinct values the state file and the card count."""
 RESULTS_COLUMNS = ("row_id", "request_id", "prompt", "image_urls", "output_urls", "status")
 
 
@@ -95,89 +99,6 @@ class PartitionSource:
     manifest_path: Path | UPath
 
 
-@dataclass
-class PartitionBuild:
-    """What the dataset holds for one partition, and whether this build rewrote it."""
-
-    key: str
-    fingerprint: str
-    shards: list[str] = field(default_factory=list)
-    rows: int = 0
-    bytes: int = 0
-    arrow_bytes: int = 0
-    """Size of the rows in Arrow memory: what `datasets` calls the split's `num_bytes`."""
-    skipped: int = 0
-    value_counts: dict[str, dict[str, int]] = field(default_factory=dict)
-    """Per parameter (and `num_source_images`): how many rows hold each value."""
-    rebuilt: bool = False
-
-    def count_values(self, example: dict[str, Any]) -> None:
-        """Add one dataset row's parameter values to `value_counts`."""
-        for name in COUNTED_COLUMNS:
-            counts = self.value_counts.setdefault(name, {})
-            label = value_label(example[name])
-            counts[label] = counts.get(label, 0) + 1
-
-
-@dataclass
-class BuildReport:
-    """The outcome of `build_training_dataset`."""
-
-    out_dir: UPath
-    partitions: list[PartitionBuild] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    webdataset: WebDatasetExport | None = None
-
-    @property
-    def card_path(self) -> UPath:
-        """The dataset card, `README.md` at the dataset's root."""
-        return self.out_dir / CARD_FILE
-
-    @property
-    def rows(self) -> int:
-        """Rows in the whole dataset."""
-        return sum(p.rows for p in self.partitions)
-
-    @property
-    def shards(self) -> int:
-        """Shard files in the whole dataset."""
-        return sum(len(p.shards) for p in self.partitions)
-
-    @property
-    def bytes(self) -> int:
-        """Bytes of all shard files."""
-        return sum(p.bytes for p in self.partitions)
-
-    @property
-    def arrow_bytes(self) -> int:
-        """Size of all rows in Arrow memory (the train split's `num_bytes`)."""
-        return sum(p.arrow_bytes for p in self.partitions)
-
-    @property
-    def skipped(self) -> int:
-        """Edited images left out because they or their row's references are not stored."""
-        return sum(p.skipped for p in self.partitions)
-
-    @property
-    def rebuilt(self) -> list[str]:
-        """Keys of the partitions this build rewrote."""
-        return [p.key for p in self.partitions if p.rebuilt]
-
-    @property
-    def value_counts(self) -> dict[str, dict[str, int]]:
-        """Per parameter (and `num_source_images`): rows holding each value, all partitions.
-
-        Columns in `COUNTED_COLUMNS` order, whichever order the state file kept them in.
-        """
-        total: dict[str, dict[str, int]] = {name: {} for name in COUNTED_COLUMNS}
-        for build in self.partitions:
-            for name, counts in build.value_counts.items():
-                merged = total.setdefault(name, {})
-                for label, count in counts.items():
-                    merged[label] = merged.get(label, 0) + count
-        return {name: counts for name, counts in total.items() if counts}
-
-
 def fingerprint(source: PartitionSource, max_rows: int, max_bytes: int) -> str:
     """What a partition's shards are made from; equal fingerprints mean equal shards."""
     parts = [
@@ -186,15 +107,6 @@ def fingerprint(source: PartitionSource, max_rows: int, max_bytes: int) -> str:
         file_sha256(source.manifest_path),
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-
-def _load_state(out_dir: UPath) -> dict[str, dict[str, Any]]:
-    try:
-        data = json.loads((out_dir / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    partitions = data.get("partitions") if isinstance(data, dict) else None
-    return partitions if isinstance(partitions, dict) else {}
 
 
 def _counts_from_state(raw: Any) -> dict[str, dict[str, int]]:
@@ -215,8 +127,7 @@ def _save_state(out_dir: UPath, builds: Sequence[PartitionBuild]) -> None:
             for b in builds
         },
     }
-    text = json.dumps(state, indent=1, sort_keys=True)
-    write_bytes_atomically(out_dir / STATE_FILE, text.encode())
+    write_state(out_dir / STATE_FILE, state)
 
 
 def _examples(
@@ -467,7 +378,7 @@ def _build(
     tar_dir = None if webdataset_dir is None else _outside(root, ensure_upath(webdataset_dir))
     folder = root / SPLIT_DIR
     make_dirs(folder)
-    state = _load_state(root)
+    state = read_state(root / STATE_FILE, "partitions")
     report = BuildReport(root)
     for source in sorted(sources, key=lambda s: s.key):
         digest = fingerprint(source, max_rows, max_bytes)

@@ -23,22 +23,17 @@ import json
 import os
 import shlex
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from upath import UPath
 
 from flux2_pipeline.dataset.features import COLUMNS, FEATURES, TRAINER_COLUMNS
+from flux2_pipeline.dataset.report import SPLIT_DIR, BuildReport
 from flux2_pipeline.paths import is_local
 from flux2_pipeline.runcomfy import MODEL_PATH
 
-if TYPE_CHECKING:
-    from flux2_pipeline.dataset.builder import BuildReport
-
-CARD_FILE = "README.md"
-SPLIT_DIR = "train"
-"""The folder of the shards (files named after a split keyword would become splits)."""
 TRAIN_SCRIPT = "examples/instruct_pix2pix/train_instruct_pix2pix.py"
 _ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 

@@ -27,19 +27,15 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from upath import UPath
 
-from flux2_pipeline.paths import atomic_writer, iter_parquet, make_dirs, write_bytes_atomically
-
-if TYPE_CHECKING:
-    from flux2_pipeline.dataset.builder import PartitionBuild
+from flux2_pipeline.dataset.report import PartitionBuild, WebDatasetExport, read_state, write_state
+from flux2_pipeline.paths import atomic_writer, iter_parquet, make_dirs
 
 WDS_STATE_FILE = ".flux2_webdataset_state.json"
 _IMAGE_COLUMNS = ("input_image", "edited_image", "source_images")
@@ -47,16 +43,6 @@ _TEXT_COLUMNS = ("edit_prompt",)
 _UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
 TAR_BATCH_ROWS = 64
 """Shard rows read at a time: each carries its images' bytes (the builder's row groups)."""
-
-
-@dataclass
-class WebDatasetExport:
-    """What `export_webdataset` wrote: every tar of the export, and which it rewrote."""
-
-    out_dir: UPath
-    tars: list[str] = field(default_factory=list)
-    rewritten: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
 
 
 def sample_key(shard_stem: str, position: int) -> str:
@@ -94,15 +80,6 @@ def sample_of(row: dict[str, Any], key: str) -> dict[str, Any]:
     return sample
 
 
-def _load_state(out_dir: UPath) -> dict[str, str]:
-    try:
-        data = json.loads((out_dir / WDS_STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    tars = data.get("tars") if isinstance(data, dict) else None
-    return {str(k): str(v) for k, v in tars.items()} if isinstance(tars, dict) else {}
-
-
 def _write_tar(parquet: UPath, target: UPath) -> None:
     import webdataset  # type: ignore[import-untyped]  # an optional dependency
 
@@ -128,7 +105,7 @@ def export_webdataset(
             "(pip install 'flux2-pipeline[webdataset]')"
         )
     make_dirs(out_dir)
-    state = _load_state(out_dir)
+    state = {str(k): str(v) for k, v in read_state(out_dir / WDS_STATE_FILE, "tars").items()}
     export = WebDatasetExport(out_dir)
     current: dict[str, str] = {}
     for build in builds:
@@ -150,6 +127,5 @@ def export_webdataset(
             path.unlink(missing_ok=True)
             if path.name.endswith(".tar"):
                 export.removed.append(path.name)
-    text = json.dumps({"tars": current}, indent=1, sort_keys=True)
-    write_bytes_atomically(out_dir / WDS_STATE_FILE, text.encode())
+    write_state(out_dir / WDS_STATE_FILE, {"tars": current})
     return export

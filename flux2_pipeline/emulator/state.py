@@ -36,7 +36,7 @@ from flux2_pipeline.emulator.dialect import (
     MODEL_FAILED,
     MODEL_ROUTES,
 )
-from flux2_pipeline.emulator.fetch import (
+from flux2_pipeline.emulator.references import (
     AsyncMemo,
     ReferenceFetchError,
     download_reference,

@@ -40,7 +40,7 @@ from flux2_pipeline.ledger.schema import (
     make_row_key,
 )
 from flux2_pipeline.ledger.store import LOOKUP_CHUNK_SIZE, Ledger
-from flux2_pipeline.ledger.url import parse_ledger_url, redact_url
+from flux2_pipeline.ledger.url import parse_ledger_url, redact_database_url
 
 __all__ = [
     "ACCOUNT_REFUSAL_TTL_SECONDS",
@@ -68,5 +68,5 @@ __all__ = [
     "decide",
     "make_row_key",
     "parse_ledger_url",
-    "redact_url",
+    "redact_database_url",
 ]

@@ -13,7 +13,9 @@ never both be told to submit.
 
 Example::
 
-    decision = ledger.claim(ClaimRequest(key, "cats", "42", fingerprint), holder="run-7")
+    [decision] = ledger.claim(
+        [ClaimRequest(key, "cats", "42", fingerprint)], holder="run-7", max_attempts=9
+    )
     match decision.action:
         case ClaimAction.SUBMIT: ...   # decision.attempt is our intent: send the request
         case ClaimAction.FOLLOW: ...   # poll decision.attempt.request_id, never resubmit
@@ -126,6 +128,45 @@ class AccountRefusal:
         False
         """
         return self.expires_at > now and self.recorded_at >= refused_since
+
+
+@dataclass(slots=True)
+class AccountState:
+    """The account as one claim sees it: spend, taken slots, a live refusal, and its caps.
+
+    `Ledger.claim` reads it under its lock and `reserve`s each row it submits, so the
+    rows of one claim are checked against each other as well.
+
+    >>> account = AccountState(spent_usd=9.9, budget_usd=10.0)
+    >>> account.admits(0.05), account.admits(0.2)
+    (<ClaimAction.SUBMIT: 'submit'>, <ClaimAction.OVER_BUDGET: 'over_budget'>)
+    """
+
+    spent_usd: float = 0.0
+    open_slots: int = 0
+    refusal: AccountRefusal | None = None
+    budget_usd: float | None = None
+    concurrency: int | None = None
+
+    @property
+    def accounted(self) -> bool:
+        """True when a budget or an account-wide cap is checked (the spend row is locked)."""
+        return self.budget_usd is not None or self.concurrency is not None
+
+    def admits(self, price_usd: float) -> ClaimAction:
+        """SUBMIT when a row costing `price_usd` may be sent now, else why it may not."""
+        if self.refusal is not None:
+            return ClaimAction.ACCOUNT_REFUSED
+        if self.concurrency is not None and self.open_slots >= self.concurrency:
+            return ClaimAction.WAIT_FOR_SLOT
+        if self.budget_usd is not None and self.spent_usd + price_usd > self.budget_usd + 1e-9:
+            return ClaimAction.OVER_BUDGET
+        return ClaimAction.SUBMIT
+
+    def reserve(self, price_usd: float) -> None:
+        """Count a submitted row: its price is spent and it takes a slot."""
+        self.spent_usd += price_usd
+        self.open_slots += 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@
                                  request id already recorded for another submission)
 
 No message ever contains the password of the ledger URL: URLs are rendered with
-`redact_url`, and database errors are chained, not formatted into the message.
+`redact_database_url`, and database errors are chained, not formatted into the message.
 """
 
 from __future__ import annotations

@@ -103,16 +103,17 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 metadata = MetaData()
 
+
+def _id_column() -> Column[int]:
+    # INTEGER PRIMARY KEY on SQLite is the rowid alias; BIGINT identity elsewhere.
+    kind = BigInteger().with_variant(Integer(), "sqlite")
+    return Column("id", kind, primary_key=True, autoincrement=True)
+
+
 submissions = Table(
     TABLE_NAME,
     metadata,
-    # INTEGER PRIMARY KEY on SQLite is the rowid alias; BIGINT identity elsewhere.
-    Column(
-        "id",
-        BigInteger().with_variant(Integer(), "sqlite"),
-        primary_key=True,
-        autoincrement=True,
-    ),
+    _id_column(),
     Column("row_key", String(64), nullable=False),
     Column("partition", Text(), nullable=False),
     Column("row_id", Text(), nullable=False),
@@ -164,12 +165,7 @@ account_refusals = Table(
     # One row per refusal the API gave for the whole account (no balance, bad token...),
     # so every runner sharing the ledger stops submitting until it expires. Rows are only
     # added: the latest one that has not expired is the account's state.
-    Column(
-        "id",
-        BigInteger().with_variant(Integer(), "sqlite"),
-        primary_key=True,
-        autoincrement=True,
-    ),
+    _id_column(),
     Column("reason", Text(), nullable=False),
     Column("recorded_at", UTCDateTime(), nullable=False),
     Column("expires_at", UTCDateTime(), nullable=False),

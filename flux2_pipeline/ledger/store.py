@@ -32,7 +32,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 from sqlalchemy import (
@@ -56,6 +55,7 @@ from flux2_pipeline.ledger.claims import (
     DEFAULT_LEASE_SECONDS,
     ORPHANED_JOB_SLOT_SECONDS,
     AccountRefusal,
+    AccountState,
     ClaimAction,
     ClaimDecision,
     ClaimRequest,
@@ -79,7 +79,7 @@ from flux2_pipeline.ledger.schema import (
     ledger_account,
     submissions,
 )
-from flux2_pipeline.ledger.url import parse_ledger_url, redact_url
+from flux2_pipeline.ledger.url import parse_ledger_url, redact_database_url
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +199,38 @@ def _slot_params(now: datetime) -> dict[str, Any]:
     return {"now": now, "orphaned_before": now - timedelta(seconds=ORPHANED_JOB_SLOT_SECONDS)}
 
 
+@dataclass(frozen=True, slots=True)
+class _Lease:
+    """Who claims, when, and until when their new or adopted claims hold."""
+
+    holder: str
+    now: datetime
+    until: datetime
+
+
+def _adopt(conn: Connection, submission_id: int, lease: _Lease) -> None:
+    conn.execute(
+        update(_t)
+        .where(_t.c.id == submission_id)
+        .values(holder=lease.holder, lease_until=lease.until)
+    )
+
+
+def _give_up_intent(conn: Connection, submission_id: int, now: datetime) -> None:
+    """A lapsed intent that a new attempt replaces: its request may have left, so unknown."""
+    conn.execute(
+        update(_t)
+        .where(_t.c.id == submission_id)
+        .values(
+            state=SubmissionState.UNKNOWN.value,
+            holder=None,
+            updated_at=now,
+            error="its runner stopped before the answer was recorded; "
+            "the request may have reached the API",
+        )
+    )
+
+
 @dataclass(frozen=True)
 class _UpdateStatements:
     name: str
@@ -219,6 +251,38 @@ def _update_statements(column: str, guard: str, names: tuple[str, ...]) -> _Upda
         update=update(_t).where(where, _GUARDS[guard]).values(values).returning(*_t.c),
         current=select(_t.c.id, _t.c.state, _t.c.request_id).where(where),
         charge_before=charge_before,
+    )
+
+
+def _sqlite_engine(url: URL) -> Engine:
+    assert url.database is not None
+    try:
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        shown = redact_database_url(url)
+        raise LedgerUnavailableError(
+            f"cannot create the ledger directory for {shown}: {exc.strerror}"
+        ) from exc
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+    event.listen(engine, "connect", _sqlite_pragmas)
+    event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
+def _postgres_engine(url: URL, schema: str | None) -> Engine:
+    options: dict[str, Any] = {}
+    if schema is not None:
+        options["schema_translate_map"] = {None: schema}
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        execution_options=options,
+        connect_args={
+            "connect_timeout": PG_CONNECT_TIMEOUT_S,
+            "application_name": "flux2-pipeline-ledger",
+            "options": f"-c lock_timeout={int(PG_LOCK_TIMEOUT_MS)} "
+            f"-c statement_timeout={int(PG_STATEMENT_TIMEOUT_MS)}",
+        },
     )
 
 
@@ -320,35 +384,12 @@ class Ledger:
         the database cannot be reached.
         """
         parsed = parse_ledger_url(url)
-        shown = redact_url(parsed)
         if parsed.get_backend_name() == "sqlite":
             if schema is not None:
                 raise LedgerConfigError("ledger schema is only supported on PostgreSQL")
-            assert parsed.database is not None
-            try:
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise LedgerUnavailableError(
-                    f"cannot create the ledger directory for {shown}: {exc.strerror}"
-                ) from exc
-            engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-            event.listen(engine, "connect", _sqlite_pragmas)
-            event.listen(engine, "begin", _sqlite_begin)
+            engine = _sqlite_engine(parsed)
         else:
-            options: dict[str, Any] = {}
-            if schema is not None:
-                options["schema_translate_map"] = {None: schema}
-            engine = create_engine(
-                parsed,
-                pool_pre_ping=True,
-                execution_options=options,
-                connect_args={
-                    "connect_timeout": PG_CONNECT_TIMEOUT_S,
-                    "application_name": "flux2-pipeline-ledger",
-                    "options": f"-c lock_timeout={int(PG_LOCK_TIMEOUT_MS)} "
-                    f"-c statement_timeout={int(PG_STATEMENT_TIMEOUT_MS)}",
-                },
-            )
+            engine = _postgres_engine(parsed, schema)
         ledger = cls(engine, parsed, schema=schema)
         try:
             ledger._create_tables()
@@ -359,9 +400,9 @@ class Ledger:
         return ledger
 
     def _create_tables(self) -> None:
-        with self._begin(f"cannot open the ledger at {redact_url(self._url)}") as conn:
+        with self._begin(f"cannot open the ledger at {redact_database_url(self._url)}") as conn:
             if conn.dialect.name == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_DDL_LOCK_KEY})
+                conn.execute(_ADVISORY_LOCK, {"key": _PG_DDL_LOCK_KEY})
                 if self._schema is not None:
                     conn.execute(CreateSchema(self._schema, if_not_exists=True))
             conn.execute(CreateTable(_t, if_not_exists=True))
@@ -388,18 +429,13 @@ class Ledger:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""
         schema = f" schema={self._schema!r}" if self._schema else ""
-        return f"<Ledger {redact_url(self._url)}{schema}{state}>"
+        return f"<Ledger {redact_database_url(self._url)}{schema}{state}>"
 
     # -- request ids the database could not take --------------------------------------
 
@@ -469,7 +505,7 @@ class Ledger:
     @property
     def url(self) -> str:
         """The ledger URL with any password hidden."""
-        return redact_url(self._url)
+        return redact_database_url(self._url)
 
     @property
     def backend(self) -> str:
@@ -671,110 +707,112 @@ class Ledger:
         if not holder:
             raise ValueError("holder must be a non-empty string")
         keys = sorted({request.row_key for request in wanted})
-        decisions: list[ClaimDecision] = []
-        prepared = self._prepared.get
         with self._begin("cannot claim rows in the ledger") as conn:
             now = _now()
-            lease_until = now + timedelta(seconds=lease_seconds)
-            postgres = conn.dialect.name == "postgresql"
-            if postgres:
-                lock = prepared(conn, "advisory_lock", _ADVISORY_LOCK)
-                for key in keys:
-                    lock.run(conn, {"key": _advisory_key(key)})
-            accounted = budget_usd is not None or account_concurrency is not None
-            spent = 0.0
-            if accounted:
-                spent = float(prepared(conn, "spent", _SPENT_FOR_UPDATE).scalar(conn, {}))
-            open_slots = 0
-            if account_concurrency is not None:
-                slots = prepared(conn, "open_slots", _OPEN_SLOTS)
-                open_slots = int(slots.scalar(conn, _slot_params(now)))
-            refusal: AccountRefusal | None = None
-            if refused_since is not None:
-                since = _aware(refused_since, "refused_since")
-                refusal = self._live_refusal(conn, now)
-                if refusal is not None and not refusal.applies_to(now, since):
-                    refusal = None
-            history: dict[str, list[Submission]] = {key: [] for key in keys}
-            if len(keys) == 1:
-                # The runner claims one row at a time: an indexed look-up, prepared once.
-                [key] = keys
-                attempts_of_key = prepared(conn, "attempts_of_key", _ATTEMPTS_OF_KEY)
-                rows: Iterable[Mapping[Any, Any]] = attempts_of_key.all(conn, {"key": key})
-                history[key].extend(submission_from_row(row) for row in rows)
-            else:
-                for start in range(0, len(keys), LOOKUP_CHUNK_SIZE):
-                    chunk = keys[start : start + LOOKUP_CHUNK_SIZE]
-                    rows = conn.execute(_ATTEMPTS_OF_KEYS, {"keys": chunk}).mappings()
-                    for row in rows:
-                        history[row["row_key"]].append(submission_from_row(row))
-            spent_before = spent
-            for request in wanted:
-                attempts = history[request.row_key]
-                verdict = decide(attempts, holder=holder, now=now, max_attempts=max_attempts)
-                action, attempt = verdict.action, verdict.attempt
-                took_over = False
-                if action is ClaimAction.FOLLOW and attempt is not None:
-                    if attempt.lease_until is None or attempt.lease_until <= now:
-                        # Its holder is gone: adopt the job, so its slot counts again.
-                        conn.execute(
-                            update(_t)
-                            .where(_t.c.id == attempt.id)
-                            .values(holder=holder, lease_until=lease_until)
-                        )
-                elif action is ClaimAction.SUBMIT:
-                    price = request.price_usd or 0.0
-                    if refusal is not None:
-                        action = ClaimAction.ACCOUNT_REFUSED
-                    elif account_concurrency is not None and open_slots >= account_concurrency:
-                        action = ClaimAction.WAIT_FOR_SLOT
-                    elif budget_usd is not None and spent + price > budget_usd + 1e-9:
-                        action = ClaimAction.OVER_BUDGET
-                    else:
-                        dangling = verdict.dangling
-                        if dangling is not None and dangling.state is SubmissionState.INTENT:
-                            conn.execute(
-                                update(_t)
-                                .where(_t.c.id == dangling.id)
-                                .values(
-                                    state=SubmissionState.UNKNOWN.value,
-                                    holder=None,
-                                    updated_at=now,
-                                    error="its runner stopped before the answer was recorded; "
-                                    "the request may have reached the API",
-                                )
-                            )
-                        took_over = dangling is not None
-                        attempt = self._insert_intent(
-                            conn, request, holder, now, lease_until, attempts
-                        )
-                        attempts.append(attempt)
-                        spent += price
-                        open_slots += 1
-                decisions.append(
-                    ClaimDecision(
-                        action,
-                        attempt,
-                        paid_attempts=verdict.paid_attempts,
-                        took_over=took_over,
-                        last_error=refusal.reason
-                        if action is ClaimAction.ACCOUNT_REFUSED and refusal is not None
-                        else verdict.last_error,
-                        spent_usd=spent if accounted else None,
-                    )
+            lease = _Lease(holder, now, now + timedelta(seconds=lease_seconds))
+            self._lock_rows(conn, keys)
+            account = self._claim_account(conn, now, budget_usd, account_concurrency, refused_since)
+            history = self._attempts_of(conn, keys)
+            spent_before = account.spent_usd
+            decisions = [
+                self._claim_row(
+                    conn, request, history[request.row_key], account, lease, max_attempts
                 )
-            if spent != spent_before:
-                add = prepared(conn, "add_spend", _ADD_SPEND)
-                add.run(conn, {"delta": spent - spent_before, "now": now})
+                for request in wanted
+            ]
+            if account.spent_usd != spent_before:
+                add = self._prepared.get(conn, "add_spend", _ADD_SPEND)
+                add.run(conn, {"delta": account.spent_usd - spent_before, "now": now})
         return decisions
+
+    def _lock_rows(self, conn: Connection, keys: list[str]) -> None:
+        """On PostgreSQL, take each row key's advisory lock (in key order) until commit."""
+        if conn.dialect.name == "postgresql":
+            lock = self._prepared.get(conn, "advisory_lock", _ADVISORY_LOCK)
+            for key in keys:
+                lock.run(conn, {"key": _advisory_key(key)})
+
+    def _claim_account(
+        self,
+        conn: Connection,
+        now: datetime,
+        budget_usd: float | None,
+        concurrency: int | None,
+        refused_since: datetime | None,
+    ) -> AccountState:
+        """The account as this claim sees it; the spend row is locked when it is checked."""
+        prepared = self._prepared.get
+        account = AccountState(budget_usd=budget_usd, concurrency=concurrency)
+        if account.accounted:
+            account.spent_usd = float(prepared(conn, "spent", _SPENT_FOR_UPDATE).scalar(conn, {}))
+        if concurrency is not None:
+            slots = prepared(conn, "open_slots", _OPEN_SLOTS)
+            account.open_slots = int(slots.scalar(conn, _slot_params(now)))
+        if refused_since is not None:
+            since = _aware(refused_since, "refused_since")
+            refusal = self._live_refusal(conn, now)
+            if refusal is not None and refusal.applies_to(now, since):
+                account.refusal = refusal
+        return account
+
+    def _attempts_of(self, conn: Connection, keys: list[str]) -> dict[str, list[Submission]]:
+        """Every attempt of each key, oldest first (an empty list for a key never tried)."""
+        history: dict[str, list[Submission]] = {key: [] for key in keys}
+        if len(keys) == 1:
+            # The runner claims one row at a time: an indexed look-up, prepared once.
+            [key] = keys
+            attempts_of_key = self._prepared.get(conn, "attempts_of_key", _ATTEMPTS_OF_KEY)
+            rows: Iterable[Mapping[Any, Any]] = attempts_of_key.all(conn, {"key": key})
+            history[key].extend(submission_from_row(row) for row in rows)
+            return history
+        for start in range(0, len(keys), LOOKUP_CHUNK_SIZE):
+            chunk = keys[start : start + LOOKUP_CHUNK_SIZE]
+            for row in conn.execute(_ATTEMPTS_OF_KEYS, {"keys": chunk}).mappings():
+                history[row["row_key"]].append(submission_from_row(row))
+        return history
+
+    def _claim_row(
+        self,
+        conn: Connection,
+        request: ClaimRequest,
+        attempts: list[Submission],
+        account: AccountState,
+        lease: _Lease,
+        max_attempts: int,
+    ) -> ClaimDecision:
+        """Apply `decide` to one row and write what it takes: an adoption or a new intent."""
+        verdict = decide(attempts, holder=lease.holder, now=lease.now, max_attempts=max_attempts)
+        action, attempt = verdict.action, verdict.attempt
+        took_over = False
+        if action is ClaimAction.FOLLOW and attempt is not None:
+            if attempt.lease_until is None or attempt.lease_until <= lease.now:
+                _adopt(conn, attempt.id, lease)  # its holder is gone: its slot counts again
+        elif action is ClaimAction.SUBMIT:
+            price = request.price_usd or 0.0
+            action = account.admits(price)
+            if action is ClaimAction.SUBMIT:
+                dangling = verdict.dangling
+                if dangling is not None and dangling.state is SubmissionState.INTENT:
+                    _give_up_intent(conn, dangling.id, lease.now)
+                took_over = dangling is not None
+                attempt = self._insert_intent(conn, request, lease, attempts)
+                attempts.append(attempt)
+                account.reserve(price)
+        refusal = account.refusal if action is ClaimAction.ACCOUNT_REFUSED else None
+        return ClaimDecision(
+            action,
+            attempt,
+            paid_attempts=verdict.paid_attempts,
+            took_over=took_over,
+            last_error=refusal.reason if refusal is not None else verdict.last_error,
+            spent_usd=account.spent_usd if account.accounted else None,
+        )
 
     def _insert_intent(
         self,
         conn: Connection,
         request: ClaimRequest,
-        holder: str,
-        now: datetime,
-        lease_until: datetime,
+        lease: _Lease,
         attempts: list[Submission],
     ) -> Submission:
         number = max((a.attempt for a in attempts), default=0) + 1
@@ -786,15 +824,15 @@ class Ledger:
             "attempt": number,
             "state": SubmissionState.INTENT.value,
             "request_id": None,
-            "intent_at": now,
+            "intent_at": lease.now,
             "submitted_at": None,
             "finished_at": None,
             "error": None,
             "cost_usd": None,
             "output_urls": "[]",
-            "updated_at": now,
-            "holder": holder,
-            "lease_until": lease_until,
+            "updated_at": lease.now,
+            "holder": lease.holder,
+            "lease_until": lease.until,
             "charge_usd": request.price_usd,
         }
         params = {f"v_{name}": value for name, value in values.items()}
@@ -1038,21 +1076,12 @@ class Ledger:
 
         Keys never attempted are absent from the result.
         """
-        keys = list(dict.fromkeys(row_keys))
-        grouped: dict[str, list[Submission]] = {}
+        keys = sorted(set(row_keys))
         if not keys:
             return {}
         with self._begin("cannot read the ledger") as conn:
-            for start in range(0, len(keys), LOOKUP_CHUNK_SIZE):
-                chunk = keys[start : start + LOOKUP_CHUNK_SIZE]
-                stmt = (
-                    select(*_t.c)
-                    .where(_t.c.row_key.in_(chunk))
-                    .order_by(_t.c.row_key, _t.c.attempt)
-                )
-                for row in conn.execute(stmt).mappings():
-                    grouped.setdefault(row["row_key"], []).append(submission_from_row(row))
-        return {key: RowHistory(tuple(attempts)) for key, attempts in grouped.items()}
+            history = self._attempts_of(conn, keys)
+        return {key: RowHistory(tuple(attempts)) for key, attempts in history.items() if attempts}
 
     def submissions(self, partition: str | None = None) -> list[Submission]:
         """Every attempt (of one partition, if given), oldest first."""

@@ -63,12 +63,12 @@ def parse_ledger_url(url: str | Path) -> URL:
     raise LedgerConfigError(f"ledger URL scheme {scheme!r} unsupported: {EXPECTED}")
 
 
-def redact_url(url: URL | str) -> str:
+def redact_database_url(url: URL | str) -> str:
     """`url` as text with any password replaced by ``***``.
 
     Example::
 
-        redact_url("postgresql://me:s3cret@db/ledger")  # 'postgresql://me:***@db/ledger'
+        redact_database_url("postgresql://me:s3cret@db/ledger")  # 'postgresql://me:***@db/ledger'
     """
     if isinstance(url, str):
         raw = url

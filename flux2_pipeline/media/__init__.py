@@ -26,6 +26,7 @@ from flux2_pipeline.media.contact import (
     render_contact_sheet,
     save_png,
 )
+from flux2_pipeline.media.download import FetchedImage, ImageFetcher
 from flux2_pipeline.media.errors import (
     CorruptImage,
     ImageFetchError,
@@ -35,7 +36,6 @@ from flux2_pipeline.media.errors import (
     InvalidImageUrl,
     NotAnImage,
 )
-from flux2_pipeline.media.fetch import Fetched, ImageFetcher
 from flux2_pipeline.media.manifest import (
     MANIFEST_COLUMN_DESCRIPTIONS,
     MANIFEST_SCHEMA,
@@ -86,7 +86,7 @@ __all__ = [
     "ContactRow",
     "CorruptImage",
     "FetchLimits",
-    "Fetched",
+    "FetchedImage",
     "ImageFetchError",
     "ImageFetcher",
     "ImageInfo",

@@ -53,12 +53,12 @@ import pyarrow as pa
 from upath import UPath
 
 from flux2_pipeline.media.budget import PixelBudget
+from flux2_pipeline.media.download import ImageFetcher
 from flux2_pipeline.media.errors import (
     CorruptImage,
     ImageFetchError,
     ImageUnavailable,
 )
-from flux2_pipeline.media.fetch import ImageFetcher
 from flux2_pipeline.media.manifest import ImageRecord, ImageRef, ManifestWriter, iter_manifest
 from flux2_pipeline.media.store import ImageStore
 from flux2_pipeline.media.verify import (
@@ -72,8 +72,8 @@ from flux2_pipeline.net import (
     FetchLimits,
     GuardedFetcher,
     Resolver,
+    redact_signed_url,
     redact_text,
-    redact_url,
     system_resolver,
 )
 from flux2_pipeline.paths import INDEX_CHUNK, DiskIndex, IndexKey
@@ -173,7 +173,7 @@ class _Budget:
 
 def _shown_url(url: object) -> str:
     # A null URL in the results still gets its failed row (the column is not nullable).
-    return redact_url(url) if isinstance(url, str) else ""
+    return redact_signed_url(url) if isinstance(url, str) else ""
 
 
 def _url_key(url: object) -> str:

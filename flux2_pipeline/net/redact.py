@@ -3,14 +3,14 @@
 A pre-signed URL carries its credentials in the query string: AWS SigV4
 (`X-Amz-Credential`, `X-Amz-Signature`, `X-Amz-Security-Token`), AWS SigV2
 (`AWSAccessKeyId`, `Signature`), GCS (`X-Goog-*`, `GoogleAccessId`) and Azure SAS
-(`sig`). `redact_url` replaces the values of those parameters (and a password in the
+(`sig`). `redact_signed_url` replaces the values of those parameters (and a password in the
 URL's user-info) with `REDACTED` and keeps everything else, so the bucket, key, expiry and
 date stay readable. `redact_text` does the same to every such parameter in free text (an
 exception message, a log line), URL or not.
 
 Example::
 
-    >>> redact_url("https://b.s3.amazonaws.com/cat.png?X-Amz-Expires=3600&X-Amz-Signature=abc")
+    >>> redact_signed_url("https://b.s3.amazonaws.com/cat.png?X-Amz-Expires=3600&X-Amz-Signature=abc")
     'https://b.s3.amazonaws.com/cat.png?X-Amz-Expires=3600&X-Amz-Signature=REDACTED'
     >>> redact_text("HTTP 403 from https://h/a.png?sig=xyz&se=2030")
     'HTTP 403 from https://h/a.png?sig=REDACTED&se=2030'
@@ -97,10 +97,10 @@ def redact_text(text: str) -> str:
     return _USERINFO.sub(_hide_password, _PARAMETER.sub(_hide_parameter, text))
 
 
-def redact_url(url: str) -> str:
+def redact_signed_url(url: str) -> str:
     """`url` without its secrets: signed-URL parameters and any user-info password.
 
-    >>> redact_url("https://user:pw@host/a.png?X-Goog-Signature=00ff&alt=media")
+    >>> redact_signed_url("https://user:pw@host/a.png?X-Goog-Signature=00ff&alt=media")
     'https://user:REDACTED@host/a.png?X-Goog-Signature=REDACTED&alt=media'
     """
     return redact_text(url)

@@ -16,7 +16,7 @@ from flux2_pipeline.ledger import (
     Ledger,
     LedgerConfigError,
     parse_ledger_url,
-    redact_url,
+    redact_database_url,
 )
 from flux2_pipeline.paths import local_path
 from flux2_pipeline.resources.errors import SettingsError
@@ -72,7 +72,7 @@ class LedgerResource(ConfigurableResource):  # type: ignore[type-arg]
         if isinstance(self.url, EnvVar):
             return f"LedgerResource(url=EnvVar({self.url.env_var_name!r}))"
         try:
-            shown = redact_url(self.effective_url)
+            shown = redact_database_url(self.effective_url)
         except SettingsError:
             shown = None
         return f"LedgerResource(url={shown!r})"

@@ -29,7 +29,7 @@ from flux2_pipeline.ledger import (
     SubmissionState,
     make_row_key,
     parse_ledger_url,
-    redact_url,
+    redact_database_url,
 )
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -109,12 +109,12 @@ def test_malformed_urls_raise_one_line_config_error_without_password(url: str) -
     assert "s3cret" not in _chain_text(info.value)
 
 
-def test_redact_url_hides_passwords() -> None:
-    assert redact_url("postgresql://me:s3cret@db:5432/ledger") == (
+def test_redact_database_url_hides_passwords() -> None:
+    assert redact_database_url("postgresql://me:s3cret@db:5432/ledger") == (
         "postgresql://me:***@db:5432/ledger"
     )
-    assert "s3cret" not in redact_url(parse_ledger_url("postgresql://me:s3cret@db/x"))
-    assert "s3cret" not in redact_url("postgresql://me:s3cret@db:bad/x")
+    assert "s3cret" not in redact_database_url(parse_ledger_url("postgresql://me:s3cret@db/x"))
+    assert "s3cret" not in redact_database_url("postgresql://me:s3cret@db:bad/x")
 
 
 def test_unreachable_postgres_error_hides_password() -> None:

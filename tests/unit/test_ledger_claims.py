@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from flux2_pipeline.ledger import (
+    AccountRefusal,
     ClaimAction,
     ClaimRequest,
     Ledger,
@@ -24,6 +25,7 @@ from flux2_pipeline.ledger import (
     decide,
     make_row_key,
 )
+from flux2_pipeline.ledger.claims import AccountState
 
 PG_SERVER = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 
@@ -155,6 +157,46 @@ def test_exhausted_keeps_the_last_real_error() -> None:
     verdict = decide(attempts, holder="A", now=NOW, max_attempts=1)
     assert verdict.action is ClaimAction.EXHAUSTED
     assert verdict.last_error == "IMAGE_FETCH_FAILED: 404"
+
+
+REFUSAL = AccountRefusal("no balance", NOW, NOW + timedelta(minutes=10))
+
+
+@pytest.mark.parametrize(
+    ("account", "price", "expected"),
+    [
+        (AccountState(), 5.0, ClaimAction.SUBMIT),
+        (AccountState(spent_usd=9.9, budget_usd=10.0), 0.1, ClaimAction.SUBMIT),
+        (AccountState(spent_usd=9.9, budget_usd=10.0), 0.2, ClaimAction.OVER_BUDGET),
+        (AccountState(open_slots=2, concurrency=2), 0.0, ClaimAction.WAIT_FOR_SLOT),
+        (AccountState(open_slots=1, concurrency=2), 0.0, ClaimAction.SUBMIT),
+        (AccountState(refusal=REFUSAL, budget_usd=10.0), 0.0, ClaimAction.ACCOUNT_REFUSED),
+        # A refusal outranks a full account, and a full account outranks the budget.
+        (
+            AccountState(refusal=REFUSAL, open_slots=1, concurrency=1),
+            0.0,
+            ClaimAction.ACCOUNT_REFUSED,
+        ),
+        (
+            AccountState(open_slots=1, concurrency=1, spent_usd=10.0, budget_usd=10.0),
+            1.0,
+            ClaimAction.WAIT_FOR_SLOT,
+        ),
+    ],
+)
+def test_the_account_admits_a_row_within_its_refusal_slots_and_budget(
+    account: AccountState, price: float, expected: ClaimAction
+) -> None:
+    assert account.admits(price) is expected
+
+
+def test_a_reserved_row_spends_its_price_and_takes_a_slot() -> None:
+    account = AccountState(spent_usd=1.0, budget_usd=2.0, concurrency=2)
+    assert account.accounted and not AccountState().accounted
+    account.reserve(0.5)
+    assert (account.spent_usd, account.open_slots) == (1.5, 1)
+    account.reserve(0.5)
+    assert account.admits(0.0) is ClaimAction.WAIT_FOR_SLOT
 
 
 # -- the ledger applies it ------------------------------------------------------------------

@@ -41,7 +41,7 @@ _ERRORS: dict[str, type[ImageFetchError]] = {
 
 
 @dataclass(frozen=True, slots=True)
-class Fetched:
+class FetchedImage:
     """The complete bytes of one image and its media type."""
 
     url: str
@@ -55,7 +55,7 @@ class ImageFetcher:
     def __init__(self, guarded: GuardedFetcher) -> None:
         self.guarded = guarded
 
-    async def fetch(self, url: str) -> Fetched:
+    async def fetch(self, url: str) -> FetchedImage:
         """The image at `url` (http, https or s3)."""
         if isinstance(url, str) and is_readable_object_uri(url):
             return await self._read_object(url)
@@ -66,9 +66,9 @@ class ImageFetcher:
         if not fetched.content_type.startswith("image/"):
             shown = fetched.content_type or "none"
             raise NotAnImage(url, f"content type {shown!r} is not an image/* type", fetched.status)
-        return Fetched(url, fetched.data, fetched.content_type)
+        return FetchedImage(url, fetched.data, fetched.content_type)
 
-    async def _read_object(self, url: str) -> Fetched:
+    async def _read_object(self, url: str) -> FetchedImage:
         cap = self.guarded.limits.max_bytes
         try:
             data = await asyncio.to_thread(read_object, url, cap)
@@ -82,4 +82,4 @@ class ImageFetcher:
                 url, f"cannot read {url}: {type(exc).__name__}: {detail}"
             ) from None
         guessed = mimetypes.guess_type(url.split("?", 1)[0])[0]
-        return Fetched(url, data, guessed or "application/octet-stream")
+        return FetchedImage(url, data, guessed or "application/octet-stream")
