@@ -25,30 +25,16 @@ from dagster import ConfigurableResource, EnvVar
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.engine import make_url
 
+from flux2_pipeline.resources.catalogue import settings_of
 from flux2_pipeline.resources.errors import SettingsError, settings_error
 from flux2_pipeline.resources.ledger import LedgerResource
 from flux2_pipeline.resources.runcomfy import RunComfyResource
 from flux2_pipeline.resources.storage import Flux2Storage
 
-SETTINGS: dict[str, tuple[type[BaseModel], str]] = {
-    "input_dir": (Flux2Storage, "input_dir"),
-    "output_dir": (Flux2Storage, "output_dir"),
-    "max_decode_pixels": (Flux2Storage, "max_decode_pixels"),
-    "base_url": (RunComfyResource, "base_url"),
-    "account_base_url": (RunComfyResource, "account_base_url"),
-    "balance_check": (RunComfyResource, "balance_check"),
-    "api_token": (RunComfyResource, "api_token"),
-    "max_concurrency": (RunComfyResource, "max_concurrency"),
-    "account_concurrency": (RunComfyResource, "account_concurrency"),
-    "price_per_image_usd": (RunComfyResource, "price_per_image_usd"),
-    "defaults": (RunComfyResource, "defaults"),
-    "ledger_url": (LedgerResource, "url"),
-    "budget_usd": (LedgerResource, "budget_usd"),
-    "claim_lease_seconds": (LedgerResource, "lease_seconds"),
-}
-"""Every flat setting: which resource holds it, under which field."""
+SETTINGS = settings_of(Flux2Storage, RunComfyResource, LedgerResource)
+"""Every flat setting the resources hold, by name (see `flux2_pipeline.resources.catalogue`)."""
 
-SECRETS = frozenset({"api_token", "ledger_url"})
+SECRETS = frozenset(name for name, item in SETTINGS.items() if item.secret)
 """Settings that may hold a secret: never shown in errors, stored as `EnvVar`."""
 
 
@@ -141,15 +127,16 @@ def build_resources(
     def fields(model: type[BaseModel], *, plain: bool) -> dict[str, Any]:
         chosen: dict[str, Any] = {}
         for name, value in given.items():
-            owner, field = SETTINGS[name]
-            if owner is model:
-                secret = not plain and name in SECRETS and name in env_names
-                chosen[field] = EnvVar(env_names[name]) if secret else value
+            item = SETTINGS[name]
+            if item.model is model:
+                secret = not plain and item.secret and name in env_names
+                chosen[item.field] = EnvVar(env_names[name]) if secret else value
         return chosen
 
     def build(model: type[BaseModel], **extra: Any) -> Any:
-        labels = {SETTINGS[n][1]: names.get(n, n) for n in SETTINGS if SETTINGS[n][0] is model}
-        secret_fields = {SETTINGS[n][1] for n in SECRETS if SETTINGS[n][0] is model}
+        own = [item for item in SETTINGS.values() if item.model is model]
+        labels = {item.field: names.get(item.name, item.name) for item in own}
+        secret_fields = {item.field for item in own if item.secret}
         try:
             model(**fields(model, plain=True), **extra)  # the values themselves, checked once
         except ValidationError as exc:
