@@ -118,16 +118,12 @@ def _setting(name: str, **extra: Any) -> Resolver:
     if get_origin(annotation) is Literal:
         extra["json_schema_extra"] = _strings("|".join(get_args(annotation)))
     return Resolver(
-        _resolve_value,
+        lambda context, raw: context.resolve_value(raw),
         model_field_type=annotation,  # a default resolver would drop it, and with it the bounds
         inject_before_resolve=False,
         description=_described(name),
         **extra,
     )
-
-
-def _resolve_value(context: ResolutionContext, raw: Any) -> Any:
-    return context.resolve_value(raw)
 
 
 _DEFAULT = {name: item.default for name, item in CATALOGUE.items()}

@@ -36,17 +36,10 @@ EMULATOR_URL = "http://127.0.0.1:8188"
 """Where `flux2-pipeline emulator` listens by default."""
 SAMPLE_PARTITION = "example"
 
-FROM_ENVIRONMENT = ("base_url", "api_token", "ledger_url")
+FROM_ENV = ("base_url", "api_token", "ledger_url")
 """Attributes written as `{{ env.<their variable> }}`."""
 
-SET = (
-    "input_dir",
-    "output_dir",
-    *FROM_ENVIRONMENT,
-    "max_concurrency",
-    "step_retries",
-    "backfill_policy",
-)
+SET = ("input_dir", "output_dir", *FROM_ENV, "max_concurrency", "step_retries", "backfill_policy")
 """Attributes written set (the rest commented out): what a first project needs."""
 
 
@@ -55,7 +48,7 @@ def _from_env(name: str) -> str:
 
 
 VALUES: dict[str, Any] = {
-    **{name: _from_env(name) for name in FROM_ENVIRONMENT},
+    **{name: _from_env(name) for name in FROM_ENV},
     "backfill_policy": "single_run",  # ready for `dg launch --partition-range`
     "account_base_url": _from_env("account_base_url"),
     "account_concurrency": 32,
@@ -71,7 +64,7 @@ VALUES: dict[str, Any] = {
 }
 """Each attribute's value when not its default (an example, for those without one)."""
 
-ENVIRONMENT = {str(SETTINGS[name].variable): SETTINGS[name].meaning for name in FROM_ENVIRONMENT}
+ENVIRONMENT = {str(SETTINGS[name].variable): SETTINGS[name].meaning for name in FROM_ENV}
 """The environment variables the scaffolded defs.yaml reads, and what each one is."""
 
 
@@ -107,13 +100,7 @@ def defs_yaml(type_name: str, fields: Mapping[str, FieldInfo]) -> str:
         f"# `dg launch --assets flux2_edits --partition {SAMPLE_PARTITION}`.",
         f"# The emulator (`flux2-pipeline emulator`) listens at {EMULATOR_URL}.",
         "# Environment variables read below:",
-        *(
-            line
-            for name, meaning in ENVIRONMENT.items()
-            for line in textwrap.wrap(
-                f"{name}: {meaning}", 88, initial_indent="#   ", subsequent_indent="#     "
-            )
-        ),
+        *(f"#   {name}: {meaning}" for name, meaning in ENVIRONMENT.items()),
         f"type: {type_name}",
         "attributes:",
     ]

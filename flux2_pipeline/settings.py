@@ -1,11 +1,7 @@
-"""Every setting of the pipeline, and the environment turned into its resources.
-
-`CATALOGUE` lists them all, each declared once on the pydantic field that holds it (see
-`flux2_pipeline.resources.catalogue`): the resources' fields, `StepRetries`, and
-`RunOptions` for what only the command line reads. This is the only place that reads the
-environment; the secrets become `EnvVar`s, so Dagster's run storage keeps
-`RUNCOMFY_API_TOKEN` and `FLUX2_LEDGER_URL` by name only. `python -m
-flux2_pipeline.settings > docs/settings.md` writes the table of every setting.
+"""Every setting (`CATALOGUE`: the resources' fields, `StepRetries`, `RunOptions`), and the
+environment turned into them. This is the only place that reads the environment; secrets
+become `EnvVar`s, so Dagster's run storage keeps `RUNCOMFY_API_TOKEN` and
+`FLUX2_LEDGER_URL` by name only. `python -m flux2_pipeline.settings > docs/settings.md`.
 
 Example::
 
@@ -23,14 +19,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from dagster import Definitions
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from flux2_pipeline.assets import StepRetries, build_flux2_definitions
-from flux2_pipeline.assets.ranges import DEFAULT_PARTITIONS_PER_RUN, MAX_PARTITIONS_PER_RUN
+from flux2_pipeline.assets.ranges import DEFAULT_PARTITIONS_PER_RUN
 from flux2_pipeline.resources import (
+    SECRETS,
     SETTINGS,
     Flux2Resources,
     Flux2Storage,
@@ -38,17 +35,12 @@ from flux2_pipeline.resources import (
     RunComfyResource,
     SettingsError,
     build_resources,
-    markdown_table,
-    setting,
-    settings_error,
-    settings_of,
 )
+from flux2_pipeline.resources.catalogue import checked, setting, settings_of
 
 DEFAULT_PARALLEL_PARTITIONS = 4
 
 __all__ = ["CATALOGUE", "RunOptions", "Settings", "SettingsError", "settings_markdown"]
-
-M = TypeVar("M", bound=BaseModel)
 
 
 class RunOptions(BaseModel):
@@ -72,7 +64,7 @@ class RunOptions(BaseModel):
     partitions_per_run: int = Field(
         default=DEFAULT_PARTITIONS_PER_RUN,
         ge=1,
-        le=MAX_PARTITIONS_PER_RUN,
+        le=1000,
         description="Most partitions one run covers: in `flux2-pipeline materialize`, a "
         "multi_run backfill and a run of the file sensor; 1 gives every partition its own run.",
         json_schema_extra=setting("FLUX2_PARTITIONS_PER_RUN"),
@@ -93,13 +85,7 @@ CATALOGUE = {**SETTINGS, **settings_of(StepRetries, RunOptions)}
 
 @dataclass(frozen=True)
 class Settings:
-    """The environment, translated: the resources, the step retries and DAGSTER_HOME.
-
-    `parallel_partitions` (FLUX2_PARALLEL_PARTITIONS) is how many Dagster runs
-    `flux2-pipeline materialize` runs at once; `partitions_per_run`
-    (FLUX2_PARTITIONS_PER_RUN) is the most partitions one run covers, there and in the
-    UI's backfills.
-    """
+    """The settings, checked: the resources, the step retries and the `RunOptions`."""
 
     resources: Flux2Resources
     step_retries: StepRetries = field(default_factory=StepRetries)
@@ -113,8 +99,7 @@ class Settings:
         env = os.environ if env is None else env
         names = {name: item.variable for name, item in CATALOGUE.items() if item.variable}
         values = {name: _get(env, variable) for name, variable in names.items()}
-        secrets = {name: names[name] for name, item in CATALOGUE.items() if item.secret}
-        env_names = {name: variable for name, variable in secrets.items() if values[name]}
+        env_names = {name: names[name] for name in SECRETS if values[name]}
         return cls.from_values(values, names=names, env_names=env_names)
 
     @classmethod
@@ -125,31 +110,15 @@ class Settings:
         names: Mapping[str, str] | None = None,
         env_names: Mapping[str, str] | None = None,
     ) -> Settings:
-        """Check flat settings (`CATALOGUE`'s names; None or absent: the default).
-
-        `names` and `env_names` are as in `build_resources`; a bad value raises
-        `SettingsError`, one line naming the setting as `names` spells it.
-        """
+        """Check settings by `CATALOGUE` name (None: the default); the rest as `build_resources`."""
         given = {name: value for name, value in values.items() if value is not None}
-        unknown = sorted(set(given) - set(CATALOGUE))
-        if unknown:
-            raise SettingsError(
-                f"unknown setting {unknown[0]!r} (choose from {', '.join(CATALOGUE)})"
-            )
         resources = build_resources(
             {name: value for name, value in given.items() if name in SETTINGS},
             names=names,
             env_names=env_names,
         )
-        step_retries = _checked(StepRetries, given, names or {})
-        options = _checked(RunOptions, given, names or {})
-        return cls(
-            resources,
-            step_retries,
-            options.dagster_home,
-            options.parallel_partitions,
-            options.partitions_per_run,
-        )
+        step_retries = checked(StepRetries, given, names or {})
+        return cls(resources, step_retries, **dict(checked(RunOptions, given, names or {})))
 
     @classmethod
     def of(
@@ -159,18 +128,12 @@ class Settings:
         ledger: LedgerResource | None = None,
         *,
         step_retries: StepRetries | None = None,
-        dagster_home: Path | None = None,
-        parallel_partitions: int = DEFAULT_PARALLEL_PARTITIONS,
-        partitions_per_run: int = DEFAULT_PARTITIONS_PER_RUN,
+        **options: Any,
     ) -> Settings:
-        """Settings from resources built in code (the demo, tests, notebooks)."""
-        return cls(
-            Flux2Resources(runcomfy, ledger or LedgerResource(storage=storage), storage),
-            step_retries or StepRetries(),
-            dagster_home,
-            parallel_partitions,
-            partitions_per_run,
-        )
+        """Settings from resources built in code (the demo, tests, notebooks); `options`
+        are `RunOptions` fields, e.g. `dagster_home=Path(...)`."""
+        resources = Flux2Resources(runcomfy, ledger or LedgerResource(storage=storage), storage)
+        return cls(resources, step_retries or StepRetries(), **dict(RunOptions(**options)))
 
     @property
     def runcomfy(self) -> RunComfyResource:
@@ -205,27 +168,27 @@ def _get(env: Mapping[str, str], variable: str) -> str | None:
     return raw.strip() or None
 
 
-def _checked(model: type[M], given: Mapping[str, Any], names: Mapping[str, str]) -> M:
-    own = [item for item in CATALOGUE.values() if item.model is model]
-    try:
-        return model(**{item.field: given[item.name] for item in own if item.name in given})
-    except ValidationError as exc:
-        labels = {item.field: names.get(item.name, item.name) for item in own}
-        raise settings_error(exc, model, labels) from None
-
-
 def settings_markdown() -> str:
-    """docs/settings.md: every setting of `CATALOGUE` as a table."""
-    return (
-        "# Settings\n\n"
-        "Every setting of flux2-pipeline, generated from the fields that declare them "
-        "(`python -m flux2_pipeline.settings > docs/settings.md`). The command line reads "
-        "the environment variables; a `Flux2EditsComponent` in a `defs.yaml` takes the "
-        "attributes, which mean the same (relative folders are relative to the project "
-        'root; a secret is written `"{{ env.NAME }}"` so only the name is stored). A bad '
-        "value stops the command, or the code location's load, with one line naming the "
-        "setting.\n\n" + markdown_table(CATALOGUE.values())
-    )
+    """docs/settings.md: every setting of `CATALOGUE` in a table."""
+    lines = [
+        "# Settings\n\nEvery setting, generated by `python -m flux2_pipeline.settings > "
+        "docs/settings.md` (a test keeps this page current). The command line reads the "
+        "variables; a `Flux2EditsComponent` takes the attributes, which mean the same (its "
+        "relative folders are under the project root; a secret is written "
+        '`"{{ env.NAME }}"`). A bad value stops with one line naming the setting.\n\n'
+        "| Variable | Component attribute | Type | Default | Meaning |\n"
+        "| --- | --- | --- | --- | --- |"
+    ]
+    for item in CATALOGUE.values():
+        cells = (
+            f"`{item.variable}`" if item.variable else "(none)",
+            f"`{item.name}`" if item.attribute else "(command line only)",
+            item.rule,
+            "unset" if item.default in (None, {}) else f"`{item.default}`",
+            item.meaning + (" A secret: kept as an `EnvVar`." if item.secret else ""),
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

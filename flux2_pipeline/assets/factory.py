@@ -56,8 +56,8 @@ from flux2_pipeline.resources import (
     LedgerResource,
     RunComfyResource,
     SettingsError,
-    setting,
 )
+from flux2_pipeline.resources.catalogue import setting
 
 
 class StepRetries(BaseModel):

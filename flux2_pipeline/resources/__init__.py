@@ -6,7 +6,6 @@ three at once with one-line errors.
 """
 
 from flux2_pipeline.resources.bundle import SECRETS, SETTINGS, Flux2Resources, build_resources
-from flux2_pipeline.resources.catalogue import Setting, markdown_table, setting, settings_of
 from flux2_pipeline.resources.errors import SettingsError, settings_error
 from flux2_pipeline.resources.ledger import REMOTE_LEDGER_REQUIRED, LedgerResource
 from flux2_pipeline.resources.runcomfy import (
@@ -31,14 +30,10 @@ __all__ = [
     "LedgerResource",
     "RunComfyResource",
     "RunInterrupted",
-    "Setting",
     "SettingsError",
     "build_resources",
     "check_parameter_defaults",
     "is_loopback",
-    "markdown_table",
     "partition_key_problem",
-    "setting",
     "settings_error",
-    "settings_of",
 ]

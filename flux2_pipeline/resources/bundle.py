@@ -21,12 +21,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dagster import ConfigurableResource, EnvVar
-from pydantic import BaseModel, ValidationError
+from dagster import ConfigurableResource
 from sqlalchemy.engine import make_url
 
-from flux2_pipeline.resources.catalogue import settings_of
-from flux2_pipeline.resources.errors import SettingsError, settings_error
+from flux2_pipeline.resources.catalogue import checked, settings_of
+from flux2_pipeline.resources.errors import SettingsError
 from flux2_pipeline.resources.ledger import LedgerResource
 from flux2_pipeline.resources.runcomfy import RunComfyResource
 from flux2_pipeline.resources.storage import Flux2Storage
@@ -115,37 +114,15 @@ def build_resources(
     given = {name: value for name, value in values.items() if value is not None}
     for name in SECRETS & set(given):
         if name not in env_names and _holds_secret(name, given[name]):
-            shown = names.get(name, name)
+            why = "must come from" if name == "api_token" else "holds a password: set it from"
             raise SettingsError(
-                f"{shown} must come from an environment variable (for example "
-                f"{{{{ env.RUNCOMFY_API_TOKEN }}}}), so Dagster's run storage never holds it"
-                if name == "api_token"
-                else f"{shown} holds a password: set it from an environment variable (for "
-                "example {{ env.FLUX2_LEDGER_URL }}), so Dagster's run storage never holds it"
+                f"{names.get(name, name)} {why} an environment variable (for example "
+                f"{{{{ env.{SETTINGS[name].variable} }}}}), so Dagster's run storage never holds it"
             )
 
-    def fields(model: type[BaseModel], *, plain: bool) -> dict[str, Any]:
-        chosen: dict[str, Any] = {}
-        for name, value in given.items():
-            item = SETTINGS[name]
-            if item.model is model:
-                secret = not plain and item.secret and name in env_names
-                chosen[item.field] = EnvVar(env_names[name]) if secret else value
-        return chosen
-
-    def build(model: type[BaseModel], **extra: Any) -> Any:
-        own = [item for item in SETTINGS.values() if item.model is model]
-        labels = {item.field: names.get(item.name, item.name) for item in own}
-        secret_fields = {item.field for item in own if item.secret}
-        try:
-            model(**fields(model, plain=True), **extra)  # the values themselves, checked once
-        except ValidationError as exc:
-            raise settings_error(exc, model, labels, secret_fields) from None
-        return model(**fields(model, plain=False), **extra)
-
-    storage: Flux2Storage = build(Flux2Storage)
-    runcomfy: RunComfyResource = build(RunComfyResource)
-    ledger: LedgerResource = build(LedgerResource, storage=storage)
+    storage = checked(Flux2Storage, given, names, env_names)
+    runcomfy = checked(RunComfyResource, given, names, env_names)
+    ledger = checked(LedgerResource, given, names, env_names, storage=storage)
     if not given.get("ledger_url"):
         ledger.effective_url  # noqa: B018 - an object-store output needs a shared ledger
     return Flux2Resources(runcomfy=runcomfy, ledger=ledger, storage=storage)

@@ -1,49 +1,45 @@
-"""Every setting, declared once: on the pydantic field that holds it.
-
-A field is a setting when its `json_schema_extra` comes from `setting(...)`, which names
-its environment variable, whether it may hold a secret, and its flat name when that is
-not the field's own (the `Flux2EditsComponent` attribute, the key `build_resources`
-takes). The field holds the rest: type, default, bounds, and its meaning as the
-description. `settings_of` reads the fields back as `Setting`s; the resource bundle, the
-environment reader, the Component's attributes and docs/settings.md are all made from them.
+"""Every setting, declared once: on the pydantic field that holds its type, default,
+bounds and meaning (the description). `setting(...)`, as its `json_schema_extra`, adds the
+environment variable and the flat name (the `Flux2EditsComponent` attribute); the resource
+bundle, the environment reader, the Component and docs/settings.md read them back.
 
 Example::
 
     >>> from pydantic import BaseModel, Field
     >>> class Knobs(BaseModel):
-    ...     speed: int = Field(
-    ...         default=2, ge=1, description="How fast.", json_schema_extra=setting("SPEED")
-    ...     )
+    ...     speed: int = Field(2, ge=1, description="How fast.", json_schema_extra=setting("SPEED"))
     >>> [(s.name, s.variable, s.rule, s.default) for s in settings_of(Knobs).values()]
     [('speed', 'SPEED', 'a whole number of at least 1', 2)]
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import BaseModel
+from dagster import EnvVar
+from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from flux2_pipeline.resources.errors import describe_rule
+from flux2_pipeline.resources.errors import describe_rule, settings_error
 
-_MARK = "flux2/setting"
+M = TypeVar("M", bound=BaseModel)
 
 
 def setting(
     variable: str | None, *, name: str | None = None, secret: bool = False, attribute: bool = True
 ) -> dict[str, Any]:
-    """The `json_schema_extra` that makes a field a setting.
-
-    `variable` is its environment variable (None: set in code or YAML only); `name` its
-    flat name when not the field's; `secret` that it may hold one (kept as an `EnvVar`,
-    never shown in errors); `attribute=False` that `Flux2EditsComponent` has no attribute
-    for it (the command line alone reads it).
-    """
-    mark = {"variable": variable, "name": name, "secret": secret, "attribute": attribute}
-    return {_MARK: mark}
+    """Marks a field as a setting read from `variable` (None: set in code or YAML only);
+    `secret`: kept as an `EnvVar`, never shown; `attribute=False`: not on the Component."""
+    return {
+        "flux2/setting": {
+            "variable": variable,
+            "name": name,
+            "secret": secret,
+            "attribute": attribute,
+        }
+    }
 
 
 @dataclass(frozen=True)
@@ -54,8 +50,8 @@ class Setting:
     variable: str | None
     model: type[BaseModel]
     field: str
-    secret: bool
-    attribute: bool
+    secret: bool = False
+    attribute: bool = True
 
     @property
     def info(self) -> FieldInfo:
@@ -77,44 +73,40 @@ class Setting:
         """What a value must be, e.g. `a whole number from 1 to 4096`."""
         return describe_rule(self.info)
 
-    @property
-    def label(self) -> str:
-        """How a person sets it: the variable, else the flat name."""
-        return self.variable or self.name
-
 
 def settings_of(*models: type[BaseModel]) -> dict[str, Setting]:
     """The settings the fields of `models` declare, by flat name, in declaration order."""
     found: dict[str, Setting] = {}
     for model in models:
         for field, info in model.model_fields.items():
-            extra = info.json_schema_extra
-            mark = extra.get(_MARK) if isinstance(extra, dict) else None
-            if isinstance(mark, dict):
-                name = str(mark["name"] or field)
-                variable = mark["variable"]
-                found[name] = Setting(
-                    name,
-                    None if variable is None else str(variable),
-                    model,
-                    field,
-                    bool(mark["secret"]),
-                    bool(mark["attribute"]),
-                )
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            mark: dict[str, Any] = dict(extra.get("flux2/setting") or {})  # type: ignore[arg-type]
+            if mark:
+                name = mark.pop("name") or field
+                found[name] = Setting(name, model=model, field=field, **mark)
     return found
 
 
-def markdown_table(settings: Iterable[Setting]) -> str:
-    """A Markdown table of `settings`: variable, attribute, type, default, meaning."""
-    lines = [
-        "| Variable | Component attribute | Type | Default | Meaning |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for item in settings:
-        variable = f"`{item.variable}`" if item.variable else "(none)"
-        attribute = f"`{item.name}`" if item.attribute else "(command line only)"
-        default = "unset" if item.default in (None, {}) else f"`{item.default}`"
-        meaning = item.meaning + (" A secret: kept as an `EnvVar`." if item.secret else "")
-        cells = (variable, attribute, item.rule, default, meaning.replace("|", "\\|"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def checked(
+    model: type[M],
+    given: Mapping[str, Any],
+    names: Mapping[str, str],
+    env_names: Mapping[str, str] | None = None,
+    **extra: Any,
+) -> M:
+    """`model` from the flat values of its settings in `given`, or a one-line `SettingsError`.
+
+    Errors name a setting as `names` spells it (default: its flat name) and never show a
+    secret; a secret named in `env_names` is then kept as an `EnvVar` of that variable.
+    """
+    own = settings_of(model).values()
+    plain = {item.field: given[item.name] for item in own if item.name in given}
+    try:
+        built = model(**plain, **extra)  # the values themselves, checked once
+    except ValidationError as exc:
+        labels = {item.field: names.get(item.name, item.name) for item in own}
+        raise settings_error(exc, model, labels, {i.field for i in own if i.secret}) from None
+    env_names = env_names or {}
+    secrets = [i for i in own if i.secret and i.name in env_names and i.field in plain]
+    refs = {i.field: EnvVar(env_names[i.name]) for i in secrets}
+    return model(**{**plain, **refs}, **extra) if refs else built

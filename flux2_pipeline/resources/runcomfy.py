@@ -48,7 +48,6 @@ from flux2_pipeline.runcomfy import (
 
 T = TypeVar("T")
 BalanceCheck: TypeAlias = Literal["stop", "warn", "off"]
-"""What to do when the account's balance cannot cover a run's estimated cost."""
 
 MAX_CONCURRENCY_LIMIT = 4096
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
