@@ -23,9 +23,9 @@ A `defs.yaml`::
 Every attribute is described, typed and bounded in the component's schema, so
 `dg check yaml` (and an editor with the schema) points at a bad value's line before
 anything loads. Every attribute means what the environment variable of the same setting
-means; relative folders are relative to the project root. `api_token` and a `ledger_url`
-with a password must be written as `{{ env.NAME }}`: the component keeps them as
-`EnvVar("NAME")`, so Dagster's run storage never holds their values.
+means (docs/settings.md); relative folders are relative to the project root. `api_token`
+and a `ledger_url` with a password must be written as `{{ env.NAME }}`: the component
+keeps them as `EnvVar("NAME")`, so Dagster's run storage never holds their values.
 """
 
 import os
