@@ -23,9 +23,9 @@ A `defs.yaml`::
 Every attribute is described, typed and bounded in the component's schema, so
 `dg check yaml` (and an editor with the schema) points at a bad value's line before
 anything loads. Every attribute means what the environment variable of the same setting
-means; relative folders are relative to the project root. `api_token` and a `ledger_url`
-with a password must be written as `{{ env.NAME }}`: the component keeps them as
-`EnvVar("NAME")`, so Dagster's run storage never holds their values.
+means (docs/settings.md); relative folders are relative to the project root. `api_token`
+and a `ledger_url` with a password must be written as `{{ env.NAME }}`: the component
+keeps them as `EnvVar("NAME")`, so Dagster's run storage never holds their values.
 """
 
 import os
@@ -51,19 +51,18 @@ from dagster.components.utils.translation import (
     TranslationFnResolver,
     TranslatorResolvingInfo,
 )
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from flux2_pipeline.assets import StepRetries, build_flux2_definitions
+from flux2_pipeline.assets import build_flux2_definitions
 from flux2_pipeline.assets.keys import ASSET_NAMES, Flux2Keys
 from flux2_pipeline.assets.observe import register_partitions_on_load
-from flux2_pipeline.assets.ranges import DEFAULT_PARTITIONS_PER_RUN, MAX_PARTITIONS_PER_RUN
 from flux2_pipeline.component_scaffold import Flux2EditsScaffolder
-from flux2_pipeline.ledger import DEFAULT_LEASE_SECONDS
 from flux2_pipeline.paths import is_fsspec_uri, is_remote_uri
-from flux2_pipeline.resources import SettingsError, build_resources, settings_error
+from flux2_pipeline.resources import SECRETS, SettingsError
 from flux2_pipeline.resources.errors import describe_rule
-from flux2_pipeline.resources.runcomfy import MAX_CONCURRENCY_LIMIT
+from flux2_pipeline.resources.runcomfy import BalanceCheck
 from flux2_pipeline.runcomfy.models import PARAMETER_DEFAULTS, PARAMETER_NAMES, EditRequest
+from flux2_pipeline.settings import CATALOGUE, Settings
 
 _ENV_TEMPLATE = re.compile(
     r"^\s*\{\{\s*env(?:\.(?P<attr>\w+)|\(\s*['\"](?P<call>\w+)['\"]\s*\))\s*\}\}\s*$"
@@ -108,12 +107,34 @@ def _resolve_secret(context: ResolutionContext, raw: Any) -> SecretSetting | Non
     return SecretSetting(str(resolved) if resolved not in (None, "") else None)
 
 
-def _secret(description: str) -> Resolver:
+def _described(name: str) -> str:
+    item = CATALOGUE[name]
+    return f"{item.variable}: {item.meaning}"
+
+
+def _setting(name: str, **extra: Any) -> Resolver:
+    """The attribute of setting `name`: its field's type and bounds, its variable and meaning."""
+    annotation = CATALOGUE[name].info.rebuild_annotation()
+    if get_origin(annotation) is Literal:
+        extra["json_schema_extra"] = _strings("|".join(get_args(annotation)))
+    return Resolver(
+        lambda context, raw: context.resolve_value(raw),
+        model_field_type=annotation,  # a default resolver would drop it, and with it the bounds
+        inject_before_resolve=False,
+        description=_described(name),
+        **extra,
+    )
+
+
+_DEFAULT = {name: item.default for name, item in CATALOGUE.items()}
+
+
+def _secret(name: str) -> Resolver:
     return Resolver(
         _resolve_secret,
         model_field_type=str | None,
         inject_before_resolve=False,  # see the template itself, to keep `env.NAME` a name
-        description=description + ' Write "{{ env.NAME }}": only the name is stored.',
+        description=_described(name) + ' Write "{{ env.NAME }}": only the name is stored.',
     )
 
 
@@ -126,9 +147,9 @@ def _edit_defaults_model() -> type[BaseModel]:
         annotation: Any = info.annotation
         if info.metadata:
             annotation = Annotated[(annotation, *info.metadata)]
-        choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else ()
-        rule = f"one of {', '.join(choices)}" if choices else describe_rule(info)
-        described = f"{name}: {rule}; the API's default is {PARAMETER_DEFAULTS[name]!r}."
+        described = (
+            f"{name}: {describe_rule(info)}; the API's default is {PARAMETER_DEFAULTS[name]!r}."
+        )
         fields[name] = (annotation | None, Field(default=None, description=described))
     return create_model(
         "EditDefaults",
@@ -197,122 +218,31 @@ class Flux2EditsComponent(Component, Resolvable):
     `dg scaffold defs flux2_pipeline.Flux2EditsComponent image_edits`.
     """
 
-    input_dir: Annotated[
-        str,
-        Resolver.default(
-            description="FLUX2_INPUT_DIR: folder of input Parquet tables, one partition per "
-            "file `<key>.parquet`; relative to the project root.",
-            examples=["data/prompts"],
-        ),
-    ] = "data/prompts"
+    input_dir: Annotated[str, _setting("input_dir", examples=["data/prompts"])] = _DEFAULT[
+        "input_dir"
+    ]
     output_dir: Annotated[
-        str,
-        Resolver.default(
-            description="FLUX2_OUTPUT_DIR: root of every dataset written, a folder (relative to "
-            "the project root) or an object-store URI such as s3://bucket/prefix.",
-            examples=["data/output", "s3://my-bucket/flux2"],
-        ),
-    ] = "data/output"
-    base_url: Annotated[
-        str | None,
-        Resolver.default(
-            description="RUNCOMFY_BASE_URL: the API root (unset: https://model-api.runcomfy.net); "
-            "a loopback URL for the flux2-pipeline emulator.",
-            examples=["{{ env.RUNCOMFY_BASE_URL }}"],
-        ),
-    ] = None
-    api_token: Annotated[
-        SecretSetting | None,
-        _secret("RUNCOMFY_API_TOKEN: the API's bearer token (optional only for the emulator)."),
-    ] = None
-    max_concurrency: Annotated[
-        int,
-        Field(ge=1, le=MAX_CONCURRENCY_LIMIT),
-        Resolver.default(
-            description="FLUX2_MAX_CONCURRENCY: most API jobs in flight at once from one step "
-            f"(1 to {MAX_CONCURRENCY_LIMIT}).",
-        ),
-    ] = 8
-    account_concurrency: Annotated[
-        int | None,
-        Field(ge=1),
-        Resolver.default(
-            description="FLUX2_ACCOUNT_CONCURRENCY: most jobs the account may have queued or "
-            "running at once, over every run sharing the ledger (unset: no shared cap).",
-        ),
-    ] = None
-    ledger_url: Annotated[
-        SecretSetting | None,
-        _secret(
-            "FLUX2_LEDGER_URL: where the request ledger lives, sqlite:///path or "
-            "postgresql://... (unset: ledger.sqlite under a local output_dir)."
-        ),
-    ] = None
-    budget_usd: Annotated[
-        float | None,
-        Field(ge=0),
-        Resolver.default(
-            description="FLUX2_BUDGET_USD: most money the ledger may spend over every run "
-            "that shares it (unset: no limit).",
-        ),
-    ] = None
-    price_per_image_usd: Annotated[
-        float | None,
-        Field(ge=0),
-        Resolver.default(
-            description="FLUX2_PRICE_PER_IMAGE_USD: the price of one output image, reserved "
-            "when a job is submitted (unset: the model's price from the API).",
-        ),
-    ] = None
+        str, _setting("output_dir", examples=["data/output", "s3://my-bucket/flux2"])
+    ] = _DEFAULT["output_dir"]
+    base_url: Annotated[str, _setting("base_url", examples=["{{ env.RUNCOMFY_BASE_URL }}"])] = (
+        _DEFAULT["base_url"]
+    )
+    api_token: Annotated[SecretSetting | None, _secret("api_token")] = None
+    max_concurrency: Annotated[int, _setting("max_concurrency")] = _DEFAULT["max_concurrency"]
+    account_concurrency: Annotated[int | None, _setting("account_concurrency")] = None
+    ledger_url: Annotated[SecretSetting | None, _secret("ledger_url")] = None
+    budget_usd: Annotated[float | None, _setting("budget_usd")] = None
+    price_per_image_usd: Annotated[float | None, _setting("price_per_image_usd")] = None
     account_base_url: Annotated[
-        str | None,
-        Resolver.default(
-            description="RUNCOMFY_ACCOUNT_BASE_URL: root of RunComfy's account API, where the "
-            "balance is read (unset: https://api.runcomfy.net, or base_url on loopback).",
-            examples=["{{ env.RUNCOMFY_ACCOUNT_BASE_URL }}"],
-        ),
+        str | None, _setting("account_base_url", examples=["{{ env.RUNCOMFY_ACCOUNT_BASE_URL }}"])
     ] = None
-    balance_check: Annotated[
-        Literal["stop", "warn", "off"],
-        Resolver.default(
-            json_schema_extra=_strings("stop|warn|off"),
-            description="FLUX2_BALANCE_CHECK: before the first submit, the estimated cost of "
-            "the rows still to pay against the account's balance: stop (do not start when it "
-            "cannot be covered), warn, or off.",
-        ),
-    ] = "stop"
-    max_decode_pixels: Annotated[
-        int | None,
-        Field(ge=1),
-        Resolver.default(
-            description="FLUX2_MAX_DECODE_PIXELS: images above this many pixels are stored "
-            "and described from their header, never decoded (unset: 120 MP).",
-        ),
-    ] = None
-    claim_lease_seconds: Annotated[
-        float,
-        Field(gt=0, le=86400),
-        Resolver.default(
-            description="FLUX2_CLAIM_LEASE_SECONDS: how long a run's claim on a row outlives "
-            "its last heartbeat (more than 0, at most 86400).",
-        ),
-    ] = DEFAULT_LEASE_SECONDS
-    step_retries: Annotated[
-        int,
-        Field(ge=0, le=20),
-        Resolver.default(
-            description="FLUX2_STEP_RETRIES: times a failed partition step is re-run (0 to 20); "
-            "the ledger keeps completed rows from being paid again.",
-        ),
-    ] = 3
-    step_retry_delay: Annotated[
-        float,
-        Field(ge=0, le=86400),
-        Resolver.default(
-            description="FLUX2_STEP_RETRY_DELAY: seconds before the first re-run (0 to 86400), "
-            "growing exponentially, with jitter.",
-        ),
-    ] = 10.0
+    balance_check: Annotated[BalanceCheck, _setting("balance_check")] = _DEFAULT["balance_check"]
+    max_decode_pixels: Annotated[int, _setting("max_decode_pixels")] = _DEFAULT["max_decode_pixels"]
+    claim_lease_seconds: Annotated[float, _setting("claim_lease_seconds")] = _DEFAULT[
+        "claim_lease_seconds"
+    ]
+    step_retries: Annotated[int, _setting("step_retries")] = _DEFAULT["step_retries"]
+    step_retry_delay: Annotated[float, _setting("step_retry_delay")] = _DEFAULT["step_retry_delay"]
     defaults: Annotated[
         dict[str, Any],
         Resolver(
@@ -348,14 +278,9 @@ class Flux2EditsComponent(Component, Resolvable):
             examples=["runcomfy_account"],
         ),
     ] = None
-    partitions_per_run: Annotated[
-        int,
-        Field(ge=1, le=MAX_PARTITIONS_PER_RUN),
-        Resolver.default(
-            description="FLUX2_PARTITIONS_PER_RUN: most partitions one run of a multi_run "
-            f"backfill covers, and one run of the file sensor (1 to {MAX_PARTITIONS_PER_RUN}).",
-        ),
-    ] = DEFAULT_PARTITIONS_PER_RUN
+    partitions_per_run: Annotated[int, _setting("partitions_per_run")] = _DEFAULT[
+        "partitions_per_run"
+    ]
     backfill_policy: Annotated[
         BackfillPolicyName,
         Resolver.default(
@@ -438,40 +363,17 @@ class Flux2EditsComponent(Component, Resolvable):
     def build_defs(self, context: ComponentLoadContext) -> Definitions:
         """The factory's `Definitions`, with resources built from the attributes."""
         root = Path(context.project_root)
-        values: dict[str, Any] = {
-            "input_dir": _under(root, self.input_dir),
-            "output_dir": _under(root, self.output_dir),
-            "base_url": self.base_url or None,
-            "account_base_url": self.account_base_url or None,
-            "balance_check": self.balance_check,
-            "max_concurrency": self.max_concurrency,
-            "account_concurrency": self.account_concurrency,
-            "budget_usd": self.budget_usd,
-            "price_per_image_usd": self.price_per_image_usd,
-            "claim_lease_seconds": self.claim_lease_seconds,
-            "defaults": self.defaults,
-            "max_decode_pixels": self.max_decode_pixels,
-        }
+        values = {name: getattr(self, name) for name, item in CATALOGUE.items() if item.attribute}
+        values["input_dir"] = _under(root, self.input_dir)
+        values["output_dir"] = _under(root, self.output_dir)
         env_names: dict[str, str] = {}
-        for name, secret in (("api_token", self.api_token), ("ledger_url", self.ledger_url)):
+        for name in SECRETS:
+            secret: SecretSetting | None = values.pop(name)
             if secret is not None and secret.value is not None:
                 values[name] = secret.value
                 if secret.variable:
                     env_names[name] = secret.variable
-        resources = build_resources(
-            {name: value for name, value in values.items() if value is not None},
-            env_names=env_names,
-        )
-        try:
-            retries = StepRetries(retries=self.step_retries, delay=self.step_retry_delay)
-        except ValidationError as exc:
-            names = {"retries": "step_retries", "delay": "step_retry_delay"}
-            raise settings_error(exc, StepRetries, names) from None
-        if not 1 <= self.partitions_per_run <= MAX_PARTITIONS_PER_RUN:
-            raise SettingsError(
-                f"partitions_per_run must be a whole number from 1 to {MAX_PARTITIONS_PER_RUN}, "
-                f"got {self.partitions_per_run!r}"
-            )
+        settings = Settings.from_values(values, env_names=env_names)
         if self.backfill_policy not in BACKFILL_POLICIES:
             raise SettingsError(
                 f"backfill_policy must be one of {', '.join(BACKFILL_POLICIES)}, "
@@ -479,20 +381,20 @@ class Flux2EditsComponent(Component, Resolvable):
             )
         translated = self._translates()
         defs = build_flux2_definitions(
-            runcomfy=resources.runcomfy,
-            ledger=resources.ledger,
-            storage=resources.storage,
+            runcomfy=settings.runcomfy,
+            ledger=settings.ledger,
+            storage=settings.storage,
             key_prefix=self.key_prefix,
             group_name=self.group_name,
-            retry_policy=retries.policy(),
+            retry_policy=settings.step_retries.policy(),
             pool=self.pool,
-            partitions_per_run=self.partitions_per_run,
+            partitions_per_run=settings.partitions_per_run,
             single_run_backfills=self.backfill_policy == "single_run",
             asset_spec=self.get_asset_spec if translated else None,
             execute=self.execute if self._executes() else None,
         )
         if self.register_partitions_on_load:
-            register_partitions_on_load(Flux2Keys.from_prefix(self.key_prefix), resources.storage)
+            register_partitions_on_load(Flux2Keys.from_prefix(self.key_prefix), settings.storage)
         return defs
 
     def _translates(self) -> bool:

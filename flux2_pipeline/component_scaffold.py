@@ -21,61 +21,51 @@ import importlib
 import json
 import os
 import textwrap
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from dagster.components import Scaffolder, ScaffoldRequest, scaffold_component
+from pydantic.fields import FieldInfo
 
-from flux2_pipeline.resources import is_loopback
+from flux2_pipeline.resources import SETTINGS, is_loopback
 
 EMULATOR_URL = "http://127.0.0.1:8188"
 """Where `flux2-pipeline emulator` listens by default."""
 SAMPLE_PARTITION = "example"
 
-ENVIRONMENT = {
-    "RUNCOMFY_BASE_URL": "the API root; unset means https://model-api.runcomfy.net, "
-    f"the emulator is at {EMULATOR_URL}",
-    "RUNCOMFY_API_TOKEN": "the API's bearer token (not needed by the emulator); kept as "
-    "EnvVar, never stored",
-    "FLUX2_LEDGER_URL": "the request ledger (unset: ledger.sqlite under output_dir)",
-}
-"""The environment variables the scaffolded defs.yaml reads, and what each one is."""
+FROM_ENV = ("base_url", "api_token", "ledger_url")
+"""Attributes written as `{{ env.<their variable> }}`."""
 
-SET = {
-    "input_dir": "data/prompts",
-    "output_dir": "data/output",
-    "base_url": "{{ env.RUNCOMFY_BASE_URL }}",
-    "api_token": "{{ env.RUNCOMFY_API_TOKEN }}",
-    "ledger_url": "{{ env.FLUX2_LEDGER_URL }}",
-    "max_concurrency": 8,
-    "step_retries": 3,
-    "backfill_policy": "single_run",
-}
-"""Attributes written set: what a first project needs, ready for `dg launch`."""
+SET = ("input_dir", "output_dir", *FROM_ENV, "max_concurrency", "step_retries", "backfill_policy")
+"""Attributes written set (the rest commented out): what a first project needs."""
 
-EXAMPLES: dict[str, Any] = {
-    "account_base_url": "{{ env.RUNCOMFY_ACCOUNT_BASE_URL }}",
-    "balance_check": "stop",
-    "max_decode_pixels": 120_000_000,
+
+def _from_env(name: str) -> str:
+    return f"{{{{ env.{SETTINGS[name].variable} }}}}"
+
+
+VALUES: dict[str, Any] = {
+    **{name: _from_env(name) for name in FROM_ENV},
+    "backfill_policy": "single_run",  # ready for `dg launch --partition-range`
+    "account_base_url": _from_env("account_base_url"),
     "account_concurrency": 32,
     "budget_usd": 100,
     "price_per_image_usd": 0.025,
-    "claim_lease_seconds": 60,
-    "step_retry_delay": 10,
     "defaults": {"image_size": "landscape_4_3", "num_inference_steps": 28},
     "key_prefix": "team_a",
-    "group_name": "flux2",
     "pool": "runcomfy_account",
-    "partitions_per_run": 25,
-    "register_partitions_on_load": True,
     "translation": {"owners": ["team:ml"], "tags": {"stage": "{{ asset }}"}},
     "assets": {
         "flux2_edits": {"automation_condition": "{{ automation_condition.eager() }}"},
     },
 }
-"""Attributes written commented out, with an example value each."""
+"""Each attribute's value when not its default (an example, for those without one)."""
+
+ENVIRONMENT = {str(SETTINGS[name].variable): SETTINGS[name].meaning for name in FROM_ENV}
+"""The environment variables the scaffolded defs.yaml reads, and what each one is."""
 
 
 def sample_rows(base_url: str) -> list[dict[str, Any]]:
@@ -102,26 +92,27 @@ def sample_rows(base_url: str) -> list[dict[str, Any]]:
     ]
 
 
-def defs_yaml(type_name: str, descriptions: dict[str, str]) -> str:
-    """The commented `defs.yaml`: every attribute of `descriptions`, in its order."""
+def defs_yaml(type_name: str, fields: Mapping[str, FieldInfo]) -> str:
+    """The commented `defs.yaml`: every attribute of `fields`, in its order."""
     lines = [
         "# FLUX.2 [dev] image edits of a folder of prompt tables (flux2-pipeline).",
         "# Check it with `dg check yaml` and `dg check defs`; launch a file's partition with",
         f"# `dg launch --assets flux2_edits --partition {SAMPLE_PARTITION}`.",
+        f"# The emulator (`flux2-pipeline emulator`) listens at {EMULATOR_URL}.",
         "# Environment variables read below:",
         *(f"#   {name}: {meaning}" for name, meaning in ENVIRONMENT.items()),
         f"type: {type_name}",
         "attributes:",
     ]
-    for name, description in descriptions.items():
+    for name, info in fields.items():
         lines.append("")
         lines.extend(
-            textwrap.wrap(description, 88, initial_indent="  # ", subsequent_indent="  # ")
+            textwrap.wrap(
+                info.description or "", 88, initial_indent="  # ", subsequent_indent="  # "
+            )
         )
-        if name in SET:
-            lines.append(f"  {name}: {_yaml(SET[name])}")
-        else:
-            lines.append(f"  # {name}: {_yaml(EXAMPLES[name])}")
+        value = _yaml(VALUES.get(name, info.default))
+        lines.append(f"  {name}: {value}" if name in SET else f"  # {name}: {value}")
     return "\n".join(lines) + "\n"
 
 
@@ -142,12 +133,11 @@ class Flux2EditsScaffolder(Scaffolder):
         # module sits under the component, which uses it.
         module, _, name = request.type_name.rpartition(".")
         model = getattr(importlib.import_module(module), name).model()
-        descriptions = {name: info.description or "" for name, info in model.model_fields.items()}
         target = Path(request.target_path)
         target.mkdir(parents=True, exist_ok=True)
-        (target / "defs.yaml").write_text(defs_yaml(request.type_name, descriptions))
+        (target / "defs.yaml").write_text(defs_yaml(request.type_name, model.model_fields))
         root = Path(request.project_root) if request.project_root else target
-        sample = write_sample_table(root / str(SET["input_dir"]))
+        sample = write_sample_table(root / str(model.model_fields["input_dir"].default))
         print(f"flux2: wrote {target / 'defs.yaml'} (every attribute, described)")
         print(f"flux2: wrote the sample prompt table {sample} (partition {SAMPLE_PARTITION!r})")
         print("flux2: the defs.yaml reads these environment variables:")

@@ -1,8 +1,7 @@
-"""The environment variables of CONTRACT.md, turned into the pipeline's resources.
-
-This is the only place that reads them; the resources hold the rules (see
-`flux2_pipeline.resources`) and the secrets become `EnvVar`s, so Dagster's run storage
-keeps `RUNCOMFY_API_TOKEN` and `FLUX2_LEDGER_URL` by name only.
+"""Every setting (`CATALOGUE`: the resources' fields, `StepRetries`, `RunOptions`), and the
+environment turned into them. This is the only place that reads the environment; secrets
+become `EnvVar`s, so Dagster's run storage keeps `RUNCOMFY_API_TOKEN` and
+`FLUX2_LEDGER_URL` by name only. `python -m flux2_pipeline.settings > docs/settings.md`.
 
 Example::
 
@@ -20,59 +19,73 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dagster import Definitions
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, field_validator
 
 from flux2_pipeline.assets import StepRetries, build_flux2_definitions
-from flux2_pipeline.assets.ranges import DEFAULT_PARTITIONS_PER_RUN, MAX_PARTITIONS_PER_RUN
+from flux2_pipeline.assets.ranges import DEFAULT_PARTITIONS_PER_RUN
 from flux2_pipeline.resources import (
     SECRETS,
+    SETTINGS,
     Flux2Resources,
     Flux2Storage,
     LedgerResource,
     RunComfyResource,
     SettingsError,
     build_resources,
-    settings_error,
 )
+from flux2_pipeline.resources.catalogue import checked, setting, settings_of
 
-ENVIRONMENT: dict[str, str] = {
-    "api_token": "RUNCOMFY_API_TOKEN",
-    "base_url": "RUNCOMFY_BASE_URL",
-    "account_base_url": "RUNCOMFY_ACCOUNT_BASE_URL",
-    "balance_check": "FLUX2_BALANCE_CHECK",
-    "input_dir": "FLUX2_INPUT_DIR",
-    "output_dir": "FLUX2_OUTPUT_DIR",
-    "max_concurrency": "FLUX2_MAX_CONCURRENCY",
-    "ledger_url": "FLUX2_LEDGER_URL",
-    "account_concurrency": "FLUX2_ACCOUNT_CONCURRENCY",
-    "budget_usd": "FLUX2_BUDGET_USD",
-    "price_per_image_usd": "FLUX2_PRICE_PER_IMAGE_USD",
-    "claim_lease_seconds": "FLUX2_CLAIM_LEASE_SECONDS",
-    "max_decode_pixels": "FLUX2_MAX_DECODE_PIXELS",
-}
-"""Each resource setting and the variable that sets it."""
-
-STEP_RETRY_ENVIRONMENT = {"retries": "FLUX2_STEP_RETRIES", "delay": "FLUX2_STEP_RETRY_DELAY"}
-
-PARALLEL_PARTITIONS_VARIABLE = "FLUX2_PARALLEL_PARTITIONS"
 DEFAULT_PARALLEL_PARTITIONS = 4
-MAX_PARALLEL_PARTITIONS = 64
-PARTITIONS_PER_RUN_VARIABLE = "FLUX2_PARTITIONS_PER_RUN"
 
-__all__ = ["ENVIRONMENT", "Settings", "SettingsError"]
+__all__ = ["CATALOGUE", "RunOptions", "Settings", "SettingsError", "settings_markdown"]
+
+
+class RunOptions(BaseModel):
+    """The settings no resource holds: how the command line runs partitions, and where."""
+
+    dagster_home: Path | None = Field(
+        default=None,
+        description="Run history, partitions, event log (an absolute path to an existing "
+        "folder); unset: $FLUX2_OUTPUT_DIR/.dagster for the command line "
+        "(`~/.flux2-pipeline/dagster/<hash of the URL>` for an object-store output).",
+        json_schema_extra=setting("DAGSTER_HOME", attribute=False),
+    )
+    parallel_partitions: int = Field(
+        default=DEFAULT_PARALLEL_PARTITIONS,
+        ge=1,
+        le=64,
+        description="Dagster runs `flux2-pipeline materialize` runs at once (--parallel N); "
+        "1 runs them one after another.",
+        json_schema_extra=setting("FLUX2_PARALLEL_PARTITIONS", attribute=False),
+    )
+    partitions_per_run: int = Field(
+        default=DEFAULT_PARTITIONS_PER_RUN,
+        ge=1,
+        le=1000,
+        description="Most partitions one run covers: in `flux2-pipeline materialize`, a "
+        "multi_run backfill and a run of the file sensor; 1 gives every partition its own run.",
+        json_schema_extra=setting("FLUX2_PARTITIONS_PER_RUN"),
+    )
+
+    @field_validator("dagster_home", mode="before")
+    @classmethod
+    def _existing_folder(cls, value: Any) -> Any:
+        home = Path(value)
+        if not home.is_absolute() or not home.is_dir():
+            raise ValueError(f"must be an absolute path to an existing directory, got {value!r}")
+        return home
+
+
+CATALOGUE = {**SETTINGS, **settings_of(StepRetries, RunOptions)}
+"""Every setting by its flat name (the Component attribute): the resources', then the rest."""
 
 
 @dataclass(frozen=True)
 class Settings:
-    """The environment, translated: the resources, the step retries and DAGSTER_HOME.
-
-    `parallel_partitions` (FLUX2_PARALLEL_PARTITIONS) is how many Dagster runs
-    `flux2-pipeline materialize` runs at once; `partitions_per_run`
-    (FLUX2_PARTITIONS_PER_RUN) is the most partitions one run covers, there and in the
-    UI's backfills.
-    """
+    """The settings, checked: the resources, the step retries and the `RunOptions`."""
 
     resources: Flux2Resources
     step_retries: StepRetries = field(default_factory=StepRetries)
@@ -84,35 +97,28 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read and check the RUNCOMFY_*, FLUX2_* and DAGSTER_HOME variables."""
         env = os.environ if env is None else env
-        values = {name: _get(env, variable) for name, variable in ENVIRONMENT.items()}
+        names = {name: item.variable for name, item in CATALOGUE.items() if item.variable}
+        values = {name: _get(env, variable) for name, variable in names.items()}
+        env_names = {name: names[name] for name in SECRETS if values[name]}
+        return cls.from_values(values, names=names, env_names=env_names)
+
+    @classmethod
+    def from_values(
+        cls,
+        values: Mapping[str, Any],
+        *,
+        names: Mapping[str, str] | None = None,
+        env_names: Mapping[str, str] | None = None,
+    ) -> Settings:
+        """Check settings by `CATALOGUE` name (None: the default); the rest as `build_resources`."""
+        given = {name: value for name, value in values.items() if value is not None}
         resources = build_resources(
-            {name: value for name, value in values.items() if value is not None},
-            names=ENVIRONMENT,
-            env_names={name: ENVIRONMENT[name] for name in SECRETS if values[name]},
+            {name: value for name, value in given.items() if name in SETTINGS},
+            names=names,
+            env_names=env_names,
         )
-        retry_values = {
-            name: value
-            for name, variable in STEP_RETRY_ENVIRONMENT.items()
-            if (value := _get(env, variable)) is not None
-        }
-        try:
-            step_retries = StepRetries(**retry_values)
-        except ValidationError as exc:
-            raise settings_error(exc, StepRetries, STEP_RETRY_ENVIRONMENT) from None
-        return cls(
-            resources,
-            step_retries,
-            _dagster_home(env),
-            _whole_number(
-                env,
-                PARALLEL_PARTITIONS_VARIABLE,
-                DEFAULT_PARALLEL_PARTITIONS,
-                MAX_PARALLEL_PARTITIONS,
-            ),
-            _whole_number(
-                env, PARTITIONS_PER_RUN_VARIABLE, DEFAULT_PARTITIONS_PER_RUN, MAX_PARTITIONS_PER_RUN
-            ),
-        )
+        step_retries = checked(StepRetries, given, names or {})
+        return cls(resources, step_retries, **dict(checked(RunOptions, given, names or {})))
 
     @classmethod
     def of(
@@ -122,18 +128,12 @@ class Settings:
         ledger: LedgerResource | None = None,
         *,
         step_retries: StepRetries | None = None,
-        dagster_home: Path | None = None,
-        parallel_partitions: int = DEFAULT_PARALLEL_PARTITIONS,
-        partitions_per_run: int = DEFAULT_PARTITIONS_PER_RUN,
+        **options: Any,
     ) -> Settings:
-        """Settings from resources built in code (the demo, tests, notebooks)."""
-        return cls(
-            Flux2Resources(runcomfy, ledger or LedgerResource(storage=storage), storage),
-            step_retries or StepRetries(),
-            dagster_home,
-            parallel_partitions,
-            partitions_per_run,
-        )
+        """Settings from resources built in code (the demo, tests, notebooks); `options`
+        are `RunOptions` fields, e.g. `dagster_home=Path(...)`."""
+        resources = Flux2Resources(runcomfy, ledger or LedgerResource(storage=storage), storage)
+        return cls(resources, step_retries or StepRetries(), **dict(RunOptions(**options)))
 
     @property
     def runcomfy(self) -> RunComfyResource:
@@ -168,23 +168,28 @@ def _get(env: Mapping[str, str], variable: str) -> str | None:
     return raw.strip() or None
 
 
-def _whole_number(env: Mapping[str, str], variable: str, default: int, most: int) -> int:
-    raw = _get(env, variable)
-    if raw is None:
-        return default
-    value = int(raw) if raw.isdecimal() else 0
-    if not 1 <= value <= most:
-        raise SettingsError(f"{variable} must be a whole number from 1 to {most}, got {raw!r}")
-    return value
-
-
-def _dagster_home(env: Mapping[str, str]) -> Path | None:
-    configured = env.get("DAGSTER_HOME", "").strip()
-    if not configured:
-        return None
-    home = Path(configured)
-    if not home.is_absolute() or not home.is_dir():
-        raise SettingsError(
-            f"DAGSTER_HOME must be an absolute path to an existing directory, got {configured!r}"
+def settings_markdown() -> str:
+    """docs/settings.md: every setting of `CATALOGUE` in a table."""
+    lines = [
+        "# Settings\n\nEvery setting, generated by `python -m flux2_pipeline.settings > "
+        "docs/settings.md` (a test keeps this page current). The command line reads the "
+        "variables; a `Flux2EditsComponent` takes the attributes, which mean the same (its "
+        "relative folders are under the project root; a secret is written "
+        '`"{{ env.NAME }}"`). A bad value stops with one line naming the setting.\n\n'
+        "| Variable | Component attribute | Type | Default | Meaning |\n"
+        "| --- | --- | --- | --- | --- |"
+    ]
+    for item in CATALOGUE.values():
+        cells = (
+            f"`{item.variable}`" if item.variable else "(none)",
+            f"`{item.name}`" if item.attribute else "(command line only)",
+            item.rule,
+            "unset" if item.default in (None, {}) else f"`{item.default}`",
+            item.meaning + (" A secret: kept as an `EnvVar`." if item.secret else ""),
         )
-    return home
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_markdown(), end="")

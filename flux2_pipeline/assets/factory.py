@@ -57,6 +57,7 @@ from flux2_pipeline.resources import (
     RunComfyResource,
     SettingsError,
 )
+from flux2_pipeline.resources.catalogue import setting
 
 
 class StepRetries(BaseModel):
@@ -67,13 +68,19 @@ class StepRetries(BaseModel):
     """
 
     retries: int = Field(
-        default=3, ge=0, le=20, description="FLUX2_STEP_RETRIES: re-runs of a failed step."
+        default=3,
+        ge=0,
+        le=20,
+        description="Times a failed partition step is re-run; the ledger keeps completed "
+        "rows from being paid again.",
+        json_schema_extra=setting("FLUX2_STEP_RETRIES", name="step_retries"),
     )
     delay: float = Field(
         default=10.0,
         ge=0,
         le=86400,
-        description="FLUX2_STEP_RETRY_DELAY: seconds before the first re-run.",
+        description="Seconds before the first re-run, growing exponentially, with jitter.",
+        json_schema_extra=setting("FLUX2_STEP_RETRY_DELAY", name="step_retry_delay"),
     )
 
     def policy(self) -> RetryPolicy | None:

@@ -39,7 +39,6 @@ from dagster import (
 
 DEFAULT_PARTITIONS_PER_RUN = 25
 """Most partitions in one run of a backfill (FLUX2_PARTITIONS_PER_RUN)."""
-MAX_PARTITIONS_PER_RUN = 1000
 PARTITION_TAG = "dagster/partition"
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"

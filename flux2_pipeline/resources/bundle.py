@@ -21,34 +21,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dagster import ConfigurableResource, EnvVar
-from pydantic import BaseModel, ValidationError
+from dagster import ConfigurableResource
 from sqlalchemy.engine import make_url
 
-from flux2_pipeline.resources.errors import SettingsError, settings_error
+from flux2_pipeline.resources.catalogue import checked, settings_of
+from flux2_pipeline.resources.errors import SettingsError
 from flux2_pipeline.resources.ledger import LedgerResource
 from flux2_pipeline.resources.runcomfy import RunComfyResource
 from flux2_pipeline.resources.storage import Flux2Storage
 
-SETTINGS: dict[str, tuple[type[BaseModel], str]] = {
-    "input_dir": (Flux2Storage, "input_dir"),
-    "output_dir": (Flux2Storage, "output_dir"),
-    "max_decode_pixels": (Flux2Storage, "max_decode_pixels"),
-    "base_url": (RunComfyResource, "base_url"),
-    "account_base_url": (RunComfyResource, "account_base_url"),
-    "balance_check": (RunComfyResource, "balance_check"),
-    "api_token": (RunComfyResource, "api_token"),
-    "max_concurrency": (RunComfyResource, "max_concurrency"),
-    "account_concurrency": (RunComfyResource, "account_concurrency"),
-    "price_per_image_usd": (RunComfyResource, "price_per_image_usd"),
-    "defaults": (RunComfyResource, "defaults"),
-    "ledger_url": (LedgerResource, "url"),
-    "budget_usd": (LedgerResource, "budget_usd"),
-    "claim_lease_seconds": (LedgerResource, "lease_seconds"),
-}
-"""Every flat setting: which resource holds it, under which field."""
+SETTINGS = settings_of(Flux2Storage, RunComfyResource, LedgerResource)
+"""Every flat setting the resources hold, by name (see `flux2_pipeline.resources.catalogue`)."""
 
-SECRETS = frozenset({"api_token", "ledger_url"})
+SECRETS = frozenset(name for name, item in SETTINGS.items() if item.secret)
 """Settings that may hold a secret: never shown in errors, stored as `EnvVar`."""
 
 
@@ -129,36 +114,15 @@ def build_resources(
     given = {name: value for name, value in values.items() if value is not None}
     for name in SECRETS & set(given):
         if name not in env_names and _holds_secret(name, given[name]):
-            shown = names.get(name, name)
+            why = "must come from" if name == "api_token" else "holds a password: set it from"
             raise SettingsError(
-                f"{shown} must come from an environment variable (for example "
-                f"{{{{ env.RUNCOMFY_API_TOKEN }}}}), so Dagster's run storage never holds it"
-                if name == "api_token"
-                else f"{shown} holds a password: set it from an environment variable (for "
-                "example {{ env.FLUX2_LEDGER_URL }}), so Dagster's run storage never holds it"
+                f"{names.get(name, name)} {why} an environment variable (for example "
+                f"{{{{ env.{SETTINGS[name].variable} }}}}), so Dagster's run storage never holds it"
             )
 
-    def fields(model: type[BaseModel], *, plain: bool) -> dict[str, Any]:
-        chosen: dict[str, Any] = {}
-        for name, value in given.items():
-            owner, field = SETTINGS[name]
-            if owner is model:
-                secret = not plain and name in SECRETS and name in env_names
-                chosen[field] = EnvVar(env_names[name]) if secret else value
-        return chosen
-
-    def build(model: type[BaseModel], **extra: Any) -> Any:
-        labels = {SETTINGS[n][1]: names.get(n, n) for n in SETTINGS if SETTINGS[n][0] is model}
-        secret_fields = {SETTINGS[n][1] for n in SECRETS if SETTINGS[n][0] is model}
-        try:
-            model(**fields(model, plain=True), **extra)  # the values themselves, checked once
-        except ValidationError as exc:
-            raise settings_error(exc, model, labels, secret_fields) from None
-        return model(**fields(model, plain=False), **extra)
-
-    storage: Flux2Storage = build(Flux2Storage)
-    runcomfy: RunComfyResource = build(RunComfyResource)
-    ledger: LedgerResource = build(LedgerResource, storage=storage)
+    storage = checked(Flux2Storage, given, names, env_names)
+    runcomfy = checked(RunComfyResource, given, names, env_names)
+    ledger = checked(LedgerResource, given, names, env_names, storage=storage)
     if not given.get("ledger_url"):
         ledger.effective_url  # noqa: B018 - an object-store output needs a shared ledger
     return Flux2Resources(runcomfy=runcomfy, ledger=ledger, storage=storage)

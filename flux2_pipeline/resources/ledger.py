@@ -19,6 +19,7 @@ from flux2_pipeline.ledger import (
     redact_database_url,
 )
 from flux2_pipeline.paths import local_path
+from flux2_pipeline.resources.catalogue import setting
 from flux2_pipeline.resources.errors import SettingsError
 from flux2_pipeline.resources.storage import Flux2Storage
 
@@ -37,21 +38,24 @@ class LedgerResource(ConfigurableResource):  # type: ignore[type-arg]
 
     url: str | None = Field(
         default=None,
-        description="FLUX2_LEDGER_URL: sqlite:///path or postgresql://...; default is "
-        "ledger.sqlite under the storage's output_dir. May hold a password: use EnvVar.",
+        description="Where the request ledger lives, sqlite:///path or postgresql://... "
+        "(unset: ledger.sqlite under a local output_dir; required for an object-store one).",
+        json_schema_extra=setting("FLUX2_LEDGER_URL", name="ledger_url", secret=True),
     )
     budget_usd: float | None = Field(
         default=None,
         ge=0,
-        description="FLUX2_BUDGET_USD: most money this ledger may spend, summed over every "
-        "run that shares it (unset: no limit).",
+        description="Most money the ledger may spend, summed over every run that shares it "
+        "(unset: no limit).",
+        json_schema_extra=setting("FLUX2_BUDGET_USD"),
     )
     lease_seconds: float = Field(
         default=DEFAULT_LEASE_SECONDS,
         gt=0,
         le=86400,
-        description="FLUX2_CLAIM_LEASE_SECONDS: how long a run's claim on a row outlives its "
-        "last heartbeat; then another run may take the row over (counted as unknown).",
+        description="How long a run's claim on a row outlives its last heartbeat; then "
+        "another run may take the row over (counted as unknown).",
+        json_schema_extra=setting("FLUX2_CLAIM_LEASE_SECONDS", name="claim_lease_seconds"),
     )
     storage: ResourceDependency[Flux2Storage]
 

@@ -20,7 +20,7 @@ import asyncio
 import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeAlias, TypeVar
 from urllib.parse import urlsplit
 
 from dagster import (
@@ -31,6 +31,7 @@ from dagster import (
 )
 from pydantic import Field, PrivateAttr, field_validator
 
+from flux2_pipeline.resources.catalogue import setting
 from flux2_pipeline.resources.errors import SettingsError
 from flux2_pipeline.runcomfy import (
     DEFAULT_ACCOUNT_BASE_URL,
@@ -46,6 +47,7 @@ from flux2_pipeline.runcomfy import (
 )
 
 T = TypeVar("T")
+BalanceCheck: TypeAlias = Literal["stop", "warn", "off"]
 
 MAX_CONCURRENCY_LIMIT = 4096
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -101,31 +103,36 @@ class RunComfyResource(ConfigurableResource):  # type: ignore[type-arg]
 
     api_token: str | None = Field(
         default=None,
-        description="RUNCOMFY_API_TOKEN: Bearer token; set it with EnvVar so run storage "
-        "never holds it. Optional only for a loopback emulator.",
+        description="The API's bearer token; never printed, logged or stored. Optional only "
+        "for a loopback emulator.",
+        json_schema_extra=setting("RUNCOMFY_API_TOKEN", secret=True),
     )
     base_url: str = Field(
         default=DEFAULT_BASE_URL,
-        description="RUNCOMFY_BASE_URL: API root; the model path is appended.",
+        description="The API root (the model path is appended); a loopback URL for the "
+        "flux2-pipeline emulator.",
+        json_schema_extra=setting("RUNCOMFY_BASE_URL"),
     )
     account_base_url: str | None = Field(
         default=None,
-        description="RUNCOMFY_ACCOUNT_BASE_URL: root of RunComfy's account API; the balance "
-        "is GET /prod/v2/balance there. Default https://api.runcomfy.net, or base_url itself "
-        "when that is a loopback emulator.",
+        description="Root of RunComfy's account API, where the balance is read (GET "
+        "/prod/v2/balance); unset: https://api.runcomfy.net, or base_url on loopback.",
+        json_schema_extra=setting("RUNCOMFY_ACCOUNT_BASE_URL"),
     )
-    balance_check: Literal["stop", "warn", "off"] = Field(
+    balance_check: BalanceCheck = Field(
         default="stop",
-        description="FLUX2_BALANCE_CHECK: before the first submit, the estimated cost of the "
-        "rows still to pay against the account's balance: stop (do not start when it cannot "
-        "be covered), warn, or off (no call).",
+        description="Before the first submit, the estimated cost of the rows still to pay "
+        "against the account's balance: stop (do not start when it cannot be covered), "
+        "warn, or off (no call).",
+        json_schema_extra=setting("FLUX2_BALANCE_CHECK"),
     )
     model_path: str = Field(default=MODEL_PATH, description="Path of the edit model endpoint.")
     max_concurrency: int = Field(
         default=8,
         ge=1,
         le=MAX_CONCURRENCY_LIMIT,
-        description="FLUX2_MAX_CONCURRENCY: most API jobs in flight at once from one step.",
+        description="Most API jobs in flight at once from one step.",
+        json_schema_extra=setting("FLUX2_MAX_CONCURRENCY"),
     )
     request_timeout: float = Field(default=30.0, gt=0, description="Seconds per HTTP call.")
     job_deadline: float = Field(
@@ -165,21 +172,23 @@ class RunComfyResource(ConfigurableResource):  # type: ignore[type-arg]
     account_concurrency: int | None = Field(
         default=None,
         ge=1,
-        description="FLUX2_ACCOUNT_CONCURRENCY: most jobs the account may have queued or "
-        "running at once, summed over every run sharing the ledger (unset: no shared cap).",
+        description="Most jobs the account may have queued or running at once, summed over "
+        "every run, process and machine sharing the ledger (unset: no shared cap).",
+        json_schema_extra=setting("FLUX2_ACCOUNT_CONCURRENCY"),
     )
     price_per_image_usd: float | None = Field(
         default=None,
         ge=0,
-        description="FLUX2_PRICE_PER_IMAGE_USD: the price of one output image, reserved "
-        "under a budget and used for estimates until the API reports a job's cost; default: "
-        "the model's published base_price_usd.",
+        description="The price of one output image, reserved under a budget and used for "
+        "estimates until the API reports a job's cost (unset: the model's base_price_usd).",
+        json_schema_extra=setting("FLUX2_PRICE_PER_IMAGE_USD"),
     )
     defaults: dict[str, Any] = Field(
         default_factory=dict,
         description="Edit parameters for rows that leave them null, e.g. "
         "{image_size: landscape_4_3}; any parameter of EditRequest, checked against its "
         "schema. A row's own value wins.",
+        json_schema_extra=setting(None),
     )
 
     _loop: asyncio.AbstractEventLoop | None = PrivateAttr(default=None)

@@ -36,6 +36,7 @@ from flux2_pipeline.paths import (
     list_files,
     local_path,
 )
+from flux2_pipeline.resources.catalogue import setting
 
 MAX_KEY_LENGTH = 200
 _FORBIDDEN_IN_KEYS = {
@@ -101,21 +102,24 @@ class Flux2Storage(ConfigurableResource):  # type: ignore[type-arg]
     input_dir: str = Field(
         default="data/prompts",
         validate_default=True,
-        description="FLUX2_INPUT_DIR: folder of input Parquet tables, one per partition "
-        "(a folder, or an object-store URL such as s3://bucket/prefix).",
+        description="The input Parquet tables, one partition per file `<key>.parquet`: a "
+        "folder, or an object-store URL such as s3://bucket/prefix (any fsspec URL).",
+        json_schema_extra=setting("FLUX2_INPUT_DIR"),
     )
     output_dir: str = Field(
         default="data/output",
         validate_default=True,
-        description="FLUX2_OUTPUT_DIR: root of every dataset written (a folder or s3://...).",
+        description="Root of every dataset written: a folder, or an object-store URL such "
+        "as s3://bucket/prefix.",
+        json_schema_extra=setting("FLUX2_OUTPUT_DIR"),
     )
     max_decode_pixels: int = Field(
         default=DEFAULT_MAX_PIXELS,
         ge=1,
-        description="FLUX2_MAX_DECODE_PIXELS: the decode ceiling and budget, in pixels. "
-        "Images above it are stored and described from their header without any decode "
-        "(no thumbnail); the decodes of one step process hold at most this many pixels "
-        "at once (about 4 bytes each).",
+        description="The decode ceiling and budget, in pixels: images above it are stored "
+        "and described from their header without any decode (no thumbnail); the decodes of "
+        "one step process hold at most this many pixels at once (about 4 bytes each).",
+        json_schema_extra=setting("FLUX2_MAX_DECODE_PIXELS"),
     )
 
     @field_validator("input_dir")
