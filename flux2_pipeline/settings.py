@@ -25,7 +25,7 @@ from dagster import Definitions
 from pydantic import ValidationError
 
 from flux2_pipeline.assets import StepRetries, build_flux2_definitions
-from flux2_pipeline.assets.ranges import DEFAULT_PARTITIONS_PER_RUN, MAX_PARTITIONS_PER_RUN
+from flux2_pipeline.assets.ranges import MAX_PARTITIONS_PER_RUN
 from flux2_pipeline.resources import (
     SECRETS,
     Flux2Resources,
@@ -35,6 +35,12 @@ from flux2_pipeline.resources import (
     SettingsError,
     build_resources,
     settings_error,
+)
+from flux2_pipeline.run_limits import (
+    DEFAULT_PARALLEL_PARTITIONS,
+    DEFAULT_PARTITIONS_PER_RUN,
+    PARALLEL_PARTITIONS_VARIABLE,
+    PARTITIONS_PER_RUN_VARIABLE,
 )
 
 ENVIRONMENT: dict[str, str] = {
@@ -56,10 +62,7 @@ ENVIRONMENT: dict[str, str] = {
 
 STEP_RETRY_ENVIRONMENT = {"retries": "FLUX2_STEP_RETRIES", "delay": "FLUX2_STEP_RETRY_DELAY"}
 
-PARALLEL_PARTITIONS_VARIABLE = "FLUX2_PARALLEL_PARTITIONS"
-DEFAULT_PARALLEL_PARTITIONS = 4
 MAX_PARALLEL_PARTITIONS = 64
-PARTITIONS_PER_RUN_VARIABLE = "FLUX2_PARTITIONS_PER_RUN"
 
 __all__ = ["ENVIRONMENT", "Settings", "SettingsError"]
 
