@@ -1,4 +1,4 @@
-"""Bad input through `materialize_partitions` and the CLI: clear errors, the rest carries on.
+"""Bad input through `run_backfill` and the CLI: clear errors, the rest carries on.
 
 One input folder holds several partitions: rows that break the schema become `invalid`
 without failing their partition; a table that is unusable as a whole fails only its own

@@ -1,11 +1,4 @@
-"""The start gate: at most one run per core of one command starts at a time.
-
-Example::
-
-    gate = StartGate(start_worker_server())
-    with gate.held() as passed:       # in a worker, around one run
-        ...                           # `passed()` once the run's step has started
-"""
+"""The start gate: at most one run per core of one command starts at a time."""
 
 from __future__ import annotations
 

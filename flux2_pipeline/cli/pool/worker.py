@@ -1,15 +1,10 @@
-"""A worker process's life (one run, its summaries sent back, exit) and its pipe.
-
-The worker forks from the server (`server.MODULES` imports this module there) and takes
-the command's environment and warning filters. The pipe (`Channel`) carries the run's
-outcome to the command and `STOP` to the worker; end-of-file on the worker's end is the
-command's death, whatever killed it (the kernel closes every end the command held).
+"""A worker process's life (one run, its summaries sent back, exit) and its pipe to the
+command (`Channel`: the outcome one way, `STOP` the other, end-of-file when the command dies).
 
 Example::
 
     mine, theirs = context.Pipe()        # the command keeps `mine`, the worker gets `theirs`
     context.Process(target=worker_main, args=(setup, theirs, keys, run_id, assets, {})).start()
-    tell_stop(mine)
 """
 
 from __future__ import annotations
