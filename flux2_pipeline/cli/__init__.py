@@ -1,6 +1,8 @@
 """The `flux2-pipeline` command (demo | emulator | materialize | ui); imports no Dagster.
 
->>> from flux2_pipeline.cli import main     # main(["materialize"]) exits with its code
+Example::
+
+    main(["materialize", "--partition", "cats"])    # exits with the command's code
 """
 
 from flux2_pipeline.cli.commands import main

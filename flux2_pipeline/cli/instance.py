@@ -1,13 +1,4 @@
-"""The Dagster instance the command runs in: DAGSTER_HOME's, or one of its own.
-
-Without DAGSTER_HOME the instance is kept under a local output folder (or
-`~/.flux2-pipeline/dagster/<digest of the URI>` for an object-store output); its first-time
-setup is serialized by a file lock, so two commands on a new folder both work.
-
-Example::
-
-    instance = open_instance(Settings.from_env())
-"""
+"""The Dagster instance the command runs in: DAGSTER_HOME's, or one of its own."""
 
 from __future__ import annotations
 

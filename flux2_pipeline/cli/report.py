@@ -14,11 +14,11 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from dagster import AssetKey, DagsterEventType, ExecuteInProcessResult
+from dagster import AssetKey, AssetMaterialization, DagsterEventType, ExecuteInProcessResult
 from dagster_shared.error import SerializableErrorInfo
 
 from flux2_pipeline.assets import INTERRUPTED
@@ -158,19 +158,30 @@ class _RunFigures:
     """The run was stopped (its partitions that had finished are materialized)."""
 
 
-def _by_partition(keys: Sequence[str], result: ExecuteInProcessResult) -> _RunFigures:
-    """Each partition's metadata, how many materializations it got, and its own error."""
+def materialized_figures(
+    keys: Sequence[str], materializations: Iterable[AssetMaterialization | None]
+) -> tuple[dict[str, dict[str, Any]], dict[str, set[AssetKey]]]:
+    """Each partition's materialization metadata, and the assets it was materialized for."""
     figures: dict[str, dict[str, Any]] = {key: {} for key in keys}
     materialized: dict[str, set[AssetKey]] = {key: set() for key in keys}
+    only = keys[0] if len(keys) == 1 else None
+    for materialization in materializations:
+        key = (materialization.partition if materialization else None) or only
+        if materialization is not None and key in figures:
+            figures[key].update({k: v.value for k, v in materialization.metadata.items()})
+            materialized[key].add(materialization.asset_key)
+    return figures, materialized
+
+
+def _by_partition(keys: Sequence[str], result: ExecuteInProcessResult) -> _RunFigures:
+    """Each partition's metadata, how many materializations it got, and its own error."""
+    events = result.get_asset_materialization_events()
+    figures, materialized = materialized_figures(
+        keys, (event.step_materialization_data.materialization for event in events)
+    )
     errors: dict[str, str] = {}
     unattributed = stopped = False
     only = keys[0] if len(keys) == 1 else None
-    for event in result.get_asset_materialization_events():
-        materialization = event.step_materialization_data.materialization
-        key = materialization.partition or only
-        if key in figures:
-            figures[key].update({k: v.value for k, v in materialization.metadata.items()})
-            materialized[key].add(materialization.asset_key)
     for event in result.get_step_failure_events():
         data = event.step_failure_data
         if data is None or data.user_failure_data is None:

@@ -1,11 +1,5 @@
 """What a backfill runs: which assets (`--select`) and which partitions (`--partition`,
-`--retry-failed`), resolved against the `Definitions` and the instance.
-
-Example::
-
-    selection = select_assets(defs, ["flux2_edits"])
-    keys, scan = chosen_partitions(instance, storage, ["cats"])
-"""
+`--retry-failed`), resolved against the `Definitions` and the instance."""
 
 from __future__ import annotations
 

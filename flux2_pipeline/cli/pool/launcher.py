@@ -25,7 +25,7 @@ from dagster import AssetKey, DagsterEventType, DagsterInstance
 from flux2_pipeline.cli.pool.gate import StartGate
 from flux2_pipeline.cli.pool.server import server_alive, start_worker_server
 from flux2_pipeline.cli.pool.worker import Channel, Outcome, WorkerSetup, tell_stop, worker_main
-from flux2_pipeline.cli.report import PartitionSummary
+from flux2_pipeline.cli.report import PartitionSummary, materialized_figures
 from flux2_pipeline.cli.runs import PROGRESS_POLL_SECONDS, ProgressWatcher
 from flux2_pipeline.ledger import Ledger
 from flux2_pipeline.settings import Settings
@@ -244,9 +244,6 @@ def _dead_run(
     materialization's figures); any other failed, with the rows its ledger holds as
     completed. The run itself is marked failed, so the UI does not show it running.
     """
-    materialized: dict[str, set[AssetKey]] = {key: set() for key in keys}
-    figures: dict[str, dict[str, Any]] = {key: {} for key in keys}
-    only = keys[0] if len(keys) == 1 else None
     try:
         records = instance.get_records_for_run(
             run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION
@@ -257,12 +254,9 @@ def _dead_run(
     except Exception as exc:  # the instance is not what the worker left: report as failed
         logger.warning(f"cannot read run {run_id} of a dead worker: {exc!r}")
         records = []
-    for record in records:
-        materialization = record.asset_materialization
-        key = (materialization.partition if materialization else None) or only
-        if materialization is not None and key in figures:
-            figures[key].update({k: v.value for k, v in materialization.metadata.items()})
-            materialized[key].add(materialization.asset_key)
+    figures, materialized = materialized_figures(
+        keys, (record.asset_materialization for record in records)
+    )
     completed = _ledger_completed(settings, [k for k in keys if materialized[k] < set(assets)])
     summaries = []
     for key in keys:
