@@ -96,7 +96,7 @@ def test_the_worker_server_skips_its_teardown_when_the_command_exits(
     # The server holds the command's stdout: its teardown (0.6 s once Dagster is loaded)
     # kept a reader of the command's output waiting after the command had exited. An exit
     # handler registered before the quick exit stands for that teardown: it runs only
-    # without `worker_server`.
+    # without `preload`.
     (tmp_path / "loud_teardown.py").write_text(LOUD_TEARDOWN)
     preload = ["loud_teardown", *(list(server.PRELOAD) if quick else [])]
     script = SERVER_THEN_EXIT.format(preload=preload)
