@@ -25,7 +25,6 @@ from dagster import Definitions
 from pydantic import BaseModel, Field, field_validator
 
 from flux2_pipeline.assets import StepRetries, build_flux2_definitions
-from flux2_pipeline.assets.ranges import DEFAULT_PARTITIONS_PER_RUN
 from flux2_pipeline.resources import (
     SECRETS,
     SETTINGS,
@@ -37,8 +36,12 @@ from flux2_pipeline.resources import (
     build_resources,
 )
 from flux2_pipeline.resources.catalogue import checked, setting, settings_of
-
-DEFAULT_PARALLEL_PARTITIONS = 4
+from flux2_pipeline.run_limits import (
+    DEFAULT_PARALLEL_PARTITIONS,
+    DEFAULT_PARTITIONS_PER_RUN,
+    PARALLEL_PARTITIONS_VARIABLE,
+    PARTITIONS_PER_RUN_VARIABLE,
+)
 
 __all__ = ["CATALOGUE", "RunOptions", "Settings", "SettingsError", "settings_markdown"]
 
@@ -59,7 +62,7 @@ class RunOptions(BaseModel):
         le=64,
         description="Dagster runs `flux2-pipeline materialize` runs at once (--parallel N); "
         "1 runs them one after another.",
-        json_schema_extra=setting("FLUX2_PARALLEL_PARTITIONS", attribute=False),
+        json_schema_extra=setting(PARALLEL_PARTITIONS_VARIABLE, attribute=False),
     )
     partitions_per_run: int = Field(
         default=DEFAULT_PARTITIONS_PER_RUN,
@@ -67,7 +70,7 @@ class RunOptions(BaseModel):
         le=1000,
         description="Most partitions one run covers: in `flux2-pipeline materialize`, a "
         "multi_run backfill and a run of the file sensor; 1 gives every partition its own run.",
-        json_schema_extra=setting("FLUX2_PARTITIONS_PER_RUN"),
+        json_schema_extra=setting(PARTITIONS_PER_RUN_VARIABLE),
     )
 
     @field_validator("dagster_home", mode="before")

@@ -37,8 +37,8 @@ from dagster import (
     MetadataValue,
 )
 
-DEFAULT_PARTITIONS_PER_RUN = 25
-"""Most partitions in one run of a backfill (FLUX2_PARTITIONS_PER_RUN)."""
+from flux2_pipeline.run_limits import DEFAULT_PARTITIONS_PER_RUN as DEFAULT_PARTITIONS_PER_RUN
+
 PARTITION_TAG = "dagster/partition"
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"

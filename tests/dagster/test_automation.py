@@ -8,8 +8,8 @@ from pathlib import Path
 from dagster import DagsterInstance, evaluate_automation_conditions
 
 from flux2_pipeline.assets import Flux2Keys, register_input_files
+from flux2_pipeline.cli.runs import run_partition
 from flux2_pipeline.emulator import EmulatorServer
-from flux2_pipeline.materialize import run_partition
 from flux2_pipeline.settings import Settings
 from tests.conftest import prompt_rows, write_table
 

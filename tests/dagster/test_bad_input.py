@@ -1,4 +1,4 @@
-"""Bad input through `materialize_partitions` and the CLI: clear errors, the rest carries on.
+"""Bad input through `run_backfill` and the CLI: clear errors, the rest carries on.
 
 One input folder holds several partitions: rows that break the schema become `invalid`
 without failing their partition; a table that is unusable as a whole fails only its own
@@ -21,8 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 from dagster import DagsterInstance
 
+from flux2_pipeline.cli.backfill import run_backfill
+from flux2_pipeline.cli.report import PartitionSummary
 from flux2_pipeline.emulator import EmulatorServer
-from flux2_pipeline.materialize import PartitionSummary, materialize_partitions
 from flux2_pipeline.settings import Settings
 from tests.conftest import write_table
 
@@ -140,7 +141,7 @@ def test_bad_rows_and_bad_tables_fail_only_themselves(
     ]
     write_table(folder, "g_no_id", no_id_rows)
 
-    summaries = by_partition(materialize_partitions(settings, instance=instance))
+    summaries = by_partition(run_backfill(settings, instance=instance).partitions)
     assert list(summaries) == [
         "a_mixed",
         "b_no_prompt",
@@ -239,7 +240,7 @@ def test_bad_rows_and_bad_tables_fail_only_themselves(
     assert created == len(valid_ids) + 3
 
     # Run everything again: same outcomes, same derived ids, nothing paid twice.
-    again = by_partition(materialize_partitions(settings, instance=instance))
+    again = by_partition(run_backfill(settings, instance=instance).partitions)
     assert {key: s.succeeded for key, s in again.items()} == {
         key: s.succeeded for key, s in summaries.items()
     }
@@ -278,7 +279,7 @@ def test_string_url_columns_float_ids_and_one_id_namespace_pay_each_row_once(
     # An explicit id equal to a later id-less row's derived id.
     same = {"prompt": "same edit", "image_urls": [f"{base}/samples/n-0.png"]}
     write_table(folder, "c_probe", [same])
-    summaries = by_partition(materialize_partitions(settings, instance=instance))
+    summaries = by_partition(run_backfill(settings, instance=instance).partitions)
     probe = summaries["c_probe"].results_path
     assert probe is not None
     derived = pq.read_table(probe)["row_id"][0].as_py()
@@ -292,7 +293,7 @@ def test_string_url_columns_float_ids_and_one_id_namespace_pay_each_row_once(
         ],
     )
     created = emulator.state.counters.jobs_created
-    summaries = by_partition(materialize_partitions(settings, instance=instance))
+    summaries = by_partition(run_backfill(settings, instance=instance).partitions)
 
     results = {}
     for key in ("a_string_urls", "b_float_ids", "d_namespace"):

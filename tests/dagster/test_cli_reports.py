@@ -18,8 +18,8 @@ import pytest
 from dagster._utils.error import serializable_error_info_from_exc_info
 
 from flux2_pipeline.cli import main
+from flux2_pipeline.cli.report import innermost_error
 from flux2_pipeline.emulator import EmulatorServer
-from flux2_pipeline.materialize import innermost_error
 from tests.conftest import prompt_rows, write_table
 
 
@@ -93,7 +93,7 @@ def test_innermost_error_follows_causes_to_the_bottom() -> None:
 
 def _open_fresh_instances(outputs: list[str], barrier: Any, results: Any) -> None:
     """Per output folder: wait for the other process, then set up its new instance."""
-    from flux2_pipeline.materialize import open_instance
+    from flux2_pipeline.cli.instance import open_instance
     from flux2_pipeline.resources import Flux2Storage, RunComfyResource
     from flux2_pipeline.settings import Settings
 

@@ -1,7 +1,7 @@
 """A command started in the background from a script can still be stopped between runs.
 
 Such a command starts with SIGINT ignored (the shell does that), and each Dagster run
-copies SIGINT's handler to SIGTERM as it ends; `materialize` puts SIGTERM back after
+copies SIGINT's handler to SIGTERM as it ends; `run_backfill` puts SIGTERM back after
 each of its runs (`sigterm_kept`).
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance
 
+from flux2_pipeline.cli.backfill import run_backfill
 from flux2_pipeline.emulator import EmulatorServer
-from flux2_pipeline.materialize import materialize
 from flux2_pipeline.settings import Settings
 from tests.conftest import prompt_rows, write_table
 from tests.dagster.test_process_safety import cli_env
@@ -45,7 +45,7 @@ def test_each_run_leaves_sigterm_as_it_found_it(
     settings = Settings.from_env()
     for name in ("one", "two"):
         write_table(Path(settings.storage.input_dir), name, prompt_rows(emulator.base_url, name, 2))
-    report = materialize(settings, instance=instance, parallel=1)  # 2 runs, then the dataset's
+    report = run_backfill(settings, instance=instance, parallel=1)  # 2 runs, then the dataset's
     assert report.succeeded and len(report.partitions) == 2
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # the shell's choice stands

@@ -15,8 +15,8 @@ from dagster import AssetKey, DagsterInstance, Definitions, EnvVar, load_from_de
 
 from flux2_pipeline import Flux2EditsComponent
 from flux2_pipeline.assets import Flux2Keys, register_input_files
+from flux2_pipeline.cli.runs import run_partition
 from flux2_pipeline.emulator import EmulatorServer
-from flux2_pipeline.materialize import run_partition
 from flux2_pipeline.resources import Flux2Storage, LedgerResource, RunComfyResource, SettingsError
 from tests.conftest import TEST_TOKEN, prompt_rows, write_table
 

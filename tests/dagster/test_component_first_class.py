@@ -29,9 +29,9 @@ from rich.text import Text
 from flux2_pipeline import Flux2EditsComponent
 from flux2_pipeline.assets import LEGACY_RESOURCE_KEYS, Flux2Keys, build_flux2_definitions
 from flux2_pipeline.assets.uri import storage_uri
+from flux2_pipeline.cli.runs import run_partition
 from flux2_pipeline.component import EditDefaults, SecretSetting
 from flux2_pipeline.emulator import EmulatorServer
-from flux2_pipeline.materialize import run_partition
 from flux2_pipeline.resources import (
     Flux2Storage,
     LedgerResource,

@@ -27,8 +27,8 @@ from dagster._daemon.auto_run_reexecution.auto_run_reexecution import (
     filter_runs_to_should_retry,
 )
 
+from flux2_pipeline.cli.backfill import run_backfill
 from flux2_pipeline.emulator import EmulatorServer
-from flux2_pipeline.materialize import materialize_partitions
 from flux2_pipeline.resources import Flux2Storage
 from flux2_pipeline.settings import Settings
 from tests.conftest import prompt_rows, write_table
@@ -200,9 +200,9 @@ def test_a_run_failed_by_its_step_is_not_run_again_under_the_profiles_run_retrie
     emulator.state.config.token = "a-revoked-token"
     run_retries = load(PROFILES[0])["run_retries"]
     with instance_for_test(overrides={"run_retries": run_retries}) as instance:
-        (summary,) = materialize_partitions(
+        (summary,) = run_backfill(
             settings, instance=instance, parallel=1, select=["flux2_edits"]
-        )
+        ).partitions
         assert not summary.succeeded
         [record] = instance.get_run_records()
         run = record.dagster_run

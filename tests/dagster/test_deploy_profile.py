@@ -26,8 +26,8 @@ from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import (
 from sqlalchemy import create_engine, text
 
 from flux2_pipeline.assets.keys import Flux2Keys
+from flux2_pipeline.cli.backfill import run_backfill
 from flux2_pipeline.emulator import EmulatorServer
-from flux2_pipeline.materialize import materialize_partitions
 from flux2_pipeline.settings import Settings
 from tests.conftest import prompt_rows, write_table
 
@@ -76,7 +76,7 @@ def test_the_deploy_profile_runs_on_postgresql(
         assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
         assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
         _assert_concurrency_limits(instance)
-        (summary,) = materialize_partitions(settings, instance=instance)
+        (summary,) = run_backfill(settings, instance=instance).partitions
         assert summary.succeeded and summary.completed == 4
         assert instance.get_dynamic_partitions("flux2_prompt_tables") == ["prod"]
         # One run for the partition (edits, images), one for the unpartitioned dataset.

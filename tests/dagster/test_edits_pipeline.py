@@ -12,9 +12,9 @@ from PIL import Image
 
 from flux2_pipeline.assets import Flux2Keys
 from flux2_pipeline.batch import RESULTS_SCHEMA
+from flux2_pipeline.cli.backfill import run_backfill
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.ledger import Ledger
-from flux2_pipeline.materialize import materialize_partitions
 from flux2_pipeline.settings import Settings
 from tests.conftest import prompt_rows, write_table
 
@@ -132,9 +132,9 @@ def test_rerun_of_a_completed_partition_pays_nothing(
     write_table(
         Path(settings.storage.input_dir), "again", prompt_rows(emulator.base_url, "again", 6)
     )
-    first = materialize_partitions(settings, instance=instance)
+    first = run_backfill(settings, instance=instance).partitions
     created = emulator.state.counters.jobs_created
-    second = materialize_partitions(settings, instance=instance)
+    second = run_backfill(settings, instance=instance).partitions
     assert [s.completed for s in first] == [s.completed for s in second] == [6]
     assert emulator.state.counters.jobs_created == created == 6
     event = instance.get_latest_materialization_event(AssetKey("flux2_edits"))
@@ -151,7 +151,7 @@ def test_failed_jobs_are_resubmitted_within_bounds_and_a_retry_clears_them(
         Path(settings.storage.input_dir), "flaky", prompt_rows(emulator.base_url, "flaky", 4)
     )
 
-    (failed,) = materialize_partitions(settings, instance=instance)
+    (failed,) = run_backfill(settings, instance=instance).partitions
     assert not failed.succeeded
     assert (failed.failed, failed.completed) == (4, 0)
     assert failed.error is not None
@@ -162,15 +162,15 @@ def test_failed_jobs_are_resubmitted_within_bounds_and_a_retry_clears_them(
     assert emulator.state.counters.jobs_created == 12
 
     emulator.state.faults.update(fail_rate=0.0)
-    (retried,) = materialize_partitions(settings, instance=instance, retry_failed=True)
+    (retried,) = run_backfill(settings, instance=instance, retry_failed=True).partitions
     assert retried.succeeded and retried.completed == 4
     rows = pq.read_table(retried.results_path).to_pylist()
     assert {row["attempts"] for row in rows} == {4}
     assert emulator.state.counters.jobs_created == 16
 
     # Nothing failed now: --retry-failed selects nothing, a plain re-run pays nothing.
-    assert materialize_partitions(settings, instance=instance, retry_failed=True) == []
-    materialize_partitions(settings, instance=instance)
+    assert run_backfill(settings, instance=instance, retry_failed=True).partitions == []
+    run_backfill(settings, instance=instance)
     assert emulator.state.counters.jobs_created == 16
 
 
@@ -182,7 +182,7 @@ def test_completed_rows_are_never_resubmitted_when_some_fail(
         Path(settings.storage.input_dir), "mixed", prompt_rows(emulator.base_url, "mixed", 20)
     )
     for _ in range(4):
-        (summary,) = materialize_partitions(settings, instance=instance)
+        (summary,) = run_backfill(settings, instance=instance).partitions
         if summary.succeeded:
             break
         emulator.state.faults.update(fail_rate=0.0)
@@ -208,7 +208,7 @@ def test_the_attempt_ceiling_holds_across_runs(
         Path(settings.storage.input_dir), "doomed", prompt_rows(emulator.base_url, "doomed", 1)
     )
     for _ in range(4):
-        (summary,) = materialize_partitions(settings, instance=instance)
+        (summary,) = run_backfill(settings, instance=instance).partitions
         assert not summary.succeeded
     (row,) = pq.read_table(summary.results_path).to_pylist()
     assert row["attempts"] == 9
@@ -231,9 +231,9 @@ def test_the_ledger_can_live_in_postgresql(
     write_table(Path(settings.storage.input_dir), key, prompt_rows(emulator.base_url, key, 5))
     pg_settings = Settings.from_env()
     try:
-        (summary,) = materialize_partitions(pg_settings, instance=instance)
+        (summary,) = run_backfill(pg_settings, instance=instance).partitions
         assert summary.succeeded and summary.completed == 5
-        (again,) = materialize_partitions(pg_settings, instance=instance)
+        (again,) = run_backfill(pg_settings, instance=instance).partitions
         assert again.completed == 5
         assert emulator.state.counters.jobs_created == 5
         with Ledger.open(url) as ledger:
@@ -262,7 +262,7 @@ def test_the_step_retry_policy_reruns_and_pays_only_for_failed_rows(
     )
     # Exactly the first step attempt's 4 rows x 3 attempts fail; the step retry clears them.
     emulator.state.faults.update(fail_next=12)
-    (summary,) = materialize_partitions(settings, instance=instance)
+    (summary,) = run_backfill(settings, instance=instance).partitions
     assert summary.succeeded and summary.completed == 4
     rows = pq.read_table(summary.results_path).to_pylist()
     assert {row["attempts"] for row in rows} == {4}

@@ -16,21 +16,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from dagster import AssetKey, DagsterInstance
 
+from flux2_pipeline.cli.backfill import run_backfill
 from flux2_pipeline.emulator import EmulatorServer
-from flux2_pipeline.materialize import materialize
 from flux2_pipeline.media import EXPIRED, EXPIRED_ERROR
 from flux2_pipeline.settings import Settings
 from tests.conftest import prompt_rows, write_table
 
 
 def _edits(settings: Settings, instance: DagsterInstance, key: str) -> list[dict[str, Any]]:
-    report = materialize(settings, select=["flux2_edits"], partitions=[key], instance=instance)
+    report = run_backfill(settings, select=["flux2_edits"], partitions=[key], instance=instance)
     assert report.succeeded, report
     return pq.read_table(settings.storage.results_path(key).path).to_pylist()
 
 
 def _images(settings: Settings, instance: DagsterInstance, key: str) -> list[dict[str, Any]]:
-    materialize(settings, select=["flux2_images"], partitions=[key], instance=instance, parallel=1)
+    run_backfill(settings, select=["flux2_images"], partitions=[key], instance=instance, parallel=1)
     manifest = settings.storage.image_manifest_path(key)
     return pq.read_table(manifest.path).to_pylist()
 

@@ -12,8 +12,8 @@ from dagster import AssetKey, DagsterInstance
 from PIL import Image
 
 from flux2_pipeline.assets import Flux2Keys
+from flux2_pipeline.cli.backfill import run_backfill
 from flux2_pipeline.emulator import EmulatorServer
-from flux2_pipeline.materialize import materialize
 from flux2_pipeline.media import EXPIRED, EXPIRED_ERROR, MANIFEST_SCHEMA
 from flux2_pipeline.settings import Settings
 from tests.conftest import prompt_rows, write_table
@@ -41,7 +41,7 @@ def test_edits_images_and_dataset_for_two_partitions_then_a_rerun_downloads_noth
         "beta",
         prompt_rows(base, "beta", 2, num_images=2, image_size="square", output_format="jpeg"),
     )
-    report = materialize(settings, instance=instance, log_level="WARNING")
+    report = run_backfill(settings, instance=instance, log_level="WARNING")
     assert report.succeeded, report
     assert [s.images for s in report.partitions] == [3 + 3, 2 + 4]
     assert report.dataset is not None and (report.dataset.rows, report.dataset.shards) == (7, 2)
@@ -102,7 +102,7 @@ def test_edits_images_and_dataset_for_two_partitions_then_a_rerun_downloads_noth
     shards = sorted((out / "flux2_training_dataset" / "train").iterdir())
     mtimes = [p.stat().st_mtime_ns for p in shards]
     emulator.state.reset_counters()
-    again = materialize(settings, instance=instance, log_level="WARNING")
+    again = run_backfill(settings, instance=instance, log_level="WARNING")
     assert again.succeeded
     assert emulator.state.counters.image_fetches == 0
     assert emulator.state.counters.jobs_created == 0
@@ -120,7 +120,7 @@ def test_edits_images_and_dataset_for_two_partitions_then_a_rerun_downloads_noth
         "beta",
         prompt_rows(base, "beta", 3, num_images=2, image_size="square", output_format="jpeg"),
     )
-    changed = materialize(settings, instance=instance, partitions=["beta"], log_level="WARNING")
+    changed = run_backfill(settings, instance=instance, partitions=["beta"], log_level="WARNING")
     assert changed.succeeded and changed.dataset is not None and changed.dataset.rows == 9
     assert _latest_metadata(instance, "flux2_training_dataset")["flux2/partitions_rebuilt"] == [
         "beta"
@@ -161,13 +161,15 @@ def test_an_output_the_api_deleted_is_an_expired_row_and_the_rest_is_stored(
     write_table(
         Path(settings.storage.input_dir), "expiry", prompt_rows(emulator.base_url, "expiry", 2)
     )
-    (edits,) = materialize(settings, instance=instance, select=["flux2_edits"]).partitions
+    (edits,) = run_backfill(settings, instance=instance, select=["flux2_edits"]).partitions
     assert edits.succeeded and edits.results_path is not None
     gone = pq.read_table(edits.results_path).to_pylist()[0]
     del emulator.state.jobs[gone["request_id"]]  # its output URL and /result now answer 404
     submits = emulator.state.counters.submits_total
 
-    report = materialize(settings, instance=instance, select=["flux2_images"], log_level="CRITICAL")
+    report = run_backfill(
+        settings, instance=instance, select=["flux2_images"], log_level="CRITICAL"
+    )
     (summary,) = report.partitions
     # An expired output is not a failure a retry could mend: the step stores the rest.
     assert summary.succeeded, summary.error
@@ -185,7 +187,7 @@ def test_an_output_the_api_deleted_is_an_expired_row_and_the_rest_is_stored(
 
     # A re-run fetches only what is missing (the gone URL, and one /result again).
     emulator.state.reset_counters()
-    (again,) = materialize(
+    (again,) = run_backfill(
         settings, instance=instance, select=["flux2_images"], log_level="CRITICAL"
     ).partitions
     assert again.succeeded

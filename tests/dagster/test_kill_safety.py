@@ -23,9 +23,9 @@ import psutil
 import pytest
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
+from flux2_pipeline.cli.runs import RUN_TAG
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.ledger import Ledger
-from flux2_pipeline.materialize import RUN_TAG
 from tests.conftest import TEST_TOKEN, prompt_rows, write_table
 from tests.dagster.test_process_safety import CLI, cli_env, wait_for
 from tests.dagster.test_ui import BIN, free_port
@@ -162,7 +162,7 @@ def test_sigkill_of_the_command_stops_its_workers_paying(
         finish(command, family)
     print(f"jobs at the kill {at_kill}, after it {after}; processes gone {lived} s after")
     assert after <= ON_ITS_WAY
-    # Every worker stopped its run cleanly or gave up after workers.ORPHAN_GRACE_S (10 s).
+    # Every worker stopped its run cleanly or gave up after worker.ORPHAN_GRACE_S (10 s).
     assert lived is not None and lived < 12
     # The 2 x 4 jobs of the runs never started were never paid for.
     assert jobs_created(emulator) < len(PARTITIONS) * ROWS

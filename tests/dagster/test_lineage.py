@@ -25,8 +25,8 @@ from dagster._core.loader import LoadingContextForTest
 
 from flux2_pipeline.assets import Flux2Keys, build_flux2_definitions, register_input_files
 from flux2_pipeline.assets.observe import register_partitions_on_load
+from flux2_pipeline.cli.runs import run_partition
 from flux2_pipeline.emulator import EmulatorServer
-from flux2_pipeline.materialize import run_partition
 from flux2_pipeline.resources import Flux2Storage, LedgerResource, RunComfyResource
 from tests.conftest import TEST_TOKEN, prompt_rows, write_table
 

@@ -23,9 +23,10 @@ from dagster._core.test_utils import create_run_for_test
 
 from flux2_pipeline.assets import Flux2Keys, build_flux2_definitions, register_input_files
 from flux2_pipeline.batch import file_sha256
+from flux2_pipeline.cli.report import PartitionSummary
+from flux2_pipeline.cli.runs import run_partition
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.ledger import Ledger, SubmissionState
-from flux2_pipeline.materialize import PartitionSummary, run_partition
 from flux2_pipeline.settings import Settings
 from tests.conftest import prompt_rows, write_table
 from tests.dagster.test_sensor import Daemon, run_requests

@@ -1,4 +1,4 @@
-"""Several partitions at once: `materialize(parallel=N)` and `flux2-pipeline materialize`.
+"""Several partitions at once: `run_backfill(parallel=N)` and `flux2-pipeline materialize`.
 
 Each partition is still its own Dagster run (its own materialization, failure and logs);
 they run side by side in worker processes, so the account stays busy across partition
@@ -19,11 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 
+from flux2_pipeline.cli.backfill import run_backfill
+from flux2_pipeline.cli.pool.server import start_worker_server
+from flux2_pipeline.cli.runs import RUN_TAG
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.ledger import Ledger
-from flux2_pipeline.materialize import RUN_TAG, materialize
 from flux2_pipeline.settings import Settings
-from flux2_pipeline.workers import start_worker_server
 from tests.conftest import TEST_TOKEN, prompt_rows, write_table
 from tests.dagster.test_process_safety import CLI, cli_env, start_cli, wait_for
 
@@ -58,7 +59,7 @@ def test_partitions_run_side_by_side_each_in_its_own_run(
     releaser = threading.Thread(target=release_once_all_run, daemon=True)
     releaser.start()
     try:
-        report = materialize(settings, select=["flux2_edits"], instance=instance, parallel=3)
+        report = run_backfill(settings, select=["flux2_edits"], instance=instance, parallel=3)
     finally:
         stop.set()
         releaser.join()
@@ -159,8 +160,8 @@ def test_a_dead_worker_server_means_one_run_after_another(
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     try:
-        with caplog.at_level(logging.WARNING, logger="flux2_pipeline.materialize"):
-            report = materialize(settings, select=["flux2_edits"], instance=instance, parallel=2)
+        with caplog.at_level(logging.WARNING, logger="flux2_pipeline.cli.pool.server"):
+            report = run_backfill(settings, select=["flux2_edits"], instance=instance, parallel=2)
         assert [(s.partition, s.succeeded) for s in report.partitions] == [
             ("one", True),
             ("two", True),
@@ -189,7 +190,7 @@ def test_no_more_runs_start_at_once_than_the_gate_lets_in(
     names = ["a", "b", "c", "d", "e"]
     for name in names:
         write_table(Path(settings.storage.input_dir), name, prompt_rows(emulator.base_url, name, 1))
-    report = materialize(settings, select=["flux2_edits"], instance=instance, parallel=5)
+    report = run_backfill(settings, select=["flux2_edits"], instance=instance, parallel=5)
     assert all(summary.succeeded for summary in report.partitions)
     starting = []  # each run: from its first event to its step's start
     for run in instance.get_runs(RunsFilter(tags={RUN_TAG: "flux2-pipeline materialize"})):

@@ -1,9 +1,9 @@
 """A long flux2_edits step reports progress, and a stop is a result, not process-wide state.
 
 - The step records `AssetObservation`s with rows done, failed and cost while it runs;
-  `materialize(progress=...)` hands them to a progress bar.
+  `run_backfill(progress=...)` hands them to a progress bar.
 - Ctrl+C during a partition ends that partition cleanly and starts no other; a second
-  `materialize()` in the same process then runs everything (no stop flag left behind).
+  `run_backfill()` in the same process then runs everything (no stop flag left behind).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import pytest
 from dagster import DagsterInstance
 
 from flux2_pipeline.assets import Flux2Keys, build_flux2_definitions, register_input_files
+from flux2_pipeline.cli.backfill import run_backfill
+from flux2_pipeline.cli.runs import run_partition
 from flux2_pipeline.emulator import EmulatorServer
-from flux2_pipeline.materialize import materialize, run_partition
 from flux2_pipeline.settings import Settings
 from tests.conftest import prompt_rows, write_table
 
@@ -82,7 +83,7 @@ def test_a_stop_ends_one_materialize_and_the_next_runs_everything(
             stopped.append(partition)
             _thread.interrupt_main()  # what Ctrl+C does, on the main thread
 
-    report = materialize(
+    report = run_backfill(
         settings, select=["flux2_edits"], instance=instance, progress=press_ctrl_c, parallel=1
     )
     assert stopped == ["first"]
@@ -90,7 +91,7 @@ def test_a_stop_ends_one_materialize_and_the_next_runs_everything(
     assert not report.partitions[0].succeeded
 
     emulator.state.update_settings({"latency": 0.05})
-    again = materialize(settings, select=["flux2_edits"], instance=instance)
+    again = run_backfill(settings, select=["flux2_edits"], instance=instance)
     assert not again.interrupted
     assert [(s.partition, s.succeeded) for s in again.partitions] == [
         ("first", True),

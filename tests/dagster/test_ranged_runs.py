@@ -24,9 +24,10 @@ from dagster import (
 )
 
 from flux2_pipeline.assets import Flux2Keys
-from flux2_pipeline.assets.ranges import PartitionOutcome, ranged_failure
+from flux2_pipeline.assets.ranges import PartitionOutcome, plan_runs, ranged_failure
+from flux2_pipeline.cli.backfill import run_backfill
+from flux2_pipeline.cli.runs import RUN_TAG
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
-from flux2_pipeline.materialize import RUN_TAG, materialize, plan_runs
 from flux2_pipeline.settings import Settings
 from tests.conftest import TEST_TOKEN, prompt_rows, write_table
 from tests.dagster.test_process_safety import CLI, cli_env, start_cli, wait_for
@@ -65,7 +66,7 @@ def test_partitions_of_one_run_share_the_in_flight_limit_across_boundaries(
     for name in names:
         write_table(Path(settings.storage.input_dir), name, prompt_rows(emulator.base_url, name, 5))
 
-    report = materialize(settings, select=["flux2_edits"], instance=instance)
+    report = run_backfill(settings, select=["flux2_edits"], instance=instance)
 
     assert [(s.partition, s.succeeded, s.completed) for s in report.partitions] == [
         (name, True, 5) for name in names
@@ -116,7 +117,7 @@ def test_a_failed_partition_fails_alone_and_retry_failed_runs_what_did_not_finis
     broken[1]["image_urls"] = [f"{emulator.base_url}/no-such-folder/missing.png"]
     write_table(inputs, "beta", broken)
 
-    report = materialize(settings, instance=instance, select=["flux2_edits", "flux2_images"])
+    report = run_backfill(settings, instance=instance, select=["flux2_edits", "flux2_images"])
 
     by_name = {s.partition: s for s in report.partitions}
     assert [s.partition for s in report.partitions] == names
@@ -174,7 +175,7 @@ def test_a_failed_partition_fails_alone_and_retry_failed_runs_what_did_not_finis
     assert paid_before == 8
 
     write_table(inputs, "beta", prompt_rows(emulator.base_url, "beta", 3))
-    again = materialize(
+    again = run_backfill(
         settings, instance=instance, select=["flux2_edits", "flux2_images"], retry_failed=True
     )
 
@@ -182,7 +183,7 @@ def test_a_failed_partition_fails_alone_and_retry_failed_runs_what_did_not_finis
     # Only beta's fixed row was paid for (its two completed rows were reused).
     assert emulator.state.counters.jobs_created == paid_before + 1
     assert set(_status(instance, settings, names).values()) == {AssetPartitionStatus.MATERIALIZED}
-    nothing = materialize(
+    nothing = run_backfill(
         settings, instance=instance, select=["flux2_edits", "flux2_images"], retry_failed=True
     )
     assert nothing.partitions == []
@@ -202,7 +203,7 @@ def test_each_partition_gets_its_own_check_evaluations(
     with_invalid[0]["prompt"] = ""
     write_table(inputs, "messy", with_invalid)
 
-    report = materialize(settings, instance=instance, select=["flux2_edits"])
+    report = run_backfill(settings, instance=instance, select=["flux2_edits"])
 
     assert [(s.partition, s.succeeded, s.invalid) for s in report.partitions] == [
         ("clean", True, 0),

@@ -1,7 +1,7 @@
 """FLUX2_INPUT_DIR=s3://bucket/prefix: prompt tables read from a real S3-compatible server.
 
 The server is moto on 127.0.0.1 (the `s3_endpoint` / `s3_bucket` fixtures, as for the
-outputs); the sensor lists the prefix, `materialize` registers a partition per object and
+outputs); the sensor lists the prefix, `run_backfill` registers a partition per object and
 runs edits, images and the training dataset against the emulator, and the content's sha256
 keys runs and metadata. The S3 secret key never reaches a log, a tag or metadata.
 """
@@ -34,8 +34,8 @@ from dagster import (
 
 from flux2_pipeline.assets import Flux2Keys
 from flux2_pipeline.assets.prompts import input_run_key, ranged_run_key
+from flux2_pipeline.cli.backfill import run_backfill
 from flux2_pipeline.emulator import EmulatorServer
-from flux2_pipeline.materialize import materialize
 from flux2_pipeline.paths import as_path
 from flux2_pipeline.resources import Flux2Storage
 from flux2_pipeline.settings import Settings
@@ -145,8 +145,8 @@ def test_prompt_tables_in_the_bucket_run_end_to_end(
     assert request.run_key == ranged_run_key("alpha", "beta", file_keys)
     assert runs(daemon.tick()) == []  # unchanged objects (same ETag): nothing to run
 
-    # `materialize` registers nothing new and runs edits, images and the dataset.
-    report = materialize(s3_input, instance=instance, log_level="WARNING", parallel=1)
+    # `run_backfill` registers nothing new and runs edits, images and the dataset.
+    report = run_backfill(s3_input, instance=instance, log_level="WARNING", parallel=1)
     assert report.succeeded, report
     assert [(s.partition, s.rows, s.completed) for s in report.partitions] == [
         ("alpha", 3, 3),
@@ -178,7 +178,7 @@ def test_prompt_tables_in_the_bucket_run_end_to_end(
         input_run_key("gamma", digests["gamma"], 1),
     ]
     assert again.run_key == ranged_run_key("beta", "gamma", file_keys)
-    rerun = materialize(s3_input, instance=instance, log_level="WARNING", parallel=1)
+    rerun = run_backfill(s3_input, instance=instance, log_level="WARNING", parallel=1)
     assert rerun.succeeded, rerun
     assert edits_metadata(instance, "beta")["flux2/input_sha256"] == digests["beta"]
     assert rerun.dataset is not None and rerun.dataset.rows == 3 + 4 + 1

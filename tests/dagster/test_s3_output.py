@@ -19,8 +19,8 @@ import pytest
 from dagster import DagsterInstance
 from PIL import Image
 
+from flux2_pipeline.cli.backfill import run_backfill
 from flux2_pipeline.emulator import EmulatorServer
-from flux2_pipeline.materialize import materialize
 from flux2_pipeline.settings import Settings
 from tests.conftest import prompt_rows, write_table
 
@@ -67,7 +67,7 @@ def test_every_dataset_lands_in_the_bucket_and_a_rerun_pays_and_fetches_nothing(
         "beta",
         prompt_rows(base, "beta", 2, num_images=2, image_size="square", output_format="jpeg"),
     )
-    report = materialize(s3_settings, instance=instance, log_level="WARNING")
+    report = run_backfill(s3_settings, instance=instance, log_level="WARNING")
     assert report.succeeded, report
     assert [s.images for s in report.partitions] == [3 + 3, 2 + 4]
     assert [str(s.results_path) for s in report.partitions] == [
@@ -142,7 +142,7 @@ def test_every_dataset_lands_in_the_bucket_and_a_rerun_pays_and_fetches_nothing(
     etags = {path: fs.info(path)["ETag"] for path in shards}
     modified = {path: fs.info(path)["LastModified"] for path in shards}
     emulator.state.reset_counters()
-    again = materialize(s3_settings, instance=instance, log_level="WARNING")
+    again = run_backfill(s3_settings, instance=instance, log_level="WARNING")
     assert again.succeeded, again
     assert emulator.state.counters.image_fetches == 0
     assert emulator.state.counters.jobs_created == 0

@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from dagster import DagsterInstance
 
+from flux2_pipeline.cli.backfill import run_backfill
 from flux2_pipeline.emulator import EmulatorServer, render_sample
-from flux2_pipeline.materialize import materialize_partitions
 from flux2_pipeline.paths import as_path, write_bytes_atomically
 from flux2_pipeline.settings import Settings
 from tests.conftest import write_table
@@ -33,7 +33,7 @@ def test_s3_references_are_presigned_and_reruns_pay_nothing(
     ]
     write_table(Path(settings.storage.input_dir), "s3refs", rows)
 
-    (first,) = materialize_partitions(settings, instance=instance)
+    (first,) = run_backfill(settings, instance=instance).partitions
     results = {row["row_id"]: row for row in pq.read_table(first.results_path).to_pylist()}
     for row_id in ("one", "two", "mixed"):
         assert results[row_id]["status"] == "completed", results[row_id]
@@ -52,7 +52,7 @@ def test_s3_references_are_presigned_and_reruns_pay_nothing(
     assert created == 3
 
     # New signatures on the re-run, same jobs: nothing is paid again.
-    (second,) = materialize_partitions(settings, instance=instance)
+    (second,) = run_backfill(settings, instance=instance).partitions
     assert emulator.state.counters.jobs_created == created
     again = {row["row_id"]: row for row in pq.read_table(second.results_path).to_pylist()}
     for row_id in ("one", "two", "mixed"):

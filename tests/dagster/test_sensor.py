@@ -27,8 +27,8 @@ from dagster._core.storage.tags import (
 from flux2_pipeline.assets import Flux2Keys, build_flux2_definitions
 from flux2_pipeline.assets.prompts import ranged_run_key
 from flux2_pipeline.batch import file_sha256
+from flux2_pipeline.cli.backfill import run_backfill
 from flux2_pipeline.emulator import EmulatorServer
-from flux2_pipeline.materialize import materialize_partitions
 from flux2_pipeline.resources import Flux2Storage
 from flux2_pipeline.settings import Settings
 from tests.conftest import prompt_rows, write_table
@@ -176,7 +176,7 @@ def test_a_sensor_run_request_materializes(
     (request,) = run_requests(daemon.tick())
     assert request.partition_key == "loop"
 
-    (summary,) = materialize_partitions(settings, partitions=["loop"], instance=instance)
+    (summary,) = run_backfill(settings, partitions=["loop"], instance=instance).partitions
     assert summary.succeeded and summary.error is None
     assert (summary.rows, summary.completed) == (3, 3)
     assert summary.results_path is not None

@@ -21,9 +21,9 @@ import yaml
 from dagster import AssetKey, DagsterInstance
 from PIL import Image
 
+from flux2_pipeline.cli.backfill import run_backfill
 from flux2_pipeline.dataset import CARD_FILE
 from flux2_pipeline.emulator import EmulatorServer
-from flux2_pipeline.materialize import materialize
 from flux2_pipeline.settings import Settings
 from tests.conftest import prompt_rows, write_table
 
@@ -101,7 +101,7 @@ def test_the_trainers_preprocessing_runs_on_the_dataset_as_written(
     settings: Settings, emulator: EmulatorServer, instance: DagsterInstance, tmp_path: Path
 ) -> None:
     _inputs(settings, emulator.base_url)
-    report = materialize(settings, instance=instance, log_level="WARNING")
+    report = run_backfill(settings, instance=instance, log_level="WARNING")
     assert report.succeeded, report
     assert report.dataset is not None and report.dataset.rows == 3 + 2 * 2
     folder = settings.storage.output_root() / "flux2_training_dataset"
@@ -144,7 +144,7 @@ def test_every_input_image_is_the_stored_first_reference_file(
     settings: Settings, emulator: EmulatorServer, instance: DagsterInstance, tmp_path: Path
 ) -> None:
     _inputs(settings, emulator.base_url)
-    assert materialize(settings, instance=instance, log_level="WARNING").succeeded
+    assert run_backfill(settings, instance=instance, log_level="WARNING").succeeded
     out = settings.storage.output_root()
     stored_first: dict[tuple[str, str], bytes] = {}
     for key in ("single", "multi"):
@@ -212,7 +212,7 @@ def test_the_load_snippet_alone_loads_the_dataset_from_an_s3_output(
     write_table(
         Path(s3_settings.storage.input_dir), "remote", prompt_rows(emulator.base_url, "remote", 2)
     )
-    assert materialize(s3_settings, instance=instance, log_level="WARNING").succeeded
+    assert run_backfill(s3_settings, instance=instance, log_level="WARNING").succeeded
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
 
     snippet = _python_block(_metadata(instance)["flux2/load"])

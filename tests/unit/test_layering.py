@@ -24,6 +24,8 @@ LAYERS: dict[str, int] = {
     "runcomfy": 0,
     "ledger": 0,
     "paths": 0,
+    # The two settings the command reads before it imports Dagster.
+    "run_limits": 0,
     # The one guarded door for untrusted URLs; it stands on runcomfy's retry policy.
     "net": 1,
     "batch": 2,
@@ -36,15 +38,8 @@ LAYERS: dict[str, int] = {
     "component": 7,
     # The scaffolder of the component (dg scaffold defs), beside the settings.
     "component_scaffold": 6,
-    # The command line and what only it uses.
+    # The command line: one package on top.
     "cli": 8,
-    "command_estimate": 8,
-    "materialize": 8,
-    "progress": 8,
-    "demo": 8,
-    "ui": 8,
-    "workers": 8,
-    "worker_server": 8,
 }
 APART = {"emulator"}
 """Stands apart: imports only `runcomfy` (the schema it serves); only the CLI imports it."""
@@ -60,6 +55,7 @@ DAGSTER_FREE = [
     "flux2_pipeline.paths",
     "flux2_pipeline.net",
     "flux2_pipeline.emulator",
+    "flux2_pipeline.run_limits",
 ]
 
 

@@ -251,7 +251,7 @@ def test_cli_s3_output_without_ledger_exits_2_with_one_line(
 def test_dagster_home_defaults_to_a_local_folder_per_remote_output(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flux2_pipeline.materialize import default_dagster_home, open_instance
+    from flux2_pipeline.cli.instance import default_dagster_home, open_instance
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
@@ -284,7 +284,7 @@ FIGURES = {
 def test_progress_is_plain_lines_when_not_a_terminal() -> None:
     import io
 
-    from flux2_pipeline.progress import progress_view
+    from flux2_pipeline.cli.progress import progress_view
 
     out = io.StringIO()
     with progress_view(out) as show:
@@ -296,7 +296,7 @@ def test_progress_is_plain_lines_when_not_a_terminal() -> None:
 def test_progress_is_a_bar_on_a_terminal() -> None:
     import io
 
-    from flux2_pipeline.progress import progress_view
+    from flux2_pipeline.cli.progress import progress_view
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

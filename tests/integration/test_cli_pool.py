@@ -1,4 +1,7 @@
-"""The worker server's early start: a cheap guess, made before Dagster is imported."""
+"""The pool's worker server, its early start (a cheap guess, made before Dagster is
+imported), its start gate and the pipe between the command and a worker.
+
+These start fork-server processes and subprocesses."""
 
 from __future__ import annotations
 
@@ -15,17 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from flux2_pipeline import workers
-from flux2_pipeline.assets.ranges import DEFAULT_PARTITIONS_PER_RUN
-from flux2_pipeline.settings import DEFAULT_PARALLEL_PARTITIONS
+from flux2_pipeline.cli.pool import server
+from flux2_pipeline.cli.pool.gate import StartGate
+from flux2_pipeline.cli.pool.worker import tell_stop, watch_command
 
 
-def test_the_guess_uses_the_settings_defaults() -> None:
-    assert workers.DEFAULT_PER_RUN == DEFAULT_PARTITIONS_PER_RUN
-    assert workers.DEFAULT_PARALLEL == DEFAULT_PARALLEL_PARTITIONS
-
-
-@pytest.mark.parametrize("name", [*workers.PRELOAD, *workers.MODULES])
+@pytest.mark.parametrize("name", [*server.PRELOAD, *server.MODULES])
 def test_every_preloaded_module_exists(name: str) -> None:
     # The server skips a name that does not import: a Dagster upgrade that moved one
     # would quietly make every worker import it again after its fork.
@@ -64,12 +62,12 @@ def test_the_server_is_started_early_only_when_several_runs_are_likely(
         (tmp_path / f"p{index}.parquet").touch()
     (tmp_path / "notes.txt").touch()
     environ = {"FLUX2_INPUT_DIR": str(tmp_path), **environ}
-    assert workers.likely_needed(partitions, parallel, environ) is needed
+    assert server.likely_needed(partitions, parallel, environ) is needed
 
 
 def test_no_input_folder_means_no_guess(tmp_path: Path) -> None:
-    assert not workers.likely_needed([], None, {})
-    assert not workers.likely_needed([], None, {"FLUX2_INPUT_DIR": str(tmp_path / "missing")})
+    assert not server.likely_needed([], None, {})
+    assert not server.likely_needed([], None, {"FLUX2_INPUT_DIR": str(tmp_path / "missing")})
 
 
 SERVER_THEN_EXIT = """
@@ -98,9 +96,9 @@ def test_the_worker_server_skips_its_teardown_when_the_command_exits(
     # The server holds the command's stdout: its teardown (0.6 s once Dagster is loaded)
     # kept a reader of the command's output waiting after the command had exited. An exit
     # handler registered before the quick exit stands for that teardown: it runs only
-    # without `worker_server`.
+    # without `preload`.
     (tmp_path / "loud_teardown.py").write_text(LOUD_TEARDOWN)
-    preload = ["loud_teardown", *(["flux2_pipeline.worker_server"] if quick else [])]
+    preload = ["loud_teardown", *(list(server.PRELOAD) if quick else [])]
     script = SERVER_THEN_EXIT.format(preload=preload)
     # The server finds its preloaded modules on PYTHONPATH, not the command's sys.path.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
@@ -118,11 +116,11 @@ def test_the_worker_server_skips_its_teardown_when_the_command_exits(
 
 def test_the_quick_exit_is_only_for_the_server() -> None:
     code = (
-        "import atexit, gc, flux2_pipeline.worker_server; "
+        "import atexit, gc, flux2_pipeline.cli.pool.preload; "
         "print(atexit._ncallbacks(), gc.get_freeze_count(), gc.isenabled())"
     )
     baseline = (
-        "import atexit, gc, flux2_pipeline.workers; "
+        "import atexit, gc, flux2_pipeline.cli.pool.server; "
         "print(atexit._ncallbacks(), gc.get_freeze_count(), gc.isenabled())"
     )
     run = [sys.executable, "-c"]
@@ -132,8 +130,8 @@ def test_the_quick_exit_is_only_for_the_server() -> None:
     assert with_module.stdout == without.stdout
 
 
-def _gate(width: int) -> workers.StartGate:
-    return workers.StartGate(multiprocessing.get_context("spawn"), width=width)
+def _gate(width: int) -> StartGate:
+    return StartGate(multiprocessing.get_context("spawn"), width=width)
 
 
 def test_the_start_gate_lets_the_next_run_in_when_the_first_passes() -> None:
@@ -175,7 +173,7 @@ def test_a_run_waits_at_most_the_timeout_then_goes_ahead() -> None:
 
 
 def test_the_gate_is_one_place_per_core_by_default() -> None:
-    gate = workers.StartGate(multiprocessing.get_context("spawn"))
+    gate = StartGate(multiprocessing.get_context("spawn"))
     assert gate.width == max(1, os.cpu_count() or 1)
 
 
@@ -190,13 +188,13 @@ def test_a_stop_ends_the_wait_at_the_gate() -> None:
 
 
 def _collector_state() -> tuple[bool, int, bool]:
-    return gc.isenabled(), gc.get_freeze_count(), "flux2_pipeline.materialize" in sys.modules
+    return gc.isenabled(), gc.get_freeze_count(), "flux2_pipeline.cli.pool.worker" in sys.modules
 
 
 def test_workers_start_with_the_imports_done_frozen_and_the_collector_on() -> None:
     # The server imports `MODULES` with the collector off, then freezes them: a worker
     # forked from it has them loaded, never walks them, and collects its own garbage.
-    with ProcessPoolExecutor(1, mp_context=workers.start_worker_server()) as pool:
+    with ProcessPoolExecutor(1, mp_context=server.start_worker_server()) as pool:
         enabled, frozen, loaded = pool.submit(_collector_state).result(timeout=120)
     assert enabled
     assert loaded
@@ -206,8 +204,8 @@ def test_workers_start_with_the_imports_done_frozen_and_the_collector_on() -> No
 def test_a_worker_hears_the_command_stop_it_and_stays() -> None:
     mine, theirs = multiprocessing.Pipe()
     stopped, exits = threading.Event(), []
-    watcher = workers.watch_command(theirs, stopped.set, grace=0.05, exit_process=exits.append)
-    workers.tell_stop(mine)
+    watcher = watch_command(theirs, stopped.set, grace=0.05, exit_process=exits.append)
+    tell_stop(mine)
     assert stopped.wait(5)
     watcher.join(5)
     assert exits == []  # the command waits for its clean stop, however long
@@ -216,27 +214,27 @@ def test_a_worker_hears_the_command_stop_it_and_stays() -> None:
 def test_a_worker_whose_command_died_stops_then_exits_after_the_grace() -> None:
     mine, theirs = multiprocessing.Pipe()
     stopped, exits = threading.Event(), []
-    watcher = workers.watch_command(theirs, stopped.set, grace=0.2, exit_process=exits.append)
+    watcher = watch_command(theirs, stopped.set, grace=0.2, exit_process=exits.append)
     mine.close()  # what the kernel does to every end the command held when it dies
     assert stopped.wait(5)
     assert exits == []  # the grace: time to stop the run cleanly
     watcher.join(5)
     assert exits == [1]
-    workers.tell_stop(mine)  # a stop to a worker already gone is no error
+    tell_stop(mine)  # a stop to a worker already gone is no error
 
 
 def test_the_server_is_alive_until_killed_and_not_reaped_by_asking() -> None:
     import multiprocessing.forkserver as forkserver
 
-    workers.start_worker_server()
-    server = forkserver._forkserver  # type: ignore[attr-defined]
-    pid = server._forkserver_pid
-    assert workers.server_alive()
+    server.start_worker_server()
+    forked = forkserver._forkserver  # type: ignore[attr-defined]
+    pid = forked._forkserver_pid
+    assert server.server_alive()
     os.kill(pid, 9)
     deadline = time.monotonic() + 10
-    while workers.server_alive() and time.monotonic() < deadline:
+    while server.server_alive() and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not workers.server_alive()
+    assert not server.server_alive()
     # Still this process's child to reap: multiprocessing starts a new server on demand.
-    workers.start_worker_server()
-    assert server._forkserver_pid != pid and workers.server_alive()
+    server.start_worker_server()
+    assert forked._forkserver_pid != pid and server.server_alive()

@@ -1,10 +1,10 @@
 """How the worker server starts and ends; imported by the server alone, first thing.
 
-The worker server (see `flux2_pipeline.workers`) imports what a run needs once, then
-forks a worker for each run. This module is the one name in its preload list
-(`workers.PRELOAD`); importing it in the server:
+The worker server (see `flux2_pipeline.cli.pool.server`) imports what a run needs once,
+then forks a worker for each run. This module is the one name in its preload list
+(`server.PRELOAD`); importing it in the server:
 
-- imports `workers.MODULES` with the garbage collector off, then freezes what they built
+- imports `server.MODULES` with the garbage collector off, then freezes what they built
   and turns the collector back on: an import of Dagster allocates so many objects that
   the collections it sets off cost 0.3 s of the 1.5 s, for nothing (none of it is
   garbage). The workers start from that frozen state, so their own collections never
@@ -21,7 +21,7 @@ Imported anywhere else (anything but the server's preload loop, in
 
 Example::
 
-    context.set_forkserver_preload(["flux2_pipeline.worker_server"])
+    context.set_forkserver_preload(["flux2_pipeline.cli.pool.preload"])
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ import atexit
 import contextlib
 import gc
 import importlib
-import os
 import sys
 from collections.abc import Iterable
 from types import FrameType
 
-from flux2_pipeline.workers import MODULES
+from flux2_pipeline.cli.pool.server import MODULES, exit_now
 
 
 def imported_by_fork_server() -> bool:
@@ -68,15 +67,6 @@ def import_frozen(names: Iterable[str]) -> None:
     finally:
         gc.freeze()
         gc.enable()
-
-
-def exit_now() -> None:
-    """Flush what this process may have printed, then end it without any teardown."""
-    for stream in (sys.stdout, sys.stderr):
-        # A stream closed or replaced has nothing left to keep.
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            stream.flush()
-    os._exit(0)
 
 
 if imported_by_fork_server():

@@ -7,8 +7,8 @@ the same figures in its metadata; see `flux2_pipeline.batch.estimate`.
 
 Example::
 
-    estimate = estimate_for_command(Settings.from_env(), partitions=["cats"])
-    print(estimate.line())
+    if estimate_allows_start(Settings.from_env(), partitions=["cats"], select=[]):
+        ...  # the runs
 """
 
 from __future__ import annotations
@@ -30,6 +30,30 @@ from flux2_pipeline.ledger import Ledger, LedgerUnavailableError
 from flux2_pipeline.net import redact_text
 from flux2_pipeline.paths import list_files, presign
 from flux2_pipeline.settings import Settings
+
+
+def estimate_allows_start(
+    settings: Settings, partitions: Sequence[str], select: Sequence[str]
+) -> bool:
+    """Print the price, the estimate and the balance; False when the balance cannot cover it
+    under FLUX2_BALANCE_CHECK=stop (nothing is submitted then)."""
+    if select and "flux2_edits" not in select:
+        return True  # no edit job is paid for by this command
+    storage = settings.storage
+    if storage.input_dir_problem() is not None or not all(
+        storage.input_path(key).exists() for key in partitions
+    ):
+        return True  # `run_backfill` says what is wrong with the folder or names, in one line
+    settings.runcomfy.check_token()
+    estimate = estimate_for_command(settings, partitions)
+    print(estimate.line(), flush=True)
+    if not estimate.balance_short:
+        return True
+    if settings.runcomfy.balance_check == "stop":
+        print(f"flux2-pipeline: not started: {estimate.shortfall_error()}", flush=True)
+        return False
+    print(f"flux2-pipeline: warning: {estimate.shortfall_error()}", flush=True)
+    return True
 
 
 def estimate_for_command(settings: Settings, partitions: Sequence[str] = ()) -> RunEstimate:

@@ -21,8 +21,10 @@ import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flux2_pipeline.cli.backfill import run_backfill
+from flux2_pipeline.cli.instance import write_default_config
+from flux2_pipeline.cli.report import PartitionSummary, format_report
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
-from flux2_pipeline.materialize import PartitionSummary, format_report, materialize
 from flux2_pipeline.paths import as_path, iter_parquet
 from flux2_pipeline.resources import Flux2Storage, RunComfyResource, SettingsError
 from flux2_pipeline.settings import Settings
@@ -168,9 +170,7 @@ def demo_settings(workdir: str | Path, base_url: str) -> Settings:
     """Settings for the demo's folders against the emulator at `base_url` (no token)."""
     inputs, outputs, home = demo_folders(workdir)
     home.mkdir(parents=True, exist_ok=True)
-    config = home / "dagster.yaml"
-    if not config.exists():
-        config.write_text("telemetry:\n  enabled: false\n")
+    write_default_config(home)
     storage = Flux2Storage(input_dir=str(inputs), output_dir=str(outputs))
     return Settings.of(RunComfyResource(base_url=base_url), storage, dagster_home=home)
 
@@ -198,7 +198,7 @@ def run_demo(workdir: str | Path = "flux2-demo") -> int:
         write_tables(inputs, sample_tables(emulator.base_url))
         settings = demo_settings(root, emulator.base_url)
         print(f"  inputs: {', '.join(sorted(p.name for p in inputs.glob('*.parquet')))}")
-        report = materialize(settings, log_level="WARNING")
+        report = run_backfill(settings, log_level="WARNING")
         previews = save_previews(report.partitions, root / "previews")
     print()
     print(format_report(report))

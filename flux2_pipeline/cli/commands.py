@@ -1,7 +1,8 @@
-"""`flux2-pipeline demo | emulator | materialize | ui` (see CONTRACT.md).
+"""`flux2-pipeline`: parse the arguments, run the command, turn the outcome into an exit code.
 
 Exit codes: 0 success, 1 a partition failed, 2 a usage or configuration error.
-User mistakes are one line on stderr, never a traceback.
+User mistakes are one line on stderr, never a traceback. Each command imports what it
+needs only once it knows it is the one to run.
 
 Example::
 
@@ -46,7 +47,7 @@ _price = _bounded(float, 0.0, 1000.0, "a price in USD from 0 to 1000")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser for all three commands."""
+    """The argument parser for all four commands."""
     parser = argparse.ArgumentParser(
         prog="flux2-pipeline",
         description="FLUX.2 [dev] image edits at scale from Dagster.",
@@ -210,7 +211,7 @@ def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "materialize":
         # Before Dagster is imported here: the server imports its own copy meanwhile.
-        from flux2_pipeline.workers import start_early
+        from flux2_pipeline.cli.pool.server import start_early
 
         start_early(args.partition, args.parallel)
     from flux2_pipeline.ledger import LedgerConfigError
@@ -240,16 +241,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "emulator":
         return _emulator(args)
     if args.command == "demo":
-        from flux2_pipeline.demo import run_demo
+        from flux2_pipeline.cli.demo import run_demo
 
         _imports_done()
         return run_demo(args.workdir)
     if args.command == "ui":
-        from flux2_pipeline.ui import run_ui
+        from flux2_pipeline.cli.ui import run_ui
 
         _imports_done()
         return run_ui(args.workdir, port=args.port, emulator_port=args.emulator_port)
-    return _materialize(args)
+    return _backfill(args)
 
 
 def _emulator(args: argparse.Namespace) -> int:
@@ -257,28 +258,8 @@ def _emulator(args: argparse.Namespace) -> int:
     from flux2_pipeline.resources import SettingsError
 
     _imports_done()
-    config = EmulatorConfig(
-        host=args.host,
-        port=args.port,
-        latency=args.latency,
-        max_concurrent=args.max_concurrent,
-        fault_429=args.fault_429,
-        fault_5xx=args.fault_5xx,
-        fail_rate=args.fail_rate,
-        token=args.token,
-        keep_alive=args.keep_alive,
-        dialect=args.dialect,
-        fault_200_error=args.fault_200_error,
-        result_lag=args.result_lag,
-        succeeded_rate=args.succeeded_rate,
-        extra_states=args.extra_states,
-        error_shape=args.error_shape,
-        price_usd=args.price_usd,
-        model_route=args.model_route,
-        balance_usd=args.balance_usd,
-        balance_route=args.balance_route,
-        balance_error_http_200=args.balance_error_http_200,
-    )
+    # Each of the command's flags is the `EmulatorConfig` field of the same name.
+    config = EmulatorConfig(**{k: v for k, v in vars(args).items() if k != "command"})
     try:
         run_emulator(config)
     except OSError as exc:
@@ -288,17 +269,19 @@ def _emulator(args: argparse.Namespace) -> int:
     return 0
 
 
-def _materialize(args: argparse.Namespace) -> int:
-    from flux2_pipeline.materialize import format_report, materialize
-    from flux2_pipeline.progress import progress_view
+def _backfill(args: argparse.Namespace) -> int:
+    from flux2_pipeline.cli.backfill import run_backfill
+    from flux2_pipeline.cli.estimate import estimate_allows_start
+    from flux2_pipeline.cli.progress import progress_view
+    from flux2_pipeline.cli.report import format_report
     from flux2_pipeline.settings import Settings
 
     _imports_done()
     settings = Settings.from_env()
-    if not _estimate_allows_start(settings, args):
+    if not estimate_allows_start(settings, args.partition, args.select):
         return 1
     with progress_view(sys.stdout) as progress:
-        report = materialize(
+        report = run_backfill(
             settings,
             partitions=args.partition,
             select=args.select,
@@ -312,27 +295,3 @@ def _materialize(args: argparse.Namespace) -> int:
         return 0
     print(format_report(report))
     return 0 if report.succeeded else 1
-
-
-def _estimate_allows_start(settings: Any, args: argparse.Namespace) -> bool:
-    """Print the price, the estimate and the balance; False when the balance cannot cover it
-    under FLUX2_BALANCE_CHECK=stop (nothing is submitted then)."""
-    if args.select and "flux2_edits" not in args.select:
-        return True  # no edit job is paid for by this command
-    storage = settings.storage
-    if storage.input_dir_problem() is not None or not all(
-        storage.input_path(key).exists() for key in args.partition
-    ):
-        return True  # `materialize` says what is wrong with the folder or names, in one line
-    from flux2_pipeline.command_estimate import estimate_for_command
-
-    settings.runcomfy.check_token()
-    estimate = estimate_for_command(settings, args.partition)
-    print(estimate.line(), flush=True)
-    if not estimate.balance_short:
-        return True
-    if settings.runcomfy.balance_check == "stop":
-        print(f"flux2-pipeline: not started: {estimate.shortfall_error()}", flush=True)
-        return False
-    print(f"flux2-pipeline: warning: {estimate.shortfall_error()}", flush=True)
-    return True

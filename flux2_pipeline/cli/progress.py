@@ -1,11 +1,12 @@
 """Progress of `flux2-pipeline materialize`: a bar on a terminal, plain lines otherwise.
 
-Both read the progress observations the edits step records (rows done, failed, spend).
+Both show the progress observations the edits step records (rows done, failed, spend),
+as `flux2_pipeline.cli.runs.ProgressWatcher` reads them.
 
 Example::
 
     with progress_view(sys.stdout) as show:
-        report = materialize(settings, progress=show)
+        report = run_backfill(settings, progress=show)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from flux2_pipeline.materialize import Progress as ProgressCallback
+from flux2_pipeline.cli.runs import ProgressCallback
 
 PLAIN_EVERY_SECONDS = 10.0
 

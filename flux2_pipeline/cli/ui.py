@@ -26,7 +26,7 @@ from types import FrameType
 
 import pyarrow.parquet as pq
 
-from flux2_pipeline.demo import MARKER, demo_folders, demo_settings, sample_tables, write_tables
+from flux2_pipeline.cli.demo import MARKER, demo_folders, demo_settings, sample_tables, write_tables
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.resources import SettingsError
 
