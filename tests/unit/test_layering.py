@@ -1,4 +1,4 @@
-"""The layers of ARCHITECTURE.md hold: nothing imports upward, the core never imports Dagster.
+"""The layers of docs/architecture.md hold: nothing imports upward, the core never imports Dagster.
 
 `cli -> definitions | component -> assets -> resources -> batch | media | dataset ->
 runcomfy | ledger | paths`, where `settings` (the environment turned into resources) sits
@@ -86,7 +86,7 @@ def _modules() -> list[tuple[str, Path]]:
 
 def test_every_module_has_a_layer() -> None:
     unplaced = {_part(name) for name, _ in _modules()} - set(LAYERS) - APART
-    assert not unplaced, f"add these to LAYERS (and ARCHITECTURE.md): {sorted(unplaced)}"
+    assert not unplaced, f"add these to LAYERS (and docs/architecture.md): {sorted(unplaced)}"
 
 
 @pytest.mark.parametrize(("module", "path"), _modules(), ids=lambda v: str(v))
