@@ -12,7 +12,7 @@ from sqlalchemy import create_engine, text
 
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.settings import Settings
-from tests.conftest import TEST_TOKEN
+from tests.helpers.emulator import TEST_TOKEN
 
 
 @pytest.fixture

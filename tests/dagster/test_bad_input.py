@@ -24,7 +24,7 @@ from dagster import DagsterInstance
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.materialize import PartitionSummary, materialize_partitions
 from flux2_pipeline.settings import Settings
-from tests.conftest import write_table
+from tests.helpers.tables import write_table
 
 CLI = Path(sys.executable).parent / "flux2-pipeline"
 

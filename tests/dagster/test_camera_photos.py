@@ -40,7 +40,8 @@ from PIL import Image
 
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.media.contact import PAD, TEXT_WIDTH, THUMB
-from tests.conftest import TEST_TOKEN, emulator_config, write_table
+from tests.helpers.emulator import TEST_TOKEN, emulator_config
+from tests.helpers.tables import write_table
 from tests.unit.test_media_security import pixel_bomb
 
 pytestmark = pytest.mark.slow

@@ -29,7 +29,8 @@ from sqlalchemy import create_engine, text
 
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.ledger import Ledger
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.tables import write_table
 
 pytestmark = [pytest.mark.postgres, pytest.mark.celery, pytest.mark.slow]
 

@@ -36,7 +36,8 @@ from dagster._utils.error import SerializableErrorInfo
 
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.settings import Settings
-from tests.conftest import TEST_TOKEN, emulator_config, prompt_rows, write_table
+from tests.helpers.emulator import TEST_TOKEN, emulator_config, prompt_rows
+from tests.helpers.tables import write_table
 
 CLI = str(Path(sys.executable).parent / "flux2-pipeline")
 KEY = "checked"

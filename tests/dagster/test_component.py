@@ -18,7 +18,8 @@ from flux2_pipeline.assets import Flux2Keys, register_input_files
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.materialize import run_partition
 from flux2_pipeline.resources import Flux2Storage, LedgerResource, RunComfyResource, SettingsError
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.tables import write_table
 
 CONTRACT_YAML = """\
 type: flux2_pipeline.Flux2EditsComponent

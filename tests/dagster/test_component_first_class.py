@@ -39,8 +39,9 @@ from flux2_pipeline.resources import (
     SettingsError,
 )
 from flux2_pipeline.runcomfy.models import PARAMETER_NAMES
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
 from tests.dagster.test_component import _causes, load_project
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.tables import write_table
 
 REPO = Path(__file__).resolve().parents[2]
 BOUNDED = {

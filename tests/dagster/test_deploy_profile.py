@@ -29,7 +29,8 @@ from flux2_pipeline.assets.keys import Flux2Keys
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.materialize import materialize_partitions
 from flux2_pipeline.settings import Settings
-from tests.conftest import prompt_rows, write_table
+from tests.helpers.emulator import prompt_rows
+from tests.helpers.tables import write_table
 
 REPO = Path(__file__).resolve().parents[2]
 SERVER = "postgresql+psycopg2://postgres@127.0.0.1:5432"

@@ -21,7 +21,7 @@ from dagster import DagsterInstance
 
 from flux2_pipeline import Flux2EditsComponent
 from flux2_pipeline.emulator import EmulatorServer
-from tests.conftest import TEST_TOKEN
+from tests.helpers.emulator import TEST_TOKEN
 
 pytestmark = pytest.mark.slow
 

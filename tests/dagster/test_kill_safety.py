@@ -26,10 +26,11 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.ledger import Ledger
 from flux2_pipeline.materialize import RUN_TAG
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
 from tests.dagster.test_process_safety import CLI, cli_env, wait_for
 from tests.dagster.test_ui import BIN, free_port
 from tests.dagster.test_ui import wait_for as wait_for_url
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.tables import write_table
 
 pytestmark = pytest.mark.slow
 

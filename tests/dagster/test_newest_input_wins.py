@@ -27,8 +27,9 @@ from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.ledger import Ledger, SubmissionState
 from flux2_pipeline.materialize import PartitionSummary, run_partition
 from flux2_pipeline.settings import Settings
-from tests.conftest import prompt_rows, write_table
 from tests.dagster.test_sensor import Daemon, run_requests
+from tests.helpers.emulator import prompt_rows
+from tests.helpers.tables import write_table
 
 OLD_ROWS = 20
 WAIT_S = 120.0

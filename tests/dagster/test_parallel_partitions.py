@@ -24,8 +24,9 @@ from flux2_pipeline.ledger import Ledger
 from flux2_pipeline.materialize import RUN_TAG, materialize
 from flux2_pipeline.settings import Settings
 from flux2_pipeline.workers import start_worker_server
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
 from tests.dagster.test_process_safety import CLI, cli_env, start_cli, wait_for
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.tables import write_table
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,8 @@ from dagster import AssetKey, DagsterInstance
 
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.ledger import Ledger
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.tables import write_table
 
 CLI = str(Path(sys.executable).parent / "flux2-pipeline")
 

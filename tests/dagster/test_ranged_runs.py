@@ -28,8 +28,9 @@ from flux2_pipeline.assets.ranges import PartitionOutcome, ranged_failure
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.materialize import RUN_TAG, materialize, plan_runs
 from flux2_pipeline.settings import Settings
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
 from tests.dagster.test_process_safety import CLI, cli_env, start_cli, wait_for
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.tables import write_table
 
 pytestmark = pytest.mark.slow
 

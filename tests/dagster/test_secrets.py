@@ -22,7 +22,8 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from flux2_pipeline.emulator import EmulatorServer
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.tables import write_table
 
 BIN = Path(sys.executable).parent
 PASSWORD = "pw-Kq81zXv0s3cret"

@@ -31,7 +31,8 @@ from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.materialize import materialize_partitions
 from flux2_pipeline.resources import Flux2Storage
 from flux2_pipeline.settings import Settings
-from tests.conftest import prompt_rows, write_table
+from tests.helpers.emulator import prompt_rows
+from tests.helpers.tables import write_table
 
 BASE = "http://127.0.0.1:9/unused"  # sensor tests never send anything
 

@@ -62,7 +62,8 @@ from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.ledger import Ledger, SubmissionState
 from flux2_pipeline.runcomfy.models import JobState
 from flux2_pipeline.settings import Settings
-from tests.conftest import prompt_rows, write_table
+from tests.helpers.emulator import prompt_rows
+from tests.helpers.tables import write_table
 
 # Each test starts a code server and runs up to three runs, each in run-worker and step
 # processes: about 1 to 2 minutes on the loaded 2-core machine. The limit catches a hang.

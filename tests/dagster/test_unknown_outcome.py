@@ -17,8 +17,9 @@ import pytest
 
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.ledger import Ledger
-from tests.conftest import prompt_rows, write_table
 from tests.dagster.test_process_safety import CLI, cli_env, last_metadata, start_cli, wait_for
+from tests.helpers.emulator import prompt_rows
+from tests.helpers.tables import write_table
 
 pytestmark = pytest.mark.slow
 

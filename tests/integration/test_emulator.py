@@ -25,7 +25,7 @@ from flux2_pipeline.runcomfy.models import (
     parse_status,
     parse_submit,
 )
-from tests.conftest import refused_port
+from tests.helpers.net import refused_port
 
 TERMINAL = {"completed", "succeeded", "failed", "canceled"}
 

@@ -26,7 +26,8 @@ from flux2_pipeline.batch import EditRunner, RowOutcome, read_input_rows
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.ledger import Ledger, LedgerError, SubmissionState
 from flux2_pipeline.runcomfy import AsyncRunComfyClient, PollSchedule
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.tables import write_table
 
 pytestmark = pytest.mark.timeout(300)
 

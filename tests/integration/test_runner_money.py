@@ -18,7 +18,8 @@ from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.ledger import Ledger
 from flux2_pipeline.net import AddressPolicy, GuardedFetcher
 from flux2_pipeline.runcomfy import AsyncRunComfyClient, PollSchedule
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.tables import write_table
 
 
 @pytest.fixture

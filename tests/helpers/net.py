@@ -1,0 +1,30 @@
+"""Loopback ports for tests: one held and refusing connections, one free to listen on.
+
+Example:
+    >>> port = refused_port()  # connecting to 127.0.0.1:port is refused until exit
+"""
+
+from __future__ import annotations
+
+import socket
+
+_HELD_PORTS: list[socket.socket] = []
+
+
+def refused_port() -> int:
+    """A loopback port this process holds bound and never listens on: connections are refused.
+
+    The socket stays bound until the test process exits, so no other test or process can
+    take the port in between (unlike binding port 0, closing it, then using the number).
+    """
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _HELD_PORTS.append(sock)
+    return int(sock.getsockname()[1])
+
+
+def free_port() -> int:
+    """A loopback port free right now, for a server a subprocess starts on it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
