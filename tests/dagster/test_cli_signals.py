@@ -19,7 +19,7 @@ from dagster import DagsterInstance
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.materialize import materialize
 from flux2_pipeline.settings import Settings
-from tests.dagster.test_process_safety import cli_env
+from tests.helpers.cli import cli_env
 from tests.helpers.emulator import prompt_rows
 from tests.helpers.tables import write_table
 

@@ -9,7 +9,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from flux2_pipeline.emulator import EmulatorServer
-from tests.dagster.test_process_safety import CLI, cli_env
+from tests.helpers.cli import CLI, cli_env
 from tests.helpers.emulator import prompt_rows
 from tests.helpers.tables import write_table
 

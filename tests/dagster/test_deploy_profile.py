@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from flux2_pipeline.materialize import materialize_partitions
 from flux2_pipeline.settings import Settings
 from tests.helpers.emulator import prompt_rows
 from tests.helpers.tables import write_table
+from tests.helpers.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 SERVER = "postgresql+psycopg2://postgres@127.0.0.1:5432"
@@ -229,7 +230,11 @@ def test_the_daemon_queue_keeps_the_deploy_profile_limits(
             waiting = [second_q0, others[3]]
             assert _in_progress(instance) == set(started)
             # The started runs reach the API and stay there while the emulator holds them.
-            _wait(lambda: emulator.state.counters.in_progress_now == QUEUE_LIMIT * ROWS_PER_RUN)
+            wait_until(
+                lambda: emulator.state.counters.in_progress_now == QUEUE_LIMIT * ROWS_PER_RUN,
+                timeout=300,
+                interval=0.2,
+            )
             assert {r for r in started if _status(instance, r) is DagsterRunStatus.STARTED} == set(
                 started
             )
@@ -352,14 +357,6 @@ def _in_progress(instance: DagsterInstance) -> set[str]:
     return {
         r.dagster_run.run_id for r in instance.get_run_records(RunsFilter(statuses=in_progress))
     }
-
-
-def _wait(condition: Callable[[], bool], timeout: float = 300) -> None:
-    """Poll until `condition` holds; the deadline only stops a hang."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not reached in {timeout} s"
-        time.sleep(0.2)
 
 
 def _tick_until_finished(

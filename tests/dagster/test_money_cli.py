@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flux2_pipeline.emulator import EmulatorServer
-from tests.dagster.test_process_safety import CLI, cli_env, last_metadata
+from tests.helpers.cli import CLI, cli_env, last_metadata
 from tests.helpers.emulator import prompt_rows
 from tests.helpers.tables import write_table
 

@@ -39,6 +39,7 @@ from flux2_pipeline.runcomfy import AsyncRunComfyClient, PollSchedule
 from flux2_pipeline.runcomfy.models import JobState
 from tests.helpers.emulator import TEST_TOKEN, prompt_rows
 from tests.helpers.tables import write_table
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -77,13 +78,6 @@ def ledger(where: Where) -> Iterator[Ledger]:
         yield opened
 
 
-async def _wait_until(check: Any, what: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        await asyncio.sleep(0.02)
-
-
 async def _run(
     emulator: EmulatorServer, ledger: Ledger, table: Path, partition: str, **options: Any
 ) -> list[RowOutcome]:
@@ -111,13 +105,18 @@ async def test_cancelled_queued_jobs_give_their_budget_back(
         state.faults.update(hold_jobs=True)
         running = asyncio.ensure_future(_run(emulator, ledger, table, "p", **money))
         try:
-            await _wait_until(
-                lambda: (state.counters.jobs_created, state.in_progress) == (8, 2), "8 in flight"
+            await asyncio.to_thread(
+                wait_until,
+                lambda: (state.counters.jobs_created, state.in_progress) == (8, 2),
+                "8 in flight",
+                timeout=120.0,
             )
             # Every answer arrived (no submit is cut short by the stop): 8 ids recorded.
-            await _wait_until(
+            await asyncio.to_thread(
+                wait_until,
                 lambda: sum(a.request_id is not None for a in ledger.submissions("p")) == 8,
                 "8 request ids in the ledger",
+                timeout=120.0,
             )
             running.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -194,8 +193,13 @@ async def test_a_dead_runners_jobs_hold_their_slots_until_a_run_follows_them(
                     assert victim.poll() is None, "the runner ended before it was killed"
                     return counters.in_progress_now == 4
 
-                await _wait_until(four_running, "4 jobs running")
-                await _wait_until(lambda: _request_ids_known(ledger) == 4, "4 ids recorded")
+                await asyncio.to_thread(wait_until, four_running, "4 jobs running", timeout=120.0)
+                await asyncio.to_thread(
+                    wait_until,
+                    lambda: _request_ids_known(ledger) == 4,
+                    "4 ids recorded",
+                    timeout=120.0,
+                )
             finally:
                 victim.send_signal(signal.SIGKILL)
                 victim.wait(30)

@@ -28,6 +28,7 @@ from flux2_pipeline.ledger import Ledger, LedgerError, SubmissionState
 from flux2_pipeline.runcomfy import AsyncRunComfyClient, PollSchedule
 from tests.helpers.emulator import TEST_TOKEN, prompt_rows
 from tests.helpers.tables import write_table
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -51,13 +52,6 @@ def slow_emulator() -> Iterator[EmulatorServer]:
         yield server
 
 
-async def _wait_until(check: Any, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        await asyncio.sleep(0.02)
-
-
 async def _run(emulator: EmulatorServer, ledger: Ledger, table: Path) -> list[RowOutcome]:
     async with AsyncRunComfyClient(
         TEST_TOKEN, emulator.base_url, poll=PollSchedule(0.05, 0.2, 0.15)
@@ -75,10 +69,14 @@ async def _run_and_rerun(
     running = asyncio.ensure_future(_run(emulator, ledger, table))
     try:
         # Every row's intent is committed and its job created; the answers are held.
-        await _wait_until(lambda: emulator.state.counters.held_submits_now == ROWS, "all held")
+        await asyncio.to_thread(
+            wait_until, lambda: emulator.state.counters.held_submits_now == ROWS, "all held"
+        )
         async with fault():
             emulator.state.faults.update(hold_submits=False)
-            await _wait_until(lambda: emulator.state.counters.held_submits_now == 0, "answered")
+            await asyncio.to_thread(
+                wait_until, lambda: emulator.state.counters.held_submits_now == 0, "answered"
+            )
             await asyncio.sleep(1.0)  # the request ids meet the failing ledger
         try:
             return await running
@@ -200,14 +198,14 @@ async def test_a_run_stopped_while_its_ledger_is_locked_keeps_its_request_ids(
         faults.update(hold_submits=True)
         running = asyncio.ensure_future(_run(slow_emulator, ledger, table))
         counters = slow_emulator.state.counters
-        await _wait_until(lambda: counters.held_submits_now == ROWS, "all held")
+        await asyncio.to_thread(wait_until, lambda: counters.held_submits_now == ROWS, "all held")
         with subprocess.Popen(
             [sys.executable, "-c", LOCKER, str(path), "60"], stdout=subprocess.PIPE, text=True
         ) as holder:
             assert holder.stdout is not None
             assert await asyncio.to_thread(holder.stdout.readline) == "locked\n"
             faults.update(hold_submits=False)
-            await _wait_until(lambda: counters.held_submits_now == 0, "answered")
+            await asyncio.to_thread(wait_until, lambda: counters.held_submits_now == 0, "answered")
             await asyncio.sleep(1.0)  # the request ids meet the locked ledger
             running.cancel()  # the user stops the run while the lock is still held
             stopping = time.monotonic()
