@@ -41,8 +41,8 @@ from PIL import Image
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.media.contact import PAD, TEXT_WIDTH, THUMB
 from tests.helpers.emulator import TEST_TOKEN, emulator_config
+from tests.helpers.images import pixel_bomb
 from tests.helpers.tables import write_table
-from tests.unit.test_media_security import pixel_bomb
 
 pytestmark = pytest.mark.slow
 

@@ -26,8 +26,8 @@ from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.ledger import Ledger, SubmissionState
 from flux2_pipeline.materialize import PartitionSummary, run_partition
 from flux2_pipeline.settings import Settings
-from tests.dagster.test_sensor import Daemon, run_requests
 from tests.helpers.emulator import prompt_rows
+from tests.helpers.sensors import Daemon, run_requests
 from tests.helpers.tables import write_table
 from tests.helpers.waiting import wait_until
 

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import socket
 
+from flux2_pipeline.media import AddressPolicy
+
+# The address policy of tests whose servers (or MockTransport) are on loopback.
+LOOPBACK = AddressPolicy(allow_loopback=True)
+
 _HELD_PORTS: list[socket.socket] = []
 
 
@@ -28,3 +33,8 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+async def to_loopback(host: str, port: int) -> list[str]:
+    """A stub resolver: every test host is on loopback (MockTransport answers anyway)."""
+    return ["127.0.0.1"]
