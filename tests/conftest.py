@@ -1,4 +1,4 @@
-"""Fixtures shared by every test layer: a running emulator, a local S3 server.
+"""Fixtures shared by every test layer: a running emulator, a ledger on each backend, S3.
 
 Plain helpers live in `tests/helpers/`; the `postgres` marker's guard is its plugin.
 """
@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import settings as hypothesis_settings
 
 from flux2_pipeline.emulator import EmulatorServer
+from flux2_pipeline.ledger import Ledger
 from tests.helpers.emulator import emulator_config
 from tests.helpers.signals import keep_sigterm_deliverable
 
@@ -32,6 +34,33 @@ def emulator() -> Iterator[EmulatorServer]:
     """A token-protected emulator on a free loopback port; tests adjust `state.faults`."""
     with EmulatorServer(emulator_config()) as server:
         yield server
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A new ledger's URL, once per backend: a SQLite file, a fresh PostgreSQL database.
+
+    Tests (and the processes they start) open the ledger from it; the same assertions
+    then hold on both backends.
+    """
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger' / 'ledger.sqlite'}"
+        return
+    yield request.getfixturevalue("postgres_database")
+
+
+@pytest.fixture
+def ledger_schema(ledger_url: str) -> str | None:
+    """The schema the `ledger` fixture puts its tables in: a named one on PostgreSQL, so
+    the statements run through the schema translation as a shared server's would."""
+    return None if ledger_url.startswith("sqlite") else "flux2_ledger"
+
+
+@pytest.fixture
+def ledger(ledger_url: str, ledger_schema: str | None) -> Iterator[Ledger]:
+    """The ledger at `ledger_url` (in `ledger_schema`), open for the test."""
+    with Ledger.open(ledger_url, schema=ledger_schema) as opened:
+        yield opened
 
 
 @pytest.fixture(scope="session")

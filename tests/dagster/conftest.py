@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from dagster import DagsterInstance, instance_for_test
-from sqlalchemy import create_engine, text
 
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.settings import Settings
@@ -44,28 +42,3 @@ def pipeline_env(
 @pytest.fixture
 def settings(pipeline_env: dict[str, str]) -> Settings:
     return Settings.from_env()
-
-
-PG_ADMIN = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """One ledger shared by several CLI processes: a SQLite file in the shared output
-    folder (`tmp_path/shared-output`), or a fresh database on the local PostgreSQL."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'shared-output' / 'ledger.sqlite'}"
-        return
-    name = f"flux2_shared_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # pragma: no cover - only without the local server
-        pytest.skip(f"PostgreSQL is not available: {type(exc).__name__}")
-    try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()

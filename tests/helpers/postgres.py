@@ -1,11 +1,18 @@
-"""A pytest plugin: tests marked `postgres` skip when the server is down, unless under CI.
+"""The local PostgreSQL for tests: the `postgres` marker's guard and a fresh database.
 
-Outside CI a developer without PostgreSQL sees a clear skip reason; under `CI=true`
-(`.ci/run` sets it) the same test fails instead, so real-service tests never skip
-silently where they must run. The server probed is the one `FLUX2_TEST_POSTGRES_URL`
-names (default `postgresql://postgres@127.0.0.1:5432/test`).
+A pytest plugin (the root conftest loads it). Tests marked `postgres` skip when the
+server is down, unless under CI: outside CI a developer without PostgreSQL sees a clear
+skip reason; under `CI=true` (`.ci/run` sets it) the same test fails instead, so
+real-service tests never skip silently where they must run. The server is the one
+`FLUX2_TEST_POSTGRES_URL` names (default `postgresql://postgres@127.0.0.1:5432/test`).
 
-Example: `CI=true pytest -m postgres` fails fast when 127.0.0.1:5432 is not listening.
+`postgres_database` (a fixture) and `fresh_database` (for a fixture that needs several)
+give a test an empty database of its own on that server, dropped afterwards.
+
+Example:
+    >>> @pytest.mark.postgres
+    ... def test_it(postgres_database: str) -> None:
+    ...     Ledger.open(postgres_database).close()
 """
 
 from __future__ import annotations
@@ -13,9 +20,14 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -48,3 +60,33 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if _under_ci():
         pytest.fail(f"{reason}; CI=true, so tests marked postgres must run", pytrace=False)
     pytest.skip(f"{reason}; start it or run under CI=true to make this a failure")
+
+
+@contextmanager
+def fresh_database(prefix: str = "flux2_test") -> Iterator[str]:
+    """An empty database on the test server, dropped afterwards; yields its URL.
+
+    The URL names the psycopg2 driver: SQLAlchemy 2.1 maps a bare postgresql:// to
+    psycopg 3, which the ledger and dagster-postgres do not use.
+    """
+    server = make_url(os.environ.get("FLUX2_TEST_POSTGRES_URL", DEFAULT_URL))
+    server = server.set(drivername="postgresql+psycopg2")
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield server.set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture
+def postgres_database() -> Iterator[str]:
+    """A fresh, empty database on the local PostgreSQL for this test; its URL."""
+    with fresh_database() as url:
+        yield url

@@ -9,20 +9,16 @@ end, and an account-level refusal recorded by one run stops the others' submits.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from flux2_pipeline.batch import EditRunner, RowOutcome, read_input_rows
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
@@ -32,7 +28,6 @@ from flux2_pipeline.ledger import (
     Ledger,
     SubmissionState,
     make_row_key,
-    parse_ledger_url,
 )
 from flux2_pipeline.ledger.schema import REFUSALS_TABLE_NAME
 from flux2_pipeline.runcomfy import AsyncRunComfyClient, PollSchedule
@@ -42,8 +37,6 @@ from tests.helpers.tables import write_table
 from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(300)
-
-PG_URL = os.environ.get("FLUX2_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 @dataclass(frozen=True)
@@ -57,25 +50,10 @@ class Where:
         return Ledger.open(self.url, schema=self.schema)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def where(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Where]:
-    if request.param == "sqlite":
-        yield Where(str(tmp_path / "ledger.sqlite"), None)
-        return
-    schema = f"ledger_test_{uuid.uuid4().hex[:12]}"
-    yield Where(PG_URL, schema)
-    engine = create_engine(parse_ledger_url(PG_URL))
-    try:
-        with engine.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-    finally:
-        engine.dispose()
-
-
 @pytest.fixture
-def ledger(where: Where) -> Iterator[Ledger]:
-    with where.open() as opened:
-        yield opened
+def where(ledger_url: str, ledger_schema: str | None) -> Where:
+    """The `ledger` fixture's ledger, for a subprocess to open as well."""
+    return Where(ledger_url, ledger_schema)
 
 
 async def _run(

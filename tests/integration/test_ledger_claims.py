@@ -1,13 +1,11 @@
 """Claims: one payer per row across processes, leases, budget reservations, account slots.
 
-Every test runs on SQLite and on the real PostgreSQL server (each in a fresh schema).
+Every test on the `ledger` fixture runs on SQLite and on the real PostgreSQL server.
 """
 
 from __future__ import annotations
 
 import multiprocessing
-import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,38 +22,6 @@ from flux2_pipeline.ledger import (
     decide,
     make_row_key,
 )
-
-PG_SERVER = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
-
-
-def _pg_available() -> bool:
-    try:
-        with create_engine(PG_SERVER).connect() as conn:
-            conn.execute(text("SELECT 1"))
-        return True
-    except Exception:
-        return False
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str | None]]:
-    """(url, schema): a SQLite file, or a fresh schema on the local PostgreSQL server."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'ledger.sqlite'}", None
-        return
-    if not _pg_available():
-        pytest.skip("PostgreSQL is not running on 127.0.0.1:5432")
-    schema = f"claims_{uuid.uuid4().hex[:10]}"
-    yield PG_SERVER, schema
-    with create_engine(PG_SERVER, isolation_level="AUTOCOMMIT").connect() as conn:
-        conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-
-
-@pytest.fixture
-def ledger(ledger_url: tuple[str, str | None]) -> Iterator[Ledger]:
-    url, schema = ledger_url
-    with Ledger.open(url, schema=schema) as opened:
-        yield opened
 
 
 def _request(row_id: str, price: float | None = None) -> ClaimRequest:
@@ -264,8 +230,8 @@ def _claim_all(url: str, schema: str | None, holder: str, start: object) -> list
         return won
 
 
-def test_two_processes_never_both_win_a_row(ledger_url: tuple[str, str | None]) -> None:
-    url, schema = ledger_url
+def test_two_processes_never_both_win_a_row(ledger_url: str, ledger_schema: str | None) -> None:
+    url, schema = ledger_url, ledger_schema
     Ledger.open(url, schema=schema).close()  # tables exist before the race starts
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager:
