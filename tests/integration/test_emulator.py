@@ -56,7 +56,7 @@ def emulator(shared: EmulatorServer) -> EmulatorServer:
         succeeded_rate=0,
         extra_states=False,
         error_shape="string",
-        price_usd=None,
+        price_usd=EmulatorConfig().price_usd,
     )
     shared.state.reset_counters()
     return shared

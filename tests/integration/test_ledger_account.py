@@ -69,11 +69,10 @@ async def _run(
 # -- item: cancelled queued jobs give their reservation back --------------------------
 
 
-async def test_cancelled_queued_jobs_give_their_budget_back(
-    tmp_path: Path, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("flux2_pipeline.emulator.app.COST_PER_IMAGE_USD", 0.05)
-    config = EmulatorConfig(port=0, latency=0.3, max_concurrent=2, token=TEST_TOKEN, seed=8)
+async def test_cancelled_queued_jobs_give_their_budget_back(tmp_path: Path, ledger: Ledger) -> None:
+    config = EmulatorConfig(
+        port=0, latency=0.3, max_concurrent=2, token=TEST_TOKEN, seed=8, price_usd=0.05
+    )
     with EmulatorServer(config) as emulator:
         state = emulator.state
         table = write_table(tmp_path, "p", prompt_rows(emulator.base_url, "c", 20))
