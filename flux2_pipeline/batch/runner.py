@@ -159,6 +159,9 @@ class EditRunner:
             same way; else one of its own.
         account_stop: once the account is refused, no runner sharing it submits again;
             shared the same way; else one of its own.
+        wait_first_s, wait_max_s: a row waiting for another runner's claim or an account
+            slot asks again after `wait_first_s`, then 1.5 times later each time, up to
+            `wait_max_s` (a freed slot of this process wakes it at once).
     """
 
     def __init__(
@@ -179,6 +182,8 @@ class EditRunner:
         slots: asyncio.Semaphore | None = None,
         wakeup: SlotWakeup | None = None,
         account_stop: AccountStop | None = None,
+        wait_first_s: float = WAIT_FIRST_S,
+        wait_max_s: float = WAIT_MAX_S,
     ) -> None:
         self.client = client
         self.ledger = ledger
@@ -191,6 +196,7 @@ class EditRunner:
         self.price_per_image_usd = price_per_image_usd
         self.account_concurrency = account_concurrency
         self.preflight = preflight
+        self.wait_first_s, self.wait_max_s = wait_first_s, wait_max_s
         self.holder = f"runner-{uuid.uuid4().hex}"
         self.started_at = datetime.now(UTC)
         """Account refusals recorded in the ledger since then stop this runner's submits."""
@@ -276,7 +282,7 @@ class EditRunner:
             price_usd=self._price(request),
         )
         state = _RowRun()
-        wait = WAIT_FIRST_S
+        wait = self.wait_first_s
         while True:
             async with self._slots:
                 outcome = await self._step(row, request, claim, state)
@@ -284,9 +290,9 @@ class EditRunner:
                 return outcome
             if outcome is _WAIT:
                 await asyncio.sleep(wait)
-                wait = min(WAIT_MAX_S, wait * 1.5)
+                wait = min(self.wait_max_s, wait * 1.5)
             elif outcome is _WAIT_SLOT and not await self._wakeup.wait(wait):
-                wait = min(WAIT_MAX_S, wait * 1.5)
+                wait = min(self.wait_max_s, wait * 1.5)
 
     async def _step(
         self, row: InputRow, request: EditRequest, claim: ClaimRequest, state: _RowRun
