@@ -10,7 +10,7 @@ from dagster import DagsterInstance, instance_for_test
 
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.settings import Settings
-from tests.helpers.emulator import TEST_TOKEN
+from tests.helpers.environment import point_pipeline_at
 
 
 @pytest.fixture
@@ -24,19 +24,7 @@ def pipeline_env(
     tmp_path: Path, emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch
 ) -> dict[str, str]:
     """Environment that points the pipeline at the test emulator and tmp folders."""
-    env = {
-        "RUNCOMFY_BASE_URL": emulator.base_url,
-        "RUNCOMFY_API_TOKEN": TEST_TOKEN,
-        "FLUX2_INPUT_DIR": str(tmp_path / "prompts"),
-        "FLUX2_OUTPUT_DIR": str(tmp_path / "output"),
-        "FLUX2_MAX_CONCURRENCY": "16",
-        # One step attempt per run, so each test sees exactly the runs it starts.
-        "FLUX2_STEP_RETRIES": "0",
-    }
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("FLUX2_LEDGER_URL", raising=False)
-    return env
+    return point_pipeline_at(monkeypatch, tmp_path, emulator)
 
 
 @pytest.fixture
