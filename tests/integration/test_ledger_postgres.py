@@ -1,6 +1,6 @@
 """The ledger against the real PostgreSQL server; each test gets a fresh database.
 
-What holds on both backends is in test_ledger.py and test_ledger_claims.py; here is what
+What holds on both backends is in test_ledger_lifecycle.py and test_ledger_claims.py; here is what
 is PostgreSQL's own: schemas, row locks, passwords in URLs, no spill file."""
 
 from __future__ import annotations
