@@ -1,7 +1,7 @@
 """A throwaway dg project holding one component, and the chain of an error's causes.
 
 Example:
-    >>> defs = load_project(tmp_path, "type: flux2_pipeline.Flux2EditsComponent\n...")
+    >>> defs = load_project(tmp_path, CONTRACT_YAML)  # a defs.yaml's text
     >>> [type(e) for e in causes(error)]
 """
 

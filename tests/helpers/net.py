@@ -1,7 +1,8 @@
-"""Loopback ports for tests: one held and refusing connections, one free to listen on.
+"""Loopback for tests: ports (one refusing connections, one free), a resolver, a policy.
 
 Example:
     >>> port = refused_port()  # connecting to 127.0.0.1:port is refused until exit
+    >>> await sync_images(refs, store, manifest, policy=LOOPBACK, resolver=to_loopback)
 """
 
 from __future__ import annotations
