@@ -52,11 +52,15 @@ def slow_emulator() -> Iterator[EmulatorServer]:
         yield server
 
 
-async def _run(emulator: EmulatorServer, ledger: Ledger, table: Path) -> list[RowOutcome]:
+async def _run(
+    emulator: EmulatorServer, ledger: Ledger, table: Path, **options: Any
+) -> list[RowOutcome]:
     async with AsyncRunComfyClient(
         TEST_TOKEN, emulator.base_url, poll=PollSchedule(0.05, 0.2, 0.15)
     ) as client:
-        runner = EditRunner(client, ledger, partition="p", max_concurrency=ROWS, lease_seconds=1.5)
+        runner = EditRunner(
+            client, ledger, partition="p", max_concurrency=ROWS, lease_seconds=1.5, **options
+        )
         return [outcome async for outcome in runner.run(read_input_rows(table))]
 
 
@@ -190,13 +194,12 @@ async def test_a_run_stopped_while_its_ledger_is_locked_keeps_its_request_ids(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setattr("flux2_pipeline.ledger.store.SQLITE_BUSY_TIMEOUT_MS", 300)
-    monkeypatch.setattr("flux2_pipeline.batch.runner.STOP_WRITE_GRACE_S", 1.0)
     table = write_table(tmp_path, "p", prompt_rows(slow_emulator.base_url, "stop", ROWS))
     path = tmp_path / "ledger.sqlite"
     faults = slow_emulator.state.faults
     with Ledger.open(path) as ledger:
         faults.update(hold_submits=True)
-        running = asyncio.ensure_future(_run(slow_emulator, ledger, table))
+        running = asyncio.ensure_future(_run(slow_emulator, ledger, table, stop_write_grace_s=1.0))
         counters = slow_emulator.state.counters
         await asyncio.to_thread(wait_until, lambda: counters.held_submits_now == ROWS, "all held")
         with subprocess.Popen(
