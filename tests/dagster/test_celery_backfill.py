@@ -16,7 +16,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunReco
 
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.ledger import Ledger
+from tests.helpers.cli import BIN
 from tests.helpers.emulator import TEST_TOKEN, prompt_rows
 from tests.helpers.postgres import fresh_database
 from tests.helpers.tables import write_table
@@ -36,7 +36,6 @@ pytestmark = [pytest.mark.postgres, pytest.mark.celery, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 CELERY_DIR = REPO / "deploy" / "celery"
-BIN = Path(sys.executable).parent
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 PARTITIONS = ("north", "south", "east", "west")
 ROWS = 10

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
-import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +20,10 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from flux2_pipeline.emulator import EmulatorServer
+from tests.helpers.cli import BIN
 from tests.helpers.emulator import TEST_TOKEN, prompt_rows
 from tests.helpers.tables import write_table
 
-BIN = Path(sys.executable).parent
 PASSWORD = "pw-Kq81zXv0s3cret"
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
