@@ -1,32 +1,23 @@
-"""Fixtures shared by every test layer: sample tables and a running emulator."""
+"""Fixtures shared by every test layer: a running emulator, a ledger on each backend, S3.
+
+Plain helpers live in `tests/helpers/`; the `postgres` marker's guard is its plugin.
+"""
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from hypothesis import settings as hypothesis_settings
 
-from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
-from tests._postgres_guard import pytest_runtest_setup
+from flux2_pipeline.emulator import EmulatorServer
+from flux2_pipeline.ledger import Ledger
+from tests.helpers.emulator import emulator_config
+from tests.helpers.signals import keep_sigterm_deliverable
 
-TEST_TOKEN = "tok-ZQ8xv3Lr5Hn0wPq2"
-
-__all__ = [
-    "TEST_TOKEN",
-    "emulator_config",
-    "prompt_rows",
-    "pytest_runtest_setup",
-    "refused_port",
-    "write_table",
-]
+pytest_plugins = ["tests.helpers.postgres"]
 
 
 # No per-example deadline: on a loaded machine Hypothesis's default 200 ms flakes, and
@@ -35,67 +26,7 @@ hypothesis_settings.register_profile("ci", deadline=None)
 hypothesis_settings.register_profile("dev")
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-
-def keep_sigterm_deliverable() -> None:
-    """Make SIGINT interrupt this process as at a terminal, if it was started ignoring it.
-
-    A pytest started from a script in the background (or by some CI runners) ignores SIGINT,
-    and Dagster's in-process runs copy SIGINT's handler to SIGTERM when they end: from the
-    first run on, SIGTERM is ignored too, and so is it in every process a test spawns after
-    it. `multiprocessing.Pool.terminate()` then waits forever for workers that do not die:
-    a round of `make test-under-load` hung so in tests/unit/test_ledger_claims.py.
-    """
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 keep_sigterm_deliverable()
-
-_HELD_PORTS: list[socket.socket] = []
-
-
-def refused_port() -> int:
-    """A loopback port this process holds bound and never listens on: connections are refused.
-
-    The socket stays bound until the test process exits, so no other test or process can
-    take the port in between (unlike binding port 0, closing it, then using the number).
-    """
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    _HELD_PORTS.append(sock)
-    return int(sock.getsockname()[1])
-
-
-def write_table(folder: Path, name: str, rows: list[dict[str, Any]] | pa.Table) -> Path:
-    """Write `rows` as `<folder>/<name>.parquet` and return the path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
-    path = folder / f"{name}.parquet"
-    pq.write_table(table, path)
-    return path
-
-
-def prompt_rows(base_url: str, prefix: str, count: int, **extra: Any) -> list[dict[str, Any]]:
-    """`count` valid rows whose reference images the emulator serves."""
-    return [
-        {
-            "id": f"{prefix}-{i}",
-            "prompt": f"{prefix} edit number {i}",
-            "image_urls": [f"{base_url}/samples/{prefix}-{i % 3}.png"],
-            "seed": i,
-            **extra,
-        }
-        for i in range(count)
-    ]
-
-
-def emulator_config() -> EmulatorConfig:
-    """The settings of the `emulator` fixture, for a module-scoped emulator of a test's own."""
-    return EmulatorConfig(
-        port=0, latency=0.05, max_concurrent=32, token=TEST_TOKEN, retry_after="0.05", seed=1
-    )
 
 
 @pytest.fixture
@@ -103,6 +34,33 @@ def emulator() -> Iterator[EmulatorServer]:
     """A token-protected emulator on a free loopback port; tests adjust `state.faults`."""
     with EmulatorServer(emulator_config()) as server:
         yield server
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A new ledger's URL, once per backend: a SQLite file, a fresh PostgreSQL database.
+
+    Tests (and the processes they start) open the ledger from it; the same assertions
+    then hold on both backends.
+    """
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger' / 'ledger.sqlite'}"
+        return
+    yield request.getfixturevalue("postgres_database")
+
+
+@pytest.fixture
+def ledger_schema(ledger_url: str) -> str | None:
+    """The schema the `ledger` fixture puts its tables in: a named one on PostgreSQL, so
+    the statements run through the schema translation as a shared server's would."""
+    return None if ledger_url.startswith("sqlite") else "flux2_ledger"
+
+
+@pytest.fixture
+def ledger(ledger_url: str, ledger_schema: str | None) -> Iterator[Ledger]:
+    """The ledger at `ledger_url` (in `ledger_schema`), open for the test."""
+    with Ledger.open(ledger_url, schema=ledger_schema) as opened:
+        yield opened
 
 
 @pytest.fixture(scope="session")

@@ -91,6 +91,9 @@ WAIT_FIRST_S = 0.05
 WAIT_MAX_S = 1.0
 """How often a row waiting for another runner's claim or an account slot asks again."""
 
+STOP_WRITE_GRACE_S = 10.0
+"""How long a stopped run still tries to record a request id the API gave it."""
+
 
 def is_input_fault(error: str | None) -> bool:
     """True when a failed job's error says its input is at fault (see `failure_blames_input`).
@@ -159,6 +162,11 @@ class EditRunner:
             same way; else one of its own.
         account_stop: once the account is refused, no runner sharing it submits again;
             shared the same way; else one of its own.
+        wait_first_s, wait_max_s: a row waiting for another runner's claim or an account
+            slot asks again after `wait_first_s`, then 1.5 times later each time, up to
+            `wait_max_s` (a freed slot of this process wakes it at once).
+        stop_write_grace_s: how long a stopped run still tries to record a request id
+            the API gave it before it goes to the ledger's spill file.
     """
 
     def __init__(
@@ -179,6 +187,9 @@ class EditRunner:
         slots: asyncio.Semaphore | None = None,
         wakeup: SlotWakeup | None = None,
         account_stop: AccountStop | None = None,
+        wait_first_s: float = WAIT_FIRST_S,
+        wait_max_s: float = WAIT_MAX_S,
+        stop_write_grace_s: float = STOP_WRITE_GRACE_S,
     ) -> None:
         self.client = client
         self.ledger = ledger
@@ -191,6 +202,8 @@ class EditRunner:
         self.price_per_image_usd = price_per_image_usd
         self.account_concurrency = account_concurrency
         self.preflight = preflight
+        self.wait_first_s, self.wait_max_s = wait_first_s, wait_max_s
+        self.stop_write_grace_s = stop_write_grace_s
         self.holder = f"runner-{uuid.uuid4().hex}"
         self.started_at = datetime.now(UTC)
         """Account refusals recorded in the ledger since then stop this runner's submits."""
@@ -276,7 +289,7 @@ class EditRunner:
             price_usd=self._price(request),
         )
         state = _RowRun()
-        wait = WAIT_FIRST_S
+        wait = self.wait_first_s
         while True:
             async with self._slots:
                 outcome = await self._step(row, request, claim, state)
@@ -284,9 +297,9 @@ class EditRunner:
                 return outcome
             if outcome is _WAIT:
                 await asyncio.sleep(wait)
-                wait = min(WAIT_MAX_S, wait * 1.5)
+                wait = min(self.wait_max_s, wait * 1.5)
             elif outcome is _WAIT_SLOT and not await self._wakeup.wait(wait):
-                wait = min(WAIT_MAX_S, wait * 1.5)
+                wait = min(self.wait_max_s, wait * 1.5)
 
     async def _step(
         self, row: InputRow, request: EditRequest, claim: ClaimRequest, state: _RowRun
@@ -645,14 +658,14 @@ class EditRunner:
     ) -> None:
         """The run stopped while its job's request id was not yet durable.
 
-        The write gets `STOP_WRITE_GRACE_S` more to commit (then the job, cancelled by the
+        The write gets `stop_write_grace_s` more to commit (then the job, cancelled by the
         stop if still queued, is recorded so). If the ledger still fails, the request id
         goes to the ledger's spill file, which the next `Ledger.open` records (a locked
         SQLite ledger), and always to the log, the one record that needs no disk of ours.
         """
         if not recording.done():
             with contextlib.suppress(Exception, TimeoutError):
-                async with asyncio.timeout(STOP_WRITE_GRACE_S):
+                async with asyncio.timeout(self.stop_write_grace_s):
                     await self._cancel_new_job(asyncio.shield(recording))
         if recording.done() and not recording.cancelled() and recording.exception() is None:
             return
@@ -686,10 +699,6 @@ class EditRunner:
                     known.id, SubmissionState.CANCELLED, error="cancelled: the run stopped waiting"
                 )
         return status.state
-
-
-STOP_WRITE_GRACE_S = 10.0
-"""How long a stopped run still tries to record a request id the API gave it."""
 
 
 async def _first_done(pending: deque[asyncio.Task[RowOutcome]]) -> RowOutcome:

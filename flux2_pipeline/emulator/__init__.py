@@ -9,7 +9,7 @@
 RunComfy's documented dialect unless `EmulatorConfig(dialect="seed")`.
 """
 
-from flux2_pipeline.emulator.app import BALANCE_PATH, COST_PER_IMAGE_USD, MODEL_ID, create_app
+from flux2_pipeline.emulator.app import BALANCE_PATH, MODEL_ID, create_app
 from flux2_pipeline.emulator.dialect import DIALECTS, ERROR_CODES
 from flux2_pipeline.emulator.render import check_reference, render_edit, render_sample
 from flux2_pipeline.emulator.server import EmulatorServer, run_emulator
@@ -24,7 +24,6 @@ from flux2_pipeline.emulator.state import (
 
 __all__ = [
     "BALANCE_PATH",
-    "COST_PER_IMAGE_USD",
     "DIALECTS",
     "ERROR_CODES",
     "MODEL_ID",

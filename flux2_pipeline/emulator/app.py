@@ -81,10 +81,8 @@ from flux2_pipeline.emulator.state import (
 from flux2_pipeline.runcomfy.models import MAX_IMAGE_URLS, MODEL_PATH, PARAMETER_NAMES, EditRequest
 from flux2_pipeline.runcomfy.models import JobState as State
 
-__all__ = ["COST_PER_IMAGE_USD", "create_app"]
+__all__ = ["create_app"]
 
-COST_PER_IMAGE_USD = 0.025
-"""The price per image while `Faults.price_usd` is None (read at each use)."""
 MODEL_ID = MODEL_PATH.removeprefix("/v1/models/")
 BALANCE_PATH = "/prod/v2/balance"
 _ALLOWED_FIELDS = frozenset({"prompt", "image_urls", *PARAMETER_NAMES})
@@ -214,7 +212,7 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
         parsed = _validate(body)
         if not isinstance(parsed, EditRequest):
             return _invalid(state, parsed)
-        cost = round(_price(state) * MICRO) * parsed.num_images
+        cost = round(state.faults.price_usd * MICRO) * parsed.num_images
         if not state.can_afford(cost):
             return _insufficient(state)
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -300,7 +298,7 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
                 "model_id": MODEL_ID,
                 "display_name": "FLUX.2 [dev] Edit",
                 "categories": ["image-to-image"],
-                "base_price_usd": _price(state),
+                "base_price_usd": state.faults.price_usd,
                 "price_unit": "image",
                 "input_schema": input_schema,
             }
@@ -431,11 +429,6 @@ def _error(
     code_status = status if status >= 400 else 500
     body = error_body(state.faults.dialect, name, message, status=code_status, detail=detail)
     return JSONResponse(body, status_code=status, headers=headers)
-
-
-def _price(state: EmulatorState) -> float:
-    price = state.faults.price_usd
-    return COST_PER_IMAGE_USD if price is None else price
 
 
 def _status_word(state: EmulatorState, job: Job) -> str:

@@ -111,7 +111,7 @@ class EmulatorConfig:
     succeeded_rate: float = 0.0
     extra_states: bool = False
     error_shape: str = "string"
-    price_usd: float | None = None
+    price_usd: float = 0.025
     model_route: str = "ok"
     balance_usd: float | None = None
     balance_route: str = "ok"
@@ -165,10 +165,9 @@ class Faults:
     and `starting`/`processing` for a running one (documented dialect)."""
     error_shape: str = "string"
     """A failed job's `error` in the documented dialect: "string", "object" or "list"."""
-    price_usd: float | None = None
+    price_usd: float = 0.025
     """Price per output image: the model route's `base_price_usd`, the `cost` of a
-    completed job, what a submit reserves from the balance. None: `COST_PER_IMAGE_USD`
-    (0.025)."""
+    completed job, what a submit reserves from the balance."""
     model_route: str = "ok"
     """`GET` on the model's route: "ok", "missing" (404) or "error" (500)."""
     balance_route: str = "ok"
@@ -202,7 +201,7 @@ class Faults:
             elif name in ("submit_delay", "result_lag"):
                 clean[name] = _number(name, value, 0.0, 3600.0)
             elif name == "price_usd":
-                clean[name] = None if value is None else _number(name, value, 0.0, 1000.0)
+                clean[name] = _number(name, value, 0.0, 1000.0)
             elif name in _CHOICES:
                 if value not in _CHOICES[name]:
                     raise ValueError(f"{name} must be one of {', '.join(_CHOICES[name])}")

@@ -22,8 +22,10 @@ import pytest
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.ledger import OPEN_STATES, Ledger, Submission
 from flux2_pipeline.runcomfy import JobState
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
-from tests.dagster.test_process_safety import cli_env, start_cli, wait_for
+from tests.helpers.cli import cli_env, start_cli
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.tables import write_table
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -113,7 +115,7 @@ def test_two_processes_share_one_account_cap(
             for key in ("alpha", "beta")
         ]
         # Nothing ends while held: the account fills up to the cap, which takes both.
-        wait_for(lambda: counters.in_progress_now >= ACCOUNT_CAP, timeout=240)
+        wait_until(lambda: counters.in_progress_now >= ACCOUNT_CAP, timeout=240)
         held = _in_flight_by_partition(roomy_emulator)
     finally:
         roomy_emulator.state.faults.update(hold_jobs=False)
@@ -154,7 +156,7 @@ def test_a_killed_process_keeps_its_jobs_slots_until_its_rerun_follows_them(
     )
     with Ledger.open(ledger_url) as ledger:
         try:
-            wait_for(
+            wait_until(
                 lambda: roomy_emulator.state.counters.in_progress_now >= ACCOUNT_CAP,
                 timeout=240,
             )
@@ -168,7 +170,7 @@ def test_a_killed_process_keeps_its_jobs_slots_until_its_rerun_follows_them(
         assert survivor.returncode == 0, stdout + stderr
         # The dead process's claims lapse with their lease; its submitted jobs still run
         # at the API, so they keep their account slots until a run follows them.
-        wait_for(lambda: _live_slots(ledger.submissions("alpha")) == 0, timeout=30)
+        wait_until(lambda: _live_slots(ledger.submissions("alpha")) == 0, timeout=30)
         orphaned = [a for a in ledger.submissions("alpha") if a.state.value == "submitted"]
         assert ledger.open_attempts() == len(orphaned)
 

@@ -11,7 +11,8 @@ from flux2_pipeline.assets import Flux2Keys, register_input_files
 from flux2_pipeline.cli.runs import run_partition
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.settings import Settings
-from tests.conftest import prompt_rows, write_table
+from tests.helpers.emulator import prompt_rows
+from tests.helpers.tables import write_table
 
 
 def test_images_follow_edits_and_the_dataset_follows_images(

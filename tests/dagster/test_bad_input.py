@@ -11,7 +11,8 @@ import math
 import os
 import re
 import subprocess
-import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,16 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from dagster import DagsterInstance
+from dagster import DagsterInstance, instance_for_test
 
 from flux2_pipeline.cli.backfill import run_backfill
 from flux2_pipeline.cli.report import PartitionSummary
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.settings import Settings
-from tests.conftest import write_table
-
-CLI = Path(sys.executable).parent / "flux2-pipeline"
+from tests.helpers.cli import CLI
+from tests.helpers.emulator import emulator_config
+from tests.helpers.environment import point_pipeline_at
+from tests.helpers.tables import write_table
 
 INPUT_SCHEMA = pa.schema(
     [
@@ -82,7 +84,8 @@ def mixed_table(base_url: str) -> pa.Table:
             row["image_urls"] = [f"{base_url}/samples/five-{i}.png" for i in range(5)]
         rows.append(row)
     table = pa.Table.from_pylist(rows, schema=INPUT_SCHEMA)
-    assert math.isnan(table["guidance_scale"][7].as_py())  # NaN, not null
+    nan_row = [row_id for row_id, _, _ in MIXED_ROWS].index("guidance-nan")
+    assert math.isnan(table["guidance_scale"][nan_row].as_py())  # NaN, not null
     return table
 
 
@@ -100,11 +103,8 @@ def assert_human_error(summary: PartitionSummary, *needles: str) -> None:
         assert needle in summary.error, summary.error
 
 
-def test_bad_rows_and_bad_tables_fail_only_themselves(
-    settings: Settings, emulator: EmulatorServer, instance: DagsterInstance
-) -> None:
-    base = emulator.base_url
-    folder = Path(settings.storage.input_dir)
+def write_bad_tables(folder: Path, base: str) -> None:
+    """One input folder, one partition per way a table can be bad (and a mixed one)."""
     write_table(folder, "a_mixed", mixed_table(base))
     write_table(
         folder,
@@ -141,8 +141,45 @@ def test_bad_rows_and_bad_tables_fail_only_themselves(
     ]
     write_table(folder, "g_no_id", no_id_rows)
 
-    summaries = by_partition(run_backfill(settings, instance=instance).partitions)
-    assert list(summaries) == [
+
+@dataclass(frozen=True)
+class BadInputRun:
+    """The bad tables materialized together once; every scenario's test reads its part."""
+
+    settings: Settings
+    emulator: EmulatorServer
+    instance: DagsterInstance
+    summaries: dict[str, PartitionSummary]
+    jobs_created: int
+    """Jobs the emulator had created when the first materialization ended."""
+
+    def results(self, partition: str) -> list[dict[str, Any]]:
+        path = self.summaries[partition].results_path
+        assert path is not None
+        return pq.read_table(path).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def bad_input(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BadInputRun]:
+    folder = tmp_path_factory.mktemp("bad_input")
+    with (
+        EmulatorServer(emulator_config()) as emulator,
+        instance_for_test() as instance,
+        pytest.MonkeyPatch.context() as monkeypatch,
+    ):
+        point_pipeline_at(monkeypatch, folder, emulator)
+        settings = Settings.from_env()
+        write_bad_tables(Path(settings.storage.input_dir), emulator.base_url)
+        summaries = by_partition(run_backfill(settings, instance=instance).partitions)
+        created = emulator.state.counters.jobs_created
+        yield BadInputRun(settings, emulator, instance, summaries, created)
+
+
+VALID_IDS = [row_id for row_id, _, rule in MIXED_ROWS if rule is None]
+
+
+def test_every_table_is_a_partition_of_its_own(bad_input: BadInputRun) -> None:
+    assert list(bad_input.summaries) == [
         "a_mixed",
         "b_no_prompt",
         "c_wrong_types",
@@ -152,19 +189,20 @@ def test_bad_rows_and_bad_tables_fail_only_themselves(
         "g_no_id",
     ]
 
-    # Mixed rows: invalid rows are reported, never sent, and don't fail the partition.
-    mixed = summaries["a_mixed"]
-    valid_ids = [row_id for row_id, _, rule in MIXED_ROWS if rule is None]
+
+def test_invalid_rows_are_reported_never_sent_and_do_not_fail_their_partition(
+    bad_input: BadInputRun,
+) -> None:
+    mixed = bad_input.summaries["a_mixed"]
     assert mixed.succeeded and mixed.error is None
     assert (mixed.rows, mixed.completed, mixed.failed, mixed.cancelled) == (
         len(MIXED_ROWS),
-        len(valid_ids),
+        len(VALID_IDS),
         0,
         0,
     )
-    assert mixed.invalid == len(MIXED_ROWS) - len(valid_ids)
-    assert mixed.results_path is not None
-    rows = pq.read_table(mixed.results_path).to_pylist()
+    assert mixed.invalid == len(MIXED_ROWS) - len(VALID_IDS)
+    rows = bad_input.results("a_mixed")
     assert [row["row_id"] for row in rows] == [row_id for row_id, _, _ in MIXED_ROWS]
     for row, (row_id, _, rule) in zip(rows, MIXED_ROWS, strict=True):
         if rule is None:
@@ -181,12 +219,21 @@ def test_bad_rows_and_bad_tables_fail_only_themselves(
         assert error is not None and error.startswith(rule[0]), (row_id, error)
         for word in rule[1:]:
             assert word in error, (row_id, error)
-    five = rows[4]
+
+
+def test_five_urls_keep_the_first_three_with_a_warning_and_nulls_take_the_defaults(
+    bad_input: BadInputRun,
+) -> None:
+    base = bad_input.emulator.base_url
+    rows = bad_input.results("a_mixed")
+    # "good-1" is given twice; the ids read here are unique.
+    by_id = {row["row_id"]: row for row in rows if row["row_id"] != "good-1"}
+    five = by_id["five-urls"]
     assert len(five["image_urls"]) == 3
     assert five["image_urls"] == [f"{base}/samples/five-{i}.png" for i in range(3)]
     assert five["warning"] == "image_urls: 5 URLs given, kept the first 3"
     assert all(row["warning"] is None for row in rows if row["row_id"] != "five-urls")
-    nulls = rows[13]
+    nulls = by_id["nulls"]
     assert (
         nulls["guidance_scale"],
         nulls["seed"],
@@ -195,58 +242,84 @@ def test_bad_rows_and_bad_tables_fail_only_themselves(
         nulls["num_images"],
         nulls["output_format"],
     ) == (2.5, 0, 28, "square_hd", 1, "png")
-    good_2 = rows[14]
+    good_2 = by_id["good-2"]
     assert (good_2["seed"], good_2["image_size"], good_2["output_format"]) == (7, "square", "webp")
 
-    # A required column missing: that partition fails, naming the column.
-    assert_human_error(summaries["b_no_prompt"], "missing required column", "prompt")
-    assert summaries["b_no_prompt"].results_path is None
 
-    # Wrong column types: every row invalid, naming both columns.
-    wrong = summaries["c_wrong_types"]
+def test_a_missing_required_column_fails_only_its_partition_naming_it(
+    bad_input: BadInputRun,
+) -> None:
+    assert_human_error(bad_input.summaries["b_no_prompt"], "missing required column", "prompt")
+    assert bad_input.summaries["b_no_prompt"].results_path is None
+
+
+def test_wrong_column_types_make_every_row_invalid_naming_both_columns(
+    bad_input: BadInputRun,
+) -> None:
+    wrong = bad_input.summaries["c_wrong_types"]
     assert wrong.succeeded and (wrong.rows, wrong.invalid) == (2, 2)
-    assert wrong.results_path is not None
-    for row in pq.read_table(wrong.results_path).to_pylist():
+    for row in bad_input.results("c_wrong_types"):
         assert row["status"] == "invalid" and row["request_id"] is None
         assert "prompt:" in row["error"] and "string" in row["error"], row["error"]
         assert "seed:" in row["error"] and "integer" in row["error"], row["error"]
 
-    # Unreadable files: a one-line error, and no results file.
-    assert_human_error(summaries["d_corrupt"], "d_corrupt.parquet", "not a readable Parquet file")
-    assert summaries["d_corrupt"].results_path is None
-    assert_human_error(summaries["e_empty_file"], "e_empty_file.parquet", "empty")
-    assert summaries["e_empty_file"].results_path is None
-    output = settings.storage.output_root() / "flux2_edits"
+
+def test_a_corrupt_file_fails_its_partition_with_one_line_and_no_results(
+    bad_input: BadInputRun,
+) -> None:
+    corrupt = bad_input.summaries["d_corrupt"]
+    assert_human_error(corrupt, "d_corrupt.parquet", "not a readable Parquet file")
+    assert corrupt.results_path is None
+    output = bad_input.settings.storage.output_root() / "flux2_edits"
     assert not (output / "d_corrupt.parquet").exists()
+
+
+def test_an_empty_file_fails_its_partition_with_one_line_and_no_results(
+    bad_input: BadInputRun,
+) -> None:
+    empty = bad_input.summaries["e_empty_file"]
+    assert_human_error(empty, "e_empty_file.parquet", "empty")
+    assert empty.results_path is None
+    output = bad_input.settings.storage.output_root() / "flux2_edits"
     assert not (output / "e_empty_file.parquet").exists()
 
-    # An empty but valid table: success, and a results file with no rows.
-    zero = summaries["f_zero_rows"]
+
+def test_a_valid_table_of_zero_rows_succeeds_with_an_empty_results_file(
+    bad_input: BadInputRun,
+) -> None:
+    zero = bad_input.summaries["f_zero_rows"]
     assert zero.succeeded and zero.error is None and zero.rows == 0
     assert zero.results_path is not None
     assert pq.read_table(zero.results_path).num_rows == 0
 
-    # No id column: derived ids, distinct for identical rows.
-    no_id = summaries["g_no_id"]
+
+def test_rows_without_an_id_get_derived_ids_distinct_for_identical_rows(
+    bad_input: BadInputRun,
+) -> None:
+    no_id = bad_input.summaries["g_no_id"]
     assert no_id.succeeded and no_id.completed == 3
-    assert no_id.results_path is not None
-    ids = [row["row_id"] for row in pq.read_table(no_id.results_path).to_pylist()]
+    ids = [row["row_id"] for row in bad_input.results("g_no_id")]
     assert re.fullmatch(r"h-[0-9a-f]{16}", ids[0]) and re.fullmatch(r"h-[0-9a-f]{16}", ids[1])
     assert ids[2] == f"{ids[0]}-2"
     assert len(set(ids)) == 3
 
-    # Only valid rows were ever sent.
-    created = emulator.state.counters.jobs_created
-    assert created == len(valid_ids) + 3
 
-    # Run everything again: same outcomes, same derived ids, nothing paid twice.
-    again = by_partition(run_backfill(settings, instance=instance).partitions)
+def test_only_the_valid_rows_were_sent(bad_input: BadInputRun) -> None:
+    # The mixed table's valid rows and the three id-less rows.
+    assert bad_input.jobs_created == len(VALID_IDS) + 3
+
+
+def test_a_rerun_has_the_same_outcomes_and_ids_and_pays_nothing_twice(
+    bad_input: BadInputRun,
+) -> None:
+    ids = [row["row_id"] for row in bad_input.results("g_no_id")]
+    again = by_partition(run_backfill(bad_input.settings, instance=bad_input.instance).partitions)
     assert {key: s.succeeded for key, s in again.items()} == {
-        key: s.succeeded for key, s in summaries.items()
+        key: s.succeeded for key, s in bad_input.summaries.items()
     }
-    assert [row["row_id"] for row in pq.read_table(no_id.results_path).to_pylist()] == ids
-    assert again["a_mixed"].completed == len(valid_ids)
-    assert emulator.state.counters.jobs_created == created
+    assert [row["row_id"] for row in bad_input.results("g_no_id")] == ids
+    assert again["a_mixed"].completed == len(VALID_IDS)
+    assert bad_input.emulator.state.counters.jobs_created == bad_input.jobs_created
 
 
 def test_string_url_columns_float_ids_and_one_id_namespace_pay_each_row_once(
@@ -332,7 +405,7 @@ def run_cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProce
     )
     full_env.update(env)
     return subprocess.run(
-        [str(CLI), "materialize", *args],
+        [CLI, "materialize", *args],
         env=full_env,
         capture_output=True,
         text=True,

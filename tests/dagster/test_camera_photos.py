@@ -40,12 +40,13 @@ from PIL import Image
 
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.media.contact import PAD, TEXT_WIDTH, THUMB
-from tests.conftest import TEST_TOKEN, emulator_config, write_table
-from tests.unit.test_media_security import pixel_bomb
+from tests.helpers.cli import CLI
+from tests.helpers.emulator import TEST_TOKEN, emulator_config
+from tests.helpers.images import pixel_bomb
+from tests.helpers.tables import write_table
 
 pytestmark = pytest.mark.slow
 
-CLI = Path(sys.executable).parent / "flux2-pipeline"
 PEAK_LIMIT_MB = 1024.0
 PHOTOS = 12
 PHOTO_SIZE = (8000, 6000)
@@ -146,7 +147,7 @@ def materialize(workdir: Path, emulator: EmulatorServer) -> tuple[int, str, floa
         DAGSTER_HOME=str(home),
     )
     child = subprocess.run(
-        [sys.executable, "-c", WRAPPER, str(CLI), "materialize"],
+        [sys.executable, "-c", WRAPPER, CLI, "materialize"],
         env=env,
         stdin=subprocess.DEVNULL,
         capture_output=True,

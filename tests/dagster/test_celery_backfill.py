@@ -16,7 +16,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,18 +24,18 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunRecord, RunsFilter
-from sqlalchemy import create_engine, text
 
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.ledger import Ledger
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
+from tests.helpers.cli import BIN
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.postgres import fresh_database
+from tests.helpers.tables import write_table
 
 pytestmark = [pytest.mark.postgres, pytest.mark.celery, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 CELERY_DIR = REPO / "deploy" / "celery"
-BIN = Path(sys.executable).parent
-PG_SERVER = "postgresql+psycopg2://postgres@127.0.0.1:5432"
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 PARTITIONS = ("north", "south", "east", "west")
 ROWS = 10
@@ -90,18 +89,11 @@ def redis_db(services: None) -> Iterator[int]:
 @pytest.fixture
 def databases(services: None) -> Iterator[tuple[str, str]]:
     """Fresh PostgreSQL databases for the Dagster instance and for the ledger."""
-    names = [f"flux2_celery_{role}_{uuid.uuid4().hex[:8]}" for role in ("dagster", "ledger")]
-    admin = create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        for name in names:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"{PG_SERVER}/{names[0]}", f"{PG_SERVER}/{names[1]}"
-    finally:
-        with admin.connect() as conn:
-            for name in names:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with (
+        fresh_database("flux2_celery_dagster") as dagster,
+        fresh_database("flux2_celery_ledger") as ledger,
+    ):
+        yield dagster, ledger
 
 
 @pytest.fixture

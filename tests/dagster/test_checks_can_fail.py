@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +35,10 @@ from dagster._utils.error import SerializableErrorInfo
 
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.settings import Settings
-from tests.conftest import TEST_TOKEN, emulator_config, prompt_rows, write_table
+from tests.helpers.cli import CLI
+from tests.helpers.emulator import TEST_TOKEN, emulator_config, prompt_rows
+from tests.helpers.tables import write_table
 
-CLI = str(Path(sys.executable).parent / "flux2-pipeline")
 KEY = "checked"
 
 pytestmark = pytest.mark.slow

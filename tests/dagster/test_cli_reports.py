@@ -20,7 +20,8 @@ from dagster._utils.error import serializable_error_info_from_exc_info
 from flux2_pipeline.cli import main
 from flux2_pipeline.cli.report import innermost_error
 from flux2_pipeline.emulator import EmulatorServer
-from tests.conftest import prompt_rows, write_table
+from tests.helpers.emulator import prompt_rows
+from tests.helpers.tables import write_table
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

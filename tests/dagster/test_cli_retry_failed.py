@@ -11,8 +11,9 @@ from dagster import DagsterInstance
 
 from flux2_pipeline.assets import Flux2Keys
 from flux2_pipeline.emulator import EmulatorServer
-from tests.conftest import prompt_rows, write_table
-from tests.dagster.test_process_safety import CLI, cli_env
+from tests.helpers.cli import CLI, cli_env
+from tests.helpers.emulator import prompt_rows
+from tests.helpers.tables import write_table
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,9 @@ from dagster import DagsterInstance
 from flux2_pipeline.cli.backfill import run_backfill
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.settings import Settings
-from tests.conftest import prompt_rows, write_table
-from tests.dagster.test_process_safety import cli_env
+from tests.helpers.cli import cli_env
+from tests.helpers.emulator import prompt_rows
+from tests.helpers.tables import write_table
 
 pytestmark = pytest.mark.slow
 

@@ -6,19 +6,20 @@ The YAML's `defaults` fill the parameters a row leaves null, and a row's own val
 from __future__ import annotations
 
 import re
-import uuid
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from dagster import AssetKey, DagsterInstance, Definitions, EnvVar, load_from_defs_folder
+from dagster import AssetKey, DagsterInstance, EnvVar
 
 from flux2_pipeline import Flux2EditsComponent
 from flux2_pipeline.assets import Flux2Keys, register_input_files
 from flux2_pipeline.cli.runs import run_partition
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.resources import Flux2Storage, LedgerResource, RunComfyResource, SettingsError
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
+from tests.helpers.component import causes, load_project
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.tables import write_table
 
 CONTRACT_YAML = """\
 type: flux2_pipeline.Flux2EditsComponent
@@ -39,20 +40,6 @@ LIMITS_YAML = """\
   budget_usd: 100
   price_per_image_usd: 0.02
 """
-
-
-def load_project(root: Path, yaml: str) -> Definitions:
-    """A dg project in `root` whose defs folder holds one component, loaded."""
-    package = f"flux2_project_{uuid.uuid4().hex[:8]}"
-    (root / "pyproject.toml").write_text(
-        f'[tool.dg]\ndirectory_type = "project"\n\n[tool.dg.project]\nroot_module = "{package}"\n'
-    )
-    folder = root / package / "defs" / "image_edits"
-    folder.mkdir(parents=True)
-    (root / package / "__init__.py").write_text("")
-    (root / package / "defs" / "__init__.py").write_text("")
-    (folder / "defs.yaml").write_text(yaml)
-    return load_from_defs_folder(path_within_project=root)
 
 
 @pytest.fixture
@@ -106,7 +93,7 @@ def test_a_literal_token_in_yaml_is_refused(project: Path) -> None:
     yaml = CONTRACT_YAML.replace('"{{ env.RUNCOMFY_API_TOKEN }}"', "sk-literal-999")
     with pytest.raises(Exception) as caught:
         load_project(project, yaml)
-    chain = [caught.value, *_causes(caught.value)]
+    chain = [caught.value, *causes(caught.value)]
     problem = next(e for e in chain if isinstance(e, SettingsError))
     assert str(problem).startswith("api_token must come from an environment variable")
     assert "sk-literal-999" not in str(problem)
@@ -118,7 +105,7 @@ def test_a_bad_attribute_is_refused_by_the_schema_at_its_line(project: Path) -> 
     )
     with pytest.raises(Exception) as caught:
         load_project(project, yaml)
-    text = "\n".join(str(e) for e in [caught.value, *_causes(caught.value)])
+    text = "\n".join(str(e) for e in [caught.value, *causes(caught.value)])
     assert re.search(r"attributes\.max_concurrency\S* at \S+defs\.yaml:7`", text), text
     assert "greater than or equal to 1" in text
     assert re.search(r"attributes\.defaults\.EditDefaults\.num_inference_steps at \S+:10`", text)
@@ -135,9 +122,7 @@ def test_a_bad_templated_attribute_is_one_line_naming_it(
     )
     with pytest.raises(Exception) as caught:
         load_project(project, yaml)
-    problem = next(
-        e for e in [caught.value, *_causes(caught.value)] if isinstance(e, SettingsError)
-    )
+    problem = next(e for e in [caught.value, *causes(caught.value)] if isinstance(e, SettingsError))
     assert str(problem) == "max_concurrency must be a whole number from 1 to 4096, got '0'"
 
 
@@ -149,7 +134,7 @@ def test_partitions_per_run_sets_the_backfill_ranges(project: Path) -> None:
         assert policy is not None and policy.max_partitions_per_run == 7
     with pytest.raises(Exception) as caught:
         load_project(project, CONTRACT_YAML + "  partitions_per_run: 0\n")
-    text = "\n".join(str(e) for e in [caught.value, *_causes(caught.value)])
+    text = "\n".join(str(e) for e in [caught.value, *causes(caught.value)])
     assert re.search(r"attributes\.partitions_per_run\S* at \S+defs\.yaml:11`", text), text
 
 
@@ -184,11 +169,3 @@ def test_the_component_is_registered_for_dg() -> None:
         for key, obj in discover_entry_point_package_objects().items()
     }
     assert found.get("flux2_pipeline.Flux2EditsComponent") is Flux2EditsComponent
-
-
-def _causes(exc: BaseException) -> list[BaseException]:
-    found = []
-    while exc.__cause__ or exc.__context__:
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-        found.append(exc)
-    return found

@@ -39,8 +39,9 @@ from flux2_pipeline.resources import (
     SettingsError,
 )
 from flux2_pipeline.runcomfy.models import PARAMETER_NAMES
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
-from tests.dagster.test_component import _causes, load_project
+from tests.helpers.component import causes, load_project
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.tables import write_table
 
 REPO = Path(__file__).resolve().parents[2]
 BOUNDED = {
@@ -118,9 +119,7 @@ def test_the_summary_keeps_dev_through_rich_markup_and_cites_no_missing_file() -
 def test_a_bad_backfill_policy_is_one_line(project: Path) -> None:
     with pytest.raises(Exception) as caught:
         load_project(project, YAML + "  backfill_policy: singel_run\n")
-    problem = next(
-        e for e in [caught.value, *_causes(caught.value)] if isinstance(e, SettingsError)
-    )
+    problem = next(e for e in [caught.value, *causes(caught.value)] if isinstance(e, SettingsError))
     assert str(problem) == "backfill_policy must be one of multi_run, single_run, got 'singel_run'"
     defs = load_project(project, YAML + "  backfill_policy: single_run\n")
     for key in (Flux2Keys().edits, Flux2Keys().images):

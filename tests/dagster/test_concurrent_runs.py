@@ -16,8 +16,10 @@ import pytest
 
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.ledger import Ledger
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
-from tests.dagster.test_process_safety import cli_env, start_cli, wait_for
+from tests.helpers.cli import cli_env, start_cli
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.tables import write_table
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +86,7 @@ def test_a_killed_racer_and_a_third_run_still_pay_each_row_once(
     ]
     victim = start_cli(envs[0], "--partition", "race")
     survivor = start_cli(envs[1], "--partition", "race")
-    wait_for(lambda: counters.jobs_created >= 10, timeout=120)
+    wait_until(lambda: counters.jobs_created >= 10, timeout=120)
     victim.send_signal(signal.SIGKILL)
     victim.communicate(timeout=30)
     third = start_cli(envs[2], "--partition", "race")

@@ -9,9 +9,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from flux2_pipeline.emulator import COST_PER_IMAGE_USD, EmulatorServer
-from tests.conftest import prompt_rows, write_table
-from tests.dagster.test_process_safety import CLI, cli_env, last_metadata
+from flux2_pipeline.emulator import EmulatorServer
+from tests.helpers.cli import CLI, cli_env, last_metadata
+from tests.helpers.emulator import prompt_rows
+from tests.helpers.tables import write_table
 
 pytestmark = pytest.mark.slow
 
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.slow
 def test_cost_per_row_total_and_no_new_spend_on_a_rerun(
     tmp_path: Path, emulator: EmulatorServer
 ) -> None:
+    price = emulator.state.faults.price_usd  # per image, the emulator's default
     env = cli_env(tmp_path, emulator.base_url)
     rows = prompt_rows(emulator.base_url, "paid", 6)
     for index, row in enumerate(rows):
@@ -30,10 +32,10 @@ def test_cost_per_row_total_and_no_new_spend_on_a_rerun(
     )
     assert first.returncode == 0, first.stdout + first.stderr
     results = pq.read_table(tmp_path / "output" / "flux2_edits" / "paid.parquet").to_pylist()
-    charged = [round(COST_PER_IMAGE_USD * row["num_images"], 6) for row in rows]
+    charged = [round(price * row["num_images"], 6) for row in rows]
     assert [row["cost_usd"] for row in results] == pytest.approx(charged)
     total = sum(charged)
-    assert total == pytest.approx(COST_PER_IMAGE_USD * 12)
+    assert total == pytest.approx(price * 12)
     metadata = last_metadata(env)
     assert metadata["flux2/cost_usd"] == pytest.approx(total)
     assert metadata["flux2/new_spend_usd"] == pytest.approx(total)

@@ -19,7 +19,8 @@ from flux2_pipeline.assets import Flux2Keys
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.media.contact import PAD, TEXT_WIDTH, THUMB
 from flux2_pipeline.settings import Settings
-from tests.conftest import prompt_rows, write_table
+from tests.helpers.emulator import prompt_rows
+from tests.helpers.tables import write_table
 
 
 def test_a_low_decode_ceiling_stores_images_undecoded_and_says_why(

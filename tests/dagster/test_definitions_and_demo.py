@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-BIN = Path(sys.executable).parent
+from tests.helpers.cli import BIN
+
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow

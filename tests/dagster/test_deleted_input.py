@@ -9,8 +9,9 @@ import pyarrow.dataset as ds
 import pytest
 
 from flux2_pipeline.emulator import EmulatorServer
-from tests.conftest import prompt_rows, write_table
-from tests.dagster.test_process_safety import CLI, cli_env
+from tests.helpers.cli import CLI, cli_env
+from tests.helpers.emulator import prompt_rows
+from tests.helpers.tables import write_table
 
 pytestmark = pytest.mark.slow
 

@@ -31,7 +31,8 @@ from flux2_pipeline.cli.backfill import run_backfill
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.resources import Flux2Storage
 from flux2_pipeline.settings import Settings
-from tests.conftest import prompt_rows, write_table
+from tests.helpers.emulator import prompt_rows
+from tests.helpers.tables import write_table
 
 REPO = Path(__file__).resolve().parents[2]
 VALUES = REPO / "deploy" / "kubernetes" / "values.yaml"

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import shutil
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,50 +22,31 @@ from dagster._daemon.auto_run_reexecution.event_log_consumer import EventLogCons
 from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import (
     QueuedRunCoordinatorDaemon,
 )
-from sqlalchemy import create_engine, text
 
 from flux2_pipeline.assets.keys import Flux2Keys
 from flux2_pipeline.cli.backfill import run_backfill
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.settings import Settings
-from tests.conftest import prompt_rows, write_table
+from tests.helpers.emulator import prompt_rows
+from tests.helpers.tables import write_table
+from tests.helpers.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-SERVER = "postgresql+psycopg2://postgres@127.0.0.1:5432"
 
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture
-def scratch_database() -> Iterator[str]:
-    """A throwaway PostgreSQL database on the local server, dropped afterwards.
-
-    The URL names the psycopg2 driver: SQLAlchemy 2.1 maps a bare postgresql:// to
-    psycopg 3, which dagster-postgres does not support (see deploy/dagster.yaml).
-    """
-    name = f"flux2_deploy_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(f"{SERVER}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def test_the_deploy_profile_runs_on_postgresql(
     tmp_path: Path,
     settings: Settings,
     emulator: EmulatorServer,
-    scratch_database: str,
+    postgres_database: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
-    monkeypatch.setenv("DAGSTER_POSTGRES_URL", scratch_database)
+    monkeypatch.setenv("DAGSTER_POSTGRES_URL", postgres_database)
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     write_table(Path(settings.storage.input_dir), "prod", prompt_rows(emulator.base_url, "prod", 4))
 
@@ -105,12 +85,12 @@ def _assert_concurrency_limits(instance: DagsterInstance, max_runs: int = 4) -> 
 
 
 def test_the_celery_profile_loads_on_postgresql(
-    tmp_path: Path, scratch_database: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, postgres_database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     home = tmp_path / "celery_home"
     home.mkdir()
     shutil.copy(REPO / "deploy" / "celery" / "dagster.yaml", home / "dagster.yaml")
-    monkeypatch.setenv("DAGSTER_POSTGRES_URL", scratch_database)
+    monkeypatch.setenv("DAGSTER_POSTGRES_URL", postgres_database)
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     instance = DagsterInstance.get()
     try:
@@ -166,14 +146,14 @@ FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus
 
 @pytest.fixture
 def deploy_home(
-    tmp_path: Path, scratch_database: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, postgres_database: str, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[DagsterInstance]:
     """The deploy profile's instance on a fresh PostgreSQL database; the environment run
     workers inherit (through the code server) names the same instance."""
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
-    monkeypatch.setenv("DAGSTER_POSTGRES_URL", scratch_database)
+    monkeypatch.setenv("DAGSTER_POSTGRES_URL", postgres_database)
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     instance = DagsterInstance.get()
     try:
@@ -228,7 +208,11 @@ def test_the_daemon_queue_keeps_the_deploy_profile_limits(
             waiting = [second_q0, others[3]]
             assert _in_progress(instance) == set(started)
             # The started runs reach the API and stay there while the emulator holds them.
-            _wait(lambda: emulator.state.counters.in_progress_now == QUEUE_LIMIT * ROWS_PER_RUN)
+            wait_until(
+                lambda: emulator.state.counters.in_progress_now == QUEUE_LIMIT * ROWS_PER_RUN,
+                timeout=300,
+                interval=0.2,
+            )
             assert {r for r in started if _status(instance, r) is DagsterRunStatus.STARTED} == set(
                 started
             )
@@ -351,14 +335,6 @@ def _in_progress(instance: DagsterInstance) -> set[str]:
     return {
         r.dagster_run.run_id for r in instance.get_run_records(RunsFilter(statuses=in_progress))
     }
-
-
-def _wait(condition: Callable[[], bool], timeout: float = 300) -> None:
-    """Poll until `condition` holds; the deadline only stops a hang."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not reached in {timeout} s"
-        time.sleep(0.2)
 
 
 def _tick_until_finished(

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -21,11 +20,11 @@ from dagster import DagsterInstance
 
 from flux2_pipeline import Flux2EditsComponent
 from flux2_pipeline.emulator import EmulatorServer
-from tests.conftest import TEST_TOKEN
+from tests.helpers.cli import BIN
+from tests.helpers.emulator import TEST_TOKEN
 
 pytestmark = pytest.mark.slow
 
-BIN = Path(sys.executable).parent
 WORKTREE = Path(__file__).resolve().parents[2]
 PYPROJECT = """\
 [project]

@@ -16,7 +16,8 @@ from flux2_pipeline.cli.backfill import run_backfill
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.media import EXPIRED, EXPIRED_ERROR, MANIFEST_SCHEMA
 from flux2_pipeline.settings import Settings
-from tests.conftest import prompt_rows, write_table
+from tests.helpers.emulator import prompt_rows
+from tests.helpers.tables import write_table
 
 datasets = pytest.importorskip("datasets")
 

@@ -26,10 +26,11 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from flux2_pipeline.cli.runs import RUN_TAG
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.ledger import Ledger
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
-from tests.dagster.test_process_safety import CLI, cli_env, wait_for
-from tests.dagster.test_ui import BIN, free_port
-from tests.dagster.test_ui import wait_for as wait_for_url
+from tests.helpers.cli import BIN, CLI, cli_env, serves
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.net import free_port
+from tests.helpers.tables import write_table
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -149,7 +150,7 @@ def test_sigkill_of_the_command_stops_its_workers_paying(
     command = start(tmp_path, backfill(tmp_path, emulator))
     family: list[psutil.Process] = []
     try:
-        wait_for(running_partitions(emulator, command))
+        wait_until(running_partitions(emulator, command))
         family += psutil.Process(command.pid).children(recursive=True)
         command.send_signal(signal.SIGKILL)
         killed = time.monotonic()
@@ -174,7 +175,7 @@ def test_sigkill_of_the_worker_server_stops_the_runs_and_the_command_outlives_th
     command = start(tmp_path, backfill(tmp_path, emulator))
     workers: list[psutil.Process] = []
     try:
-        wait_for(running_partitions(emulator, command))
+        wait_until(running_partitions(emulator, command))
         server = worker_server(command)
         assert server is not None
         workers += workers_of(command)
@@ -213,7 +214,7 @@ def test_a_dead_worker_fails_its_own_run_alone(tmp_path: Path, emulator: Emulato
     command = start(tmp_path, env)
     workers: list[psutil.Process] = []
     try:
-        wait_for(running_partitions(emulator, command))
+        wait_until(running_partitions(emulator, command))
         workers += workers_of(command)
         workers[0].send_signal(signal.SIGKILL)
         command.wait(timeout=120)
@@ -266,9 +267,10 @@ def test_the_ui_started_from_a_script_stops_on_sigterm_within_5_s(tmp_path: Path
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     try:
-        wait_for_url(f"http://127.0.0.1:{port}/server_info", ui, time.monotonic() + 240)
+        url = f"http://127.0.0.1:{port}/server_info"
+        wait_until(lambda: serves(url, ui), url, timeout=240, interval=0.5)
         # dagster dev, its code server, webserver and daemon (the last two start late).
-        wait_for(lambda: len(psutil.Process(ui.pid).children(recursive=True)) >= 4)
+        wait_until(lambda: len(psutil.Process(ui.pid).children(recursive=True)) >= 4)
         family += psutil.Process(ui.pid).children(recursive=True)
         ui.send_signal(signal.SIGTERM)
         stopped = time.monotonic()

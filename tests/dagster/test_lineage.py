@@ -28,7 +28,8 @@ from flux2_pipeline.assets.observe import register_partitions_on_load
 from flux2_pipeline.cli.runs import run_partition
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.resources import Flux2Storage, LedgerResource, RunComfyResource
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.tables import write_table
 
 KEYS = Flux2Keys()
 

@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from flux2_pipeline.emulator import EmulatorServer
-from tests.conftest import prompt_rows, write_table
-from tests.dagster.test_process_safety import CLI, cli_env, last_metadata
+from tests.helpers.cli import CLI, cli_env, last_metadata
+from tests.helpers.emulator import prompt_rows
+from tests.helpers.tables import write_table
 
 pytestmark = pytest.mark.slow
 
@@ -49,9 +50,9 @@ def test_rows_with_a_404_reference_are_never_paid_over_retries_and_reruns(
 
 
 def test_a_budget_stops_spending_and_a_raised_budget_pays_only_the_rest(
-    tmp_path: Path, emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, emulator: EmulatorServer
 ) -> None:
-    monkeypatch.setattr("flux2_pipeline.emulator.app.COST_PER_IMAGE_USD", 0.05)
+    emulator.state.faults.update(price_usd=0.05)
     write_table(tmp_path / "prompts", "spend", prompt_rows(emulator.base_url, "s", 30))
     money = {"FLUX2_PRICE_PER_IMAGE_USD": "0.05", "FLUX2_MAX_CONCURRENCY": "8"}
     env = cli_env(tmp_path, emulator.base_url, FLUX2_BUDGET_USD="0.50", **money)

@@ -11,7 +11,6 @@ yet finished covers, and asks for it after that run ends.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,10 @@ from flux2_pipeline.cli.runs import run_partition
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.ledger import Ledger, SubmissionState
 from flux2_pipeline.settings import Settings
-from tests.conftest import prompt_rows, write_table
-from tests.dagster.test_sensor import Daemon, run_requests
+from tests.helpers.emulator import prompt_rows
+from tests.helpers.sensors import Daemon, run_requests
+from tests.helpers.tables import write_table
+from tests.helpers.waiting import wait_until
 
 OLD_ROWS = 20
 WAIT_S = 120.0
@@ -42,14 +43,6 @@ def _versions(base_url: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
     new[5]["prompt"] = "x edit number 5, but bluer"
     new += prompt_rows(base_url, "added", 5)
     return old, new
-
-
-def _wait(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 class _Run:
@@ -140,13 +133,13 @@ def test_an_older_run_ending_last_leaves_the_newer_results(
     register_input_files(instance, Flux2Keys(), first_settings.storage)
     state.faults.update(hold_jobs=True)
     first = _Run(first_settings, instance)
-    _wait(_sent(ledger_url, OLD_ROWS - 1), "run 1's first 19 jobs")
+    wait_until(_sent(ledger_url, OLD_ROWS - 1), "run 1's first 19 jobs", timeout=WAIT_S)
 
     write_table(Path(first_settings.storage.input_dir), "x", new)
     new_sha = file_sha256(input_path)
     second_settings = _settings(monkeypatch, 32)
     second = _Run(second_settings, instance)
-    _wait(_sent(ledger_url, OLD_ROWS - 1 + 6), "run 2's six new jobs")
+    wait_until(_sent(ledger_url, OLD_ROWS - 1 + 6), "run 2's six new jobs", timeout=WAIT_S)
     # Every job ends, but run 1's last submit is answered only after run 2 has ended.
     state.faults.update(hold_submits=True)
     state.faults.update(hold_jobs=False)
@@ -180,14 +173,14 @@ def test_an_older_run_ending_first_fails_without_writing(
     register_input_files(instance, Flux2Keys(), settings.storage)
     state.faults.update(hold_jobs=True)
     first = _Run(settings, instance)
-    _wait(_sent(ledger_url, OLD_ROWS), "run 1's 20 jobs")
+    wait_until(_sent(ledger_url, OLD_ROWS), "run 1's 20 jobs", timeout=WAIT_S)
 
     write_table(Path(settings.storage.input_dir), "x", new)
     new_sha = file_sha256(input_path)
     # Run 2's six submits create their jobs, and their answers wait.
     state.faults.update(hold_submits=True)
     second = _Run(settings, instance)
-    _wait(lambda: counters.held_submits_now == 6, "run 2's six held submits")
+    wait_until(lambda: counters.held_submits_now == 6, "run 2's six held submits", timeout=WAIT_S)
     state.faults.update(hold_jobs=False)
     first_summary = first.result()
     assert not first_summary.succeeded

@@ -25,8 +25,10 @@ from flux2_pipeline.cli.runs import RUN_TAG
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.ledger import Ledger
 from flux2_pipeline.settings import Settings
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
-from tests.dagster.test_process_safety import CLI, cli_env, start_cli, wait_for
+from tests.helpers.cli import CLI, cli_env, start_cli
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.tables import write_table
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -113,9 +115,9 @@ def test_sigterm_stops_every_running_partition_and_starts_no_other(tmp_path: Pat
 
         run = start_cli(env, "--parallel", "2")
         # Two partitions of three jobs each: all six submitted, two running, four queued.
-        wait_for(lambda: counters.jobs_created == 6 and counters.in_progress_now == 2)
+        wait_until(lambda: counters.jobs_created == 6 and counters.in_progress_now == 2)
         polls = counters.status_calls
-        wait_for(lambda: counters.status_calls > polls + 2)  # both steps are polling
+        wait_until(lambda: counters.status_calls > polls + 2)  # both steps are polling
         run.send_signal(signal.SIGTERM)
         stdout, stderr = run.communicate(timeout=90)
         assert run.returncode == 1, stdout + stderr

@@ -9,20 +9,18 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from dagster import AssetKey, DagsterInstance
 
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.ledger import Ledger
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
-
-CLI = str(Path(sys.executable).parent / "flux2-pipeline")
+from tests.helpers.cli import CLI, cli_env, last_metadata, start_cli
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.tables import write_table
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -32,52 +30,6 @@ def slow_emulator() -> Iterator[EmulatorServer]:
     config = EmulatorConfig(port=0, latency=1.0, max_concurrent=8, token=TEST_TOKEN, seed=3)
     with EmulatorServer(config) as server:
         yield server
-
-
-def cli_env(tmp_path: Path, base_url: str, **extra: str) -> dict[str, str]:
-    home = tmp_path / "dagster_home"
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNCOMFY_", "FLUX2_"))}
-    env.update(
-        RUNCOMFY_BASE_URL=base_url,
-        RUNCOMFY_API_TOKEN=TEST_TOKEN,
-        FLUX2_INPUT_DIR=str(tmp_path / "prompts"),
-        FLUX2_OUTPUT_DIR=str(tmp_path / "output"),
-        FLUX2_MAX_CONCURRENCY="8",
-        FLUX2_STEP_RETRIES="0",
-        DAGSTER_HOME=str(home),
-    )
-    env.update(extra)
-    return env
-
-
-def start_cli(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [CLI, "materialize", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
-
-
-def last_metadata(env: dict[str, str]) -> dict[str, object]:
-    instance = DagsterInstance.from_config(env["DAGSTER_HOME"])
-    try:
-        event = instance.get_latest_materialization_event(AssetKey("flux2_edits"))
-        assert event is not None and event.asset_materialization is not None
-        return {k: v.value for k, v in event.asset_materialization.metadata.items()}
-    finally:
-        instance.dispose()
 
 
 def test_sigkill_mid_partition_then_rerun_pays_each_row_once(
@@ -91,7 +43,7 @@ def test_sigkill_mid_partition_then_rerun_pays_each_row_once(
 
     victim = start_cli(env)
     # Kill while the second wave of 8 jobs is in flight: some done, some running.
-    wait_for(lambda: counters.jobs_created >= 12 and counters.completed_jobs >= 4)
+    wait_until(lambda: counters.jobs_created >= 12 and counters.completed_jobs >= 4)
     victim.send_signal(signal.SIGKILL)
     victim.communicate(timeout=30)
     assert victim.returncode == -signal.SIGKILL
@@ -145,9 +97,9 @@ def test_stopping_a_run_cancels_queued_jobs_and_records_them(tmp_path: Path) -> 
         write_table(tmp_path / "prompts", "stopnext", prompt_rows(emulator.base_url, "n", 2))
 
         run = start_cli(env)
-        wait_for(lambda: counters.jobs_created == 5 and counters.in_progress_now == 1)
+        wait_until(lambda: counters.jobs_created == 5 and counters.in_progress_now == 1)
         polls = counters.status_calls
-        wait_for(lambda: counters.status_calls > polls)  # the step is polling its jobs
+        wait_until(lambda: counters.status_calls > polls)  # the step is polling its jobs
         run.send_signal(signal.SIGTERM)  # what stopping a run from the UI does to its worker
         stdout, _ = run.communicate(timeout=60)
         assert run.returncode == 1
@@ -225,7 +177,7 @@ def test_emulator_command_serves_until_stopped(tmp_path: Path) -> None:
             except httpx.TransportError:
                 return False
 
-        wait_for(up, timeout=30)
+        wait_until(up, timeout=30)
         denied = httpx.get(f"{base}/v1/requests/x/status", timeout=5)
         assert denied.status_code == 401
     finally:

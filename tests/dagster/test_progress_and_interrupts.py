@@ -21,7 +21,8 @@ from flux2_pipeline.cli.backfill import run_backfill
 from flux2_pipeline.cli.runs import run_partition
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.settings import Settings
-from tests.conftest import prompt_rows, write_table
+from tests.helpers.emulator import prompt_rows
+from tests.helpers.tables import write_table
 
 
 def test_a_running_step_records_its_progress(

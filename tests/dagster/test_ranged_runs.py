@@ -29,8 +29,10 @@ from flux2_pipeline.cli.backfill import run_backfill
 from flux2_pipeline.cli.runs import RUN_TAG
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.settings import Settings
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
-from tests.dagster.test_process_safety import CLI, cli_env, start_cli, wait_for
+from tests.helpers.cli import CLI, cli_env, start_cli
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.tables import write_table
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -276,9 +278,9 @@ def test_a_stop_ends_every_partition_of_a_ranged_run_and_pays_nothing_twice(
         emulator.state.faults.update(hold_jobs=True)
         run = start_cli(env)
         # One run over both: stopme's five jobs hold the five slots, stopnext's rows wait.
-        wait_for(lambda: counters.jobs_created == 5 and counters.in_progress_now == 1)
+        wait_until(lambda: counters.jobs_created == 5 and counters.in_progress_now == 1)
         polls = counters.status_calls
-        wait_for(lambda: counters.status_calls > polls)
+        wait_until(lambda: counters.status_calls > polls)
         run.send_signal(signal.SIGTERM)
         stdout, _ = run.communicate(timeout=60)
         assert run.returncode == 1

@@ -16,8 +16,9 @@ import pytest
 
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.ledger import Ledger
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
-from tests.dagster.test_process_safety import CLI, cli_env
+from tests.helpers.cli import CLI, cli_env
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.tables import write_table
 
 pytestmark = pytest.mark.slow
 

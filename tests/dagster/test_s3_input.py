@@ -39,7 +39,7 @@ from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.paths import as_path
 from flux2_pipeline.resources import Flux2Storage
 from flux2_pipeline.settings import Settings
-from tests.conftest import TEST_TOKEN, prompt_rows
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
 
 s3fs = pytest.importorskip("s3fs")
 

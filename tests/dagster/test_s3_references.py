@@ -12,7 +12,7 @@ from flux2_pipeline.cli.backfill import run_backfill
 from flux2_pipeline.emulator import EmulatorServer, render_sample
 from flux2_pipeline.paths import as_path, write_bytes_atomically
 from flux2_pipeline.settings import Settings
-from tests.conftest import write_table
+from tests.helpers.tables import write_table
 
 
 def test_s3_references_are_presigned_and_reruns_pay_nothing(

@@ -12,38 +12,28 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
-import sys
-import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from flux2_pipeline.emulator import EmulatorServer
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
+from tests.helpers.cli import BIN
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.tables import write_table
 
-BIN = Path(sys.executable).parent
 PASSWORD = "pw-Kq81zXv0s3cret"
-SERVER = "postgresql+psycopg2://postgres@127.0.0.1:5432"
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 
 @pytest.fixture
-def ledger_database() -> Iterator[str]:
+def ledger_database(postgres_database: str) -> str:
     """A throwaway database; the URL carries a password (trust auth ignores it)."""
-    name = f"flux2_secrets_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(f"{SERVER}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql://postgres:{PASSWORD}@127.0.0.1:5432/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    url = make_url(postgres_database).set(drivername="postgresql", password=PASSWORD)
+    return url.render_as_string(hide_password=False)
 
 
 def _texts(blob: bytes) -> Iterator[bytes]:

@@ -13,71 +13,23 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from dagster import (
-    AddDynamicPartitionsRequest,
     DagsterInstance,
-    RunRequest,
-    SensorResult,
-    build_sensor_context,
 )
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
-from flux2_pipeline.assets import Flux2Keys, build_flux2_definitions
 from flux2_pipeline.assets.prompts import ranged_run_key
 from flux2_pipeline.batch import file_sha256
 from flux2_pipeline.cli.backfill import run_backfill
 from flux2_pipeline.emulator import EmulatorServer
-from flux2_pipeline.resources import Flux2Storage
 from flux2_pipeline.settings import Settings
-from tests.conftest import prompt_rows, write_table
+from tests.helpers.emulator import prompt_rows
+from tests.helpers.sensors import Daemon, added_keys, run_requests
+from tests.helpers.tables import write_table
 
 BASE = "http://127.0.0.1:9/unused"  # sensor tests never send anything
-
-
-class Daemon:
-    """Evaluates the sensor the way the sensor daemon does, one tick at a time."""
-
-    def __init__(self, instance: DagsterInstance, input_dir: Path, output_dir: Path) -> None:
-        self.instance = instance
-        self.storage = Flux2Storage(input_dir=str(input_dir), output_dir=str(output_dir))
-        self.cursor: str | None = None
-        self.log_handler: logging.Handler | None = None
-
-    def tick(self) -> SensorResult:
-        context = build_sensor_context(
-            instance=self.instance, resources={"flux2_storage": self.storage}, cursor=self.cursor
-        )
-        if self.log_handler is not None:
-            context.log.addHandler(self.log_handler)  # the sensor's logger is not global
-        sensor = build_flux2_definitions().get_unresolved_sensor_def(Flux2Keys().sensor_name)
-        result = sensor(context)
-        assert isinstance(result, SensorResult)
-        for request in result.dynamic_partitions_requests or []:
-            assert isinstance(request, AddDynamicPartitionsRequest)
-            assert request.partitions_def_name == Flux2Keys().partitions_name
-            self.instance.add_dynamic_partitions(
-                Flux2Keys().partitions_name, request.partition_keys
-            )
-        self.cursor = result.cursor
-        return result
-
-    @property
-    def partitions(self) -> list[str]:
-        return sorted(self.instance.get_dynamic_partitions(Flux2Keys().partitions_name))
-
-
-def added_keys(result: SensorResult) -> list[str]:
-    keys: list[str] = []
-    for request in result.dynamic_partitions_requests or []:
-        assert isinstance(request, AddDynamicPartitionsRequest)
-        keys.extend(request.partition_keys)
-    return sorted(keys)
-
-
-def run_requests(result: SensorResult) -> list[RunRequest]:
-    return list(result.run_requests or [])
 
 
 def bump_mtime(path: Path, seconds: int = 5) -> None:

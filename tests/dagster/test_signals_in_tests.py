@@ -1,7 +1,7 @@
 """The test processes keep SIGTERM deliverable whatever they were started with: Dagster's
 in-process runs copy SIGINT's handler to SIGTERM, so a pytest started ignoring SIGINT (in the
 background, from a script) would ignore SIGTERM after its first run, and so would every
-process it spawned; a pool's `terminate()` then hung for ever (`tests/conftest.py`)."""
+process it spawned; a pool's `terminate()` then hung for ever (`tests/helpers/signals.py`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from dagster import asset, materialize
 
-from tests.conftest import keep_sigterm_deliverable
+from tests.helpers.signals import keep_sigterm_deliverable
 
 
 @asset

@@ -8,37 +8,18 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pyarrow.parquet as pq
 import pytest
 
-BIN = Path(sys.executable).parent
+from tests.helpers.cli import BIN, serves
+from tests.helpers.net import free_port
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(url: str, process: subprocess.Popen[bytes], deadline: float) -> None:
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "flux2-pipeline ui exited early"
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)  # polling a server that is starting; the deadline bounds it
-    pytest.fail(f"{url} did not answer in time")
 
 
 def test_the_ui_serves_the_demo_folders_and_stops_cleanly(tmp_path: Path) -> None:
@@ -62,7 +43,8 @@ def test_the_ui_serves_the_demo_folders_and_stops_cleanly(tmp_path: Path) -> Non
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for(f"http://127.0.0.1:{port}/server_info", process, time.monotonic() + 240)
+        url = f"http://127.0.0.1:{port}/server_info"
+        wait_until(lambda: serves(url, process), url, timeout=240, interval=0.5)
         query = {"query": "{ assetNodes { assetKey { path } } }"}
         nodes = httpx.post(f"http://127.0.0.1:{port}/graphql", json=query, timeout=60).json()
         keys = {"/".join(n["assetKey"]["path"]) for n in nodes["data"]["assetNodes"]}

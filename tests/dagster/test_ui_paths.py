@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,9 @@ from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.ledger import Ledger, SubmissionState
 from flux2_pipeline.runcomfy.models import JobState
 from flux2_pipeline.settings import Settings
-from tests.conftest import prompt_rows, write_table
+from tests.helpers.emulator import prompt_rows
+from tests.helpers.tables import write_table
+from tests.helpers.waiting import wait_until
 
 # Each test starts a code server and runs up to three runs, each in run-worker and step
 # processes: about 1 to 2 minutes on the loaded 2-core machine. The limit catches a hang.
@@ -85,15 +87,6 @@ mutation StartSensor($sensorSelector: SensorSelector!) {
 """
 
 
-def wait_until(what: str, predicate: Callable[[], bool]) -> None:
-    """Poll `predicate` (the emulator's or the instance's state) until it holds."""
-    deadline = time.monotonic() + PATIENCE
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting for {what}")
-        time.sleep(0.1)  # a polling interval, not a wait for an event to happen
-
-
 def finished_run(instance: DagsterInstance, run_id: str) -> DagsterRun:
     """The run once it reached a terminal status."""
     holder: list[DagsterRun] = []
@@ -104,7 +97,7 @@ def finished_run(instance: DagsterInstance, run_id: str) -> DagsterRun:
         holder[:] = [run]
         return run.is_finished
 
-    wait_until(f"run {run_id} to finish", done)
+    wait_until(done, f"run {run_id} to finish", timeout=PATIENCE, interval=0.1)
     return holder[0]
 
 
@@ -139,7 +132,7 @@ def dequeue(workspace: WorkspaceProcessContext, run_id: str) -> None:
             list(daemon.run_iteration(workspace))
         return False
 
-    wait_until(f"run {run_id} to leave the queue", launched)
+    wait_until(launched, f"run {run_id} to leave the queue", timeout=PATIENCE, interval=0.1)
 
 
 @pytest.fixture
@@ -207,7 +200,12 @@ def test_terminate_from_the_ui_cancels_queued_jobs_and_the_next_run_polls_runnin
         assert_still_running(instance, run_id)
         return (state.counters.jobs_created, state.in_progress, state.queue_length) == (6, 2, 4)
 
-    wait_until("6 jobs on the emulator, 2 running and 4 queued", six_jobs_two_running)
+    wait_until(
+        six_jobs_two_running,
+        "6 jobs on the emulator, 2 running and 4 queued",
+        timeout=PATIENCE,
+        interval=0.1,
+    )
     running, queued = jobs_in(emulator, JobState.IN_PROGRESS), jobs_in(emulator, JobState.IN_QUEUE)
     assert (len(running), len(queued)) == (2, 4)
 

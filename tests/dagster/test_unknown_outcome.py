@@ -17,8 +17,10 @@ import pytest
 
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.ledger import Ledger
-from tests.conftest import prompt_rows, write_table
-from tests.dagster.test_process_safety import CLI, cli_env, last_metadata, start_cli, wait_for
+from tests.helpers.cli import CLI, cli_env, last_metadata, start_cli
+from tests.helpers.emulator import prompt_rows
+from tests.helpers.tables import write_table
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +43,7 @@ def test_killed_before_the_answer_then_rerun_counts_each_duplicate(
     emulator.state.faults.update(hold_submits=True)  # jobs are created, answers held
 
     victim = start_cli(env)
-    wait_for(lambda: counters.jobs_created == ROWS, timeout=120)
+    wait_until(lambda: counters.jobs_created == ROWS, timeout=120)
     victim.send_signal(signal.SIGKILL)
     victim.communicate(timeout=30)
     assert victim.returncode == -signal.SIGKILL

@@ -11,7 +11,6 @@ import asyncio
 import io
 import logging
 import socket
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,6 +33,7 @@ from flux2_pipeline.runcomfy import (
     SubmissionOutcomeUnknown,
     TransportError,
 )
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -92,14 +92,6 @@ def jobs_by_seed(server: EmulatorServer, seed: int) -> list[Job]:
     return [job for job in list(server.state.jobs.values()) if job.request.seed == seed]
 
 
-async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
-
-
 async def test_many_jobs_survive_429_and_5xx_without_duplicates(
     make_emulator: _Emulators,
 ) -> None:
@@ -127,7 +119,9 @@ async def test_many_jobs_survive_429_and_5xx_without_duplicates(
         server.state.faults.update(hold_submits=True, hold_jobs=True)
         try:
             submitting = asyncio.gather(*(submit(req) for req in requests))
-            await eventually(lambda: counters.held_submits_now == 16, timeout=30)
+            await asyncio.to_thread(
+                wait_until, lambda: counters.held_submits_now == 16, "16 held submits", timeout=30
+            )
             assert counters.jobs_created == counters.in_progress_now == 16
         finally:
             server.state.faults.update(hold_submits=False, hold_jobs=False)
@@ -299,7 +293,7 @@ class _ReadsOnceHeld(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         async def trace(event: str, _info: dict[str, Any]) -> None:
             if event == "http11.receive_response_headers.started":
-                await eventually(self.held, timeout=30)
+                await asyncio.to_thread(wait_until, self.held, "the held submits", timeout=30)
 
         request.extensions["trace"] = trace
         return await self.inner.handle_async_request(request)
@@ -361,7 +355,12 @@ async def test_caller_cancellation_cancels_the_queued_job(make_emulator: _Emulat
         blocker = await client.submit(request(server.base_url, 1))
         task = asyncio.create_task(client.run(request(server.base_url, 2)))
         # Cancel only once the job exists and the client is polling it.
-        await eventually(lambda: counters.jobs_created == 2 and counters.status_calls >= 1)
+        await asyncio.to_thread(
+            wait_until,
+            lambda: counters.jobs_created == 2 and counters.status_calls >= 1,
+            "2 jobs and a status call",
+            timeout=5.0,
+        )
         (queued,) = jobs_by_seed(server, 2)
         assert queued.state is JobState.IN_QUEUE
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
@@ -25,7 +25,8 @@ from flux2_pipeline.runcomfy.models import (
     parse_status,
     parse_submit,
 )
-from tests.conftest import refused_port
+from tests.helpers.net import refused_port
+from tests.helpers.waiting import wait_until
 
 TERMINAL = {"completed", "succeeded", "failed", "canceled"}
 
@@ -55,7 +56,7 @@ def emulator(shared: EmulatorServer) -> EmulatorServer:
         succeeded_rate=0,
         extra_states=False,
         error_shape="string",
-        price_usd=None,
+        price_usd=EmulatorConfig().price_usd,
     )
     shared.state.reset_counters()
     return shared
@@ -69,15 +70,6 @@ def client(emulator: EmulatorServer) -> Iterator[httpx.Client]:
 
 def body(base_url: str, **overrides: Any) -> dict[str, Any]:
     return {"prompt": "make it night", "image_urls": [f"{base_url}/samples/cat.png"], **overrides}
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
-    """Poll the emulator's state until `condition` holds; the deadline only stops a hang."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met in {timeout} s")
-        time.sleep(0.01)
 
 
 def wait_done(client: httpx.Client, request_id: str, timeout: float = 5.0) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import pytest
 
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer, Faults
 from flux2_pipeline.runcomfy.models import MODEL_PATH, PARAMETER_NAMES
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -83,14 +84,6 @@ def wait_ended(client: httpx.Client, request_id: str, timeout: float = 30.0) -> 
     raise AssertionError(f"job {request_id} did not end in {timeout} s")
 
 
-def wait_until(condition: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met in {timeout} s")
-        time.sleep(0.01)
-
-
 def test_the_fixture_names_a_source_for_every_body() -> None:
     entries = json.loads(FIXTURE.read_text())["bodies"]
     names = [entry["name"] for entry in entries]
@@ -122,7 +115,7 @@ def test_result_answers_400005_until_the_job_has_ended(
     try:
         running = submit(client, emulator.base_url, seed=1)
         queued = submit(client, emulator.base_url, seed=2)
-        wait_until(lambda: emulator.state.in_progress == 1)
+        wait_until(lambda: emulator.state.in_progress == 1, timeout=30.0)
         for request_id in (running, queued):
             answer = client.get(f"/v1/requests/{request_id}/result")
             assert answer.status_code == fixture_body("result_not_ready")["http_status"] == 400
@@ -152,7 +145,7 @@ def test_result_lag_keeps_400005_after_status_says_the_job_ended(
         assert emulator.state.counters.results_not_ready >= 1
     finished = emulator.state.jobs[request_id].finished_at
     assert finished is not None
-    wait_until(lambda: time.time() - finished.timestamp() > lag + 0.05)
+    wait_until(lambda: time.time() - finished.timestamp() > lag + 0.05, timeout=30.0)
     ready = client.get(f"/v1/requests/{request_id}/result")
     assert ready.status_code == 200 and ready.json()["status"] == "succeeded"
 
@@ -199,7 +192,7 @@ def test_extra_states_say_pending_waiting_starting_processing_some_of_the_time(
     try:
         running = submit(client, emulator.base_url, seed=1)
         queued = submit(client, emulator.base_url, seed=2)
-        wait_until(lambda: emulator.state.in_progress == 1)
+        wait_until(lambda: emulator.state.in_progress == 1, timeout=30.0)
         seen_running = {client.get(f"/v1/requests/{running}/status").json()["status"]}
         seen_queued = {client.get(f"/v1/requests/{queued}/status").json()["status"]}
         for _ in range(40):

@@ -9,20 +9,16 @@ end, and an account-level refusal recorded by one run stops the others' submits.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from flux2_pipeline.batch import EditRunner, RowOutcome, read_input_rows
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
@@ -32,16 +28,15 @@ from flux2_pipeline.ledger import (
     Ledger,
     SubmissionState,
     make_row_key,
-    parse_ledger_url,
 )
 from flux2_pipeline.ledger.schema import REFUSALS_TABLE_NAME
 from flux2_pipeline.runcomfy import AsyncRunComfyClient, PollSchedule
 from flux2_pipeline.runcomfy.models import JobState
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.tables import write_table
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(300)
-
-PG_URL = os.environ.get("FLUX2_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 @dataclass(frozen=True)
@@ -55,32 +50,10 @@ class Where:
         return Ledger.open(self.url, schema=self.schema)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def where(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Where]:
-    if request.param == "sqlite":
-        yield Where(str(tmp_path / "ledger.sqlite"), None)
-        return
-    schema = f"ledger_test_{uuid.uuid4().hex[:12]}"
-    yield Where(PG_URL, schema)
-    engine = create_engine(parse_ledger_url(PG_URL))
-    try:
-        with engine.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-    finally:
-        engine.dispose()
-
-
 @pytest.fixture
-def ledger(where: Where) -> Iterator[Ledger]:
-    with where.open() as opened:
-        yield opened
-
-
-async def _wait_until(check: Any, what: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        await asyncio.sleep(0.02)
+def where(ledger_url: str, ledger_schema: str | None) -> Where:
+    """The `ledger` fixture's ledger, for a subprocess to open as well."""
+    return Where(ledger_url, ledger_schema)
 
 
 async def _run(
@@ -96,11 +69,10 @@ async def _run(
 # -- item: cancelled queued jobs give their reservation back --------------------------
 
 
-async def test_cancelled_queued_jobs_give_their_budget_back(
-    tmp_path: Path, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("flux2_pipeline.emulator.app.COST_PER_IMAGE_USD", 0.05)
-    config = EmulatorConfig(port=0, latency=0.3, max_concurrent=2, token=TEST_TOKEN, seed=8)
+async def test_cancelled_queued_jobs_give_their_budget_back(tmp_path: Path, ledger: Ledger) -> None:
+    config = EmulatorConfig(
+        port=0, latency=0.3, max_concurrent=2, token=TEST_TOKEN, seed=8, price_usd=0.05
+    )
     with EmulatorServer(config) as emulator:
         state = emulator.state
         table = write_table(tmp_path, "p", prompt_rows(emulator.base_url, "c", 20))
@@ -110,13 +82,18 @@ async def test_cancelled_queued_jobs_give_their_budget_back(
         state.faults.update(hold_jobs=True)
         running = asyncio.ensure_future(_run(emulator, ledger, table, "p", **money))
         try:
-            await _wait_until(
-                lambda: (state.counters.jobs_created, state.in_progress) == (8, 2), "8 in flight"
+            await asyncio.to_thread(
+                wait_until,
+                lambda: (state.counters.jobs_created, state.in_progress) == (8, 2),
+                "8 in flight",
+                timeout=120.0,
             )
             # Every answer arrived (no submit is cut short by the stop): 8 ids recorded.
-            await _wait_until(
+            await asyncio.to_thread(
+                wait_until,
                 lambda: sum(a.request_id is not None for a in ledger.submissions("p")) == 8,
                 "8 request ids in the ledger",
+                timeout=120.0,
             )
             running.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -193,8 +170,13 @@ async def test_a_dead_runners_jobs_hold_their_slots_until_a_run_follows_them(
                     assert victim.poll() is None, "the runner ended before it was killed"
                     return counters.in_progress_now == 4
 
-                await _wait_until(four_running, "4 jobs running")
-                await _wait_until(lambda: _request_ids_known(ledger) == 4, "4 ids recorded")
+                await asyncio.to_thread(wait_until, four_running, "4 jobs running", timeout=120.0)
+                await asyncio.to_thread(
+                    wait_until,
+                    lambda: _request_ids_known(ledger) == 4,
+                    "4 ids recorded",
+                    timeout=120.0,
+                )
             finally:
                 victim.send_signal(signal.SIGKILL)
                 victim.wait(30)

@@ -1,10 +1,11 @@
-"""The ledger against the real PostgreSQL server; each test gets its own fresh schema."""
+"""The ledger against the real PostgreSQL server; each test gets a fresh database.
+
+What holds on both backends is in test_ledger_lifecycle.py and test_ledger_claims.py; here is what
+is PostgreSQL's own: schemas, row locks, passwords in URLs, no spill file."""
 
 from __future__ import annotations
 
-import os
 import threading
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -29,41 +30,14 @@ from flux2_pipeline.ledger.schema import submissions
 
 pytestmark = pytest.mark.postgres
 
-PG_URL = os.environ.get("FLUX2_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> str:
-    # SQLAlchemy 2.1 maps postgresql:// to psycopg 3; the ledger pins psycopg2.
-    engine = create_engine(parse_ledger_url(PG_URL), connect_args={"connect_timeout": 3})
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as exc:
-        if os.environ.get("CI") == "true":
-            raise RuntimeError(f"PostgreSQL at {make_url(PG_URL)!r} is required in CI") from exc
-        pytest.skip(f"PostgreSQL unreachable at {make_url(PG_URL)!r}: {type(exc).__name__}")
-    finally:
-        engine.dispose()
-    return PG_URL
+# A named schema inside the fresh database: the ledger creates it on first open.
+SCHEMA = "ledger_test"
 
 
 @pytest.fixture
-def schema(pg_url: str) -> Iterator[str]:
-    name = f"ledger_test_{uuid.uuid4().hex[:12]}"
-    yield name
-    engine = create_engine(parse_ledger_url(pg_url))
-    try:
-        with engine.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
-    finally:
-        engine.dispose()
-
-
-@pytest.fixture
-def ledger(pg_url: str, schema: str) -> Iterator[Ledger]:
-    with Ledger.open(pg_url, schema=schema) as opened:
+def ledger(postgres_database: str) -> Iterator[Ledger]:
+    with Ledger.open(postgres_database, schema=SCHEMA) as opened:
         yield opened
 
 
@@ -156,14 +130,14 @@ def test_concurrent_intents_for_one_key_get_distinct_attempts(ledger: Ledger) ->
     assert attempts == list(range(1, 41))
 
 
-def test_concurrent_first_open_of_a_fresh_schema(pg_url: str, schema: str) -> None:
+def test_concurrent_first_open_of_a_fresh_schema(postgres_database: str) -> None:
     errors: list[BaseException] = []
     barrier = threading.Barrier(4)
 
     def opener() -> None:
         barrier.wait()
         try:
-            Ledger.open(pg_url, schema=schema).close()
+            Ledger.open(postgres_database, schema=SCHEMA).close()
         except BaseException as exc:  # collected for the assertion below
             errors.append(exc)
 
@@ -175,10 +149,10 @@ def test_concurrent_first_open_of_a_fresh_schema(pg_url: str, schema: str) -> No
     assert errors == []
 
 
-def test_repr_and_errors_hide_a_real_password(pg_url: str, schema: str) -> None:
+def test_repr_and_errors_hide_a_real_password(postgres_database: str) -> None:
     # The test server trusts local connections, so any password is accepted.
-    with_password = make_url(pg_url).set(password="s3cret-pg").render_as_string(False)
-    with Ledger.open(with_password, schema=schema) as ledger:
+    with_password = make_url(postgres_database).set(password="s3cret-pg").render_as_string(False)
+    with Ledger.open(with_password, schema=SCHEMA) as ledger:
         assert "s3cret-pg" not in repr(ledger) and "s3cret-pg" not in ledger.url
         assert ":***@" in repr(ledger)
         with pytest.raises(LedgerStateError) as info:
@@ -187,18 +161,18 @@ def test_repr_and_errors_hide_a_real_password(pg_url: str, schema: str) -> None:
 
 
 def test_a_stuck_lock_is_an_error_to_retry_not_a_hang(
-    pg_url: str, schema: str, monkeypatch: pytest.MonkeyPatch
+    postgres_database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Another session holds the account row (as a stuck process would) past the timeout.
     monkeypatch.setattr("flux2_pipeline.ledger.store.PG_LOCK_TIMEOUT_MS", 300)
-    with Ledger.open(pg_url, schema=schema) as ledger:
+    with Ledger.open(postgres_database, schema=SCHEMA) as ledger:
         request = ClaimRequest(make_row_key("p", "r", "h"), "p", "r", "h", price_usd=0.05)
-        other = create_engine(parse_ledger_url(pg_url))
+        other = create_engine(parse_ledger_url(postgres_database))
         try:
             with other.connect() as conn, ThreadPoolExecutor(1) as pool:
                 held = conn.begin()
                 conn.execute(
-                    text(f'SELECT * FROM "{schema}".flux2_ledger_account WHERE id = 1 FOR UPDATE')
+                    text(f'SELECT * FROM "{SCHEMA}".flux2_ledger_account WHERE id = 1 FOR UPDATE')
                 )
                 claiming = pool.submit(
                     ledger.claim, [request], holder="A", max_attempts=9, budget_usd=1.0

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flux2_pipeline.media import MANIFEST_SCHEMA, ImageStore
-from tests.integration.partition_files import stored_png, write_completed_results
+from tests.helpers.tables import stored_png, write_completed_results
 
 SMALL, LARGE = 20_000, 100_000
 """Both sizes fill more than one 16Ki-row group of results: below that, the peak is not yet

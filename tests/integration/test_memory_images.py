@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flux2_pipeline.media import MANIFEST_SCHEMA, ImageStore, iter_manifest
-from tests.integration.partition_files import stored_png, write_completed_results
+from tests.helpers.tables import stored_png, write_completed_results
 
 SMALL, LARGE = 10_000, 50_000
 REFUSED_EVERY = 10

@@ -29,7 +29,7 @@ from flux2_pipeline.batch import read_input_rows
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.ledger import Ledger, make_row_key
 from flux2_pipeline.ledger.schema import submissions
-from tests.conftest import TEST_TOKEN
+from tests.helpers.emulator import TEST_TOKEN
 
 SMALL, LARGE = 20_000, 100_000
 ALLOWANCE_MB = 12.0

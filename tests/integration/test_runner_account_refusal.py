@@ -18,7 +18,8 @@ from flux2_pipeline.batch import EditRunner, RowOutcome, read_input_rows
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.ledger import ClaimRequest, Ledger, make_row_key
 from flux2_pipeline.runcomfy import AsyncRunComfyClient, EditRequest, PollSchedule
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.tables import write_table
 
 
 @pytest.fixture

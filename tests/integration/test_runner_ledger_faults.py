@@ -26,7 +26,9 @@ from flux2_pipeline.batch import EditRunner, RowOutcome, read_input_rows
 from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.ledger import Ledger, LedgerError, SubmissionState
 from flux2_pipeline.runcomfy import AsyncRunComfyClient, PollSchedule
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.tables import write_table
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -50,18 +52,15 @@ def slow_emulator() -> Iterator[EmulatorServer]:
         yield server
 
 
-async def _wait_until(check: Any, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        await asyncio.sleep(0.02)
-
-
-async def _run(emulator: EmulatorServer, ledger: Ledger, table: Path) -> list[RowOutcome]:
+async def _run(
+    emulator: EmulatorServer, ledger: Ledger, table: Path, **options: Any
+) -> list[RowOutcome]:
     async with AsyncRunComfyClient(
         TEST_TOKEN, emulator.base_url, poll=PollSchedule(0.05, 0.2, 0.15)
     ) as client:
-        runner = EditRunner(client, ledger, partition="p", max_concurrency=ROWS, lease_seconds=1.5)
+        runner = EditRunner(
+            client, ledger, partition="p", max_concurrency=ROWS, lease_seconds=1.5, **options
+        )
         return [outcome async for outcome in runner.run(read_input_rows(table))]
 
 
@@ -74,10 +73,14 @@ async def _run_and_rerun(
     running = asyncio.ensure_future(_run(emulator, ledger, table))
     try:
         # Every row's intent is committed and its job created; the answers are held.
-        await _wait_until(lambda: emulator.state.counters.held_submits_now == ROWS, "all held")
+        await asyncio.to_thread(
+            wait_until, lambda: emulator.state.counters.held_submits_now == ROWS, "all held"
+        )
         async with fault():
             emulator.state.faults.update(hold_submits=False)
-            await _wait_until(lambda: emulator.state.counters.held_submits_now == 0, "answered")
+            await asyncio.to_thread(
+                wait_until, lambda: emulator.state.counters.held_submits_now == 0, "answered"
+            )
             await asyncio.sleep(1.0)  # the request ids meet the failing ledger
         try:
             return await running
@@ -191,22 +194,21 @@ async def test_a_run_stopped_while_its_ledger_is_locked_keeps_its_request_ids(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setattr("flux2_pipeline.ledger.store.SQLITE_BUSY_TIMEOUT_MS", 300)
-    monkeypatch.setattr("flux2_pipeline.batch.runner.STOP_WRITE_GRACE_S", 1.0)
     table = write_table(tmp_path, "p", prompt_rows(slow_emulator.base_url, "stop", ROWS))
     path = tmp_path / "ledger.sqlite"
     faults = slow_emulator.state.faults
     with Ledger.open(path) as ledger:
         faults.update(hold_submits=True)
-        running = asyncio.ensure_future(_run(slow_emulator, ledger, table))
+        running = asyncio.ensure_future(_run(slow_emulator, ledger, table, stop_write_grace_s=1.0))
         counters = slow_emulator.state.counters
-        await _wait_until(lambda: counters.held_submits_now == ROWS, "all held")
+        await asyncio.to_thread(wait_until, lambda: counters.held_submits_now == ROWS, "all held")
         with subprocess.Popen(
             [sys.executable, "-c", LOCKER, str(path), "60"], stdout=subprocess.PIPE, text=True
         ) as holder:
             assert holder.stdout is not None
             assert await asyncio.to_thread(holder.stdout.readline) == "locked\n"
             faults.update(hold_submits=False)
-            await _wait_until(lambda: counters.held_submits_now == 0, "answered")
+            await asyncio.to_thread(wait_until, lambda: counters.held_submits_now == 0, "answered")
             await asyncio.sleep(1.0)  # the request ids meet the locked ledger
             running.cancel()  # the user stops the run while the lock is still held
             stopping = time.monotonic()

@@ -18,7 +18,8 @@ from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.ledger import Ledger
 from flux2_pipeline.net import AddressPolicy, GuardedFetcher
 from flux2_pipeline.runcomfy import AsyncRunComfyClient, PollSchedule
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.tables import write_table
 
 
 @pytest.fixture
@@ -64,10 +65,9 @@ async def test_a_budget_is_never_overshot_and_raising_it_pays_only_the_rest(
     tmp_path: Path,
     fast_emulator: EmulatorServer,
     ledger: Ledger,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The API reports 0.05 USD per image, the price the budget reserves.
-    monkeypatch.setattr("flux2_pipeline.emulator.app.COST_PER_IMAGE_USD", 0.05)
+    fast_emulator.state.faults.update(price_usd=0.05)
     table = write_table(tmp_path, "p", prompt_rows(fast_emulator.base_url, "b", 30))
     counters = fast_emulator.state.counters
     money = {"price_per_image_usd": 0.05, "max_concurrency": 8}
@@ -218,17 +218,16 @@ async def test_a_freed_account_slot_wakes_a_waiting_row_at_once(
     tmp_path: Path,
     fast_emulator: EmulatorServer,
     ledger: Ledger,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Rows that find the account full would ask again only after a minute: finishing
     # well within the test's timeout proves each freed slot woke the next row.
-    monkeypatch.setattr("flux2_pipeline.batch.runner.WAIT_FIRST_S", 60.0)
-    monkeypatch.setattr("flux2_pipeline.batch.runner.WAIT_MAX_S", 60.0)
+    minute = {"wait_first_s": 60.0, "wait_max_s": 60.0}
     table = write_table(tmp_path, "p", prompt_rows(fast_emulator.base_url, "w", 12))
     counters = fast_emulator.state.counters
 
     outcomes, _ = await asyncio.wait_for(
-        _run(fast_emulator, ledger, table, max_concurrency=8, account_concurrency=2), timeout=45
+        _run(fast_emulator, ledger, table, max_concurrency=8, account_concurrency=2, **minute),
+        timeout=45,
     )
 
     assert [outcome.status for outcome in outcomes] == ["completed"] * 12

@@ -20,7 +20,8 @@ from flux2_pipeline.ledger import Ledger, SubmissionState
 from flux2_pipeline.net import AddressPolicy, GuardedFetcher
 from flux2_pipeline.runcomfy import AsyncRunComfyClient, PollSchedule
 from flux2_pipeline.runcomfy.models import JobState
-from tests.conftest import TEST_TOKEN, prompt_rows, write_table
+from tests.helpers.emulator import TEST_TOKEN, prompt_rows
+from tests.helpers.tables import write_table
 
 pytestmark = pytest.mark.timeout(300)
 

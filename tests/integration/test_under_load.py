@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.waiting import wait_until
 from tests.under_load import shard_commands
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -116,10 +117,8 @@ def test_sigterm_stops_pytest_what_it_started_and_the_busy_processes(tmp_path: P
         try:
             assert child.stdout is not None
             first = child.stdout.readline()
-            deadline = time.monotonic() + 120
-            while not pid_file.exists():  # pytest is inside the sleeping test
-                assert time.monotonic() < deadline, "pytest never reached the test"
-                time.sleep(0.05)
+            # pytest is inside the sleeping test once it wrote its pid.
+            wait_until(pid_file.exists, "pytest to reach the test", timeout=120, interval=0.05)
             os.kill(child.pid, signal.SIGTERM)
             assert child.wait(30) == 130
         finally:

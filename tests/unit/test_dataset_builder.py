@@ -3,88 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-import io
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
-from flux2_pipeline.batch import RESULTS_SCHEMA
 from flux2_pipeline.dataset import (
     DATASET_SCHEMA,
     FEATURES,
-    PartitionSource,
     build_training_dataset,
 )
-from flux2_pipeline.media import ImageRecord, ImageStore, inspect_image, write_manifest
-
-
-def _png(seed: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (16, 8), (seed * 40 % 256, 80, 120)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _partition(
-    tmp: Path, store: ImageStore, key: str, rows: int, images: int = 1, references: int = 1
-) -> PartitionSource:
-    results, records = [], []
-    for i in range(rows):
-        row_id = f"{key}-{i}"
-        refs = [f"https://ref.test/{key}/{i}/{r}.png" for r in range(references)]
-        outs = [f"https://out.test/{key}/{i}/{n}.png" for n in range(images)]
-        results.append(
-            {
-                "row_id": row_id,
-                "prompt": f"prompt {key} {i}",
-                "image_urls": refs,
-                "guidance_scale": 2.5,
-                "seed": i,
-                "num_inference_steps": 28,
-                "image_size": "square_hd",
-                "num_images": images,
-                "enable_prompt_expansion": False,
-                "output_format": "png",
-                "request_id": f"req-{key}-{i}",
-                "status": "completed",
-                "output_urls": outs,
-                "error": None,
-                "attempts": 1,
-                "submitted_at": None,
-                "finished_at": None,
-                "cost_usd": None,
-                "warning": None,
-            }
-        )
-        for role, index, url, data in [
-            ("source", r, ref, _png(i + 50 * r)) for r, ref in enumerate(refs)
-        ] + [("edited", n, url, _png(100 + i * 7 + n)) for n, url in enumerate(outs)]:
-            info = inspect_image(data)
-            stored = store.put(data, info.sha256, info.ext)
-            records.append(
-                ImageRecord(
-                    row_id,
-                    f"req-{key}-{i}",
-                    role,
-                    index,
-                    url,
-                    "ok",
-                    info.sha256,
-                    stored.relative,
-                    info.width,
-                    info.height,
-                    info.format,
-                    info.bytes,
-                )
-            )
-    results_path = tmp / "flux2_edits" / f"{key}.parquet"
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(results, schema=RESULTS_SCHEMA), results_path)
-    manifest_path = tmp / "flux2_images" / f"{key}.parquet"
-    write_manifest(manifest_path, records)
-    return PartitionSource(key, results_path, manifest_path)
+from flux2_pipeline.media import ImageRecord, ImageStore, write_manifest
+from tests.helpers.datasets import partition_source, shaded_png
 
 
 def test_features_match_what_datasets_builds() -> None:
@@ -99,8 +29,8 @@ def test_shards_are_bounded_and_rebuilds_touch_only_changed_partitions(tmp_path:
     store = ImageStore(tmp_path / "images", base=tmp_path)
     out = tmp_path / "dataset"
     sources = [
-        _partition(tmp_path, store, "test-set", 3),  # a split keyword in the name
-        _partition(tmp_path, store, "alpha", 5, images=2),
+        partition_source(tmp_path, store, "test-set", 3),  # a split keyword in the name
+        partition_source(tmp_path, store, "alpha", 5, images=2),
     ]
     first = build_training_dataset(sources, store, out, max_rows=4)
     assert (first.rows, first.rebuilt) == (3 + 10, ["alpha", "test-set"])
@@ -120,7 +50,7 @@ def test_shards_are_bounded_and_rebuilds_touch_only_changed_partitions(tmp_path:
     mtime = (out / "train" / "test-set-00000.parquet").stat().st_mtime_ns
 
     assert build_training_dataset(sources, store, out, max_rows=4).rebuilt == []
-    sources[1] = _partition(tmp_path, store, "alpha", 2)
+    sources[1] = partition_source(tmp_path, store, "alpha", 2)
     second = build_training_dataset(sources, store, out, max_rows=4)
     assert (second.rebuilt, second.rows) == (["alpha"], 3 + 2)
     assert sorted(p.name for p in (out / "train").iterdir()) == [
@@ -143,7 +73,7 @@ def test_shards_are_bounded_and_rebuilds_touch_only_changed_partitions(tmp_path:
 
 def test_rows_with_a_missing_image_are_left_out_and_counted(tmp_path: Path) -> None:
     store = ImageStore(tmp_path / "images", base=tmp_path)
-    source = _partition(tmp_path, store, "gappy", 3, images=2)
+    source = partition_source(tmp_path, store, "gappy", 3, images=2)
     records = pq.read_table(source.manifest_path).to_pylist()
     for record in records:
         if (record["row_id"], record["role"]) == ("gappy-1", "source"):
@@ -163,12 +93,12 @@ def test_row_groups_are_bounded_by_image_bytes_as_well_as_rows(
     from flux2_pipeline.dataset import builder
 
     store = ImageStore(tmp_path / "images", base=tmp_path)
-    source = _partition(tmp_path, store, "photos", 10)
+    source = partition_source(tmp_path, store, "photos", 10)
     row_bytes = builder._row_bytes(
         {
-            "input_image": {"bytes": _png(0)},
-            "source_images": [{"bytes": _png(0)}],
-            "edited_image": {"bytes": _png(100)},
+            "input_image": {"bytes": shaded_png(0)},
+            "source_images": [{"bytes": shaded_png(0)}],
+            "edited_image": {"bytes": shaded_png(100)},
         }
     )
     monkeypatch.setattr(builder, "ROW_GROUP_BYTES", 3 * row_bytes)

@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 
 from flux2_pipeline.media import (
-    AddressPolicy,
     FetchLimits,
     ImageRecord,
     ImageRef,
@@ -25,20 +24,8 @@ from flux2_pipeline.media import (
     write_manifest,
 )
 from flux2_pipeline.media.sync import WINDOW_REFS
-
-LOOPBACK = AddressPolicy(allow_loopback=True)
-
-
-async def to_loopback(host: str, port: int) -> list[str]:
-    """The stub resolver: every test host is on loopback (MockTransport answers anyway)."""
-    return ["127.0.0.1"]
-
-
-def png(size: tuple[int, int] = (32, 24), color: str = "red") -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, format="PNG")
-    return buffer.getvalue()
-
+from tests.helpers.images import png
+from tests.helpers.net import LOOPBACK, to_loopback
 
 GOOD = png()
 GOOD_SHA = hashlib.sha256(GOOD).hexdigest()

@@ -13,7 +13,7 @@ from PIL import Image
 
 from flux2_pipeline.media import ContactRow, PixelBudget, render_contact_sheet
 from flux2_pipeline.media.contact import PAD, TEXT_WIDTH, THUMB
-from tests.unit.test_media_security import pixel_bomb
+from tests.helpers.images import pixel_bomb
 
 WAIT = 5.0
 

@@ -22,7 +22,10 @@ from flux2_pipeline.media import (
     read_manifest,
     sync_images,
 )
-from tests.unit.test_media import GOOD, LOOPBACK, to_loopback
+from tests.helpers.images import png
+from tests.helpers.net import LOOPBACK, to_loopback
+
+GOOD = png()
 
 HOST = "https://img.test"
 

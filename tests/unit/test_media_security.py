@@ -32,6 +32,7 @@ from flux2_pipeline.media import (
     sync_images,
 )
 from flux2_pipeline.media import verify as verify_module
+from tests.helpers.images import pixel_bomb
 
 HOSTS = {
     "img.test": ["127.0.0.1"],
@@ -45,22 +46,6 @@ def png(size: tuple[int, int] = (16, 16)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, "red").save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def pixel_bomb(width: int, height: int) -> bytes:
-    """A valid RGB PNG of width x height zero pixels: a few hundred KB, gigabytes decoded."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    packer = zlib.compressobj(9)
-    row = b"\0" * (1 + 3 * width)
-    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-    )
 
 
 async def stub_resolver(host: str, port: int) -> Sequence[str]:

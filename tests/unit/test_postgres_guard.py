@@ -38,7 +38,7 @@ def run_sample(tmp_path: Path, url: str, ci: str | None) -> subprocess.Completed
             "-m",
             "pytest",
             "-p",
-            "tests._postgres_guard",
+            "tests.helpers.postgres",
             "-rs",
             "-q",
             "-p",

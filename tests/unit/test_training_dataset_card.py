@@ -26,7 +26,7 @@ from flux2_pipeline.dataset import (
 )
 from flux2_pipeline.media import ImageStore, read_manifest
 from flux2_pipeline.runcomfy import PARAMETER_NAMES, EditRequest
-from tests.unit.test_dataset_builder import _partition
+from tests.helpers.datasets import partition_source
 
 
 def _card(out: Path) -> tuple[dict[str, Any], str]:
@@ -60,8 +60,8 @@ def test_card_features_are_what_datasets_reads_from_yaml() -> None:
 def test_input_image_is_the_first_reference_byte_for_byte(tmp_path: Path) -> None:
     store = ImageStore(tmp_path / "images", base=tmp_path)
     sources = [
-        _partition(tmp_path, store, "one", 2),
-        _partition(tmp_path, store, "many", 3, images=2, references=3),
+        partition_source(tmp_path, store, "one", 2),
+        partition_source(tmp_path, store, "many", 3, images=2, references=3),
     ]
     build_training_dataset(sources, store, tmp_path / "ds")
     first_reference = {
@@ -92,8 +92,8 @@ def test_card_header_parses_counts_match_and_it_follows_the_partitions(tmp_path:
     store = ImageStore(tmp_path / "images", base=tmp_path)
     out = tmp_path / "ds"
     sources = [
-        _partition(tmp_path, store, "alpha", 5, images=2),
-        _partition(tmp_path, store, "beta", 2, references=2),
+        partition_source(tmp_path, store, "alpha", 5, images=2),
+        partition_source(tmp_path, store, "beta", 2, references=2),
     ]
     report = build_training_dataset(sources, store, out, max_rows=4, input_dir="data/prompts")
     header, body = _card(out)
@@ -124,7 +124,11 @@ def test_card_header_parses_counts_match_and_it_follows_the_partitions(tmp_path:
 
     # A partition gone and one changed: the card says so.
     build_training_dataset(
-        [_partition(tmp_path, store, "alpha", 1)], store, out, max_rows=4, input_dir="data/prompts"
+        [partition_source(tmp_path, store, "alpha", 1)],
+        store,
+        out,
+        max_rows=4,
+        input_dir="data/prompts",
     )
     header, body = _card(out)
     assert header["dataset_info"]["splits"][0]["num_examples"] == 1

@@ -11,7 +11,7 @@ import pytest
 
 from flux2_pipeline.dataset import build_training_dataset
 from flux2_pipeline.media import ImageStore
-from tests.unit.test_dataset_builder import _partition
+from tests.helpers.datasets import partition_source
 
 wds = pytest.importorskip("webdataset")
 
@@ -34,8 +34,8 @@ def test_tar_shards_hold_the_parquet_rows_and_follow_the_partitions(tmp_path: Pa
     store = ImageStore(tmp_path / "images", base=tmp_path)
     out, tars = tmp_path / "ds", tmp_path / "ds_wds"
     sources = [
-        _partition(tmp_path, store, "alpha", 5, images=2, references=2),
-        _partition(tmp_path, store, "b.eta", 2),
+        partition_source(tmp_path, store, "alpha", 5, images=2, references=2),
+        partition_source(tmp_path, store, "b.eta", 2),
     ]
     report = build_training_dataset(sources, store, out, max_rows=4, webdataset_dir=tars)
     assert report.webdataset is not None
@@ -80,7 +80,7 @@ def test_tar_shards_hold_the_parquet_rows_and_follow_the_partitions(tmp_path: Pa
     assert again.webdataset is not None and again.webdataset.rewritten == []
     assert {p.name: p.stat().st_mtime_ns for p in tars.glob("*.tar")} == mtimes
     changed = build_training_dataset(
-        [_partition(tmp_path, store, "alpha", 1)], store, out, webdataset_dir=tars
+        [partition_source(tmp_path, store, "alpha", 1)], store, out, webdataset_dir=tars
     )
     assert changed.webdataset is not None
     assert changed.webdataset.rewritten == ["alpha-00000.tar"]
@@ -96,7 +96,7 @@ def test_tar_shards_hold_the_parquet_rows_and_follow_the_partitions(tmp_path: Pa
 
 def test_the_export_refuses_a_folder_inside_the_parquet_dataset(tmp_path: Path) -> None:
     store = ImageStore(tmp_path / "images", base=tmp_path)
-    source = _partition(tmp_path, store, "alpha", 1)
+    source = partition_source(tmp_path, store, "alpha", 1)
     with pytest.raises(ValueError, match="webdataset_dir must be outside the Parquet dataset"):
         build_training_dataset([source], store, tmp_path / "ds", webdataset_dir=tmp_path / "ds/w")
     assert not (tmp_path / "ds").exists()  # refused before anything was written

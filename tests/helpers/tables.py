@@ -1,14 +1,18 @@
-"""A partition's files written directly, for the memory tests of the downstream steps.
+"""Parquet tables and a partition's stored files, written directly.
 
-`stored_png` stores a small real image and returns its manifest columns;
-`write_completed_results` writes a results file the way the edits step lays it out
-(`RESULTS_SCHEMA`, its row groups), every column not given left null.
+`write_table` writes rows as an input table; `stored_png` stores a small real image and
+returns its manifest columns; `write_completed_results` writes a results file the way the
+edits step lays it out (`RESULTS_SCHEMA`, its row groups), every column not given left null.
+
+Example:
+    >>> path = write_table(tmp_path / "prompts", "cats", [{"id": "a", "prompt": "p"}])
 """
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,6 +21,15 @@ from PIL import Image
 from flux2_pipeline.batch import RESULTS_SCHEMA
 from flux2_pipeline.batch.tables import RESULTS_ROW_GROUP_ROWS
 from flux2_pipeline.media import ImageStore, inspect_image
+
+
+def write_table(folder: Path, name: str, rows: list[dict[str, Any]] | pa.Table) -> Path:
+    """Write `rows` as `<folder>/<name>.parquet` and return the path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
+    path = folder / f"{name}.parquet"
+    pq.write_table(table, path)
+    return path
 
 
 def stored_png(store: ImageStore, shade: int) -> dict[str, object]:
