@@ -57,13 +57,16 @@ from dagster import (
 from dagster_shared.error import SerializableErrorInfo
 from filelock import FileLock
 
-from flux2_pipeline.assets import INTERRUPTED, Flux2Keys, register_input_files
-from flux2_pipeline.assets.ranges import (
-    PARTITION_FAILURES,
-    RANGE_END_TAG,
-    RANGE_START_TAG,
-    plan_runs,
+from flux2_pipeline.assets import (
+    DatasetMetadata,
+    EditsMetadata,
+    EditsProgress,
+    Flux2Keys,
+    ImagesMetadata,
+    StepFailureMetadata,
+    register_input_files,
 )
+from flux2_pipeline.assets.ranges import RANGE_END_TAG, RANGE_START_TAG, plan_runs
 from flux2_pipeline.ledger import Ledger
 from flux2_pipeline.paths import is_local, local_path
 from flux2_pipeline.resources import Flux2Storage, InputScan
@@ -83,7 +86,6 @@ RUN_TAG = "flux2/launched_by"
 REMOTE_OUTPUT_HOMES = Path("~/.flux2-pipeline/dagster")
 """Where Dagster instances live when FLUX2_OUTPUT_DIR is an object store (one per URI)."""
 PROGRESS_POLL_SECONDS = 0.5
-STATUS_COUNTS = ("completed", "failed", "invalid", "cancelled")
 
 Progress = Callable[[str, Mapping[str, Any]], None]
 """Called with a partition key and its latest progress metadata (rows done, failed, cost)."""
@@ -965,13 +967,15 @@ class _ProgressWatcher:
         if summary.rows:
             self._progress(
                 summary.partition,
-                {
-                    "flux2/rows_total": summary.rows,
-                    "flux2/rows_done": summary.rows,
-                    "flux2/rows_failed": summary.failed + summary.cancelled,
-                    "flux2/cost_usd": summary.cost_usd,
-                    "flux2/seconds": summary.seconds,
-                },
+                dict(
+                    EditsProgress(
+                        rows_total=summary.rows,
+                        rows_done=summary.rows,
+                        rows_failed=summary.failed + summary.cancelled,
+                        cost_usd=summary.cost_usd,
+                        seconds=summary.seconds,
+                    )
+                ),
             )
 
     def _follow(self) -> None:
@@ -1025,12 +1029,13 @@ def _run_dataset(
     if not result.success:
         return DatasetSummary(False, seconds, error=_error(result))
     metadata = _metadata(result)
+    dataset = DatasetMetadata.extract(metadata)
     return DatasetSummary(
         True,
         seconds,
         rows=int(metadata.get("dagster/row_count", 0)),
-        shards=int(metadata.get("flux2/shards", 0)),
-        path=str(metadata.get("flux2/path", "")) or None,
+        shards=dataset.shards or 0,
+        path=dataset.path.path if dataset.path else None,
     )
 
 
@@ -1083,8 +1088,9 @@ def _by_partition(keys: Sequence[str], result: ExecuteInProcessResult) -> _RunFi
             unattributed = True
             continue
         metadata = {k: v.value for k, v in data.user_failure_data.metadata.items()}
-        failures = metadata.get(PARTITION_FAILURES)
-        stopped = stopped or bool(metadata.get(INTERRUPTED))
+        step = StepFailureMetadata.extract(metadata)
+        failures = step.partition_failures.data if step.partition_failures else None
+        stopped = stopped or bool(step.interrupted)
         if isinstance(failures, dict):
             for key, details in failures.items():
                 if key in figures and isinstance(details, dict):
@@ -1143,27 +1149,24 @@ def _skipped(errors: Mapping[str, str]) -> str:
 def _summary(
     key: str, metadata: Mapping[str, Any], succeeded: bool, error: str | None, seconds: float
 ) -> PartitionSummary:
-    def count(name: str) -> int:
-        value = metadata.get(name, 0)
-        return int(value) if isinstance(value, int | float) else 0
-
+    edits, images = EditsMetadata.extract(metadata), ImagesMetadata.extract(metadata)
+    completed, failed = edits.completed or 0, edits.failed or 0
+    invalid, cancelled = edits.invalid or 0, edits.cancelled or 0
     return PartitionSummary(
         key,
         succeeded,
-        float(metadata.get("flux2/seconds", seconds) or seconds),
-        rows=sum(count(f"flux2/{status}") for status in STATUS_COUNTS),
-        completed=count("flux2/completed"),
-        failed=count("flux2/failed"),
-        invalid=count("flux2/invalid"),
-        cancelled=count("flux2/cancelled"),
-        cost_usd=float(metadata.get("flux2/cost_usd", 0.0) or 0.0),
+        edits.seconds or seconds,
+        rows=completed + failed + invalid + cancelled,
+        completed=completed,
+        failed=failed,
+        invalid=invalid,
+        cancelled=cancelled,
+        cost_usd=edits.cost_usd or 0.0,
         error=None if succeeded else error,
-        results_path=str(metadata["flux2/results_path"])
-        if "flux2/results_path" in metadata
-        else None,
-        images=count("flux2/images_stored"),
-        images_failed=count("flux2/images_failed"),
-        interrupted=bool(metadata.get(INTERRUPTED, False)),
+        results_path=edits.results_path.path if edits.results_path else None,
+        images=images.images_stored or 0,
+        images_failed=images.images_failed or 0,
+        interrupted=bool(StepFailureMetadata.extract(metadata).interrupted),
     )
 
 
