@@ -57,14 +57,13 @@ from dagster import (
 from dagster_shared.error import SerializableErrorInfo
 from filelock import FileLock
 
-from flux2_pipeline.assets import (
+from flux2_pipeline.assets import Flux2Keys, register_input_files
+from flux2_pipeline.assets.metadata import (
     DatasetMetadata,
     EditsMetadata,
     EditsProgress,
-    Flux2Keys,
     ImagesMetadata,
     StepFailureMetadata,
-    register_input_files,
 )
 from flux2_pipeline.assets.ranges import RANGE_END_TAG, RANGE_START_TAG, plan_runs
 from flux2_pipeline.ledger import Ledger

@@ -25,7 +25,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from flux2_pipeline.assets import EditsProgress
+from flux2_pipeline.assets.metadata import EditsProgress
 from flux2_pipeline.materialize import Progress as ProgressCallback
 
 PLAIN_EVERY_SECONDS = 10.0

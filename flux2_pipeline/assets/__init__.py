@@ -7,15 +7,6 @@ from flux2_pipeline.assets.edits import CODE_VERSION, EDITS_RETRY_POLICY, edits_
 from flux2_pipeline.assets.factory import StepRetries, build_flux2_definitions
 from flux2_pipeline.assets.images import ImagesConfig
 from flux2_pipeline.assets.keys import DEFAULT_RESOURCE_KEYS, LEGACY_RESOURCE_KEYS, Flux2Keys
-from flux2_pipeline.assets.metadata import (
-    DatasetMetadata,
-    EditsMetadata,
-    EditsProgress,
-    EstimateMetadata,
-    ImagesMetadata,
-    InputMetadata,
-    StepFailureMetadata,
-)
 from flux2_pipeline.assets.prompts import register_input_files
 
 __all__ = [
@@ -23,15 +14,8 @@ __all__ = [
     "DEFAULT_RESOURCE_KEYS",
     "EDITS_RETRY_POLICY",
     "LEGACY_RESOURCE_KEYS",
-    "DatasetMetadata",
-    "EditsMetadata",
-    "EditsProgress",
-    "EstimateMetadata",
     "Flux2Keys",
     "ImagesConfig",
-    "ImagesMetadata",
-    "InputMetadata",
-    "StepFailureMetadata",
     "StepRetries",
     "build_flux2_definitions",
     "edits_retry_policy",

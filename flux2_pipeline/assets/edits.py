@@ -17,7 +17,7 @@ import functools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -252,47 +252,6 @@ class _Partition:
         return self.writer is not None and self.outcome is None
 
 
-async def _run_partitions(
-    partitions: Sequence[_Partition],
-    policy: AddressPolicy,
-    finish: Callable[[_Partition], PartitionOutcome],
-    evaluate_checks: Callable[[_Partition], None],
-) -> None:
-    """Run the partitions' rows under one in-flight limit, each written to its own file.
-
-    A partition starts as soon as the one before it has read its last input row, so the
-    limit stays full across partition boundaries while only a few partitions are open.
-    A partition whose input turns out to be unreadable fails alone. Once a partition's
-    file is written, `finish` gives its outcome and `evaluate_checks` (on a worker thread, so the
-    other partitions' rows go on) evaluates its checks.
-    """
-    # Reference images are checked through the one guarded fetcher before rows are paid.
-    async with GuardedFetcher(policy) as fetcher:
-        check = ReferenceCheck(fetcher.probe)
-        running: list[asyncio.Task[None]] = []
-        try:
-            for partition in partitions:
-                all_read = asyncio.Event()
-                partition.runner.preflight = check
-                running.append(
-                    asyncio.create_task(_run_one(partition, all_read, finish, evaluate_checks))
-                )
-                await all_read.wait()
-                if any(task.done() and task.exception() for task in running):
-                    break
-            await asyncio.wait(running, return_when=asyncio.FIRST_EXCEPTION)
-            for task in running:
-                if task.done():
-                    task.result()  # an unexpected failure ends every partition
-        finally:
-            # Each task is cancelled once, here (asyncio.wait never cancels): a second
-            # cancel would cut short its cleanup, the API cancels of its queued jobs.
-            for task in running:
-                task.cancel()
-            if running:
-                await asyncio.wait(running)
-
-
 def _start_problem(
     estimate: RunEstimate, runcomfy: RunComfyResource, ledger: LedgerResource
 ) -> str | None:
@@ -305,46 +264,6 @@ def _start_problem(
             f"not be read ({estimate.price.source}); set FLUX2_PRICE_PER_IMAGE_USD"
         )
     return None
-
-
-async def _run_one(
-    partition: _Partition,
-    all_read: asyncio.Event,
-    finish: Callable[[_Partition], PartitionOutcome],
-    evaluate_checks: Callable[[_Partition], None],
-) -> None:
-    def rows() -> Iterator[list[Any]]:
-        try:
-            yield from partition.rows
-        finally:
-            all_read.set()
-
-    writer = partition.writer = ResultsWriter(partition.out_path)
-    try:
-        async for outcome in partition.runner.run(rows()):
-            partition.tally.add(outcome)
-            writer.write([outcome])
-    except InputTableError as exc:
-        writer.abort()
-        partition.outcome = PartitionOutcome(
-            partition.key,
-            {},
-            Failure(description=f"partition {partition.key}: {exc}", allow_retries=False),
-        )
-        return
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        all_read.set()
-    try:
-        # Off the loop: the input is hashed again, and another run's commit may hold the lock.
-        await asyncio.to_thread(commit_for_input, writer, partition.in_path, partition.read)
-    except InputChanged as exc:
-        partition.outcome = _input_changed(partition, exc)
-        return
-    partition.outcome = finish(partition)
-    await asyncio.to_thread(evaluate_checks, partition)
 
 
 def build_edits_asset(
@@ -515,18 +434,8 @@ class EditsStep:
         )
 
     def _runner(self, partition: str) -> EditRunner:
-        """The one place the configured resources become an `EditRunner`.
-
-        The shared limits (FLUX2_ACCOUNT_CONCURRENCY, FLUX2_BUDGET_USD,
-        FLUX2_PRICE_PER_IMAGE_USD) are passed only when set, as the keyword arguments
-        `account_concurrency=`, `budget_usd=`, `price_per_image_usd=`.
-        """
+        """The one place the configured resources become an `EditRunner`."""
         runcomfy, ledger = self.runcomfy, self.ledger
-        shared_limits: dict[str, Any] = {
-            "account_concurrency": runcomfy.account_concurrency,
-            "budget_usd": ledger.budget_usd,
-            "price_per_image_usd": runcomfy.price_per_image_usd,
-        }
         return EditRunner(
             runcomfy.client,
             ledger.ledger,
@@ -538,7 +447,9 @@ class EditsStep:
             slots=self.slots,
             wakeup=self.wakeup,
             account_stop=self.account_stop,
-            **{name: value for name, value in shared_limits.items() if value is not None},
+            account_concurrency=runcomfy.account_concurrency,
+            budget_usd=ledger.budget_usd,
+            price_per_image_usd=runcomfy.price_per_image_usd,
         )
 
     def _run_rows(self) -> bool:
@@ -585,8 +496,7 @@ class EditsStep:
                 f"warning: {estimate.shortfall_error()} (FLUX2_BALANCE_CHECK=warn: going on)"
             )
         if problem is None:
-            policy = AddressPolicy.for_api(runcomfy.base_url)
-            await _run_partitions(partitions, policy, self._finish, self._check)
+            await self._run_partitions(AddressPolicy.for_api(runcomfy.base_url))
             return
         self._note(f"not started: {problem}")
         for partition in partitions:
@@ -596,6 +506,75 @@ class EditsStep:
                 allow_retries=False,
             )
             partition.outcome = PartitionOutcome(partition.key, {}, failure)
+
+    async def _run_partitions(self, policy: AddressPolicy) -> None:
+        """Run the partitions' rows under one in-flight limit, each written to its own file.
+
+        A partition starts as soon as the one before it has read its last input row, so the
+        limit stays full across partition boundaries while only a few partitions are open.
+        A partition whose input turns out to be unreadable fails alone. Once a partition's
+        file is written, `_finish` gives its outcome and `_check` (on a worker thread, so the
+        other partitions' rows go on) evaluates its checks.
+        """
+        # Reference images are checked through the one guarded fetcher before rows are paid.
+        async with GuardedFetcher(policy) as fetcher:
+            check = ReferenceCheck(fetcher.probe)
+            running: list[asyncio.Task[None]] = []
+            try:
+                for partition in self.partitions:
+                    all_read = asyncio.Event()
+                    partition.runner.preflight = check
+                    running.append(asyncio.create_task(self._run_one(partition, all_read)))
+                    await all_read.wait()
+                    if any(task.done() and task.exception() for task in running):
+                        break
+                await asyncio.wait(running, return_when=asyncio.FIRST_EXCEPTION)
+                for task in running:
+                    if task.done():
+                        task.result()  # an unexpected failure ends every partition
+            finally:
+                # Each task is cancelled once, here (asyncio.wait never cancels): a second
+                # cancel would cut short its cleanup, the API cancels of its queued jobs.
+                for task in running:
+                    task.cancel()
+                if running:
+                    await asyncio.wait(running)
+
+    async def _run_one(self, partition: _Partition, all_read: asyncio.Event) -> None:
+        """One partition's rows into its file, then its outcome and its checks."""
+
+        def rows() -> Iterator[list[Any]]:
+            try:
+                yield from partition.rows
+            finally:
+                all_read.set()
+
+        writer = partition.writer = ResultsWriter(partition.out_path)
+        try:
+            async for outcome in partition.runner.run(rows()):
+                partition.tally.add(outcome)
+                writer.write([outcome])
+        except InputTableError as exc:
+            writer.abort()
+            partition.outcome = PartitionOutcome(
+                partition.key,
+                {},
+                Failure(description=f"partition {partition.key}: {exc}", allow_retries=False),
+            )
+            return
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            all_read.set()
+        try:
+            # Off the loop: the input is hashed again, and another run's commit may hold the lock.
+            await asyncio.to_thread(commit_for_input, writer, partition.in_path, partition.read)
+        except InputChanged as exc:
+            partition.outcome = _input_changed(partition, exc)
+            return
+        partition.outcome = self._finish(partition)
+        await asyncio.to_thread(self._check, partition)
 
     def _final_outcomes(self) -> list[PartitionOutcome]:
         """Every partition's outcome in the run's order, once its rows are done."""
@@ -747,13 +726,9 @@ def _interrupted(partition: _Partition) -> PartitionOutcome:
 
 
 def _metadata(keys: Flux2Keys, partition: _Partition) -> dict[str, Any]:
-    runner, tally, key = partition.runner, partition.tally, partition.key
-    in_path, out_path = partition.in_path, partition.out_path
-    input_sha, row_group = partition.read.sha256, partition.row_group
-    counts = runner.counters.by_status
+    runner, tally, counters = partition.runner, partition.tally, partition.runner.counters
+    counts, seconds = counters.by_status, tally.seconds
     mean, p95 = tally.latency_figures()
-    seconds = tally.seconds
-    counters = runner.counters
     return {
         "dagster/row_count": tally.done,
         "dagster/column_schema": results_table_schema(),
@@ -779,14 +754,14 @@ def _metadata(keys: Flux2Keys, partition: _Partition) -> dict[str, Any]:
             ledger_spent_usd=round(runner.ledger.spent_usd(), 6),
             seconds=round(seconds, 3),
             rows_per_second=round(tally.done / seconds, 2) if seconds > 0 else 0.0,
-            input_path=MetadataValue.path(str(in_path)),
-            input_sha256=input_sha,
-            input_largest_row_group=row_group,
-            results_path=MetadataValue.path(str(out_path)),
+            input_path=MetadataValue.path(str(partition.in_path)),
+            input_sha256=partition.read.sha256,
+            input_largest_row_group=partition.row_group,
+            results_path=MetadataValue.path(str(partition.out_path)),
             preview=MetadataValue.md(_markdown_table(tally.preview)),
-            partition=key,
+            partition=partition.key,
             account_refusal=runner.account_stop.reason,
         ),
-        URI: storage_uri(out_path),
+        URI: storage_uri(partition.out_path),
         **partition.estimate,
     }

@@ -18,16 +18,16 @@ from dagster import (
     materialize,
 )
 
-from flux2_pipeline.assets import (
+from flux2_pipeline.assets.metadata import (
     DatasetMetadata,
     EditsMetadata,
     EditsProgress,
     EstimateMetadata,
+    Flux2Metadata,
     ImagesMetadata,
     InputMetadata,
     StepFailureMetadata,
 )
-from flux2_pipeline.assets.metadata import Flux2Metadata
 from flux2_pipeline.batch.estimate import PriceQuote, RunEstimate, UnpaidWork
 
 PUBLIC_KEYS: dict[type[Flux2Metadata], str] = {
