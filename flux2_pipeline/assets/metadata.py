@@ -1,9 +1,10 @@
 """Every `flux2/...` metadata key the assets record, declared once as typed sets.
 
-Each set is a Dagster `NamespacedMetadataSet`, as dagster-dlt declares its own: the field
-`completed` is the key `flux2/completed`. A set splats into metadata (fields left None are
-left out) and `extract` reads it back from a materialization's metadata or from its plain
-values (`MetadataValue.value`), ignoring every other key::
+Each set is declared the way Dagster's own `NamespacedMetadataSet` and dagster-dlt's sets
+are (the installed Dagster keeps that class private): the field `completed` is the key
+`flux2/completed`. A set splats into metadata (fields left None are left out), and
+`extract` reads it back from a materialization's metadata or from its plain values
+(`MetadataValue.value`), ignoring every other key::
 
     metadata = {**EditsProgress(rows_total=12, rows_done=3, cost_usd=0.1, seconds=2.0)}
     EditsProgress.extract(metadata).rows_done  # 3
@@ -11,8 +12,8 @@ values (`MetadataValue.value`), ignoring every other key::
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, get_args
+from collections.abc import Callable, Mapping
+from typing import Any, Self, get_args
 
 from dagster import (
     JsonMetadataValue,
@@ -20,34 +21,49 @@ from dagster import (
     MetadataValue,
     PathMetadataValue,
 )
-
-# Not exported at dagster's top level; dagster-dlt and dagster-sling import it from here too.
-from dagster._core.definitions.metadata.metadata_set import NamespacedMetadataSet
+from pydantic import BaseModel, ConfigDict
 
 from flux2_pipeline.batch.estimate import RunEstimate
 
-_WRAP: dict[type, Callable[[Any], MetadataValue[Any]]] = {
+NAMESPACE = "flux2"
+_WRAP: dict[object, Callable[[Any], MetadataValue[Any]]] = {
     PathMetadataValue: MetadataValue.path,
     MarkdownMetadataValue: MetadataValue.md,
     JsonMetadataValue: MetadataValue.json,
 }
 
 
-class Flux2Metadata(NamespacedMetadataSet):
-    """The `flux2` namespace, read back from stored metadata or from its plain values."""
+class Flux2Metadata(BaseModel):
+    """A set of `flux2/<field>` metadata entries: typed, frozen, written with `**`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
     @classmethod
     def namespace(cls) -> str:
-        return "flux2"
+        return NAMESPACE
+
+    def keys(self) -> list[str]:
+        """The keys of the fields that are set: what `{**metadata_set}` writes."""
+        fields = type(self).model_fields
+        return [f"{NAMESPACE}/{name}" for name in fields if getattr(self, name) is not None]
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key.removeprefix(f"{NAMESPACE}/"))
 
     @classmethod
-    def _extract_value(cls, field_name: str, value: Any) -> Any:
-        # A path, markdown or JSON read back as its plain value is wrapped again.
-        if not isinstance(value, MetadataValue):
-            for kind in get_args(cls.model_fields[field_name].annotation):
-                if kind in _WRAP and value is not None:
-                    return _WRAP[kind](value)
-        return super()._extract_value(field_name, value)
+    def extract(cls, metadata: Mapping[str, Any]) -> Self:
+        """The set's fields found in `metadata`, stored values or plain ones."""
+        found = {}
+        for name, info in cls.model_fields.items():
+            value = metadata.get(f"{NAMESPACE}/{name}")
+            wrap = next((_WRAP[kind] for kind in get_args(info.annotation) if kind in _WRAP), None)
+            if wrap is None and isinstance(value, MetadataValue):
+                value = value.value
+            elif wrap is not None and value is not None and not isinstance(value, MetadataValue):
+                value = wrap(value)  # a path, markdown or JSON read back as its plain value
+            if value is not None:
+                found[name] = value
+        return cls(**found)
 
 
 class EditsProgress(Flux2Metadata):
