@@ -8,13 +8,11 @@ from flux2_pipeline.assets.factory import StepRetries, build_flux2_definitions
 from flux2_pipeline.assets.images import ImagesConfig
 from flux2_pipeline.assets.keys import DEFAULT_RESOURCE_KEYS, LEGACY_RESOURCE_KEYS, Flux2Keys
 from flux2_pipeline.assets.prompts import register_input_files
-from flux2_pipeline.assets.ranges import INTERRUPTED
 
 __all__ = [
     "CODE_VERSION",
     "DEFAULT_RESOURCE_KEYS",
     "EDITS_RETRY_POLICY",
-    "INTERRUPTED",
     "LEGACY_RESOURCE_KEYS",
     "Flux2Keys",
     "ImagesConfig",

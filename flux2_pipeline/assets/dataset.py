@@ -29,6 +29,7 @@ from upath import UPath
 
 from flux2_pipeline.assets.hooks import ExecuteHook, with_execute
 from flux2_pipeline.assets.keys import Flux2Keys
+from flux2_pipeline.assets.metadata import DatasetMetadata
 from flux2_pipeline.assets.uri import URI, storage_uri
 from flux2_pipeline.dataset import (
     COLUMN_DESCRIPTIONS,
@@ -119,21 +120,23 @@ def build_dataset_asset(
         metadata: dict[str, Any] = {
             "dagster/row_count": report.rows,
             "dagster/column_schema": dataset_table_schema(),
-            "flux2/shards": report.shards,
-            "flux2/bytes": report.bytes,
-            "flux2/partitions": MetadataValue.json([p.key for p in report.partitions]),
-            "flux2/partitions_rebuilt": MetadataValue.json(report.rebuilt),
-            "flux2/partitions_removed": MetadataValue.json(report.removed),
-            "flux2/images_skipped": report.skipped,
-            "flux2/path": MetadataValue.path(str(out_dir)),
-            URI: storage_uri(out_dir),
-            "flux2/features": MetadataValue.json(FEATURES),
-            "flux2/features_md": MetadataValue.md(
-                "```json\n" + json.dumps(FEATURES, indent=1) + "\n```"
+            **DatasetMetadata(
+                shards=report.shards,
+                bytes=report.bytes,
+                partitions=MetadataValue.json([p.key for p in report.partitions]),
+                partitions_rebuilt=MetadataValue.json(report.rebuilt),
+                partitions_removed=MetadataValue.json(report.removed),
+                images_skipped=report.skipped,
+                path=MetadataValue.path(str(out_dir)),
+                features=MetadataValue.json(FEATURES),
+                features_md=MetadataValue.md(
+                    "```json\n" + json.dumps(FEATURES, indent=1) + "\n```"
+                ),
+                load=MetadataValue.md(_load_example(out_dir)),
+                card=MetadataValue.path(str(report.card_path)),
+                value_counts=MetadataValue.json(report.value_counts),
             ),
-            "flux2/load": MetadataValue.md(_load_example(out_dir)),
-            "flux2/card": MetadataValue.path(str(report.card_path)),
-            "flux2/value_counts": MetadataValue.json(report.value_counts),
+            URI: storage_uri(out_dir),
         }
         return MaterializeResult(metadata=metadata)
 

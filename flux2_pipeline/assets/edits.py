@@ -17,7 +17,7 @@ import functools
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,9 +48,15 @@ from upath import UPath
 from flux2_pipeline.assets.checks import EDITS_CHECKS, edits_check_specs, evaluate_edits_checks
 from flux2_pipeline.assets.hooks import ExecuteHook, with_execute
 from flux2_pipeline.assets.keys import Flux2Keys
+from flux2_pipeline.assets.metadata import (
+    EditsMetadata,
+    EditsProgress,
+    EstimateMetadata,
+    InputMetadata,
+    StepFailureMetadata,
+)
 from flux2_pipeline.assets.ranges import (
     DEFAULT_PARTITIONS_PER_RUN,
-    INTERRUPTED,
     PartitionChecks,
     PartitionOutcome,
     materialize_outcomes,
@@ -178,15 +184,16 @@ class _Tally:
     def seconds(self) -> float:
         return time.monotonic() - self.started
 
-    def progress_metadata(self) -> dict[str, Any]:
+    def progress_metadata(self, ledger_spent_usd: float | None = None) -> EditsProgress:
         """Rows done, failed and spend so far: what a progress bar or the UI shows."""
-        return {
-            "flux2/rows_total": self.total,
-            "flux2/rows_done": self.done,
-            "flux2/rows_failed": self.failed_count,
-            "flux2/cost_usd": round(self.cost_usd, 6),
-            "flux2/seconds": round(self.seconds, 3),
-        }
+        return EditsProgress(
+            rows_total=self.total,
+            rows_done=self.done,
+            rows_failed=self.failed_count,
+            cost_usd=round(self.cost_usd, 6),
+            seconds=round(self.seconds, 3),
+            ledger_spent_usd=ledger_spent_usd,
+        )
 
     def progress_line(self) -> str:
         rate = self.done / self.seconds if self.seconds > 0 else 0.0
@@ -220,16 +227,6 @@ def _markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class _Shared:
-    """What the partitions of one step share: the in-flight limit, the slot wakeup and the
-    account's refusal."""
-
-    slots: asyncio.Semaphore
-    wakeup: SlotWakeup
-    account_stop: AccountStop
-
-
 @dataclass
 class _Partition:
     """One partition of the step: where its rows come from and go, and how it went."""
@@ -247,94 +244,12 @@ class _Partition:
     """Reads the input again, for the run's estimate before its first submit."""
     writer: ResultsWriter | None = None
     outcome: PartitionOutcome | None = None
-    estimate: dict[str, Any] = field(default_factory=dict)
-    """The run's price, estimate and balance (`RunEstimate.metadata`), on every partition."""
+    estimate: EstimateMetadata = field(default_factory=EstimateMetadata)
+    """The run's price, estimate and balance, on every partition."""
 
     @property
     def running(self) -> bool:
         return self.writer is not None and self.outcome is None
-
-
-async def _run_partitions(
-    partitions: Sequence[_Partition],
-    policy: AddressPolicy,
-    finish: Callable[[_Partition], PartitionOutcome],
-    evaluate_checks: Callable[[_Partition], None],
-) -> None:
-    """Run the partitions' rows under one in-flight limit, each written to its own file.
-
-    A partition starts as soon as the one before it has read its last input row, so the
-    limit stays full across partition boundaries while only a few partitions are open.
-    A partition whose input turns out to be unreadable fails alone. Once a partition's
-    file is written, `finish` gives its outcome and `evaluate_checks` (on a worker thread, so the
-    other partitions' rows go on) evaluates its checks.
-    """
-    # Reference images are checked through the one guarded fetcher before rows are paid.
-    async with GuardedFetcher(policy) as fetcher:
-        check = ReferenceCheck(fetcher.probe)
-        running: list[asyncio.Task[None]] = []
-        try:
-            for partition in partitions:
-                all_read = asyncio.Event()
-                partition.runner.preflight = check
-                running.append(
-                    asyncio.create_task(_run_one(partition, all_read, finish, evaluate_checks))
-                )
-                await all_read.wait()
-                if any(task.done() and task.exception() for task in running):
-                    break
-            await asyncio.wait(running, return_when=asyncio.FIRST_EXCEPTION)
-            for task in running:
-                if task.done():
-                    task.result()  # an unexpected failure ends every partition
-        finally:
-            # Each task is cancelled once, here (asyncio.wait never cancels): a second
-            # cancel would cut short its cleanup, the API cancels of its queued jobs.
-            for task in running:
-                task.cancel()
-            if running:
-                await asyncio.wait(running)
-
-
-async def _estimate_then_run(
-    partitions: Sequence[_Partition],
-    runcomfy: RunComfyResource,
-    ledger: LedgerResource,
-    note: Callable[[str], None],
-    run: Callable[[], Awaitable[None]],
-) -> None:
-    """Price, estimate and balance first (see `flux2_pipeline.batch.estimate`); then the rows,
-    unless the balance cannot cover them under FLUX2_BALANCE_CHECK=stop."""
-    if not partitions:
-        return
-    price = await quote_price(runcomfy.client, runcomfy.price_per_image_usd)
-    # On the loop's own thread, before any job of the step exists: read on another thread,
-    # the tables would be decoded into that thread's malloc arena, a peak the rows' own
-    # read then adds to instead of reusing.
-    work = unpaid_work(
-        [(partition.key, rows_while_readable(partition.recount)) for partition in partitions],
-        ledger.ledger,
-    )
-    estimate = await estimate_run(runcomfy.client, work, price, runcomfy.balance_check)
-    note(f"before the first submit: {estimate.line()}")
-    figures = estimate.metadata()
-    for partition in partitions:
-        partition.estimate = figures
-        partition.runner.price_per_image_usd = price.price_usd
-    problem = _start_problem(estimate, runcomfy, ledger)
-    if problem is None and estimate.balance_short:
-        note(f"warning: {estimate.shortfall_error()} (FLUX2_BALANCE_CHECK=warn: going on)")
-    if problem is None:
-        await run()
-        return
-    note(f"not started: {problem}")
-    for partition in partitions:
-        failure = Failure(
-            description=f"partition {partition.key}: not started: {problem}",
-            metadata=figures,
-            allow_retries=False,
-        )
-        partition.outcome = PartitionOutcome(partition.key, {}, failure)
 
 
 def _start_problem(
@@ -349,80 +264,6 @@ def _start_problem(
             f"not be read ({estimate.price.source}); set FLUX2_PRICE_PER_IMAGE_USD"
         )
     return None
-
-
-async def _run_one(
-    partition: _Partition,
-    all_read: asyncio.Event,
-    finish: Callable[[_Partition], PartitionOutcome],
-    evaluate_checks: Callable[[_Partition], None],
-) -> None:
-    def rows() -> Iterator[list[Any]]:
-        try:
-            yield from partition.rows
-        finally:
-            all_read.set()
-
-    writer = partition.writer = ResultsWriter(partition.out_path)
-    try:
-        async for outcome in partition.runner.run(rows()):
-            partition.tally.add(outcome)
-            writer.write([outcome])
-    except InputTableError as exc:
-        writer.abort()
-        partition.outcome = PartitionOutcome(
-            partition.key,
-            {},
-            Failure(description=f"partition {partition.key}: {exc}", allow_retries=False),
-        )
-        return
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        all_read.set()
-    try:
-        # Off the loop: the input is hashed again, and another run's commit may hold the lock.
-        await asyncio.to_thread(commit_for_input, writer, partition.in_path, partition.read)
-    except InputChanged as exc:
-        partition.outcome = _input_changed(partition, exc)
-        return
-    partition.outcome = finish(partition)
-    await asyncio.to_thread(evaluate_checks, partition)
-
-
-def _runner(
-    runcomfy: RunComfyResource,
-    ledger: LedgerResource,
-    partition: str,
-    slots: asyncio.Semaphore | None = None,
-    wakeup: SlotWakeup | None = None,
-    account_stop: AccountStop | None = None,
-) -> EditRunner:
-    """The one place the configured resources become an `EditRunner`.
-
-    The shared limits (FLUX2_ACCOUNT_CONCURRENCY, FLUX2_BUDGET_USD,
-    FLUX2_PRICE_PER_IMAGE_USD) are passed only when set, as the keyword arguments
-    `account_concurrency=`, `budget_usd=`, `price_per_image_usd=`.
-    """
-    shared_limits: dict[str, Any] = {
-        "account_concurrency": runcomfy.account_concurrency,
-        "budget_usd": ledger.budget_usd,
-        "price_per_image_usd": runcomfy.price_per_image_usd,
-    }
-    return EditRunner(
-        runcomfy.client,
-        ledger.ledger,
-        partition=partition,
-        max_concurrency=runcomfy.max_concurrency,
-        attempts_per_run=runcomfy.attempts_per_run,
-        max_attempts=runcomfy.max_attempts,
-        lease_seconds=ledger.lease_seconds,
-        slots=slots,
-        wakeup=wakeup,
-        account_stop=account_stop,
-        **{name: value for name, value in shared_limits.items() if value is not None},
-    )
 
 
 def build_edits_asset(
@@ -477,233 +318,356 @@ def build_edits_asset(
         runcomfy: RunComfyResource = getattr(context.resources, runcomfy_key)
         ledger: LedgerResource = getattr(context.resources, ledger_key)
         storage: Flux2Storage = getattr(context.resources, storage_key)
+        yield from EditsStep(context, keys, runcomfy, ledger, storage, progress_seconds).run()
+
+    return flux2_edits
+
+
+class EditsStep:
+    """One run of the edits step over its partitions (one, or a backfill's range).
+
+    The partitions' rows run on the client's loop; the lines, check results and progress
+    they produce are logged from the step's own thread, woken (`ready`) as soon as one is
+    ready, so each log event (a database commit) is made while other rows go on.
+
+    Example::
+
+        yield from EditsStep(context, keys, runcomfy, ledger, storage).run()
+    """
+
+    def __init__(
+        self,
+        context: AssetExecutionContext,
+        keys: Flux2Keys,
+        runcomfy: RunComfyResource,
+        ledger: LedgerResource,
+        storage: Flux2Storage,
+        progress_seconds: float = PROGRESS_SECONDS,
+    ) -> None:
+        self.context, self.keys, self.progress_seconds = context, keys, progress_seconds
+        self.runcomfy, self.ledger, self.storage = runcomfy, ledger, storage
         # Read once: each `context.partition_keys` asks the instance for the partitions.
-        keys_in_run = list(context.partition_keys)
-        ranged = len(keys_in_run) > 1
-        check_names = [
+        self.keys_in_run = list(context.partition_keys)
+        self.ranged = len(self.keys_in_run) > 1
+        self.check_names = [
             check.name
             for check in EDITS_CHECKS
             if AssetCheckKey(keys.edits, check.name) in context.selected_asset_check_keys
         ]
-        if keys.edits not in context.selected_asset_keys:
+        self.found = PartitionChecks(keys.edits, ranged=self.ranged, log_event=context.log_event)
+        # What the partitions share: the in-flight limit, its wakeup, the account's refusal.
+        self.slots, self.wakeup = asyncio.Semaphore(runcomfy.max_concurrency), SlotWakeup()
+        self.account_stop = AccountStop()
+        self.partitions: list[_Partition] = []
+        self.outcomes: dict[str, PartitionOutcome] = {}
+        """Each partition's outcome; until the rows are done, those whose input was unreadable."""
+        self.finished_lines: deque[str] = deque()
+        self.checked: deque[tuple[_Partition, list[AssetCheckResult]]] = deque()
+        self.noted: set[str] = set()
+        """The partitions whose metadata `context.add_asset_metadata` already has."""
+        self.ready = threading.Event()
+        self.ticks = 0
+        self.next_progress = 0.0
+
+    def run(self) -> Iterator[AssetMaterialization | MaterializeResult[None] | AssetCheckResult]:
+        """Run the partitions' rows, then yield each one's materialization or failure and
+        the checks' results."""
+        if self.keys.edits not in self.context.selected_asset_keys:
             # Checks selected alone (the UI's "Execute" on a check): evaluate, pay nothing.
-            yield from _checks_alone(context, keys, storage, keys_in_run, check_names)
+            for key in self.keys_in_run:
+                for result in evaluate_edits_checks(
+                    self.storage, self.keys.edits, key, self.check_names
+                ):
+                    self.found.add(key, str(result.check_name), result)
+            yield from self.found.step_results()
             return
-        slots, wakeup = asyncio.Semaphore(runcomfy.max_concurrency), SlotWakeup()
-        shared = _Shared(slots, wakeup, AccountStop())
-        outcomes: dict[str, PartitionOutcome] = {}
-        partitions: list[_Partition] = []
-        for key in keys_in_run:
-            prepared = _prepare(context, key, ranged, storage, runcomfy, ledger, shared)
+        for key in self.keys_in_run:
+            prepared = self._prepare(key)
             if isinstance(prepared, PartitionOutcome):
-                outcomes[key] = prepared
+                self.outcomes[key] = prepared
             else:
-                partitions.append(prepared)
-        if ranged:
-            rows = sum(partition.tally.total for partition in partitions)
-            context.log.info(
-                f"{len(keys_in_run)} partitions ({keys_in_run[0]} to {keys_in_run[-1]}), "
-                f"{rows} rows from {storage.input_dir}"
+                self.partitions.append(prepared)
+        if self.ranged:
+            rows = sum(partition.tally.total for partition in self.partitions)
+            self.context.log.info(
+                f"{len(self.keys_in_run)} partitions ({self.keys_in_run[0]} to "
+                f"{self.keys_in_run[-1]}), {rows} rows from {self.storage.input_dir}"
             )
-        # Partitions finish on the client's loop; their lines and check evaluations are
-        # logged from this thread, woken as soon as one is ready.
-        finished_lines: deque[str] = deque()
-        checked: deque[tuple[_Partition, list[AssetCheckResult]]] = deque()
-        noted: set[str] = set()
-        found = PartitionChecks(keys.edits, ranged=ranged, log_event=context.log_event)
-        ready = threading.Event()
+        stopped = self._run_rows()
+        self._log_finished()
+        yield from materialize_outcomes(
+            self.context,
+            self.keys.edits,
+            self._final_outcomes(),
+            stopped=stopped,
+            check_results=self.found.step_results(),
+            metadata_added=self.noted,
+        )
 
-        def finish(partition: _Partition) -> PartitionOutcome:
-            finished_lines.append(
-                f"partition {partition.key}: {partition.tally.progress_line()}; results in "
-                f"{partition.out_path}"
-            )
-            return _outcome(keys, partition)
-
-        def evaluate_checks(partition: _Partition) -> None:
-            checked.append((partition, _evaluate_checks(storage, keys, partition, check_names)))
-            ready.set()
-
-        def log_finished() -> None:
-            # One log event for every partition finished since the last: each event is a
-            # database commit, a real cost over the partitions of a ranged run.
-            lines = [finished_lines.popleft() for _ in range(len(finished_lines))]
-            if lines:
-                context.log.info("\n".join(lines))
-            while checked:
-                partition, results = checked.popleft()
-                for result in results:
-                    found.add(partition.key, str(result.check_name), result)
-                outcome = partition.outcome
-                if ranged and outcome is not None and outcome.failure is None:
-                    # Dagster checks the key against the run's partitions, a query of the
-                    # instance, on every call: made now, while other partitions' jobs
-                    # still run, rather than for them all at the step's end.
-                    context.add_asset_metadata(dict(outcome.metadata), partition_key=partition.key)
-                    noted.add(partition.key)
-
-        def report_progress() -> None:
-            running = [partition for partition in partitions if partition.running]
-            if not running:
-                return
-            spent = round(ledger.ledger.spent_usd(), 6)
-            for partition in running:
-                metadata = {
-                    **partition.tally.progress_metadata(),
-                    "flux2/ledger_spent_usd": spent,
-                }
-                context.log_event(
-                    AssetObservation(
-                        asset_key=keys.edits, partition=partition.key, metadata=metadata
-                    )
-                )
-            ticks[0] += 1
-            if ticks[0] % LOG_EVERY_TICKS == 0:
-                for partition in running:
-                    context.log.info(
-                        f"partition {partition.key}: {partition.tally.progress_line()}, ledger "
-                        f"spend {spent:.4f} USD"
-                    )
-
-        def on_tick() -> None:
-            log_finished()
-            if time.monotonic() >= next_progress[0]:
-                next_progress[0] = time.monotonic() + progress_seconds
-                report_progress()
-
-        ticks = [0]
-        next_progress = [time.monotonic() + progress_seconds]
-        stopped = False
-
-        def note(line: str) -> None:
-            finished_lines.append(line)
-            ready.set()
-
+    def _prepare(self, key: str) -> _Partition | PartitionOutcome:
+        """A partition ready to run, or the failure of one whose input cannot be read."""
+        in_path, out_path = self.storage.input_path(key), self.storage.results_path(key)
         try:
-            runcomfy.run(
-                _estimate_then_run(
-                    partitions,
-                    runcomfy,
-                    ledger,
-                    note,
-                    lambda: _run_partitions(
-                        partitions,
-                        AddressPolicy.for_api(runcomfy.base_url),
-                        finish,
-                        evaluate_checks,
-                    ),
-                ),
-                on_tick=on_tick,
-                tick_seconds=progress_seconds,
-                wake=ready,
+            total, row_group = input_shape(in_path)
+            input_sha = file_sha256(in_path)
+        except (InputTableError, OSError) as exc:
+            failure = Failure(description=f"partition {key}: {exc}", allow_retries=False)
+            return PartitionOutcome(key, {}, failure)
+        log = self.context.log
+        if not self.ranged:
+            log.info(f"partition {key}: {total} rows from {in_path} (sha256 {input_sha[:12]})")
+        if row_group > LARGE_ROW_GROUP_ROWS:
+            log.warning(
+                f"partition {key}: {in_path.name} has a row group of {row_group} rows; it is "
+                "decoded whole while its rows stream out, so memory grows with it. Write input "
+                f"tables with row groups of at most {LARGE_ROW_GROUP_ROWS} rows."
+            )
+        read = functools.partial(
+            read_input_rows,
+            in_path,
+            defaults=self.runcomfy.parameter_defaults(),
+            sign_url=functools.partial(presign, expires=self.runcomfy.presign_expiry),
+        )
+        version, runner = InputRead.now(input_sha), self._runner(key)
+        return _Partition(
+            key, in_path, out_path, version, row_group, runner, _Tally(total), read(), read
+        )
+
+    def _runner(self, partition: str) -> EditRunner:
+        """The one place the configured resources become an `EditRunner`."""
+        runcomfy, ledger = self.runcomfy, self.ledger
+        return EditRunner(
+            runcomfy.client,
+            ledger.ledger,
+            partition=partition,
+            max_concurrency=runcomfy.max_concurrency,
+            attempts_per_run=runcomfy.attempts_per_run,
+            max_attempts=runcomfy.max_attempts,
+            lease_seconds=ledger.lease_seconds,
+            slots=self.slots,
+            wakeup=self.wakeup,
+            account_stop=self.account_stop,
+            account_concurrency=runcomfy.account_concurrency,
+            budget_usd=ledger.budget_usd,
+            price_per_image_usd=runcomfy.price_per_image_usd,
+        )
+
+    def _run_rows(self) -> bool:
+        """Run the prepared partitions' rows to their outcomes; True if the run was stopped."""
+        self.next_progress = time.monotonic() + self.progress_seconds
+        try:
+            self.runcomfy.run(
+                self._estimate_then_run(),
+                on_tick=self._on_tick,
+                tick_seconds=self.progress_seconds,
+                wake=self.ready,
             )
         except RunInterrupted:
-            stopped = True
-            for partition in partitions:
+            for partition in self.partitions:
                 # A lone partition reports the stop even if its last row just finished.
-                if partition.outcome is None or not ranged:
+                if partition.outcome is None or not self.ranged:
                     partition.outcome = _interrupted(partition)
-        log_finished()
+            return True
+        return False
+
+    async def _estimate_then_run(self) -> None:
+        """Price, estimate and balance first (see `flux2_pipeline.batch.estimate`); then the
+        rows, unless the balance cannot cover them under FLUX2_BALANCE_CHECK=stop."""
+        partitions, runcomfy = self.partitions, self.runcomfy
+        if not partitions:
+            return
+        price = await quote_price(runcomfy.client, runcomfy.price_per_image_usd)
+        # On the loop's own thread, before any job of the step exists: read on another
+        # thread, the tables would be decoded into that thread's malloc arena, a peak the
+        # rows' own read then adds to instead of reusing.
+        work = unpaid_work(
+            [(partition.key, rows_while_readable(partition.recount)) for partition in partitions],
+            self.ledger.ledger,
+        )
+        estimate = await estimate_run(runcomfy.client, work, price, runcomfy.balance_check)
+        self._note(f"before the first submit: {estimate.line()}")
+        figures = EstimateMetadata.of(estimate)
         for partition in partitions:
+            partition.estimate = figures
+            partition.runner.price_per_image_usd = price.price_usd
+        problem = _start_problem(estimate, runcomfy, self.ledger)
+        if problem is None and estimate.balance_short:
+            self._note(
+                f"warning: {estimate.shortfall_error()} (FLUX2_BALANCE_CHECK=warn: going on)"
+            )
+        if problem is None:
+            await self._run_partitions(AddressPolicy.for_api(runcomfy.base_url))
+            return
+        self._note(f"not started: {problem}")
+        for partition in partitions:
+            failure = Failure(
+                description=f"partition {partition.key}: not started: {problem}",
+                metadata=dict(figures),
+                allow_retries=False,
+            )
+            partition.outcome = PartitionOutcome(partition.key, {}, failure)
+
+    async def _run_partitions(self, policy: AddressPolicy) -> None:
+        """Run the partitions' rows under one in-flight limit, each written to its own file.
+
+        A partition starts as soon as the one before it has read its last input row, so the
+        limit stays full across partition boundaries while only a few partitions are open.
+        A partition whose input turns out to be unreadable fails alone. Once a partition's
+        file is written, `_finish` gives its outcome and `_check` (on a worker thread, so the
+        other partitions' rows go on) evaluates its checks.
+        """
+        # Reference images are checked through the one guarded fetcher before rows are paid.
+        async with GuardedFetcher(policy) as fetcher:
+            check = ReferenceCheck(fetcher.probe)
+            running: list[asyncio.Task[None]] = []
+            try:
+                for partition in self.partitions:
+                    all_read = asyncio.Event()
+                    partition.runner.preflight = check
+                    running.append(asyncio.create_task(self._run_one(partition, all_read)))
+                    await all_read.wait()
+                    if any(task.done() and task.exception() for task in running):
+                        break
+                await asyncio.wait(running, return_when=asyncio.FIRST_EXCEPTION)
+                for task in running:
+                    if task.done():
+                        task.result()  # an unexpected failure ends every partition
+            finally:
+                # Each task is cancelled once, here (asyncio.wait never cancels): a second
+                # cancel would cut short its cleanup, the API cancels of its queued jobs.
+                for task in running:
+                    task.cancel()
+                if running:
+                    await asyncio.wait(running)
+
+    async def _run_one(self, partition: _Partition, all_read: asyncio.Event) -> None:
+        """One partition's rows into its file, then its outcome and its checks."""
+
+        def rows() -> Iterator[list[Any]]:
+            try:
+                yield from partition.rows
+            finally:
+                all_read.set()
+
+        writer = partition.writer = ResultsWriter(partition.out_path)
+        try:
+            async for outcome in partition.runner.run(rows()):
+                partition.tally.add(outcome)
+                writer.write([outcome])
+        except InputTableError as exc:
+            writer.abort()
+            partition.outcome = PartitionOutcome(
+                partition.key,
+                {},
+                Failure(description=f"partition {partition.key}: {exc}", allow_retries=False),
+            )
+            return
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            all_read.set()
+        try:
+            # Off the loop: the input is hashed again, and another run's commit may hold the lock.
+            await asyncio.to_thread(commit_for_input, writer, partition.in_path, partition.read)
+        except InputChanged as exc:
+            partition.outcome = _input_changed(partition, exc)
+            return
+        partition.outcome = self._finish(partition)
+        await asyncio.to_thread(self._check, partition)
+
+    def _final_outcomes(self) -> list[PartitionOutcome]:
+        """Every partition's outcome in the run's order, once its rows are done."""
+        for partition in self.partitions:
             assert partition.outcome is not None, "every partition ends with an outcome"
             if partition.outcome.failure is None:
                 # A newer run's commit since ours: its materialization, not ours, is the latest.
                 changed = superseded(partition.out_path, partition.read)
                 if changed is not None:
                     partition.outcome = _input_changed(partition, changed)
-            outcomes[partition.key] = partition.outcome
-        ordered = [outcomes[key] for key in keys_in_run]
-        yield from materialize_outcomes(
-            context,
-            keys.edits,
-            ordered,
-            stopped=stopped,
-            check_results=found.step_results(),
-            metadata_added=noted,
+            self.outcomes[partition.key] = partition.outcome
+        return [self.outcomes[key] for key in self.keys_in_run]
+
+    def _finish(self, partition: _Partition) -> PartitionOutcome:
+        """On the loop: a partition's file is written; its line waits for `_log_finished`."""
+        self.finished_lines.append(
+            f"partition {partition.key}: {partition.tally.progress_line()}; results in "
+            f"{partition.out_path}"
         )
+        return _outcome(self.keys, partition)
 
-    return flux2_edits
+    def _note(self, line: str) -> None:
+        self.finished_lines.append(line)
+        self.ready.set()
 
-
-def _evaluate_checks(
-    storage: Flux2Storage, keys: Flux2Keys, partition: _Partition, names: Sequence[str]
-) -> list[AssetCheckResult]:
-    """The checks' results on a partition's file just written; a check that cannot read it
-    fails with the error (the partition's rows are already paid for and written)."""
-    try:
-        return evaluate_edits_checks(storage, keys.edits, partition.key, names)
-    except Exception as exc:  # an unreadable file fails its checks, not the paid-for rows
-        return [
-            AssetCheckResult(
-                passed=False,
-                asset_key=keys.edits,
-                check_name=name,
-                severity=AssetCheckSeverity.ERROR,
-                description=f"partition {partition.key}: the check could not read "
-                f"{partition.out_path}: {exc}",
+    def _check(self, partition: _Partition) -> None:
+        """On a worker thread: the checks' results on a partition's file just written; a
+        check that cannot read it fails with the error (the rows are paid for and written)."""
+        names, edits = self.check_names, self.keys.edits
+        try:
+            results = evaluate_edits_checks(self.storage, edits, partition.key, names)
+        except Exception as exc:  # an unreadable file fails its checks, not the paid-for rows
+            description = (
+                f"partition {partition.key}: the check could not read {partition.out_path}: {exc}"
             )
-            for name in names
-        ]
+            results = [
+                AssetCheckResult(
+                    passed=False,
+                    asset_key=edits,
+                    check_name=name,
+                    severity=AssetCheckSeverity.ERROR,
+                    description=description,
+                )
+                for name in names
+            ]
+        self.checked.append((partition, results))
+        self.ready.set()
 
+    def _on_tick(self) -> None:
+        self._log_finished()
+        if time.monotonic() >= self.next_progress:
+            self.next_progress = time.monotonic() + self.progress_seconds
+            self._report_progress()
 
-def _checks_alone(
-    context: AssetExecutionContext,
-    keys: Flux2Keys,
-    storage: Flux2Storage,
-    keys_in_run: Sequence[str],
-    names: Sequence[str],
-) -> Iterator[AssetCheckResult]:
-    """The checks evaluated on results files already written (a file that cannot be read
-    fails the step, naming it)."""
-    found = PartitionChecks(keys.edits, ranged=len(keys_in_run) > 1, log_event=context.log_event)
-    for key in keys_in_run:
-        for result in evaluate_edits_checks(storage, keys.edits, key, names):
-            found.add(key, str(result.check_name), result)
-    yield from found.step_results()
+    def _log_finished(self) -> None:
+        # One log event for every partition finished since the last: each event is a
+        # database commit, a real cost over the partitions of a ranged run.
+        lines = [self.finished_lines.popleft() for _ in range(len(self.finished_lines))]
+        if lines:
+            self.context.log.info("\n".join(lines))
+        while self.checked:
+            partition, results = self.checked.popleft()
+            for result in results:
+                self.found.add(partition.key, str(result.check_name), result)
+            outcome = partition.outcome
+            if self.ranged and outcome is not None and outcome.failure is None:
+                # Dagster checks the key against the run's partitions, a query of the
+                # instance, on every call: made now, while other partitions' jobs
+                # still run, rather than for them all at the step's end.
+                metadata = dict(outcome.metadata)
+                self.context.add_asset_metadata(metadata, partition_key=partition.key)
+                self.noted.add(partition.key)
 
-
-def _prepare(
-    context: AssetExecutionContext,
-    key: str,
-    ranged: bool,
-    storage: Flux2Storage,
-    runcomfy: RunComfyResource,
-    ledger: LedgerResource,
-    shared: "_Shared",
-) -> _Partition | PartitionOutcome:
-    """A partition ready to run, or the failure of one whose input cannot be read."""
-    in_path, out_path = storage.input_path(key), storage.results_path(key)
-    try:
-        total, row_group = input_shape(in_path)
-        input_sha = file_sha256(in_path)
-    except (InputTableError, OSError) as exc:
-        failure = Failure(description=f"partition {key}: {exc}", allow_retries=False)
-        return PartitionOutcome(key, {}, failure)
-    if not ranged:
-        context.log.info(f"partition {key}: {total} rows from {in_path} (sha256 {input_sha[:12]})")
-    if row_group > LARGE_ROW_GROUP_ROWS:
-        context.log.warning(
-            f"partition {key}: {in_path.name} has a row group of {row_group} rows; it is "
-            "decoded whole while its rows stream out, so memory grows with it. Write input "
-            f"tables with row groups of at most {LARGE_ROW_GROUP_ROWS} rows."
-        )
-    read = functools.partial(
-        read_input_rows,
-        in_path,
-        defaults=runcomfy.parameter_defaults(),
-        sign_url=functools.partial(presign, expires=runcomfy.presign_expiry),
-    )
-    return _Partition(
-        key,
-        in_path,
-        out_path,
-        InputRead.now(input_sha),
-        row_group,
-        _runner(runcomfy, ledger, key, shared.slots, shared.wakeup, shared.account_stop),
-        _Tally(total=total),
-        read(),
-        read,
-    )
+    def _report_progress(self) -> None:
+        """A progress observation for every running partition; a log line every few."""
+        running = [partition for partition in self.partitions if partition.running]
+        if not running:
+            return
+        spent = round(self.ledger.ledger.spent_usd(), 6)
+        for partition in running:
+            figures = partition.tally.progress_metadata(ledger_spent_usd=spent)
+            self.context.log_event(
+                AssetObservation(
+                    asset_key=self.keys.edits, partition=partition.key, metadata=dict(figures)
+                )
+            )
+        self.ticks += 1
+        if self.ticks % LOG_EVERY_TICKS == 0:
+            for partition in running:
+                self.context.log.info(
+                    f"partition {partition.key}: {partition.tally.progress_line()}, ledger "
+                    f"spend {spent:.4f} USD"
+                )
 
 
 def _outcome(keys: Flux2Keys, partition: _Partition) -> PartitionOutcome:
@@ -741,8 +705,7 @@ def _input_changed(partition: _Partition, exc: InputChanged) -> PartitionOutcome
     failure = Failure(
         description=f"partition {partition.key}: {exc}",
         metadata={
-            "flux2/input_sha256": exc.old,
-            "flux2/input_sha256_now": exc.new or "",
+            **InputMetadata(input_sha256=exc.old, input_sha256_now=exc.new or ""),
             **partition.tally.progress_metadata(),
         },
         allow_retries=False,
@@ -756,52 +719,49 @@ def _interrupted(partition: _Partition) -> PartitionOutcome:
         description=f"partition {partition.key}: the run was stopped after {tally.done} of "
         f"{tally.total} rows; queued jobs were cancelled, running ones are left in the "
         "ledger for the next run to poll",
-        metadata={INTERRUPTED: True, **tally.progress_metadata()},
+        metadata={**StepFailureMetadata(interrupted=True), **tally.progress_metadata()},
         allow_retries=False,
     )
     return PartitionOutcome(partition.key, {}, failure)
 
 
 def _metadata(keys: Flux2Keys, partition: _Partition) -> dict[str, Any]:
-    runner, tally, key = partition.runner, partition.tally, partition.key
-    in_path, out_path = partition.in_path, partition.out_path
-    input_sha, row_group = partition.read.sha256, partition.row_group
-    counts = runner.counters.by_status
+    runner, tally, counters = partition.runner, partition.tally, partition.runner.counters
+    counts, seconds = counters.by_status, tally.seconds
     mean, p95 = tally.latency_figures()
-    seconds = tally.seconds
-    metadata: dict[str, Any] = {
+    return {
         "dagster/row_count": tally.done,
         "dagster/column_schema": results_table_schema(),
         "dagster/column_lineage": results_column_lineage(keys),
-        "flux2/completed": counts["completed"],
-        "flux2/failed": counts["failed"],
-        "flux2/invalid": counts["invalid"],
-        "flux2/cancelled": counts["cancelled"],
-        "flux2/cost_usd": round(tally.cost_usd, 6),
-        "flux2/latency_mean_s": MetadataValue.float(mean) if mean is not None else None,
-        "flux2/latency_p95_s": MetadataValue.float(p95) if p95 is not None else None,
-        "flux2/submitted": runner.counters.submitted,
-        "flux2/reused_completed": runner.counters.reused_completed,
-        "flux2/polled_known": runner.counters.polled_known,
-        "flux2/unknown_resubmitted": runner.counters.unknown_resubmitted,
-        "flux2/outcome_unknown": runner.counters.outcome_unknown,
-        "flux2/waited_for_claim": runner.counters.waited_for_claim,
-        "flux2/not_submitted_references": runner.counters.not_submitted_references,
-        "flux2/over_budget": runner.counters.over_budget,
-        "flux2/account_refused": runner.counters.account_refused,
-        "flux2/new_spend_usd": round(runner.counters.new_cost_usd, 6),
-        "flux2/ledger_spent_usd": round(runner.ledger.spent_usd(), 6),
-        "flux2/seconds": round(seconds, 3),
-        "flux2/rows_per_second": round(tally.done / seconds, 2) if seconds > 0 else 0.0,
-        "flux2/input_path": MetadataValue.path(str(in_path)),
-        "flux2/input_sha256": input_sha,
-        "flux2/input_largest_row_group": row_group,
-        "flux2/results_path": MetadataValue.path(str(out_path)),
-        URI: storage_uri(out_path),
-        "flux2/preview": MetadataValue.md(_markdown_table(tally.preview)),
-        "flux2/partition": key,
+        **EditsMetadata(
+            completed=counts["completed"],
+            failed=counts["failed"],
+            invalid=counts["invalid"],
+            cancelled=counts["cancelled"],
+            cost_usd=round(tally.cost_usd, 6),
+            latency_mean_s=mean,
+            latency_p95_s=p95,
+            submitted=counters.submitted,
+            reused_completed=counters.reused_completed,
+            polled_known=counters.polled_known,
+            unknown_resubmitted=counters.unknown_resubmitted,
+            outcome_unknown=counters.outcome_unknown,
+            waited_for_claim=counters.waited_for_claim,
+            not_submitted_references=counters.not_submitted_references,
+            over_budget=counters.over_budget,
+            account_refused=counters.account_refused,
+            new_spend_usd=round(counters.new_cost_usd, 6),
+            ledger_spent_usd=round(runner.ledger.spent_usd(), 6),
+            seconds=round(seconds, 3),
+            rows_per_second=round(tally.done / seconds, 2) if seconds > 0 else 0.0,
+            input_path=MetadataValue.path(str(partition.in_path)),
+            input_sha256=partition.read.sha256,
+            input_largest_row_group=partition.row_group,
+            results_path=MetadataValue.path(str(partition.out_path)),
+            preview=MetadataValue.md(_markdown_table(tally.preview)),
+            partition=partition.key,
+            account_refusal=runner.account_stop.reason,
+        ),
+        URI: storage_uri(partition.out_path),
         **partition.estimate,
     }
-    if runner.account_stop.reason is not None:
-        metadata["flux2/account_refusal"] = runner.account_stop.reason
-    return {name: value for name, value in metadata.items() if value is not None}

@@ -41,6 +41,7 @@ from pydantic import Field
 from flux2_pipeline.assets.edits import EDITS_RETRY_POLICY
 from flux2_pipeline.assets.hooks import ExecuteHook, with_execute
 from flux2_pipeline.assets.keys import Flux2Keys
+from flux2_pipeline.assets.metadata import ImagesMetadata
 from flux2_pipeline.assets.ranges import (
     DEFAULT_PARTITIONS_PER_RUN,
     PartitionOutcome,
@@ -261,19 +262,21 @@ def build_images_asset(
                 )
             metadata: dict[str, Any] = {
                 "dagster/row_count": report.images,
-                "flux2/images_stored": report.stored,
-                "flux2/images_downloaded": report.downloaded,
-                "flux2/images_reused": report.reused,
-                "flux2/images_failed": report.failed,
-                "flux2/images_expired": report.expired,
-                "flux2/result_refreshes": report.refreshed,
-                "flux2/images_not_decoded": report.not_decoded,
-                "flux2/bytes_downloaded": report.bytes_downloaded,
-                "flux2/bytes_stored": report.bytes_stored,
-                "flux2/manifest": MetadataValue.path(str(manifest_path)),
+                **ImagesMetadata(
+                    images_stored=report.stored,
+                    images_downloaded=report.downloaded,
+                    images_reused=report.reused,
+                    images_failed=report.failed,
+                    images_expired=report.expired,
+                    result_refreshes=report.refreshed,
+                    images_not_decoded=report.not_decoded,
+                    bytes_downloaded=report.bytes_downloaded,
+                    bytes_stored=report.bytes_stored,
+                    manifest=MetadataValue.path(str(manifest_path)),
+                    contact_sheet_path=MetadataValue.path(str(sheet_path)),
+                    contact_sheet=MetadataValue.md(markdown_preview(sheet)),
+                ),
                 URI: storage_uri(manifest_path),
-                "flux2/contact_sheet_path": MetadataValue.path(str(sheet_path)),
-                "flux2/contact_sheet": MetadataValue.md(markdown_preview(sheet)),
             }
             if report.failed:
                 failure = Failure(

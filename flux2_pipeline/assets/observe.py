@@ -37,6 +37,7 @@ from dagster import (
 )
 
 from flux2_pipeline.assets.keys import Flux2Keys
+from flux2_pipeline.assets.metadata import InputMetadata
 from flux2_pipeline.assets.prompts import (
     DATA_VERSION_TAG,
     new_partition_keys,
@@ -95,7 +96,7 @@ def build_observation_sensor(
                     asset_key=keys.prompt_tables,
                     partition=key,
                     tags={DATA_VERSION_TAG: digest},
-                    metadata={"flux2/input_sha256": digest},
+                    metadata=dict(InputMetadata(input_sha256=digest)),
                 )
             )
         for key in set(cursor) - set(scan.found):

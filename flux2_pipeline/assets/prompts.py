@@ -48,6 +48,7 @@ from dagster import (
 )
 
 from flux2_pipeline.assets.keys import Flux2Keys
+from flux2_pipeline.assets.metadata import InputMetadata
 from flux2_pipeline.assets.ranges import (
     DEFAULT_PARTITIONS_PER_RUN,
     PARTITION_TAG,
@@ -127,7 +128,7 @@ def build_prompt_tables(
             yield ObserveResult(
                 asset_key=keys.prompt_tables,
                 data_version=DataVersion(file_sha256(path)),
-                metadata={"flux2/input_path": MetadataValue.path(str(path))},
+                metadata=dict(InputMetadata(input_path=MetadataValue.path(str(path)))),
             )
             return
         found = storage.scan_inputs().found
@@ -140,7 +141,7 @@ def build_prompt_tables(
                     asset_key=keys.prompt_tables,
                     partition=key,
                     tags={DATA_VERSION_TAG: file_sha256(path)},
-                    metadata={"flux2/input_path": MetadataValue.path(str(path))},
+                    metadata=dict(InputMetadata(input_path=MetadataValue.path(str(path)))),
                 )
             )
 

@@ -6,14 +6,14 @@ fixed cost per run is paid once per range. What users see stays per partition:
 - every partition that succeeded gets its own materialization, with its own metadata;
 - a partition that failed gets none, so Dagster shows it failed while its neighbours
   show materialized, and the step's `Failure` names each failed partition
-  (`PARTITION_FAILURES` holds their figures);
+  (`StepFailureMetadata.partition_failures` holds their figures);
 - each check reports one evaluation per partition (`check_each_partition`).
 
 A run of one partition behaves exactly as before ranges existed.
 
 Example::
 
-    outcomes = [PartitionOutcome("cats", {"flux2/completed": 3})]
+    outcomes = [PartitionOutcome("cats", {**EditsMetadata(completed=3)})]
     yield from materialize_outcomes(context, keys.edits, outcomes)
 """
 
@@ -37,6 +37,7 @@ from dagster import (
     MetadataValue,
 )
 
+from flux2_pipeline.assets.metadata import StepFailureMetadata
 from flux2_pipeline.run_limits import DEFAULT_PARTITIONS_PER_RUN as DEFAULT_PARTITIONS_PER_RUN
 
 PARTITION_TAG = "dagster/partition"
@@ -44,10 +45,6 @@ RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
 """The run tags of a run of one partition or over a range of partitions: Dagster's own
 names, spelled here so that nothing imports them from Dagster's private modules."""
-INTERRUPTED = "flux2/interrupted"
-"""Failure metadata set when the run was stopped (Ctrl+C, a stop from the UI)."""
-PARTITION_FAILURES = "flux2/partition_failures"
-"""Failure metadata of a ranged step: failed partition -> its error and figures."""
 FAILURES_NAMED = 5
 SUMMARY_FIELDS = (
     "flux2/completed",
@@ -60,7 +57,9 @@ SUMMARY_FIELDS = (
     "flux2/images_failed",
     "flux2/interrupted",
 )
-"""The figures of a failed partition kept in `PARTITION_FAILURES` (plain JSON values)."""
+"""The figures of a failed partition kept in its step's `StepFailureMetadata`
+(`partition_failures`, plain JSON values): keys of `EditsMetadata`, `ImagesMetadata` and
+`StepFailureMetadata`."""
 
 
 def ranged_backfills(
@@ -158,7 +157,9 @@ def materialize_outcomes(
         yield from check_results
         raise Failure(
             description="the run was stopped after every partition had finished",
-            metadata={PARTITION_FAILURES: MetadataValue.json({}), INTERRUPTED: True},
+            metadata={
+                **StepFailureMetadata(partition_failures=MetadataValue.json({}), interrupted=True)
+            },
             allow_retries=False,
         )
     if not failed:
@@ -188,7 +189,7 @@ def ranged_failure(failed: Sequence[PartitionOutcome], total: int) -> Failure:
     for outcome in failed:
         assert outcome.failure is not None
         figures = {**outcome.metadata, **_plain(outcome.failure.metadata)}
-        interrupted = interrupted or bool(figures.get(INTERRUPTED))
+        interrupted = interrupted or bool(StepFailureMetadata.extract(figures).interrupted)
         details[outcome.key] = {
             "error": outcome.failure.description,
             **{name: _plain_value(figures[name]) for name in SUMMARY_FIELDS if name in figures},
@@ -197,12 +198,12 @@ def ranged_failure(failed: Sequence[PartitionOutcome], total: int) -> Failure:
         str(outcome.failure.description) for outcome in failed[:FAILURES_NAMED] if outcome.failure
     )
     more = f" (and {len(failed) - FAILURES_NAMED} more)" if len(failed) > FAILURES_NAMED else ""
-    metadata: dict[str, Any] = {PARTITION_FAILURES: MetadataValue.json(details)}
-    if interrupted:
-        metadata[INTERRUPTED] = True
+    metadata = StepFailureMetadata(
+        partition_failures=MetadataValue.json(details), interrupted=interrupted or None
+    )
     return Failure(
         description=f"{len(failed)} of {total} partitions failed: {named}{more}",
-        metadata=metadata,
+        metadata=dict(metadata),
         allow_retries=any(outcome.failure.allow_retries for outcome in failed if outcome.failure),
     )
 

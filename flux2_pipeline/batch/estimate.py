@@ -99,23 +99,6 @@ class RunEstimate:
             "FLUX2_BALANCE_CHECK=warn to start anyway"
         )
 
-    def metadata(self) -> dict[str, float | int | str]:
-        """The figures under namespaced keys, for a materialization or a run's tags."""
-        figures: dict[str, float | int | str] = {
-            "flux2/price_source": self.price.source,
-            "flux2/rows_to_pay": self.work.rows,
-            "flux2/images_to_pay": self.work.images,
-        }
-        if self.price.price_usd is not None:
-            figures["flux2/price_per_image_usd"] = self.price.price_usd
-        if self.cost_usd is not None:
-            figures["flux2/estimated_cost_usd"] = self.cost_usd
-        if self.balance_usd is not None:
-            figures["flux2/balance_usd"] = round(self.balance_usd, 6)
-        elif self.balance_note:
-            figures["flux2/balance_note"] = self.balance_note
-        return figures
-
 
 async def quote_price(client: AsyncRunComfyClient, configured: float | None) -> PriceQuote:
     """The configured price, else the model's published one; None with a reason if neither."""

@@ -26,6 +26,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from flux2_pipeline.assets.metadata import EditsProgress
 from flux2_pipeline.cli.runs import ProgressCallback
 
 PLAIN_EVERY_SECONDS = 10.0
@@ -38,13 +39,9 @@ def progress_text(done: int, total: int, failed: int, cost: float, seconds: floa
 
 
 def _figures(metadata: Mapping[str, Any]) -> tuple[int, int, int, float, float]:
-    return (
-        int(metadata.get("flux2/rows_done", 0)),
-        int(metadata.get("flux2/rows_total", 0)),
-        int(metadata.get("flux2/rows_failed", 0)),
-        float(metadata.get("flux2/cost_usd", 0.0)),
-        float(metadata.get("flux2/seconds", 0.0)),
-    )
+    figures = EditsProgress.extract(metadata)
+    done, total, failed = figures.rows_done, figures.rows_total, figures.rows_failed
+    return done, total, failed, figures.cost_usd, figures.seconds
 
 
 @contextmanager

@@ -2,7 +2,7 @@
 
 A run's summaries come from its events: a run over a range of partitions has one
 materialization per partition that succeeded and, when some failed, one step failure
-whose `PARTITION_FAILURES` metadata names each failed partition with its figures. A
+whose `StepFailureMetadata.partition_failures` names each failed partition with its figures. A
 partition whose own steps succeeded while a neighbour's failure skipped the steps after
 them is `blocked`.
 
@@ -21,11 +21,8 @@ from typing import Any
 from dagster import AssetKey, AssetMaterialization, DagsterEventType, ExecuteInProcessResult
 from dagster_shared.error import SerializableErrorInfo
 
-from flux2_pipeline.assets import INTERRUPTED
-from flux2_pipeline.assets.ranges import PARTITION_FAILURES
+from flux2_pipeline.assets.metadata import EditsMetadata, ImagesMetadata, StepFailureMetadata
 from flux2_pipeline.resources import InputScan
-
-STATUS_COUNTS = ("completed", "failed", "invalid", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -72,27 +69,24 @@ class PartitionSummary:
         2
         """
 
-        def count(name: str) -> int:
-            value = metadata.get(name, 0)
-            return int(value) if isinstance(value, int | float) else 0
-
+        edits, images = EditsMetadata.extract(metadata), ImagesMetadata.extract(metadata)
+        completed, failed = edits.completed or 0, edits.failed or 0
+        invalid, cancelled = edits.invalid or 0, edits.cancelled or 0
         return cls(
             key,
             succeeded,
-            float(metadata.get("flux2/seconds", seconds) or seconds),
-            rows=sum(count(f"flux2/{status}") for status in STATUS_COUNTS),
-            completed=count("flux2/completed"),
-            failed=count("flux2/failed"),
-            invalid=count("flux2/invalid"),
-            cancelled=count("flux2/cancelled"),
-            cost_usd=float(metadata.get("flux2/cost_usd", 0.0) or 0.0),
+            edits.seconds or seconds,
+            rows=completed + failed + invalid + cancelled,
+            completed=completed,
+            failed=failed,
+            invalid=invalid,
+            cancelled=cancelled,
+            cost_usd=edits.cost_usd or 0.0,
             error=None if succeeded else error,
-            results_path=str(metadata["flux2/results_path"])
-            if "flux2/results_path" in metadata
-            else None,
-            images=count("flux2/images_stored"),
-            images_failed=count("flux2/images_failed"),
-            interrupted=bool(metadata.get(INTERRUPTED, False)),
+            results_path=edits.results_path.path if edits.results_path else None,
+            images=images.images_stored or 0,
+            images_failed=images.images_failed or 0,
+            interrupted=bool(StepFailureMetadata.extract(metadata).interrupted),
         )
 
 
@@ -188,8 +182,9 @@ def _by_partition(keys: Sequence[str], result: ExecuteInProcessResult) -> _RunFi
             unattributed = True
             continue
         metadata = {k: v.value for k, v in data.user_failure_data.metadata.items()}
-        failures = metadata.get(PARTITION_FAILURES)
-        stopped = stopped or bool(metadata.get(INTERRUPTED))
+        step = StepFailureMetadata.extract(metadata)
+        failures = step.partition_failures.data if step.partition_failures else None
+        stopped = stopped or bool(step.interrupted)
         if isinstance(failures, dict):
             for key, details in failures.items():
                 if key in figures and isinstance(details, dict):

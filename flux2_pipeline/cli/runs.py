@@ -27,6 +27,7 @@ from typing import Any
 
 from dagster import AssetKey, DagsterEventType, DagsterInstance, JobDefinition
 
+from flux2_pipeline.assets.metadata import DatasetMetadata, EditsProgress
 from flux2_pipeline.assets.ranges import RANGE_END_TAG, RANGE_START_TAG, plan_runs
 from flux2_pipeline.cli.report import (
     DatasetSummary,
@@ -69,13 +70,15 @@ class ProgressWatcher:
         if summary.rows:
             self._progress(
                 summary.partition,
-                {
-                    "flux2/rows_total": summary.rows,
-                    "flux2/rows_done": summary.rows,
-                    "flux2/rows_failed": summary.failed + summary.cancelled,
-                    "flux2/cost_usd": summary.cost_usd,
-                    "flux2/seconds": summary.seconds,
-                },
+                dict(
+                    EditsProgress(
+                        rows_total=summary.rows,
+                        rows_done=summary.rows,
+                        rows_failed=summary.failed + summary.cancelled,
+                        cost_usd=summary.cost_usd,
+                        seconds=summary.seconds,
+                    )
+                ),
             )
 
     def _follow(self) -> None:
@@ -294,12 +297,13 @@ def run_dataset(
     if not result.success:
         return DatasetSummary(False, seconds, error=first_error(result))
     metadata = run_metadata(result)
+    dataset = DatasetMetadata.extract(metadata)
     return DatasetSummary(
         True,
         seconds,
         rows=int(metadata.get("dagster/row_count", 0)),
-        shards=int(metadata.get("flux2/shards", 0)),
-        path=str(metadata.get("flux2/path", "")) or None,
+        shards=dataset.shards or 0,
+        path=dataset.path.path if dataset.path else None,
     )
 
 
