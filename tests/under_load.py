@@ -1,5 +1,5 @@
 """The test suite, round after round, beside busy processes: the proof that no test passes by
-timing luck (issue 13: five rounds in a row beside two busy processes, on 2 cores).
+timing luck (five rounds in a row beside two busy processes, on 2 cores).
 
 Starts `--busy` processes that each spin one core (`while True: pass`), then runs
 `CI=true pytest -q` (plus `--pytest-args`) `--rounds` times, printing each round's result

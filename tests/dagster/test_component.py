@@ -1,4 +1,4 @@
-"""Flux2EditsComponent: a defs.yaml like CONTRACT.md's loads and materializes.
+"""Flux2EditsComponent: a defs.yaml like docs/component.md's loads and materializes.
 
 The YAML's `defaults` fill the parameters a row leaves null, and a row's own values win.
 """
@@ -21,7 +21,7 @@ from tests.helpers.component import causes, load_project
 from tests.helpers.emulator import TEST_TOKEN, prompt_rows
 from tests.helpers.tables import write_table
 
-CONTRACT_YAML = """\
+DOCUMENTED_YAML = """\
 type: flux2_pipeline.Flux2EditsComponent
 attributes:
   input_dir: data/prompts
@@ -54,7 +54,7 @@ def project(tmp_path: Path, emulator: EmulatorServer, monkeypatch: pytest.Monkey
 def test_a_contract_defs_yaml_materializes_with_its_defaults_and_rows_winning(
     project: Path, emulator: EmulatorServer, instance: DagsterInstance
 ) -> None:
-    defs = load_project(project, CONTRACT_YAML)
+    defs = load_project(project, DOCUMENTED_YAML)
     keys = Flux2Keys()
     assert {keys.edits, keys.images, keys.training_dataset} <= set(defs.resolve_all_asset_keys())
     rows = prompt_rows(emulator.base_url, "yaml", 3, image_size=None, num_inference_steps=None)
@@ -76,7 +76,7 @@ def test_a_contract_defs_yaml_materializes_with_its_defaults_and_rows_winning(
 
 
 def test_the_yaml_secrets_stay_environment_references(project: Path) -> None:
-    defs = load_project(project, CONTRACT_YAML + LIMITS_YAML)
+    defs = load_project(project, DOCUMENTED_YAML + LIMITS_YAML)
     resources = defs.resources or {}
     runcomfy = resources["flux2_runcomfy"]
     ledger = resources["flux2_ledger"]
@@ -90,7 +90,7 @@ def test_the_yaml_secrets_stay_environment_references(project: Path) -> None:
 
 
 def test_a_literal_token_in_yaml_is_refused(project: Path) -> None:
-    yaml = CONTRACT_YAML.replace('"{{ env.RUNCOMFY_API_TOKEN }}"', "sk-literal-999")
+    yaml = DOCUMENTED_YAML.replace('"{{ env.RUNCOMFY_API_TOKEN }}"', "sk-literal-999")
     with pytest.raises(Exception) as caught:
         load_project(project, yaml)
     chain = [caught.value, *causes(caught.value)]
@@ -100,7 +100,7 @@ def test_a_literal_token_in_yaml_is_refused(project: Path) -> None:
 
 
 def test_a_bad_attribute_is_refused_by_the_schema_at_its_line(project: Path) -> None:
-    yaml = CONTRACT_YAML.replace("max_concurrency: 8", "max_concurrency: 0").replace(
+    yaml = DOCUMENTED_YAML.replace("max_concurrency: 8", "max_concurrency: 0").replace(
         "num_inference_steps: 20", "num_inference_steps: 200"
     )
     with pytest.raises(Exception) as caught:
@@ -117,7 +117,7 @@ def test_a_bad_templated_attribute_is_one_line_naming_it(
 ) -> None:
     # A template passes the schema; its value is checked once resolved.
     monkeypatch.setenv("FLUX2_MAX_CONCURRENCY", "0")
-    yaml = CONTRACT_YAML.replace(
+    yaml = DOCUMENTED_YAML.replace(
         "max_concurrency: 8", 'max_concurrency: "{{ env.FLUX2_MAX_CONCURRENCY }}"'
     )
     with pytest.raises(Exception) as caught:
@@ -127,26 +127,26 @@ def test_a_bad_templated_attribute_is_one_line_naming_it(
 
 
 def test_partitions_per_run_sets_the_backfill_ranges(project: Path) -> None:
-    defs = load_project(project, CONTRACT_YAML + "  partitions_per_run: 7\n")
+    defs = load_project(project, DOCUMENTED_YAML + "  partitions_per_run: 7\n")
     keys = Flux2Keys()
     for asset in (keys.edits, keys.images):
         policy = defs.resolve_assets_def(asset).backfill_policy
         assert policy is not None and policy.max_partitions_per_run == 7
     with pytest.raises(Exception) as caught:
-        load_project(project, CONTRACT_YAML + "  partitions_per_run: 0\n")
+        load_project(project, DOCUMENTED_YAML + "  partitions_per_run: 0\n")
     text = "\n".join(str(e) for e in [caught.value, *causes(caught.value)])
     assert re.search(r"attributes\.partitions_per_run\S* at \S+defs\.yaml:11`", text), text
 
 
 def test_max_decode_pixels_sets_the_decode_ceiling(project: Path) -> None:
-    default = load_project(project, CONTRACT_YAML).resources or {}
+    default = load_project(project, DOCUMENTED_YAML).resources or {}
     assert default["flux2_storage"].max_decode_pixels == 120_000_000
-    chosen = load_project(project, CONTRACT_YAML + "  max_decode_pixels: 50000000\n")
+    chosen = load_project(project, DOCUMENTED_YAML + "  max_decode_pixels: 50000000\n")
     assert (chosen.resources or {})["flux2_storage"].max_decode_pixels == 50_000_000
 
 
 def test_a_key_prefix_moves_every_name(project: Path) -> None:
-    defs = load_project(project, CONTRACT_YAML + "  key_prefix: team_a\n  pool: runcomfy\n")
+    defs = load_project(project, DOCUMENTED_YAML + "  key_prefix: team_a\n  pool: runcomfy\n")
     keys = Flux2Keys.from_prefix("team_a")
     assert keys.edits == AssetKey(["team_a", "flux2_edits"])
     assert keys.edits in set(defs.resolve_all_asset_keys())

@@ -19,7 +19,7 @@ from flux2_pipeline.settings import Settings
 from tests.helpers.emulator import prompt_rows
 from tests.helpers.tables import write_table
 
-CONTRACT_COLUMNS = [
+RESULT_COLUMNS = [
     "row_id",
     "prompt",
     "image_urls",
@@ -68,7 +68,7 @@ def test_three_partitions_complete_despite_429s_and_5xx(
         assert result.success
 
         table = pq.read_table(settings.storage.output_root() / "flux2_edits" / f"{key}.parquet")
-        assert table.schema.names[: len(CONTRACT_COLUMNS)] == CONTRACT_COLUMNS
+        assert table.schema.names[: len(RESULT_COLUMNS)] == RESULT_COLUMNS
         assert table.schema.equals(RESULTS_SCHEMA)
         frame = table.to_pylist()
         assert [row["row_id"] for row in frame] == [f"{key}-{i}" for i in range(rows)]

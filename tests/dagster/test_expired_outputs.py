@@ -1,4 +1,4 @@
-"""flux2_images when the API's output URLs have expired (issue 23 item 7).
+"""flux2_images when the API's output URLs have expired: fresh URLs once, else `expired`.
 
 A completed row's edited-image URL that answers 410 is fetched again from the fresh URLs
 the API's `/result` gives (one call per job); if the API no longer serves it, the manifest

@@ -223,7 +223,7 @@ def test_an_intent_without_a_request_id_holds_its_slot_only_for_its_lease(
     assert ledger.open_attempts() == 0
 
 
-# -- issue 23: account-level refusals shared through the ledger -----------------------
+# -- account-level refusals shared through the ledger -----------------------
 
 
 def _claim(ledger: Ledger, row_id: str, **options: Any) -> Any:

@@ -1,4 +1,4 @@
-"""`tests/under_load.py`, the runner of issue 13's proof, on a tiny test file of its own:
+"""`tests/under_load.py`, which proves no test passes by timing luck, on a tiny test file:
 rounds stop at the first failure, pytest sees CI=true, and the busy processes (and pytest)
 never outlive the runner, whether it finishes, fails or is stopped with SIGTERM."""
 

@@ -61,7 +61,7 @@ PROVES_NO_JOB = {400, 401, 402, 403, 404, 422, 429}
 
 @pytest.mark.parametrize("status", range(100, 600))
 def test_which_submit_answers_prove_no_job(status: int) -> None:
-    # The list, and nothing else: every other status may hide a created job.
+    # Only these statuses: every other status may hide a created job.
     assert submit_error_proves_no_job(status) is (status in PROVES_NO_JOB)
 
 
