@@ -240,14 +240,14 @@ class _UpdateStatements:
 
 
 @functools.lru_cache(maxsize=64)
-def _update_statements(column: str, guard: str, names: tuple[str, ...]) -> _UpdateStatements:
-    where = _t.c[column] == bindparam("k_value")
+def _update_statements(guard: str, names: tuple[str, ...]) -> _UpdateStatements:
+    where = _t.c.id == bindparam("k_value")
     values: dict[str, Any] = {name: bindparam(f"v_{name}") for name in (*names, "updated_at")}
     charge_before = None
     if "charge_usd" in names:
         charge_before = select(_t.c.charge_usd).where(where, _GUARDS[guard]).with_for_update()
     return _UpdateStatements(
-        name=f"update:{column}:{guard}:{','.join(names)}",
+        name=f"update:id:{guard}:{','.join(names)}",
         update=update(_t).where(where, _GUARDS[guard]).values(values).returning(*_t.c),
         current=select(_t.c.id, _t.c.state, _t.c.request_id).where(where),
         charge_before=charge_before,
@@ -577,24 +577,21 @@ class Ledger:
         return message
 
     def _update(
-        self,
-        key: tuple[str, Any],
-        guard: str,
-        values: Mapping[str, Any],
-        action: str,
-        subject: str,
+        self, submission_id: int, guard: str, values: Mapping[str, Any], action: str
     ) -> Submission:
-        """Update the attempt whose `key` column has that value, if `_GUARDS[guard]` holds.
+        """Update attempt `submission_id` if `_GUARDS[guard]` holds.
 
         Statements are built once per shape (`_update_statements`) and run as
         `PreparedStatement`s: building SQLAlchemy expressions per call, and even
         SQLAlchemy's execution path, cost more CPU than the database itself.
         """
-        column, value = key
+        subject = f"submission {submission_id}"
         names = tuple(sorted(values))
-        statements = _update_statements(column, guard, names)
+        statements = _update_statements(guard, names)
         params = {f"v_{name}": values[name] for name in names}
-        params.update(k_value=value, v_updated_at=_now(), g_request_id=values.get("request_id"))
+        params.update(
+            k_value=submission_id, v_updated_at=_now(), g_request_id=values.get("request_id")
+        )
         current: Any = None
         prepared, name = self._prepared.get, statements.name
         try:
@@ -956,7 +953,7 @@ class Ledger:
             raise ValueError("request_id must be a non-empty string")
         at = _aware(submitted_at, "submitted_at")
         return self._update(
-            ("id", submission_id),
+            submission_id,
             "submit",
             {
                 "state": SubmissionState.SUBMITTED.value,
@@ -964,7 +961,6 @@ class Ledger:
                 "submitted_at": at,
             },
             "record the request id of",
-            f"submission {submission_id}",
         )
 
     def record_rejected(self, submission_id: int, error: str) -> Submission:
@@ -974,7 +970,7 @@ class Ledger:
         `flux2_pipeline.runcomfy.errors`); the attempt's reserved charge is released.
         """
         return self._update(
-            ("id", submission_id),
+            submission_id,
             "reject",
             {
                 "state": SubmissionState.REJECTED.value,
@@ -984,7 +980,6 @@ class Ledger:
                 "charge_usd": 0.0,
             },
             "mark rejected",
-            f"submission {submission_id}",
         )
 
     def record_unknown(self, submission_id: int, error: str) -> Submission:
@@ -994,40 +989,11 @@ class Ledger:
         possible duplicate. The reserved charge stays spent.
         """
         return self._update(
-            ("id", submission_id),
+            submission_id,
             "unknown",
             {"state": SubmissionState.UNKNOWN.value, "error": error, "holder": None},
             "mark unknown",
-            f"submission {submission_id}",
         )
-
-    def _finish(
-        self,
-        where: tuple[str, Any],
-        subject: str,
-        state: SubmissionState | str,
-        finished_at: datetime | None,
-        error: str | None,
-        cost_usd: float | None,
-        output_urls: Iterable[str],
-    ) -> Submission:
-        parsed = _finished_state(state)
-        urls = [str(u) for u in output_urls]
-        values: dict[str, Any] = {
-            "state": parsed.value,
-            "finished_at": _aware(finished_at, "finished_at"),
-            "error": error,
-            "cost_usd": None if cost_usd is None else float(cost_usd),
-            "output_urls": json.dumps(urls),
-        }
-        if cost_usd is not None:
-            # The API's own figure replaces the reserved price in the ledger's spend.
-            values["charge_usd"] = float(cost_usd)
-        elif parsed is SubmissionState.CANCELLED:
-            # Cancelled with no cost reported: the API cancelled it before it ran (only
-            # queued jobs can be cancelled), so it cost nothing and its price goes back.
-            values["charge_usd"] = 0.0
-        return self._update(where, "finish", values, f"mark {parsed.value}", subject)
 
     def record_finished(
         self,
@@ -1039,35 +1005,22 @@ class Ledger:
         output_urls: Iterable[str] = (),
     ) -> Submission:
         """Record the job's end: `state` is ``completed``, ``failed`` or ``cancelled``."""
-        return self._finish(
-            ("id", submission_id),
-            f"submission {submission_id}",
-            state,
-            finished_at,
-            error,
-            cost_usd,
-            output_urls,
-        )
-
-    def record_finished_by_request_id(
-        self,
-        request_id: str,
-        state: SubmissionState | str,
-        finished_at: datetime | None = None,
-        error: str | None = None,
-        cost_usd: float | None = None,
-        output_urls: Iterable[str] = (),
-    ) -> Submission:
-        """`record_finished` for the attempt that holds `request_id`."""
-        return self._finish(
-            ("request_id", request_id),
-            f"request {request_id!r}",
-            state,
-            finished_at,
-            error,
-            cost_usd,
-            output_urls,
-        )
+        parsed = _finished_state(state)
+        values: dict[str, Any] = {
+            "state": parsed.value,
+            "finished_at": _aware(finished_at, "finished_at"),
+            "error": error,
+            "cost_usd": None if cost_usd is None else float(cost_usd),
+            "output_urls": json.dumps([str(u) for u in output_urls]),
+        }
+        if cost_usd is not None:
+            # The API's own figure replaces the reserved price in the ledger's spend.
+            values["charge_usd"] = float(cost_usd)
+        elif parsed is SubmissionState.CANCELLED:
+            # Cancelled with no cost reported: the API cancelled it before it ran (only
+            # queued jobs can be cancelled), so it cost nothing and its price goes back.
+            values["charge_usd"] = 0.0
+        return self._update(submission_id, "finish", values, f"mark {parsed.value}")
 
     # -- reads ---------------------------------------------------------------------
 

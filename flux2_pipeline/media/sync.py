@@ -72,7 +72,6 @@ from flux2_pipeline.net import (
     FetchLimits,
     GuardedFetcher,
     Resolver,
-    redact_signed_url,
     redact_text,
     system_resolver,
 )
@@ -173,7 +172,7 @@ class _Budget:
 
 def _shown_url(url: object) -> str:
     # A null URL in the results still gets its failed row (the column is not nullable).
-    return redact_signed_url(url) if isinstance(url, str) else ""
+    return redact_text(url) if isinstance(url, str) else ""
 
 
 def _url_key(url: object) -> str:
