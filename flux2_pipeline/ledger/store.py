@@ -1,21 +1,15 @@
 """`Ledger`: the durable record of paid submissions, on SQLite or PostgreSQL.
 
 Every write is one short transaction, committed before the method returns: the intent
-before the HTTP submit is sent, the request id the moment the response arrives. The
-happy path of each write is a single statement (``INSERT ... RETURNING`` or
-``UPDATE ... RETURNING``), so on SQLite it takes the write lock up front and waits on
-``busy_timeout`` instead of failing with "database is locked".
+before the HTTP submit is sent, the request id the moment the response arrives.
 
 SQLite runs in WAL mode with ``synchronous=FULL``: an intent is on disk (fsync) before
 the request it announces leaves, so not even a power loss can forget a job that may
 exist. Every SQLite transaction starts with ``BEGIN IMMEDIATE``: it takes the write lock
-up front, so a claim's read and write see one state and two processes are serialized
-(waiting on ``busy_timeout``) instead of deciding from the same stale read.
-
-Claims (see `flux2_pipeline.ledger.claims`) are decided and written in one transaction;
-on PostgreSQL an advisory lock per row key serializes them across machines, and the
-account row (spend) is locked ``FOR UPDATE`` when a budget or an account-wide cap is
-checked.
+up front, so a claim's read and write see one state and two processes wait on
+``busy_timeout`` instead of deciding from the same stale read or failing with "database
+is locked". On PostgreSQL an advisory lock per row key serializes claims across machines,
+and the account row (spend) is locked ``FOR UPDATE`` when a budget or a cap is checked.
 """
 
 from __future__ import annotations
@@ -134,15 +128,10 @@ def _states(*states: SubmissionState) -> ColumnElement[bool]:
 
 
 def _finished_state(state: SubmissionState | str) -> SubmissionState:
-    try:
-        parsed = SubmissionState(state)
-    except ValueError:
-        parsed = None
-    if parsed not in FINISHED_STATES:
+    if state not in FINISHED_STATES:  # a StrEnum: its plain values are members too
         allowed = ", ".join(sorted(s.value for s in FINISHED_STATES))
         raise ValueError(f"finished state must be one of {allowed}, got {state!r}")
-    assert parsed is not None
-    return parsed
+    return SubmissionState(state)
 
 
 _GUARDS: dict[str, ColumnElement[bool]] = {
@@ -813,25 +802,21 @@ class Ledger:
         attempts: list[Submission],
     ) -> Submission:
         number = max((a.attempt for a in attempts), default=0) + 1
-        values = {
-            "row_key": request.row_key,
-            "partition": request.partition,
-            "row_id": request.row_id,
-            "request_hash": request.request_hash,
-            "attempt": number,
-            "state": SubmissionState.INTENT.value,
-            "request_id": None,
-            "intent_at": lease.now,
-            "submitted_at": None,
-            "finished_at": None,
-            "error": None,
-            "cost_usd": None,
-            "output_urls": "[]",
-            "updated_at": lease.now,
-            "holder": lease.holder,
-            "lease_until": lease.until,
-            "charge_usd": request.price_usd,
-        }
+        values: dict[str, Any] = dict.fromkeys(c.name for c in _t.c if c.name != "id")
+        values.update(
+            row_key=request.row_key,
+            partition=request.partition,
+            row_id=request.row_id,
+            request_hash=request.request_hash,
+            attempt=number,
+            state=SubmissionState.INTENT.value,
+            intent_at=lease.now,
+            output_urls="[]",
+            updated_at=lease.now,
+            holder=lease.holder,
+            lease_until=lease.until,
+            charge_usd=request.price_usd,
+        )
         params = {f"v_{name}": value for name, value in values.items()}
         row = self._prepared.get(conn, "insert_intent", _INSERT_INTENT).one_or_none(conn, params)
         assert row is not None  # INSERT ... RETURNING answers the row it wrote
