@@ -14,7 +14,6 @@ from flux2_pipeline.batch.runner import (
     STATUSES,
     EditRunner,
     RunCounters,
-    is_input_fault,
 )
 from flux2_pipeline.batch.tables import (
     LARGE_ROW_GROUP_ROWS,
@@ -48,6 +47,5 @@ __all__ = [
     "RunCounters",
     "file_sha256",
     "input_shape",
-    "is_input_fault",
     "read_input_rows",
 ]

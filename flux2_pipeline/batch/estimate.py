@@ -27,7 +27,6 @@ from flux2_pipeline.net import redact_text
 from flux2_pipeline.runcomfy import AsyncRunComfyClient, RunComfyError
 
 BalanceCheck = Literal["stop", "warn", "off"]
-BALANCE_CHECKS: tuple[str, ...] = ("stop", "warn", "off")
 
 PRICE_FROM_SETTING = "FLUX2_PRICE_PER_IMAGE_USD"
 PRICE_FROM_MODEL = "the model's published price"

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
-from flux2_pipeline.net import redact_signed_url, redact_text
+from flux2_pipeline.net import redact_text
 
 MAX_REMEMBERED_URLS = 100_000
 """Answers kept per run; the oldest are forgotten (and asked again) past this."""
@@ -83,7 +83,7 @@ class ReferenceCheck:
 
 def _reason(url: str, reason: str | None) -> str:
     # A pre-signed URL's signature must never reach a results row, a log or the ledger.
-    shown = redact_signed_url(url)
+    shown = redact_text(url)
     text = redact_text(reason or "it cannot be fetched")
     if shown not in text:
         text = f"{shown}: {text}"

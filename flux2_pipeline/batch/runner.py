@@ -95,17 +95,6 @@ STOP_WRITE_GRACE_S = 10.0
 """How long a stopped run still tries to record a request id the API gave it."""
 
 
-def is_input_fault(error: str | None) -> bool:
-    """True when a failed job's error says its input is at fault (see `failure_blames_input`).
-
-    >>> is_input_fault("IMAGE_FETCH_FAILED: http://x/a.png answered 404")
-    True
-    >>> is_input_fault("MODEL_ERROR: the model failed on this input (emulated)")
-    False
-    """
-    return failure_blames_input(error)
-
-
 @dataclass(slots=True)
 class RunCounters:
     """What the runner did, for metadata and logs."""
@@ -604,7 +593,7 @@ class EditRunner:
             )
             return lost, False
         outcome = await self._record_result(row, known, paid, result)
-        retry = outcome.status != COMPLETED and not is_input_fault(outcome.error)
+        retry = outcome.status != COMPLETED and not failure_blames_input(outcome.error)
         return outcome, retry
 
     async def _record_result(
@@ -724,7 +713,7 @@ _NOW, _WAIT, _WAIT_SLOT = _Again.NOW, _Again.WAIT, _Again.WAIT_SLOT
 def _is_final(outcome: RowOutcome) -> bool:
     """A failure that another try cannot fix: the input is at fault, or it was never sent."""
     error = outcome.error or ""
-    return is_input_fault(error) or error.startswith("not submitted")
+    return failure_blames_input(error) or error.startswith("not submitted")
 
 
 def _account_reason(error: APIError) -> str:

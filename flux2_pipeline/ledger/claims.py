@@ -1,15 +1,8 @@
 """Claims: which runner may pay for a row right now, decided from the row's history.
 
-A claim is an open attempt (`intent` or `submitted`) with a `holder` and a `lease_until`.
-While a live holder has an `intent` (its request may be on the wire), nobody else may
-submit that row: they wait for the request id, then poll that job. A holder renews its
-leases with a heartbeat; when it dies its lease runs out, and the next runner takes the
-row over. An `intent` whose lease ran out is the documented unknown window (the request
-may have reached the API), so taking it over is counted as a possible duplicate.
-
-`decide` is the pure rule; `Ledger.claim` applies it inside one locked transaction
-(SQLite ``BEGIN IMMEDIATE``, PostgreSQL an advisory lock per row key), so two runners can
-never both be told to submit.
+A claim is an open attempt (`intent` or `submitted`) with a `holder` and a `lease_until`
+(docs/ledger.md, "Claims"). `decide` is the pure rule; `Ledger.claim` applies it inside
+one locked transaction, so two runners can never both be told to submit.
 
 Example::
 

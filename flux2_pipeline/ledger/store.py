@@ -1,21 +1,15 @@
 """`Ledger`: the durable record of paid submissions, on SQLite or PostgreSQL.
 
 Every write is one short transaction, committed before the method returns: the intent
-before the HTTP submit is sent, the request id the moment the response arrives. The
-happy path of each write is a single statement (``INSERT ... RETURNING`` or
-``UPDATE ... RETURNING``), so on SQLite it takes the write lock up front and waits on
-``busy_timeout`` instead of failing with "database is locked".
+before the HTTP submit is sent, the request id the moment the response arrives.
 
 SQLite runs in WAL mode with ``synchronous=FULL``: an intent is on disk (fsync) before
 the request it announces leaves, so not even a power loss can forget a job that may
 exist. Every SQLite transaction starts with ``BEGIN IMMEDIATE``: it takes the write lock
-up front, so a claim's read and write see one state and two processes are serialized
-(waiting on ``busy_timeout``) instead of deciding from the same stale read.
-
-Claims (see `flux2_pipeline.ledger.claims`) are decided and written in one transaction;
-on PostgreSQL an advisory lock per row key serializes them across machines, and the
-account row (spend) is locked ``FOR UPDATE`` when a budget or an account-wide cap is
-checked.
+up front, so a claim's read and write see one state and two processes wait on
+``busy_timeout`` instead of deciding from the same stale read or failing with "database
+is locked". On PostgreSQL an advisory lock per row key serializes claims across machines,
+and the account row (spend) is locked ``FOR UPDATE`` when a budget or a cap is checked.
 """
 
 from __future__ import annotations
@@ -134,15 +128,10 @@ def _states(*states: SubmissionState) -> ColumnElement[bool]:
 
 
 def _finished_state(state: SubmissionState | str) -> SubmissionState:
-    try:
-        parsed = SubmissionState(state)
-    except ValueError:
-        parsed = None
-    if parsed not in FINISHED_STATES:
+    if state not in FINISHED_STATES:  # a StrEnum: its plain values are members too
         allowed = ", ".join(sorted(s.value for s in FINISHED_STATES))
         raise ValueError(f"finished state must be one of {allowed}, got {state!r}")
-    assert parsed is not None
-    return parsed
+    return SubmissionState(state)
 
 
 _GUARDS: dict[str, ColumnElement[bool]] = {
@@ -240,14 +229,14 @@ class _UpdateStatements:
 
 
 @functools.lru_cache(maxsize=64)
-def _update_statements(column: str, guard: str, names: tuple[str, ...]) -> _UpdateStatements:
-    where = _t.c[column] == bindparam("k_value")
+def _update_statements(guard: str, names: tuple[str, ...]) -> _UpdateStatements:
+    where = _t.c.id == bindparam("k_value")
     values: dict[str, Any] = {name: bindparam(f"v_{name}") for name in (*names, "updated_at")}
     charge_before = None
     if "charge_usd" in names:
         charge_before = select(_t.c.charge_usd).where(where, _GUARDS[guard]).with_for_update()
     return _UpdateStatements(
-        name=f"update:{column}:{guard}:{','.join(names)}",
+        name=f"update:id:{guard}:{','.join(names)}",
         update=update(_t).where(where, _GUARDS[guard]).values(values).returning(*_t.c),
         current=select(_t.c.id, _t.c.state, _t.c.request_id).where(where),
         charge_before=charge_before,
@@ -577,24 +566,21 @@ class Ledger:
         return message
 
     def _update(
-        self,
-        key: tuple[str, Any],
-        guard: str,
-        values: Mapping[str, Any],
-        action: str,
-        subject: str,
+        self, submission_id: int, guard: str, values: Mapping[str, Any], action: str
     ) -> Submission:
-        """Update the attempt whose `key` column has that value, if `_GUARDS[guard]` holds.
+        """Update attempt `submission_id` if `_GUARDS[guard]` holds.
 
         Statements are built once per shape (`_update_statements`) and run as
         `PreparedStatement`s: building SQLAlchemy expressions per call, and even
         SQLAlchemy's execution path, cost more CPU than the database itself.
         """
-        column, value = key
+        subject = f"submission {submission_id}"
         names = tuple(sorted(values))
-        statements = _update_statements(column, guard, names)
+        statements = _update_statements(guard, names)
         params = {f"v_{name}": values[name] for name in names}
-        params.update(k_value=value, v_updated_at=_now(), g_request_id=values.get("request_id"))
+        params.update(
+            k_value=submission_id, v_updated_at=_now(), g_request_id=values.get("request_id")
+        )
         current: Any = None
         prepared, name = self._prepared.get, statements.name
         try:
@@ -816,25 +802,21 @@ class Ledger:
         attempts: list[Submission],
     ) -> Submission:
         number = max((a.attempt for a in attempts), default=0) + 1
-        values = {
-            "row_key": request.row_key,
-            "partition": request.partition,
-            "row_id": request.row_id,
-            "request_hash": request.request_hash,
-            "attempt": number,
-            "state": SubmissionState.INTENT.value,
-            "request_id": None,
-            "intent_at": lease.now,
-            "submitted_at": None,
-            "finished_at": None,
-            "error": None,
-            "cost_usd": None,
-            "output_urls": "[]",
-            "updated_at": lease.now,
-            "holder": lease.holder,
-            "lease_until": lease.until,
-            "charge_usd": request.price_usd,
-        }
+        values: dict[str, Any] = dict.fromkeys(c.name for c in _t.c if c.name != "id")
+        values.update(
+            row_key=request.row_key,
+            partition=request.partition,
+            row_id=request.row_id,
+            request_hash=request.request_hash,
+            attempt=number,
+            state=SubmissionState.INTENT.value,
+            intent_at=lease.now,
+            output_urls="[]",
+            updated_at=lease.now,
+            holder=lease.holder,
+            lease_until=lease.until,
+            charge_usd=request.price_usd,
+        )
         params = {f"v_{name}": value for name, value in values.items()}
         row = self._prepared.get(conn, "insert_intent", _INSERT_INTENT).one_or_none(conn, params)
         assert row is not None  # INSERT ... RETURNING answers the row it wrote
@@ -956,7 +938,7 @@ class Ledger:
             raise ValueError("request_id must be a non-empty string")
         at = _aware(submitted_at, "submitted_at")
         return self._update(
-            ("id", submission_id),
+            submission_id,
             "submit",
             {
                 "state": SubmissionState.SUBMITTED.value,
@@ -964,7 +946,6 @@ class Ledger:
                 "submitted_at": at,
             },
             "record the request id of",
-            f"submission {submission_id}",
         )
 
     def record_rejected(self, submission_id: int, error: str) -> Submission:
@@ -974,7 +955,7 @@ class Ledger:
         `flux2_pipeline.runcomfy.errors`); the attempt's reserved charge is released.
         """
         return self._update(
-            ("id", submission_id),
+            submission_id,
             "reject",
             {
                 "state": SubmissionState.REJECTED.value,
@@ -984,7 +965,6 @@ class Ledger:
                 "charge_usd": 0.0,
             },
             "mark rejected",
-            f"submission {submission_id}",
         )
 
     def record_unknown(self, submission_id: int, error: str) -> Submission:
@@ -994,40 +974,11 @@ class Ledger:
         possible duplicate. The reserved charge stays spent.
         """
         return self._update(
-            ("id", submission_id),
+            submission_id,
             "unknown",
             {"state": SubmissionState.UNKNOWN.value, "error": error, "holder": None},
             "mark unknown",
-            f"submission {submission_id}",
         )
-
-    def _finish(
-        self,
-        where: tuple[str, Any],
-        subject: str,
-        state: SubmissionState | str,
-        finished_at: datetime | None,
-        error: str | None,
-        cost_usd: float | None,
-        output_urls: Iterable[str],
-    ) -> Submission:
-        parsed = _finished_state(state)
-        urls = [str(u) for u in output_urls]
-        values: dict[str, Any] = {
-            "state": parsed.value,
-            "finished_at": _aware(finished_at, "finished_at"),
-            "error": error,
-            "cost_usd": None if cost_usd is None else float(cost_usd),
-            "output_urls": json.dumps(urls),
-        }
-        if cost_usd is not None:
-            # The API's own figure replaces the reserved price in the ledger's spend.
-            values["charge_usd"] = float(cost_usd)
-        elif parsed is SubmissionState.CANCELLED:
-            # Cancelled with no cost reported: the API cancelled it before it ran (only
-            # queued jobs can be cancelled), so it cost nothing and its price goes back.
-            values["charge_usd"] = 0.0
-        return self._update(where, "finish", values, f"mark {parsed.value}", subject)
 
     def record_finished(
         self,
@@ -1039,35 +990,22 @@ class Ledger:
         output_urls: Iterable[str] = (),
     ) -> Submission:
         """Record the job's end: `state` is ``completed``, ``failed`` or ``cancelled``."""
-        return self._finish(
-            ("id", submission_id),
-            f"submission {submission_id}",
-            state,
-            finished_at,
-            error,
-            cost_usd,
-            output_urls,
-        )
-
-    def record_finished_by_request_id(
-        self,
-        request_id: str,
-        state: SubmissionState | str,
-        finished_at: datetime | None = None,
-        error: str | None = None,
-        cost_usd: float | None = None,
-        output_urls: Iterable[str] = (),
-    ) -> Submission:
-        """`record_finished` for the attempt that holds `request_id`."""
-        return self._finish(
-            ("request_id", request_id),
-            f"request {request_id!r}",
-            state,
-            finished_at,
-            error,
-            cost_usd,
-            output_urls,
-        )
+        parsed = _finished_state(state)
+        values: dict[str, Any] = {
+            "state": parsed.value,
+            "finished_at": _aware(finished_at, "finished_at"),
+            "error": error,
+            "cost_usd": None if cost_usd is None else float(cost_usd),
+            "output_urls": json.dumps([str(u) for u in output_urls]),
+        }
+        if cost_usd is not None:
+            # The API's own figure replaces the reserved price in the ledger's spend.
+            values["charge_usd"] = float(cost_usd)
+        elif parsed is SubmissionState.CANCELLED:
+            # Cancelled with no cost reported: the API cancelled it before it ran (only
+            # queued jobs can be cancelled), so it cost nothing and its price goes back.
+            values["charge_usd"] = 0.0
+        return self._update(submission_id, "finish", values, f"mark {parsed.value}")
 
     # -- reads ---------------------------------------------------------------------
 

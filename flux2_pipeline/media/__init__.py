@@ -65,7 +65,6 @@ from flux2_pipeline.media.sync import (
 from flux2_pipeline.media.verify import (
     DEFAULT_MAX_PIXELS,
     ImageInfo,
-    TooManyPixels,
     UndecodableImage,
     inspect_image,
     open_image,
@@ -104,7 +103,6 @@ __all__ = [
     "PixelBudget",
     "StoredImage",
     "SyncReport",
-    "TooManyPixels",
     "UndecodableImage",
     "completed_rows",
     "contact_rows",

@@ -22,7 +22,7 @@ Example::
 
 from __future__ import annotations
 
-from flux2_pipeline.net import redact_signed_url, redact_text
+from flux2_pipeline.net import redact_text
 
 
 class ImageFetchError(Exception):
@@ -31,7 +31,7 @@ class ImageFetchError(Exception):
     kind = "error"
 
     def __init__(self, url: object, reason: str, status: int | None = None) -> None:
-        self.url = redact_signed_url(url) if isinstance(url, str) else repr(url)
+        self.url = redact_text(url) if isinstance(url, str) else repr(url)
         self.reason = " ".join(redact_text(reason).split())
         self.status = status
         super().__init__(self.reason)

@@ -40,13 +40,14 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec
 
 import httpx
 import pyarrow as pa
@@ -72,7 +73,6 @@ from flux2_pipeline.net import (
     FetchLimits,
     GuardedFetcher,
     Resolver,
-    redact_signed_url,
     redact_text,
     system_resolver,
 )
@@ -101,6 +101,7 @@ OutputRefresh = Callable[[str], Awaitable[Sequence[str] | None]]
 """Fresh output URLs of a job, by request id, from the API; None when it has none any more."""
 
 logger = logging.getLogger(__name__)
+_P = ParamSpec("_P")
 
 
 @dataclass
@@ -173,7 +174,7 @@ class _Budget:
 
 def _shown_url(url: object) -> str:
     # A null URL in the results still gets its failed row (the column is not nullable).
-    return redact_signed_url(url) if isinstance(url, str) else ""
+    return redact_text(url) if isinstance(url, str) else ""
 
 
 def _url_key(url: object) -> str:
@@ -522,40 +523,20 @@ async def sync_images(
         known.close()
 
 
-def sync_images_blocking(
-    refs: Iterable[ImageRef],
-    store: ImageStore,
-    manifest: Path | UPath,
-    previous: Path | UPath | None = None,
-    *,
-    policy: AddressPolicy | None = None,
-    limits: FetchLimits | None = None,
-    max_concurrency: int = DEFAULT_CONCURRENCY,
-    max_decodes: int = DEFAULT_MAX_DECODES,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    budget: PixelBudget | None = None,
-    on_done: Callable[[int, int], None] | None = None,
-    refresh: OutputRefresh | None = None,
-) -> SyncReport:
-    """`sync_images` on a fresh event loop, for synchronous callers (a Dagster step).
+def _on_a_fresh_loop(
+    run: Callable[_P, Coroutine[Any, Any, SyncReport]],
+) -> Callable[_P, SyncReport]:
+    @functools.wraps(run)
+    def blocking(*args: _P.args, **kwargs: _P.kwargs) -> SyncReport:
+        return asyncio.run(run(*args, **kwargs))
 
-    Example::
+    return blocking
 
-        report = sync_images_blocking(refs, store, manifest_path, previous=manifest_path)
-    """
-    return asyncio.run(
-        sync_images(
-            refs,
-            store,
-            manifest,
-            previous,
-            policy=policy,
-            limits=limits,
-            max_concurrency=max_concurrency,
-            max_decodes=max_decodes,
-            max_pixels=max_pixels,
-            budget=budget,
-            on_done=on_done,
-            refresh=refresh,
-        )
-    )
+
+sync_images_blocking = _on_a_fresh_loop(sync_images)
+"""`sync_images` on a fresh event loop, for synchronous callers (a Dagster step).
+
+Example::
+
+    report = sync_images_blocking(refs, store, manifest_path, previous=manifest_path)
+"""

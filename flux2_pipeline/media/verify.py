@@ -71,10 +71,6 @@ class UndecodableImage(ValueError):
     """The bytes are not an image Pillow can read; the message says why."""
 
 
-class TooManyPixels(UndecodableImage):
-    """Kept for callers that catch it: images above the ceiling are no longer refused."""
-
-
 @dataclass(frozen=True, slots=True)
 class ImageInfo:
     """What verification learned about one image's bytes.

@@ -3,17 +3,17 @@
 Dagster-free and below `batch`/`media`: it imports only the standard library, httpx and
 `flux2_pipeline.runcomfy.retry`. Every fetch of a URL that came from a table or an API
 answer goes through `GuardedFetcher` (see `flux2_pipeline.net.fetch`); every URL that
-goes into an error, a log line or a stored row goes through `redact_signed_url`/`redact_text`.
+goes into an error, a log line or a stored row goes through `redact_text`.
 
 Example::
 
-    from flux2_pipeline.net import AddressPolicy, GuardedFetcher, redact_signed_url
+    from flux2_pipeline.net import AddressPolicy, GuardedFetcher, redact_text
 
     async with GuardedFetcher(AddressPolicy.for_api(base_url)) as fetcher:
         result = await fetcher.probe(url)
         if not result.ok:
             row.error = result.reason          # already redacted, one line
-    stored_url = redact_signed_url(url)
+    stored_url = redact_text(url)
 """
 
 from flux2_pipeline.net.errors import FetchError, FetchErrorKind
@@ -30,7 +30,6 @@ from flux2_pipeline.net.redact import (
     REDACTED,
     SECRET_QUERY_PARAMETERS,
     is_secret_parameter,
-    redact_signed_url,
     redact_text,
 )
 
@@ -49,7 +48,6 @@ __all__ = [
     "Resolver",
     "is_secret_parameter",
     "parse_url",
-    "redact_signed_url",
     "redact_text",
     "system_resolver",
 ]

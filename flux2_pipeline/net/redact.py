@@ -3,14 +3,13 @@
 A pre-signed URL carries its credentials in the query string: AWS SigV4
 (`X-Amz-Credential`, `X-Amz-Signature`, `X-Amz-Security-Token`), AWS SigV2
 (`AWSAccessKeyId`, `Signature`), GCS (`X-Goog-*`, `GoogleAccessId`) and Azure SAS
-(`sig`). `redact_signed_url` replaces the values of those parameters (and a password in the
-URL's user-info) with `REDACTED` and keeps everything else, so the bucket, key, expiry and
-date stay readable. `redact_text` does the same to every such parameter in free text (an
-exception message, a log line), URL or not.
+(`sig`). `redact_text` replaces the values of those parameters (and a password in a URL's
+user-info) with `REDACTED` wherever they appear (a URL, an exception message, a log line)
+and keeps everything else, so the bucket, key, expiry and date stay readable.
 
 Example::
 
-    >>> redact_signed_url("https://b.s3.amazonaws.com/cat.png?X-Amz-Expires=3600&X-Amz-Signature=abc")
+    >>> redact_text("https://b.s3.amazonaws.com/cat.png?X-Amz-Expires=3600&X-Amz-Signature=abc")
     'https://b.s3.amazonaws.com/cat.png?X-Amz-Expires=3600&X-Amz-Signature=REDACTED'
     >>> redact_text("HTTP 403 from https://h/a.png?sig=xyz&se=2030")
     'HTTP 403 from https://h/a.png?sig=REDACTED&se=2030'
@@ -91,16 +90,9 @@ def redact_text(text: str) -> str:
 
     >>> redact_text("s3 said: AWSAccessKeyId=AKIA123&Expires=99&Signature=x%2Fy")
     's3 said: AWSAccessKeyId=REDACTED&Expires=99&Signature=REDACTED'
+    >>> redact_text("https://user:pw@host/a.png?X-Goog-Signature=00ff&alt=media")
+    'https://user:REDACTED@host/a.png?X-Goog-Signature=REDACTED&alt=media'
     """
     if "=" not in text and "@" not in text:
         return text
     return _USERINFO.sub(_hide_password, _PARAMETER.sub(_hide_parameter, text))
-
-
-def redact_signed_url(url: str) -> str:
-    """`url` without its secrets: signed-URL parameters and any user-info password.
-
-    >>> redact_signed_url("https://user:pw@host/a.png?X-Goog-Signature=00ff&alt=media")
-    'https://user:REDACTED@host/a.png?X-Goog-Signature=REDACTED&alt=media'
-    """
-    return redact_text(url)

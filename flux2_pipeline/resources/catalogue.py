@@ -32,14 +32,8 @@ def setting(
 ) -> dict[str, Any]:
     """Marks a field as a setting read from `variable` (None: set in code or YAML only);
     `secret`: kept as an `EnvVar`, never shown; `attribute=False`: not on the Component."""
-    return {
-        "flux2/setting": {
-            "variable": variable,
-            "name": name,
-            "secret": secret,
-            "attribute": attribute,
-        }
-    }
+    mark = {"variable": variable, "name": name, "secret": secret, "attribute": attribute}
+    return {"flux2/setting": mark}
 
 
 @dataclass(frozen=True)

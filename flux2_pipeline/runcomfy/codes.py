@@ -3,28 +3,8 @@
 RunComfy answers errors as `{error_code, error_message, detail?}`, sometimes with HTTP
 200. The code is a six-digit number whose first three digits are its family, an HTTP
 status in spirit (`400002` is in family 400, `500001` in family 500), whatever status the
-HTTP answer carried. RunComfy's published Model API error codes:
-
-| code | meaning |
-| --- | --- |
-| 400001 | the model id is not valid |
-| 400002 | insufficient resources: the account's balance cannot pay for the job |
-| 400004 | user account error: the token is bad or expired, or the account is inactive |
-| 400005 | the result is not ready yet (on `/result`) |
-| 403001 | permission denied |
-| 403003 | the token may not use this API |
-| 404001 | the request id is missing, deleted or expired |
-| 422001 | the input breaks the model's schema (`detail` says where) |
-| 500001 | an internal error of the service |
-
-What follows for this client (`errors.error_for_response` applies it):
-
-- a code's family decides, before the HTTP status: on a submit, families 400, 401, 402,
-  403, 404, 422 and 429 prove that no job was created; family 500 (and up) leaves the
-  outcome unknown;
-- `ACCOUNT_CODES` (and HTTP 401, 402, 403) refuse the account, not the row: no other row
-  can succeed until a person acts, so a run stops submitting;
-- `RESULT_NOT_READY` on `/result` means "poll again".
+HTTP answer carried. Each published code, and what this client does with it
+(`errors.error_for_response` applies it), is tabled in docs/real-api.md.
 
 Example::
 

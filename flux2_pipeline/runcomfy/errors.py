@@ -28,20 +28,10 @@ none of them ever contains the API token (the client never puts it anywhere but 
 Authorization header). `error_for_response` is the one place an HTTP answer
 becomes an exception.
 
-What a submit's answer proves (the rule `submit_error_proves_no_job` states; a submit
-is a paid call, so this decides whether money may have been spent):
-
-- An error whose numeric code is of family 400, 401, 402, 403, 404, 422 or 429 (whatever
-  the HTTP status, 200 included); without a numeric code, HTTP 400, 401, 402, 403, 404,
-  422 and 429; and a transport error raised before any byte of the request left
-  (connection refused, connect or pool timeout): no job exists. The submit raises the
-  ordinary error (`TransportError(sent=False)` for the transport case); only the refused
-  connection and 429 are retried.
-- Everything else: a code of family 500 or above, a 5xx or 408 without a code, any other
-  status, a 2xx without a usable request id or whose body is not a JSON object, a
-  dropped or reset connection or a read timeout after the request was sent. A job
-  may exist and be billed: the submit raises `SubmissionOutcomeUnknown` (its
-  `status_code` is the HTTP status when there was one) and is never retried.
+A submit is a paid call, so what its answer proves decides whether money may have been
+spent: `submit_error_proves_no_job` states the rule (docs/ledger.md, "Unknown outcomes").
+An answer that proves no job exists raises the ordinary error (`TransportError(sent=False)`
+when nothing left); any other raises `SubmissionOutcomeUnknown`, never retried.
 """
 
 from __future__ import annotations

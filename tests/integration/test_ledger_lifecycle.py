@@ -119,7 +119,7 @@ def test_live_prefers_the_latest_job_that_may_still_complete(ledger: Ledger) -> 
     ledger.record_submitted(b.id, "req-b")
     history = _history(ledger, a.row_key)
     assert history.live is not None and history.live.request_id == "req-b"
-    ledger.record_finished_by_request_id("req-b", "completed", output_urls=["u"])
+    ledger.record_finished(b.id, "completed", output_urls=["u"])
     history = _history(ledger, a.row_key)
     assert history.completed is not None and history.completed.request_id == "req-b"
     assert history.live == history.completed
@@ -134,7 +134,7 @@ def test_live_prefers_the_latest_job_that_may_still_complete(ledger: Ledger) -> 
         ("submitted", lambda led, s: led.record_submitted(s.id, "other"), "state 'submitted'"),
         ("rejected", lambda led, s: led.record_submitted(s.id, "r"), "state 'rejected'"),
         ("intent", lambda led, s: led.record_finished(999, "failed"), "no such submission"),
-        ("intent", lambda led, s: led.record_finished_by_request_id("nope", "failed"), "no such"),
+        ("intent", lambda led, s: led.record_submitted(999, "req-y"), "no such"),
     ],
 )
 def test_forbidden_transitions_raise_state_error(
