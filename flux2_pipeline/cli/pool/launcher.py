@@ -22,8 +22,7 @@ from typing import Any
 
 from dagster import AssetKey, DagsterEventType, DagsterInstance
 
-from flux2_pipeline.cli.pool.gate import StartGate
-from flux2_pipeline.cli.pool.server import server_alive, start_worker_server
+from flux2_pipeline.cli.pool.server import StartGate, server_alive, start_worker_server
 from flux2_pipeline.cli.pool.worker import Channel, Outcome, WorkerSetup, tell_stop, worker_main
 from flux2_pipeline.cli.report import PartitionSummary, materialized_figures
 from flux2_pipeline.cli.runs import PROGRESS_POLL_SECONDS, ProgressWatcher

@@ -24,8 +24,7 @@ from typing import Any
 
 from dagster import AssetKey, DagsterEventType, DagsterInstance, EventLogEntry, JobDefinition
 
-from flux2_pipeline.cli.pool.gate import StartGate
-from flux2_pipeline.cli.pool.server import exit_now
+from flux2_pipeline.cli.pool.server import StartGate, exit_now
 from flux2_pipeline.cli.report import PartitionSummary, one_line
 from flux2_pipeline.cli.runs import run_partitions
 from flux2_pipeline.settings import Settings
