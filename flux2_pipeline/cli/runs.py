@@ -111,29 +111,6 @@ class ProgressWatcher:
         self._thread.join(timeout=5)
 
 
-def run_partition(
-    job: JobDefinition,
-    instance: DagsterInstance,
-    key: str,
-    assets: Sequence[AssetKey],
-    *,
-    run_config: Mapping[str, Any] | None = None,
-    run_id: str | None = None,
-    progress: ProgressCallback | None = None,
-) -> PartitionSummary:
-    """One run of `assets` for partition `key`, summarized; an interrupt is a result too.
-
-    Example::
-
-        job = defs.resolve_implicit_global_asset_job_def()
-        summary = run_partition(job, instance, "cats", [Flux2Keys().edits])
-    """
-    [summary] = run_partitions(
-        job, instance, [key], assets, run_config=run_config, run_id=run_id, progress=progress
-    )
-    return summary
-
-
 def run_partitions(
     job: JobDefinition,
     instance: DagsterInstance,
