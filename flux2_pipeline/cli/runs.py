@@ -1,18 +1,5 @@
-"""Dagster runs in this process: one partition, a range of them, or the training dataset.
-
-Each run is `execute_in_process` on the instance, summarized per partition from its
-events (`flux2_pipeline.cli.report`). A stop (Ctrl+C, SIGTERM) interrupts the run the
-way Dagster does (queued jobs cancelled, running ones kept in the ledger) and is a result
-too. When a partition of a range fails, the steps after it are skipped for the whole
-range; `run_skipped_steps` runs them again, for the partitions whose own steps succeeded.
-A `ProgressWatcher` reads the runs' progress observations (rows done, failed, spend) from
-the event log, on a thread of its own, and hands each to a callback.
-
-Example::
-
-    job = defs.resolve_implicit_global_asset_job_def()
-    summaries = run_partitions(job, instance, ["cats", "dogs"], [Flux2Keys().edits])
-"""
+"""Dagster runs in this process, over a range of partitions or the training dataset, each
+summarized (`flux2_pipeline.cli.report`); a stop (Ctrl+C, SIGTERM) is a result too."""
 
 from __future__ import annotations
 
@@ -48,7 +35,8 @@ ProgressCallback = Callable[[str, Mapping[str, Any]], None]
 
 
 class ProgressWatcher:
-    """Follows runs' progress observations from the event log, on a thread of its own."""
+    """Follows runs' progress observations (rows done, failed, spend) from the event log,
+    on a thread of its own, and hands each to `progress`."""
 
     def __init__(self, instance: DagsterInstance, progress: ProgressCallback) -> None:
         self._instance = instance
@@ -124,14 +112,14 @@ def run_partitions(
 ) -> list[PartitionSummary]:
     """One run of `assets` over `keys`, summarized per partition.
 
-    `keys` is one partition, or a range: contiguous in the partitions' order, first to
-    last (see `plan_runs`). Each partition gets its own materializations or failure.
+    `keys` is one partition, or a range: contiguous in the partitions' order (`plan_runs`).
     `subset`: `job` is already the subset to run (`JobDefinition.get_subset`), and
     `assets` only what it materializes.
 
     Example::
 
-        summaries = run_partitions(job, instance, ["cats", "dogs"], [Flux2Keys().edits])
+        job = defs.resolve_implicit_global_asset_job_def()
+        [summary] = run_partitions(job, instance, ["cats"], [Flux2Keys().edits])
     """
     started = time.monotonic()
     run_id = run_id or str(uuid.uuid4())

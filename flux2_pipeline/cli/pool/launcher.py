@@ -1,5 +1,5 @@
-"""The launcher: runs ranges of partitions in worker processes, a few at once, in order
-(`run_in_workers`; the design is in `flux2_pipeline.cli.pool`)."""
+"""Runs ranges of partitions in worker processes, a few at once, in order (the design is
+in docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -43,16 +43,11 @@ def run_in_workers(
 ) -> list[PartitionSummary]:
     """Up to `workers` runs at once, in order, each in a worker process of its own.
 
-    The processes fork from a server that has imported the worker's code once (see
-    `flux2_pipeline.cli.pool.server`), so each starts in milliseconds rather than re-importing
-    Dagster. A worker that dies fails its own run's partitions alone (reported from what
-    the instance and the ledger hold) and the next run starts in a new one. A stop (Ctrl+C,
-    SIGTERM) tells each worker to interrupt its run (Dagster's clean stop: queued jobs
-    cancelled) and starts no other; runs not yet started are dropped from the report. A
-    worker server that dies stops the runs the same way (a part of the command was
-    killed: it pays for nothing more), and the runs it never started are reported as
-    such. Either way this returns only once every worker has ended; a worker whose
-    command dies stops on its own (`worker.watch_command`).
+    A worker that dies fails its own run's partitions alone (reported from what the
+    instance and the ledger hold). A stop (Ctrl+C, SIGTERM) stops each running run and
+    starts no other; runs not yet started are left out of the report. A worker server
+    that dies stops the runs the same way, and reports those it never started. Returns
+    once every worker has ended.
     """
     context = start_worker_server()
     setup = WorkerSetup(
