@@ -1,9 +1,5 @@
-"""The command's first line: the price, the cost of the rows still to pay, the balance.
-
-`flux2-pipeline materialize` says what it is about to spend before it starts any run, and
-under `FLUX2_BALANCE_CHECK=stop` does not start one that the account's balance cannot
-cover. Each run checks again for itself (runs started from the UI or a sensor too), with
-the same figures in its metadata; see `flux2_pipeline.batch.estimate`.
+"""The command's first line: the price, the cost of the rows still to pay, the balance
+(each run checks again for itself: `flux2_pipeline.batch.estimate`).
 
 Example::
 
