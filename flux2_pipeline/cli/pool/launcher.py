@@ -234,9 +234,8 @@ def _dead_run(
 ) -> list[PartitionSummary]:
     """The partitions of a run whose worker died, from the instance and the ledger.
 
-    A partition the run materialized for every selected asset succeeded (its
-    materialization's figures); any other failed, with the rows its ledger holds as
-    completed. The run itself is marked failed, so the UI does not show it running.
+    A partition materialized for every selected asset succeeded; any other failed, with
+    the ledger's completed rows. The run is marked failed, so the UI does not show it running.
     """
     try:
         records = instance.get_records_for_run(

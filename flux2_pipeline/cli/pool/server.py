@@ -60,10 +60,8 @@ def start_worker_server() -> multiprocessing.context.ForkServerContext:
 
 
 def server_alive() -> bool:
-    """Whether the worker server of this process runs (a dead one is left unreaped).
-
-    The server is this process's child: `waitid` with WNOWAIT sees its death without
-    reaping it, so multiprocessing can still start a new one later.
+    """Whether the worker server of this process runs (`waitid` with WNOWAIT sees its death
+    without reaping it, so multiprocessing can still start a new one later).
 
     >>> server_alive() in (True, False)
     True
@@ -85,10 +83,8 @@ def server_alive() -> bool:
 def likely_needed(
     partitions: Sequence[str], parallel: int | None, environ: Mapping[str, str]
 ) -> bool:
-    """Whether a `materialize` command with these arguments will probably run several runs at once.
-
-    A guess from the arguments and the raw environment, made before the settings are
-    read: a wrong one costs a server that idles, or one started later, never an error.
+    """Whether a `materialize` command with these arguments will probably run several runs at once
+    (a guess before the settings are read: a wrong one costs time, never an error).
 
     >>> likely_needed(["a", "b"], None, {PARTITIONS_PER_RUN_VARIABLE: "1"})
     True
