@@ -65,7 +65,8 @@ async def _estimate(settings: Settings, partitions: Sequence[str]) -> RunEstimat
         try:
             # On this thread: the command does nothing else meanwhile, and a worker thread's
             # malloc arena would keep what the read allocated, a peak the run then adds to.
-            work = _unpaid(settings, partitions)
+            with Ledger.open(settings.ledger.effective_url) as ledger:
+                work = unpaid_work(_readable_inputs(settings, partitions), ledger)
         except LedgerUnavailableError as exc:
             # The run says so in its own words; the estimate only notes it.
             note = f"the ledger could not be read: {redact_text(str(exc))[:160]}"
@@ -73,11 +74,6 @@ async def _estimate(settings: Settings, partitions: Sequence[str]) -> RunEstimat
         return await estimate_run(client, work, price, runcomfy.balance_check)
     finally:
         await client.aclose()
-
-
-def _unpaid(settings: Settings, partitions: Sequence[str]) -> UnpaidWork:
-    with Ledger.open(settings.ledger.effective_url) as ledger:
-        return unpaid_work(_readable_inputs(settings, partitions), ledger)
 
 
 def _readable_inputs(

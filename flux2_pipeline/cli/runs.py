@@ -56,18 +56,14 @@ class ProgressWatcher:
     def finished(self, summary: PartitionSummary) -> None:
         """Report a partition's final figures (its run's last observation may be older)."""
         if summary.rows:
-            self._progress(
-                summary.partition,
-                dict(
-                    EditsProgress(
-                        rows_total=summary.rows,
-                        rows_done=summary.rows,
-                        rows_failed=summary.failed + summary.cancelled,
-                        cost_usd=summary.cost_usd,
-                        seconds=summary.seconds,
-                    )
-                ),
+            figures = EditsProgress(
+                rows_total=summary.rows,
+                rows_done=summary.rows,
+                rows_failed=summary.failed + summary.cancelled,
+                cost_usd=summary.cost_usd,
+                seconds=summary.seconds,
             )
+            self._progress(summary.partition, dict(figures))
 
     def _follow(self) -> None:
         while not self._stop.wait(PROGRESS_POLL_SECONDS):
@@ -276,9 +272,8 @@ def run_dataset(
 def sigterm_kept() -> Iterator[None]:
     """SIGTERM's handler as it was before a Dagster run in this process, once it has ended.
 
-    A run copies SIGINT's handler to SIGTERM as it ends (`setup_interrupt_handlers`). In a
-    command started in the background from a script, SIGINT is ignored: after its first
-    run it would ignore SIGTERM too, and could not be stopped between runs.
+    A run copies SIGINT's handler to SIGTERM as it ends: in a command started in the
+    background (SIGINT ignored), SIGTERM would then be ignored between runs.
 
     Example::
 

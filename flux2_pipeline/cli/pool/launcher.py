@@ -173,8 +173,7 @@ class _Running:
     process: BaseProcess
     channel: Channel
     started: float
-    outcome: Outcome | None = None
-    """What the worker sent: its summaries (None: stopped before it started) or an error."""
+    outcome: Outcome | None = None  # None: the worker sent nothing
 
 
 def _read(entry: _Running) -> bool:
