@@ -1,8 +1,6 @@
-"""`flux2-pipeline`: parse the arguments, run the command, turn the outcome into an exit code.
-
-Exit codes: 0 success, 1 a partition failed, 2 a usage or configuration error.
-User mistakes are one line on stderr, never a traceback. Each command imports what it
-needs only once it knows it is the one to run.
+"""`flux2-pipeline`: parse the arguments, run the command, turn the outcome into an exit code
+(docs/usage.md). User mistakes are one line on stderr, never a traceback. Each command
+imports what it needs only once it knows it is the one to run.
 
 Example::
 
@@ -185,10 +183,8 @@ def _emulator_dialect_flags(emulator: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `flux2-pipeline` console script."""
-    # The imports ahead allocate a great many objects and no garbage: collections during
-    # them cost 0.3 s of a 1.5 s start, for nothing. Each command turns the collector
-    # back on once its imports are done (`_imports_done`); a command that ends sooner (a
-    # usage error) gets it back here.
+    # The imports ahead allocate many objects and no garbage: collections during them cost
+    # 0.3 s of a 1.5 s start. Each command turns the collector back on (`_imports_done`).
     gc.disable()
     try:
         code = _run(argv)

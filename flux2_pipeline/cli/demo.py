@@ -1,9 +1,5 @@
-"""`flux2-pipeline demo`: the whole pipeline on sample data, offline.
-
-It starts the embedded emulator on a free loopback port, writes three sample
-prompt tables whose reference images the emulator serves, materializes every
-partition through Dagster (edits, then their images, then the training dataset),
-saves a preview image per partition, and prints a summary and where everything is.
+"""`flux2-pipeline demo`: the whole pipeline on sample data, offline, against the embedded
+emulator (docs/usage.md says what it writes where).
 
 Example::
 

@@ -1,9 +1,5 @@
-"""`flux2-pipeline ui`: the Dagster UI on the demo's folders, with a live emulator behind it.
-
-It starts the emulator (no token; loopback), makes sure the demo's prompt tables point at
-it, and runs `dagster dev` with DAGSTER_HOME, FLUX2_INPUT_DIR, FLUX2_OUTPUT_DIR and
-RUNCOMFY_BASE_URL set for that child process only. In the UI the demo's partitions,
-checks and contact sheets are there, and a backfill really runs. Ctrl+C stops both.
+"""`flux2-pipeline ui`: the Dagster UI on the demo's folders, with a live emulator behind it
+(no token; loopback), the demo's settings given to `dagster dev` alone. Ctrl+C stops both.
 
 Example::
 

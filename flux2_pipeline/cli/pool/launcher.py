@@ -125,8 +125,8 @@ def _start_waiting(
 ) -> bool:
     """Start the next runs while places are free; True when the worker server is gone.
 
-    A server found dead is not restarted (multiprocessing would start a new one): a part
-    of the command was killed, and a new run would pay for jobs nobody is watching over.
+    A dead server is not restarted: a part of the command was killed, and a new run would
+    pay for jobs nobody watches over.
     """
     while waiting and len(running) < workers:
         if not server_alive():
@@ -142,11 +142,8 @@ def _start_waiting(
 
 
 def _orphaned(ready: Sequence[Any], running: Mapping[Channel, _Running]) -> bool:
-    """Whether a worker's exit status came while it still runs: its server has died.
-
-    The server reports each worker's exit on the worker's sentinel, and a server that
-    dies makes every sentinel readable at once; a worker that really ended has closed
-    its pipe first (end-of-file, read above).
+    """Whether a worker's exit status came while it still runs: its server has died (that
+    makes every sentinel readable; a worker that really ended has closed its pipe first).
     """
     return any(
         entry.process.sentinel in ready and not entry.channel.poll(0) for entry in running.values()
