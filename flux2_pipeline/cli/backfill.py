@@ -43,13 +43,10 @@ def run_backfill(
 ) -> BackfillReport:
     """Run the selected partitioned assets over ranges of partitions, then the rest once.
 
-    Each run covers up to `settings.partitions_per_run` partitions; up to `parallel`
-    (default `settings.parallel_partitions`) runs go at once, in worker processes; 1 runs
-    them one after another in this process. The training dataset runs when it is
-    selected (the default selects every asset) and either it was named in `select` or at
-    least one partition ran. A stop (Ctrl+C, SIGTERM) ends the running partitions cleanly
-    and starts no other run; the report says so. Raises `SettingsError` for an unknown
-    partition or asset name.
+    Up to `parallel` (default `settings.parallel_partitions`) runs go at once, in worker
+    processes; 1 runs them one after another in this process. The training dataset runs
+    when selected and either named in `select` or after at least one partition. Raises
+    `SettingsError` for an unknown partition or asset name.
 
     Example::
 

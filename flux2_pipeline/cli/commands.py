@@ -1,8 +1,6 @@
-"""`flux2-pipeline`: parse the arguments, run the command, turn the outcome into an exit code.
-
-Exit codes: 0 success, 1 a partition failed, 2 a usage or configuration error.
-User mistakes are one line on stderr, never a traceback. Each command imports what it
-needs only once it knows it is the one to run.
+"""`flux2-pipeline`: parse the arguments, run the command, turn the outcome into an exit code
+(docs/usage.md). User mistakes are one line on stderr, never a traceback. Each command
+imports what it needs only once it knows it is the one to run.
 
 Example::
 
@@ -12,6 +10,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import sys
 import warnings
@@ -68,15 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     emulator.add_argument(
         "--max-concurrent", type=_positive_int, default=8, metavar="N", help="jobs run at once"
     )
-    emulator.add_argument(
-        "--fault-429", type=_probability, default=0.0, metavar="P", help="share of calls given 429"
-    )
-    emulator.add_argument(
-        "--fault-5xx", type=_probability, default=0.0, metavar="P", help="share of calls given 5xx"
-    )
-    emulator.add_argument(
-        "--fail-rate", type=_probability, default=0.0, metavar="P", help="share of jobs that fail"
-    )
+    share = _share_flag(emulator)
+    share("--fault-429", help="share of calls given 429")
+    share("--fault-5xx", help="share of calls given 5xx")
+    share("--fail-rate", help="share of jobs that fail")
     emulator.add_argument("--token", default=None, metavar="T", help="require this Bearer token")
     _emulator_dialect_flags(emulator)
 
@@ -106,8 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _share_flag(parser: argparse.ArgumentParser) -> Callable[..., Any]:
+    """`add_argument` for a probability flag: metavar P, 0 by default."""
+    return functools.partial(parser.add_argument, type=_probability, default=0.0, metavar="P")
+
+
 def _emulator_dialect_flags(emulator: argparse.ArgumentParser) -> None:
     """The emulator's flags for RunComfy's dialect, its account and its connections."""
+    share = _share_flag(emulator)
     emulator.add_argument(
         "--keep-alive",
         type=_seconds,
@@ -123,11 +123,8 @@ def _emulator_dialect_flags(emulator: argparse.ArgumentParser) -> None:
         "400005 for a result not ready, cost; seed: the first emulator's answers "
         "(default: documented)",
     )
-    emulator.add_argument(
+    share(
         "--fault-200-error",
-        type=_probability,
-        default=0.0,
-        metavar="P",
         help="answer this share of status/result polls with HTTP 200 and error 500001",
     )
     emulator.add_argument(
@@ -137,13 +134,7 @@ def _emulator_dialect_flags(emulator: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="/result answers 400005 for this long after a job ended",
     )
-    emulator.add_argument(
-        "--succeeded-rate",
-        type=_probability,
-        default=0.0,
-        metavar="P",
-        help="share of completed jobs whose /status says 'succeeded'",
-    )
+    share("--succeeded-rate", help="share of completed jobs whose /status says 'succeeded'")
     emulator.add_argument(
         "--extra-states",
         action="store_true",
@@ -192,10 +183,8 @@ def _emulator_dialect_flags(emulator: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `flux2-pipeline` console script."""
-    # The imports ahead allocate a great many objects and no garbage: collections during
-    # them cost 0.3 s of a 1.5 s start, for nothing. Each command turns the collector
-    # back on once its imports are done (`_imports_done`); a command that ends sooner (a
-    # usage error) gets it back here.
+    # The imports ahead allocate many objects and no garbage: collections during them cost
+    # 0.3 s of a 1.5 s start. Each command turns the collector back on (`_imports_done`).
     gc.disable()
     try:
         code = _run(argv)

@@ -1,9 +1,5 @@
-"""`flux2-pipeline demo`: the whole pipeline on sample data, offline.
-
-It starts the embedded emulator on a free loopback port, writes three sample
-prompt tables whose reference images the emulator serves, materializes every
-partition through Dagster (edits, then their images, then the training dataset),
-saves a preview image per partition, and prints a summary and where everything is.
+"""`flux2-pipeline demo`: the whole pipeline on sample data, offline, against the embedded
+emulator (docs/usage.md says what it writes where).
 
 Example::
 
@@ -35,81 +31,43 @@ MARKER = ".flux2-demo"
 def sample_tables(base_url: str) -> dict[str, list[dict[str, Any]]]:
     """Three small prompt tables; reference images come from the emulator's /samples route."""
 
-    def image(name: str) -> str:
-        return f"{base_url}/samples/{name}.png"
+    def row(row_id: str, prompt: str, images: str, **extra: Any) -> dict[str, Any]:
+        names = images.split()
+        urls = [name if "://" in name else f"{base_url}/samples/{name}.png" for name in names]
+        return {"id": row_id, "prompt": prompt, "image_urls": urls, **extra}
 
-    return {
-        "city-at-night": [
-            {
-                "id": "city-1",
-                "prompt": "turn the street into a rainy night scene",
-                "image_urls": [image("street")],
-                "seed": 1,
-            },
-            {
-                "id": "city-2",
-                "prompt": "add neon signs to every shop front",
-                "image_urls": [image("street"), image("neon")],
-                "seed": 2,
-            },
-            {
-                "id": "city-3",
-                "prompt": "make it a snowy winter evening",
-                "image_urls": [image("plaza")],
-                "seed": 3,
-                "image_size": "landscape_16_9",
-            },
-            {
-                "id": "city-4",
-                "prompt": "light the windows warm orange",
-                "image_urls": [image("towers")],
-                "seed": 4,
-                "output_format": "jpeg",
-            },
-        ],
-        "product-shots": [
-            {
-                "id": "prod-1",
-                "prompt": "put the sneaker on a marble pedestal",
-                "image_urls": [image("sneaker")],
-                "num_images": 2,
-                "image_size": "square",
-            },
-            {
-                "id": "prod-2",
-                "prompt": "place the bottle on a sunny beach",
-                "image_urls": [image("bottle")],
-                "guidance_scale": 4.0,
-                "output_format": "webp",
-            },
-            {
-                "id": "prod-3",
-                "prompt": "studio lighting, white backdrop",
-                "image_urls": [image("lamp")],
-                "num_inference_steps": 20,
-            },
-        ],
-        "style-transfer": [
-            {
-                "id": "style-1",
-                "prompt": "repaint in the style of the second image",
-                "image_urls": [image("portrait"), image("brushwork")],
-                "seed": 11,
-            },
-            {
-                "id": "style-2",
-                "prompt": "combine the three references into one poster",
-                "image_urls": [image("a"), image("b"), image("c"), image("d")],
-                "seed": 12,
-            },
-            {"id": "style-3", "prompt": "", "image_urls": [image("portrait")]},
-            {
-                "id": "style-4",
-                "prompt": "make it a pencil sketch",
-                "image_urls": ["ftp://example.invalid/portrait.png"],
-            },
-        ],
-    }
+    city = [
+        row("city-1", "turn the street into a rainy night scene", "street", seed=1),
+        row("city-2", "add neon signs to every shop front", "street neon", seed=2),
+        row(
+            "city-3", "make it a snowy winter evening", "plaza", seed=3, image_size="landscape_16_9"
+        ),
+        row("city-4", "light the windows warm orange", "towers", seed=4, output_format="jpeg"),
+    ]
+    products = [
+        row(
+            "prod-1",
+            "put the sneaker on a marble pedestal",
+            "sneaker",
+            num_images=2,
+            image_size="square",
+        ),
+        row(
+            "prod-2",
+            "place the bottle on a sunny beach",
+            "bottle",
+            guidance_scale=4.0,
+            output_format="webp",
+        ),
+        row("prod-3", "studio lighting, white backdrop", "lamp", num_inference_steps=20),
+    ]
+    styles = [
+        row("style-1", "repaint in the style of the second image", "portrait brushwork", seed=11),
+        row("style-2", "combine the three references into one poster", "a b c d", seed=12),
+        row("style-3", "", "portrait"),
+        row("style-4", "make it a pencil sketch", "ftp://example.invalid/portrait.png"),
+    ]
+    return {"city-at-night": city, "product-shots": products, "style-transfer": styles}
 
 
 def write_tables(folder: Path, tables: Mapping[str, list[dict[str, Any]]]) -> None:

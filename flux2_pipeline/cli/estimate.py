@@ -1,9 +1,5 @@
-"""The command's first line: the price, the cost of the rows still to pay, the balance.
-
-`flux2-pipeline materialize` says what it is about to spend before it starts any run, and
-under `FLUX2_BALANCE_CHECK=stop` does not start one that the account's balance cannot
-cover. Each run checks again for itself (runs started from the UI or a sensor too), with
-the same figures in its metadata; see `flux2_pipeline.batch.estimate`.
+"""The command's first line: the price, the cost of the rows still to pay, the balance
+(each run checks again for itself: `flux2_pipeline.batch.estimate`).
 
 Example::
 
@@ -69,7 +65,8 @@ async def _estimate(settings: Settings, partitions: Sequence[str]) -> RunEstimat
         try:
             # On this thread: the command does nothing else meanwhile, and a worker thread's
             # malloc arena would keep what the read allocated, a peak the run then adds to.
-            work = _unpaid(settings, partitions)
+            with Ledger.open(settings.ledger.effective_url) as ledger:
+                work = unpaid_work(_readable_inputs(settings, partitions), ledger)
         except LedgerUnavailableError as exc:
             # The run says so in its own words; the estimate only notes it.
             note = f"the ledger could not be read: {redact_text(str(exc))[:160]}"
@@ -77,11 +74,6 @@ async def _estimate(settings: Settings, partitions: Sequence[str]) -> RunEstimat
         return await estimate_run(client, work, price, runcomfy.balance_check)
     finally:
         await client.aclose()
-
-
-def _unpaid(settings: Settings, partitions: Sequence[str]) -> UnpaidWork:
-    with Ledger.open(settings.ledger.effective_url) as ledger:
-        return unpaid_work(_readable_inputs(settings, partitions), ledger)
 
 
 def _readable_inputs(

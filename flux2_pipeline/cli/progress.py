@@ -32,16 +32,16 @@ from flux2_pipeline.cli.runs import ProgressCallback
 PLAIN_EVERY_SECONDS = 10.0
 
 
-def progress_text(done: int, total: int, failed: int, cost: float, seconds: float) -> str:
+def progress_text(done: int, total: int, failed: int, cost: float, rate: float) -> str:
     """`120/500 rows, 4.1 rows/s, 3 failed, $2.40`."""
-    rate = done / seconds if seconds > 0 else 0.0
     return f"{done}/{total} rows, {rate:.1f} rows/s, {failed} failed, ${cost:.2f}"
 
 
 def _figures(metadata: Mapping[str, Any]) -> tuple[int, int, int, float, float]:
+    """Rows done, total and failed, the cost, and rows per second."""
     figures = EditsProgress.extract(metadata)
-    done, total, failed = figures.rows_done, figures.rows_total, figures.rows_failed
-    return done, total, failed, figures.cost_usd, figures.seconds
+    rate = figures.rows_done / figures.seconds if figures.seconds > 0 else 0.0
+    return figures.rows_done, figures.rows_total, figures.rows_failed, figures.cost_usd, rate
 
 
 @contextmanager
@@ -74,17 +74,11 @@ def progress_view(stream: TextIO) -> Iterator[ProgressCallback]:
     tasks: dict[str, TaskID] = {}
 
     def live(partition: str, metadata: Mapping[str, Any]) -> None:
-        done, total, failed, cost, seconds = _figures(metadata)
+        done, total, failed, cost, rate = _figures(metadata)
         if partition not in tasks:
             tasks[partition] = bar.add_task(partition, total=total, rate=0.0, failed=0, cost=0.0)
-        bar.update(
-            tasks[partition],
-            completed=done,
-            total=total,
-            rate=done / seconds if seconds > 0 else 0.0,
-            failed=failed,
-            cost=cost,
-        )
+        task = tasks[partition]
+        bar.update(task, completed=done, total=total, rate=rate, failed=failed, cost=cost)
 
     with bar:
         yield live

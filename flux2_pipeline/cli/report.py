@@ -1,10 +1,6 @@
-"""What a backfill did, per partition and for the training dataset, and its text.
-
-A run's summaries come from its events: a run over a range of partitions has one
-materialization per partition that succeeded and, when some failed, one step failure
-whose `StepFailureMetadata.partition_failures` names each failed partition with its figures. A
-partition whose own steps succeeded while a neighbour's failure skipped the steps after
-them is `blocked`.
+"""What a backfill did, per partition and for the training dataset, read from the runs'
+materializations and step failures (`StepFailureMetadata.partition_failures` names each
+failed partition of a range), and its text.
 
 Example::
 
@@ -49,8 +45,8 @@ class PartitionSummary:
     images_failed: int = 0
     interrupted: bool = False
     blocked: bool = False
-    """Its own steps succeeded, but another partition of its run failed, which skipped the
-    steps after them (checks, later assets); `run_backfill` runs those again for it."""
+    """Its own steps succeeded, but another partition's failure skipped the steps after them
+    (checks, later assets) for its whole run; `run_backfill` runs those again for it."""
     skipped_assets: tuple[str, ...] = ()
     """The selected assets the blocked partition was not materialized for."""
 
@@ -68,7 +64,6 @@ class PartitionSummary:
         >>> PartitionSummary.from_metadata("cats", {"flux2/completed": 2}, True, None, 1.0).rows
         2
         """
-
         edits, images = EditsMetadata.extract(metadata), ImagesMetadata.extract(metadata)
         completed, failed = edits.completed or 0, edits.failed or 0
         invalid, cancelled = edits.invalid or 0, edits.cancelled or 0
@@ -219,8 +214,6 @@ def summarize(
         if result.success:
             done = True
         elif blocked:
-            # Its own steps succeeded, but a neighbour's failure in the same run skipped
-            # the steps after them (checks, later assets).
             failed = next(iter(run.errors))
             done, error = (
                 False,

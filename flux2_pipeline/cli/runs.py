@@ -1,18 +1,5 @@
-"""Dagster runs in this process: one partition, a range of them, or the training dataset.
-
-Each run is `execute_in_process` on the instance, summarized per partition from its
-events (`flux2_pipeline.cli.report`). A stop (Ctrl+C, SIGTERM) interrupts the run the
-way Dagster does (queued jobs cancelled, running ones kept in the ledger) and is a result
-too. When a partition of a range fails, the steps after it are skipped for the whole
-range; `run_skipped_steps` runs them again, for the partitions whose own steps succeeded.
-A `ProgressWatcher` reads the runs' progress observations (rows done, failed, spend) from
-the event log, on a thread of its own, and hands each to a callback.
-
-Example::
-
-    job = defs.resolve_implicit_global_asset_job_def()
-    summaries = run_partitions(job, instance, ["cats", "dogs"], [Flux2Keys().edits])
-"""
+"""Dagster runs in this process, over a range of partitions or the training dataset, each
+summarized (`flux2_pipeline.cli.report`); a stop (Ctrl+C, SIGTERM) is a result too."""
 
 from __future__ import annotations
 
@@ -48,7 +35,8 @@ ProgressCallback = Callable[[str, Mapping[str, Any]], None]
 
 
 class ProgressWatcher:
-    """Follows runs' progress observations from the event log, on a thread of its own."""
+    """Follows runs' progress observations (rows done, failed, spend) from the event log,
+    on a thread of its own, and hands each to `progress`."""
 
     def __init__(self, instance: DagsterInstance, progress: ProgressCallback) -> None:
         self._instance = instance
@@ -68,18 +56,14 @@ class ProgressWatcher:
     def finished(self, summary: PartitionSummary) -> None:
         """Report a partition's final figures (its run's last observation may be older)."""
         if summary.rows:
-            self._progress(
-                summary.partition,
-                dict(
-                    EditsProgress(
-                        rows_total=summary.rows,
-                        rows_done=summary.rows,
-                        rows_failed=summary.failed + summary.cancelled,
-                        cost_usd=summary.cost_usd,
-                        seconds=summary.seconds,
-                    )
-                ),
+            figures = EditsProgress(
+                rows_total=summary.rows,
+                rows_done=summary.rows,
+                rows_failed=summary.failed + summary.cancelled,
+                cost_usd=summary.cost_usd,
+                seconds=summary.seconds,
             )
+            self._progress(summary.partition, dict(figures))
 
     def _follow(self) -> None:
         while not self._stop.wait(PROGRESS_POLL_SECONDS):
@@ -111,29 +95,6 @@ class ProgressWatcher:
         self._thread.join(timeout=5)
 
 
-def run_partition(
-    job: JobDefinition,
-    instance: DagsterInstance,
-    key: str,
-    assets: Sequence[AssetKey],
-    *,
-    run_config: Mapping[str, Any] | None = None,
-    run_id: str | None = None,
-    progress: ProgressCallback | None = None,
-) -> PartitionSummary:
-    """One run of `assets` for partition `key`, summarized; an interrupt is a result too.
-
-    Example::
-
-        job = defs.resolve_implicit_global_asset_job_def()
-        summary = run_partition(job, instance, "cats", [Flux2Keys().edits])
-    """
-    [summary] = run_partitions(
-        job, instance, [key], assets, run_config=run_config, run_id=run_id, progress=progress
-    )
-    return summary
-
-
 def run_partitions(
     job: JobDefinition,
     instance: DagsterInstance,
@@ -147,14 +108,14 @@ def run_partitions(
 ) -> list[PartitionSummary]:
     """One run of `assets` over `keys`, summarized per partition.
 
-    `keys` is one partition, or a range: contiguous in the partitions' order, first to
-    last (see `plan_runs`). Each partition gets its own materializations or failure.
+    `keys` is one partition, or a range: contiguous in the partitions' order (`plan_runs`).
     `subset`: `job` is already the subset to run (`JobDefinition.get_subset`), and
     `assets` only what it materializes.
 
     Example::
 
-        summaries = run_partitions(job, instance, ["cats", "dogs"], [Flux2Keys().edits])
+        job = defs.resolve_implicit_global_asset_job_def()
+        [summary] = run_partitions(job, instance, ["cats"], [Flux2Keys().edits])
     """
     started = time.monotonic()
     run_id = run_id or str(uuid.uuid4())
@@ -311,9 +272,8 @@ def run_dataset(
 def sigterm_kept() -> Iterator[None]:
     """SIGTERM's handler as it was before a Dagster run in this process, once it has ended.
 
-    A run copies SIGINT's handler to SIGTERM as it ends (`setup_interrupt_handlers`). In a
-    command started in the background from a script, SIGINT is ignored: after its first
-    run it would ignore SIGTERM too, and could not be stopped between runs.
+    A run copies SIGINT's handler to SIGTERM as it ends: in a command started in the
+    background (SIGINT ignored), SIGTERM would then be ignored between runs.
 
     Example::
 

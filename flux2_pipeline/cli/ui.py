@@ -1,9 +1,5 @@
-"""`flux2-pipeline ui`: the Dagster UI on the demo's folders, with a live emulator behind it.
-
-It starts the emulator (no token; loopback), makes sure the demo's prompt tables point at
-it, and runs `dagster dev` with DAGSTER_HOME, FLUX2_INPUT_DIR, FLUX2_OUTPUT_DIR and
-RUNCOMFY_BASE_URL set for that child process only. In the UI the demo's partitions,
-checks and contact sheets are there, and a backfill really runs. Ctrl+C stops both.
+"""`flux2-pipeline ui`: the Dagster UI on the demo's folders, with a live emulator behind it
+(no token; loopback), the demo's settings given to `dagster dev` alone. Ctrl+C stops both.
 
 Example::
 
@@ -31,10 +27,8 @@ from flux2_pipeline.emulator import EmulatorConfig, EmulatorServer
 from flux2_pipeline.resources import SettingsError
 
 STOP_SECONDS = 3.0
-"""How long a stop waits for dagster dev's processes to end on their SIGTERM before it
-kills them: the whole stop takes under 5 s. A run launched from the UI gets the SIGTERM
-too and stops cleanly (queued jobs cancelled, running ones kept in the ledger) within it;
-one cut short still has every job in the ledger, polled by the next run."""
+"""How long dagster dev's processes (and a run launched from the UI) have to end on their
+SIGTERM before they are killed; a run cut short still has every job in the ledger."""
 
 
 def _tables_point_at(folder: Path, base_url: str) -> bool:
@@ -95,13 +89,9 @@ def _ignore(_signal: int, _frame: FrameType | None) -> None:
 def _sigint_not_ignored_by_children() -> Iterator[None]:
     """Children started in this block get SIGINT's default disposition, not SIG_IGN.
 
-    A command started in the background from a script has SIGINT ignored, and a child
-    inherits that through its exec. Every Dagster process maps SIGTERM to SIGINT's
-    handler when it starts, so `dagster dev`, its code server, webserver and daemon would
-    then ignore SIGTERM too, and only SIGKILL could stop them. A handler of this process
-    (unlike SIG_IGN) is reset to the default by the exec, so each child starts with
-    Python's own, and SIGTERM stops it. This process keeps ignoring SIGINT, as the shell
-    chose (a SIGINT during the block is dropped all the same).
+    A command started in the background has SIGINT ignored, and every Dagster process
+    maps SIGTERM to SIGINT's handler: inherited through the exec, SIG_IGN would make
+    `dagster dev` and its children ignore SIGTERM too. A handler is reset by the exec.
     """
     if (
         threading.current_thread() is not threading.main_thread()

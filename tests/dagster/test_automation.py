@@ -8,7 +8,7 @@ from pathlib import Path
 from dagster import DagsterInstance, evaluate_automation_conditions
 
 from flux2_pipeline.assets import Flux2Keys, register_input_files
-from flux2_pipeline.cli.runs import run_partition
+from flux2_pipeline.cli.runs import run_partitions
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.settings import Settings
 from tests.helpers.emulator import prompt_rows
@@ -28,12 +28,14 @@ def test_images_follow_edits_and_the_dataset_follows_images(
     first = evaluate_automation_conditions(defs=defs, instance=instance)
     assert first.total_requested == 0  # nothing has been edited yet
 
-    assert run_partition(job, instance, "auto-a", [keys.edits]).succeeded
+    [edited] = run_partitions(job, instance, ["auto-a"], [keys.edits])
+    assert edited.succeeded
     second = evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
     assert second.get_requested_partitions(keys.images) == {"auto-a"}
     assert second.get_num_requested(keys.training_dataset) == 0
 
-    assert run_partition(job, instance, "auto-a", [keys.images]).succeeded
+    [stored] = run_partitions(job, instance, ["auto-a"], [keys.images])
+    assert stored.succeeded
     third = evaluate_automation_conditions(defs=defs, instance=instance, cursor=second.cursor)
     # One partition's images are enough: auto-b, never edited, does not hold the dataset back.
     assert third.get_num_requested(keys.training_dataset) == 1

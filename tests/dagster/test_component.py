@@ -14,7 +14,7 @@ from dagster import AssetKey, DagsterInstance, EnvVar
 
 from flux2_pipeline import Flux2EditsComponent
 from flux2_pipeline.assets import Flux2Keys, register_input_files
-from flux2_pipeline.cli.runs import run_partition
+from flux2_pipeline.cli.runs import run_partitions
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.resources import Flux2Storage, LedgerResource, RunComfyResource, SettingsError
 from tests.helpers.component import causes, load_project
@@ -64,7 +64,7 @@ def test_a_contract_defs_yaml_materializes_with_its_defaults_and_rows_winning(
     storage = Flux2Storage(input_dir=str(project / "data" / "prompts"))
     assert list(register_input_files(instance, keys, storage).found) == ["yaml"]
     job = defs.resolve_implicit_global_asset_job_def()
-    summary = run_partition(job, instance, "yaml", [keys.edits, keys.images])
+    [summary] = run_partitions(job, instance, ["yaml"], [keys.edits, keys.images])
     assert summary.succeeded, summary.error
     assert (summary.completed, summary.images) == (3, 6)
 

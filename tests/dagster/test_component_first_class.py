@@ -29,7 +29,7 @@ from rich.text import Text
 from flux2_pipeline import Flux2EditsComponent
 from flux2_pipeline.assets import LEGACY_RESOURCE_KEYS, Flux2Keys, build_flux2_definitions
 from flux2_pipeline.assets.uri import storage_uri
-from flux2_pipeline.cli.runs import run_partition
+from flux2_pipeline.cli.runs import run_partitions
 from flux2_pipeline.component import EditDefaults, SecretSetting
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.resources import (
@@ -190,7 +190,7 @@ def test_translation_and_assets_set_keys_owners_tags_kinds_and_automation(
     write_table(project / "data" / "prompts", "cats", prompt_rows(emulator.base_url, "t", 2))
     instance.add_dynamic_partitions(Flux2Keys().partitions_name, ["cats"])
     job = defs.resolve_implicit_global_asset_job_def()
-    summary = run_partition(job, instance, "cats", [edits_key, AssetKey("flux2_images")])
+    [summary] = run_partitions(job, instance, ["cats"], [edits_key, AssetKey("flux2_images")])
     assert summary.succeeded, summary.error
     assert summary.completed == 2
     event = instance.get_latest_materialization_event(edits_key)
@@ -241,8 +241,8 @@ def test_get_asset_spec_and_execute_can_be_overridden(
     write_table(tmp_path / "prompts", "dogs", prompt_rows(emulator.base_url, "h", 2))
     instance.add_dynamic_partitions(Flux2Keys().partitions_name, ["dogs"])
     keys = Flux2Keys()
-    summary = run_partition(
-        defs.resolve_implicit_global_asset_job_def(), instance, "dogs", [keys.edits, keys.images]
+    [summary] = run_partitions(
+        defs.resolve_implicit_global_asset_job_def(), instance, ["dogs"], [keys.edits, keys.images]
     )
     assert summary.succeeded, summary.error
     assert TeamEdits.calls == [

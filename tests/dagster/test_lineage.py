@@ -25,7 +25,7 @@ from dagster._core.loader import LoadingContextForTest
 
 from flux2_pipeline.assets import Flux2Keys, build_flux2_definitions, register_input_files
 from flux2_pipeline.assets.observe import register_partitions_on_load
-from flux2_pipeline.cli.runs import run_partition
+from flux2_pipeline.cli.runs import run_partitions
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.resources import Flux2Storage, LedgerResource, RunComfyResource
 from tests.helpers.emulator import TEST_TOKEN, prompt_rows
@@ -98,7 +98,7 @@ def test_a_changed_input_file_makes_its_edits_partition_stale_through_the_observ
     job = defs.resolve_implicit_global_asset_job_def()
     for key in ("cats", "dogs"):
         observe(instance, defs, key)
-        summary = run_partition(job, instance, key, [KEYS.edits])
+        [summary] = run_partitions(job, instance, [key], [KEYS.edits])
         assert summary.succeeded, summary.error
     observation = instance.fetch_observations(KEYS.prompt_tables, limit=1).records[0]
     assert observation.asset_observation is not None
@@ -123,7 +123,8 @@ def test_a_changed_input_file_makes_its_edits_partition_stale_through_the_observ
     )
     assert status(instance, defs, "dogs") == (StaleStatus.FRESH, [])
 
-    assert run_partition(job, instance, "cats", [KEYS.edits]).succeeded
+    [summary] = run_partitions(job, instance, ["cats"], [KEYS.edits])
+    assert summary.succeeded
     assert status(instance, defs, "cats") == (StaleStatus.FRESH, [])
 
 

@@ -23,7 +23,7 @@ from dagster._core.test_utils import create_run_for_test
 from flux2_pipeline.assets import Flux2Keys, build_flux2_definitions, register_input_files
 from flux2_pipeline.batch import file_sha256
 from flux2_pipeline.cli.report import PartitionSummary
-from flux2_pipeline.cli.runs import run_partition
+from flux2_pipeline.cli.runs import run_partitions
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.ledger import Ledger, SubmissionState
 from flux2_pipeline.settings import Settings
@@ -65,7 +65,7 @@ class _Run:
         self.thread.start()
 
     def _run(self, job: Any, instance: DagsterInstance) -> None:
-        self.summary = run_partition(job, instance, "x", [Flux2Keys().edits])
+        [self.summary] = run_partitions(job, instance, ["x"], [Flux2Keys().edits])
 
     def result(self) -> PartitionSummary:
         self.thread.join(WAIT_S)

@@ -18,7 +18,7 @@ from dagster import DagsterInstance
 
 from flux2_pipeline.assets import Flux2Keys, build_flux2_definitions, register_input_files
 from flux2_pipeline.cli.backfill import run_backfill
-from flux2_pipeline.cli.runs import run_partition
+from flux2_pipeline.cli.runs import run_partitions
 from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.settings import Settings
 from tests.helpers.emulator import prompt_rows
@@ -45,10 +45,10 @@ def test_a_running_step_records_its_progress(
     keys = Flux2Keys()
     register_input_files(instance, keys, settings.storage)
     seen: list[Mapping[str, Any]] = []
-    summary = run_partition(
+    [summary] = run_partitions(
         defs.resolve_implicit_global_asset_job_def(),
         instance,
-        "slow",
+        ["slow"],
         [keys.edits],
         progress=lambda _key, figures: seen.append(figures),
     )

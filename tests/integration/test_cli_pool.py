@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from flux2_pipeline.cli.pool import server
-from flux2_pipeline.cli.pool.gate import StartGate
+from flux2_pipeline.cli.pool.server import StartGate
 from flux2_pipeline.cli.pool.worker import tell_stop, watch_command
 
 

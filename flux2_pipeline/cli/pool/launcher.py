@@ -1,5 +1,5 @@
-"""The launcher: runs ranges of partitions in worker processes, a few at once, in order
-(`run_in_workers`; the design is in `flux2_pipeline.cli.pool`)."""
+"""Runs ranges of partitions in worker processes, a few at once, in order (the design is
+in docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,7 @@ from typing import Any
 
 from dagster import AssetKey, DagsterEventType, DagsterInstance
 
-from flux2_pipeline.cli.pool.gate import StartGate
-from flux2_pipeline.cli.pool.server import server_alive, start_worker_server
+from flux2_pipeline.cli.pool.server import StartGate, server_alive, start_worker_server
 from flux2_pipeline.cli.pool.worker import Channel, Outcome, WorkerSetup, tell_stop, worker_main
 from flux2_pipeline.cli.report import PartitionSummary, materialized_figures
 from flux2_pipeline.cli.runs import PROGRESS_POLL_SECONDS, ProgressWatcher
@@ -44,16 +43,11 @@ def run_in_workers(
 ) -> list[PartitionSummary]:
     """Up to `workers` runs at once, in order, each in a worker process of its own.
 
-    The processes fork from a server that has imported the worker's code once (see
-    `flux2_pipeline.cli.pool.server`), so each starts in milliseconds rather than re-importing
-    Dagster. A worker that dies fails its own run's partitions alone (reported from what
-    the instance and the ledger hold) and the next run starts in a new one. A stop (Ctrl+C,
-    SIGTERM) tells each worker to interrupt its run (Dagster's clean stop: queued jobs
-    cancelled) and starts no other; runs not yet started are dropped from the report. A
-    worker server that dies stops the runs the same way (a part of the command was
-    killed: it pays for nothing more), and the runs it never started are reported as
-    such. Either way this returns only once every worker has ended; a worker whose
-    command dies stops on its own (`worker.watch_command`).
+    A worker that dies fails its own run's partitions alone (reported from what the
+    instance and the ledger hold). A stop (Ctrl+C, SIGTERM) stops each running run and
+    starts no other; runs not yet started are left out of the report. A worker server
+    that dies stops the runs the same way, and reports those it never started. Returns
+    once every worker has ended.
     """
     context = start_worker_server()
     setup = WorkerSetup(
@@ -131,8 +125,8 @@ def _start_waiting(
 ) -> bool:
     """Start the next runs while places are free; True when the worker server is gone.
 
-    A server found dead is not restarted (multiprocessing would start a new one): a part
-    of the command was killed, and a new run would pay for jobs nobody is watching over.
+    A dead server is not restarted: a part of the command was killed, and a new run would
+    pay for jobs nobody watches over.
     """
     while waiting and len(running) < workers:
         if not server_alive():
@@ -148,11 +142,8 @@ def _start_waiting(
 
 
 def _orphaned(ready: Sequence[Any], running: Mapping[Channel, _Running]) -> bool:
-    """Whether a worker's exit status came while it still runs: its server has died.
-
-    The server reports each worker's exit on the worker's sentinel, and a server that
-    dies makes every sentinel readable at once; a worker that really ended has closed
-    its pipe first (end-of-file, read above).
+    """Whether a worker's exit status came while it still runs: its server has died (that
+    makes every sentinel readable; a worker that really ended has closed its pipe first).
     """
     return any(
         entry.process.sentinel in ready and not entry.channel.poll(0) for entry in running.values()
@@ -179,8 +170,7 @@ class _Running:
     process: BaseProcess
     channel: Channel
     started: float
-    outcome: Outcome | None = None
-    """What the worker sent: its summaries (None: stopped before it started) or an error."""
+    outcome: Outcome | None = None  # None: the worker sent nothing
 
 
 def _read(entry: _Running) -> bool:
@@ -240,9 +230,8 @@ def _dead_run(
 ) -> list[PartitionSummary]:
     """The partitions of a run whose worker died, from the instance and the ledger.
 
-    A partition the run materialized for every selected asset succeeded (its
-    materialization's figures); any other failed, with the rows its ledger holds as
-    completed. The run itself is marked failed, so the UI does not show it running.
+    A partition materialized for every selected asset succeeded; any other failed, with
+    the ledger's completed rows. The run is marked failed, so the UI does not show it running.
     """
     try:
         records = instance.get_records_for_run(

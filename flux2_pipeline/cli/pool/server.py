@@ -1,10 +1,7 @@
-"""The worker server: the process the pool's workers fork from, started early when needed.
+"""The worker server the pool's workers fork from, and the gate they start through.
 
-The server needs as long for its imports as the command does for its own (0.8 s here).
-Started after them, it made every backfill wait for it. `start_early` starts it before
-the command imports anything heavy, whenever the command is likely to need it, so the
-two import side by side on two cores. It imports more than the command, too (`MODULES`:
-what each worker would otherwise import after its fork). Standard library only.
+Its imports take as long as the command's own, so `start_early` starts it before the
+command imports anything heavy and the two import side by side. Standard library only.
 
 Example::
 
@@ -21,7 +18,9 @@ import multiprocessing.context
 import multiprocessing.forkserver
 import os
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +60,8 @@ def start_worker_server() -> multiprocessing.context.ForkServerContext:
 
 
 def server_alive() -> bool:
-    """Whether the worker server of this process runs (a dead one is left unreaped).
-
-    The server is this process's child: `waitid` with WNOWAIT sees its death without
-    reaping it, so multiprocessing can still start a new one later.
+    """Whether the worker server of this process runs (`waitid` with WNOWAIT sees its death
+    without reaping it, so multiprocessing can still start a new one later).
 
     >>> server_alive() in (True, False)
     True
@@ -86,10 +83,8 @@ def server_alive() -> bool:
 def likely_needed(
     partitions: Sequence[str], parallel: int | None, environ: Mapping[str, str]
 ) -> bool:
-    """Whether a `materialize` command with these arguments will probably run several runs at once.
-
-    A guess from the arguments and the raw environment, made before the settings are
-    read: a wrong one costs a server that idles, or one started later, never an error.
+    """Whether a `materialize` command with these arguments will probably run several runs at once
+    (a guess before the settings are read: a wrong one costs time, never an error).
 
     >>> likely_needed(["a", "b"], None, {PARTITIONS_PER_RUN_VARIABLE: "1"})
     True
@@ -148,3 +143,60 @@ def exit_now(code: int = 0) -> None:
         with contextlib.suppress(OSError, ValueError, AttributeError):
             stream.flush()
     os._exit(code)
+
+
+START_GATE_TIMEOUT_S = 30.0
+"""Longest a run waits at the gate: past it, it starts anyway (the gate only orders work)."""
+
+
+class StartGate:
+    """Lets at most `width` runs of one command start at once (one per core by default).
+
+    Starting a run is CPU work (0.5 s for a range of 25 partitions): runs starting together
+    on few cores all start late, and no job leaves before the last has started. A run
+    passes the gate when its step starts (`release`) or it ends; one that waits past
+    `START_GATE_TIMEOUT_S` goes ahead anyway, so a worker that died holding the gate slows
+    the others, never stops them.
+
+    Example::
+
+        gate = StartGate(start_worker_server())
+        with gate.held() as passed:       # in a worker, around one run
+            ...                           # passed() once the run's step has started
+    """
+
+    def __init__(
+        self, context: multiprocessing.context.BaseContext, width: int | None = None
+    ) -> None:
+        self.width = max(1, width or os.cpu_count() or 1)
+        self._slots = context.BoundedSemaphore(self.width)
+
+    @contextlib.contextmanager
+    def held(
+        self, timeout: float = START_GATE_TIMEOUT_S, cancel: threading.Event | None = None
+    ) -> Iterator[Callable[[], None]]:
+        """Wait for a place, hold it until the callable given is called or the block ends.
+
+        The wait ends early, without a place, once `cancel` is set (the command stopping).
+        """
+        deadline = time.monotonic() + timeout
+        acquired = self._slots.acquire(timeout=0)
+        while not acquired and not (cancel is not None and cancel.is_set()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            acquired = self._slots.acquire(timeout=min(left, 0.1))
+        released = threading.Lock()
+        done = [not acquired]
+
+        def release() -> None:
+            with released:
+                if done[0]:
+                    return
+                done[0] = True
+            self._slots.release()
+
+        try:
+            yield release
+        finally:
+            release()

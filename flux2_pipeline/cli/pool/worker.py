@@ -24,8 +24,7 @@ from typing import Any
 
 from dagster import AssetKey, DagsterEventType, DagsterInstance, EventLogEntry, JobDefinition
 
-from flux2_pipeline.cli.pool.gate import StartGate
-from flux2_pipeline.cli.pool.server import exit_now
+from flux2_pipeline.cli.pool.server import StartGate, exit_now
 from flux2_pipeline.cli.report import PartitionSummary, one_line
 from flux2_pipeline.cli.runs import run_partitions
 from flux2_pipeline.settings import Settings
@@ -54,10 +53,8 @@ def watch_command(
 ) -> threading.Thread:
     """In a worker: call `on_stop` when the command says `STOP` or dies; return the thread.
 
-    The thread blocks on the worker's end of `channel`. `STOP` is a stop the command
-    waits for. End-of-file is the command's death (the kernel closed its end): after
-    `on_stop`, the worker has `grace` seconds to stop its run cleanly, then
-    `exit_process(1)` ends it, so no worker outlives its command by more.
+    On the command's death (end-of-file on `channel`) the worker has `grace` seconds to
+    stop its run cleanly, then `exit_process(1)` ends it.
 
     Example::
 
