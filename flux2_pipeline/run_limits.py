@@ -14,3 +14,5 @@ DEFAULT_PARTITIONS_PER_RUN = 25
 """Most partitions in one run of a backfill (FLUX2_PARTITIONS_PER_RUN)."""
 PARALLEL_PARTITIONS_VARIABLE = "FLUX2_PARALLEL_PARTITIONS"
 DEFAULT_PARALLEL_PARTITIONS = 4
+MOST_PARALLEL_PARTITIONS = 64
+"""The most Dagster runs one command runs at once (`--parallel`)."""

@@ -39,6 +39,7 @@ from flux2_pipeline.resources.catalogue import checked, setting, settings_of
 from flux2_pipeline.run_limits import (
     DEFAULT_PARALLEL_PARTITIONS,
     DEFAULT_PARTITIONS_PER_RUN,
+    MOST_PARALLEL_PARTITIONS,
     PARALLEL_PARTITIONS_VARIABLE,
     PARTITIONS_PER_RUN_VARIABLE,
 )
@@ -59,7 +60,7 @@ class RunOptions(BaseModel):
     parallel_partitions: int = Field(
         default=DEFAULT_PARALLEL_PARTITIONS,
         ge=1,
-        le=64,
+        le=MOST_PARALLEL_PARTITIONS,
         description="Dagster runs `flux2-pipeline materialize` runs at once (--parallel N); "
         "1 runs them one after another.",
         json_schema_extra=setting(PARALLEL_PARTITIONS_VARIABLE, attribute=False),

@@ -17,7 +17,10 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from flux2_pipeline import run_limits
+
 USAGE_ERROR = 2
+MOST_PARALLEL = run_limits.MOST_PARALLEL_PARTITIONS
 
 
 def _bounded(
@@ -84,11 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     materialize.add_argument(
         "--parallel",
-        type=_bounded(int, 1, 64, "a whole number from 1 to 64"),
+        type=_bounded(int, 1, MOST_PARALLEL, f"a whole number from 1 to {MOST_PARALLEL}"),
         default=None,
         metavar="N",
-        help="Dagster runs at once, each over up to FLUX2_PARTITIONS_PER_RUN (25) partitions "
-        "(default: FLUX2_PARALLEL_PARTITIONS, 4)",
+        help=f"Dagster runs at once, each over up to {run_limits.PARTITIONS_PER_RUN_VARIABLE} "
+        f"({run_limits.DEFAULT_PARTITIONS_PER_RUN}) partitions (default: "
+        f"{run_limits.PARALLEL_PARTITIONS_VARIABLE}, {run_limits.DEFAULT_PARALLEL_PARTITIONS})",
     )
 
     ui = commands.add_parser(
