@@ -7,24 +7,18 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from sqlalchemy import event
 
 from flux2_pipeline.ledger import (
     LOOKUP_CHUNK_SIZE,
     Ledger,
     LedgerStateError,
     RowHistory,
-    Submission,
     SubmissionState,
     make_row_key,
 )
+from tests.helpers.ledger import record_row_intent, selects_sent
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-
-
-def _intent(ledger: Ledger, row_id: str = "r1", partition: str = "p1") -> Submission:
-    key = make_row_key(partition, row_id, "hash-" + row_id)
-    return ledger.record_intent(key, partition, row_id, "hash-" + row_id)
 
 
 def _history(ledger: Ledger, key: str) -> RowHistory:
@@ -35,7 +29,7 @@ def _history(ledger: Ledger, key: str) -> RowHistory:
 
 
 def test_full_lifecycle(ledger: Ledger) -> None:
-    intent = _intent(ledger)
+    intent = record_row_intent(ledger)
     assert intent.state is SubmissionState.INTENT
     assert intent.attempt == 1 and intent.request_id is None
     assert intent.intent_at.tzinfo is UTC and intent.output_urls == ()
@@ -73,16 +67,16 @@ def test_full_lifecycle(ledger: Ledger) -> None:
 
 
 def test_attempts_numbering_and_paid_counting(ledger: Ledger) -> None:
-    first = _intent(ledger)
+    first = record_row_intent(ledger)
     ledger.record_rejected(first.id, "422: prompt too long")
-    second = _intent(ledger)
+    second = record_row_intent(ledger)
     ledger.record_submitted(second.id, "req-2")
     ledger.record_finished(second.id, SubmissionState.FAILED, error="job failed")
-    third = _intent(ledger)
+    third = record_row_intent(ledger)
     assert [first.attempt, second.attempt, third.attempt] == [1, 2, 3]
     assert first.row_key == second.row_key == third.row_key
     # A different row starts at 1 again.
-    assert _intent(ledger, "r2").attempt == 1
+    assert record_row_intent(ledger, "r2").attempt == 1
 
     history = _history(ledger, first.row_key)
     assert [a.attempt for a in history.attempts] == [1, 2, 3]
@@ -94,7 +88,7 @@ def test_attempts_numbering_and_paid_counting(ledger: Ledger) -> None:
 
 
 def test_rejected_is_not_paid_and_not_dangling(ledger: Ledger) -> None:
-    intent = _intent(ledger)
+    intent = record_row_intent(ledger)
     rejected = ledger.record_rejected(intent.id, "400 bad request")
     assert rejected.error == "400 bad request" and not rejected.is_paid
     history = _history(ledger, intent.row_key)
@@ -103,7 +97,7 @@ def test_rejected_is_not_paid_and_not_dangling(ledger: Ledger) -> None:
 
 
 def test_unknown_is_paid_dangling_and_can_still_learn_its_id(ledger: Ledger) -> None:
-    intent = _intent(ledger)
+    intent = record_row_intent(ledger)
     unknown = ledger.record_unknown(intent.id, "read timeout after submit")
     history = _history(ledger, intent.row_key)
     assert history.paid_attempts == 1 and history.dangling_intent == unknown
@@ -112,10 +106,10 @@ def test_unknown_is_paid_dangling_and_can_still_learn_its_id(ledger: Ledger) -> 
 
 
 def test_live_prefers_the_latest_job_that_may_still_complete(ledger: Ledger) -> None:
-    a = _intent(ledger)
+    a = record_row_intent(ledger)
     ledger.record_submitted(a.id, "req-a")
     ledger.record_finished(a.id, "cancelled")
-    b = _intent(ledger)
+    b = record_row_intent(ledger)
     ledger.record_submitted(b.id, "req-b")
     history = _history(ledger, a.row_key)
     assert history.live is not None and history.live.request_id == "req-b"
@@ -140,7 +134,7 @@ def test_live_prefers_the_latest_job_that_may_still_complete(ledger: Ledger) -> 
 def test_forbidden_transitions_raise_state_error(
     ledger: Ledger, setup: str, action: Any, message: str
 ) -> None:
-    sub = _intent(ledger)
+    sub = record_row_intent(ledger)
     if setup == "submitted":
         ledger.record_submitted(sub.id, "req-x")
     elif setup == "rejected":
@@ -150,7 +144,7 @@ def test_forbidden_transitions_raise_state_error(
 
 
 def test_idempotent_rewrites_are_allowed(ledger: Ledger) -> None:
-    sub = _intent(ledger)
+    sub = record_row_intent(ledger)
     ledger.record_submitted(sub.id, "req-1")
     ledger.record_submitted(sub.id, "req-1")
     ledger.record_finished(sub.id, "completed", output_urls=["u"])
@@ -159,7 +153,7 @@ def test_idempotent_rewrites_are_allowed(ledger: Ledger) -> None:
 
 
 def test_request_id_is_unique_across_submissions(ledger: Ledger) -> None:
-    a, b = _intent(ledger, "a"), _intent(ledger, "b")
+    a, b = record_row_intent(ledger, "a"), record_row_intent(ledger, "b")
     ledger.record_submitted(a.id, "req-same")
     with pytest.raises(LedgerStateError, match="already recorded"):
         ledger.record_submitted(b.id, "req-same")
@@ -167,7 +161,7 @@ def test_request_id_is_unique_across_submissions(ledger: Ledger) -> None:
 
 
 def test_argument_validation(ledger: Ledger) -> None:
-    sub = _intent(ledger)
+    sub = record_row_intent(ledger)
     with pytest.raises(ValueError, match="timezone-aware"):
         ledger.record_submitted(sub.id, "req", datetime(2026, 1, 1))
     with pytest.raises(ValueError, match="finished state"):
@@ -201,17 +195,8 @@ def test_lookup_5000_keys_in_chunks(ledger: Ledger) -> None:
                 )
         conn.execute(submissions.insert(), rows)
 
-    selects: list[str] = []
-
-    def count(*args: Any) -> None:
-        if args[2].lstrip().upper().startswith("SELECT"):
-            selects.append(args[2])
-
-    event.listen(ledger.engine, "before_cursor_execute", count)
-    try:
+    with selects_sent(ledger) as selects:
         found = ledger.lookup([*keys, *keys[:10], "never-seen"])
-    finally:
-        event.remove(ledger.engine, "before_cursor_execute", count)
 
     assert len(selects) == -(-5001 // LOOKUP_CHUNK_SIZE)
     assert len(found) == 5000 and "never-seen" not in found

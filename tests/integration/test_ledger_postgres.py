@@ -9,10 +9,9 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from flux2_pipeline.ledger import (
@@ -27,6 +26,7 @@ from flux2_pipeline.ledger import (
     parse_ledger_url,
 )
 from flux2_pipeline.ledger.schema import submissions
+from tests.helpers.ledger import selects_sent
 
 pytestmark = pytest.mark.postgres
 
@@ -100,17 +100,8 @@ def test_lookup_5000_keys_in_chunks(ledger: Ledger) -> None:
     with ledger.engine.begin() as conn:
         conn.execute(submissions.insert(), rows)
 
-    selects: list[str] = []
-
-    def count(*args: Any) -> None:
-        if args[2].lstrip().upper().startswith("SELECT"):
-            selects.append(args[2])
-
-    event.listen(ledger.engine, "before_cursor_execute", count)
-    try:
+    with selects_sent(ledger) as selects:
         found = ledger.lookup([*keys, "never-seen"])
-    finally:
-        event.remove(ledger.engine, "before_cursor_execute", count)
     assert len(selects) == -(-5001 // LOOKUP_CHUNK_SIZE)
     assert len(found) == 5000
     live = found[keys[4999]].live

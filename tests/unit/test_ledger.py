@@ -17,19 +17,14 @@ from flux2_pipeline.ledger import (
     LedgerConfigError,
     LedgerError,
     LedgerUnavailableError,
-    Submission,
     SubmissionState,
     make_row_key,
     parse_ledger_url,
     redact_database_url,
 )
+from tests.helpers.ledger import record_row_intent
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-
-
-def _intent(ledger: Ledger, row_id: str = "r1", partition: str = "p1") -> Submission:
-    key = make_row_key(partition, row_id, "hash-" + row_id)
-    return ledger.record_intent(key, partition, row_id, "hash-" + row_id)
 
 
 def _chain_text(exc: BaseException | None) -> str:
@@ -145,7 +140,7 @@ def test_concurrent_first_open_from_threads(tmp_path: Path) -> None:
         barrier.wait()
         try:
             with Ledger.open(db) as opened:
-                _intent(opened)
+                record_row_intent(opened)
         except BaseException as exc:  # collected for the assertion below
             errors.append(exc)
 
