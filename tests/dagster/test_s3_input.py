@@ -13,7 +13,6 @@ import io
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,6 @@ from dagster import (
     RunRequest,
     SensorResult,
     build_sensor_context,
-    load_from_defs_folder,
     serialize_value,
 )
 
@@ -39,6 +37,7 @@ from flux2_pipeline.emulator import EmulatorServer
 from flux2_pipeline.paths import as_path
 from flux2_pipeline.resources import Flux2Storage
 from flux2_pipeline.settings import Settings
+from tests.helpers.component import load_project
 from tests.helpers.emulator import TEST_TOKEN, prompt_rows
 
 s3fs = pytest.importorskip("s3fs")
@@ -271,23 +270,15 @@ def test_a_component_keeps_a_store_url_as_its_input_dir(
 ) -> None:
     """A URL in defs.yaml (any fsspec one, not only the object stores the output may be
     in) is not taken for a folder under the project root; nothing is fetched on load."""
-    package = f"flux2_project_{uuid.uuid4().hex[:8]}"
-    (tmp_path / "pyproject.toml").write_text(
-        f'[tool.dg]\ndirectory_type = "project"\n\n[tool.dg.project]\nroot_module = "{package}"\n'
-    )
-    folder = tmp_path / package / "defs" / "image_edits"
-    folder.mkdir(parents=True)
-    (tmp_path / package / "__init__.py").write_text("")
-    (tmp_path / package / "defs" / "__init__.py").write_text("")
-    (folder / "defs.yaml").write_text(
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", TEST_TOKEN)
+    defs = load_project(
+        tmp_path,
         "type: flux2_pipeline.Flux2EditsComponent\n"
         "attributes:\n"
         "  input_dir: https://data.example.com/flux2/prompts\n"
-        "  output_dir: data/output\n"
+        "  output_dir: data/output\n",
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("RUNCOMFY_API_TOKEN", TEST_TOKEN)
-    defs = load_from_defs_folder(path_within_project=tmp_path)
     [storage] = [r for r in (defs.resources or {}).values() if isinstance(r, Flux2Storage)]
     assert storage.input_dir == "https://data.example.com/flux2/prompts"
     assert storage.output_dir == str(tmp_path / "data" / "output")
