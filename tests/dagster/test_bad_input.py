@@ -264,24 +264,19 @@ def test_wrong_column_types_make_every_row_invalid_naming_both_columns(
         assert "seed:" in row["error"] and "integer" in row["error"], row["error"]
 
 
-def test_a_corrupt_file_fails_its_partition_with_one_line_and_no_results(
-    bad_input: BadInputRun,
+@pytest.mark.parametrize(
+    ("partition", "words"),
+    [("d_corrupt", "not a readable Parquet file"), ("e_empty_file", "empty")],
+    ids=["corrupt", "empty"],
+)
+def test_an_unreadable_file_fails_its_partition_with_one_line_and_no_results(
+    bad_input: BadInputRun, partition: str, words: str
 ) -> None:
-    corrupt = bad_input.summaries["d_corrupt"]
-    assert_human_error(corrupt, "d_corrupt.parquet", "not a readable Parquet file")
-    assert corrupt.results_path is None
+    summary = bad_input.summaries[partition]
+    assert_human_error(summary, f"{partition}.parquet", words)
+    assert summary.results_path is None
     output = bad_input.settings.storage.output_root() / "flux2_edits"
-    assert not (output / "d_corrupt.parquet").exists()
-
-
-def test_an_empty_file_fails_its_partition_with_one_line_and_no_results(
-    bad_input: BadInputRun,
-) -> None:
-    empty = bad_input.summaries["e_empty_file"]
-    assert_human_error(empty, "e_empty_file.parquet", "empty")
-    assert empty.results_path is None
-    output = bad_input.settings.storage.output_root() / "flux2_edits"
-    assert not (output / "e_empty_file.parquet").exists()
+    assert not (output / f"{partition}.parquet").exists()
 
 
 def test_a_valid_table_of_zero_rows_succeeds_with_an_empty_results_file(
