@@ -176,8 +176,9 @@ def _by_partition(keys: Sequence[str], result: ExecuteInProcessResult) -> _RunFi
         if data is None or data.user_failure_data is None:
             unattributed = True
             continue
-        metadata = {k: v.value for k, v in data.user_failure_data.metadata.items()}
-        step = StepFailureMetadata.extract(metadata)
+        stored = data.user_failure_data.metadata
+        metadata = {k: v.value for k, v in stored.items()}
+        step = StepFailureMetadata.extract(stored)
         failures = step.partition_failures.data if step.partition_failures else None
         stopped = stopped or bool(step.interrupted)
         if isinstance(failures, dict):
